@@ -1,0 +1,96 @@
+"""Command line: llm-energy run | validate | report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import StudyValidationError, load_study
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        study = load_study(args.params)
+    except StudyValidationError as err:
+        print(f"{args.params}: {len(err.problems)} problem(s)", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    n_configs = len(study.models) * len(study.precisions)
+    print(f"{args.params}: valid — study '{study.study}', {n_configs} inference config(s), phases {', '.join(study.phases)}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .study import StudyRunError, run_study
+
+    try:
+        outcome = run_study(args.params, out=args.out, resume=not args.no_resume, force=args.force,
+                            phases=args.phases, cluster=args.cluster)
+    except StudyValidationError as err:
+        print(f"{args.params}: {len(err.problems)} problem(s); nothing was run", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except StudyRunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"results: {outcome.out_dir}")
+    print(f"  jobs completed: {len(outcome.completed)}, resumed (already done): {len(outcome.resumed)}, "
+          f"skipped: {len(outcome.skipped)}, failed: {len(outcome.failed)}")
+    for item in outcome.skipped:
+        print(f"  skipped {item['config_id']}: {item['reason']}")
+    for item in outcome.failed:
+        print(f"  FAILED {item['job']}: {item['error']} (log: {item['log']})")
+    if outcome.report:
+        print(f"  report: {outcome.report}")
+    return 1 if outcome.failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .study import StudyRunError, render_report
+
+    try:
+        path = render_report(args.dir)
+    except StudyRunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-energy", description="Energy-aware LLM deployment studies.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a study: every phase notebook, executed with papermill")
+    run.add_argument("params", type=Path, help="study parameters (YAML)")
+    run.add_argument("--out", type=Path, help="output folder (default: outputs/<study>)")
+    run.add_argument("--no-resume", action="store_true", help="do not skip finished jobs (needs --force on a used folder)")
+    run.add_argument("--force", action="store_true", help="with --no-resume: delete the output folder's results first")
+    run.add_argument("--cluster", choices=["none", "local", "slurm"], default="none", help="where jobs run (default: sequentially here)")
+    run.add_argument("--phases", nargs="+", help="run only these phases (data, inference, ranking)")
+    run.set_defaults(func=_run)
+
+    validate = sub.add_parser("validate", help="check a parameters file; exit 2 listing every problem")
+    validate.add_argument("params", type=Path)
+    validate.set_defaults(func=_validate)
+
+    report = sub.add_parser("report", help="re-render the ranking, figures and report.html from saved tables")
+    report.add_argument("dir", type=Path, help="a study output folder")
+    report.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("codecarbon", "papermill", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The inference phase for one config: load, score each task inside measured windows, record.
+
+The notebook ``03_inference`` calls these functions step by step; the runner executes that notebook
+once per model x precision.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import results
+from .config import EnergySettings, ModelSettings, TasksSettings, validate_section
+from .data import TaskData, load_task_data
+from .energy import EnergyMeter, IdleBaseline, RepeatedMeasurement
+from .models import LoadedModel
+from .scoring import TaskResult, evaluate
+
+IDLE_FILE = "idle_baseline.json"
+
+
+def config_id_for(model: str, precision: str, adapter: str = "none", pruning: str = "none") -> str:
+    parts = [model, precision]
+    if adapter != "none":
+        parts.append(f"lora-{adapter}")
+    if pruning != "none":
+        parts.append(pruning)
+    return "__".join(parts)
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The folder holding pyproject.toml above the working directory (notebooks run in notebooks/)."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
+            return folder
+    return here
+
+
+def resolve_study_dir(study_dir: str) -> Path:
+    """Empty means outputs/notebook-defaults of the project, wherever the notebook runs from."""
+    if not study_dir:
+        return project_root() / "outputs" / "notebook-defaults"
+    path = Path(study_dir).expanduser()
+    return path if path.is_absolute() else (project_root() / path)
+
+
+@dataclass(frozen=True)
+class InferenceRun:
+    """The validated parameters of one inference notebook run."""
+
+    study_dir: Path
+    config_id: str
+    model: ModelSettings
+    precision: str
+    device: str
+    tasks: TasksSettings
+    energy: EnergySettings
+    seed: int
+    base_dir: Path
+
+    @classmethod
+    def from_parameters(cls, *, study_dir: str, config_id: str, model: dict[str, Any], precision: str,
+                        device: str, tasks: dict[str, Any], energy: dict[str, Any], seed: int,
+                        base_dir: str) -> "InferenceRun":
+        from .config import PRECISIONS, StudyValidationError, Problem
+
+        if precision not in PRECISIONS:
+            raise StudyValidationError(
+                [Problem("notebook parameters", None, "precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")]
+            )
+        model_settings = validate_section(ModelSettings, model, "model")
+        return cls(
+            study_dir=resolve_study_dir(study_dir),
+            config_id=config_id or config_id_for(model_settings.name, precision),
+            model=model_settings,
+            precision=precision,
+            device=device,
+            tasks=validate_section(TasksSettings, tasks, "tasks"),
+            energy=validate_section(EnergySettings, energy, "energy"),
+            seed=seed,
+            base_dir=Path(base_dir).expanduser().resolve() if base_dir else project_root(),
+        )
+
+
+def load_task_sets(tasks: TasksSettings, base_dir: Path) -> dict[str, TaskData]:
+    return {name: load_task_data(name, settings, base_dir=base_dir) for name, settings in tasks.enabled().items()}
+
+
+def open_meter(study_dir: Path, settings: EnergySettings, device: str) -> EnergyMeter:
+    """A meter carrying the study's idle baseline (measured now and saved if the study has none)."""
+    meter = EnergyMeter(settings, device)
+    path = results.tables_dir(study_dir) / IDLE_FILE
+    if path.exists():
+        saved = json.loads(path.read_text())
+        meter.use_idle_baseline(IdleBaseline(saved["idle_power_w"], saved["idle_duration_s"], saved["idle_method"]))
+    else:
+        record_idle_baseline(study_dir, meter)
+    return meter
+
+
+def record_idle_baseline(study_dir: Path, meter: EnergyMeter) -> IdleBaseline:
+    baseline = meter.measure_idle_baseline()
+    results.atomic_write_json(results.tables_dir(study_dir) / IDLE_FILE, baseline.as_dict())
+    if baseline.duration_s > 0:
+        row = {column: None for column in results.ENERGY_COLUMNS}
+        energy_kwh = baseline.power_w * baseline.duration_s / 3.6e6
+        row.update(
+            config_id="idle", phase="idle", model="none", precision="none", adapter="none", pruning="none",
+            task="none", n_items=0, n_tokens=0, duration_s=baseline.duration_s, energy_kwh=energy_kwh,
+            energy_net_kwh=0.0, cpu_energy_kwh=None, gpu_energy_kwh=None, ram_energy_kwh=None,
+            emissions_kg=energy_kwh * meter.carbon_intensity_g_per_kwh() / 1000.0,
+            energy_method=baseline.method, device=meter.device, repeats=1, energy_kwh_std=None,
+        )
+        row["idle_power_w"] = baseline.power_w
+        results.upsert_rows(study_dir, "energy", [row])
+    return baseline
+
+
+def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMeter,
+                 prompt: str | None = None, seed: int = 0) -> tuple[TaskResult, RepeatedMeasurement]:
+    """Score a task inside repeated measured windows (after a short unmeasured warm-up)."""
+    warm = TaskData(task=data.task, source=data.source, split=data.split, items=data.items[:2], labels=data.labels)
+    with warnings.catch_warnings():
+        # bitsandbytes warns on every int8 matmul that inputs are cast; once is enough for the log.
+        warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+        measurement = meter.measure_repeated(
+            lambda: evaluate(task, loaded.model, loaded.tokenizer, data, prompt, progress=True, seed=seed),
+            name=f"inference:{task}",
+            warmup=lambda: evaluate(task, loaded.model, loaded.tokenizer, warm, prompt, seed=seed),
+        )
+    return measurement.result, measurement
+
+
+def record_task(run: InferenceRun, loaded: LoadedModel, result: TaskResult, measurement: RepeatedMeasurement,
+                phase: str = "inference", adapter: str = "none", pruning: str = "none") -> None:
+    """Write one task's energy, scores, per-item scores and per-repeat energy into the tables."""
+    first = measurement.records[0]
+    std = measurement.std("energy_kwh")
+    energy_row = {
+        "config_id": run.config_id, "phase": phase, "model": run.model.name, "precision": run.precision,
+        "adapter": adapter, "pruning": pruning, "sparsity_pattern": None, "target_sparsity": 0.0,
+        "measured_sparsity": None, "task": result.task, "n_items": result.n_items, "n_tokens": result.n_tokens,
+        "duration_s": measurement.mean("duration_s"), "energy_kwh": measurement.mean("energy_kwh"),
+        "energy_net_kwh": measurement.mean("energy_net_kwh"), "cpu_energy_kwh": measurement.mean("cpu_energy_kwh"),
+        "gpu_energy_kwh": measurement.mean("gpu_energy_kwh"), "ram_energy_kwh": measurement.mean("ram_energy_kwh"),
+        "emissions_kg": measurement.mean("emissions_kg"), "energy_method": first.energy_method,
+        "device": loaded.device, "repeats": measurement.repeats, "energy_kwh_std": std,
+        "cpu_method": first.cpu_method, "gpu_method": first.gpu_method, "ram_method": first.ram_method,
+        "idle_power_w": first.idle_power_w, "duration_s_std": measurement.std("duration_s"),
+        "energy_kwh_per_item": measurement.mean("energy_kwh") / max(result.n_items, 1),
+        "energy_kwh_per_1k_tokens": measurement.mean("energy_kwh") * 1000 / max(result.n_tokens, 1),
+        "compute_dtype": loaded.compute_dtype, "memory_bytes": loaded.memory_bytes,
+    }
+    results.upsert_rows(run.study_dir, "energy", [energy_row])
+    score_rows = [
+        {"config_id": run.config_id, "task": result.task, "metric": metric, "value": value,
+         "ci_low": result.intervals[metric][0], "ci_high": result.intervals[metric][1], "n_items": result.n_items}
+        for metric, value in result.metrics.items()
+    ]
+    results.upsert_rows(run.study_dir, "scores", score_rows)
+    item_rows = [
+        {"config_id": run.config_id, "task": result.task, "metric": metric, "item_id": item_id, "value": float(v)}
+        for metric, values in result.per_item.items()
+        for item_id, v in zip(result.item_ids, values)
+    ]
+    results.upsert_rows(run.study_dir, "item_scores", item_rows)
+    repeat_rows = [
+        {"config_id": run.config_id, "phase": phase, "task": result.task, "repeat": i + 1,
+         "duration_s": r.duration_s, "energy_kwh": r.energy_kwh, "energy_net_kwh": r.energy_net_kwh,
+         "n_items": result.n_items}
+        for i, r in enumerate(measurement.records)
+    ]
+    results.upsert_rows(run.study_dir, "energy_repeats", repeat_rows)
+
+
+def record_config(study_dir: Path, config_id: str, model: str, precision: str, status: str, reason: str = "",
+                  weights_origin: str = "", adapter: str = "none", pruning: str = "none") -> None:
+    results.upsert_rows(study_dir, "configs", [{
+        "config_id": config_id, "model": model, "precision": precision, "adapter": adapter, "pruning": pruning,
+        "status": status, "reason": reason, "weights_origin": weights_origin,
+    }])

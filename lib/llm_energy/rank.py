@@ -1,0 +1,566 @@
+"""Rank model variants ("configs") by a weighted blend of energy efficiency and task quality.
+
+For a weight ``w`` in [0, 1] the score of a config is
+
+    R(config, w) = w * phi(config) + (1 - w) * rho(config)
+
+where ``phi`` is energy efficiency scaled to [0, 1] over the compared configs and ``rho``
+is the mean of the chosen task metrics, each scaled to [0, 1]. Sweeping ``w`` from 0
+(quality only) to 1 (energy only) shows how robust a recommendation is to the trade-off.
+
+Metrics are named ``"task:metric"`` (e.g. ``"rca:accuracy"``, ``"qa:acc_norm"``).
+Config ids are compared as strings throughout, so ids read from CSV as numbers still join.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "MetricScaling",
+    "MissingPolicy",
+    "PhiMethod",
+    "RANKING_COLUMNS",
+    "RankingResult",
+    "RankingSettings",
+    "compute_phi",
+    "compute_rho",
+    "pareto_front",
+    "rank_configs",
+    "rank_stability",
+    "summarise_top",
+]
+
+PhiMethod = Literal["minmax", "ratio"]
+MetricScaling = Literal["identity", "minmax"]
+MissingPolicy = Literal["error", "exclude"]
+
+_PHI_METHODS: tuple[str, ...] = ("minmax", "ratio")
+_METRIC_SCALINGS: tuple[str, ...] = ("identity", "minmax")
+_MISSING_POLICIES: tuple[str, ...] = ("error", "exclude")
+
+# R is a sum of products of floats; configs that are equal on paper can differ in the
+# last bits, and a rank should not depend on rounding noise.
+TIE_TOLERANCE = 1e-12
+
+CONFIG_COLUMNS: tuple[str, ...] = (
+    "config_id",
+    "model",
+    "precision",
+    "adapter",
+    "pruning",
+    "energy_kwh_per_item",
+)
+SCORE_COLUMNS: tuple[str, ...] = ("config_id", "task", "metric", "value")
+ITEM_SCORE_COLUMNS: tuple[str, ...] = ("config_id", "task", "metric", "item_id", "value")
+ENERGY_REPEAT_COLUMNS: tuple[str, ...] = ("config_id", "repeat", "energy_kwh_per_item")
+RANKING_COLUMNS: tuple[str, ...] = (
+    *CONFIG_COLUMNS,
+    "phi",
+    "rho",
+    "w",
+    "R",
+    "rank",
+)
+
+
+@dataclass(frozen=True)
+class RankingSettings:
+    """How configs are scored and ranked.
+
+    w_grid: weights on energy efficiency to evaluate, each in [0, 1].
+    phi_method: "minmax" gives phi = (E_max - E) / (E_max - E_min) (all-equal energies give
+        phi = 1); "ratio" gives phi = E_min / E, which keeps proportional differences.
+    metrics: the "task:metric" pairs that count toward rho; None means every pair in scores.
+    metric_scaling: "identity" for metrics already in [0, 1] (accuracies, F1, ROUGE);
+        "minmax" rescales each metric over the compared configs (all-equal gives 1.0).
+    missing: what to do with a config lacking one of the chosen metrics: "error" raises,
+        "exclude" drops the config and reports it in the result.
+    """
+
+    # Written out rather than computed so that 0.3 is 0.3, not 0.30000000000000004.
+    w_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    phi_method: PhiMethod = "minmax"
+    metrics: tuple[str, ...] | None = None
+    metric_scaling: MetricScaling = "identity"
+    missing: MissingPolicy = "error"
+
+    def __post_init__(self) -> None:
+        # Accept any sequence (e.g. a list from YAML) but store a tuple so settings stay hashable.
+        try:
+            grid = tuple(float(w) for w in self.w_grid)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"w_grid must be a sequence of numbers, got {self.w_grid!r}") from exc
+        if not grid:
+            raise ValueError("w_grid must contain at least one weight")
+        bad = [w for w in grid if not (np.isfinite(w) and 0.0 <= w <= 1.0)]
+        if bad:
+            raise ValueError(f"every weight in w_grid must lie in [0, 1]; got {bad}")
+        if len(set(grid)) != len(grid):
+            raise ValueError(f"w_grid contains duplicate weights: {list(grid)}")
+        object.__setattr__(self, "w_grid", grid)
+
+        _check_choice("phi_method", self.phi_method, _PHI_METHODS)
+        _check_choice("metric_scaling", self.metric_scaling, _METRIC_SCALINGS)
+        _check_choice("missing", self.missing, _MISSING_POLICIES)
+
+        if self.metrics is not None:
+            if isinstance(self.metrics, str):
+                raise ValueError(
+                    f"metrics must be a sequence of 'task:metric' strings, not one string: "
+                    f"use ({self.metrics!r},)"
+                )
+            metrics = tuple(self.metrics)
+            if not metrics:
+                raise ValueError("metrics must name at least one 'task:metric' pair, or be None")
+            malformed = [m for m in metrics if not _is_metric_key(m)]
+            if malformed:
+                raise ValueError(
+                    f"metrics must be 'task:metric' strings (e.g. 'rca:accuracy'); got {malformed}"
+                )
+            if len(set(metrics)) != len(metrics):
+                raise ValueError(f"metrics contains duplicates: {list(metrics)}")
+            object.__setattr__(self, "metrics", metrics)
+
+
+@dataclass(frozen=True)
+class RankingResult:
+    """Output of :func:`rank_configs`.
+
+    table: one row per (config, w) with RANKING_COLUMNS, sorted by w then rank.
+    excluded: configs dropped for missing metrics (only under missing="exclude").
+    """
+
+    table: pd.DataFrame
+    excluded: tuple[str, ...]
+    settings: RankingSettings
+
+
+def compute_phi(energy_kwh_per_item: pd.Series, method: PhiMethod = "minmax") -> pd.Series:
+    """Energy efficiency in [0, 1] per config (index = config_id); 1 is the most efficient."""
+    _check_choice("method", method, _PHI_METHODS)
+    energy = _as_float_series(energy_kwh_per_item, "energy_kwh_per_item")
+    if energy.index.has_duplicates:
+        dupes = sorted(map(str, energy.index[energy.index.duplicated()].unique()))
+        raise ValueError(f"energy_kwh_per_item has duplicate config ids: {dupes}")
+    _check_positive_energy(energy)
+    if energy.empty:
+        return pd.Series(dtype=float, name="phi")
+    values = _phi_array(energy.to_numpy(dtype=float)[np.newaxis, :], method)[0]
+    return pd.Series(values, index=energy.index, name="phi")
+
+
+def compute_rho(
+    scores: pd.DataFrame,
+    settings: RankingSettings | None = None,
+    config_ids: Sequence[str] | None = None,
+) -> tuple[pd.Series, list[str]]:
+    """Mean scaled task quality per config, and the configs excluded for missing metrics.
+
+    config_ids fixes the compared set (default: every config in scores); a config listed
+    there without scores counts as missing all of its metrics. Under minmax scaling the
+    metrics are scaled over the configs that remain after exclusion.
+    """
+    settings = settings or RankingSettings()
+    long = _prepare_long_scores(scores, SCORE_COLUMNS, "scores")
+    ids = _unique_ids(config_ids) if config_ids is not None else list(pd.unique(long["config_id"]))
+    long = long[long["config_id"].isin(ids)]
+    chosen = _chosen_metrics(long, settings)
+
+    dupes = long.duplicated(subset=["config_id", "key"], keep=False)
+    if dupes.any():
+        pairs = sorted(set(zip(long.loc[dupes, "config_id"], long.loc[dupes, "key"])))
+        raise ValueError(f"scores has more than one row per config and metric: {pairs[:10]}")
+
+    wide = (
+        long[long["key"].isin(chosen)]
+        .pivot(index="config_id", columns="key", values="value")
+        .reindex(index=ids, columns=list(chosen))
+    )
+    kept, excluded = _apply_missing_policy(wide.notna(), settings.missing)
+    wide = wide.loc[kept]
+
+    if settings.metric_scaling == "identity":
+        _check_unit_interval(long[long["config_id"].isin(kept) & long["key"].isin(chosen)])
+    values = wide.to_numpy(dtype=float)[np.newaxis, :, :]
+    scaled = _scale_metrics(values, settings.metric_scaling)[0]
+    rho = pd.Series(scaled.mean(axis=1), index=pd.Index(kept, name="config_id"), name="rho")
+    return rho, excluded
+
+
+def rank_configs(
+    configs: pd.DataFrame,
+    scores: pd.DataFrame,
+    settings: RankingSettings | None = None,
+) -> RankingResult:
+    """Score every config at every w of the grid and rank them (1 = best, ties share a rank).
+
+    Scores for configs absent from the configs table are ignored: the configs table defines
+    the compared set, so phi and any minmax metric scaling are relative to it.
+    """
+    settings = settings or RankingSettings()
+    table = _prepare_configs(configs)
+    rho, excluded = compute_rho(scores, settings, config_ids=table["config_id"].tolist())
+    table = table.set_index("config_id").loc[rho.index]
+    phi = compute_phi(table["energy_kwh_per_item"], settings.phi_method)
+
+    phi_values = phi.to_numpy()
+    rho_values = rho.to_numpy()
+    blocks = []
+    for w in settings.w_grid:
+        score = w * phi_values + (1.0 - w) * rho_values
+        block = table[list(CONFIG_COLUMNS[1:])].copy()
+        block["phi"] = phi_values
+        block["rho"] = rho_values
+        block["w"] = w
+        block["R"] = score
+        block["rank"] = _competition_ranks(score[np.newaxis, :])[0]
+        blocks.append(block.reset_index())
+
+    ranking = pd.concat(blocks, ignore_index=True)[list(RANKING_COLUMNS)]
+    ranking = ranking.sort_values(["w", "rank", "config_id"], kind="stable", ignore_index=True)
+    return RankingResult(table=ranking, excluded=tuple(excluded), settings=settings)
+
+
+def pareto_front(energy_kwh_per_item: pd.Series, quality: pd.Series) -> pd.Series:
+    """True for configs no other config dominates (energy <= and quality >=, one strictly).
+
+    Identical points do not dominate each other, so duplicates on the front all stay on it.
+    """
+    energy = _as_float_series(energy_kwh_per_item, "energy_kwh_per_item")
+    quality = _as_float_series(quality, "quality")
+    if set(energy.index) != set(quality.index) or energy.index.has_duplicates:
+        raise ValueError(
+            "energy_kwh_per_item and quality must be indexed by the same unique config ids"
+        )
+    quality = quality.reindex(energy.index)
+    bad = energy.index[~(np.isfinite(energy.to_numpy()) & np.isfinite(quality.to_numpy()))]
+    if len(bad):
+        raise ValueError(f"non-finite energy or quality for configs: {sorted(map(str, bad))}")
+
+    e = energy.to_numpy()
+    q = quality.to_numpy()
+    # dominates[j, i]: config j dominates config i.
+    no_worse = (e[:, None] <= e[None, :]) & (q[:, None] >= q[None, :])
+    better = (e[:, None] < e[None, :]) | (q[:, None] > q[None, :])
+    dominated = (no_worse & better).any(axis=0)
+    return pd.Series(~dominated, index=energy.index, name="on_pareto_front")
+
+
+def rank_stability(
+    configs: pd.DataFrame,
+    scores_per_item: pd.DataFrame,
+    energy_repeats: pd.DataFrame | None,
+    settings: RankingSettings | None,
+    w: float,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """How often each config lands at each rank when items and energy repeats are bootstrapped.
+
+    Each draw resamples the item ids of every task with replacement (the same ids for every
+    config, so configs are compared on the same questions) and, per config, its energy
+    repeats. A config with a single repeat keeps its energy fixed, as does every config when
+    energy_repeats is None (then the configs table's energy_kwh_per_item is used).
+
+    Per-item scores must be complete: every compared config needs a value for every item of
+    each chosen metric's task. Returns one row per config with columns config_id,
+    rank_1..rank_N (share of draws at each rank), modal_rank (lowest rank among equally
+    frequent ones) and p_modal, sorted by modal_rank. Excluded configs are listed in
+    ``result.attrs["excluded"]``.
+    """
+    settings = settings or RankingSettings()
+    w = float(w)
+    if not (np.isfinite(w) and 0.0 <= w <= 1.0):
+        raise ValueError(f"w must lie in [0, 1]; got {w}")
+    if int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer; got {n_boot}")
+    n_boot = int(n_boot)
+
+    table = _prepare_configs(configs)
+    ids = table["config_id"].tolist()
+    items = _prepare_long_scores(scores_per_item, ITEM_SCORE_COLUMNS, "scores_per_item")
+    items = items[items["config_id"].isin(ids) & items["value"].notna()]
+    chosen = _chosen_metrics(items, settings)
+    items = items[items["key"].isin(chosen)]
+
+    dupes = items.duplicated(subset=["config_id", "key", "item_id"], keep=False)
+    if dupes.any():
+        pairs = sorted(set(zip(items.loc[dupes, "config_id"], items.loc[dupes, "key"])))
+        raise ValueError(f"scores_per_item repeats an item_id for config and metric: {pairs[:10]}")
+
+    present = (
+        items.groupby(["config_id", "key"])
+        .size()
+        .unstack("key")
+        .reindex(index=ids, columns=list(chosen))
+    )
+    kept, excluded = _apply_missing_policy(present.notna(), settings.missing)
+    items = items[items["config_id"].isin(kept)]
+    if settings.metric_scaling == "identity":
+        # Item values in [0, 1] keep every bootstrapped mean in [0, 1] too.
+        _check_unit_interval(items)
+
+    rng = np.random.default_rng(seed)
+    metric_means = _bootstrap_metric_means(items, kept, chosen, n_boot, rng)
+    energy = _bootstrap_energy(table.set_index("config_id").loc[kept], energy_repeats, n_boot, rng)
+
+    rho = _scale_metrics(metric_means, settings.metric_scaling).mean(axis=2)
+    phi = _phi_array(energy, settings.phi_method)
+    ranks = _competition_ranks(w * phi + (1.0 - w) * rho)
+
+    n_configs = len(kept)
+    shares = np.stack([(ranks == r).mean(axis=0) for r in range(1, n_configs + 1)], axis=1)
+    result = pd.DataFrame(shares, columns=[f"rank_{r}" for r in range(1, n_configs + 1)])
+    result.insert(0, "config_id", kept)
+    # argmax picks the first maximum, i.e. the best rank when two ranks are equally frequent.
+    result["modal_rank"] = shares.argmax(axis=1) + 1
+    result["p_modal"] = shares.max(axis=1)
+    result = result.sort_values(
+        ["modal_rank", "p_modal", "config_id"], ascending=[True, False, True], ignore_index=True
+    )
+    result.attrs["excluded"] = tuple(excluded)
+    return result
+
+
+def summarise_top(result: RankingResult, w: float, k: int = 3) -> list[dict]:
+    """Top-k rows of the ranking at the grid weight nearest to w (the lower one on a tie)."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1; got {k}")
+    grid = sorted(result.settings.w_grid)
+    nearest = min(grid, key=lambda g: abs(g - w))
+    rows = result.table[result.table["w"] == nearest]
+    rows = rows.sort_values(["rank", "config_id"], kind="stable").head(k)
+    return rows.to_dict(orient="records")
+
+
+# --- internals ----------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}; got {value!r}")
+
+
+def _is_metric_key(key: object) -> bool:
+    if not isinstance(key, str):
+        return False
+    task, sep, metric = key.partition(":")
+    return bool(sep and task and metric)
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], name: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{name} lacks required columns {missing}; has {list(frame.columns)}")
+
+
+def _as_float_series(series: pd.Series, name: str) -> pd.Series:
+    try:
+        return series.astype(float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be numeric") from exc
+
+
+def _check_positive_energy(energy: pd.Series) -> None:
+    values = energy.to_numpy(dtype=float)
+    bad = energy.index[~(np.isfinite(values) & (values > 0))]
+    if len(bad):
+        raise ValueError(
+            f"energy_kwh_per_item must be finite and > 0; bad for configs: {sorted(map(str, bad))}"
+        )
+
+
+def _unique_ids(config_ids: Sequence[object]) -> list[str]:
+    ids = [str(c) for c in config_ids]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({c for c in ids if ids.count(c) > 1})
+        raise ValueError(f"duplicate config ids: {dupes}")
+    return ids
+
+
+def _prepare_configs(configs: pd.DataFrame) -> pd.DataFrame:
+    _require_columns(configs, CONFIG_COLUMNS, "configs")
+    if configs.empty:
+        raise ValueError("configs has no rows; nothing to rank")
+    if configs["config_id"].isna().any():
+        raise ValueError("configs has rows without a config_id")
+    table = configs[list(CONFIG_COLUMNS)].copy()
+    table["config_id"] = _unique_ids(table["config_id"].tolist())
+    table["energy_kwh_per_item"] = _as_float_series(
+        table["energy_kwh_per_item"], "energy_kwh_per_item"
+    )
+    return table.reset_index(drop=True)
+
+
+def _prepare_long_scores(scores: pd.DataFrame, columns: Sequence[str], name: str) -> pd.DataFrame:
+    _require_columns(scores, columns, name)
+    long = scores[list(columns)].copy()
+    long["config_id"] = long["config_id"].astype(str)
+    long["task"] = long["task"].astype(str)
+    long["key"] = long["task"] + ":" + long["metric"].astype(str)
+    long["value"] = _as_float_series(long["value"], f"{name}.value")
+    infinite = np.isinf(long["value"].to_numpy())
+    if infinite.any():
+        pairs = sorted(set(zip(long.loc[infinite, "config_id"], long.loc[infinite, "key"])))
+        raise ValueError(f"{name} has infinite values for (config, metric) {pairs[:10]}")
+    return long
+
+
+def _chosen_metrics(long: pd.DataFrame, settings: RankingSettings) -> tuple[str, ...]:
+    available = set(long["key"])
+    if settings.metrics is None:
+        if not available:
+            raise ValueError("no scores for the compared configs; cannot compute rho")
+        return tuple(sorted(available))
+    # A metric nobody has is a typo or a missing evaluation, not a per-config gap: excluding
+    # every config for it would only hide the problem.
+    absent = [m for m in settings.metrics if m not in available]
+    if absent:
+        raise ValueError(
+            f"metrics {absent} are not in the scores of any compared config; "
+            f"available: {sorted(available)}"
+        )
+    return settings.metrics
+
+
+def _apply_missing_policy(
+    present: pd.DataFrame, policy: MissingPolicy
+) -> tuple[list[str], list[str]]:
+    """Split configs (rows of a config x metric presence table) into kept and excluded."""
+    lacking = {
+        config_id: [key for key, ok in row.items() if not ok]
+        for config_id, row in present.iterrows()
+        if not row.all()
+    }
+    if lacking and policy == "error":
+        detail = "; ".join(f"{c!r} lacks {keys}" for c, keys in lacking.items())
+        raise ValueError(
+            f"configs missing chosen metrics: {detail}. "
+            "Use missing='exclude' to drop them, or restrict settings.metrics."
+        )
+    kept = [c for c in present.index if c not in lacking]
+    if not kept:
+        raise ValueError(f"every config lacks a chosen metric; nothing left to rank: {lacking}")
+    return kept, list(lacking)
+
+
+def _check_unit_interval(long: pd.DataFrame) -> None:
+    values = long["value"].to_numpy(dtype=float)
+    outside = (values < 0.0) | (values > 1.0)
+    if outside.any():
+        found = sorted(set(zip(long.loc[outside, "config_id"], long.loc[outside, "key"])))
+        raise ValueError(
+            f"metric values outside [0, 1] with metric_scaling='identity' for (config, metric) "
+            f"{found[:10]}; use metric_scaling='minmax' for metrics on other scales"
+        )
+
+
+def _phi_array(energy: np.ndarray, method: PhiMethod) -> np.ndarray:
+    """phi along the last axis (configs) of an array of positive energies."""
+    e_min = energy.min(axis=-1, keepdims=True)
+    if method == "ratio":
+        return e_min / energy
+    e_max = energy.max(axis=-1, keepdims=True)
+    span = e_max - e_min
+    # All-equal energies: every config is as efficient as the best, so phi = 1.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(span > 0, (e_max - energy) / np.where(span > 0, span, 1.0), 1.0)
+
+
+def _scale_metrics(values: np.ndarray, scaling: MetricScaling) -> np.ndarray:
+    """Scale metrics over configs; values has shape (draws, configs, metrics)."""
+    if scaling == "identity":
+        return values
+    low = values.min(axis=1, keepdims=True)
+    high = values.max(axis=1, keepdims=True)
+    span = high - low
+    # All configs equal on a metric: it cannot separate them, so give everyone full marks.
+    return np.where(span > 0, (values - low) / np.where(span > 0, span, 1.0), 1.0)
+
+
+def _competition_ranks(score: np.ndarray) -> np.ndarray:
+    """Ranks along the last axis, 1 = highest; ties within TIE_TOLERANCE share the best rank."""
+    beaten_by = score[..., np.newaxis, :] > score[..., :, np.newaxis] + TIE_TOLERANCE
+    return 1 + beaten_by.sum(axis=-1)
+
+
+def _bootstrap_metric_means(
+    items: pd.DataFrame,
+    config_ids: list[str],
+    chosen: tuple[str, ...],
+    n_boot: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Bootstrapped mean of each chosen metric: shape (n_boot, configs, metrics)."""
+    means = np.empty((n_boot, len(config_ids), len(chosen)))
+    task_of = dict(zip(items["key"], items["task"]))
+    for task in sorted(set(task_of[key] for key in chosen)):
+        task_items = items[items["task"] == task]
+        universe = pd.Index(pd.unique(task_items["item_id"])).sort_values()
+        n_items = len(universe)
+        # Drawing counts rather than indices lets one matrix product average every config.
+        draws = rng.integers(0, n_items, size=(n_boot, n_items))
+        offsets = (np.arange(n_boot) * n_items)[:, np.newaxis]
+        counts = np.bincount((draws + offsets).ravel(), minlength=n_boot * n_items)
+        counts = counts.reshape(n_boot, n_items).astype(float)
+        for j, key in enumerate(chosen):
+            if task_of[key] != task:
+                continue
+            matrix = (
+                task_items[task_items["key"] == key]
+                .pivot(index="config_id", columns="item_id", values="value")
+                .reindex(index=config_ids, columns=universe)
+            )
+            gaps = matrix.isna().sum(axis=1)
+            if gaps.any():
+                detail = {c: int(n) for c, n in gaps[gaps > 0].items()}
+                raise ValueError(
+                    f"per-item scores for {key} are incomplete (items missing per config: "
+                    f"{detail}); the bootstrap needs every config scored on every item "
+                    f"of task {task!r}"
+                )
+            means[:, :, j] = counts @ matrix.to_numpy(dtype=float).T / n_items
+    return means
+
+
+def _bootstrap_energy(
+    configs: pd.DataFrame,
+    energy_repeats: pd.DataFrame | None,
+    n_boot: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Bootstrapped mean energy per config: shape (n_boot, configs); configs indexed by id."""
+    config_ids = configs.index.tolist()
+    if energy_repeats is None:
+        fixed = configs["energy_kwh_per_item"]
+        _check_positive_energy(fixed)
+        return np.broadcast_to(fixed.to_numpy(dtype=float), (n_boot, len(config_ids))).copy()
+
+    _require_columns(energy_repeats, ENERGY_REPEAT_COLUMNS, "energy_repeats")
+    repeats = energy_repeats[list(ENERGY_REPEAT_COLUMNS)].copy()
+    repeats["config_id"] = repeats["config_id"].astype(str)
+    repeats["energy_kwh_per_item"] = _as_float_series(
+        repeats["energy_kwh_per_item"], "energy_repeats.energy_kwh_per_item"
+    )
+    repeats = repeats[repeats["config_id"].isin(config_ids)]
+    absent = sorted(set(config_ids) - set(repeats["config_id"]))
+    if absent:
+        raise ValueError(f"energy_repeats has no rows for configs: {absent}")
+    _check_positive_energy(repeats.set_index("config_id")["energy_kwh_per_item"])
+
+    energy = np.empty((n_boot, len(config_ids)))
+    by_config = {c: g["energy_kwh_per_item"].to_numpy() for c, g in repeats.groupby("config_id")}
+    for i, config_id in enumerate(config_ids):
+        values = by_config[config_id]
+        if len(values) == 1:
+            energy[:, i] = values[0]
+            continue
+        draws = rng.integers(0, len(values), size=(n_boot, len(values)))
+        energy[:, i] = values[draws].mean(axis=1)
+    return energy

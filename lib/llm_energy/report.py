@@ -1,0 +1,202 @@
+"""From saved tables to the ranking, its summary, and the shareable HTML report."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import rank, results
+from .config import RankingParams
+from .energy import describe_methods, is_estimate
+
+BASE_PHASES = ("inference", "pruning")
+
+
+def measured_configs(energy: pd.DataFrame) -> pd.DataFrame:
+    """One row per evaluated config: energy per item over all its tasks (total energy / total items)."""
+    rows = energy[energy["phase"].isin(BASE_PHASES)].copy()
+    if rows.empty:
+        return pd.DataFrame(columns=["config_id", "model", "precision", "adapter", "pruning",
+                                     "energy_kwh_per_item", "energy_kwh_per_item_std", "energy_method"])
+    rows["var"] = rows["energy_kwh_std"].fillna(0.0) ** 2
+    grouped = rows.groupby("config_id", sort=False)
+    out = grouped.agg(
+        model=("model", "first"), precision=("precision", "first"), adapter=("adapter", "first"),
+        pruning=("pruning", "first"), energy_kwh=("energy_kwh", "sum"), n_items=("n_items", "sum"),
+        var=("var", "sum"), energy_method=("energy_method", "first"),
+    ).reset_index()
+    out["energy_kwh_per_item"] = out["energy_kwh"] / out["n_items"]
+    out["energy_kwh_per_item_std"] = np.sqrt(out["var"]) / out["n_items"]
+    return out.drop(columns=["var"])
+
+
+def energy_repeats_per_item(repeats: pd.DataFrame) -> pd.DataFrame:
+    """Per config and repeat index: energy per item summed over tasks (for rank stability)."""
+    rows = repeats[repeats["phase"].isin(BASE_PHASES)]
+    if rows.empty:
+        return pd.DataFrame(columns=["config_id", "repeat", "energy_kwh_per_item"])
+    grouped = rows.groupby(["config_id", "repeat"]).agg(energy_kwh=("energy_kwh", "sum"), n_items=("n_items", "sum"))
+    grouped = grouped.reset_index()
+    # Keep only repeat indices every task of the config has, so sums compare like with like.
+    tasks_per_config = rows.groupby("config_id")["task"].nunique()
+    counts = rows.groupby(["config_id", "repeat"])["task"].nunique().reset_index(name="n_tasks")
+    grouped = grouped.merge(counts, on=["config_id", "repeat"])
+    grouped = grouped[grouped["n_tasks"] == grouped["config_id"].map(tasks_per_config)]
+    grouped["energy_kwh_per_item"] = grouped["energy_kwh"] / grouped["n_items"]
+    return grouped[["config_id", "repeat", "energy_kwh_per_item"]]
+
+
+@dataclass(frozen=True)
+class RankingOutcome:
+    result: rank.RankingResult
+    configs: pd.DataFrame
+    stability: pd.DataFrame | None
+    stability_metrics: tuple[str, ...]
+    w: float
+    methods: tuple[str, ...]
+
+
+def rank_study(study_dir: str | Path, params: RankingParams) -> RankingOutcome:
+    """Rank every evaluated config from the saved tables and write tables/ranking.csv."""
+    energy = results.read_table(study_dir, "energy")
+    scores = results.read_table(study_dir, "scores")
+    configs = measured_configs(energy)
+    if configs.empty:
+        raise ValueError(f"{results.table_path(study_dir, 'energy')} has no inference rows to rank")
+    settings = rank.RankingSettings(
+        w_grid=tuple(params.w_grid) if params.w in params.w_grid else tuple(sorted({*params.w_grid, params.w})),
+        phi_method=params.phi,
+        metrics=tuple(params.metrics) if params.metrics else None,
+        missing=params.missing,
+    )
+    result = rank.rank_configs(configs, scores, settings)
+    table = result.table.copy()
+    at_w = table[np.isclose(table["w"], params.w)].set_index("config_id")
+    front = rank.pareto_front(at_w["energy_kwh_per_item"], at_w["rho"])
+    table["pareto"] = table["config_id"].map(front).fillna(False).astype(bool)
+    std = configs.set_index("config_id")["energy_kwh_per_item_std"]
+    table["energy_kwh_per_item_std"] = table["config_id"].map(std)
+    table["energy_method"] = table["config_id"].map(configs.set_index("config_id")["energy_method"])
+    results.write_table(study_dir, "ranking", table)
+    stability, used = _stability(study_dir, configs, settings, params, result)
+    methods = tuple(sorted({m for m in energy["energy_method"].dropna().astype(str) if m != "none"}))
+    return RankingOutcome(
+        result=rank.RankingResult(table=table, excluded=result.excluded, settings=settings),
+        configs=configs, stability=stability, stability_metrics=used, w=params.w, methods=methods,
+    )
+
+
+def _stability(study_dir: str | Path, configs: pd.DataFrame, settings: rank.RankingSettings,
+               params: RankingParams, result: rank.RankingResult) -> tuple[pd.DataFrame | None, tuple[str, ...]]:
+    if params.bootstrap == 0:
+        return None, ()
+    items = results.read_table(study_dir, "item_scores")
+    if items.empty:
+        return None, ()
+    items = items[items["config_id"].isin(configs["config_id"]) & ~items["config_id"].isin(result.excluded)]
+    per_item_pairs = sorted(set(items["task"] + ":" + items["metric"]))
+    chosen = [m for m in (settings.metrics or per_item_pairs) if m in per_item_pairs]
+    if not chosen:
+        return None, ()
+    sub = rank.RankingSettings(w_grid=settings.w_grid, phi_method=settings.phi_method, metrics=tuple(chosen),
+                               missing="exclude")
+    keep = configs[~configs["config_id"].isin(result.excluded)]
+    repeats = energy_repeats_per_item(results.read_table(study_dir, "energy_repeats"))
+    stability = rank.rank_stability(keep, items, repeats if len(repeats) else None, sub, w=params.w,
+                                    n_boot=params.bootstrap, seed=0)
+    return stability, tuple(chosen)
+
+
+def _fmt_energy(kwh: float) -> str:
+    wh = kwh * 1000
+    return f"{wh:.3g} Wh" if wh >= 0.1 else f"{wh * 1000:.3g} mWh"
+
+
+def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], skipped: list[dict[str, str]],
+                     failures: list[dict[str, str]], k: int = 3) -> str:
+    """The written summary at the top of the report."""
+    top = rank.summarise_top(outcome.result, outcome.w, k=k)
+    lines = [f"### Top configurations at w = {outcome.w:g}", ""]
+    stability = outcome.stability.set_index("config_id") if outcome.stability is not None else None
+    for row in top:
+        robust = ""
+        if stability is not None and row["config_id"] in stability.index:
+            share = stability.loc[row["config_id"]].get(f"rank_{int(row['rank'])}", float("nan"))
+            if not (isinstance(share, float) and math.isnan(share)):
+                robust = f"; holds rank {int(row['rank'])} in {share:.0%} of {len(outcome.stability) and 'bootstrap'} resamples"
+        lines.append(
+            f"{int(row['rank'])}. **{row['config_id']}** — R = {row['R']:.3f} (φ = {row['phi']:.3f}, "
+            f"ρ = {row['rho']:.3f}, {_fmt_energy(row['energy_kwh_per_item'])} per item{robust})"
+        )
+    lines.append("")
+    lines.append(
+        f"φ: {'min-max of energy per item' if outcome.result.settings.phi_method == 'minmax' else 'E_min / E'}; "
+        f"ρ: mean of {', '.join(outcome.result.settings.metrics) if outcome.result.settings.metrics else 'all task metrics'} "
+        "(accuracies, already in [0, 1]). Energy per item = a config's inference energy over all tasks / items scored."
+    )
+    if outcome.stability_metrics:
+        lines.append(f"Rank stability resamples items of {', '.join(outcome.stability_metrics)} and the energy repeats.")
+    if outcome.result.excluded:
+        lines.append(f"Excluded from the ranking (missing metrics): {', '.join(outcome.result.excluded)}.")
+    lines += ["", "**Energy method.** " + describe_methods(set(outcome.methods)) + "."]
+    if any(is_estimate(m) for m in outcome.methods):
+        lines.append(
+            "Differences between precisions on this machine reflect run time under an estimated power model; "
+            "treat them as estimates, not measurements."
+        )
+    lines += ["", "**Where the weights came from.**"]
+    lines += [f"- {model}: {origin}" for model, origin in sorted(weights_origin.items())]
+    if skipped:
+        lines += ["", "**Skipped configurations.**"]
+        lines += [f"- {s['config_id']}: {s['reason']}" for s in skipped]
+    if failures:
+        lines += ["", "**Failed configurations.**"]
+        lines += [f"- {f['job']}: {f['error']}" for f in failures]
+    return "\n".join(lines)
+
+
+def config_notes(study_dir: str | Path) -> tuple[dict[str, str], list[dict[str, str]], list[dict[str, str]]]:
+    """Weights origin per model, skipped configs and failed jobs, from the run's tables."""
+    configs = results.read_table(study_dir, "configs")
+    origin = {}
+    for _, row in configs.iterrows():
+        if isinstance(row.get("weights_origin"), str) and row["weights_origin"]:
+            origin[row["model"]] = row["weights_origin"]
+    skipped = [
+        {"config_id": r["config_id"], "reason": str(r["reason"])}
+        for _, r in configs[configs["status"] == "skipped"].iterrows()
+    ]
+    failures_path = Path(study_dir) / "failures.json"
+    failures = json.loads(failures_path.read_text()) if failures_path.exists() else []
+    return origin, skipped, failures
+
+
+def render_html(executed_notebook: str | Path, out_html: str | Path) -> Path:
+    """The executed ranking notebook as one self-contained HTML file, code hidden, images inline."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebook = nbformat.read(str(executed_notebook), as_version=4)
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(notebook)
+    out_html = Path(out_html)
+    results.atomic_write_text(out_html, body)
+    return out_html
+
+
+def figure_energy_method(methods: tuple[str, ...]) -> str | None:
+    return ", ".join(methods) if methods else None
+
+
+def load_tables(study_dir: str | Path) -> dict[str, pd.DataFrame]:
+    return {name: results.read_table(study_dir, name) for name in ("energy", "scores", "training", "token_lengths")}
+
+
+def empty(frame: Any) -> bool:
+    return frame is None or len(frame) == 0
