@@ -43,10 +43,10 @@ DATA = [
 Counts per task and split, label balance, and Figure 1: the distribution of token lengths under the
 model's tokenizer. Defaults use the built-in sample data; the runner passes the study's own values."""),
     params('''
-study_dir: str = ""  # output folder; "" = outputs/notebook-defaults of the project
+study_dir: str = ""  # output folder; empty means outputs/notebook-defaults of the project
 model: dict = {"name": "tiny-random-llama"}  # a `models` entry: its tokenizer counts the tokens
 tasks: dict = {"rca": {}, "qa": {}}  # the study's `tasks` section (data, split, max_items, ...)
-base_dir: str = ""  # folder relative data paths are read from; "" = the project root
+base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 '''),
     code('''
 from llm_energy import config, data, inference, models, plots, results
@@ -82,15 +82,15 @@ INFERENCE = [
 Load the model at the requested precision, score each task inside measured energy windows (warm-up,
 repeats, idle baseline), and write energy, scores and per-item results into the study's tables."""),
     params('''
-study_dir: str = ""  # output folder; "" = outputs/notebook-defaults of the project
-config_id: str = ""  # row key in the tables; "" = <model>__<precision>
+study_dir: str = ""  # output folder; empty means outputs/notebook-defaults of the project
+config_id: str = ""  # row key in the tables; empty means <model>__<precision>
 model: dict = {"name": "tiny-random-llama"}  # a `models` entry: builtin name, or source local/hub + path
 precision: str = "fp32"  # fp32 | bf16 | fp16 | int8 | nf4 | fp4
 device: str = "cpu"  # cpu | cuda (the runner resolves auto)
 tasks: dict = {"rca": {"max_items": 6}, "qa": {"max_items": 6}}  # the study's `tasks` section
 energy: dict = {"idle_seconds": 1.0, "repeats": 1, "max_repeats": 1, "measure_power_secs": 1.0}  # `energy` section
 seed: int = 0  # seed for sampling and bootstrap intervals
-base_dir: str = ""  # folder relative data paths are read from; "" = the project root
+base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 '''),
     code('''
 from llm_energy import inference, models
@@ -137,7 +137,7 @@ This report is the executed ranking notebook: it reads only the study's saved ta
 configuration by R = w·φ + (1−w)·ρ (φ energy efficiency, ρ mean task performance, both in [0, 1]),
 and renders the paper's figures."""),
     params('''
-study_dir: str = ""  # output folder with tables/; "" = outputs/notebook-defaults of the project
+study_dir: str = ""  # output folder with tables/; empty means outputs/notebook-defaults of the project
 ranking: dict = {}  # the study's `ranking` section (w, w_grid, phi, metrics, missing, bootstrap)
 '''),
     code('''

@@ -248,21 +248,22 @@ class CodeCarbonSource:
             country_iso_code=settings.country_iso_code,
             measure_power_secs=settings.measure_power_secs,
             tracking_mode=settings.tracking_mode,
-            save_to_file=False,
+            output_methods=[],  # nothing written to disk: the study's tables hold the numbers
             log_level="warning",
             allow_multiple_runs=True,
         )
         self.tracker = tracker_factory(**kwargs)
         capture = _MethodLogCapture()
         logger = logging.getLogger("codecarbon")
-        previous_level = logger.level
-        logger.addHandler(capture)
+        # Hear CodeCarbon's INFO lines (they name its methods) without printing them.
+        previous = (logger.level, list(logger.handlers), logger.propagate)
+        logger.handlers, logger.propagate = [capture], False
         logger.setLevel(logging.INFO)
         try:
             self.tracker.start()
         finally:
-            logger.removeHandler(capture)
-            logger.setLevel(previous_level)
+            logger.setLevel(previous[0])
+            logger.handlers, logger.propagate = previous[1], previous[2]
         self.methods = {c: _codecarbon_method(capture.methods.get(c), c) for c in ("cpu", "gpu", "ram")}
         self.last_emissions_kg = 0.0
         self.last_energy_kwh = 0.0

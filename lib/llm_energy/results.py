@@ -95,11 +95,9 @@ def read_table(study_dir: str | Path, name: str) -> pd.DataFrame:
     path = table_path(study_dir, name)
     if not path.exists():
         return pd.DataFrame(columns=columns)
-    frame = pd.read_csv(path, keep_default_na=True)
-    for column in ("config_id", "item_id", "task", "metric", "adapter", "pruning"):
-        if column in frame.columns:
-            frame[column] = frame[column].astype("string").astype(object)
-    return frame
+    text_columns = ("config_id", "item_id", "task", "metric", "adapter", "pruning", "model", "precision")
+    # Ids such as "001" must stay text, so these columns are never parsed as numbers.
+    return pd.read_csv(path, dtype={c: str for c in text_columns})
 
 
 def upsert_rows(study_dir: str | Path, name: str, rows: Iterable[Mapping[str, Any]],

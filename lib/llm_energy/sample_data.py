@@ -162,7 +162,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "vehicle": ("a truck", "a high-sided lorry", "a fallen tree", "a crane"),
     "alarm_fc": ("LOS", "LOF", "R_LOS", "ETH_LOS", "OMS-LOS", "LOS/LOF"),
     "param": ("a3Offset", "hysteresis", "timeToTrigger", "qRxLevMin", "cellIndividualOffset",
-              "pMax", "referenceSignalPower", "sIntraSearch", "tac", "pci"),
+              "pMax", "referenceSignalPower", "sIntraSearch", "qOffsetCell"),
     "project": ("the 5G overlay project", "the spring optimisation campaign",
                 "the re-homing project", "the L2600 expansion", "the swap programme"),
     "proc": ("rrm_sched", "s1ap_handler", "oam_agent", "cell_mgr", "x2_proc", "ngap_stack",
@@ -171,118 +171,144 @@ _CHOICES: dict[str, tuple[str, ...]] = {
               "the marathon", "the trade fair", "evening rush hour", "the derby match"),
     "venue": ("the stadium", "City Arena", "the exhibition centre", "Central Station",
               "the festival grounds", "the racecourse", "the university campus", "the beach front"),
-    "landmark": ("the new shopping centre", "the industrial park", "the port area",
-                 "a warehouse rooftop", "the hospital", "a new residential tower",
-                 "the car dealership", "the logistics depot"),
-    "regulator": ("regulator", "spectrum authority", "ofcom-type authority"),
+    "landmark": ("the new shopping centre", "the new industrial unit", "the port extension",
+                 "the new hospital wing", "a new residential tower", "the car dealership",
+                 "the logistics depot", "the new hotel"),
+    "regulator": ("the regulator", "the spectrum authority", "the national spectrum regulator"),
     "ent": ("a bank branch", "the regional hospital", "a retail chain", "the city council",
             "a logistics firm", "a call centre"),
     "board": ("main control board", "baseband card", "transmission board", "UMPT", "BBP"),
     "team": ("RAN ops", "field ops", "TX team", "NOC L2", "core ops"),
 }
 
-_RCA_SPEC: dict[str, dict[str, list[Any]]] = {
+# Per label: "common" symptoms (fit every scenario of the label and never name the cause), "act"
+# (what the NOC did, neutral) and "scenarios". A scenario is one concrete way the cause shows up:
+# explicit and implicit headlines, its own neutral symptoms ("sym"), details that name the cause
+# ("sym_x", used in explicit tickets only), matching resolutions ("res") and optional context
+# overrides ("ctx"), so that headline, symptoms and resolution of a ticket fit together.
+_RCA_SPEC: dict[str, dict[str, Any]] = {
     "fibre_cut": {
-        "head_x": [
-            "Fibre cut reported on span {town}-{town2}, {n_sites} sites down",
-            "{alarm_fc} on {agg} ports, field team confirms fibre cut near {town}",
-            "FIBRE CUT - ring {ring} isolated, {n_sites} sites OOS since {t1}",
-            "fibre break suspected on {town}-{town2} route after excavation works",
-            "Major: fiber cut on aggregation route {agg} - {agg2}",
-            "{site} and {n_sites} other sites down, cable cut by contractor at {town}",
-            "OTDR shows break at {km} km from {agg}, ring {ring} down",
-            "cable cut in manhole near {town} station, {olt} PON ports in LOS",
-        ],
-        "head_i": [
-            "{n_sites} sites on ring {ring} lost transmission at the same time ({t1})",
-            "LOS on both directions of {agg} port {port}, sites behind it unreachable",
-            "Multiple sites down in {town} area simultaneously, all hanging off {agg}",
-            "{alarm_fc} raised {t1} on {olt}, all ONTs on PON {pon} offline",
-            "{site} + {site2} + {site3} down at {t1}, all on the same route to {agg}",
-            "{link_alarm} on {n_sites} {node}s at once, cluster {town}",
-            "OMS-LOS on {town}-{town2} DWDM line, several services down",
-            "Site down {site}, {site2}, {site3} - {alarm_fc} on uplinks",
-        ],
-        "sym_i": [
-            "LOS/LOF raised within the same second on all affected nodes",
-            "optical Rx power on {agg} port {port} reads -40 dBm (no light)",
-            "working and protection paths both down, ring protection could not switch",
+        "common": [
             "no power alarms, batteries OK on all affected sites",
-            "road works reported by the council near {town} this morning",
-            "sites show ETH_LOS on the uplink, radio alarms look sympathetic",
-            "all {n_sites} sites dropped within 1 min of each other",
             "no change activity scheduled on this route",
-            "PON port {pon} on {olt} shows all ONTs in LOS state",
-            "{n_cust} broadband customers affected incl. {ent}",
             "far end unreachable, remote loopback not possible",
-            "ping to {site} router mgmt IP times out, no ARP",
-            "both fibres of the pair dark at the same time",
             "alarms started {t1}, nothing in the history before that",
-        ],
-        "sym_x": [
-            "OTDR from {agg} shows event at {km} km",
-            "FE on site: cable visibly damaged by {excavator}",
-            "splicing team dispatched, ETA {eta} min",
-            "contractor hit the duct during {works}",
-            "aerial fibre brought down by {vehicle}",
-            "rodent damage found in manhole MH-{mh}",
+            "both fibres of the pair dark at the same time",
         ],
         "act": [
             "remote reset of {site} not possible, node unreachable",
-            "checked OSS, no alarms on the ring before {t1}",
             "power team confirms mains OK in the area",
             "TT {inc} raised to transmission team",
             "L1 checked alarm history, nothing unusual",
         ],
-        "res": [
-            "Fibre cut on span {town}-{town2} caused by {works}; splicing team restored {cores} cores, alarms cleared {t2}.",
-            "Cable damaged by {excavator} at {km} km from {agg}. Temporary splice done, permanent repair planned; services back {t2}.",
-            "Aerial fibre brought down by {vehicle}. Cable re-hung and spliced, all {n_sites} sites back on air at {t2}.",
-            "OTDR located the break at {km} km. Fibre team repaired the route and ring {ring} restored {t2}.",
-            "Fibre cut in manhole MH-{mh} (rodent damage). {cores}-core cable spliced, LOS cleared {t2}.",
-            "Duct hit during {works}, feeder cable to {olt} severed. Spliced by contractor crew, PON {pon} up at {t2}.",
+        "scenarios": [
+            {
+                "head_x": [
+                    "Fibre cut reported on span {town}-{town2}, {n_sites} sites down",
+                    "{alarm_fc} on {agg} ports, field team confirms fibre cut near {town}",
+                    "FIBRE CUT - ring {ring} isolated, {n_sites} sites OOS since {t1}",
+                    "fibre break suspected on {town}-{town2} route after excavation works",
+                    "{site} and {n_sites} other sites down, cable cut by contractor at {town}",
+                ],
+                "head_i": [
+                    "{n_sites} sites on ring {ring} lost transmission at the same time ({t1})",
+                    "LOS on both directions of {agg} port {port}, sites behind it unreachable",
+                    "Multiple sites down in {town} area simultaneously, all hanging off {agg}",
+                    "{site} + {site2} + {site3} down at {t1}, all on the same route to {agg}",
+                    "{link_alarm} on {n_sites} {node}s at once, cluster {town}",
+                    "Site down {site}, {site2}, {site3} - {alarm_fc} on uplinks",
+                ],
+                "sym": [
+                    "LOS/LOF raised within the same second on all affected nodes",
+                    "optical Rx power on {agg} port {port} reads -40 dBm (no light)",
+                    "working and protection paths both down, ring protection could not switch",
+                    "road works reported by the council near {town} this morning",
+                    "sites show ETH_LOS on the uplink, radio alarms look sympathetic",
+                    "all {n_sites} sites dropped within 1 min of each other",
+                    "ping to {site} router mgmt IP times out, no ARP",
+                ],
+                "sym_x": [
+                    "OTDR from {agg} shows event at {km} km",
+                    "FE on site: cable visibly damaged by {excavator}",
+                    "splicing team dispatched, ETA {eta} min",
+                    "contractor hit the duct during {works}",
+                ],
+                "res": [
+                    "Fibre cut on span {town}-{town2} caused by {works}; splicing team restored {cores} cores, alarms cleared {t2}.",
+                    "Cable damaged by {excavator} at {km} km from {agg}. Temporary splice done, permanent repair planned; services back {t2}.",
+                    "OTDR located the break at {km} km. Fibre team repaired the route and ring {ring} restored {t2}.",
+                ],
+            },
+            {
+                "head_x": [
+                    "Aerial fibre down near {town}, {n_sites} sites isolated",
+                    "fiber cut on pole route {town}-{town2}, brought down by {vehicle}",
+                ],
+                "head_i": [
+                    "{site} and {site2} lost uplink at {t1} during the storm, {alarm_fc} on both",
+                    "{n_sites} sites along the {town} road down at once",
+                ],
+                "sym": [
+                    "strong winds reported in {town}",
+                    "all affected sites fed over the same pole route",
+                    "LOS on both directions",
+                    "all {n_sites} sites dropped within 1 min of each other",
+                ],
+                "sym_x": ["aerial fibre brought down by {vehicle}", "FE confirms cable hanging off the pole"],
+                "res": [
+                    "Aerial fibre brought down by {vehicle}. Cable re-hung and spliced, all {n_sites} sites back on air at {t2}.",
+                    "Pole route cable snapped ({vehicle}); temporary cable laid and spliced, services restored {t2}.",
+                ],
+            },
+            {
+                "head_x": [
+                    "cable cut in manhole near {town} station, {olt} PON ports in LOS",
+                    "Feeder fibre to {olt} cut, PON {pon} customers offline",
+                ],
+                "head_i": [
+                    "{alarm_fc} raised {t1} on {olt}, all ONTs on PON {pon} offline",
+                    "All ONTs behind the splitter cabinet in {town} went offline at {t1}",
+                ],
+                "sym": [
+                    "PON port {pon} on {olt} shows all ONTs in LOS state",
+                    "{n_cust} broadband customers affected incl. {ent}",
+                    "OLT itself reachable, uplinks fine",
+                    "ONTs went offline in the same second",
+                ],
+                "sym_x": ["rodent damage found in manhole MH-{mh}", "duct crushed during {works}"],
+                "res": [
+                    "Fibre cut in manhole MH-{mh} (rodent damage). {cores}-core cable spliced, LOS cleared {t2}.",
+                    "Duct hit during {works}, feeder cable to {olt} severed. Spliced by contractor crew, PON {pon} up at {t2}.",
+                ],
+            },
+            {
+                "head_x": [
+                    "Major: fiber cut on aggregation route {agg} - {agg2}",
+                    "OTDR shows break at {km} km from {agg}, DWDM line {town}-{town2} down",
+                ],
+                "head_i": [
+                    "OMS-LOS on {town}-{town2} DWDM line, several services down",
+                    "All wavelengths on the {agg}-{agg2} line lost at {t1}",
+                ],
+                "sym": [
+                    "OMS-LOS and OTS-LOS at both ends of the span",
+                    "all lambdas on the span lost at once, amplifiers report no input",
+                    "traffic switched to the protection route where available",
+                    "unprotected services down",
+                ],
+                "sym_x": ["OTDR from {agg} shows event at {km} km", "splicing team dispatched, ETA {eta} min"],
+                "res": [
+                    "Fibre cut on the {town}-{town2} DWDM span at {km} km ({works}). Spliced and amplifiers relocked, all wavelengths up {t2}.",
+                    "Long-haul cable cut by {excavator}; repaired by the fibre team, OMS-LOS cleared {t2}.",
+                ],
+            },
         ],
     },
     "power_failure": {
-        "head_x": [
-            "Mains failure at {site}, running on batteries since {t1}",
-            "Power outage in {town}, {n_sites} sites on battery",
-            "{site} down - Mains failure + genset fail to start",
-            "Commercial power cut at {site}, utility confirms outage",
-            "MAINS FAIL alarm {site}, battery {batt_v} V and dropping",
-            "grid outage {town} since {t1}, {site} and {site2} on batteries",
-            "Power failure on {site}, AC input lost, rectifiers off",
-        ],
-        "head_i": [
-            "{site} down at {t_night}, preceded by Battery low alarm",
-            "Battery discharge alarm {site} from {t1}, site dropped {hours}h later",
-            "Several sites in {town} went off air overnight, came back around {t2} by themselves",
-            "{node} {site} out of service, DC voltage low ({batt_v} V) before loss of mgmt",
-            "Rectifier alarms then site down, {site}, {tech}",
-            "cells OOS on {site} after the storm in the area",
-            "{site} + {site2} unreachable since {t_night}, Battery low on both before",
-        ],
-        "sym_i": [
-            "Battery low alarm at {t1}, DC voltage {batt_v} V",
-            "site dropped at {t_night}, no alarms on transmission before that",
-            "neighbour sites in the same town also show battery discharge",
+        "common": [
             "all cells down together, no board alarms",
-            "utility company announced maintenance in {town} tonight",
-            "storm and high winds in the region last night",
-            "rectifier module alarm on all modules at the same time",
             "TX equipment also unreachable (same DC plant)",
-            "site came back at {t2} without any intervention",
-            "LVD operated, load disconnected at {batt_v} V",
-            "site has no backup generation, battery autonomy about {bkp_h} h",
             "door and temp alarms cleared at the same moment the site went dark",
-        ],
-        "sym_x": [
-            "genset failed to start, fuel level low",
-            "utility confirms feeder fault in {town}, ETR {t2}",
-            "ATS did not switch over to the generator",
-            "mains breaker tripped in the shelter",
-            "power company says the substation is down",
-            "portable genset on the way",
         ],
         "act": [
             "FE dispatched to site",
@@ -290,112 +316,206 @@ _RCA_SPEC: dict[str, dict[str, list[Any]]] = {
             "remote reset not possible, no mgmt access",
             "TT {inc} opened towards field ops",
         ],
-        "res": [
-            "Commercial power outage in {town}; batteries depleted after {hours} h. Portable genset connected and site restored {t2}, mains returned later.",
-            "Mains failure due to a tripped breaker in the shelter. FE reset the breaker, batteries recharging, all cells up {t2}.",
-            "Grid outage overnight; site has no genset so batteries drained and LVD tripped. Power restored by the utility at {t2}, alarms cleared.",
-            "Genset failed to start during a mains outage (empty fuel tank). Refuelled and started, site back on air {t2}.",
-            "Storm damaged the AC supply cable to the site. Electrician repaired it, rectifiers back on and site up {t2}.",
-            "Utility feeder fault in {town} took down {n_sites} sites once batteries ran out. Mains back {t2}, all sites recovered.",
+        "scenarios": [
+            {
+                "head_x": [
+                    "Power outage in {town}, {n_sites} sites on battery",
+                    "grid outage {town} since {t1}, {site} and {site2} on batteries",
+                    "Commercial power cut at {site}, utility confirms outage",
+                ],
+                "head_i": [
+                    "{site} down at {t_night}, preceded by Battery low alarm",
+                    "Several sites in {town} went off air overnight, came back around {t2} by themselves",
+                    "{site} + {site2} unreachable since {t_night}, Battery low on both before",
+                    "Battery discharge alarm {site} from {t1}, site dropped {hours}h later",
+                ],
+                "sym": [
+                    "Battery low alarm at {t1}, DC voltage {batt_v} V",
+                    "neighbour sites in the same town also show battery discharge",
+                    "utility company announced maintenance in {town} tonight",
+                    "site came back at {t2} without any intervention",
+                    "LVD operated, load disconnected at {batt_v} V",
+                    "site has no backup generation, battery autonomy about {bkp_h} h",
+                    "site dropped at {t_night}, no alarms on TX before that",
+                ],
+                "sym_x": ["utility confirms feeder fault in {town}, ETR {t2}", "power company says the substation is down"],
+                "res": [
+                    "Commercial power outage in {town}; batteries depleted after {hours} h. Portable genset connected and site restored {t2}, mains returned later.",
+                    "Grid outage overnight; site has no genset so batteries drained and LVD tripped. Power restored by the utility at {t2}, alarms cleared.",
+                    "Utility feeder fault in {town} took down {n_sites} sites once batteries ran out. Mains back {t2}, all sites recovered.",
+                ],
+            },
+            {
+                "head_x": [
+                    "{site} down - Mains failure + genset fail to start",
+                    "Mains failure at {site}, running on batteries since {t1}, generator not starting",
+                ],
+                "head_i": [
+                    "{node} {site} out of service, DC voltage low ({batt_v} V) before loss of mgmt",
+                    "Battery discharge alarm {site} from {t1}, site off air {hours}h later",
+                ],
+                "sym": [
+                    "Battery low alarm at {t1}, DC voltage {batt_v} V",
+                    "fuel level alarm raised last week, not actioned",
+                    "LVD operated, load disconnected at {batt_v} V",
+                    "rural site, other sites in the area also on battery",
+                ],
+                "sym_x": ["genset failed to start, fuel level low", "ATS did not switch over to the generator"],
+                "res": [
+                    "Genset failed to start during a mains outage (empty fuel tank). Refuelled and started, site back on air {t2}.",
+                    "ATS failed to transfer to the generator during a mains outage; switched manually, site up {t2}, ATS repair booked.",
+                ],
+            },
+            {
+                "head_x": [
+                    "Power failure on {site}, AC input lost, rectifiers off",
+                    "MAINS FAIL alarm {site}, battery {batt_v} V and dropping",
+                ],
+                "head_i": [
+                    "Rectifier alarms then site down, {site}, {tech}",
+                    "cells OOS on {site} after the storm in the area",
+                ],
+                "sym": [
+                    "rectifier module alarm on all modules at the same time",
+                    "storm and high winds in the region last night",
+                    "neighbour sites in the area are fine",
+                    "Battery low alarm at {t1}, DC voltage {batt_v} V",
+                ],
+                "sym_x": ["mains breaker tripped in the shelter", "AC supply cable damaged at the meter box"],
+                "res": [
+                    "Mains failure due to a tripped breaker in the shelter. FE reset the breaker, batteries recharging, all cells up {t2}.",
+                    "Storm damaged the AC supply cable to the site. Electrician repaired it, rectifiers back on and site up {t2}.",
+                ],
+            },
         ],
     },
     "configuration_error": {
-        "head_x": [
-            "Wrong PCI configured on {site} after planning update, PCI conflict with {site2}",
-            "Misconfigured TAC on new {node} {site}, UEs fail to attach",
-            "Config error after {chg}: wrong VLAN on {site} {iface} interface",
-            "incorrect neighbour list pushed to cluster {town}, HO failures",
-            "Typo in IP plan, {site} OAM unreachable after re-homing",
-            "Wrong {param} value set by batch {batch}, drops on {n_sites} cells",
-            "RET tilt misconfigured on {site} sector {sector} during {chg}",
-        ],
-        "head_i": [
-            "KPI degradation on {site} and {n_sites} other cells since {t_mw}, right after the change window",
-            "HO success rate dropped from 98% to {hosr}% in cluster {town} after last night's parameter push",
-            "New {node} {site} integrated today, zero traffic since on-air",
-            "CSSR down on {n_sites} cells after {chg} was executed",
-            "X2 link down between {site} and {site2} since the maintenance window last night",
-            "Drop rate up on {site} after optimisation batch {batch} applied",
-            "{site} OAM unreachable since re-homing activity at {t_mw}",
-        ],
-        "sym_i": [
-            "change {chg} closed as successful at {t_mw}",
-            "no alarms on site, HW and transmission clean",
-            "KPI drop starts exactly at the hour the batch job ran",
-            "only cells touched by the batch affected, the rest look fine",
-            "RRC setup success {cssr}% vs 99.5% normally",
-            "UEs camp but attach is rejected ('tracking area not allowed')",
-            "HO preparation towards {site2} fails",
-            "S1 setup failure, MME answers unknown PLMN",
-            "similar cells outside the change scope look normal",
-            "drive test: UEs not reselecting to the new cells",
-            "parameter audit shows {n_params} params differ from the golden template",
-            "OAM reachable, cells unlocked and broadcasting",
-            "too-late HO counters jumped from {t_mw} onwards",
+        "common": [
+            "no HW alarms, power and transmission clean",
             "same hardware and SW as neighbour sites which are OK",
-        ],
-        "sym_x": [
-            "planner confirms wrong value in the script",
-            "{param} set to {val} but design says {val2}",
-            "VLAN {vlan} configured instead of {vlan2}",
-            "config diff shows the typo in the gateway address",
+            "similar sites outside the change scope look normal",
         ],
         "act": [
             "cell reset tried, no improvement",
-            "checked with planning, batch was part of {project}",
             "HW alarms checked, none",
             "requested change owner to review",
+            "checked with planning, work was part of {project}",
         ],
-        "res": [
-            "Incorrect {param} value pushed in batch {batch}. Corrected to the design value, KPIs recovered by {t2}.",
-            "{chg} applied the wrong VLAN on the {iface} interface; rolled back to the previous config, link up {t2}.",
-            "Neighbour relations lost after the parameter push. Re-added via script, HO success back to normal.",
-            "PCI clash introduced by the planning update; PCI of {site} re-planned, drops back to baseline.",
-            "TAC misconfigured on the new site during integration. Corrected the TAC, UEs attaching normally since {t2}.",
-            "Gateway IP typo in the re-homing script left OAM unreachable. Config fixed locally by FE at {t2}.",
-            "Wrong tilt value entered in the RET config; set back to the planned {tilt} deg, coverage restored.",
+        "scenarios": [
+            {
+                "head_x": [
+                    "Wrong {param} value set by batch {batch}, drops on {n_sites} cells",
+                    "Config error: {param} on {site} cells changed to {val} by batch {batch}, design is {val2}",
+                ],
+                "head_i": [
+                    "Drop rate up on {site} after optimisation batch {batch} applied",
+                    "KPI degradation on {site} and {n_sites} other cells since {t_mw}, right after the change window",
+                    "CSSR down on {n_sites} cells after {chg} was executed",
+                ],
+                "sym": [
+                    "KPI drop starts exactly at the hour the batch job ran",
+                    "only cells touched by the batch affected, the rest look fine",
+                    "too-late HO counters jumped from {t_mw} onwards",
+                    "parameter audit shows {n_params} params differ from the golden template",
+                    "OAM reachable, cells unlocked and broadcasting",
+                    "drop rate {cdr}% vs {cdr_norm}% before",
+                    "RRC setup success {cssr}% vs 99.5% normally",
+                ],
+                "sym_x": ["{param} set to {val} but design says {val2}", "planner confirms wrong value in the script"],
+                "res": [
+                    "Incorrect {param} value pushed in batch {batch}. Corrected to the design value, KPIs recovered by {t2}.",
+                    "Batch {batch} set {param} outside the design range on {n_sites} cells; values restored from the golden template, KPIs back to baseline.",
+                ],
+            },
+            {
+                "head_x": [
+                    "incorrect neighbour list pushed to cluster {town}, HO failures",
+                    "Neighbour relations deleted by mistake in {chg}, HO failures on {site}",
+                ],
+                "head_i": [
+                    "HO success rate dropped from 98% to {hosr}% in cluster {town} after last night's parameter push",
+                    "Call drops on the move around {site} since {chg}",
+                ],
+                "sym": [
+                    "HO preparation towards {site2} fails",
+                    "no HO attempts at all to some neighbours since {t_mw}",
+                    "drive test: calls drop at the cell border instead of handing over",
+                    "too-late HO counters jumped from {t_mw} onwards",
+                ],
+                "sym_x": ["NRT export shows {n_params} relations missing"],
+                "res": [
+                    "Neighbour relations lost after the parameter push. Re-added via script, HO success back to normal.",
+                    "{chg} overwrote the neighbour list of cluster {town}; previous NRT restored, HO success at 98% again.",
+                ],
+            },
+            {
+                "head_x": ["Wrong PCI configured on {site} after planning update, PCI conflict with {site2}"],
+                "head_i": ["Drops and failed HOs between {site} and {site2} since the planning update on {date}"],
+                "sym": [
+                    "both cells broadcast the same PCI on the same frequency",
+                    "UEs report RLF right after HO towards {site2}",
+                    "issue started after the planning update was loaded",
+                ],
+                "sym_x": ["planner confirms wrong value in the script"],
+                "res": ["PCI clash introduced by the planning update; PCI of {site} re-planned, drops back to baseline."],
+            },
+            {
+                "head_x": ["Misconfigured TAC on new {node} {site}, UEs fail to attach"],
+                "head_i": ["New {node} {site} integrated today, zero traffic since on-air"],
+                "sym": [
+                    "UEs camp but attach is rejected ('tracking area not allowed')",
+                    "OAM reachable, cells unlocked and broadcasting",
+                    "S1 setup OK but no successful attaches",
+                    "drive test: UEs not staying on the new cells",
+                ],
+                "sym_x": ["TAC in the site config differs from the core TA list"],
+                "res": ["TAC misconfigured on the new site during integration. Corrected the TAC, UEs attaching normally since {t2}."],
+            },
+            {
+                "head_x": [
+                    "Config error after {chg}: wrong VLAN on {site} {iface} interface",
+                    "Typo in IP plan, {site} OAM unreachable after re-homing",
+                ],
+                "head_i": [
+                    "{site} OAM unreachable since re-homing activity at {t_mw}",
+                    "{link_alarm} on {site} since {chg} was executed",
+                    "X2 link down between {site} and {site2} since the maintenance window last night",
+                ],
+                "sym": [
+                    "physical link up, no LOS, but no traffic on the interface",
+                    "ARP for the gateway not resolving",
+                    "change {chg} closed as successful at {t_mw}",
+                    "other sites re-homed in the same window work",
+                ],
+                "sym_x": ["VLAN {vlan} configured instead of {vlan2}", "config diff shows the typo in the gateway address"],
+                "res": [
+                    "{chg} applied the wrong VLAN on the {iface} interface; rolled back to the previous config, link up {t2}.",
+                    "Gateway IP typo in the re-homing script left the site unreachable. Config fixed locally by FE at {t2}.",
+                ],
+            },
+            {
+                "head_x": ["RET tilt misconfigured on {site} sector {sector} during {chg}"],
+                "head_i": [
+                    "Coverage complaints around {site} sector {sector} since {chg}",
+                    "RSRP at the cell edge of {site} sec {sector} down ~10 dB after last night's works",
+                ],
+                "sym": [
+                    "RET reports tilt {tilt_bad} deg",
+                    "cell footprint shrank, neighbours now carry the edge traffic",
+                    "TA distribution shifted towards the site",
+                ],
+                "sym_x": ["planned tilt is {tilt} deg"],
+                "res": ["Wrong tilt value entered in the RET config; set back to the planned {tilt} deg, coverage restored."],
+            },
         ],
     },
     "hardware_fault": {
-        "head_x": [
-            "RRU fault on {site} sector {sector}, unit needs replacement",
-            "Board fault alarm on {site} BBU slot {slot}, {board} failed",
-            "VSWR high {vswr} on {site} sec {sector}, damaged jumper found",
-            "Faulty SFP on {site} CPRI port, Tx fault",
-            "{site} fan failure + temperature high, board shut down",
-            "PSU failed in {node} {site}, site down",
-            "HW fault: {board} on {site} dead after lightning strike",
-        ],
-        "head_i": [
-            "{site} sector {sector} cells down, other sectors fine",
-            "RRU link fault alarm {site} sec {sector}, CPRI down",
-            "{site} BBU resetting every {n_min} min since {t1}",
-            "VSWR high alarm {site} sec {sector}, value {vswr}",
-            "Temperature high alarm on {board} {site}, {temp} C",
-            "{site} down, but mains OK and transmission OK",
-            "Board not in position alarm {site} slot {slot}",
-        ],
-        "sym_i": [
+        "common": [
             "mains present, batteries floating at 53.5 V",
             "transport link up, pings to site router OK",
             "alarm persists after remote reset",
-            "only one sector affected, the other two carrying traffic",
-            "site flagged 3 times this month with the same alarm",
-            "Tx power on sec {sector} reads 0 W",
-            "fan speed alarm raised {t1}, temp climbing since",
             "no other site with the same SW load shows this",
-            "CPRI optical Rx power -{cpri} dBm (low)",
-            "reset cleared it for ~{n_min} min then alarm came back",
-            "thunderstorm over {town} last night",
-            "board LEDs off according to the site guard",
-            "other sites in the cluster on the same release are fine",
-        ],
-        "sym_x": [
-            "FE confirms RRU dead, no LEDs",
-            "spare requested from warehouse, ETA {eta} min",
-            "burn marks on the connector",
-            "water ingress in the jumper connector",
-            "board failed self-test after reseat",
+            "site flagged 3 times this month with the same alarm",
         ],
         "act": [
             "remote reset done at {t1b}, no change",
@@ -403,51 +523,99 @@ _RCA_SPEC: dict[str, dict[str, list[Any]]] = {
             "FE dispatched",
             "TT {inc} assigned to field ops",
         ],
-        "res": [
-            "Faulty RRU on sector {sector} replaced by FE; cells up and alarms cleared at {t2}.",
-            "{board} in slot {slot} failed. Swapped with a spare, site restored {t2}.",
-            "Damaged jumper with water ingress on sector {sector} caused high VSWR. Jumper replaced, VSWR now 1.2.",
-            "CPRI SFP faulty (Tx fault). Replaced SFP, RRU link restored {t2}.",
-            "Fan unit failed and the board overheated. Fan tray replaced, temperature back to normal.",
-            "PSU in the BBU failed; replaced under RMA, site back on air {t2}.",
-            "Lightning damage to {board} and surge protector; both replaced, site up {t2}.",
+        "scenarios": [
+            {
+                "head_x": ["RRU fault on {site} sector {sector}, unit needs replacement"],
+                "head_i": [
+                    "{site} sector {sector} cells down, other sectors fine",
+                    "RRU link fault alarm {site} sec {sector}, CPRI down",
+                ],
+                "sym": [
+                    "only one sector affected, the other two carrying traffic",
+                    "Tx power on sec {sector} reads 0 W",
+                    "no optical power received from the RRU side of the CPRI link",
+                ],
+                "sym_x": ["FE confirms RRU dead, no LEDs", "spare RRU requested from warehouse, ETA {eta} min"],
+                "res": ["Faulty RRU on sector {sector} replaced by FE; cells up and alarms cleared at {t2}."],
+            },
+            {
+                "head_x": ["Faulty SFP on {site} CPRI port, Tx fault"],
+                "head_i": ["CPRI link down {site} sec {sector}, flapping since {t1}"],
+                "sym": [
+                    "CPRI optical Rx power -{cpri} dBm (low)",
+                    "only one sector affected, the other two carrying traffic",
+                    "SFP diagnostics show Tx fault flag set",
+                ],
+                "sym_x": ["swapping the SFP to a spare port moves the alarm with it"],
+                "res": ["CPRI SFP faulty (Tx fault). Replaced SFP, RRU link restored {t2}."],
+            },
+            {
+                "head_x": [
+                    "Board fault alarm on {site} BBU slot {slot}, {board} failed",
+                    "HW fault: {board} on {site} dead after lightning strike",
+                ],
+                "head_i": [
+                    "Board not in position alarm {site} slot {slot}",
+                    "{site} down, but mains OK and transmission OK",
+                    "{site} BBU resetting every {n_min} min since {t1}",
+                ],
+                "sym": [
+                    "reset cleared it for ~{n_min} min then alarm came back",
+                    "board LEDs off according to the site guard",
+                    "thunderstorm over {town} last night",
+                    "other sites in the cluster on the same release are fine",
+                ],
+                "sym_x": ["board failed self-test after reseat", "burn marks on the board connector"],
+                "res": [
+                    "{board} in slot {slot} failed. Swapped with a spare, site restored {t2}.",
+                    "Lightning damage to {board} and surge protector; both replaced, site up {t2}.",
+                ],
+            },
+            {
+                "head_x": ["VSWR high {vswr} on {site} sec {sector}, damaged jumper found"],
+                "head_i": [
+                    "VSWR high alarm {site} sec {sector}, value {vswr}",
+                    "Coverage drop on {site} sec {sector}, VSWR alarm active",
+                ],
+                "sym": [
+                    "alarm appeared after heavy rain",
+                    "UL/DL imbalance on sector {sector}",
+                    "RRU reduced output power to protect the PA",
+                ],
+                "sym_x": ["water ingress in the jumper connector"],
+                "res": ["Damaged jumper with water ingress on sector {sector} caused high VSWR. Jumper replaced, VSWR now 1.2."],
+            },
+            {
+                "head_x": ["{site} fan failure + temperature high, board shut down"],
+                "head_i": ["Temperature high alarm on {board} {site}, {temp} C"],
+                "sym": [
+                    "fan speed alarm raised {t1}, temp climbing since",
+                    "ambient temp normal, other equipment in the cabinet fine",
+                    "board went into protection shutdown at {t1b}",
+                ],
+                "sym_x": ["fan tray not spinning per FE"],
+                "res": ["Fan unit failed and the board overheated. Fan tray replaced, temperature back to normal."],
+            },
+            {
+                "head_x": ["PSU failed in {node} {site}, site down"],
+                "head_i": ["{node} {site} off air, rectifiers and batteries normal"],
+                "sym": [
+                    "DC at the cabinet input is -53.5 V but the BBU has no power",
+                    "rectifier and battery status normal",
+                ],
+                "sym_x": ["PSU LED red"],
+                "res": ["PSU in the BBU failed; replaced under RMA, site back on air {t2}."],
+            },
         ],
     },
     "software_defect": {
-        "head_x": [
-            "Known SW bug in {v_new} causing cell restarts, vendor case {vcase}",
-            "Memory leak in {node} SW {v_new}, board reboots every ~{uptime_h} h",
-            "Software defect after upgrade to {v_new}: {link_alarm} flaps on {n_sites} sites",
-            "Vendor confirms defect in {v_new} ({pr}), patch pending",
-            "SW crash on {site} {board}, process {proc} core dumped",
-            "SW issue: {proc} crash loop on {v_new}, {n_sites} {node}s affected",
-        ],
-        "head_i": [
-            "{n_sites} sites reboot periodically since upgrade to {v_new}",
-            "CPU overload alarm on {site} with normal traffic, started after {v_new} rollout",
-            "Cells on {site} go out of service roughly every {uptime_h} h and recover after restart",
-            "Process {proc} restarting repeatedly on {site}, release {v_new}",
-            "All sites on load {v_new} show the same alarm pattern, sites on {v_old} fine",
-            "Memory usage high alarm {site}, {mem}% and rising since upgrade",
-        ],
-        "sym_i": [
-            "memory usage climbs steadily from {mem_lo}% to {mem}%, then the board reboots",
-            "only sites on {v_new} affected, {v_old} sites unaffected",
-            "traffic volume normal, CPU {cpu}% anyway",
+        "common": [
             "no HW alarms; board swapped last week on one site, did not help",
-            "pattern repeats every {uptime_h} h of uptime",
-            "watchdog timeout logged before each restart",
             "same alarm on different HW variants",
             "upgrade campaign started {date}",
-            "cell stays up after manual restart, drops again ~{uptime_h} h later",
             "logs and core files collected",
             "mains and TX fine, nothing in the power logs",
-        ],
-        "sym_x": [
-            "vendor TAC ticket {vcase} opened, awaiting fix",
-            "release notes of {v_patch} mention this fault",
-            "matches known issue KI-{ki}",
-            "vendor says fix is in the next maintenance release",
+            "only sites on {v_new} affected, {v_old} sites unaffected",
         ],
         "act": [
             "logs uploaded to vendor",
@@ -455,160 +623,302 @@ _RCA_SPEC: dict[str, dict[str, list[Any]]] = {
             "checked HW inventory, no alarms",
             "escalated to vendor support",
         ],
-        "res": [
-            "SW defect in {v_new} (memory leak in {proc}). Vendor patch {v_patch} installed, no restarts since.",
-            "Known issue in {v_new} confirmed by vendor (case {vcase}); sites downgraded to {v_old} pending fix.",
-            "Vendor bug causing {proc} crash. Hotfix {v_patch} applied on all {n_sites} sites, stable for 72 h.",
-            "CPU overload due to a scheduler defect in {v_new}; patched to {v_patch}, CPU back to {cpu_ok}%.",
-            "Defect {pr} in {v_new}: timer overflow after ~{uptime_h} h uptime. Fixed in {v_patch}, rolled out {date}.",
+        "scenarios": [
+            {
+                "head_x": ["Memory leak in {node} SW {v_new}, board reboots every ~{uptime_h} h"],
+                "head_i": [
+                    "Memory usage high alarm {site}, {mem}% and rising since upgrade",
+                    "{n_sites} sites reboot periodically since upgrade to {v_new}",
+                ],
+                "sym": [
+                    "memory usage climbs steadily from {mem_lo}% to {mem}%, then the board reboots",
+                    "pattern repeats every {uptime_h} h of uptime",
+                    "cell stays up after manual restart, drops again ~{uptime_h} h later",
+                ],
+                "sym_x": ["vendor TAC ticket {vcase} opened, awaiting fix"],
+                "res": ["SW defect in {v_new} (memory leak in {proc}). Vendor patch {v_patch} installed, no restarts since."],
+            },
+            {
+                "head_x": [
+                    "SW crash on {site} {board}, process {proc} core dumped",
+                    "SW issue: {proc} crash loop on {v_new}, {n_sites} {node}s affected",
+                    "Known SW bug in {v_new} causing cell restarts, vendor case {vcase}",
+                ],
+                "head_i": [
+                    "Process {proc} restarting repeatedly on {site}, release {v_new}",
+                    "Cells on {site} go out of service and recover by themselves every few hours",
+                ],
+                "sym": [
+                    "watchdog timeout logged before each restart",
+                    "core dump of {proc} found after each event",
+                ],
+                "sym_x": ["matches known issue KI-{ki}", "release notes of {v_patch} mention this fault"],
+                "res": [
+                    "Vendor bug causing {proc} crash. Hotfix {v_patch} applied on all {n_sites} sites, stable for 72 h.",
+                    "Known issue in {v_new} confirmed by vendor (case {vcase}); sites downgraded to {v_old} pending fix.",
+                ],
+            },
+            {
+                "head_x": ["Vendor confirms defect in {v_new} ({pr}): CPU overload at low load"],
+                "head_i": [
+                    "CPU overload alarm on {site} with normal traffic, started after {v_new} rollout",
+                    "All sites on load {v_new} show the same CPU alarm pattern, sites on {v_old} fine",
+                ],
+                "sym": ["traffic volume normal, CPU {cpu}% anyway", "CPU high even at night with few users"],
+                "sym_x": ["vendor says fix is in the next maintenance release"],
+                "res": ["CPU overload due to a scheduler defect in {v_new}; patched to {v_patch}, CPU back to {cpu_ok}%."],
+            },
+            {
+                "head_x": ["Software defect after upgrade to {v_new}: {link_alarm} flaps on {n_sites} sites"],
+                "head_i": ["{link_alarm} drops on {n_sites} sites every ~{uptime_h} h since upgrade to {v_new}"],
+                "sym": [
+                    "flaps start after ~{uptime_h} h of uptime on every site",
+                    "transmission team sees no errors on the links",
+                    "same behaviour over different transmission vendors, same RAN release",
+                ],
+                "sym_x": ["vendor confirms timer overflow in the SCTP module"],
+                "res": ["Defect {pr} in {v_new}: timer overflow after ~{uptime_h} h uptime. Fixed in {v_patch}, rolled out {date}."],
+            },
         ],
     },
     "congestion": {
-        "head_x": [
-            "Congestion on {site} cells, PRB utilisation {prb}% at busy hour",
-            "Capacity issue: {site} sector {sector} congested during {event}",
-            "High load / congestion on {site} during {event}, RRC rejects",
-            "Backhaul to {site} congested at peak, utilisation {link_util}%",
-            "Cell {cell} overloaded, {users} RRC connected users",
-            "congested cells in {town} centre every evening, PRB {prb}%",
-        ],
-        "head_i": [
-            "Slow data complaints {town} every evening 19:00-22:00",
-            "Throughput drops to {thr_bad} Mbps on {site} during {event}, fine otherwise",
-            "Customers at {venue} cannot use data during {event}",
-            "RRC connection reject alarms {site} at {t_peak}",
-            "{site} DL user throughput low at busy hour, no alarms",
-            "Speed test complaints from {town} centre, worst around lunchtime",
-        ],
-        "sym_i": [
-            "PRB utilisation {prb}% DL at busy hour vs {prb_norm}% off-peak",
-            "{users} RRC connected users on sector {sector}",
+        "common": [
             "no alarms on site, HW and TX clean",
             "KPIs back to normal after 23:00",
-            "issue correlates with {event} at {venue}",
             "CQI and SINR normal, RSRP {rsrp_good} dBm",
-            "RRC setup rejects, max users reached at {t_peak}",
-            "packet loss 0%, latency only rises at peak",
-            "E-RAB setup success drops at peak hours",
-            "traffic grew {growth}% since the new housing estate opened",
-            "transport link at {link_util}% at peak, no errors on the interface",
-            "same pattern every weekday, weekends OK",
-        ],
-        "sym_x": [
-            "capacity expansion requested (extra carrier)",
-            "planning aware, site on the congestion list",
-            "cell hits admission control limit at busy hour",
         ],
         "act": [
             "load balancing params checked, default values",
-            "temporary COW requested for the next event",
             "KPI trend for last 14 days attached",
+            "checked with planning",
         ],
-        "res": [
-            "Busy-hour congestion (PRB {prb}%). Traffic offloaded via load balancing and a {band2} carrier added.",
-            "Capacity exceeded during {event} at {venue}; COW deployed for future events, issue cleared after the event.",
-            "Sector {sector} congested due to traffic growth. Second carrier activated, busy-hour throughput now {thr_norm} Mbps.",
-            "Transport link saturated at peak; upgraded from {bw_old} to {bw_new} Mbps, no more drops.",
-            "Cell at max users during peak. Admission and load-balancing thresholds tuned and small cell planned; complaints stopped.",
+        "scenarios": [
+            {
+                "head_x": [
+                    "Congestion on {site} cells, PRB utilisation {prb}% at busy hour",
+                    "congested cells in {town} centre every evening, PRB {prb}%",
+                    "Cell {cell} overloaded, {users} RRC connected users",
+                ],
+                "head_i": [
+                    "Slow data complaints {town} every evening 19:00-22:00",
+                    "{site} DL user throughput low at busy hour, no alarms",
+                    "Speed test complaints from {town} centre, worst around lunchtime",
+                    "RRC connection reject alarms {site} at {t_peak}",
+                ],
+                "sym": [
+                    "PRB utilisation {prb}% DL at busy hour vs {prb_norm}% off-peak",
+                    "{users} RRC connected users on sector {sector}",
+                    "traffic grew {growth}% since the new housing estate opened",
+                    "same pattern every weekday, weekends OK",
+                    "E-RAB setup success drops at peak hours",
+                    "RRC setup rejects, max users reached at {t_peak}",
+                    "packet loss 0%, latency only rises at peak",
+                ],
+                "sym_x": ["capacity expansion requested (extra carrier)", "planning aware, site on the congestion list"],
+                "res": [
+                    "Busy-hour congestion (PRB {prb}%). Traffic offloaded via load balancing and a {band2} carrier added.",
+                    "Sector {sector} congested due to traffic growth. Second carrier activated, busy-hour throughput now {thr_norm} Mbps.",
+                    "Cell at max users during peak. Admission and load-balancing thresholds tuned and small cell planned; complaints stopped.",
+                ],
+            },
+            {
+                "head_x": [
+                    "Capacity issue: {site} sector {sector} congested during {event}",
+                    "High load / congestion on {site} during {event}, RRC rejects",
+                ],
+                "head_i": [
+                    "Throughput drops to {thr_bad} Mbps on {site} during {event}, fine otherwise",
+                    "Customers at {venue} cannot use data during {event}",
+                ],
+                "sym": [
+                    "issue correlates with {event} at {venue}",
+                    "{users} RRC connected users on sector {sector}",
+                    "PRB utilisation {prb}% during the event",
+                    "cell hits the admission limit, RRC setup rejects",
+                ],
+                "sym_x": ["temporary COW requested for the next event"],
+                "res": ["Capacity exceeded during {event} at {venue}; COW deployed for future events, issue cleared after the event."],
+            },
+            {
+                "head_x": ["Backhaul to {site} congested at peak, utilisation {link_util}%"],
+                "head_i": ["{site} users slow at peak although radio KPIs are fine"],
+                "sym": [
+                    "transport link at {link_util}% at peak, no errors on the interface",
+                    "PRB utilisation only {prb_norm}%",
+                    "latency rises only at peak, normal at night",
+                ],
+                "sym_x": ["link is still {bw_old} Mbps, upgrade pending"],
+                "res": ["Transport link saturated at peak; upgraded from {bw_old} to {bw_new} Mbps, no more drops."],
+            },
         ],
     },
     "interference": {
-        "head_x": [
-            "External interference on {site} UL, noise floor {rssi_bad} dBm",
-            "UL interference from illegal repeater near {site}",
-            "PIM on {site} sector {sector} after antenna works",
-            "Interference on {band} at {site}, spectrum scan shows a carrier in the UL band",
-            ("Atmospheric ducting / remote interference on {n_sites} TDD sites ({band})", {"tech": "5G NR", "band": "N78"}),
-            "Jammer suspected near {landmark}, {site} UL blocked",
-        ],
-        "head_i": [
-            "High UL RSSI on {site} cells, {rssi_bad} dBm average",
-            "Poor SINR on {site} sec {sector} although RSRP is good",
-            "Call drops and low UL throughput {site}, RSSI high on all PRBs",
-            ("{n_sites} TDD sites ({band}) degrade every morning around {t_morning}, OK by noon", {"tech": "5G NR", "band": "N78"}),
-            "UL noise rise on {site} since {date}, no change on our side",
-            "Customers near {landmark} report dropped calls, full signal bars",
-        ],
-        "sym_i": [
-            "UL RSSI {rssi_bad} dBm vs normal {rssi_norm} dBm",
-            "SINR {sinr_bad} dB with RSRP {rsrp_good} dBm",
-            "only the {band} carrier affected, other bands fine",
-            "PRB utilisation low ({prb_norm}%), so not load related",
-            "worst in the early morning, clears by afternoon",
-            "started after {landmark} opened near the site",
+        "common": [
             "no HW alarms, VSWR {vswr_ok}",
-            "UL BLER {bler}%",
-            "neighbour cells facing the same direction also affected",
-            "noise floor rises when DL traffic is high",
+            "PRB utilisation low ({prb_norm}%), so not load related",
             "CQI low for all users in the cell",
-            "noise flat across the whole UL band",
-        ],
-        "sym_x": [
-            "spectrum analyser shows a narrowband signal at {freq} MHz",
-            "{regulator} informed, case {rcase}",
-            "illegal repeater located at {landmark}",
-            "PIM test failed on sector {sector}",
+            "UL BLER {bler}%",
+            "SINR {sinr_bad} dB with RSRP {rsrp_good} dBm",
         ],
         "act": [
-            "interference report from OSS attached",
+            "UL noise report from OSS attached",
             "FE to run a spectrum scan",
             "HW alarm check done, none",
         ],
-        "res": [
-            "Illegal repeater found at {landmark}; {regulator} had it switched off, UL noise back to {rssi_norm} dBm.",
-            "External interferer in the UL band traced with a spectrum analyser; owner switched it off at {t2}, KPIs recovered.",
-            "PIM from a loose connector on sector {sector}. Connector re-torqued and replaced, noise floor normal.",
-            "Atmospheric ducting caused remote interference on the TDD sites. RIM feature enabled and guard period widened, degradation reduced.",
-            "Faulty wireless CCTV at {landmark} radiating in the {band} band. Owner replaced it, SINR back to normal.",
+        "scenarios": [
+            {
+                "head_x": [
+                    "UL interference from illegal repeater near {site}",
+                    "External interference on {site} UL, noise floor {rssi_bad} dBm",
+                ],
+                "head_i": [
+                    "High UL RSSI on {site} cells, {rssi_bad} dBm average",
+                    "UL noise rise on {site} since {date}, no change on our side",
+                    "Customers near {landmark} report dropped calls, full signal bars",
+                ],
+                "sym": [
+                    "UL RSSI {rssi_bad} dBm vs normal {rssi_norm} dBm",
+                    "started after {landmark} opened near the site",
+                    "only the {band} carrier affected, other bands fine",
+                    "neighbour cells facing the same direction also affected",
+                    "noise flat across the whole UL band",
+                ],
+                "sym_x": ["illegal repeater located at {landmark}", "{regulator} informed, case {rcase}"],
+                "res": ["Illegal repeater found at {landmark}; {regulator} had it switched off, UL noise back to {rssi_norm} dBm."],
+            },
+            {
+                "head_x": [
+                    "Interference on {band} at {site}, spectrum scan shows a carrier in the UL band",
+                    "Jammer suspected near {landmark}, {site} UL blocked",
+                ],
+                "head_i": [
+                    "Call drops and low UL throughput {site}, RSSI high on some PRBs",
+                    "Poor SINR on {site} sec {sector} although RSRP is good",
+                ],
+                "sym": [
+                    "UL RSSI {rssi_bad} dBm vs normal {rssi_norm} dBm",
+                    "raised noise only on a few PRBs at the band edge",
+                    "only the {band} carrier affected, other bands fine",
+                ],
+                "sym_x": ["spectrum analyser shows a narrowband signal at {freq} MHz"],
+                "res": [
+                    "External interferer in the UL band traced with a spectrum analyser at {freq} MHz; owner switched it off at {t2}, KPIs recovered.",
+                    "Faulty wireless CCTV at {landmark} radiating in the {band} band. Owner replaced it, SINR back to normal.",
+                ],
+            },
+            {
+                "head_x": ["PIM on {site} sector {sector} after antenna works"],
+                "head_i": ["UL noise on {site} sec {sector} follows DL load"],
+                "sym": [
+                    "noise floor rises when DL traffic is high",
+                    "only sector {sector} affected, started after antenna works last week",
+                    "noise drops when the second DL carrier is locked",
+                ],
+                "sym_x": ["PIM test failed on sector {sector}"],
+                "res": ["PIM from a loose connector on sector {sector}. Connector re-torqued and replaced, noise floor normal."],
+            },
+            {
+                "ctx": {"tech": "5G NR", "band": "N78"},
+                "head_x": ["Atmospheric ducting / remote interference on {n_sites} TDD sites ({band})"],
+                "head_i": ["{n_sites} TDD sites ({band}) degrade every morning around {t_morning}, OK by noon"],
+                "sym": [
+                    "worst in the early morning, clears by afternoon",
+                    "raised noise mostly in the first UL symbols after the guard period",
+                    "calm, warm weather with a temperature inversion",
+                ],
+                "sym_x": ["RIM reports far-away gNBs as aggressors"],
+                "res": ["Atmospheric ducting caused remote interference on the TDD sites. RIM feature enabled and guard period widened, degradation reduced."],
+            },
         ],
     },
     "transport_backhaul": {
-        "head_x": [
-            "Backhaul packet loss on {site} MW link, {pl_bad}% loss",
-            "Microwave link {site}-{site2} degraded by rain fade, ACM down to QPSK",
-            "Transport fault: BFD flapping on {pe} towards {site}",
-            "IP/MPLS issue: LSP to {site} down, {link_alarm}",
-            "Backhaul router {csr} interface errors, CRC increasing",
-            "MW link {site}-{site2} misaligned after storm, RSL {rsl} dBm",
-        ],
-        "head_i": [
-            "{link_alarm} flapping on {site} since {t1}",
-            "Packet loss {pl_bad}% and latency {lat_bad} ms to {site}, radio KPIs clean",
-            "{n_sites} sites behind hub {site2} show intermittent drops",
-            "MW RSL low alarm {site}-{site2}: {rsl} dBm",
-            "Users on {site} complain about choppy VoLTE calls, jitter high",
-            "Site down/up repeatedly {site}, {link_alarm} every few minutes",
-        ],
-        "sym_i": [
-            "ping from {pe} to {site}: {pl_bad}% loss, avg {lat_bad} ms",
+        "common": [
             "radio KPIs (RSSI, SINR) normal, PRB util {prb_norm}%",
-            "CRC errors on {csr} port {port} increasing",
-            "RSL {rsl} dBm vs nominal {rsl_nom} dBm",
-            "heavy rain in the area since {t1}",
-            "BER {ber} on the MW hop",
-            "BFD session down/up {flaps} times in the last hour",
-            "all affected sites share the same hub/agg router",
-            "intermittent, no outage longer than a few minutes",
-            "PTP sync alarm on {site} in the same period",
-            "link utilisation only {link_util_low}%, not load",
             "mains OK, no board alarms on the {node}",
-        ],
-        "sym_x": [
-            "MW ODU shows modulation shifted to a lower order",
-            "MPLS LSP re-routed via the secondary path",
-            "transmission team sees errors on the hub port",
+            "link utilisation only {link_util_low}%, not load",
+            "intermittent, no outage longer than a few minutes",
         ],
         "act": [
             "transmission team informed",
             "LSP ping done, results attached",
             "radio side checked, clean",
         ],
-        "res": [
-            "MW link {site}-{site2} misaligned after storm; dish re-aligned, RSL back to {rsl_nom} dBm and loss cleared.",
-            "Faulty port/SFP on {csr} causing CRC errors. Traffic moved to a spare port, packet loss 0% since {t2}.",
-            "Rain fade on the E-band hop reduced capacity via ACM; traffic rerouted over the fibre path, alarms cleared after the rain.",
-            "BFD flaps caused by a faulty line card in {pe}. Card replaced, {link_alarm} alarms stable since.",
-            "Hub MW ODU degrading (high BER). ODU swapped by TX team, sites behind hub {site2} stable since {t2}.",
+        "scenarios": [
+            {
+                "head_x": ["MW link {site}-{site2} misaligned after storm, RSL {rsl} dBm"],
+                "head_i": [
+                    "MW RSL low alarm {site}-{site2}: {rsl} dBm",
+                    "Packet loss {pl_bad}% and latency {lat_bad} ms to {site} since the storm, radio KPIs clean",
+                ],
+                "sym": [
+                    "RSL {rsl} dBm vs nominal {rsl_nom} dBm",
+                    "strong winds last night",
+                    "RSL dropped in one step and stayed low",
+                    "BER {ber} on the MW hop",
+                ],
+                "sym_x": ["FE sees the dish visibly moved on the mast"],
+                "res": ["MW link {site}-{site2} misaligned after storm; dish re-aligned, RSL back to {rsl_nom} dBm and loss cleared."],
+            },
+            {
+                "head_x": [
+                    "Microwave link {site}-{site2} degraded by rain fade, ACM down to QPSK",
+                    "Backhaul packet loss on {site} MW link, {pl_bad}% loss in heavy rain",
+                ],
+                "head_i": [
+                    "{site} slow and dropping calls during the downpour, RSL fluctuating on hop {site}-{site2}",
+                    "{link_alarm} flapping on {site} since {t1}",
+                ],
+                "sym": [
+                    "heavy rain in the area since {t1}",
+                    "RSL varies between {rsl} and {rsl_nom} dBm",
+                    "MW modulation stepping down and up",
+                    "BER {ber} on the MW hop",
+                ],
+                "sym_x": ["MW ODU shows modulation shifted to a lower order"],
+                "res": ["Rain fade on the E-band hop reduced capacity via ACM; traffic rerouted over the fibre path, alarms cleared after the rain."],
+            },
+            {
+                "head_x": ["Backhaul router {csr} interface errors, CRC increasing"],
+                "head_i": [
+                    "Packet loss {pl_bad}% and latency {lat_bad} ms to {site}, radio KPIs clean",
+                    "Users on {site} complain about choppy VoLTE calls, jitter high",
+                ],
+                "sym": [
+                    "CRC errors on {csr} port {port} increasing",
+                    "ping from {pe} to {site}: {pl_bad}% loss, avg {lat_bad} ms",
+                    "errors rise with traffic but the link is not full",
+                ],
+                "sym_x": ["transmission team sees errors on the hub port"],
+                "res": ["Faulty port/SFP on {csr} causing CRC errors. Traffic moved to a spare port, packet loss 0% since {t2}."],
+            },
+            {
+                "head_x": [
+                    "Transport fault: BFD flapping on {pe} towards {site}",
+                    "IP/MPLS issue: LSP to {site} down, {link_alarm}",
+                ],
+                "head_i": [
+                    "{n_sites} sites behind {pe} show intermittent drops",
+                    "Site down/up repeatedly {site}, {link_alarm} every few minutes",
+                ],
+                "sym": [
+                    "BFD session down/up {flaps} times in the last hour",
+                    "all affected sites share the same agg router",
+                    "PTP sync alarm on {site} in the same period",
+                ],
+                "sym_x": ["MPLS LSP re-routed via the secondary path"],
+                "res": ["BFD flaps caused by a faulty line card in {pe}. Card replaced, {link_alarm} alarms stable since."],
+            },
+            {
+                "head_x": ["Hub MW ODU at {site2} degrading, sites behind it losing packets"],
+                "head_i": ["{n_sites} sites behind hub {site2} show intermittent drops"],
+                "sym": [
+                    "BER {ber} on the MW hop",
+                    "all affected sites share the same hub",
+                    "no rain, RSL stable",
+                ],
+                "sym_x": ["ODU temperature alarm at the hub"],
+                "res": ["Hub MW ODU degrading (high BER). ODU swapped by TX team, sites behind hub {site2} stable since {t2}."],
+            },
         ],
     },
 }
@@ -619,7 +929,7 @@ _RCA_FORBIDDEN: dict[str, str] = {
     "power_failure": r"power (failure|outage|cut)|mains|no power|genset|generator|blackout|grid",
     "configuration_error": r"config(uration)? error|misconfig|wrong|incorrect|typo|mistake|roll(ed)? ?back",
     "hardware_fault": r"hardware fault|hw fault|faulty|\bdead\b|replace|defective|burn|failed",
-    "software_defect": r"\bbug\b|defect|memory leak|software (issue|fault|problem)|\bsw (issue|fault|problem)|patch|hotfix|known issue",
+    "software_defect": r"\bbug\b|defect|memory leak|software (issue|fault|problem)|\bsw (issue|fault|problem)|\bpatch|hotfix|known issue",
     "congestion": r"congest|capacity (issue|problem)|overload|saturat",
     "interference": r"interferen|jammer|\bpim\b|intermod|ducting|repeater|illegal",
     "transport_backhaul": r"backhaul|transport|rain fade|misalign",
@@ -713,6 +1023,8 @@ def _rca_context(rng: random.Random, label: str, tech: str | None = None, band: 
         "batch": f"OPT-{rng.randint(10, 52)}{rng.choice('ABCDEFG')}", "n_params": str(rng.randint(3, 40)),
         "val": str(rng.randint(-12, 12)), "val2": str(rng.randint(13, 30)),
         "vlan": str(vlan), "vlan2": str(vlan + rng.randint(1, 20)), "tilt": str(rng.randint(2, 10)),
+        "tilt_bad": str(rng.randint(11, 16)), "cdr": f"{rng.uniform(2.1, 9.5):.1f}",
+        "cdr_norm": f"{rng.uniform(0.2, 0.9):.1f}",
         "hosr": str(rng.randint(70, 92)), "cssr": f"{rng.uniform(80.0, 95.0):.1f}",
         "vswr": f"{rng.uniform(1.9, 3.6):.1f}", "vswr_ok": f"{rng.uniform(1.1, 1.3):.1f}",
         "temp": str(rng.randint(68, 88)), "n_min": str(rng.randint(5, 45)),
@@ -768,36 +1080,38 @@ def _abbreviate(text: str, rng: random.Random) -> str:
 
 
 def _rca_ticket(label: str, implicit: bool, rng: random.Random) -> tuple[str, str]:
-    """One (ticket, resolution) pair for ``label``."""
+    """One (ticket, resolution) pair for ``label``; ``implicit`` tickets never name the cause."""
     spec = _RCA_SPEC[label]
-    head, overrides = _template(rng.choice(spec["head_i"] if implicit else spec["head_x"]))
-    ctx = _rca_context(rng, label, **overrides)
+    scenarios = [sc for sc in spec["scenarios"] if sc["head_i" if implicit else "head_x"]]
+    scenario = rng.choice(scenarios)
+    head = rng.choice(scenario["head_i" if implicit else "head_x"])
+    ctx = _rca_context(rng, label, **scenario.get("ctx", {}))
 
     style = rng.choices(("short", "medium", "long"), weights=(0.27, 0.43, 0.30))[0]
-    n_sym = {"short": rng.randint(0, 1), "medium": rng.randint(2, 3), "long": rng.randint(4, 6)}[style]
-    pool = list(spec["sym_i"])
+    n_sym = {"short": 1, "medium": rng.randint(2, 4), "long": rng.randint(5, 9)}[style]
+    pool = list(scenario["sym"]) + list(spec["common"])
     if not implicit:
-        pool += list(spec["sym_x"])
+        pool += list(scenario["sym_x"])
     symptoms = rng.sample(pool, min(n_sym, len(pool)))
-    if not implicit and style != "short" and not any(s in spec["sym_x"] for s in symptoms) and rng.random() < 0.5:
-        symptoms[rng.randrange(len(symptoms))] = rng.choice(spec["sym_x"])
+    if not implicit and style != "short" and not set(symptoms) & set(scenario["sym_x"]) and rng.random() < 0.5:
+        symptoms[rng.randrange(len(symptoms))] = rng.choice(scenario["sym_x"])
     parts = [head] + symptoms
+    acts = rng.sample(spec["act"], len(spec["act"]))
     if style != "short" and rng.random() < 0.5:
-        parts.append(rng.choice(spec["act"]))
+        parts.append(acts.pop())
     if style == "long" or rng.random() < 0.2:
         parts.insert(min(2, len(parts)), rng.choice(_RCA_CUSTOMER))
-    if style == "long" and rng.random() < 0.5:
-        extra = [a for a in spec["act"] if a not in parts]
-        parts.append(rng.choice(extra))
+    if style == "long" and rng.random() < 0.6:
+        parts.append(acts.pop())
     if rng.random() < (0.8 if style != "short" else 0.6):
         parts.append(rng.choice(_RCA_CLOSERS))
 
-    sep = rng.choices((". ", "; ", " - ", ". ", ", "), weights=(5, 2, 2, 1, 1))[0]
+    sep = rng.choices((". ", "; ", " - ", ", "), weights=(6, 2, 2, 1))[0]
     proper = rng.random() < 0.6
     sentences = []
     for part in parts:
         s = part.format(**ctx)
-        if proper and sep in (". ",) and s[:1].islower():
+        if proper and sep == ". " and s[:1].islower():
             s = s[0].upper() + s[1:]
         sentences.append(s)
     text = sep.join(sentences)
@@ -816,7 +1130,7 @@ def _rca_ticket(label: str, implicit: bool, rng: random.Random) -> tuple[str, st
         text = text.lower()
     if rng.random() < 0.18:
         text = _typo(text, rng)
-    resolution = rng.choice(spec["res"]).format(**ctx)
+    resolution = rng.choice(scenario["res"]).format(**ctx)
     return text, resolution
 
 
@@ -852,3 +1166,1220 @@ def generate_rca(seed: int = SEED) -> list[dict[str, Any]]:
     ]
     assert len({r["ticket"] for r in out}) == len(out), "duplicate ticket text"
     return out
+
+
+# =============================================================================================
+# Telecom multiple-choice QA
+# =============================================================================================
+
+_QA_PER_CATEGORY = 85  # 4 x 85 = 340 questions
+_QA_FIVE_CHOICE_SHARE = 0.20
+
+_Row = dict[str, str]
+
+
+class _Cand:
+    """A candidate question before its choices are drawn."""
+
+    __slots__ = ("category", "question", "answer", "primary", "secondary", "explanation", "hand")
+
+    def __init__(self, category: str, question: str, answer: str, primary: Sequence[str],
+                 secondary: Sequence[str], explanation: str, hand: bool = False) -> None:
+        self.category = category
+        self.question = question
+        self.answer = answer
+        self.primary = tuple(primary)  # preferred distractors (same kind of entity)
+        self.secondary = tuple(secondary)  # fallback distractors
+        self.explanation = explanation
+        self.hand = hand  # hand-written question (always kept)
+
+
+def _rows(fields: str, *values: tuple[str, ...]) -> list[_Row]:
+    """Rows of a fact table from a space-separated field list and value tuples."""
+    keys = fields.split()
+    out = []
+    for vals in values:
+        assert len(vals) == len(keys), (keys, vals)
+        out.append(dict(zip(keys, vals)))
+    return out
+
+
+def _table(category: str, rows: list[_Row], ask: str, give: str, templates: Sequence[str],
+           explain: str, rng: random.Random, *, group: str | None = None,
+           extra: Sequence[str] = ()) -> list[_Cand]:
+    """Questions that show ``row[ask]`` and expect ``row[give]``.
+
+    Distractors are the ``give`` values of the other rows whose ``ask`` value differs (so that
+    none of them is also right), same ``group`` first, then ``extra``. Rows that share a clash
+    group (``cg`` field, e.g. "Change" and "Standard change") never serve as each other's
+    distractors, since one is a special case of the other.
+    """
+    out = []
+    for row in rows:
+        if ask not in row or give not in row:
+            continue
+        answer = row[give]
+        primary: list[str] = []
+        secondary: list[str] = []
+        for other in rows:
+            value = other.get(give)
+            if value is None or value == answer or other.get(ask) == row[ask]:
+                continue
+            if row.get("cg") and other.get("cg") == row.get("cg"):
+                continue
+            if value in primary or value in secondary:
+                continue
+            same = group is None or other.get(group) == row.get(group)
+            (primary if same else secondary).append(value)
+        for value in extra:
+            if value != answer and value not in primary and value not in secondary:
+                secondary.append(value)
+        question = rng.choice(list(templates)).format(**row)
+        out.append(_Cand(category, question, answer, primary, secondary, explain.format(**row)))
+    return out
+
+
+def _hand(category: str, items: Sequence[tuple[str, str, Sequence[str], str]]) -> list[_Cand]:
+    """Hand-written questions: (question, answer, distractors, explanation)."""
+    return [_Cand(category, q, a, d, (), e, hand=True) for q, a, d, e in items]
+
+
+# --------------------------------------------------------------------------------------------
+# Fact base: core network
+# --------------------------------------------------------------------------------------------
+
+_NF_5GC = _rows(
+    "abbr exp role",
+    ("AMF", "Access and Mobility Management Function", "handles UE registration, connection management and mobility management"),
+    ("AMF", "Access and Mobility Management Function", "terminates the NAS (N1) and NGAP (N2) control-plane signalling"),
+    ("SMF", "Session Management Function", "establishes, modifies and releases PDU sessions"),
+    ("SMF", "Session Management Function", "allocates UE IP addresses and selects and controls the UPF over N4"),
+    ("UPF", "User Plane Function", "routes and forwards user-plane packets and acts as the PDU session anchor"),
+    ("UPF", "User Plane Function", "connects the user plane to the data network over N6"),
+    ("AUSF", "Authentication Server Function", "acts as the authentication server for UEs in the home network"),
+    ("UDM", "Unified Data Management", "generates 3GPP AKA authentication credentials and handles user identification"),
+    ("UDR", "Unified Data Repository", "stores subscription, policy and exposure data for the UDM, PCF and NEF"),
+    ("PCF", "Policy Control Function", "provides QoS and charging policy rules to control-plane functions"),
+    ("NRF", "Network Repository Function", "keeps NF profiles and supports NF registration and service discovery"),
+    ("NSSF", "Network Slice Selection Function", "selects the network slice instances that serve a UE and determines the allowed NSSAI"),
+    ("NEF", "Network Exposure Function", "securely exposes network capabilities and events to external application functions"),
+    ("SEPP", "Security Edge Protection Proxy", "protects control-plane signalling exchanged with other PLMNs at the network edge"),
+    ("N3IWF", "Non-3GPP InterWorking Function", "lets UEs on untrusted non-3GPP access such as public Wi-Fi connect to the 5G core"),
+    ("NWDAF", "Network Data Analytics Function", "collects data from other NFs and provides network analytics"),
+    ("CHF", "Charging Function", "provides converged online and offline charging"),
+    ("SCP", "Service Communication Proxy", "routes and load-balances indirect communication between NFs"),
+)
+_NF_EPC = _rows(
+    "abbr exp role",
+    ("MME", "Mobility Management Entity", "handles NAS signalling, tracking area updates and paging for LTE UEs"),
+    ("MME", "Mobility Management Entity", "selects the serving and PDN gateways when an LTE UE attaches"),
+    ("SGW", "Serving Gateway", "acts as the local user-plane mobility anchor for handovers between eNodeBs"),
+    ("PGW", "PDN Gateway", "connects LTE UEs to external packet data networks and allocates their IP addresses"),
+    ("PGW", "PDN Gateway", "hosts the policy and charging enforcement function (PCEF)"),
+    ("HSS", "Home Subscriber Server", "is the master subscriber database holding subscription and authentication data"),
+    ("PCRF", "Policy and Charging Rules Function", "makes policy and charging control decisions and sends PCC rules to the PGW"),
+    ("ePDG", "evolved Packet Data Gateway", "secures access for UEs on untrusted non-3GPP networks, e.g. for Wi-Fi calling"),
+)
+_NF_LEGACY = _rows(
+    "abbr exp role",
+    ("HLR", "Home Location Register", "is the central subscriber database of a GSM/UMTS network"),
+    ("VLR", "Visitor Location Register", "temporarily stores data of subscribers currently in its MSC's service area"),
+    ("MSC", "Mobile Switching Centre", "switches circuit-switched voice calls in GSM/UMTS networks"),
+    ("SGSN", "Serving GPRS Support Node", "handles packet-switched mobility and session management for 2G/3G data users"),
+    ("GGSN", "Gateway GPRS Support Node", "is the gateway between the 2G/3G packet core and external data networks"),
+    ("EIR", "Equipment Identity Register", "checks device IMEIs against lists of stolen or unapproved equipment"),
+)
+_NF_IMS = _rows(
+    "abbr exp role",
+    ("P-CSCF", "Proxy Call Session Control Function", "is the first SIP contact point for a UE in the IMS"),
+    ("I-CSCF", "Interrogating Call Session Control Function", "queries the HSS to find or assign the S-CSCF for a user"),
+    ("S-CSCF", "Serving Call Session Control Function", "performs session control and acts as the SIP registrar for a user"),
+    ("TAS", "Telephony Application Server", "provides MMTel supplementary services such as call forwarding for VoLTE"),
+    ("MRF", "Media Resource Function", "provides media resources such as announcements and conference mixing"),
+)
+_REF_POINTS = _rows(
+    "name pair sys",
+    ("N1", "the UE and the AMF", "5G system"),
+    ("N2", "the NG-RAN and the AMF", "5G system"),
+    ("N3", "the NG-RAN and the UPF", "5G system"),
+    ("N4", "the SMF and the UPF", "5G system"),
+    ("N6", "the UPF and the data network", "5G system"),
+    ("N7", "the SMF and the PCF", "5G system"),
+    ("N8", "the AMF and the UDM", "5G system"),
+    ("N9", "two UPFs", "5G system"),
+    ("N10", "the SMF and the UDM", "5G system"),
+    ("N11", "the AMF and the SMF", "5G system"),
+    ("N12", "the AMF and the AUSF", "5G system"),
+    ("N13", "the AUSF and the UDM", "5G system"),
+    ("N14", "two AMFs", "5G system"),
+    ("N15", "the AMF and the PCF", "5G system"),
+    ("N22", "the AMF and the NSSF", "5G system"),
+    ("S1-MME", "the eNodeB and the MME", "EPS"),
+    ("S1-U", "the eNodeB and the SGW", "EPS"),
+    ("S5", "the SGW and the PGW (non-roaming)", "EPS"),
+    ("S6a", "the MME and the HSS", "EPS"),
+    ("S10", "two MMEs", "EPS"),
+    ("S11", "the MME and the SGW", "EPS"),
+    ("Gx", "the PCRF and the PGW", "EPS"),
+    ("SGi", "the PGW and an external packet data network", "EPS"),
+    ("Rx", "the PCRF and an application function such as the P-CSCF", "EPS"),
+)
+_IFACE_PROTO = _rows(
+    "iface proto",
+    ("N1", "5G NAS"), ("N2", "NGAP"), ("N3", "GTP-U"), ("N4", "PFCP"), ("N8", "HTTP/2 (SBI)"),
+    ("N11", "HTTP/2 (SBI)"), ("N12", "HTTP/2 (SBI)"), ("S1-MME", "S1AP"), ("S1-U", "GTP-U"),
+    ("S11", "GTPv2-C"), ("S6a", "Diameter"), ("Gx", "Diameter"),
+)
+_PORTS_CORE = _rows(
+    "proto port pt",
+    ("GTP-U", "2152", "UDP 2152"), ("GTPv2-C", "2123", "UDP 2123"), ("PFCP", "8805", "UDP 8805"),
+    ("Diameter", "3868", "TCP/SCTP 3868"), ("SIP", "5060", "UDP/TCP 5060"),
+    ("NGAP", "38412", "SCTP 38412"), ("S1AP", "36412", "SCTP 36412"),
+)
+_IDENTIFIERS = _rows(
+    "abbr exp",
+    ("IMSI", "International Mobile Subscriber Identity"),
+    ("IMEI", "International Mobile Equipment Identity"),
+    ("MSISDN", "Mobile Station International Subscriber Directory Number"),
+    ("SUPI", "Subscription Permanent Identifier"),
+    ("SUCI", "Subscription Concealed Identifier"),
+    ("GUTI", "Globally Unique Temporary Identifier"),
+    ("DNN", "Data Network Name"),
+    ("APN", "Access Point Name"),
+    ("S-NSSAI", "Single Network Slice Selection Assistance Information"),
+    ("PLMN", "Public Land Mobile Network"),
+)
+_IDENTIFIER_ROLES = _rows(
+    "abbr role",
+    ("IMSI", "is the permanent subscriber identity stored on the SIM in 2G/3G/4G networks"),
+    ("IMEI", "identifies the mobile device hardware rather than the subscriber"),
+    ("MSISDN", "is the subscriber's public telephone number"),
+    ("SUCI", "is the privacy-protected (encrypted) form of the 5G permanent subscriber identity sent over the air"),
+    ("GUTI", "is a temporary identity allocated by the network so that the permanent identity is rarely sent"),
+    ("DNN", "names the data network that a 5G PDU session connects to"),
+    ("S-NSSAI", "identifies one network slice by a slice/service type and an optional slice differentiator"),
+)
+_SST = _rows(
+    "sst slice",
+    ("1", "eMBB (enhanced mobile broadband)"), ("2", "URLLC (ultra-reliable low-latency communications)"),
+    ("3", "MIoT (massive IoT)"), ("4", "V2X (vehicle-to-everything)"),
+)
+_QCI = _rows(
+    "qi service",
+    ("1", "conversational voice"), ("2", "conversational video (live streaming)"),
+    ("3", "real-time gaming"), ("5", "IMS signalling"),
+)
+
+_CORE_HAND = (
+    ("Which protocol do 5G core network functions use on their service-based interfaces?", "HTTP/2 with JSON",
+     ("Diameter", "GTPv2-C", "SS7 MAP", "RADIUS"),
+     "The 5GC service-based architecture uses RESTful HTTP/2 APIs with JSON payloads between NFs."),
+    ("Which 3GPP release introduced control and user plane separation (CUPS) of the EPC gateways?", "Release 14",
+     ("Release 12", "Release 13", "Release 15"),
+     "CUPS split the SGW and PGW into control and user plane parts in 3GPP Release 14."),
+    ("Which protocol runs on the CUPS Sx interfaces and on the 5G N4 interface?", "PFCP",
+     ("GTPv2-C", "Diameter", "S1AP", "NGAP"),
+     "The Packet Forwarding Control Protocol (PFCP) runs on Sxa/Sxb/Sxc and on N4."),
+    ("Which 3GPP release contains the first 5G NR and 5G core specifications?", "Release 15",
+     ("Release 13", "Release 14", "Release 16"),
+     "Release 15 is the first 3GPP release with 5G NR and the 5G core."),
+    ("What is the finest granularity of QoS differentiation within a 5G PDU session?", "The QoS flow",
+     ("The PDU session", "The network slice", "The data network"),
+     "In the 5G system QoS is enforced per QoS flow, identified by a QoS Flow Identifier (QFI)."),
+    ("Which signalling protocol does the IMS use to set up and control VoLTE calls?", "SIP",
+     ("H.323", "MGCP", "Diameter"),
+     "IMS session control is based on SIP; Diameter is used towards the HSS and PCRF, not for call control."),
+    ("Which mechanism moves an LTE UE to 2G/3G so that a voice call can be set up in the circuit-switched domain?",
+     "CSFB (circuit-switched fallback)", ("SRVCC", "VoWiFi", "VoLTE"),
+     "CSFB sends the UE from LTE to 2G/3G to make or receive circuit-switched calls."),
+    ("Which mechanism hands an ongoing VoLTE call over to the 2G/3G circuit-switched domain when LTE coverage ends?",
+     "SRVCC (single radio voice call continuity)", ("CSFB", "VoWiFi", "ANR"),
+     "SRVCC keeps a VoLTE call alive by handing it over to the CS domain."),
+    ("Classic MAP signalling between the MSC/VLR and the HLR is carried over which signalling system?", "SS7",
+     ("Diameter", "SIP", "HTTP/2"),
+     "MAP is an SS7 application used in 2G/3G core networks."),
+    ("In the 5G system, which concept takes the place of the EPS Access Point Name (APN)?", "Data Network Name (DNN)",
+     ("S-NSSAI", "Tracking Area Code", "5QI"),
+     "The DNN is the 5G equivalent of the APN and names the data network of a PDU session."),
+    ("How many digits does a Mobile Country Code (MCC) have?", "3", ("2", "4", "5"),
+     "An MCC always has three digits; the MNC has two or three."),
+    ("What is the maximum length of an IMSI?", "15 digits", ("10 digits", "12 digits", "16 digits", "20 digits"),
+     "An IMSI (MCC + MNC + MSIN) has at most 15 digits."),
+    ("Which 5G capability runs several logical end-to-end networks with different characteristics on shared infrastructure?",
+     "Network slicing", ("Carrier aggregation", "Dual connectivity", "Bandwidth parts"),
+     "Network slicing provides logical networks (slices) with their own characteristics over common infrastructure."),
+    ("Which of the following is NOT a 5G PDU session type?", "PPP",
+     ("IPv4v6", "Ethernet", "Unstructured", "IPv6"),
+     "5G PDU session types are IPv4, IPv6, IPv4v6, Ethernet and Unstructured; PPP is not one of them."),
+    ("Which transport protocol carries NGAP and S1AP signalling?", "SCTP", ("TCP", "UDP", "QUIC"),
+     "NGAP and S1AP run over SCTP between the RAN and the core."),
+    ("GTP-U tunnels are identified at each tunnel endpoint by which field?", "TEID (Tunnel Endpoint Identifier)",
+     ("QFI", "SPI", "VLAN ID"),
+     "Each GTP-U tunnel endpoint is identified by a TEID carried in the GTP-U header."),
+    ("On N3, which identifier in the GTP-U extension header marks the QoS flow of a packet?", "QFI",
+     ("TEID", "PCI", "ARP"),
+     "The QoS Flow Identifier (QFI) is carried in the PDU session container extension header of GTP-U."),
+    ("Which IP protocol number is assigned to SCTP?", "132", ("6", "17", "89"),
+     "SCTP is IP protocol 132 (TCP is 6, UDP is 17, OSPF is 89)."),
+    ("Which kind of bearer carries VoLTE voice media in LTE?", "A dedicated GBR bearer with QCI 1",
+     ("The default non-GBR bearer", "A signalling radio bearer", "A best-effort bearer with QCI 9"),
+     "VoLTE voice uses a dedicated guaranteed-bit-rate bearer with QCI 1."),
+    ("Which NF does the AMF use to authenticate a UE during 5G registration?", "AUSF",
+     ("NRF", "NSSF", "UPF"),
+     "The AMF (SEAF) invokes the AUSF, which works with the UDM to authenticate the UE."),
+    ("Which NF's SIDF function de-conceals a SUCI back into the SUPI?", "UDM",
+     ("AUSF", "AMF", "SEPP"),
+     "The Subscription Identifier De-concealing Function (SIDF) is a service of the UDM."),
+)
+
+
+def _core_candidates(rng: random.Random) -> list[_Cand]:
+    c = "core"
+    out: list[_Cand] = []
+    out += _table(c, _NF_5GC, "abbr", "exp", ("What does {abbr} stand for in the 5G core?",
+                                              "In the 5GC, the abbreviation {abbr} stands for:"),
+                  "{abbr} stands for {exp}.", rng)
+    out += _table(c, _NF_5GC, "role", "abbr", ("Which 5G core network function {role}?",
+                                               "In the 5GC, which NF {role}?"),
+                  "The {abbr} ({exp}) {role}.", rng)
+    out += _table(c, _NF_5GC, "abbr", "role", ("Complete the sentence: in the 5G core, the {abbr} ...",),
+                  "The {abbr} ({exp}) {role}.", rng)
+    for rows, system, lead in ((_NF_EPC, "EPC", "Which EPC node"), (_NF_LEGACY, "2G/3G core", "In a 2G/3G core network, which element"),
+                               (_NF_IMS, "IMS", "Which IMS element")):
+        out += _table(c, rows, "abbr", "exp", (f"What does {{abbr}} stand for in the {system}?",),
+                      "{abbr} stands for {exp}.", rng)
+        out += _table(c, rows, "role", "abbr", (lead + " {role}?",), "The {abbr} ({exp}) {role}.", rng)
+        out += _table(c, rows, "abbr", "role", (f"Complete the sentence: in the {system}, the {{abbr}} ...",),
+                      "The {abbr} ({exp}) {role}.", rng)
+    out += _table(c, _REF_POINTS, "pair", "name", ("In the {sys} architecture, which reference point connects {pair}?",
+                                                   "Which {sys} reference point sits between {pair}?"),
+                  "{name} is the {sys} reference point between {pair}.", rng, group="sys")
+    out += _table(c, _REF_POINTS, "name", "pair", ("The {sys} reference point {name} connects which entities?",),
+                  "{name} is the {sys} reference point between {pair}.", rng, group="sys")
+    protos = ("SIP", "RADIUS", "XnAP")
+    out += _table(c, _IFACE_PROTO, "iface", "proto", ("Which protocol is used on the {iface} interface?",
+                                                      "Signalling or traffic on {iface} is carried by which protocol?"),
+                  "The {iface} interface uses {proto}.", rng, extra=protos)
+    out += _table(c, _IFACE_PROTO, "proto", "iface", ("Which of the following interfaces uses {proto}?",),
+                  "The {iface} interface uses {proto}.", rng)
+    out += _table(c, _PORTS_CORE, "proto", "port", ("Which port number is registered as the default for {proto}?",),
+                  "{proto} uses {pt} by default.", rng, extra=_ALL_PORTS)
+    out += _table(c, _PORTS_CORE, "pt", "proto", ("Which protocol uses {pt} by default?",),
+                  "{proto} uses {pt} by default.", rng)
+    out += _table(c, _IDENTIFIERS, "abbr", "exp", ("What does the identifier {abbr} stand for?",),
+                  "{abbr} stands for {exp}.", rng)
+    out += _table(c, _IDENTIFIER_ROLES, "role", "abbr", ("Which identifier {role}?",),
+                  "The {abbr} {role}.", rng)
+    out += _table(c, _SST, "slice", "sst", ("Which standardised slice/service type (SST) value denotes {slice}?",),
+                  "Standardised SST {sst} denotes {slice}.", rng)
+    out += _table(c, _SST, "sst", "slice", ("A standardised SST value of {sst} denotes which slice type?",),
+                  "Standardised SST {sst} denotes {slice}.", rng)
+    out += _table(c, _QCI, "service", "qi", ("In the standardised QCI/5QI tables, which value is assigned to {service}?",),
+                  "Standardised QCI/5QI {qi} is for {service}.", rng)
+    out += _hand(c, _CORE_HAND)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fact base: radio access network
+# --------------------------------------------------------------------------------------------
+
+_NUMEROLOGY = _rows(
+    "mu scs slot slots",
+    ("0", "15 kHz", "1 ms", "1"), ("1", "30 kHz", "0.5 ms", "2"), ("2", "60 kHz", "0.25 ms", "4"),
+    ("3", "120 kHz", "0.125 ms", "8"), ("4", "240 kHz", "0.0625 ms", "16"),
+)
+_MODULATION = _rows(
+    "mod bits points",
+    ("BPSK", "1", "2"), ("QPSK", "2", "4"), ("16-QAM", "4", "16"), ("64-QAM", "6", "64"),
+    ("256-QAM", "8", "256"), ("1024-QAM", "10", "1024"),
+)
+_RADIO_LAYERS = _rows(
+    "abbr exp role",
+    ("SDAP", "Service Data Adaptation Protocol", "mapping QoS flows to data radio bearers"),
+    ("PDCP", "Packet Data Convergence Protocol", "header compression (ROHC) and ciphering of user data"),
+    ("RLC", "Radio Link Control", "segmentation and ARQ retransmissions in acknowledged mode"),
+    ("MAC", "Medium Access Control", "HARQ, scheduling and multiplexing of logical channels onto transport channels"),
+    ("RRC", "Radio Resource Control", "system information broadcast, connection control and measurement configuration"),
+    ("NAS", "Non-Access Stratum", "registration, mobility and session management signalling between the UE and the core"),
+    ("PHY", "Physical layer", "channel coding, modulation and mapping onto OFDM resources"),
+)
+_RAN_IFACES = _rows(
+    "name pair",
+    ("X2", "two eNodeBs"),
+    ("Xn", "two NG-RAN nodes (e.g. two gNBs)"),
+    ("F1", "a gNB-CU and a gNB-DU"),
+    ("E1", "the gNB-CU-CP and the gNB-CU-UP"),
+    ("Uu", "the UE and the base station over the air"),
+    ("NG", "the NG-RAN and the 5G core"),
+    ("S1", "the eNodeB and the EPC"),
+    ("Iub", "a NodeB and an RNC"),
+    ("Iur", "two RNCs"),
+    ("Abis", "a BTS and a BSC"),
+)
+_RAN_IFACE_PROTO = _rows(
+    "name proto",
+    ("X2", "X2AP"), ("Xn", "XnAP"), ("F1", "F1AP"), ("E1", "E1AP"), ("NG", "NGAP"), ("S1", "S1AP"),
+    ("Iub", "NBAP"), ("Iur", "RNSAP"),
+)
+_CHANNELS = _rows(
+    "name exp role",
+    ("PBCH", "Physical Broadcast Channel", "carries the master information block (MIB)"),
+    ("PDCCH", "Physical Downlink Control Channel", "carries downlink control information (DCI) such as scheduling grants"),
+    ("PDSCH", "Physical Downlink Shared Channel", "carries downlink user data and system information blocks"),
+    ("PUCCH", "Physical Uplink Control Channel", "carries HARQ-ACK, CSI and scheduling requests when no uplink data is scheduled"),
+    ("PUSCH", "Physical Uplink Shared Channel", "carries uplink user data"),
+    ("PRACH", "Physical Random Access Channel", "carries the random access preamble"),
+)
+_RADIO_KPIS = _rows(
+    "abbr exp definition unit",
+    ("RSRP", "Reference Signal Received Power", "the average power of the resource elements that carry cell-specific reference signals", "dBm"),
+    ("RSRQ", "Reference Signal Received Quality", "N x RSRP divided by the carrier RSSI", "dB"),
+    ("RSSI", "Received Signal Strength Indicator", "the total received wideband power including serving cell, interference and noise", "dBm"),
+    ("SINR", "Signal to Interference plus Noise Ratio", "the ratio of wanted signal power to interference plus noise power", "dB"),
+    ("CQI", "Channel Quality Indicator", "a UE report that indicates which modulation and coding the channel can support", ""),
+    ("BLER", "Block Error Rate", "the share of received transport blocks that fail the CRC check", "%"),
+    ("CSSR", "Call Setup Success Rate", "the share of call or session setup attempts that succeed", "%"),
+    ("HOSR", "Handover Success Rate", "the share of handover attempts that complete successfully", "%"),
+    ("TA", "Timing Advance", "the uplink timing offset that compensates for UE-to-cell propagation delay", ""),
+)
+_KPI_UNITS = [r for r in _RADIO_KPIS if r["abbr"] in ("RSRP", "RSRQ", "RSSI", "SINR", "BLER")]
+for _r in _RADIO_KPIS:
+    del _r["unit"]
+_HO_EVENTS = _rows(
+    "event cond",
+    ("A1", "the serving cell becomes better than a threshold"),
+    ("A2", "the serving cell becomes worse than a threshold"),
+    ("A3", "a same-RAT neighbour cell becomes better than the primary serving cell by an offset"),
+    ("A4", "a same-RAT neighbour cell becomes better than a threshold"),
+    ("A5", "the primary serving cell becomes worse than threshold1 while a same-RAT neighbour becomes better than threshold2"),
+    ("B1", "an inter-RAT neighbour becomes better than a threshold"),
+    ("B2", "the primary serving cell becomes worse than threshold1 while an inter-RAT neighbour becomes better than threshold2"),
+)
+_BASE_STATIONS = _rows(
+    "gen node",
+    ("GSM (2G)", "BTS"), ("UMTS (3G)", "NodeB"), ("LTE (4G)", "eNodeB"), ("NR (5G)", "gNodeB"),
+)
+_BANDS = _rows(
+    "band freq",
+    ("NR band n78", "3.5 GHz (3300-3800 MHz, TDD)"), ("NR band n28", "700 MHz (FDD)"),
+    ("NR band n258", "26 GHz (mmWave)"), ("NR band n257", "28 GHz (mmWave)"),
+    ("NR band n1", "2.1 GHz (FDD)"), ("LTE band 3", "1800 MHz (FDD)"),
+    ("LTE band 7", "2600 MHz (FDD)"), ("LTE band 20", "800 MHz (FDD)"),
+)
+_RAN_ACRONYMS = _rows(
+    "abbr exp",
+    ("MIMO", "Multiple-Input Multiple-Output"), ("HARQ", "Hybrid Automatic Repeat reQuest"),
+    ("OFDM", "Orthogonal Frequency-Division Multiplexing"), ("TDD", "Time Division Duplex"),
+    ("FDD", "Frequency Division Duplex"), ("DRX", "Discontinuous Reception"),
+    ("PRB", "Physical Resource Block"), ("MCS", "Modulation and Coding Scheme"),
+    ("SSB", "Synchronization Signal Block"), ("BWP", "Bandwidth Part"),
+    ("DSS", "Dynamic Spectrum Sharing"), ("RET", "Remote Electrical Tilt"),
+    ("PCI", "Physical Cell Identity"), ("EN-DC", "E-UTRA NR Dual Connectivity"),
+    ("CA", "Carrier Aggregation"), ("SC-FDMA", "Single-Carrier Frequency-Division Multiple Access"),
+)
+
+_RAN_HAND = (
+    ("How many OFDM symbols does an NR slot contain with normal cyclic prefix?", "14", ("7", "12", "28"),
+     "With normal CP every NR slot has 14 OFDM symbols, whatever the numerology."),
+    ("How many subcarriers make up one LTE or NR resource block in frequency?", "12", ("6", "14", "24"),
+     "A resource block spans 12 consecutive subcarriers in both LTE and NR."),
+    ("What is the duration of an LTE or NR radio frame?", "10 ms", ("1 ms", "5 ms", "20 ms"),
+     "LTE and NR radio frames last 10 ms and hold ten 1 ms subframes."),
+    ("What is the duration of an LTE or NR subframe?", "1 ms", ("0.5 ms", "2 ms", "10 ms"),
+     "A subframe lasts 1 ms; there are ten in a 10 ms radio frame."),
+    ("Which subcarrier spacing does LTE use for normal unicast transmission?", "15 kHz", ("7.5 kHz", "30 kHz", "60 kHz"),
+     "LTE unicast uses a 15 kHz subcarrier spacing."),
+    ("In NR Release 15, extended cyclic prefix is supported only with which subcarrier spacing?", "60 kHz",
+     ("15 kHz", "30 kHz", "120 kHz"), "Extended CP is defined only for numerology 2 (60 kHz) in NR."),
+    ("What is the maximum channel bandwidth of a single LTE carrier?", "20 MHz", ("10 MHz", "40 MHz", "100 MHz"),
+     "An LTE component carrier is at most 20 MHz wide; wider bandwidths need carrier aggregation."),
+    ("What is the maximum NR channel bandwidth of a single carrier in FR1?", "100 MHz", ("20 MHz", "50 MHz", "400 MHz"),
+     "NR supports up to 100 MHz per carrier in FR1."),
+    ("What is the maximum NR channel bandwidth of a single carrier in FR2 (Release 15)?", "400 MHz",
+     ("100 MHz", "200 MHz", "800 MHz"), "NR supports up to 400 MHz per carrier in FR2."),
+    ("What is the channel spacing of a GSM carrier?", "200 kHz", ("25 kHz", "1.25 MHz", "5 MHz"),
+     "GSM carriers are spaced 200 kHz apart."),
+    ("What is the nominal carrier bandwidth of a UMTS (WCDMA) carrier?", "5 MHz", ("200 kHz", "1.4 MHz", "20 MHz"),
+     "A WCDMA carrier occupies a nominal 5 MHz."),
+    ("What is the chip rate of UMTS WCDMA?", "3.84 Mcps", ("1.2288 Mcps", "5 Mcps", "7.68 Mcps"),
+     "WCDMA spreads at 3.84 Mchip/s."),
+    ("Which multiple-access scheme does the LTE uplink use?", "SC-FDMA", ("OFDMA", "WCDMA", "TDMA"),
+     "The LTE uplink uses SC-FDMA (DFT-spread OFDM) for its lower peak-to-average power ratio."),
+    ("Which multiple-access scheme does the LTE downlink use?", "OFDMA", ("SC-FDMA", "WCDMA", "TDMA"),
+     "The LTE downlink uses OFDMA."),
+    ("How many timeslots does a GSM TDMA frame have?", "8", ("4", "16", "32"),
+     "A GSM TDMA frame has 8 timeslots."),
+    ("Which modulation does GSM use for standard voice bursts?", "GMSK", ("QPSK", "16-QAM", "OFDM"),
+     "GSM uses GMSK; EDGE added 8-PSK for higher data rates."),
+    ("Which RRC state did NR add to RRC_IDLE and RRC_CONNECTED?", "RRC_INACTIVE",
+     ("RRC_DORMANT", "RRC_SUSPENDED", "RRC_STANDBY"),
+     "NR introduced RRC_INACTIVE, in which the UE context is kept in the RAN for fast resumption."),
+    ("How many physical cell identities (PCIs) does NR define?", "1008", ("504", "512", "1024"),
+     "NR has 1008 PCIs (336 SSS groups x 3 PSS values)."),
+    ("How many physical cell identities (PCIs) does LTE define?", "504", ("1008", "256", "512"),
+     "LTE has 504 PCIs (168 groups x 3 identities)."),
+    ("Which core network does an EN-DC (option 3/3x) non-standalone NR deployment use?", "EPC",
+     ("5GC", "IMS core", "2G/3G packet core (SGSN/GGSN)"),
+     "In EN-DC the LTE eNB is the master node and the core network is the EPC."),
+    ("Which 3GPP deployment option is NR standalone connected to the 5G core?", "Option 2",
+     ("Option 3", "Option 3a", "Option 3x"),
+     "Option 2 is standalone NR with the 5GC; options 3/3a/3x are EN-DC with the EPC."),
+    ("In EN-DC, what is the NR base station acting as secondary node called?", "en-gNB",
+     ("ng-eNB", "gNB-CU-UP", "RNC"),
+     "An en-gNB is an NR node that serves as secondary node in EN-DC."),
+    ("What is an ng-eNB?", "An LTE base station connected to the 5G core",
+     ("An NR base station connected to the EPC", "The distributed unit of a gNB", "A 3G NodeB with an NR radio"),
+     "An ng-eNB provides LTE (E-UTRA) radio access towards the 5GC."),
+    ("Which mechanism combines forward error correction with retransmissions and soft combining at the MAC layer?",
+     "HARQ", ("RLC ARQ", "CRC", "DRX"), "HARQ uses FEC plus retransmissions whose soft bits are combined at the receiver."),
+    ("How many downlink HARQ processes does LTE FDD use?", "8", ("4", "10", "16"),
+     "LTE FDD uses 8 HARQ processes in the downlink."),
+    ("What is the main purpose of the cyclic prefix in OFDM?", "To absorb multipath delay spread and avoid inter-symbol interference",
+     ("To carry reference signals for channel estimation", "To encrypt each OFDM symbol", "To raise the peak data rate"),
+     "The cyclic prefix is a guard period that swallows multipath echoes so symbols do not interfere."),
+    ("Why does the LTE uplink use DFT-spread OFDM (SC-FDMA) rather than plain OFDMA?",
+     "It has a lower peak-to-average power ratio, which saves UE battery",
+     ("It doubles spectral efficiency", "It removes the need for a cyclic prefix", "It allows 1024-QAM in the uplink"),
+     "SC-FDMA lowers PAPR so the UE power amplifier can work more efficiently."),
+    ("With 4x4 MIMO, what is the maximum number of spatial layers?", "4", ("2", "8", "16"),
+     "The number of layers is limited by the smaller of the transmit and receive antenna counts."),
+    ("Which multi-antenna technique sends several independent data streams on the same time-frequency resources?",
+     "Spatial multiplexing", ("Transmit diversity", "Carrier aggregation", "Frequency hopping"),
+     "Spatial multiplexing sends parallel layers over the same resources using multiple antennas."),
+    ("Up to how many component carriers can LTE-Advanced (Release 10) aggregate?", "5", ("2", "3", "8"),
+     "Release 10 carrier aggregation supports up to five 20 MHz component carriers (100 MHz)."),
+    ("Which feature lets LTE and NR share the same carrier dynamically?", "Dynamic spectrum sharing (DSS)",
+     ("Carrier aggregation", "Supplementary uplink", "Licensed assisted access"),
+     "DSS schedules LTE and NR on the same carrier, sharing resources in time and frequency."),
+    ("An NR SS/PBCH block (SSB) is made up of which signals?", "PSS, SSS and PBCH",
+     ("PSS, SSS and PDCCH", "PSS, PRACH and PBCH", "CSI-RS, SSS and PDSCH"),
+     "The SSB holds the primary and secondary synchronisation signals and the PBCH."),
+    ("What is the maximum number of SSB beams in an NR SSB burst set in FR2?", "64", ("4", "8", "16"),
+     "In FR2 up to 64 SSBs can be transmitted per burst set."),
+    ("Which NR feature lets a UE work on only part of a wide carrier?", "Bandwidth part (BWP)",
+     ("Carrier aggregation", "Supplementary downlink", "Dynamic spectrum sharing"),
+     "A bandwidth part is a subset of contiguous resource blocks configured for a UE."),
+    ("Which RLC mode uses ARQ retransmissions?", "Acknowledged mode (AM)",
+     ("Unacknowledged mode (UM)", "Transparent mode (TM)", "Broadcast mode (BM)"),
+     "Only RLC AM uses status reports and ARQ retransmissions."),
+    ("In LTE, which channel indicates how many OFDM symbols carry the PDCCH in a subframe?", "PCFICH",
+     ("PHICH", "PBCH", "PUCCH"), "The PCFICH carries the control format indicator (CFI)."),
+    ("Which LTE channel carries HARQ ACK/NACK for uplink transmissions?", "PHICH", ("PCFICH", "PUCCH", "PRACH"),
+     "The PHICH carries the eNodeB's ACK/NACK for PUSCH transmissions."),
+    ("What is the reporting range of LTE RSRP?", "-140 dBm to -44 dBm",
+     ("-120 dBm to -20 dBm", "0 dBm to 40 dBm", "-30 dB to +30 dB"),
+     "LTE RSRP is reported between -140 and -44 dBm."),
+    ("Which RSRP reading indicates the strongest received signal?", "-72 dBm", ("-95 dBm", "-108 dBm", "-121 dBm"),
+     "RSRP is a negative dBm value; the closer to zero, the stronger the signal."),
+    ("Which SINR value indicates the best radio conditions?", "22 dB", ("12 dB", "3 dB", "-4 dB"),
+     "A higher SINR means a cleaner signal and supports higher MCS."),
+    ("What does atmospheric ducting typically cause in TDD networks?",
+     "Interference from distant base stations whose downlink arrives in the local uplink period",
+     ("Higher fibre attenuation on backhaul links", "Passive intermodulation in feeders", "Loss of GNSS timing at the site"),
+     "Ducting carries far-away downlink signals beyond the guard period into the uplink slots (remote interference)."),
+    ("Which antenna change typically reduces overshooting of a cell?", "Increasing the downtilt",
+     ("Reducing the downtilt", "Raising the transmit power", "Adding a second carrier"),
+     "More downtilt pulls the main beam closer to the site and limits overshoot."),
+    ("Which NR frequency range designation covers 410 MHz to 7125 MHz?", "FR1", ("FR2-1", "FR2-2", "FR3"),
+     "FR1 spans 410-7125 MHz; FR2-1 covers 24.25-52.6 GHz."),
+    ("Which frequencies does NR FR2-1 cover?", "24.25-52.6 GHz", ("410-7125 MHz", "52.6-71 GHz", "7.125-24.25 GHz"),
+     "FR2-1 is the original mmWave range from 24.25 to 52.6 GHz."),
+)
+
+
+def _ran_candidates(rng: random.Random) -> list[_Cand]:
+    c = "ran"
+    out: list[_Cand] = []
+    scs_extra = ("7.5 kHz", "45 kHz", "90 kHz")
+    out += _table(c, _NUMEROLOGY, "mu", "scs", ("Which subcarrier spacing corresponds to NR numerology \u03bc = {mu}?",),
+                  "NR subcarrier spacing is 15 x 2^\u03bc kHz, so \u03bc = {mu} gives {scs}.", rng, extra=scs_extra)
+    out += _table(c, _NUMEROLOGY, "scs", "slot", ("What is the NR slot duration with {scs} subcarrier spacing?",),
+                  "At {scs} there are {slots} slot(s) per 1 ms subframe, so a slot lasts {slot}.", rng,
+                  extra=("2 ms", "0.75 ms"))
+    out += _table(c, _NUMEROLOGY, "scs", "slots", ("How many NR slots fit in a 1 ms subframe with {scs} subcarrier spacing?",),
+                  "A 1 ms subframe holds 2^\u03bc slots; {scs} is \u03bc = {mu}, so {slots}.", rng, extra=("3", "12", "32"))
+    out += _table(c, _NUMEROLOGY, "slot", "scs", ("Which NR subcarrier spacing gives a slot duration of {slot}?",),
+                  "NR slot length halves each time the subcarrier spacing doubles; {scs} gives {slot}.", rng, extra=scs_extra)
+    out += _table(c, _MODULATION, "mod", "bits", ("How many bits does each {mod} symbol carry?",
+                                                  "How many bits per symbol does {mod} modulation carry?"),
+                  "{mod} has {points} constellation points, i.e. log2({points}) = {bits} bits per symbol.", rng,
+                  extra=("3", "5", "12"))
+    out += _table(c, _MODULATION, "bits", "mod", ("Which modulation scheme carries {bits} bits per symbol?",),
+                  "{mod} has {points} constellation points, i.e. {bits} bits per symbol.", rng, extra=("8-PSK", "GMSK"))
+    out += _table(c, _RADIO_LAYERS, "abbr", "exp", ("In the radio protocol stack, what does {abbr} stand for?",),
+                  "{abbr} stands for {exp}.", rng)
+    out += _table(c, _RADIO_LAYERS, "role", "abbr", ("In the LTE/NR protocol stack, which layer is responsible for {role}?",),
+                  "{exp} ({abbr}) handles {role}.", rng)
+    out += _table(c, _RAN_IFACES, "pair", "name", ("Which interface connects {pair}?",),
+                  "The {name} interface connects {pair}.", rng)
+    out += _table(c, _RAN_IFACES, "name", "pair", ("The RAN interface {name} connects which entities?",),
+                  "The {name} interface connects {pair}.", rng)
+    out += _table(c, _RAN_IFACE_PROTO, "name", "proto", ("Which application protocol runs on the {name} interface?",),
+                  "{proto} is the control-plane application protocol of the {name} interface.", rng)
+    out += _table(c, _CHANNELS, "name", "exp", ("What does the physical channel name {name} stand for?",),
+                  "{name} stands for {exp}.", rng)
+    out += _table(c, _CHANNELS, "role", "name", ("Which physical channel {role}?",),
+                  "The {name} ({exp}) {role}.", rng, extra=("PCFICH", "PMCH"))
+    out += _table(c, _RADIO_KPIS, "abbr", "exp", ("What does the radio measurement or KPI {abbr} stand for?",),
+                  "{abbr} stands for {exp}.", rng)
+    out += _table(c, _RADIO_KPIS, "definition", "abbr", ("Which radio measurement or KPI is defined as {definition}?",),
+                  "{abbr} ({exp}) is {definition}.", rng)
+    out += _table(c, _KPI_UNITS, "abbr", "unit", ("In which unit is {abbr} normally reported?",),
+                  "{abbr} ({exp}) is reported in {unit}.", rng, extra=("ms", "Hz", "dB/km"))
+    out += _table(c, _HO_EVENTS, "cond", "event", ("Which measurement report event triggers when {cond}?",),
+                  "Event {event} triggers when {cond}.", rng)
+    out += _table(c, _HO_EVENTS, "event", "cond", ("What condition triggers measurement event {event}?",),
+                  "Event {event} triggers when {cond}.", rng)
+    out += _table(c, _BASE_STATIONS, "gen", "node", ("What is the base station called in {gen}?",),
+                  "In {gen} the base station is called the {node}.", rng, extra=("RNC", "MME"))
+    out += _table(c, _BANDS, "band", "freq", ("Where in the spectrum is {band}?",),
+                  "{band} is the {freq} band.", rng)
+    out += _table(c, _BANDS, "freq", "band", ("Which of the following operating bands is the {freq} band?",),
+                  "{band} is the {freq} band.", rng)
+    out += _table(c, _RAN_ACRONYMS, "abbr", "exp", ("In radio access networks, what does {abbr} stand for?",),
+                  "{abbr} stands for {exp}.", rng)
+    out += _hand(c, _RAN_HAND)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fact base: transport
+# --------------------------------------------------------------------------------------------
+
+_SDH = _rows(
+    "stm oc rate",
+    ("STM-1", "OC-3", "155.52 Mbit/s"), ("STM-4", "OC-12", "622.08 Mbit/s"),
+    ("STM-16", "OC-48", "2488.32 Mbit/s"), ("STM-64", "OC-192", "9953.28 Mbit/s"),
+    ("STM-256", "OC-768", "39813.12 Mbit/s"),
+)
+_PDH = _rows(
+    "name rate",
+    ("E1", "2.048 Mbit/s"), ("T1 (DS1)", "1.544 Mbit/s"), ("E3", "34.368 Mbit/s"), ("T3 (DS3)", "44.736 Mbit/s"),
+)
+_OTN = _rows(
+    "odu client",
+    ("ODU0", "1 Gigabit Ethernet (about 1.25 Gbit/s)"), ("ODU1", "about 2.5 Gbit/s, e.g. STM-16"),
+    ("ODU2", "about 10 Gbit/s, e.g. STM-64"), ("ODU3", "about 40 Gbit/s, e.g. STM-256"),
+    ("ODU4", "100 Gigabit Ethernet"),
+)
+_ITU_RECS = _rows(
+    "rec topic",
+    ("G.652", "standard single-mode fibre"),
+    ("G.653", "dispersion-shifted single-mode fibre"),
+    ("G.655", "non-zero dispersion-shifted single-mode fibre"),
+    ("G.657", "bend-insensitive single-mode fibre for access networks"),
+    ("G.694.1", "the DWDM frequency grid"),
+    ("G.694.2", "the CWDM wavelength grid"),
+    ("G.709", "the Optical Transport Network (OTN) interfaces"),
+    ("G.984", "GPON (gigabit-capable passive optical networks)"),
+    ("G.8262", "the timing characteristics of the synchronous Ethernet equipment clock (EEC)"),
+    ("G.8275.1", "the PTP telecom profile for phase/time with full timing support from the network"),
+)
+_OPTICAL_BANDS = _rows(
+    "band range",
+    ("O-band", "1260-1360 nm"), ("E-band", "1360-1460 nm"), ("S-band", "1460-1530 nm"),
+    ("C-band", "1530-1565 nm"), ("L-band", "1565-1625 nm"), ("U-band", "1625-1675 nm"),
+)
+_IEEE = _rows(
+    "std tech",
+    ("IEEE 802.1Q", "VLAN tagging of Ethernet frames"),
+    ("IEEE 802.1D", "MAC bridging and the original Spanning Tree Protocol"),
+    ("IEEE 802.3", "Ethernet physical and MAC layers"),
+    ("IEEE 802.1AX (formerly 802.3ad)", "link aggregation with LACP"),
+    ("IEEE 802.1X", "port-based network access control"),
+    ("IEEE 802.11", "wireless LAN (Wi-Fi)"),
+    ("IEEE 1588", "the Precision Time Protocol (PTP)"),
+)
+_PTP_CLOCKS = _rows(
+    "clock exp role",
+    ("T-GM", "Telecom Grandmaster", "is the source of time for the PTP domain, usually locked to GNSS"),
+    ("T-BC", "Telecom Boundary Clock", "recovers time on an upstream port and serves it again on downstream ports"),
+    ("T-TC", "Telecom Transparent Clock", "forwards PTP messages and adds their residence time to the correction field"),
+    ("T-TSC", "Telecom Time Slave Clock", "is the end clock that recovers time for the application, e.g. a base station"),
+)
+_ROUTING = _rows(
+    "proto fact",
+    ("OSPF", "runs directly over IP as protocol number 89"),
+    ("IS-IS", "runs directly over the data link layer rather than over IP"),
+    ("BGP", "is a path-vector protocol that runs over TCP port 179"),
+    ("RIP", "is a distance-vector protocol with a maximum of 15 hops"),
+    ("LDP", "distributes MPLS labels along IGP best paths"),
+    ("RSVP-TE", "signals MPLS traffic-engineering tunnels with explicit paths and bandwidth reservation"),
+    ("BFD", "detects forwarding-path failures between neighbours within milliseconds"),
+    ("VRRP", "provides first-hop gateway redundancy using a shared virtual IP address"),
+    ("LACP", "negotiates bundling of several Ethernet links into one logical link"),
+)
+_PORTS_TRANSPORT = _rows(
+    "proto port pt",
+    ("BGP", "179", "TCP 179"), ("LDP", "646", "TCP/UDP 646"), ("BFD (single hop)", "3784", "UDP 3784"),
+    ("RIP", "520", "UDP 520"),
+)
+_TRANSPORT_ACRONYMS = _rows(
+    "abbr exp",
+    ("SDH", "Synchronous Digital Hierarchy"), ("SONET", "Synchronous Optical Network"),
+    ("OTN", "Optical Transport Network"), ("DWDM", "Dense Wavelength Division Multiplexing"),
+    ("CWDM", "Coarse Wavelength Division Multiplexing"), ("OTDR", "Optical Time-Domain Reflectometer"),
+    ("EDFA", "Erbium-Doped Fibre Amplifier"), ("ROADM", "Reconfigurable Optical Add-Drop Multiplexer"),
+    ("MPLS", "Multiprotocol Label Switching"), ("LSP", "Label Switched Path"),
+    ("VRF", "Virtual Routing and Forwarding"), ("PTP", "Precision Time Protocol"),
+    ("SyncE", "Synchronous Ethernet"), ("CPRI", "Common Public Radio Interface"),
+    ("XPIC", "Cross-Polarisation Interference Cancellation"), ("ACM", "Adaptive Coding and Modulation"),
+    ("GPON", "Gigabit-capable Passive Optical Network"), ("ECMP", "Equal-Cost Multi-Path"),
+)
+
+_TRANSPORT_HAND = (
+    ("How many 64 kbit/s timeslots does an E1 frame have?", "32", ("16", "24", "64"),
+     "An E1 has 32 timeslots of 64 kbit/s (2.048 Mbit/s); usually 30 carry traffic."),
+    ("How many 64 kbit/s channels does a T1 carry?", "24", ("30", "32", "12"),
+     "A T1 carries 24 DS0 channels plus framing (1.544 Mbit/s)."),
+    ("How many bits long is the label field of an MPLS label stack entry?", "20 bits", ("12 bits", "16 bits", "32 bits"),
+     "The MPLS label value is 20 bits; the whole entry is 32 bits."),
+    ("How large is one MPLS label stack entry (shim header) in total?", "32 bits (4 bytes)",
+     ("20 bits", "48 bits (6 bytes)", "64 bits (8 bytes)"),
+     "A label stack entry has a 20-bit label, 3-bit TC, 1-bit bottom-of-stack flag and 8-bit TTL."),
+    ("Which reserved MPLS label value is 'implicit null', used to request penultimate hop popping?", "3",
+     ("0", "1", "2"), "Label 3 is implicit null; 0 is IPv4 explicit null, 1 router alert, 2 IPv6 explicit null."),
+    ("What does the reserved MPLS label value 0 mean?", "IPv4 explicit null",
+     ("Implicit null", "Router alert", "IPv6 explicit null"), "Label 0 is the IPv4 explicit null label."),
+    ("What is penultimate hop popping (PHP) in MPLS?", "The router before the egress LER removes the top label",
+     ("The ingress LER pushes two labels", "Every LSR pops and pushes the same label", "The egress LER drops labelled packets"),
+     "With PHP the penultimate router pops the label so the egress router only does an IP lookup."),
+    ("In SR-MPLS, how are segment identifiers usually distributed?", "By IS-IS or OSPF extensions",
+     ("By LDP", "By RSVP-TE", "By the spanning tree protocol"),
+     "Segment routing advertises SIDs in the IGP, removing the need for LDP or RSVP-TE."),
+    ("In SRv6, where is the list of segments carried?", "In an IPv6 Segment Routing Header (SRH)",
+     ("In an MPLS label stack", "In an 802.1Q VLAN tag", "In the IPv4 options field"),
+     "SRv6 encodes segments as IPv6 addresses in the Segment Routing Header."),
+    ("In BGP/MPLS IP VPNs, what keeps each customer's routes separate on a PE router?",
+     "A VRF (virtual routing and forwarding) instance", ("A VLAN", "A spanning-tree instance", "An OSPF area"),
+     "Each customer has its own VRF routing table on the PE."),
+    ("In an MPLS L3VPN, which BGP extended community controls which VRFs import a route?", "Route target",
+     ("Route distinguisher", "Local preference", "MED"),
+     "Route targets drive VRF import and export; route distinguishers only make prefixes unique."),
+    ("In an MPLS L3VPN, what makes overlapping customer IPv4 prefixes unique in MP-BGP?", "The route distinguisher",
+     ("The route target", "The BGP next hop", "The AS path"),
+     "Prepending an RD to the prefix makes a unique VPN-IPv4 route."),
+    ("Which control plane does EVPN use to advertise MAC addresses?", "MP-BGP",
+     ("LDP", "Data-plane flooding and learning only", "OSPF"),
+     "EVPN (RFC 7432) learns and advertises MAC addresses with multiprotocol BGP."),
+    ("Which service emulates a multipoint Ethernet LAN over an MPLS network using pseudowires?", "VPLS",
+     ("L3VPN", "RSVP-TE", "VRRP"), "VPLS provides multipoint layer-2 Ethernet service over MPLS."),
+    ("What is the backbone area number in OSPF?", "Area 0", ("Area 1", "Area 10", "Area 255"),
+     "All OSPF areas attach to the backbone area 0."),
+    ("Which algorithm do link-state protocols such as OSPF and IS-IS use to compute shortest paths?",
+     "Dijkstra's SPF algorithm", ("Bellman-Ford", "The spanning tree algorithm", "DUAL"),
+     "Link-state protocols run Dijkstra's shortest path first algorithm on the link-state database."),
+    ("How many bits long is the VLAN ID in an IEEE 802.1Q tag?", "12", ("8", "16", "20"),
+     "The 12-bit VLAN ID gives 4094 usable VLANs."),
+    ("What is the standard (non-jumbo) Ethernet MTU?", "1500 bytes", ("576 bytes", "1280 bytes", "9000 bytes"),
+     "Standard Ethernet carries up to 1500 bytes of payload per frame."),
+    ("At which wavelength does standard single-mode fibre (G.652) have its lowest attenuation?", "1550 nm",
+     ("850 nm", "1310 nm", "1625 nm"), "Silica fibre attenuation is lowest around 1550 nm (about 0.2 dB/km)."),
+    ("What is the typical attenuation of G.652 single-mode fibre at 1550 nm?", "About 0.2 dB/km",
+     ("About 0.02 dB/km", "About 1 dB/km", "About 3 dB/km"),
+     "Standard single-mode fibre loses about 0.2 dB/km at 1550 nm and about 0.35 dB/km at 1310 nm."),
+    ("What is the typical attenuation of G.652 single-mode fibre at 1310 nm?", "About 0.35 dB/km",
+     ("About 0.05 dB/km", "About 1.5 dB/km", "About 3 dB/km"),
+     "Standard single-mode fibre loses about 0.35 dB/km at 1310 nm."),
+    ("Near which wavelength is chromatic dispersion zero in standard G.652 fibre?", "1310 nm",
+     ("850 nm", "1550 nm", "1625 nm"), "G.652 fibre has its zero-dispersion wavelength around 1310 nm."),
+    ("What is the typical core diameter of single-mode fibre?", "About 9 \u00b5m",
+     ("50 \u00b5m", "62.5 \u00b5m", "125 \u00b5m"),
+     "Single-mode cores are about 8-10 \u00b5m; 125 \u00b5m is the cladding diameter."),
+    ("Which wavelength is most used with OM3/OM4 multimode fibre?", "850 nm", ("1310 nm", "1490 nm", "1550 nm"),
+     "OM3/OM4 laser-optimised multimode fibre is specified for 850 nm VCSEL transmission."),
+    ("Conventional erbium-doped fibre amplifiers (EDFAs) mainly amplify which band?", "C-band",
+     ("O-band", "E-band", "U-band"), "EDFAs amplify the C-band (and, with suitable design, the L-band)."),
+    ("At which frequency is the ITU-T G.694.1 DWDM grid anchored?", "193.1 THz",
+     ("190.0 THz", "196.0 THz", "229.0 THz"), "The DWDM grid is defined around 193.1 THz."),
+    ("What is the channel spacing of the ITU-T CWDM grid?", "20 nm", ("0.8 nm", "5 nm", "50 nm"),
+     "CWDM channels are 20 nm apart, from 1271 to 1611 nm."),
+    ("Which instrument locates a fibre break by measuring backscattered light?", "OTDR",
+     ("Optical power meter", "Spectrum analyser", "BER tester"),
+     "An optical time-domain reflectometer shows the distance to breaks and splices from backscatter."),
+    ("Which wavelength does GPON use for downstream data?", "1490 nm", ("1310 nm", "1270 nm", "850 nm"),
+     "GPON sends downstream at 1490 nm and upstream at 1310 nm."),
+    ("What is the GPON downstream line rate?", "About 2.488 Gbit/s", ("About 1.244 Gbit/s", "About 10 Gbit/s", "About 622 Mbit/s"),
+     "GPON runs 2.488 Gbit/s downstream and 1.244 Gbit/s upstream."),
+    ("Which synchronisation method delivers frequency but not phase or time of day?", "Synchronous Ethernet (SyncE)",
+     ("PTP (IEEE 1588)", "A GNSS receiver", "NTP"),
+     "SyncE carries frequency over the Ethernet physical layer; phase and time need PTP or GNSS."),
+    ("Which ITU-T PTP telecom profile assumes full timing support, with every node acting as a boundary or transparent clock?",
+     "G.8275.1", ("G.8275.2", "G.8262", "G.709"),
+     "G.8275.1 is the full-timing-support profile; G.8275.2 covers partial timing support."),
+    ("Which ITU-T PTP telecom profile is meant for partial timing support over IP networks?", "G.8275.2",
+     ("G.8275.1", "G.8262", "G.984"), "G.8275.2 uses PTP over IP unicast where not every node supports PTP."),
+    ("What maximum absolute time error at the air interface is commonly required for TDD cells?", "\u00b11.5 \u00b5s",
+     ("\u00b11.5 ms", "\u00b115 ms", "\u00b11.5 s"),
+     "TDD cells must stay within \u00b11.5 \u00b5s of a common time reference (3 \u00b5s between neighbours)."),
+    ("What frequency accuracy must a wide-area LTE or NR base station meet at the air interface?", "\u00b150 ppb (0.05 ppm)",
+     ("\u00b15 ppm", "\u00b150 ppm", "\u00b11 ppm"), "Wide-area base stations must be within \u00b10.05 ppm of the nominal carrier frequency."),
+    ("Which PTP messages does the end-to-end delay mechanism use to measure path delay?", "Delay_Req and Delay_Resp",
+     ("Sync and Announce", "Pdelay_Req and Pdelay_Resp", "Signaling and Management"),
+     "The end-to-end mechanism uses Delay_Req/Delay_Resp; Pdelay messages belong to the peer-to-peer mechanism."),
+    ("Which microwave band uses 71-76 GHz and 81-86 GHz for multi-gigabit short-hop backhaul?", "E-band",
+     ("V-band", "Ku-band", "L-band"), "E-band (70/80 GHz) offers wide channels for short, high-capacity hops."),
+    ("Why are 60 GHz (V-band) links limited to very short hops?", "Strong oxygen absorption around 60 GHz",
+     ("Reflection from the ionosphere", "Earth curvature beyond 1 km", "Water vapour absorption peaking at 60 GHz"),
+     "Oxygen absorbs strongly near 60 GHz (about 15 dB/km), limiting hop length."),
+    ("For microwave links in the 15-40 GHz range, which effect usually dominates availability planning?", "Rain attenuation",
+     ("Ionospheric scintillation", "Oxygen absorption", "Fibre dispersion"),
+     "Above about 10 GHz, rain fading is the main cause of outage on microwave links."),
+    ("What does adaptive coding and modulation (ACM) do on a microwave link?",
+     "Lowers the modulation order in bad conditions to keep the link up at reduced capacity",
+     ("Switches all traffic to a backup fibre", "Raises transmit power to the regulatory maximum", "Rotates the antenna polarisation"),
+     "ACM trades capacity for robustness as the fade margin shrinks."),
+    ("What does XPIC enable on a microwave link?", "Two independent channels on the same frequency using both polarisations",
+     ("Automatic antenna alignment", "Encryption of the radio payload", "Frequency hopping across channels"),
+     "A cross-polarisation interference canceller lets horizontal and vertical polarisations carry separate traffic."),
+    ("What first Fresnel zone clearance is a common microwave path planning rule?", "At least about 60%",
+     ("At least about 10%", "Exactly 100% of the second zone", "None if there is optical line of sight"),
+     "Planners keep at least about 60% of the first Fresnel zone free of obstacles."),
+    ("What does a 1+1 hot standby (HSB) microwave configuration provide?",
+     "Equipment protection, with a standby radio taking over if the active one fails",
+     ("Double capacity over two channels", "Encryption of the link", "Automatic frequency planning"),
+     "In 1+1 HSB one radio transmits while the other stands by for protection."),
+    ("Which interface traditionally connects a baseband unit to a remote radio unit?", "CPRI",
+     ("S1", "X2", "Iub"), "CPRI carries digitised radio samples between baseband and radio units."),
+    ("How does eCPRI mainly differ from CPRI?", "It carries fronthaul over packet networks such as Ethernet or IP",
+     ("It uses copper instead of fibre", "It works only for 2G", "It carries only synchronisation"),
+     "eCPRI packetises fronthaul and uses a functional split that needs less bandwidth than CPRI."),
+    ("Where does the O-RAN 7.2x fronthaul split the protocol stack?", "Inside the physical layer (lower-layer split)",
+     ("Between PDCP and RLC", "Between RRC and PDCP", "At the core network edge"),
+     "Split 7.2x divides the PHY between the O-DU (high PHY) and the O-RU (low PHY)."),
+    ("Which 3GPP functional split does the F1 interface implement?", "Option 2 (between PDCP and RLC)",
+     ("Option 6 (between MAC and PHY)", "Option 7 (inside the PHY)", "Option 8 (between PHY and RF)"),
+     "F1 separates the CU (PDCP and above) from the DU (RLC, MAC, PHY)."),
+    ("In a 5G transport network, which segment connects the CU to the DU?", "Midhaul",
+     ("Fronthaul", "Backhaul", "Core backbone"), "Midhaul links CU and DU; fronthaul links DU and RU; backhaul links CU and core."),
+    ("Which unit expresses absolute optical power on an optical interface?", "dBm", ("dB", "dB/km", "nm"),
+     "dBm is power relative to 1 mW; dB is a ratio such as loss or gain."),
+)
+
+
+def _transport_candidates(rng: random.Random) -> list[_Cand]:
+    c = "transport"
+    out: list[_Cand] = []
+    out += _table(c, _SDH, "stm", "rate", ("What is the line rate of an SDH {stm} signal?",),
+                  "{stm} (SONET {oc}) runs at {rate}.", rng, extra=("51.84 Mbit/s", "1244.16 Mbit/s"))
+    out += _table(c, _SDH, "stm", "oc", ("Which SONET level has the same rate as SDH {stm}?",),
+                  "{stm} and {oc} both run at {rate}.", rng, extra=("OC-1", "OC-24"))
+    out += _table(c, _SDH, "oc", "stm", ("Which SDH level has the same rate as SONET {oc}?",),
+                  "{oc} and {stm} both run at {rate}.", rng, extra=("STM-0", "STM-8"))
+    out += _table(c, _SDH, "rate", "stm", ("Which SDH level runs at {rate}?",),
+                  "{stm} (SONET {oc}) runs at {rate}.", rng, extra=("STM-0", "STM-8"))
+    out += _table(c, _PDH, "name", "rate", ("What is the bit rate of the PDH signal {name}?",),
+                  "A {name} line runs at {rate}.", rng, extra=("8.448 Mbit/s", "155.52 Mbit/s"))
+    out += _table(c, _PDH, "rate", "name", ("Which PDH signal runs at {rate}?",),
+                  "A {name} line runs at {rate}.", rng)
+    out += _table(c, _OTN, "client", "odu", ("Which OTN container is sized for {client}?",),
+                  "{odu} is the OTN container for {client}.", rng, extra=("ODU5",))
+    out += _table(c, _ITU_RECS, "topic", "rec", ("Which ITU-T recommendation specifies {topic}?",),
+                  "ITU-T {rec} specifies {topic}.", rng)
+    out += _table(c, _ITU_RECS, "rec", "topic", ("What does ITU-T recommendation {rec} specify?",),
+                  "ITU-T {rec} specifies {topic}.", rng)
+    out += _table(c, _OPTICAL_BANDS, "range", "band", ("Which optical band (ITU-T naming) spans {range}?",),
+                  "The optical {band} spans {range}.", rng)
+    out += _table(c, _OPTICAL_BANDS, "band", "range", ("Which wavelength range is the optical {band}?",),
+                  "The optical {band} spans {range}.", rng)
+    out += _table(c, _IEEE, "tech", "std", ("Which IEEE standard defines {tech}?",),
+                  "{std} defines {tech}.", rng)
+    out += _table(c, _IEEE, "std", "tech", ("What does {std} define?",), "{std} defines {tech}.", rng)
+    out += _table(c, _PTP_CLOCKS, "role", "clock", ("Which PTP telecom clock type {role}?",),
+                  "A {clock} ({exp}) {role}.", rng)
+    out += _table(c, _PTP_CLOCKS[:3], "clock", "exp", ("In PTP telecom profiles, what does {clock} stand for?",),
+                  "{clock} stands for {exp}.", rng, extra=("Timing Gateway", "Time Service Controller"))
+    out += _table(c, _ROUTING, "fact", "proto", ("Which protocol {fact}?",), "{proto} {fact}.", rng)
+    out += _table(c, _PORTS_TRANSPORT, "proto", "port", ("Which port number is registered as the default for {proto}?",),
+                  "{proto} uses {pt}.", rng, extra=_ALL_PORTS)
+    out += _table(c, _TRANSPORT_ACRONYMS, "abbr", "exp", ("In transport networks, what does {abbr} stand for?",),
+                  "{abbr} stands for {exp}.", rng)
+    out += _hand(c, _TRANSPORT_HAND)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fact base: operations
+# --------------------------------------------------------------------------------------------
+
+_FCAPS = _rows(
+    "area role",
+    ("Fault management", "detecting, isolating and correcting abnormal conditions such as alarms"),
+    ("Configuration management", "provisioning network elements and tracking their settings and inventory"),
+    ("Accounting management", "collecting usage records for billing"),
+    ("Performance management", "collecting counters and KPIs to assess network quality and capacity"),
+    ("Security management", "controlling access to network resources and protecting management data"),
+)
+_ITIL_TERMS = _rows(
+    "term definition cg",
+    ("Incident", "an unplanned interruption to a service or reduction in the quality of a service", "incident"),
+    ("Problem", "a cause, or potential cause, of one or more incidents", "problem"),
+    ("Known error", "a problem that has been analysed but not yet resolved", "problem"),
+    ("Change", "the addition, modification or removal of anything that could affect services", "change"),
+    ("Workaround", "a way to reduce or remove the impact of an incident or problem before a full fix exists", "workaround"),
+    ("Event", "any change of state that matters for the management of a service or configuration item", "event"),
+    ("Standard change", "a low-risk, pre-authorised change that is well understood and documented", "change"),
+    ("Emergency change", "a change that must be implemented as soon as possible, e.g. to resolve an incident", "change"),
+)
+_ITIL_PRACTICES = _rows(
+    "practice goal",
+    ("Incident management", "restore normal service operation as quickly as possible and minimise business impact"),
+    ("Problem management", "reduce the likelihood and impact of incidents by finding their actual and potential causes"),
+    ("Change enablement (change management)", "maximise successful changes by assessing risk and authorising changes"),
+    ("Service request management", "handle pre-defined, user-initiated requests such as access or information"),
+    ("Monitoring and event management", "observe services and components and record and report changes of state"),
+)
+_OPS_ACRONYMS = _rows(
+    "abbr exp",
+    ("MTTR", "Mean Time To Repair"), ("MTBF", "Mean Time Between Failures"), ("MTTF", "Mean Time To Failure"),
+    ("MTTA", "Mean Time To Acknowledge"), ("MTTD", "Mean Time To Detect"), ("NOC", "Network Operations Centre"),
+    ("SLA", "Service Level Agreement"), ("OLA", "Operational Level Agreement"), ("RCA", "Root Cause Analysis"),
+    ("KPI", "Key Performance Indicator"), ("OSS", "Operations Support System"), ("BSS", "Business Support System"),
+    ("NMS", "Network Management System"), ("EMS", "Element Management System"), ("ZTP", "Zero-Touch Provisioning"),
+    ("CAB", "Change Advisory Board"), ("MOP", "Method of Procedure"), ("VSWR", "Voltage Standing Wave Ratio"),
+    ("UPS", "Uninterruptible Power Supply"), ("ATS", "Automatic Transfer Switch"), ("VRLA", "Valve-Regulated Lead-Acid"),
+    ("LVD", "Low Voltage Disconnect"), ("MIB", "Management Information Base"), ("OID", "Object Identifier"),
+    ("SNMP", "Simple Network Management Protocol"), ("SON", "Self-Organising Network"),
+    ("ANR", "Automatic Neighbour Relation"), ("MRO", "Mobility Robustness Optimisation"),
+    ("MLB", "Mobility Load Balancing"), ("CCO", "Coverage and Capacity Optimisation"),
+)
+_AVAILABILITY = _rows(
+    "avail year month",
+    ("99%", "about 3.65 days", "about 7.2 hours"),
+    ("99.9%", "about 8.76 hours", "about 43.2 minutes"),
+    ("99.95%", "about 4.38 hours", "about 21.6 minutes"),
+    ("99.99%", "about 52.6 minutes", "about 4.32 minutes"),
+    ("99.999%", "about 5.26 minutes", "about 25.9 seconds"),
+    ("99.9999%", "about 31.5 seconds", "about 2.59 seconds"),
+)
+_SYSLOG = _rows(
+    "level name",
+    ("0", "Emergency"), ("1", "Alert"), ("2", "Critical"), ("3", "Error"), ("4", "Warning"),
+    ("5", "Notice"), ("6", "Informational"), ("7", "Debug"),
+)
+_X733 = _rows(
+    "severity meaning",
+    ("Critical", "a service-affecting condition has occurred (e.g. the resource is totally out of service) and immediate corrective action is required"),
+    ("Major", "a service-affecting condition has developed (e.g. severe degradation) and urgent corrective action is required"),
+    ("Minor", "a non-service-affecting fault exists and corrective action should be taken to prevent a more serious fault"),
+    ("Warning", "a potential or impending service-affecting fault has been detected before any significant effects are felt"),
+    ("Cleared", "one or more previously reported alarms have been cleared"),
+)
+_PORTS_OPS = _rows(
+    "proto port pt",
+    ("SNMP (agent requests)", "161", "UDP 161"), ("SNMP traps/notifications", "162", "UDP 162"),
+    ("Syslog", "514", "UDP 514"), ("NTP", "123", "UDP 123"), ("NETCONF over SSH", "830", "TCP 830"),
+    ("SSH", "22", "TCP 22"), ("Telnet", "23", "TCP 23"), ("TACACS+", "49", "TCP 49"),
+    ("RADIUS authentication", "1812", "UDP 1812"),
+)
+_SON = _rows(
+    "function role",
+    ("ANR (Automatic Neighbour Relation)", "discovers and adds missing neighbour relations from UE measurement reports"),
+    ("MRO (Mobility Robustness Optimisation)", "tunes handover parameters to reduce too-early, too-late and ping-pong handovers"),
+    ("MLB (Mobility Load Balancing)", "moves traffic from overloaded cells to neighbours by adjusting handover and reselection parameters"),
+    ("CCO (Coverage and Capacity Optimisation)", "adjusts antenna tilt and power to balance coverage and capacity"),
+    ("Energy saving", "switches off capacity cells or carriers at low load to reduce power consumption"),
+    ("Automatic PCI assignment", "assigns physical cell identities so that neighbouring cells avoid collisions and confusion"),
+)
+_KPI_FAMILIES = _rows(
+    "kpi family",
+    ("call setup success rate (CSSR)", "Accessibility"), ("RRC connection setup success rate", "Accessibility"),
+    ("call drop rate", "Retainability"), ("E-RAB abnormal release rate", "Retainability"),
+    ("average user throughput", "Integrity"), ("user-plane latency", "Integrity"),
+    ("handover success rate", "Mobility"), ("cell availability", "Availability"),
+)
+_RCA_METHODS = _rows(
+    "method role",
+    ("5 Whys", "repeatedly asks why a problem happened to drill down from the symptom to the root cause"),
+    ("Ishikawa (fishbone) diagram", "groups possible causes into categories on a cause-and-effect diagram"),
+    ("Pareto analysis", "focuses effort on the few causes behind most of the incidents (80/20 rule)"),
+    ("Fault tree analysis", "decomposes an undesired top event into contributing failures with Boolean logic gates"),
+    ("FMEA", "rates potential failure modes by severity, occurrence and detection before they happen"),
+)
+
+_OPS_HAND = (
+    ("What does FCAPS stand for?", "Fault, Configuration, Accounting, Performance, Security",
+     ("Fault, Capacity, Availability, Performance, Service", "Failure, Configuration, Alarm, Provisioning, Security",
+      "Fault, Change, Asset, Problem, Service"),
+     "FCAPS is the ITU-T TMN model of five network management areas."),
+    ("How is steady-state availability calculated from MTBF and MTTR?", "MTBF / (MTBF + MTTR)",
+     ("MTTR / (MTBF + MTTR)", "MTBF x MTTR", "(MTBF + MTTR) / MTTR"),
+     "Availability is the share of time the system is up: MTBF / (MTBF + MTTR)."),
+    ("A system has an MTBF of 9,999 hours and an MTTR of 1 hour. What is its availability?", "99.99%",
+     ("99%", "99.9%", "99.999%"), "9999 / (9999 + 1) = 0.9999, i.e. 99.99%."),
+    ("A system has an MTBF of 999 hours and an MTTR of 1 hour. What is its availability?", "99.9%",
+     ("99%", "99.99%", "99.999%"), "999 / (999 + 1) = 0.999, i.e. 99.9%."),
+    ("Which availability figure is meant by 'five nines'?", "99.999%", ("99.9%", "99.99%", "99.9999%"),
+     "Five nines is 99.999%, about 5.26 minutes of downtime per year."),
+    ("What does a higher MTBF indicate?", "Failures occur less often", ("Repairs take longer", "More alarms per day",
+     "Lower availability"), "MTBF is the mean operating time between failures, so higher means more reliable."),
+    ("Which SNMP notification is sent by an agent without expecting an acknowledgement?", "Trap",
+     ("Inform", "GetBulkRequest", "SetRequest"), "Traps are unacknowledged; informs are acknowledged by the manager."),
+    ("Which SNMP notification type is acknowledged by the receiving manager?", "Inform",
+     ("Trap", "GetNextRequest", "SetRequest"), "An InformRequest is confirmed by the manager, unlike a trap."),
+    ("Which SNMP version adds user-based authentication and encryption?", "SNMPv3",
+     ("SNMPv1", "SNMPv2c", "None; SNMP has no encryption"), "SNMPv3 adds the user-based security model with authentication and privacy."),
+    ("Which SNMP operation retrieves large tables efficiently in a single request?", "GetBulkRequest",
+     ("GetRequest", "SetRequest", "Trap"), "GetBulk (SNMPv2c and later) returns many variable bindings at once."),
+    ("What identifies a managed object in an SNMP MIB?", "An OID (object identifier)",
+     ("A MAC address", "A VLAN ID", "A community string"), "Each MIB object has a unique, hierarchical OID."),
+    ("Which data modelling language is used with NETCONF and RESTCONF?", "YANG",
+     ("SMIv2", "JSON Schema", "UML"), "YANG (RFC 7950) models configuration and state data for NETCONF/RESTCONF."),
+    ("How does NETCONF encode its messages?", "XML", ("ASN.1 BER", "Protocol Buffers", "CSV"),
+     "NETCONF uses XML-encoded RPCs over a secure transport."),
+    ("What is the default secure transport and port for NETCONF?", "SSH on TCP port 830",
+     ("Telnet on TCP port 23", "SNMP on UDP port 161", "HTTP on TCP port 80"), "NETCONF over SSH uses TCP port 830."),
+    ("Which NETCONF datastore lets changes be staged and then committed?", "candidate",
+     ("running", "startup", "scratch"), "Changes in the candidate datastore take effect only after a commit."),
+    ("gNMI is built on which RPC framework?", "gRPC", ("SOAP", "XML-RPC", "CORBA"),
+     "gNMI (gRPC Network Management Interface) uses gRPC for configuration and streaming telemetry."),
+    ("Which approach pushes operational data from devices continuously instead of polling them?",
+     "Model-driven streaming telemetry", ("SNMP polling", "Syslog rotation", "Ping sweeps"),
+     "Streaming telemetry subscribes to data models and pushes updates periodically or on change."),
+    ("What is the nominal DC voltage of most telecom site power plants?", "-48 V DC",
+     ("+5 V DC", "+110 V DC", "400 V AC"), "Telecom equipment is traditionally fed with -48 V DC from rectifiers and batteries."),
+    ("What does a rectifier do in a telecom power plant?", "Converts AC mains into DC to feed the load and charge batteries",
+     ("Converts DC into AC for the radios", "Starts the generator when mains fails", "Measures VSWR on the feeders"),
+     "Rectifiers turn AC mains into the -48 V DC bus that feeds equipment and charges batteries."),
+    ("What is the purpose of a low voltage disconnect (LVD)?", "To disconnect the load or battery before a deep discharge damages it",
+     ("To switch the site to generator power", "To limit inrush current at power-up", "To protect against lightning"),
+     "An LVD opens at a set low voltage to protect the batteries from deep discharge."),
+    ("What does a high VSWR alarm on a sector usually indicate?",
+     "Reflected power from a damaged or loose feeder, jumper, connector or antenna",
+     ("High uplink interference from another operator", "Too many users on the cell", "A GNSS synchronisation problem"),
+     "VSWR rises when an impedance mismatch in the antenna line reflects power back."),
+    ("What does a VSWR of 1.0:1 mean?", "A perfect impedance match with no reflected power",
+     ("Total reflection of the transmitted power", "An open circuit at the antenna", "Half of the power reflected"),
+     "VSWR 1:1 is the ideal match; higher values mean more reflected power."),
+    ("What does it mean when an alarm is 'flapping'?", "It repeatedly raises and clears within a short time",
+     ("It is raised by two devices at once", "It can only be cleared manually", "It has no severity set"),
+     "Flapping alarms toggle between raised and cleared and are often suppressed or damped."),
+    ("One transmission failure raises dozens of 'cell out of service' alarms. Which alarm should drive the ticket?",
+     "The root transmission alarm; the cell alarms are sympathetic",
+     ("Each cell alarm, in its own ticket", "The alarm with the latest timestamp", "The alarm with the lowest severity"),
+     "The NOC works the root alarm and correlates the sympathetic alarms under it."),
+    ("What is the purpose of alarm correlation in a NOC?", "To group related alarms and point to the root cause, reducing noise",
+     ("To delete alarms older than 24 hours", "To raise the severity of every alarm", "To forward all alarms to customers"),
+     "Correlation links sympathetic alarms to their root alarm so operators see one actionable event."),
+    ("What is a maintenance window?", "An agreed low-traffic period in which planned changes are carried out",
+     ("The time allowed to answer a customer complaint", "The warranty period of new equipment", "The time a spare part takes to arrive"),
+     "Changes are scheduled in maintenance windows to limit customer impact."),
+    ("Why should every network change have a rollback (back-out) plan?", "To return to the last working state if the change fails",
+     ("To speed up the change approval", "To avoid documenting the change", "To move the change to another window"),
+     "A rollback plan restores service quickly if a change goes wrong."),
+    ("In ITIL change management, what does RFC stand for?", "Request for Change",
+     ("Request for Comments", "Root Fault Cause", "Release Forward Control"),
+     "An RFC is the formal request to implement a change; in the IETF the same letters mean Request for Comments."),
+    ("What is the role of the Change Advisory Board (CAB)?", "To assess and advise on the authorisation of changes",
+     ("To restore service after incidents", "To monitor alarms around the clock", "To negotiate SLAs with customers"),
+     "The CAB reviews risk, impact and scheduling of changes and advises the change authority."),
+    ("Which agreement is made between a service provider and its customer?", "SLA (service level agreement)",
+     ("OLA (operational level agreement)", "Underpinning contract", "MOP (method of procedure)"),
+     "An SLA states the service levels agreed with the customer."),
+    ("Which agreement is made between internal teams of a provider to support an SLA?", "OLA (operational level agreement)",
+     ("SLA (service level agreement)", "Underpinning contract", "Request for change"),
+     "An OLA sets internal commitments that support the customer-facing SLA."),
+    ("Which agreement binds an external supplier that helps deliver a service to the customer?", "Underpinning contract",
+     ("OLA (operational level agreement)", "SLA (service level agreement)", "Known error record"),
+     "An underpinning contract with a third-party supplier supports the SLA."),
+    ("In a tiered NOC, which level does first-line monitoring, triage, ticket logging and documented fixes?", "L1",
+     ("L2", "L3", "The CAB"), "L1 handles first-line work and escalates what it cannot resolve to L2/L3."),
+    ("What is a method of procedure (MOP) used for?", "Step-by-step instructions for carrying out a planned change, including checks and rollback",
+     ("Measuring optical power on fibre", "Calculating availability from MTBF", "Routing alarms to the right team"),
+     "A MOP lists the exact steps, verification and back-out for a planned activity."),
+    ("Which protocol synchronises device clocks so that logs and alarms carry consistent timestamps?", "NTP",
+     ("SNMP", "Syslog", "LLDP"), "NTP keeps device clocks aligned so events from many elements can be correlated."),
+    ("Which IEEE 802.1AB protocol lets neighbouring devices advertise their identity and capabilities?", "LLDP",
+     ("BFD", "LACP", "STP"), "LLDP is the vendor-neutral link layer discovery protocol."),
+)
+
+
+def _operations_candidates(rng: random.Random) -> list[_Cand]:
+    c = "operations"
+    out: list[_Cand] = []
+    out += _table(c, _FCAPS, "role", "area", ("In the FCAPS model, which management area covers {role}?",),
+                  "{area} covers {role}.", rng)
+    out += _table(c, _ITIL_TERMS, "definition", "term", ("In ITIL, what is the term for {definition}?",),
+                  "ITIL defines a(n) {term} as {definition}.", rng)
+    out += _table(c, _ITIL_TERMS, "term", "definition", ("How does ITIL define a(n) '{term}'?",),
+                  "ITIL defines a(n) {term} as {definition}.", rng)
+    out += _table(c, _ITIL_PRACTICES, "goal", "practice", ("Which ITIL practice aims to {goal}?",),
+                  "{practice} aims to {goal}.", rng)
+    out += _table(c, _OPS_ACRONYMS, "abbr", "exp", ("In network operations, what does {abbr} stand for?",),
+                  "{abbr} stands for {exp}.", rng)
+    out += _table(c, _AVAILABILITY, "avail", "year", ("About how much downtime per year does {avail} availability allow?",),
+                  "{avail} availability allows {year} of downtime per year ({month} per 30-day month).", rng)
+    out += _table(c, _AVAILABILITY, "year", "avail", ("Which availability level allows {year} of downtime per year?",),
+                  "{avail} availability allows {year} of downtime per year.", rng)
+    out += _table(c, _AVAILABILITY, "avail", "month", ("About how much downtime per 30-day month does {avail} availability allow?",),
+                  "{avail} of a 30-day month leaves {month} of allowed downtime.", rng)
+    out += _table(c, _SYSLOG, "level", "name", ("Which syslog severity name corresponds to numeric level {level}?",),
+                  "Syslog severity {level} is {name} (0 = Emergency ... 7 = Debug).", rng)
+    out += _table(c, _SYSLOG, "name", "level", ("What is the numeric syslog severity level of '{name}'?",),
+                  "Syslog severity {level} is {name} (0 = Emergency ... 7 = Debug).", rng)
+    out += _table(c, _X733, "meaning", "severity", ("In ITU-T X.733 alarm reporting, which perceived severity means {meaning}?",),
+                  "X.733 severity {severity} means {meaning}.", rng, extra=("Indeterminate",))
+    out += _table(c, _PORTS_OPS, "proto", "port", ("Which port number is registered as the default for {proto}?",),
+                  "{proto} uses {pt}.", rng, extra=_ALL_PORTS)
+    out += _table(c, _PORTS_OPS, "pt", "proto", ("Which protocol or service uses {pt} by default?",),
+                  "{proto} uses {pt}.", rng)
+    out += _table(c, _SON, "role", "function", ("Which SON function {role}?",), "{function} {role}.", rng)
+    out += _table(c, _KPI_FAMILIES, "kpi", "family", ("To which 3GPP KPI category does the {kpi} belong?",),
+                  "The {kpi} is a(n) {family} KPI.", rng)
+    out += _table(c, _RCA_METHODS, "role", "method", ("Which root cause analysis technique {role}?",),
+                  "{method} {role}.", rng)
+    out += _hand(c, _OPS_HAND)
+    return out
+
+
+_ALL_PORTS: tuple[str, ...] = tuple(
+    r["port"] for r in _PORTS_CORE + _PORTS_TRANSPORT + _PORTS_OPS
+)
+
+
+# --------------------------------------------------------------------------------------------
+# QA assembly
+# --------------------------------------------------------------------------------------------
+
+def _qa_candidates(rng: random.Random) -> dict[str, list[_Cand]]:
+    builders = {
+        "ran": _ran_candidates,
+        "core": _core_candidates,
+        "transport": _transport_candidates,
+        "operations": _operations_candidates,
+    }
+    out: dict[str, list[_Cand]] = {}
+    seen: set[str] = set()
+    for cat in QA_CATEGORIES:
+        kept = []
+        for cand in builders[cat](rng):
+            key = cand.question.lower()
+            if key in seen:  # e.g. several roles of one NF give the same reverse question
+                continue
+            seen.add(key)
+            kept.append(cand)
+        out[cat] = kept
+    return out
+
+
+def _n_distractors(cand: _Cand) -> int:
+    return len(cand.primary) + len(cand.secondary)
+
+
+def _draw_choices(cand: _Cand, n_wrong: int, position: int, rng: random.Random) -> list[str]:
+    """``n_wrong`` shuffled distractors (same kind of entity first) with the answer at ``position``."""
+    assert _n_distractors(cand) >= n_wrong, f"not enough distractors for: {cand.question}"
+    if len(cand.primary) >= n_wrong:
+        wrong = rng.sample(cand.primary, n_wrong)
+    else:
+        wrong = list(cand.primary) + rng.sample(cand.secondary, n_wrong - len(cand.primary))
+    rng.shuffle(wrong)
+    wrong.insert(position, cand.answer)
+    return wrong
+
+
+def _balanced_positions(n_items: int, n_choices: int, rng: random.Random) -> list[int]:
+    """Answer positions for ``n_items`` questions, as even over ``range(n_choices)`` as possible."""
+    positions = [i % n_choices for i in range(n_items)]
+    rng.shuffle(positions)
+    return positions
+
+
+def generate_qa(seed: int = SEED) -> list[dict[str, Any]]:
+    """Generate the telecom multiple-choice QA data set (340 questions by default).
+
+    Every category gets the same number of questions: all hand-written questions of the
+    category plus a seeded sample of the table-generated ones. Returns a list of dicts with
+    keys ``id``, ``question``, ``choices``, ``answer`` (0-based index into ``choices``),
+    ``category``, ``explanation`` and ``split``, in a shuffled, fixed order.
+    """
+    rng = random.Random(seed + 1)
+    pools = _qa_candidates(rng)
+    drafts: list[tuple[_Cand, int]] = []  # (candidate, number of distractors)
+    for cat in QA_CATEGORIES:
+        pool = pools[cat]
+        hand = [c for c in pool if c.hand]
+        table = [c for c in pool if not c.hand]
+        n_table = _QA_PER_CATEGORY - len(hand)
+        assert 0 <= n_table <= len(table), (cat, len(hand), len(table))
+        chosen = hand + rng.sample(table, n_table)
+        # About 20% of the questions of each category get five choices, the rest four.
+        eligible = [i for i, cand in enumerate(chosen) if _n_distractors(cand) >= 4]
+        n_five = int(round(_QA_FIVE_CHOICE_SHARE * len(chosen)))
+        assert len(eligible) >= n_five, (cat, len(eligible))
+        five = set(rng.sample(eligible, n_five))
+        drafts += [(cand, 4 if i in five else 3) for i, cand in enumerate(chosen)]
+    # The correct answer's position is spread evenly over the positions (per choice count).
+    positions: dict[int, list[int]] = {}
+    for n_wrong in (3, 4):
+        n_items = sum(1 for _, n in drafts if n == n_wrong)
+        positions[n_wrong] = _balanced_positions(n_items, n_wrong + 1, rng)
+    records: list[dict[str, Any]] = []
+    for cand, n_wrong in drafts:
+        position = positions[n_wrong].pop()
+        choices = _draw_choices(cand, n_wrong, position, rng)
+        records.append({"question": cand.question, "choices": choices, "answer": position,
+                        "category": cand.category, "explanation": cand.explanation})
+    rng.shuffle(records)
+    _assign_splits(records, "category", rng)
+    out = [
+        {"id": f"qa-{i:04d}", "question": r["question"], "choices": r["choices"], "answer": r["answer"],
+         "category": r["category"], "explanation": r["explanation"], "split": r["split"]}
+        for i, r in enumerate(records, start=1)
+    ]
+    assert len({r["question"].lower() for r in out}) == len(out), "duplicate question"
+    for r in out:
+        lowered = [c.lower() for c in r["choices"]]
+        assert len(set(lowered)) == len(lowered), f"duplicate choice: {r['question']}"
+        assert 0 <= r["answer"] < len(r["choices"])
+    return out
+
+
+# =============================================================================================
+# Writing
+# =============================================================================================
+
+def to_jsonl(records: Sequence[dict[str, Any]]) -> str:
+    """Serialise records as JSONL text: one compact JSON object per line, UTF-8 characters kept."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def write_builtin(out_dir: pathlib.Path | None = None, seed: int = SEED) -> dict[str, pathlib.Path]:
+    """Generate both data sets and write them as UTF-8 JSONL files.
+
+    Args:
+        out_dir: target folder (created if missing); defaults to the package's ``data/`` folder,
+            i.e. it regenerates the shipped files.
+        seed: generator seed; the shipped files use :data:`SEED`.
+
+    Returns:
+        ``{"rca": path_to_rca_tickets.jsonl, "qa": path_to_qa_telecom.jsonl}``.
+    """
+    folder = pathlib.Path(out_dir) if out_dir is not None else DATA_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"rca": folder / RCA_FILENAME, "qa": folder / QA_FILENAME}
+    for task, records in (("rca", generate_rca(seed)), ("qa", generate_qa(seed))):
+        with open(paths[task], "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(to_jsonl(records))
+    return paths
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llm_energy.sample_data",
+        description="Regenerate the built-in RCA and telecom QA sample data (JSONL).",
+    )
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help=f"output folder (default: the package data folder {DATA_DIR})")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"generator seed (default {SEED})")
+    args = parser.parse_args(argv)
+    for task, path in write_builtin(args.out, args.seed).items():
+        with open(path, encoding="utf-8") as fh:
+            n = sum(1 for _ in fh)
+        print(f"{task}: {n} records -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,97 @@
+"""The smoke study through the runner (papermill, every notebook), then resume and refusal paths."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from llm_energy import results
+
+pytestmark = pytest.mark.slow
+PRECISIONS = ["fp32", "bf16", "fp16", "int8", "nf4", "fp4"]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llm_energy.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "smoke"
+    proc = cli("run", str(root / "params" / "smoke.yaml"), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc
+
+
+def test_outputs_follow_the_contract(smoke_run):
+    out, _ = smoke_run
+    for name in ("params.resolved.yaml", "provenance.json", "report.html", "tables/energy.csv", "tables/scores.csv",
+                 "tables/ranking.csv"):
+        assert (out / name).is_file(), name
+    executed = sorted(p.name for p in (out / "notebooks").glob("*.ipynb"))
+    assert executed == ["01_data__study.ipynb", "05_ranking__study.ipynb"] + [
+        f"03_inference__tiny-random-llama__{p}.ipynb" for p in sorted(PRECISIONS)]
+    for fig in ("fig1_token_lengths", "fig4_inference_energy_carbon", "fig5_quantization_impact", "fig7_ranking"):
+        assert (out / "figures" / f"{fig}.png").is_file() and (out / "figures" / f"{fig}.pdf").is_file()
+
+
+def test_energy_rows_for_every_precision_and_task(smoke_run):
+    out, _ = smoke_run
+    energy = results.read_table(out, "energy")
+    inference = energy[energy["phase"] == "inference"]
+    assert sorted(zip(inference["precision"], inference["task"])) == sorted((p, t) for p in PRECISIONS for t in ("qa", "rca"))
+    assert set(energy.columns) >= set(results.ENERGY_COLUMNS)
+    assert inference["energy_method"].notna().all() and (inference["repeats"] == 2).all()
+    assert (energy["phase"] == "idle").sum() == 1
+    scores = results.read_table(out, "scores")
+    assert len(scores) == len(PRECISIONS) * 4
+    ranking = results.read_table(out, "ranking")
+    assert len(ranking) == len(PRECISIONS) * 11
+    assert ranking["phi"].between(0, 1).all() and ranking["rho"].between(0, 1).all()
+    for w, group in ranking.groupby("w"):
+        ordered = group.sort_values("rank")
+        assert ordered["R"].is_monotonic_decreasing
+
+
+def test_provenance_and_resolved_parameters(smoke_run):
+    out, _ = smoke_run
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["packages"]["torch"] and prov["params_hash"] and prov["finished_at"]
+    assert "idle_power_w" in prov["idle_baseline"]
+    assert prov["energy_methods_available"]["codecarbon"] is True
+
+
+def test_report_states_origin_and_estimates(smoke_run):
+    html = (smoke_run[0] / "report.html").read_text()
+    assert "randomly initialised Llama" in html
+    assert "ESTIMATED" in html or "measured by hardware counters" in html
+    assert "<script" not in html.split("<body", 1)[1] or "data:image/png;base64" in html
+
+
+def test_rerun_resumes_without_duplicates(smoke_run, root):
+    out, _ = smoke_run
+    before = results.read_table(out, "energy")
+    proc = cli("run", str(root / "params" / "smoke.yaml"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed (already done): 7" in proc.stdout
+    after = results.read_table(out, "energy")
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_changed_parameters_are_refused(smoke_run, root, tmp_path):
+    out, _ = smoke_run
+    changed = tmp_path / "smoke.yaml"
+    changed.write_text((root / "params" / "smoke.yaml").read_text().replace("max_items: 6", "max_items: 7"))
+    proc = cli("run", str(changed), "--out", str(out))
+    assert proc.returncode == 2
+    assert "written with different parameters" in proc.stderr
+
+
+def test_no_resume_needs_force(smoke_run, root):
+    out, _ = smoke_run
+    proc = cli("run", str(root / "params" / "smoke.yaml"), "--out", str(out), "--no-resume")
+    assert proc.returncode == 2 and "--force" in proc.stderr
