@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 PRECISION_ORDER: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4")
 PRECISION_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "nf4": 4, "fp4": 4}
@@ -635,6 +636,9 @@ def fig7_ranking(ranking: pd.DataFrame, w: float = 0.5, energy_method: str | Non
             ax_p.annotate(cid, (xi, yi), textcoords="offset points", xytext=(5, -10), fontsize=8,
                           color=_PARETO_COLOR)
         ax_p.set_xlabel("Energy per item (Wh/item)")
+        # Tiny Wh values print as long decimals that collide; a few ticks in scientific notation.
+        ax_p.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax_p.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
         ax_p.set_ylabel("ρ (quality)")
         ax_p.set_title(f"(b) Pareto front at w = {w_used:.2f}")
         ax_p.legend(fontsize=8, loc="best")

@@ -152,7 +152,7 @@ _BAND_UL = {
 _TECH_WEIGHTS = {
     "fibre_cut": (1, 2, 5, 3), "power_failure": (2, 2, 5, 2), "configuration_error": (0, 1, 6, 4),
     "hardware_fault": (2, 2, 5, 3), "software_defect": (0, 1, 5, 4), "congestion": (0, 0, 6, 4),
-    "interference": (0, 1, 6, 3), "transport_backhaul": (1, 2, 5, 3),
+    "interference": (0, 1, 6, 3), "transport_backhaul": (0, 2, 5, 3),
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -288,7 +288,7 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                 ],
                 "head_i": [
                     "OMS-LOS on {town}-{town2} DWDM line, several services down",
-                    "All wavelengths on the {agg}-{agg2} line lost at {t1}",
+                    "All wavelengths on the {agg} / {agg2} line lost at {t1}",
                 ],
                 "sym": [
                     "OMS-LOS and OTS-LOS at both ends of the span",
@@ -340,7 +340,7 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                 ],
                 "sym_x": ["utility confirms feeder fault in {town}, ETR {t2}", "power company says the substation is down"],
                 "res": [
-                    "Commercial power outage in {town}; batteries depleted after {hours} h. Portable genset connected and site restored {t2}, mains returned later.",
+                    "Commercial power outage in {town}; batteries depleted after {hours} h and the site went down. Utility restored mains at {t2}, site recovered by itself.",
                     "Grid outage overnight; site has no genset so batteries drained and LVD tripped. Power restored by the utility at {t2}, alarms cleared.",
                     "Utility feeder fault in {town} took down {n_sites} sites once batteries ran out. Mains back {t2}, all sites recovered.",
                 ],
@@ -845,9 +845,9 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
         ],
         "scenarios": [
             {
-                "head_x": ["MW link {site}-{site2} misaligned after storm, RSL {rsl} dBm"],
+                "head_x": ["MW link {site} - {site2} misaligned after storm, RSL {rsl} dBm"],
                 "head_i": [
-                    "MW RSL low alarm {site}-{site2}: {rsl} dBm",
+                    "MW RSL low alarm {site} - {site2}: {rsl} dBm",
                     "Packet loss {pl_bad}% and latency {lat_bad} ms to {site} since the storm, radio KPIs clean",
                 ],
                 "sym": [
@@ -857,15 +857,15 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "BER {ber} on the MW hop",
                 ],
                 "sym_x": ["FE sees the dish visibly moved on the mast"],
-                "res": ["MW link {site}-{site2} misaligned after storm; dish re-aligned, RSL back to {rsl_nom} dBm and loss cleared."],
+                "res": ["MW link {site} - {site2} misaligned after storm; dish re-aligned, RSL back to {rsl_nom} dBm and loss cleared."],
             },
             {
                 "head_x": [
-                    "Microwave link {site}-{site2} degraded by rain fade, ACM down to QPSK",
+                    "Microwave link {site} - {site2} degraded by rain fade, ACM down to QPSK",
                     "Backhaul packet loss on {site} MW link, {pl_bad}% loss in heavy rain",
                 ],
                 "head_i": [
-                    "{site} slow and dropping calls during the downpour, RSL fluctuating on hop {site}-{site2}",
+                    "{site} slow and dropping calls during the downpour, RSL fluctuating on hop {site} - {site2}",
                     "{link_alarm} flapping on {site} since {t1}",
                 ],
                 "sym": [
@@ -937,7 +937,7 @@ _RCA_FORBIDDEN: dict[str, str] = {
 
 _RCA_PREFIXES = (
     "[{date} {t1}] ", "TT {inc}: ", "NOC L1 - ", "{tech} | ", "P2 | ", "Auto-TT from OSS: ",
-    "P1 ", "{date}: ", "[{town}] ", "Night shift: ",
+    "{date}: ", "[{town}] ", "Night shift: ",
 )
 _RCA_CUSTOMER = (
     "{n_complaints} customer complaints logged via care",
@@ -985,7 +985,18 @@ def _rca_context(rng: random.Random, label: str, tech: str | None = None, band: 
             sites.append(s)
     town, town2 = rng.sample(_TOWNS, 2)
     twn, twn2 = town[:3].upper(), town2[:3].upper()
-    t1 = rng.randint(0, 24 * 60 - 1)
+    # Times (minutes after midnight). t1: first alarm, t2: restoration (always after the event).
+    t_night = rng.randint(30, 330)
+    t_mw = rng.randint(0, 300)
+    if label == "power_failure":  # battery alarms a few hours before the night-time drop
+        t1 = t_night - rng.randint(60, 300)
+        t2 = t_night + rng.randint(45, 400)
+    elif label == "configuration_error":  # trouble starts with the change window
+        t1 = t_mw + rng.randint(5, 60)
+        t2 = t1 + rng.randint(120, 720)
+    else:
+        t1 = rng.randint(0, 24 * 60 - 1)
+        t2 = t1 + rng.randint(40, 540)
     sector = rng.randint(1, 3)
     lo, hi = _BAND_UL[band]
     year = 2025
@@ -1012,10 +1023,10 @@ def _rca_context(rng: random.Random, label: str, tech: str | None = None, band: 
         "olt": f"OLT-{twn}-{rng.randint(1, 12):02d}", "pon": f"0/{rng.randint(1, 16)}/{rng.randint(0, 15)}",
         "ring": f"R{rng.randint(1, 40):02d}", "town": town, "town2": town2,
         "iface": "NG" if tech == "5G NR" else ("S1" if tech == "4G" else ("Iub" if tech == "3G" else "Abis")),
-        "t1": _hhmm(t1), "t1b": _hhmm(t1 + rng.randint(2, 25)), "t2": _hhmm(t1 + rng.randint(40, 540)),
-        "t_night": _hhmm(rng.randint(30, 330)), "t_morning": _hhmm(rng.randint(300, 540)),
+        "t1": _hhmm(t1), "t1b": _hhmm(t1 + rng.randint(2, 25)), "t2": _hhmm(t2),
+        "t_night": _hhmm(t_night), "t_morning": _hhmm(rng.randint(300, 540)),
         "t_peak": _hhmm(rng.choice((rng.randint(1080, 1320), rng.randint(720, 840)))),
-        "t_mw": _hhmm(rng.randint(0, 300)), "date": f"{year}-{month:02d}-{day:02d}",
+        "t_mw": _hhmm(t_mw), "date": f"{year}-{month:02d}-{day:02d}",
         "hours": str(rng.randint(2, 9)), "bkp_h": str(rng.randint(2, 6)),
         "km": f"{rng.uniform(0.4, 38.0):.1f}", "cores": str(rng.choice((12, 24, 48, 96, 144))),
         "eta": str(rng.choice((30, 45, 60, 90, 120, 180))), "mh": str(rng.randint(10, 999)),
@@ -1051,12 +1062,6 @@ def _rca_context(rng: random.Random, label: str, tech: str | None = None, band: 
     for key, options in _CHOICES.items():
         ctx[key] = rng.choice(options)
     return ctx
-
-
-def _template(entry: Any) -> tuple[str, dict[str, str]]:
-    if isinstance(entry, tuple):
-        return entry[0], dict(entry[1])
-    return entry, {}
 
 
 def _typo(text: str, rng: random.Random) -> str:
@@ -1096,6 +1101,9 @@ def _rca_ticket(label: str, implicit: bool, rng: random.Random) -> tuple[str, st
     if not implicit and style != "short" and not set(symptoms) & set(scenario["sym_x"]) and rng.random() < 0.5:
         symptoms[rng.randrange(len(symptoms))] = rng.choice(scenario["sym_x"])
     parts = [head] + symptoms
+    spare = [x for x in pool if x not in symptoms]
+    while spare and len(" ".join(parts).format(**ctx).split()) < 12:  # keep even short tickets informative
+        parts.append(spare.pop(rng.randrange(len(spare))))
     acts = rng.sample(spec["act"], len(spec["act"]))
     if style != "short" and rng.random() < 0.5:
         parts.append(acts.pop())
@@ -1490,9 +1498,9 @@ _NUMEROLOGY = _rows(
     ("3", "120 kHz", "0.125 ms", "8"), ("4", "240 kHz", "0.0625 ms", "16"),
 )
 _MODULATION = _rows(
-    "mod bits points",
-    ("BPSK", "1", "2"), ("QPSK", "2", "4"), ("16-QAM", "4", "16"), ("64-QAM", "6", "64"),
-    ("256-QAM", "8", "256"), ("1024-QAM", "10", "1024"),
+    "mod bits points nbits",
+    ("BPSK", "1", "2", "1 bit"), ("QPSK", "2", "4", "2 bits"), ("16-QAM", "4", "16", "4 bits"),
+    ("64-QAM", "6", "64", "6 bits"), ("256-QAM", "8", "256", "8 bits"), ("1024-QAM", "10", "1024", "10 bits"),
 )
 _RADIO_LAYERS = _rows(
     "abbr exp role",
@@ -1532,20 +1540,23 @@ _CHANNELS = _rows(
     ("PRACH", "Physical Random Access Channel", "carries the random access preamble"),
 )
 _RADIO_KPIS = _rows(
-    "abbr exp definition unit",
-    ("RSRP", "Reference Signal Received Power", "the average power of the resource elements that carry cell-specific reference signals", "dBm"),
-    ("RSRQ", "Reference Signal Received Quality", "N x RSRP divided by the carrier RSSI", "dB"),
-    ("RSSI", "Received Signal Strength Indicator", "the total received wideband power including serving cell, interference and noise", "dBm"),
-    ("SINR", "Signal to Interference plus Noise Ratio", "the ratio of wanted signal power to interference plus noise power", "dB"),
-    ("CQI", "Channel Quality Indicator", "a UE report that indicates which modulation and coding the channel can support", ""),
-    ("BLER", "Block Error Rate", "the share of received transport blocks that fail the CRC check", "%"),
-    ("CSSR", "Call Setup Success Rate", "the share of call or session setup attempts that succeed", "%"),
-    ("HOSR", "Handover Success Rate", "the share of handover attempts that complete successfully", "%"),
-    ("TA", "Timing Advance", "the uplink timing offset that compensates for UE-to-cell propagation delay", ""),
+    "abbr exp definition",
+    ("RSRP", "Reference Signal Received Power", "the average power of the resource elements that carry cell-specific reference signals"),
+    ("RSRQ", "Reference Signal Received Quality", "N x RSRP divided by the carrier RSSI"),
+    ("RSSI", "Received Signal Strength Indicator", "the total received wideband power including serving cell, interference and noise"),
+    ("SINR", "Signal to Interference plus Noise Ratio", "the ratio of wanted signal power to interference plus noise power"),
+    ("CQI", "Channel Quality Indicator", "a UE report that indicates which modulation and coding the channel can support"),
+    ("BLER", "Block Error Rate", "the share of received transport blocks that fail the CRC check"),
+    ("CSSR", "Call Setup Success Rate", "the share of call or session setup attempts that succeed"),
+    ("HOSR", "Handover Success Rate", "the share of handover attempts that complete successfully"),
+    ("TA", "Timing Advance", "the uplink timing offset that compensates for UE-to-cell propagation delay"),
 )
-_KPI_UNITS = [r for r in _RADIO_KPIS if r["abbr"] in ("RSRP", "RSRQ", "RSSI", "SINR", "BLER")]
-for _r in _RADIO_KPIS:
-    del _r["unit"]
+_KPI_UNITS = _rows(
+    "abbr exp unit",
+    ("RSRP", "Reference Signal Received Power", "dBm"), ("RSRQ", "Reference Signal Received Quality", "dB"),
+    ("RSSI", "Received Signal Strength Indicator", "dBm"),
+    ("SINR", "Signal to Interference plus Noise Ratio", "dB"), ("BLER", "Block Error Rate", "%"),
+)
 _HO_EVENTS = _rows(
     "event cond",
     ("A1", "the serving cell becomes better than a threshold"),
@@ -1705,8 +1716,8 @@ def _ran_candidates(rng: random.Random) -> list[_Cand]:
                                                   "How many bits per symbol does {mod} modulation carry?"),
                   "{mod} has {points} constellation points, i.e. log2({points}) = {bits} bits per symbol.", rng,
                   extra=("3", "5", "12"))
-    out += _table(c, _MODULATION, "bits", "mod", ("Which modulation scheme carries {bits} bits per symbol?",),
-                  "{mod} has {points} constellation points, i.e. {bits} bits per symbol.", rng, extra=("8-PSK", "GMSK"))
+    out += _table(c, _MODULATION, "bits", "mod", ("Which modulation scheme carries {nbits} per symbol?",),
+                  "{mod} has {points} constellation points, i.e. {nbits} per symbol.", rng, extra=("8-PSK", "GMSK"))
     out += _table(c, _RADIO_LAYERS, "abbr", "exp", ("In the radio protocol stack, what does {abbr} stand for?",),
                   "{abbr} stands for {exp}.", rng)
     out += _table(c, _RADIO_LAYERS, "role", "abbr", ("In the LTE/NR protocol stack, which layer is responsible for {role}?",),
@@ -1804,6 +1815,9 @@ _ROUTING = _rows(
     ("IS-IS", "runs directly over the data link layer rather than over IP"),
     ("BGP", "is a path-vector protocol that runs over TCP port 179"),
     ("RIP", "is a distance-vector protocol with a maximum of 15 hops"),
+)
+_CONTROL_PROTOCOLS = _rows(
+    "proto fact",
     ("LDP", "distributes MPLS labels along IGP best paths"),
     ("RSVP-TE", "signals MPLS traffic-engineering tunnels with explicit paths and bandwidth reservation"),
     ("BFD", "detects forwarding-path failures between neighbours within milliseconds"),
@@ -1990,7 +2004,8 @@ def _transport_candidates(rng: random.Random) -> list[_Cand]:
                   "A {clock} ({exp}) {role}.", rng)
     out += _table(c, _PTP_CLOCKS[:3], "clock", "exp", ("In PTP telecom profiles, what does {clock} stand for?",),
                   "{clock} stands for {exp}.", rng, extra=("Timing Gateway", "Time Service Controller"))
-    out += _table(c, _ROUTING, "fact", "proto", ("Which protocol {fact}?",), "{proto} {fact}.", rng)
+    out += _table(c, _ROUTING, "fact", "proto", ("Which routing protocol {fact}?",), "{proto} {fact}.", rng)
+    out += _table(c, _CONTROL_PROTOCOLS, "fact", "proto", ("Which protocol {fact}?",), "{proto} {fact}.", rng)
     out += _table(c, _PORTS_TRANSPORT, "proto", "port", ("Which port number is registered as the default for {proto}?",),
                   "{proto} uses {pt}.", rng, extra=_ALL_PORTS)
     out += _table(c, _TRANSPORT_ACRONYMS, "abbr", "exp", ("In transport networks, what does {abbr} stand for?",),
@@ -2087,7 +2102,8 @@ _KPI_FAMILIES = _rows(
     ("call setup success rate (CSSR)", "Accessibility"), ("RRC connection setup success rate", "Accessibility"),
     ("call drop rate", "Retainability"), ("E-RAB abnormal release rate", "Retainability"),
     ("average user throughput", "Integrity"), ("user-plane latency", "Integrity"),
-    ("handover success rate", "Mobility"), ("cell availability", "Availability"),
+    ("handover success rate", "Mobility"),
+    ("share of time a cell is able to carry traffic", "Availability"),
 )
 _RCA_METHODS = _rows(
     "method role",
@@ -2201,9 +2217,9 @@ def _operations_candidates(rng: random.Random) -> list[_Cand]:
     out += _table(c, _FCAPS, "role", "area", ("In the FCAPS model, which management area covers {role}?",),
                   "{area} covers {role}.", rng)
     out += _table(c, _ITIL_TERMS, "definition", "term", ("In ITIL, what is the term for {definition}?",),
-                  "ITIL defines a(n) {term} as {definition}.", rng)
-    out += _table(c, _ITIL_TERMS, "term", "definition", ("How does ITIL define a(n) '{term}'?",),
-                  "ITIL defines a(n) {term} as {definition}.", rng)
+                  "ITIL defines '{term}' as {definition}.", rng)
+    out += _table(c, _ITIL_TERMS, "term", "definition", ("How does ITIL define the term '{term}'?",),
+                  "ITIL defines '{term}' as {definition}.", rng)
     out += _table(c, _ITIL_PRACTICES, "goal", "practice", ("Which ITIL practice aims to {goal}?",),
                   "{practice} aims to {goal}.", rng)
     out += _table(c, _OPS_ACRONYMS, "abbr", "exp", ("In network operations, what does {abbr} stand for?",),
@@ -2226,7 +2242,7 @@ def _operations_candidates(rng: random.Random) -> list[_Cand]:
                   "{proto} uses {pt}.", rng)
     out += _table(c, _SON, "role", "function", ("Which SON function {role}?",), "{function} {role}.", rng)
     out += _table(c, _KPI_FAMILIES, "kpi", "family", ("To which 3GPP KPI category does the {kpi} belong?",),
-                  "The {kpi} is a(n) {family} KPI.", rng)
+                  "The {kpi} belongs to the {family} KPI category.", rng)
     out += _table(c, _RCA_METHODS, "role", "method", ("Which root cause analysis technique {role}?",),
                   "{method} {role}.", rng)
     out += _hand(c, _OPS_HAND)

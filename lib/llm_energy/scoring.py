@@ -61,18 +61,69 @@ def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[
 
 
 def score_continuations(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> ChoiceScores:
-    """Summed log-likelihood of each continuation after the context, one batched forward pass."""
+    """Summed log-likelihood of each continuation after the context.
+
+    The context is run once and its key/value cache shared by every continuation (lm-evaluation-
+    harness recomputes it per choice); the scores are the same, the work is not.
+    """
+    import torch
+
+    pairs = [_encode_pair(tokenizer, context, c) for c in continuations]
+    ctx = pairs[0][0]
+    conts = [cont for _, cont in pairs]
+    for cont in conts:
+        if not cont:
+            raise ValueError(f"a continuation encodes to no tokens after context {context[-40:]!r}")
+    if not ctx:  # a first token is needed to predict from
+        ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
+        totals = [float(first[cont[0]]) for cont in conts]
+        n_tokens = len(ctx)
+        longer = [i for i, cont in enumerate(conts) if len(cont) > 1]
+        if longer:
+            # Feed every continuation but its last token after the shared cache, padded on the right.
+            inputs = [conts[i][:-1] for i in longer]
+            width = max(len(x) for x in inputs)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            ids = torch.full((len(inputs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(inputs), len(ctx) + width), dtype=torch.long)
+            mask[:, : len(ctx)] = 1
+            for row, x in enumerate(inputs):
+                ids[row, : len(x)] = torch.tensor(x)
+                mask[row, len(ctx) : len(ctx) + len(x)] = 1
+            # transformers renamed past_key_values to cache in 5.x; accept both spellings.
+            new_api = "cache" in out
+            cache = out["cache"] if new_api else out["past_key_values"]
+            cache.batch_repeat_interleave(len(inputs))
+            positions = torch.arange(len(ctx), len(ctx) + width).expand(len(inputs), -1)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), use_cache=True,
+                           **{("cache" if new_api else "past_key_values"): cache}).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for row, i in enumerate(longer):
+                targets = torch.tensor(conts[i][1:])
+                totals[i] += float(logprobs[row, torch.arange(len(targets)), targets].sum())
+                n_tokens += len(inputs[row])
+    return ChoiceScores(
+        loglik=np.array(totals),
+        continuation_chars=np.array([len(c) for c in continuations], dtype=float),
+        n_tokens=n_tokens,
+    )
+
+
+def score_continuations_unshared(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> ChoiceScores:
+    """The reference computation: context and continuation run together, once per continuation."""
     import torch
 
     pairs = [_encode_pair(tokenizer, context, c) for c in continuations]
     sequences = []
     for ctx, cont in pairs:
-        if not cont:
-            raise ValueError(f"continuation encodes to no tokens after context {context[-40:]!r}")
-        if not ctx:  # a first token is needed to predict from
+        if not ctx:
             ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
         sequences.append((ctx, cont))
-    # The last continuation token is never fed in: we only need predictions for it.
     inputs = [ctx + cont[:-1] for ctx, cont in sequences]
     width = max(len(x) for x in inputs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -8,7 +8,7 @@ import torch
 
 from llm_energy.data import QAItem, RCAItem, TaskData
 from llm_energy.scoring import (
-    bootstrap_interval, evaluate_qa, evaluate_rca, macro_f1, score_continuations,
+    bootstrap_interval, evaluate_qa, evaluate_rca, macro_f1, score_continuations, score_continuations_unshared,
 )
 
 
@@ -35,15 +35,20 @@ class FavouriteCharModel(torch.nn.Module):
         probs[ord(favourite)] = p
         self.logits_row = probs.log()
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, **kwargs):
         batch, width = input_ids.shape
+        return Output(logits=self.logits_row.expand(batch, width, -1).clone(), cache=FakeCache())
 
-        class Out:
-            pass
 
-        out = Out()
-        out.logits = self.logits_row.expand(batch, width, -1).clone()
-        return out
+class FakeCache:
+    def batch_repeat_interleave(self, repeats):
+        pass
+
+
+class Output(dict):
+    """Like transformers' ModelOutput: keys and attributes."""
+
+    __getattr__ = dict.__getitem__
 
 
 def test_score_continuations_exact_loglik():
@@ -54,7 +59,10 @@ def test_score_continuations_exact_loglik():
     assert scores.loglik[0] == pytest.approx(other + math.log(0.5))
     assert scores.loglik[1] == pytest.approx(2 * other + math.log(0.5))
     assert list(scores.continuation_chars) == [2, 3]
-    assert scores.n_tokens == (2 + 1) + (2 + 2)  # context + continuation minus its last token
+    # the context once, then each continuation minus its last token
+    assert scores.n_tokens == 2 + 1 + 2
+    reference = score_continuations_unshared(model, tok, "Q:", [" a", " ab"])
+    assert reference.loglik == pytest.approx(scores.loglik)
 
 
 def test_trailing_space_moves_to_continuation():
@@ -101,3 +109,12 @@ def test_bootstrap_interval_brackets_mean_and_is_seeded():
     assert low < 0.75 < high
     assert (low, high) == bootstrap_interval(values, seed=3)
     assert bootstrap_interval(np.ones(5)) == (1.0, 1.0)
+
+
+def test_shared_context_matches_unshared_on_a_real_model(tiny_model):
+    context = "Network fault ticket:\nLOS on 6 sites of ring R4 at 02:14\nRoot cause:"
+    labels = [" fibre cut", " power failure", " congestion", " hardware fault"]
+    shared = score_continuations(tiny_model.model, tiny_model.tokenizer, context, labels)
+    unshared = score_continuations_unshared(tiny_model.model, tiny_model.tokenizer, context, labels)
+    assert shared.loglik == pytest.approx(unshared.loglik, abs=1e-4)
+    assert shared.n_tokens < unshared.n_tokens
