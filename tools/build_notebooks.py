@@ -73,7 +73,7 @@ lengths.groupby(["task", "split"])["n_tokens"].describe()[["count", "mean", "50%
     code('''
 fig1 = plots.fig1_token_lengths(lengths)
 plots.save_figure(fig1, study_dir / "figures", "fig1_token_lengths")
-fig1
+plots.as_image(fig1)
 ''', nbval_skip=True),
 ]
 
@@ -157,7 +157,7 @@ display(Markdown(report.summary_markdown(outcome, origin, skipped, failures)))
     code('''
 fig7 = plots.fig7_ranking(outcome.result.table, w=settings.w, energy_method=report.figure_energy_method(outcome.methods))
 plots.save_figure(fig7, study_dir / "figures", "fig7_ranking")
-fig7
+plots.as_image(fig7)
 ''', nbval_skip=True),
     code('''
 at_w = outcome.result.table[outcome.result.table["w"].round(6) == round(settings.w, 6)]
@@ -171,7 +171,7 @@ outcome.stability if outcome.stability is not None else "no per-item scores to r
     code('''
 fig1 = plots.fig1_token_lengths(tables["token_lengths"])
 plots.save_figure(fig1, study_dir / "figures", "fig1_token_lengths")
-fig1
+plots.as_image(fig1)
 ''', nbval_skip=True),
     md("## Figure 3 — fine-tuning energy against training loss"),
     code('''
@@ -180,19 +180,19 @@ if report.empty(tables["training"]):
 else:
     fig3 = plots.fig3_finetune_energy_loss(tables["training"], report.figure_energy_method(outcome.methods) or "")
     plots.save_figure(fig3, study_dir / "figures", "fig3_finetune_energy_loss")
-    display(fig3)
+    display(plots.as_image(fig3))
 ''', nbval_skip=True),
     md("## Figure 4 — inference energy and carbon per precision"),
     code('''
 fig4 = plots.fig4_inference_energy_carbon(tables["energy"])
 plots.save_figure(fig4, study_dir / "figures", "fig4_inference_energy_carbon")
-fig4
+plots.as_image(fig4)
 ''', nbval_skip=True),
     md("## Figure 5 — impact of the quantization level on each task metric"),
     code('''
 fig5 = plots.fig5_quantization_impact(tables["scores"], tables["energy"])
 plots.save_figure(fig5, study_dir / "figures", "fig5_quantization_impact")
-fig5
+plots.as_image(fig5)
 ''', nbval_skip=True),
     md("## Figure 6 — pruning"),
     code('''
@@ -201,7 +201,7 @@ if not (tables["energy"]["phase"] == "pruning").any():
 else:
     fig6 = plots.fig6_pruning(tables["scores"], tables["energy"])
     plots.save_figure(fig6, study_dir / "figures", "fig6_pruning")
-    display(fig6)
+    display(plots.as_image(fig6))
 ''', nbval_skip=True),
     md("## Tables\nEnergy per measured window (gross, net of the idle baseline, spread over repeats, method) and task scores with 95% bootstrap intervals."),
     code('''

@@ -644,3 +644,14 @@ def fig7_ranking(ranking: pd.DataFrame, w: float = 0.5, energy_method: str | Non
         ax_p.legend(fontsize=8, loc="best")
         _legend_outside(ax_r, title="config", ncol=2 if df["config_id"].nunique() > 16 else 1)
     return _finish(fig, FIG7_TITLE, note)
+
+
+def as_image(fig: Figure, dpi: int = 110) -> "object":
+    """The figure as an inline PNG for notebooks and the HTML report (no pyplot state needed)."""
+    import io
+
+    from IPython.display import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return Image(data=buffer.getvalue(), format="png")
