@@ -153,6 +153,7 @@ def record_task(run: InferenceRun, loaded: LoadedModel, result: TaskResult, meas
         "idle_power_w": first.idle_power_w, "duration_s_std": measurement.std("duration_s"),
         "energy_kwh_per_item": measurement.mean("energy_kwh") / max(result.n_items, 1),
         "energy_kwh_per_1k_tokens": measurement.mean("energy_kwh") * 1000 / max(result.n_tokens, 1),
+        "energy_kwh_per_correct": _per_correct(measurement.mean("energy_kwh"), result),
         "compute_dtype": loaded.compute_dtype, "memory_bytes": loaded.memory_bytes,
     }
     results.upsert_rows(run.study_dir, "energy", [energy_row])
@@ -175,6 +176,15 @@ def record_task(run: InferenceRun, loaded: LoadedModel, result: TaskResult, meas
         for i, r in enumerate(measurement.records)
     ]
     results.upsert_rows(run.study_dir, "energy_repeats", repeat_rows)
+
+
+PRIMARY_METRIC = {"rca": "accuracy", "qa": "acc"}
+
+
+def _per_correct(energy_kwh: float, result: TaskResult) -> float:
+    """Energy per correct answer under the task's primary metric (inf when none is correct)."""
+    correct = result.metrics[PRIMARY_METRIC[result.task]] * result.n_items
+    return energy_kwh / correct if correct > 0 else float("inf")
 
 
 def record_config(study_dir: Path, config_id: str, model: str, precision: str, status: str, reason: str = "",

@@ -183,7 +183,11 @@ def render_html(executed_notebook: str | Path, out_html: str | Path) -> Path:
     from nbconvert import HTMLExporter
 
     notebook = nbformat.read(str(executed_notebook), as_version=4)
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter = HTMLExporter(
+        template_name="offline",  # lab's look, minus every script it would fetch from a CDN
+        extra_template_basedirs=[str(Path(__file__).parent / "report_template")],
+        exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True,
+    )
     body, _ = exporter.from_notebook_node(notebook)
     out_html = Path(out_html)
     results.atomic_write_text(out_html, body)

@@ -211,7 +211,12 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
             raise StudyRunError(f"--phases {unknown} are not phases of this study ({', '.join(study.phases)})")
     if cluster != "none":
         raise StudyRunError(f"--cluster {cluster} is not available in this version; run sequentially (--cluster none)")
-    device = resolve_device(study)
+    from .models import PrecisionUnsupported
+
+    try:
+        device = resolve_device(study)
+    except PrecisionUnsupported as exc:  # e.g. device: cuda on a machine without a GPU
+        raise StudyRunError(f"{params_path}: device: {exc}") from None
     out_dir = Path(out).resolve() if out else (Path.cwd() / "outputs" / study.study)
     prepare_out_dir(study, out_dir, resume, force)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,8 @@ def cli(*args, cwd=None):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "smoke"
-    proc = cli("run", str(root / "params" / "smoke.yaml"), "--out", str(out))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, proc
+def smoke_run(smoke_study):
+    return smoke_study
 
 
 def test_outputs_follow_the_contract(smoke_run):

@@ -1,0 +1,69 @@
+"""The runner's planning and refusals, without executing notebooks."""
+
+from pathlib import Path
+
+import pytest
+
+from llm_energy import study as runner
+from llm_energy.config import load_study
+
+
+def smoke(root):
+    return load_study(root / "params" / "smoke.yaml")
+
+
+def test_expand_orders_jobs_and_passes_sections(root, tmp_path):
+    jobs, skipped = runner.expand(smoke(root), tmp_path, root / "params", "cpu")
+    assert [j.phase for j in jobs] == ["data"] + ["inference"] * 6 + ["ranking"]
+    assert skipped == []
+    inference = jobs[1]
+    assert inference.config_id == "tiny-random-llama__fp32"
+    assert inference.parameters["precision"] == "fp32" and inference.parameters["device"] == "cpu"
+    assert inference.parameters["tasks"]["rca"]["max_items"] == 6
+
+
+def test_unsupported_precision_is_skipped_with_reason(root, tmp_path, monkeypatch):
+    import llm_energy.models as models
+
+    monkeypatch.setattr(models, "precision_support",
+                        lambda p, d: "bitsandbytes has no backend here" if p in ("int8", "nf4") else None)
+    jobs, skipped = runner.expand(smoke(root), tmp_path, root / "params", "cpu")
+    assert [s["config_id"] for s in skipped] == ["tiny-random-llama__int8", "tiny-random-llama__nf4"]
+    assert all(s["reason"] == "bitsandbytes has no backend here" for s in skipped)
+    assert len([j for j in jobs if j.phase == "inference"]) == 4
+
+
+def test_parameters_filtered_to_declared_ones(root):
+    nb = runner.notebooks_dir() / "05_ranking.ipynb"
+    filtered = runner._filter_parameters(nb, {"study_dir": "x", "ranking": {}, "precision": "fp32"})
+    assert filtered == {"study_dir": "x", "ranking": {}}
+
+
+def test_cuda_requested_without_gpu_fails_before_writing(root, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible on this machine")
+    params = tmp_path / "gpu.yaml"
+    params.write_text((root / "params" / "smoke.yaml").read_text().replace("device: cpu", "device: cuda"))
+    out = tmp_path / "out"
+    with pytest.raises(runner.StudyRunError, match="device: device 'cuda' was requested but no CUDA GPU is visible"):
+        runner.run_study(params, out=out)
+    assert not out.exists()
+
+
+def test_out_dir_with_results_needs_force_for_no_resume(root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tables").mkdir()
+    with pytest.raises(runner.StudyRunError, match="Pass --force"):
+        runner.prepare_out_dir(smoke(root), out, resume=False, force=False)
+    runner.prepare_out_dir(smoke(root), out, resume=False, force=True)
+    assert not out.exists()
+
+
+def test_unknown_phase_and_cluster_are_refused(root, tmp_path):
+    with pytest.raises(runner.StudyRunError, match=r"--phases \['pruning'\] are not phases of this study"):
+        runner.run_study(root / "params" / "smoke.yaml", out=tmp_path / "o", phases=["pruning"])
+    with pytest.raises(runner.StudyRunError, match="--cluster slurm is not available"):
+        runner.run_study(root / "params" / "smoke.yaml", out=tmp_path / "o", cluster="slurm")
