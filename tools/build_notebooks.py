@@ -87,7 +87,7 @@ config_id: str = ""  # row key in the tables; empty means <model>__<precision>
 model: dict = {"name": "tiny-random-llama"}  # a `models` entry: builtin name, or source local/hub + path
 precision: str = "fp32"  # fp32 | bf16 | fp16 | int8 | nf4 | fp4
 device: str = "cpu"  # cpu | cuda (the runner resolves auto)
-tasks: dict = {"rca": {"max_items": 6}, "qa": {"max_items": 6}}  # the study's `tasks` section
+tasks: dict = {"rca": {"max_items": 6, "generation": {"new_tokens": 8, "max_items": 2}}, "qa": {"max_items": 6}}  # `tasks` section
 energy: dict = {"idle_seconds": 1.0, "repeats": 1, "max_repeats": 1, "measure_power_secs": 1.0}  # `energy` section
 seed: int = 0  # seed for sampling and bootstrap intervals
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
@@ -121,6 +121,13 @@ for name, task_data in task_sets.items():
     result, measurement = inference.measure_task(loaded, name, task_data, meter, run.tasks.enabled()[name].prompt, run.seed)
     inference.record_task(run, loaded, result, measurement)
     summary.append({"task": name, "n_items": result.n_items, **result.metrics,
+                    "energy_kwh": measurement.mean("energy_kwh"), "repeats": measurement.repeats,
+                    "method": measurement.records[0].energy_method})
+rca = run.tasks.rca
+if rca is not None and rca.generation is not None and "rca" in task_sets:
+    result, measurement, output = inference.measure_generation(loaded, task_sets["rca"], rca.generation, meter, run.seed)
+    inference.record_task(run, loaded, result, measurement, generated_tokens=output.n_new_tokens)
+    summary.append({"task": "rca_resolution", "n_items": result.n_items, **result.metrics,
                     "energy_kwh": measurement.mean("energy_kwh"), "repeats": measurement.repeats,
                     "method": measurement.records[0].energy_method})
 meter.close()

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("codecarbon", "papermill", "httpx", "urllib3"):
+    for noisy in ("codecarbon", "papermill", "httpx", "urllib3", "distributed", "dask_jobqueue"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     return args.func(args)

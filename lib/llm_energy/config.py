@@ -79,6 +79,15 @@ class ModelSettings(_Strict):
         return self
 
 
+class GenerationParams(_Strict):
+    """RCA resolution writing: fixed-length greedy generation scored by ROUGE-L and MiniLM similarity."""
+
+    new_tokens: int = Field(32, gt=0)  # min = max new tokens, so energy per token compares like with like
+    max_items: int | None = Field(16, gt=0)  # items generated for (the first of the scored sample)
+    chat: bool = True  # wrap the prompt in the model's chat template (instruct models)
+    batch_size: int = Field(8, gt=0)
+
+
 class TaskSettings(_Strict):
     """One downstream task: where its data is and how much of it is scored."""
 
@@ -90,6 +99,7 @@ class TaskSettings(_Strict):
     columns: dict[str, str] = {}  # CSV column mapping: {our_name: their_name}
     password: str | None = None  # for an encrypted zip (TeleQnA's)
     sample_seed: int = 0  # seed of the max_items sample
+    generation: GenerationParams | None = None  # rca only: also write resolutions (null = skip)
 
 
 class TasksSettings(_Strict):
@@ -100,6 +110,12 @@ class TasksSettings(_Strict):
     def _at_least_one(self) -> "TasksSettings":
         if self.rca is None and self.qa is None:
             raise ValueError("at least one task (rca or qa) is needed")
+        return self
+
+    @model_validator(mode="after")
+    def _generation_is_rca_only(self) -> "TasksSettings":
+        if self.qa is not None and self.qa.generation is not None:
+            raise ValueError("qa.generation: resolution generation applies to the rca task only")
         return self
 
     def enabled(self) -> dict[str, TaskSettings]:
@@ -156,6 +172,26 @@ class RankingParams(_Strict):
         return values
 
 
+class SlurmSettings(_Strict):
+    """dask-jobqueue's SLURMCluster: one SLURM job per worker, one measured config per GPU."""
+
+    queue: str | None = None  # SLURM partition
+    account: str | None = None
+    walltime: str = "02:00:00"  # HH:MM:SS per worker job
+    cores: int = Field(8, gt=0)  # CPU cores per worker job
+    memory: str = "32GB"  # memory per worker job
+    gpus_per_job: int = Field(1, ge=0)  # GPUs per worker job (0 = CPU-only workers)
+    jobs: int = Field(1, gt=0)  # worker jobs to start
+    job_extra_directives: list[str] = []  # extra '#SBATCH' lines, e.g. ["--constraint=h100"]
+
+
+class ClusterSettings(_Strict):
+    """Where configs run when `--cluster` asks for more than this process."""
+
+    local_workers: int | None = Field(None, gt=0)  # LocalCluster workers; null = one per device
+    slurm: SlurmSettings = SlurmSettings()
+
+
 class Study(_Strict):
     """A whole study: models x precisions, tasks, measurement and ranking."""
 
@@ -169,6 +205,7 @@ class Study(_Strict):
     tasks: TasksSettings = TasksSettings()
     energy: EnergySettings = EnergySettings()
     ranking: RankingParams = RankingParams()
+    cluster: ClusterSettings = ClusterSettings()  # used only with --cluster local|slurm
 
     @field_validator("study")
     @classmethod

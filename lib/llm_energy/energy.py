@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -437,8 +438,23 @@ def default_sources(settings: EnergySettings, device: str) -> list[EnergySource]
     if RaplSource.find_domains(Path("/sys/class/powercap")):
         sources.append(RaplSource())
     if device.startswith("cuda"):
-        sources.append(NvmlSource())
+        sources.append(NvmlSource(device_indices=nvml_indices(device)))
     return sources
+
+
+def nvml_indices(device: str) -> list[int]:
+    """NVML indices of the GPU a job uses: its CUDA index mapped through CUDA_VISIBLE_DEVICES.
+
+    NVML ignores CUDA_VISIBLE_DEVICES and enumerates in PCI order, so the mapping assumes
+    CUDA_DEVICE_ORDER=PCI_BUS_ID (set by the runner's workers) when GPUs are hidden.
+    """
+    cuda_index = int(device.split(":", 1)[1]) if ":" in device else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if all(v.isdigit() for v in ids) and cuda_index < len(ids):
+            return [int(ids[cuda_index])]
+    return [cuda_index]
 
 
 def rapl_available(root: Path = Path("/sys/class/powercap")) -> bool:

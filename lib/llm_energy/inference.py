@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import results
-from .config import EnergySettings, ModelSettings, TasksSettings, validate_section
+from .config import EnergySettings, GenerationParams, ModelSettings, TasksSettings, validate_section
 from .data import TaskData, load_task_data
 from .energy import EnergyMeter, IdleBaseline, RepeatedMeasurement
 from .models import LoadedModel
@@ -135,8 +135,45 @@ def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMe
     return measurement.result, measurement
 
 
+def measure_generation(loaded: LoadedModel, data: TaskData, params: "GenerationParams", meter: EnergyMeter,
+                       seed: int = 0) -> tuple[TaskResult, RepeatedMeasurement, Any]:
+    """Write RCA resolutions at a fixed length inside measured windows, then score them outside."""
+    import numpy as np
+
+    from .generation import (CHAT_RESOLUTION_PROMPT, DEFAULT_RESOLUTION_PROMPT, Embedder, GenerationSpec,
+                             generate_resolutions, rouge_l)
+    from .scoring import bootstrap_interval
+
+    spec = GenerationSpec(new_tokens=params.new_tokens, max_items=None, batch_size=params.batch_size,
+                          chat=params.chat, prompt=CHAT_RESOLUTION_PROMPT if params.chat else DEFAULT_RESOLUTION_PROMPT)
+    items = list(data.items)[: params.max_items] if params.max_items else list(data.items)
+    missing = [item.id for item in items if not item.resolution.strip()]
+    if missing:
+        raise ValueError(f"generation needs a reference 'resolution' on every rca item; missing on {missing[:3]}")
+    measurement = meter.measure_repeated(
+        lambda: generate_resolutions(loaded.model, loaded.tokenizer, items, spec),
+        name="inference:rca_resolution",
+        warmup=lambda: generate_resolutions(loaded.model, loaded.tokenizer, items[:1], spec),
+    )
+    output = measurement.result
+    references = [item.resolution for item in items]
+    similarity = np.clip(Embedder().cosine(output.texts, references).astype(float), 0.0, 1.0)
+    similarity[np.array([not t for t in output.texts], dtype=bool)] = 0.0
+    per_item = {"rouge_l": np.array([rouge_l(t, r) for t, r in zip(output.texts, references)]),
+                "embedding_similarity": similarity}
+    result = TaskResult(
+        task="rca_resolution",
+        metrics={k: float(v.mean()) for k, v in per_item.items()},
+        intervals={k: bootstrap_interval(v, seed=seed) for k, v in per_item.items()},
+        per_item=per_item, item_ids=tuple(i.id for i in items), predictions=(), n_items=len(items),
+        n_tokens=output.n_prompt_tokens + output.n_new_tokens,
+    )
+    return result, measurement, output
+
+
 def record_task(run: InferenceRun, loaded: LoadedModel, result: TaskResult, measurement: RepeatedMeasurement,
-                phase: str = "inference", adapter: str = "none", pruning: str = "none") -> None:
+                phase: str = "inference", adapter: str = "none", pruning: str = "none",
+                generated_tokens: int = 0) -> None:
     """Write one task's energy, scores, per-item scores and per-repeat energy into the tables."""
     first = measurement.records[0]
     std = measurement.std("energy_kwh")
@@ -155,6 +192,9 @@ def record_task(run: InferenceRun, loaded: LoadedModel, result: TaskResult, meas
         "energy_kwh_per_1k_tokens": measurement.mean("energy_kwh") * 1000 / max(result.n_tokens, 1),
         "energy_kwh_per_correct": _per_correct(measurement.mean("energy_kwh"), result),
         "compute_dtype": loaded.compute_dtype, "memory_bytes": loaded.memory_bytes,
+        "n_generated_tokens": generated_tokens,
+        "energy_kwh_per_1k_generated_tokens": (measurement.mean("energy_kwh") * 1000 / generated_tokens
+                                               if generated_tokens else None),
     }
     results.upsert_rows(run.study_dir, "energy", [energy_row])
     score_rows = [
@@ -183,6 +223,8 @@ PRIMARY_METRIC = {"rca": "accuracy", "qa": "acc"}
 
 def _per_correct(energy_kwh: float, result: TaskResult) -> float:
     """Energy per correct answer under the task's primary metric (inf when none is correct)."""
+    if result.task not in PRIMARY_METRIC:
+        return float("nan")  # generation has no notion of a correct answer
     correct = result.metrics[PRIMARY_METRIC[result.task]] * result.n_items
     return energy_kwh / correct if correct > 0 else float("inf")
 

@@ -198,6 +198,16 @@ def run_job(job: Job, out_dir: Path) -> None:
         )
 
 
+def execute_job(job: Job, out_dir: Path) -> dict[str, Any]:
+    """Run one job and report, never raise: {'ok', 'error', 'seconds'} (also used on cluster workers)."""
+    start = time.perf_counter()
+    try:
+        run_job(job, out_dir)
+    except Exception as exc:  # one failing config must not stop the study
+        return {"ok": False, "error": _short_error(exc), "seconds": time.perf_counter() - start}
+    return {"ok": True, "error": "", "seconds": time.perf_counter() - start}
+
+
 def run_study(params_path: str | Path, out: str | Path | None = None, resume: bool = True, force: bool = False,
               phases: list[str] | None = None, cluster: str = "none") -> StudyOutcome:
     """Validate, then run every job of the study; return what completed, resumed, was skipped or failed."""
@@ -209,8 +219,8 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
         unknown = [p for p in phases if p not in study.phases]
         if unknown:
             raise StudyRunError(f"--phases {unknown} are not phases of this study ({', '.join(study.phases)})")
-    if cluster != "none":
-        raise StudyRunError(f"--cluster {cluster} is not available in this version; run sequentially (--cluster none)")
+    if cluster not in ("none", "local", "slurm"):
+        raise StudyRunError(f"--cluster must be none, local or slurm; got {cluster!r}")
     from .models import PrecisionUnsupported
 
     try:
@@ -244,32 +254,50 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     failures = json.loads(failures_path.read_text()) if (resume and failures_path.exists()) else []
 
     _ensure_idle_baseline(study, out_dir, device, resume)
-    bar = tqdm(jobs, desc=f"study {study.study}", unit="job")
-    for job in bar:
-        bar.set_postfix_str(job.key)
-        marker = state / f"{job.key}.done"
-        if resume and marker.exists() and job.phase != "ranking":
+    todo = []
+    for job in jobs:
+        if resume and (state / f"{job.key}.done").exists() and job.phase != "ranking":
             outcome.resumed.append(job.key)
-            continue
+        else:
+            todo.append(job)
+    measured = [j for j in todo if j.phase != "ranking"]
+    ranking_jobs = [j for j in todo if j.phase == "ranking"]
+
+    def settle(job: Job, result: dict[str, Any]) -> None:
+        nonlocal failures
         failures = [f for f in failures if f["job"] != job.key]
-        if job.phase == "ranking":  # the report shows failures, so write them before it runs
-            results.atomic_write_json(failures_path, failures)
-        start = time.perf_counter()
-        try:
-            run_job(job, out_dir)
-        except Exception as exc:  # one failing config must not stop the study
-            message = _short_error(exc)
-            log.error("job %s failed: %s", job.key, message)
-            failures.append({"job": job.key, "config_id": job.config_id or "", "error": message,
-                             "notebook": str(out_dir / "notebooks"), "log": str(out_dir / "logs" / f"{job.key}.log")})
-            if job.config_id:
-                record_config(out_dir, job.config_id, job.parameters.get("model", {}).get("name", ""),
-                              job.parameters.get("precision", ""), "failed", message)
-            results.atomic_write_json(failures_path, failures)
-            outcome.failed.append(failures[-1])
-            continue
-        marker.write_text(json.dumps({"seconds": time.perf_counter() - start}))
-        outcome.completed.append(job.key)
+        if result["ok"]:
+            (state / f"{job.key}.done").write_text(json.dumps({"seconds": result["seconds"]}))
+            outcome.completed.append(job.key)
+            return
+        log.error("job %s failed: %s", job.key, result["error"])
+        failures.append({"job": job.key, "config_id": job.config_id or "", "error": result["error"],
+                         "notebook": str(out_dir / "notebooks"), "log": str(out_dir / "logs" / f"{job.key}.log")})
+        if job.config_id:
+            record_config(out_dir, job.config_id, job.parameters.get("model", {}).get("name", ""),
+                          job.parameters.get("precision", ""), "failed", result["error"])
+        results.atomic_write_json(failures_path, failures)
+        outcome.failed.append(failures[-1])
+
+    bar = tqdm(total=len(todo), desc=f"study {study.study}", unit="job")
+    if cluster == "none":
+        for job in measured:
+            bar.set_postfix_str(job.key)
+            settle(job, execute_job(job, out_dir))
+            bar.update()
+    else:
+        from .scale import run_on_cluster
+
+        for job, result in run_on_cluster(measured, out_dir, cluster, study, device):
+            bar.set_postfix_str(job.key)
+            settle(job, result)
+            bar.update()
+    for job in ranking_jobs:  # ranks what the measured jobs wrote, so it runs last, here
+        results.atomic_write_json(failures_path, failures)  # the report lists failures
+        bar.set_postfix_str(job.key)
+        settle(job, execute_job(job, out_dir))
+        bar.update()
+    bar.close()
     results.atomic_write_json(failures_path, failures)
 
     ranking_nb = out_dir / "notebooks" / "05_ranking__study.ipynb"

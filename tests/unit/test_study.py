@@ -65,5 +65,28 @@ def test_out_dir_with_results_needs_force_for_no_resume(root, tmp_path):
 def test_unknown_phase_and_cluster_are_refused(root, tmp_path):
     with pytest.raises(runner.StudyRunError, match=r"--phases \['pruning'\] are not phases of this study"):
         runner.run_study(root / "params" / "smoke.yaml", out=tmp_path / "o", phases=["pruning"])
-    with pytest.raises(runner.StudyRunError, match="--cluster slurm is not available"):
-        runner.run_study(root / "params" / "smoke.yaml", out=tmp_path / "o", cluster="slurm")
+    with pytest.raises(runner.StudyRunError, match="--cluster must be none, local or slurm; got 'k8s'"):
+        runner.run_study(root / "params" / "smoke.yaml", out=tmp_path / "o", cluster="k8s")
+
+
+def test_slurm_job_script_asks_for_gpus_and_one_device_resource(tmp_path):
+    from llm_energy.config import SlurmSettings
+    from llm_energy.scale import slurm_cluster
+
+    settings = SlurmSettings(queue="gpu", walltime="01:30:00", gpus_per_job=1, cores=4, memory="16GB",
+                             job_extra_directives=["--constraint=h100"])
+    cluster = slurm_cluster(settings, tmp_path)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH -p gpu" in script
+    assert "#SBATCH -t 01:30:00" in script
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH --constraint=h100" in script
+    assert "--resources device=1" in script
+
+
+def test_local_workers_one_per_device(root):
+    from llm_energy.scale import local_worker_count
+
+    assert local_worker_count(smoke(root), "cpu") == 1

