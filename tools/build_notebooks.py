@@ -91,9 +91,11 @@ tasks: dict = {"rca": {"max_items": 6, "generation": {"new_tokens": 8, "max_item
 energy: dict = {"idle_seconds": 1.0, "repeats": 1, "max_repeats": 1, "measure_power_secs": 1.0}  # `energy` section
 seed: int = 0  # seed for sampling and bootstrap intervals
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
+adapter: str = ""  # LoRA adapter folder written by 02_finetune; empty means the base model
+adapter_name: str = "none"  # how the adapter is named in the tables
 '''),
     code('''
-from llm_energy import inference, models
+from llm_energy import finetune, inference, models
 
 run = inference.InferenceRun.from_parameters(
     study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,
@@ -103,8 +105,10 @@ print(run.config_id, "->", run.study_dir)
     md("Load the weights at this precision (one function for every source and precision)."),
     code('''
 loaded = models.load_model(run.model, run.precision, run.device, base_dir=run.base_dir)
+if adapter:
+    loaded = inference.with_adapter(loaded, finetune.load_adapter(loaded, adapter), adapter)
 inference.record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
-                        weights_origin=loaded.weights_origin)
+                        weights_origin=loaded.weights_origin, adapter=adapter_name)
 print(f"{loaded.n_parameters:,} parameters, {loaded.memory_bytes / 2**20:.0f} MiB, compute {loaded.compute_dtype}")
 print("weights:", loaded.weights_origin)
 ''', nbval_skip=True),
@@ -115,21 +119,111 @@ print("sources:", meter.available_methods, "| idle power (W):", round(meter.idle
 ''', nbval_skip=True),
     md("Score each task inside measured windows and write the results."),
     code('''
-task_sets = inference.load_task_sets(run.tasks, run.base_dir)
-summary = []
-for name, task_data in task_sets.items():
-    result, measurement = inference.measure_task(loaded, name, task_data, meter, run.tasks.enabled()[name].prompt, run.seed)
-    inference.record_task(run, loaded, result, measurement)
-    summary.append({"task": name, "n_items": result.n_items, **result.metrics,
-                    "energy_kwh": measurement.mean("energy_kwh"), "repeats": measurement.repeats,
-                    "method": measurement.records[0].energy_method})
-rca = run.tasks.rca
-if rca is not None and rca.generation is not None and "rca" in task_sets:
-    result, measurement, output = inference.measure_generation(loaded, task_sets["rca"], rca.generation, meter, run.seed)
-    inference.record_task(run, loaded, result, measurement, generated_tokens=output.n_new_tokens)
-    summary.append({"task": "rca_resolution", "n_items": result.n_items, **result.metrics,
-                    "energy_kwh": measurement.mean("energy_kwh"), "repeats": measurement.repeats,
-                    "method": measurement.records[0].energy_method})
+summary = inference.evaluate_config(run, loaded, meter, adapter=adapter_name)
+meter.close()
+''', nbval_skip=True),
+    code('''
+import pandas as pd
+pd.DataFrame(summary)
+''', nbval_skip=True),
+]
+
+
+FINETUNE = [
+    md("""# 02 — Fine-tuning: LoRA / QLoRA at one precision, energy and loss per epoch
+Train a LoRA adapter on the task's training split at this precision (int8 and nf4 through
+bitsandbytes k-bit training: QLoRA for nf4), one measured energy window per epoch, and write the
+epochs into `training.csv`. The adapter is saved for the inference phase to evaluate."""),
+    params('''
+study_dir: str = ""  # output folder; empty means outputs/notebook-defaults of the project
+config_id: str = ""  # row key; empty means <model>__<precision>__lora
+model: dict = {"name": "tiny-random-llama"}  # a `models` entry
+precision: str = "fp32"  # fp32 | bf16 | fp16 | int8 | nf4
+device: str = "cpu"  # cpu | cuda
+tasks: dict = {"rca": {}, "qa": {}}  # the study's `tasks` section (data files)
+energy: dict = {"idle_seconds": 1.0}  # the study's `energy` section
+finetune: dict = {"epochs": 2, "max_train_items": 16, "max_eval_items": 8, "max_length": 192, "learning_rate": 0.001}  # `finetune` section
+seed: int = 0
+base_dir: str = ""  # folder relative data paths are read from; empty means the project root
+'''),
+    code('''
+from llm_energy import config, finetune as ft, inference, models
+
+run = inference.InferenceRun.from_parameters(
+    study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,
+    tasks=tasks, energy=energy, seed=seed, base_dir=base_dir)
+params = config.validate_section(config.FinetuneParams, finetune, "finetune")
+config_id = config_id or inference.config_id_for(run.model.name, run.precision, adapter="lora")
+spec = inference.finetune_spec(params)
+print(config_id, spec)
+'''),
+    md("The task's training and validation splits."),
+    code('''
+task_settings = run.tasks.enabled()[params.task]
+train = inference.full_split(params.task, task_settings, "train", run.base_dir)
+valid = inference.full_split(params.task, task_settings, "validation", run.base_dir)
+print(f"{len(train)} training items, {len(valid)} validation items; labels: {len(train.labels)}")
+'''),
+    md("Load the base model at this precision and train, one energy window per epoch."),
+    code('''
+loaded = models.load_model(run.model, run.precision, run.device, base_dir=run.base_dir)
+meter = inference.open_meter(run.study_dir, run.energy, loaded.device)
+result = ft.finetune(loaded, train.items, valid.items, spec, meter, run.study_dir / "adapters" / config_id,
+                     label_set=train.labels)
+meter.close()
+inference.record_training(run.study_dir, config_id, run.model.name, run.precision, "lora", result, loaded.device, params.task)
+print(f"trainable {result.trainable_parameters:,} of {result.total_parameters:,} parameters; adapter in {result.adapter_dir}")
+''', nbval_skip=True),
+    code('''
+import pandas as pd
+pd.DataFrame([e.__dict__ for e in result.epochs])
+''', nbval_skip=True),
+]
+
+PRUNING = [
+    md("""# 04 — Pruning: one method and pattern on one configuration
+Prune the dense weights of the decoder's linear layers (magnitude or Wanda; unstructured or N:M),
+record the measured sparsity next to the target, then evaluate both tasks and measure energy exactly
+as the inference phase does. On a CPU no sparse kernel runs: pruned models run dense, so energy is not
+expected to fall; the quality cost is what this phase shows there."""),
+    params('''
+study_dir: str = ""  # output folder; empty means outputs/notebook-defaults of the project
+config_id: str = ""  # row key; empty means <model>__<precision>__<pruning label>
+model: dict = {"name": "tiny-random-llama"}  # a `models` entry
+precision: str = "fp32"  # precision the pruned model runs at (quantized ones are pruned dense first)
+device: str = "cpu"  # cpu | cuda
+tasks: dict = {"rca": {"max_items": 6}, "qa": {"max_items": 6}}  # the study's `tasks` section
+energy: dict = {"idle_seconds": 1.0, "repeats": 1, "max_repeats": 1}  # the study's `energy` section
+pruning: dict = {"method": "wanda", "pattern": "2:4", "sparsity": None, "calibration_samples": 16, "calibration_max_tokens": 128}  # one method
+seed: int = 0
+base_dir: str = ""  # folder relative data paths are read from; empty means the project root
+'''),
+    code('''
+from llm_energy import inference, prune
+
+run = inference.InferenceRun.from_parameters(
+    study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,
+    tasks=tasks, energy=energy, seed=seed, base_dir=base_dir)
+spec = prune.PruningSpec(**pruning)
+if not config_id:
+    run = inference.replace_config_id(run, inference.config_id_for(run.model.name, run.precision, pruning=spec.label))
+print(run.config_id, spec.label)
+'''),
+    md("Calibration texts (Wanda) from the tasks' training splits, then prune and check the pattern."),
+    code('''
+calibration = []
+for name, settings in run.tasks.enabled().items():
+    train = inference.full_split(name, settings, "train", run.base_dir)
+    calibration += prune.calibration_texts(train.items, min(spec.calibration_samples, len(train)), seed=run.seed)
+loaded, outcome = inference.prepare_pruned(run, spec, calibration)
+inference.record_pruning(run, loaded, outcome)
+print(f"target sparsity {outcome.target_sparsity:.3f}, measured {outcome.measured_sparsity:.4f}, "
+      f"N:M verified: {outcome.verified_nm}, {len(outcome.layers)} layers, {outcome.duration_s:.1f} s")
+''', nbval_skip=True),
+    md("Evaluate and measure exactly as the inference phase does."),
+    code('''
+meter = inference.open_meter(run.study_dir, run.energy, loaded.device)
+summary = inference.evaluate_config(run, loaded, meter, phase="pruning", pruning=spec.label, sparsity=outcome)
 meter.close()
 ''', nbval_skip=True),
     code('''
@@ -223,5 +317,7 @@ tables["scores"].pivot_table(index="config_id", columns=["task", "metric"], valu
 
 if __name__ == "__main__":
     write("01_data.ipynb", DATA)
+    write("02_finetune.ipynb", FINETUNE)
     write("03_inference.ipynb", INFERENCE)
+    write("04_pruning.ipynb", PRUNING)
     write("05_ranking.ipynb", RANKING)

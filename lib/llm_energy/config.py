@@ -21,7 +21,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4")
 PRECISION_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "nf4": 4, "fp4": 4}
 Phase = Literal["data", "inference", "ranking"]
 PHASES: tuple[str, ...] = ("data", "finetune", "inference", "pruning", "ranking")
-IMPLEMENTED_PHASES: tuple[str, ...] = ("data", "inference", "ranking")
+IMPLEMENTED_PHASES: tuple[str, ...] = PHASES
 BUILTIN_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "tiny-random-llama")
 TASK_NAMES: tuple[str, ...] = ("rca", "qa")
 
@@ -172,6 +172,66 @@ class RankingParams(_Strict):
         return values
 
 
+class FinetuneParams(_Strict):
+    """LoRA / QLoRA fine-tuning, energy per epoch (Figure 3); adapters are evaluated in inference."""
+
+    precisions: list[Precision] = ["fp32", "bf16", "int8", "nf4"]  # fp4 is not trained
+    task: Literal["rca", "qa"] = "rca"
+    rank: int = Field(8, gt=0)  # LoRA rank
+    alpha: int = Field(16, gt=0)  # LoRA alpha (update scaled by alpha / rank)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "v_proj"]  # linear layers that get adapters
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: int = Field(2, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(256, ge=2)  # tokens per example; a longer prompt is an error
+    max_train_items: int | None = Field(None, gt=0)  # seeded sample of the training split; null = all
+    max_eval_items: int | None = Field(None, gt=0)  # seeded sample of the validation split; null = all
+    seed: int = 0
+
+    @field_validator("precisions")
+    @classmethod
+    def _no_fp4(cls, values: list[str]) -> list[str]:
+        if "fp4" in values:
+            raise ValueError("fp4 is not a fine-tuning precision (QLoRA trains on nf4); use fp32, bf16, fp16, int8 or nf4")
+        if len(set(values)) != len(values):
+            raise ValueError("precisions must not repeat")
+        return values
+
+
+class PruningMethodParams(_Strict):
+    method: Literal["magnitude", "wanda"]
+    pattern: str = "unstructured"  # unstructured, or N:M such as 2:4 and 4:8 (keep N of every M)
+    sparsity: float | None = None  # fraction zeroed; N:M implies (M-N)/M and refuses anything else
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PruningMethodParams":
+        from .prune import PruningSpec
+
+        PruningSpec(method=self.method, pattern=self.pattern, sparsity=self.sparsity)  # raises with the reason
+        return self
+
+
+class PruningParams(_Strict):
+    """Pruning of the best configs (Figure 6)."""
+
+    targets: list[str] | None = None  # "model:precision" to prune; null = the top_k of the inference ranking
+    top_k: int = Field(1, gt=0)  # how many of the inference ranking's best base configs (at ranking.w)
+    methods: list[PruningMethodParams] = Field(min_length=1)
+    calibration_samples: int = Field(64, gt=0)  # Wanda: texts from the task's training split
+    calibration_max_tokens: int = Field(256, gt=0)
+    include: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, values: list[str] | None) -> list[str] | None:
+        for value in values or []:
+            model, _, precision = value.partition(":")
+            if not model or precision not in PRECISIONS:
+                raise ValueError(f"target {value!r} must be 'model:precision' with a precision in {', '.join(PRECISIONS)}")
+        return values
+
+
 class SlurmSettings(_Strict):
     """dask-jobqueue's SLURMCluster: one SLURM job per worker, one measured config per GPU."""
 
@@ -199,13 +259,31 @@ class Study(_Strict):
     description: str = ""
     seed: int = 0  # seed for sampling and any randomness in the study
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto resolves after validation, recorded
-    phases: list[str] = list(IMPLEMENTED_PHASES)  # data, inference, ranking (finetune, pruning: later)
+    phases: list[str] = ["data", "inference", "ranking"]  # any of data, finetune, inference, pruning, ranking
     models: list[ModelSettings] = Field(min_length=1)
     precisions: list[Precision] = Field(min_length=1)  # fp32 | bf16 | fp16 | int8 | nf4 | fp4
     tasks: TasksSettings = TasksSettings()
     energy: EnergySettings = EnergySettings()
     ranking: RankingParams = RankingParams()
+    finetune: FinetuneParams | None = None  # needed when phases include finetune
+    pruning: PruningParams | None = None  # needed when phases include pruning
     cluster: ClusterSettings = ClusterSettings()  # used only with --cluster local|slurm
+
+    @model_validator(mode="after")
+    def _phase_sections(self) -> "Study":
+        if "finetune" in self.phases and self.finetune is None:
+            raise ValueError("phase 'finetune' needs a 'finetune' section")
+        if "pruning" in self.phases and self.pruning is None:
+            raise ValueError("phase 'pruning' needs a 'pruning' section")
+        if self.pruning is not None and self.pruning.targets:
+            names = {m.name for m in self.models}
+            for target in self.pruning.targets:
+                model, _, precision = target.partition(":")
+                if model not in names:
+                    raise ValueError(f"pruning target {target!r} names model {model!r}, which is not in models")
+        if "pruning" in self.phases and not (self.pruning and self.pruning.targets) and "inference" not in self.phases:
+            raise ValueError("pruning without explicit targets ranks the inference phase's configs: add phase 'inference'")
+        return self
 
     @field_validator("study")
     @classmethod

@@ -25,7 +25,7 @@ IDLE_FILE = "idle_baseline.json"
 def config_id_for(model: str, precision: str, adapter: str = "none", pruning: str = "none") -> str:
     parts = [model, precision]
     if adapter != "none":
-        parts.append(f"lora-{adapter}")
+        parts.append(adapter)
     if pruning != "none":
         parts.append(pruning)
     return "__".join(parts)
@@ -84,6 +84,11 @@ class InferenceRun:
             seed=seed,
             base_dir=Path(base_dir).expanduser().resolve() if base_dir else project_root(),
         )
+
+
+def full_split(task: str, settings: Any, split: str, base_dir: Path) -> TaskData:
+    """A whole split, ignoring the scoring sample size (training and calibration use their own)."""
+    return load_task_data(task, settings.model_copy(update={"max_items": None}), split=split, base_dir=base_dir)
 
 
 def load_task_sets(tasks: TasksSettings, base_dir: Path) -> dict[str, TaskData]:
@@ -173,14 +178,17 @@ def measure_generation(loaded: LoadedModel, data: TaskData, params: "GenerationP
 
 def record_task(run: InferenceRun, loaded: LoadedModel, result: TaskResult, measurement: RepeatedMeasurement,
                 phase: str = "inference", adapter: str = "none", pruning: str = "none",
-                generated_tokens: int = 0) -> None:
+                generated_tokens: int = 0, sparsity: "Any | None" = None) -> None:
     """Write one task's energy, scores, per-item scores and per-repeat energy into the tables."""
     first = measurement.records[0]
     std = measurement.std("energy_kwh")
     energy_row = {
         "config_id": run.config_id, "phase": phase, "model": run.model.name, "precision": run.precision,
-        "adapter": adapter, "pruning": pruning, "sparsity_pattern": None, "target_sparsity": 0.0,
-        "measured_sparsity": None, "task": result.task, "n_items": result.n_items, "n_tokens": result.n_tokens,
+        "adapter": adapter, "pruning": pruning,
+        "sparsity_pattern": sparsity.pattern if sparsity is not None else None,
+        "target_sparsity": sparsity.target_sparsity if sparsity is not None else 0.0,
+        "measured_sparsity": sparsity.measured_sparsity if sparsity is not None else None,
+        "task": result.task, "n_items": result.n_items, "n_tokens": result.n_tokens,
         "duration_s": measurement.mean("duration_s"), "energy_kwh": measurement.mean("energy_kwh"),
         "energy_net_kwh": measurement.mean("energy_net_kwh"), "cpu_energy_kwh": measurement.mean("cpu_energy_kwh"),
         "gpu_energy_kwh": measurement.mean("gpu_energy_kwh"), "ram_energy_kwh": measurement.mean("ram_energy_kwh"),
@@ -235,3 +243,113 @@ def record_config(study_dir: Path, config_id: str, model: str, precision: str, s
         "config_id": config_id, "model": model, "precision": precision, "adapter": adapter, "pruning": pruning,
         "status": status, "reason": reason, "weights_origin": weights_origin,
     }])
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning and pruning phases (notebooks 02 and 04)
+
+
+def record_training(study_dir: Path, config_id: str, model: str, precision: str, adapter: str, result: Any,
+                    device: str, task: str) -> None:
+    """Per-epoch rows into training.csv and one fine-tuning energy row (all epochs) into energy.csv."""
+    import math
+
+    rows = [{
+        "config_id": config_id, "model": model, "precision": precision, "adapter": adapter, "epoch": e.epoch,
+        "train_loss": e.train_loss, "eval_loss": e.eval_loss, "duration_s": e.duration_s, "energy_kwh": e.energy_kwh,
+        "emissions_kg": e.emissions_kg, "energy_method": e.energy_method, "n_examples": e.n_examples,
+        "n_tokens": e.n_tokens,
+    } for e in result.epochs]
+    results.upsert_rows(study_dir, "training", rows, replace_where={"config_id": config_id})
+    energy = sum(e.energy_kwh for e in result.epochs)
+    row = {column: None for column in results.ENERGY_COLUMNS}
+    row.update(
+        config_id=config_id, phase="finetune", model=model, precision=precision, adapter=adapter, pruning="none",
+        target_sparsity=0.0, task=task, n_items=sum(e.n_examples for e in result.epochs),
+        n_tokens=sum(e.n_tokens for e in result.epochs), duration_s=sum(e.duration_s for e in result.epochs),
+        energy_kwh=energy, emissions_kg=sum(e.emissions_kg for e in result.epochs),
+        energy_method=result.epochs[0].energy_method, device=device, repeats=1, energy_kwh_std=math.nan,
+    )
+    results.upsert_rows(study_dir, "energy", [row])
+
+
+def prepare_pruned(run: InferenceRun, spec: Any, calibration: list[str]) -> tuple[LoadedModel, Any]:
+    """Prune the dense weights, then load them at the run's precision (quantizing after pruning)."""
+    from .models import load_model
+
+    dense_precision = run.precision if run.precision in ("fp32", "bf16", "fp16") else "fp32"
+    dense = load_model(run.model, dense_precision, run.device, base_dir=run.base_dir)
+    from .prune import prune_model
+
+    outcome = prune_model(dense.model, spec, calibration=calibration, tokenizer=dense.tokenizer)
+    if dense_precision == run.precision:
+        return dense, outcome
+    # bitsandbytes quantizes at load time, so the pruned weights go through a folder first.
+    folder = run.study_dir / "pruned" / run.config_id
+    folder.mkdir(parents=True, exist_ok=True)
+    dense.model.save_pretrained(folder, safe_serialization=True)
+    dense.tokenizer.save_pretrained(folder)
+    pruned_settings = run.model.model_copy(update={"source": "local", "path": str(folder)})
+    quantized = load_model(pruned_settings, run.precision, run.device, base_dir=run.base_dir)
+    origin = f"{dense.weights_origin}; pruned ({spec.label}) then quantized to {run.precision}"
+    from dataclasses import replace as dc_replace
+
+    return dc_replace(quantized, name=run.model.name, weights_origin=origin), outcome
+
+
+def with_adapter(loaded: LoadedModel, model: Any, adapter_dir: str) -> LoadedModel:
+    """The loaded base model with a LoRA adapter on it (same tokenizer, precision and device)."""
+    from dataclasses import replace as dc_replace
+
+    return dc_replace(loaded, model=model, weights_origin=f"{loaded.weights_origin}; LoRA adapter {adapter_dir}")
+
+
+def replace_config_id(run: InferenceRun, config_id: str) -> InferenceRun:
+    from dataclasses import replace as dc_replace
+
+    return dc_replace(run, config_id=config_id)
+
+
+def finetune_spec(params: Any) -> Any:
+    """The library's FinetuneSpec from the study's validated `finetune` section."""
+    from .finetune import FinetuneSpec
+
+    return FinetuneSpec(
+        rank=params.rank, alpha=params.alpha, dropout=params.dropout, target_modules=tuple(params.target_modules),
+        learning_rate=params.learning_rate, epochs=params.epochs, batch_size=params.batch_size,
+        max_length=params.max_length, max_train_items=params.max_train_items, max_eval_items=params.max_eval_items,
+        seed=params.seed, task=params.task,
+    )
+
+
+def record_pruning(run: InferenceRun, loaded: LoadedModel, outcome: Any) -> None:
+    """Per-layer sparsity rows and the config's status, with where its weights came from."""
+    results.upsert_rows(run.study_dir, "pruning_layers", outcome.as_rows(run.config_id),
+                        replace_where={"config_id": run.config_id})
+    record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
+                  weights_origin=loaded.weights_origin, pruning=outcome.spec.label)
+
+
+def evaluate_config(run: InferenceRun, loaded: LoadedModel, meter: EnergyMeter, phase: str = "inference",
+                    adapter: str = "none", pruning: str = "none", sparsity: Any = None) -> list[dict[str, Any]]:
+    """Every task of the study (and RCA resolutions when asked), measured and written to the tables;
+    the same steps for base, fine-tuned and pruned configs so their rows compare."""
+    summary = []
+    task_sets = load_task_sets(run.tasks, run.base_dir)
+    for name, task_data in task_sets.items():
+        result, measurement = measure_task(loaded, name, task_data, meter, run.tasks.enabled()[name].prompt, run.seed)
+        record_task(run, loaded, result, measurement, phase=phase, adapter=adapter, pruning=pruning, sparsity=sparsity)
+        summary.append(_summary_row(result, measurement))
+    rca = run.tasks.rca
+    if rca is not None and rca.generation is not None and "rca" in task_sets:
+        result, measurement, output = measure_generation(loaded, task_sets["rca"], rca.generation, meter, run.seed)
+        record_task(run, loaded, result, measurement, phase=phase, adapter=adapter, pruning=pruning,
+                    sparsity=sparsity, generated_tokens=output.n_new_tokens)
+        summary.append(_summary_row(result, measurement))
+    return summary
+
+
+def _summary_row(result: TaskResult, measurement: RepeatedMeasurement) -> dict[str, Any]:
+    return {"task": result.task, "n_items": result.n_items, **result.metrics,
+            "energy_kwh": measurement.mean("energy_kwh"), "energy_kwh_std": measurement.std("energy_kwh"),
+            "repeats": measurement.repeats, "method": measurement.records[0].energy_method}

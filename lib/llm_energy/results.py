@@ -45,6 +45,11 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
         ["config_id", "phase", "task", "repeat"],
     ),
     "token_lengths": (["task", "dataset", "split", "item_id", "n_tokens", "tokenizer"], ["task", "dataset", "split", "item_id"]),
+    "pruning_layers": (
+        ["config_id", "pruning", "method", "sparsity_pattern", "target_sparsity", "layer", "out_features",
+         "in_features", "n_weights", "n_zero", "measured_sparsity", "verified_nm"],
+        ["config_id", "layer"],
+    ),
     "configs": (
         ["config_id", "model", "precision", "adapter", "pruning", "status", "reason", "weights_origin"],
         ["config_id"],

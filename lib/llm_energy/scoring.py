@@ -2,7 +2,7 @@
 
 Multiple-choice QA follows lm-evaluation-harness: each choice is a continuation ``" {choice}"`` of
 the prompt; ``acc`` picks the highest summed log-likelihood, ``acc_norm`` the highest log-likelihood
-divided by the continuation's length in characters.
+divided by the choice's length in characters, without the leading space (lm-eval's ``len(choice)``).
 
 Root-cause analysis scores every label of the data's label set the same way (the label read as
 words, e.g. ``" fibre cut"``) and predicts the label with the highest length-normalised
@@ -190,7 +190,8 @@ def evaluate_qa(model: Any, tokenizer: Any, data: TaskData, prompt: str | None =
         context = prompt.format(question=item.question, choices=_choice_block(item.choices))
         scores = score_continuations(model, tokenizer, context, [" " + c for c in item.choices])
         best = int(np.argmax(scores.loglik))
-        best_norm = int(np.argmax(scores.loglik / scores.continuation_chars))
+        # lm-evaluation-harness normalises by len(choice), without the leading space it scores.
+        best_norm = int(np.argmax(scores.loglik / np.array([len(c) for c in item.choices], dtype=float)))
         correct.append(float(best == item.answer))
         correct_norm.append(float(best_norm == item.answer))
         predictions.append(best)

@@ -30,7 +30,8 @@ from .inference import config_id_for, project_root, record_config
 
 log = logging.getLogger("llm_energy.study")
 
-NOTEBOOKS = {"data": "01_data.ipynb", "inference": "03_inference.ipynb", "ranking": "05_ranking.ipynb"}
+NOTEBOOKS = {"data": "01_data.ipynb", "finetune": "02_finetune.ipynb", "inference": "03_inference.ipynb",
+             "pruning": "04_pruning.ipynb", "ranking": "05_ranking.ipynb"}
 PACKAGES = ("llm_energy", "torch", "transformers", "bitsandbytes", "codecarbon", "papermill", "accelerate",
             "numpy", "pandas", "matplotlib", "seaborn", "pydantic", "nbconvert", "gguf")
 
@@ -79,30 +80,97 @@ def resolve_device(study: Study) -> str:
 
 
 def expand(study: Study, out_dir: Path, base_dir: Path, device: str) -> tuple[list[Job], list[dict[str, str]]]:
-    """Jobs in run order, and configs skipped because their precision cannot run on the device."""
+    """The jobs known before anything runs (data, fine-tuning, base inference, explicit pruning
+    targets, ranking), in run order, and configs skipped because their precision cannot run here.
+    Adapter evaluation and top-k pruning are added by the runner once their inputs exist."""
     from .models import precision_support
 
-    tasks = study.tasks.model_dump(mode="json")
-    common = {"study_dir": str(out_dir), "base_dir": str(base_dir), "seed": study.seed}
+    common = base_parameters(study, out_dir, base_dir, device)
     jobs: list[Job] = []
     skipped: list[dict[str, str]] = []
     if "data" in study.phases:
-        jobs.append(Job("data", None, {**common, "model": study.models[0].model_dump(mode="json"), "tasks": tasks}))
+        jobs.append(Job("data", None, {**common, "model": study.models[0].model_dump(mode="json")}))
+
+    def runnable(model: Any, precision: str, config_id: str) -> bool:
+        reason = precision_support(precision, device)
+        if reason:
+            skipped.append({"config_id": config_id, "model": model.name, "precision": precision, "reason": reason})
+        return reason is None
+
+    if "finetune" in study.phases and study.finetune is not None:
+        for model in study.models:
+            for precision in study.finetune.precisions:
+                config_id = config_id_for(model.name, precision, adapter="lora")
+                if runnable(model, precision, config_id):
+                    jobs.append(Job("finetune", config_id, {
+                        **common, "config_id": config_id, "model": model.model_dump(mode="json"), "adapter_name": "lora",
+                        "precision": precision, "finetune": study.finetune.model_dump(mode="json")}))
     if "inference" in study.phases:
         for model in study.models:
             for precision in study.precisions:
                 config_id = config_id_for(model.name, precision)
-                reason = precision_support(precision, device)
-                if reason:
-                    skipped.append({"config_id": config_id, "model": model.name, "precision": precision, "reason": reason})
-                    continue
-                jobs.append(Job("inference", config_id, {
-                    **common, "config_id": config_id, "model": model.model_dump(mode="json"), "precision": precision,
-                    "device": device, "tasks": tasks, "energy": study.energy.model_dump(mode="json"),
-                }))
+                if runnable(model, precision, config_id):
+                    jobs.append(inference_job(common, model.model_dump(mode="json"), precision, config_id))
+    if "pruning" in study.phases and study.pruning is not None and study.pruning.targets:
+        models = {m.name: m for m in study.models}
+        for target in study.pruning.targets:
+            name, _, precision = target.partition(":")
+            jobs += [j for j in pruning_jobs(study, common, models[name].model_dump(mode="json"), precision)
+                     if runnable(models[name], precision, j.config_id or "")]
     if "ranking" in study.phases:
         jobs.append(Job("ranking", None, {**common, "ranking": study.ranking.model_dump(mode="json")}))
     return jobs, skipped
+
+
+def base_parameters(study: Study, out_dir: Path, base_dir: Path, device: str) -> dict[str, Any]:
+    return {"study_dir": str(out_dir), "base_dir": str(base_dir), "seed": study.seed, "device": device,
+            "tasks": study.tasks.model_dump(mode="json"), "energy": study.energy.model_dump(mode="json")}
+
+
+def inference_job(common: dict[str, Any], model: dict[str, Any], precision: str, config_id: str,
+                  adapter: str = "", adapter_name: str = "none") -> Job:
+    return Job("inference", config_id, {**common, "config_id": config_id, "model": model, "precision": precision,
+                                        "adapter": adapter, "adapter_name": adapter_name})
+
+
+def pruning_jobs(study: Study, common: dict[str, Any], model: dict[str, Any], precision: str) -> list[Job]:
+    from .prune import PruningSpec
+
+    assert study.pruning is not None
+    jobs = []
+    for method in study.pruning.methods:
+        spec = PruningSpec(method=method.method, pattern=method.pattern, sparsity=method.sparsity)
+        config_id = config_id_for(model["name"], precision, pruning=spec.label)
+        jobs.append(Job("pruning", config_id, {
+            **common, "config_id": config_id, "model": model, "precision": precision, "pruning_label": spec.label,
+            "pruning": {"method": method.method, "pattern": method.pattern, "sparsity": method.sparsity,
+                        "calibration_samples": study.pruning.calibration_samples,
+                        "calibration_max_tokens": study.pruning.calibration_max_tokens,
+                        "include": list(study.pruning.include), "seed": study.seed},
+        }))
+    return jobs
+
+
+def adapter_jobs(study: Study, common: dict[str, Any], out_dir: Path, finished: list[Job]) -> list[Job]:
+    """Evaluate every adapter that a fine-tuning job saved, on its base model at its precision."""
+    jobs = []
+    for job in finished:
+        adapter_dir = out_dir / "adapters" / (job.config_id or "")
+        if job.phase == "finetune" and (adapter_dir / "adapter_model.safetensors").is_file():
+            jobs.append(inference_job(common, job.parameters["model"], job.parameters["precision"],
+                                      job.config_id or "", adapter=str(adapter_dir), adapter_name="lora"))
+    return jobs
+
+
+def top_k_targets(study: Study, out_dir: Path) -> list[tuple[str, str]]:
+    """(model, precision) of the best base configs of the inference ranking at the study's w."""
+    from .report import rank_study
+
+    assert study.pruning is not None
+    table = rank_study(out_dir, study.ranking).result.table
+    base = table[(table["adapter"] == "none") & (table["pruning"] == "none")]
+    at_w = base[(base["w"] - study.ranking.w).abs() < 1e-9].sort_values(["rank", "config_id"])
+    return [(row.model, row.precision) for row in at_w.head(study.pruning.top_k).itertuples()]
 
 
 def _git(args: list[str]) -> str | None:
@@ -245,8 +313,6 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     for item in skipped:
         log.warning("skipping %s: %s", item["config_id"], item["reason"])
         record_config(out_dir, item["config_id"], item["model"], item["precision"], "skipped", item["reason"])
-    if phases:
-        jobs = [j for j in jobs if j.phase in phases]
     outcome = StudyOutcome(out_dir=out_dir, skipped=skipped)
     state = out_dir / "state"
     state.mkdir(exist_ok=True)
@@ -254,14 +320,8 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     failures = json.loads(failures_path.read_text()) if (resume and failures_path.exists()) else []
 
     _ensure_idle_baseline(study, out_dir, device, resume)
-    todo = []
-    for job in jobs:
-        if resume and (state / f"{job.key}.done").exists() and job.phase != "ranking":
-            outcome.resumed.append(job.key)
-        else:
-            todo.append(job)
-    measured = [j for j in todo if j.phase != "ranking"]
-    ranking_jobs = [j for j in todo if j.phase == "ranking"]
+    common = base_parameters(study, out_dir, base_dir, device)
+    selected = (lambda job: job.phase in phases) if phases else (lambda job: True)
 
     def settle(job: Job, result: dict[str, Any]) -> None:
         nonlocal failures
@@ -275,33 +335,65 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
                          "notebook": str(out_dir / "notebooks"), "log": str(out_dir / "logs" / f"{job.key}.log")})
         if job.config_id:
             record_config(out_dir, job.config_id, job.parameters.get("model", {}).get("name", ""),
-                          job.parameters.get("precision", ""), "failed", result["error"])
+                          job.parameters.get("precision", ""), "failed", result["error"],
+                          adapter=job.parameters.get("adapter_name", "none"),
+                          pruning=job.parameters.get("pruning_label", "none"))
         results.atomic_write_json(failures_path, failures)
         outcome.failed.append(failures[-1])
 
-    bar = tqdm(total=len(todo), desc=f"study {study.study}", unit="job")
-    if cluster == "none":
-        for job in measured:
-            bar.set_postfix_str(job.key)
-            settle(job, execute_job(job, out_dir))
-            bar.update()
-    else:
+    bar = tqdm(total=len(jobs), desc=f"study {study.study}", unit="job")
+
+    def run_stage(stage: list[Job]) -> None:
+        """Run jobs that do not depend on each other: here in turn, or spread over the cluster."""
+        todo = []
+        for job in stage:
+            if not selected(job):
+                bar.update()
+            elif resume and (state / f"{job.key}.done").exists() and job.phase != "ranking":
+                outcome.resumed.append(job.key)
+                bar.update()
+            else:
+                todo.append(job)
+        if cluster == "none" or len(todo) <= 1:
+            for job in todo:
+                bar.set_postfix_str(job.key)
+                settle(job, execute_job(job, out_dir))
+                bar.update()
+            return
         from .scale import run_on_cluster
 
-        for job, result in run_on_cluster(measured, out_dir, cluster, study, device):
+        for job, result in run_on_cluster(todo, out_dir, cluster, study, device):
             bar.set_postfix_str(job.key)
             settle(job, result)
             bar.update()
-    for job in ranking_jobs:  # ranks what the measured jobs wrote, so it runs last, here
-        results.atomic_write_json(failures_path, failures)  # the report lists failures
-        bar.set_postfix_str(job.key)
-        settle(job, execute_job(job, out_dir))
-        bar.update()
+
+    # Stage 1: everything that needs nothing but the parameters.
+    first = [j for j in jobs if j.phase in ("data", "finetune", "inference")]
+    run_stage(first)
+    # Stage 2: adapters the fine-tuning saved, and pruning of the best configs found so far.
+    second = adapter_jobs(study, common, out_dir, [j for j in first if j.phase == "finetune"])
+    second += [j for j in jobs if j.phase == "pruning"]
+    wants_pruning = "pruning" in study.phases and (not phases or "pruning" in phases)
+    if wants_pruning and study.pruning is not None and not study.pruning.targets:
+        try:
+            models = {m.name: m for m in study.models}
+            for model, precision in top_k_targets(study, out_dir):
+                second += pruning_jobs(study, common, models[model].model_dump(mode="json"), precision)
+        except ValueError as exc:  # nothing ranked: every inference config failed
+            failures.append({"job": "pruning", "config_id": "", "error": f"no pruning targets: {exc}",
+                             "notebook": "", "log": ""})
+            outcome.failed.append(failures[-1])
+    bar.total = len(jobs) + len(second) - sum(1 for j in jobs if j.phase == "pruning")
+    run_stage(second)
+    # Stage 3: the ranking reads every table, so it runs last, here; the report lists failures.
+    results.atomic_write_json(failures_path, failures)
+    for job in [j for j in jobs if j.phase == "ranking"]:
+        run_stage([job])
     bar.close()
     results.atomic_write_json(failures_path, failures)
 
     ranking_nb = out_dir / "notebooks" / "05_ranking__study.ipynb"
-    if "ranking" in study.phases and any(j.phase == "ranking" for j in jobs) and ranking_nb.exists() \
+    if "ranking" in study.phases and (not phases or "ranking" in phases) and ranking_nb.exists() \
             and not any(f["job"] == "ranking" for f in failures):
         from .report import render_html
 

@@ -27,31 +27,61 @@ def smoke_run(smoke_study):
 def test_outputs_follow_the_contract(smoke_run):
     out, _ = smoke_run
     for name in ("params.resolved.yaml", "provenance.json", "report.html", "tables/energy.csv", "tables/scores.csv",
-                 "tables/ranking.csv"):
+                 "tables/ranking.csv", "tables/training.csv", "tables/pruning_layers.csv"):
         assert (out / name).is_file(), name
     executed = sorted(p.name for p in (out / "notebooks").glob("*.ipynb"))
-    assert executed == sorted(["01_data__study.ipynb", "05_ranking__study.ipynb"] + [
-        f"03_inference__tiny-random-llama__{p}.ipynb" for p in PRECISIONS])
-    for fig in ("fig1_token_lengths", "fig4_inference_energy_carbon", "fig5_quantization_impact", "fig7_ranking"):
-        assert (out / "figures" / f"{fig}.png").is_file() and (out / "figures" / f"{fig}.pdf").is_file()
+    expected = ["01_data__study.ipynb", "05_ranking__study.ipynb"]
+    expected += [f"03_inference__tiny-random-llama__{p}.ipynb" for p in PRECISIONS]
+    expected += [f"02_finetune__tiny-random-llama__{p}__lora.ipynb" for p in ("fp32", "nf4")]
+    expected += [f"03_inference__tiny-random-llama__{p}__lora.ipynb" for p in ("fp32", "nf4")]
+    pruned = [name for name in executed if name.startswith("04_pruning__")]
+    assert len(pruned) == 2 and any(name.endswith("__wanda-2of4.ipynb") for name in pruned)
+    assert sorted(set(executed) - set(pruned)) == sorted(expected)
+    for fig in ("fig1_token_lengths", "fig3_finetune_energy_loss", "fig4_inference_energy_carbon",
+                "fig5_quantization_impact", "fig6_pruning", "fig7_ranking"):
+        assert (out / "figures" / f"{fig}.png").is_file() and (out / "figures" / f"{fig}.pdf").is_file(), fig
 
 
 def test_energy_rows_for_every_precision_and_task(smoke_run):
     out, _ = smoke_run
     energy = results.read_table(out, "energy")
-    inference = energy[energy["phase"] == "inference"]
-    assert sorted(zip(inference["precision"], inference["task"])) == sorted((p, t) for p in PRECISIONS for t in ("qa", "rca"))
+    base = energy[(energy["phase"] == "inference") & (energy["adapter"] == "none")]
+    assert sorted(zip(base["precision"], base["task"])) == sorted(
+        (p, t) for p in PRECISIONS for t in ("qa", "rca", "rca_resolution"))
     assert set(energy.columns) >= set(results.ENERGY_COLUMNS)
-    assert inference["energy_method"].notna().all() and (inference["repeats"] == 2).all()
+    measured = energy[energy["phase"].isin(["inference", "pruning"])]
+    assert measured["energy_method"].notna().all() and (measured["repeats"] == 2).all()
     assert (energy["phase"] == "idle").sum() == 1
+    assert (energy["phase"] == "finetune").sum() == 2
+    assert len(energy[(energy["phase"] == "inference") & (energy["adapter"] == "lora")]) == 6
+    pruned = energy[energy["phase"] == "pruning"]
+    assert len(pruned) == 6
+    assert ((pruned["measured_sparsity"] - pruned["target_sparsity"]).abs() <= 0.02).all()
+    generated = energy[energy["task"] == "rca_resolution"]
+    assert (generated["n_generated_tokens"] == 2 * 8).all()  # 2 items x exactly 8 new tokens
     scores = results.read_table(out, "scores")
-    assert len(scores) == len(PRECISIONS) * 4
+    assert len(scores) == 10 * 6
     ranking = results.read_table(out, "ranking")
-    assert len(ranking) == len(PRECISIONS) * 11
+    assert len(ranking) == 10 * 11
     assert ranking["phi"].between(0, 1).all() and ranking["rho"].between(0, 1).all()
     for w, group in ranking.groupby("w"):
         ordered = group.sort_values("rank")
         assert ordered["R"].is_monotonic_decreasing
+
+
+def test_training_table_has_two_epochs_per_precision(smoke_run):
+    training = results.read_table(smoke_run[0], "training")
+    assert sorted(training.groupby("precision")["epoch"].apply(list).to_dict().items()) == [
+        ("fp32", [1, 2]), ("nf4", [1, 2])]
+    assert (training["energy_kwh"] > 0).all() and training["train_loss"].notna().all()
+
+
+def test_pruning_layers_are_recorded_and_nm_verified(smoke_run):
+    layers = results.read_table(smoke_run[0], "pruning_layers")
+    wanda = layers[layers["pruning"] == "wanda-2of4"]
+    assert len(wanda) == 2 * 7  # two decoder blocks x seven projections
+    assert wanda["verified_nm"].astype(str).eq("True").all()
+    assert (wanda["measured_sparsity"] == 0.5).all()
 
 
 def test_provenance_and_resolved_parameters(smoke_run):
@@ -74,7 +104,7 @@ def test_rerun_resumes_without_duplicates(smoke_run, root):
     before = results.read_table(out, "energy")
     proc = cli("run", str(root / "params" / "smoke.yaml"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "resumed (already done): 7" in proc.stdout
+    assert "resumed (already done): 13" in proc.stdout
     after = results.read_table(out, "energy")
     pd.testing.assert_frame_equal(before, after)
 

@@ -79,7 +79,7 @@ def test_acc_and_acc_norm_differ_as_defined():
     result = evaluate_qa(model, tok, TaskData("qa", "t", "test", (item,)), prompt="{question}")
     lls = score_continuations(model, tok, "q", [" xy", " bbbb", " b"]).loglik
     assert int(np.argmax(lls)) == 2  # the short one wins on the sum
-    assert int(np.argmax(lls / np.array([3, 5, 2]))) == 1  # the long one per character
+    assert int(np.argmax(lls / np.array([2, 4, 1]))) == 1  # the long one per character of the choice
     assert result.metrics == {"acc": 0.0, "acc_norm": 1.0}
 
 

@@ -14,9 +14,12 @@ def smoke(root):
 
 def test_expand_orders_jobs_and_passes_sections(root, tmp_path):
     jobs, skipped = runner.expand(smoke(root), tmp_path, root / "params", "cpu")
-    assert [j.phase for j in jobs] == ["data"] + ["inference"] * 6 + ["ranking"]
+    # pruning targets come from the inference ranking, so they are planned later by the runner
+    assert [j.phase for j in jobs] == ["data"] + ["finetune"] * 2 + ["inference"] * 6 + ["ranking"]
+    assert [j.config_id for j in jobs if j.phase == "finetune"] == ["tiny-random-llama__fp32__lora",
+                                                                    "tiny-random-llama__nf4__lora"]
     assert skipped == []
-    inference = jobs[1]
+    inference = jobs[3]
     assert inference.config_id == "tiny-random-llama__fp32"
     assert inference.parameters["precision"] == "fp32" and inference.parameters["device"] == "cpu"
     assert inference.parameters["tasks"]["rca"]["max_items"] == 6
@@ -28,7 +31,8 @@ def test_unsupported_precision_is_skipped_with_reason(root, tmp_path, monkeypatc
     monkeypatch.setattr(models, "precision_support",
                         lambda p, d: "bitsandbytes has no backend here" if p in ("int8", "nf4") else None)
     jobs, skipped = runner.expand(smoke(root), tmp_path, root / "params", "cpu")
-    assert [s["config_id"] for s in skipped] == ["tiny-random-llama__int8", "tiny-random-llama__nf4"]
+    assert [s["config_id"] for s in skipped] == ["tiny-random-llama__nf4__lora", "tiny-random-llama__int8",
+                                                 "tiny-random-llama__nf4"]
     assert all(s["reason"] == "bitsandbytes has no backend here" for s in skipped)
     assert len([j for j in jobs if j.phase == "inference"]) == 4
 
@@ -63,8 +67,8 @@ def test_out_dir_with_results_needs_force_for_no_resume(root, tmp_path):
 
 
 def test_unknown_phase_and_cluster_are_refused(root, tmp_path):
-    with pytest.raises(runner.StudyRunError, match=r"--phases \['pruning'\] are not phases of this study"):
-        runner.run_study(root / "params" / "smoke.yaml", out=tmp_path / "o", phases=["pruning"])
+    with pytest.raises(runner.StudyRunError, match=r"--phases \['training'\] are not phases of this study"):
+        runner.run_study(root / "params" / "smoke.yaml", out=tmp_path / "o", phases=["training"])
     with pytest.raises(runner.StudyRunError, match="--cluster must be none, local or slurm; got 'k8s'"):
         runner.run_study(root / "params" / "smoke.yaml", out=tmp_path / "o", cluster="k8s")
 
@@ -90,3 +94,24 @@ def test_local_workers_one_per_device(root):
     from llm_energy.scale import local_worker_count
 
     assert local_worker_count(smoke(root), "cpu") == 1
+
+
+def test_explicit_pruning_targets_are_planned_up_front(root, tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text((root / "params" / "smoke.yaml").read_text().replace(
+        "targets: null ", 'targets: ["tiny-random-llama:fp16"] '))
+    jobs, _ = runner.expand(load_study(params), tmp_path, tmp_path, "cpu")
+    pruning = [j for j in jobs if j.phase == "pruning"]
+    assert [j.config_id for j in pruning] == ["tiny-random-llama__fp16__magnitude-unstructured-50",
+                                              "tiny-random-llama__fp16__wanda-2of4"]
+    assert pruning[1].parameters["pruning"]["pattern"] == "2:4"
+
+
+def test_inconsistent_nm_pattern_is_refused_at_validation(root, tmp_path):
+    from llm_energy.config import StudyValidationError
+
+    params = tmp_path / "p.yaml"
+    params.write_text((root / "params" / "smoke.yaml").read_text().replace(
+        '{method: wanda, pattern: "2:4"}', '{method: wanda, pattern: "2:4", sparsity: 0.3}'))
+    with pytest.raises(StudyValidationError, match=r"pruning.methods\[1\]: pattern '2:4' keeps 2 of every 4"):
+        load_study(params)
