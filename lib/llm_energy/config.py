@@ -134,6 +134,8 @@ class EnergySettings(_Strict):
     repeats: int = Field(3, ge=1)  # minimum measured repeats per workload
     max_repeats: int = Field(5, ge=1)  # stop repeating here even if the spread stays high
     target_rsd: float = Field(0.05, gt=0)  # stop once std/mean of the repeats is below this
+    min_window_s: float = Field(0.25, ge=0)  # shorter workloads are repeated inside one window (NVML
+    # counters update every ~20-100 ms; a window shorter than that would read as zero)
 
     @field_validator("country_iso_code")
     @classmethod

@@ -56,6 +56,7 @@ class EnergyRecord:
     gpu_method: str
     ram_method: str
     idle_power_w: float = 0.0  # idle baseline power of the same run (0 when none was measured)
+    calls: int = 1  # workload calls inside the window; energies and duration are per call
 
     @property
     def energy_kwh(self) -> float:
@@ -398,10 +399,29 @@ class EnergyMeter:
         self.idle = baseline
 
     def measure(self, fn: Callable[[], T], name: str) -> tuple[T, EnergyRecord]:
+        """One window around ``fn``; a call shorter than ``min_window_s`` is repeated inside the window
+        and the record is divided by the number of calls, so short workloads never read as zero."""
+        calls = 0
         with self.window(name) as handle:
+            start = self.clock()
             result = fn()
-        assert handle.record is not None
-        return result, handle.record
+            calls = 1
+            while self.clock() - start < self.settings.min_window_s:
+                fn()
+                calls += 1
+        record = handle.record
+        assert record is not None
+        if calls > 1:
+            record = replace(
+                record,
+                duration_s=record.duration_s / calls,
+                cpu_energy_kwh=record.cpu_energy_kwh / calls,
+                gpu_energy_kwh=record.gpu_energy_kwh / calls,
+                ram_energy_kwh=record.ram_energy_kwh / calls,
+                emissions_kg=record.emissions_kg / calls,
+                calls=calls,
+            )
+        return result, record
 
     def measure_repeated(self, fn: Callable[[], T], name: str, warmup: Callable[[], Any] | None = None) -> RepeatedMeasurement:
         """Repeat until the energy spread is under ``target_rsd`` or ``max_repeats`` is reached."""

@@ -54,7 +54,8 @@ class FakeEstimate:
     def close(self): pass
 
 
-SETTINGS = EnergySettings(idle_seconds=10, repeats=1, max_repeats=1, carbon_intensity_g_per_kwh=100.0)
+SETTINGS = EnergySettings(idle_seconds=10, repeats=1, max_repeats=1, carbon_intensity_g_per_kwh=100.0,
+                          min_window_s=0.0)
 
 
 def make_meter(clock, sources, settings=SETTINGS, device="cpu"):
@@ -130,7 +131,8 @@ def test_unreadable_rapl_tree_is_not_a_source(tmp_path):
 
 def test_repeats_stop_at_target_spread_or_max():
     clock = FakeClock()
-    settings = EnergySettings(repeats=2, max_repeats=5, target_rsd=0.05, carbon_intensity_g_per_kwh=1.0)
+    settings = EnergySettings(repeats=2, max_repeats=5, target_rsd=0.05, carbon_intensity_g_per_kwh=1.0,
+                              min_window_s=0.0)
     meter = make_meter(clock, [NvmlSource(nvml=FakeNvml(clock, power_w=100.0))], settings)
     durations = iter([1.0, 1.0])
     steady = meter.measure_repeated(lambda: clock.sleep(next(durations)) or "done", "steady")
@@ -176,3 +178,24 @@ def test_real_codecarbon_window_on_this_cpu():
     assert r.cpu_method.startswith(("codecarbon:", "rapl"))
     assert r.ram_method != "none"
     assert r.emissions_kg > 0
+
+
+def test_too_short_window_is_lengthened_by_repetition_not_zero():
+    """A 20 ms call under an NVML counter that only moves every 100 ms: repeated, then divided."""
+    clock = FakeClock()
+
+    class CoarseNvml(FakeNvml):
+        def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+            elapsed = clock.now - self.t0
+            return int(self.start_mj + self.power_w * (elapsed // 0.1) * 0.1 * 1000)  # 100 ms steps
+
+    settings = EnergySettings(repeats=1, max_repeats=1, carbon_intensity_g_per_kwh=1.0, min_window_s=1.0)
+    meter = make_meter(clock, [NvmlSource(nvml=CoarseNvml(clock, power_w=200.0))], settings)
+    calls = []
+    _, record = meter.measure(lambda: calls.append(clock.sleep(0.02)), "short")
+    assert len(calls) in (50, 51) and record.calls == len(calls)  # 50 x 0.02 s, give or take float rounding
+    assert record.duration_s == pytest.approx(0.02)
+    assert record.gpu_energy_kwh * 3.6e6 == pytest.approx(200.0 * 0.02, rel=0.1)  # 4 J per call, not 0
+    unrepeated = make_meter(clock, [NvmlSource(nvml=CoarseNvml(clock, power_w=200.0))], SETTINGS)
+    _, zero = unrepeated.measure(lambda: clock.sleep(0.02), "short")
+    assert zero.gpu_energy_kwh in (0.0, pytest.approx(200.0 * 0.1 / 3.6e6))  # what a naive window reads
