@@ -150,6 +150,8 @@ def pruning_label(pruning: object, pattern: object = None, sparsity: object = No
     if _is_none(pd.Series([pruning])).iloc[0]:
         return "none"
     label = str(pruning)
+    if "-" in label:  # the runner's labels (e.g. "wanda-2of4", "magnitude-unstructured-50") say it all
+        return label
     has_pattern = not _is_none(pd.Series([pattern])).iloc[0]
     if has_pattern:
         label += f" {pattern}"
@@ -535,7 +537,8 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
     sc["err_low"] = sc["value"] - sc["ci_low"]
     sc["err_high"] = sc["ci_high"] - sc["value"]
 
-    en = energy[energy["phase"] == "inference"]
+    # Pruned configs are evaluated in the pruning phase, their unpruned twins in the inference phase.
+    en = energy[energy["phase"].isin(["inference", "pruning"])]
     en = _per_item(en.merge(meta[["config_id", "category"]], on="config_id"))
     if sc.empty and en.empty:
         return _no_data_figure(FIG6_TITLE)

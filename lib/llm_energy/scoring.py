@@ -12,8 +12,10 @@ log-likelihood, so that long label names are not penalised; metrics are ``accura
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -60,14 +62,51 @@ def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[
     return ctx, whole[len(ctx) :]
 
 
-def score_continuations(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> ChoiceScores:
-    """Summed log-likelihood of each continuation after the context.
+# Model families whose decoder takes a ready 4D attention mask as-is (transformers' masking_utils
+# returns a 4D mask unchanged) and that have no layer type where doing so would be wrong.
+_PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "olmo", "olmo2"})
+# Attention implementations and the 4D mask each wants: sdpa a boolean one (True: attend), eager an
+# additive float one (0: attend, the dtype's minimum: not), which it adds to the scores.
+_PACKED_ATTENTION = frozenset({"sdpa", "eager"})
+# Per model: True once the packed forward matched the shared-cache one, False when it did not or
+# raised; absent while unverified.
+_PACKED_VERIFIED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
-    The context is run once and its key/value cache shared by every continuation (lm-evaluation-
-    harness recomputes it per choice); the scores are the same, the work is not.
+logger = logging.getLogger(__name__)
+
+
+def _packed_eligible(model: Any) -> bool:
+    """Whether the one-forward packed layout may be tried on this model (before verification)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in _PACKED_MODEL_TYPES:
+        return False
+    if getattr(config, "_attn_implementation", None) not in _PACKED_ATTENTION:
+        return False
+    return not getattr(config, "is_encoder_decoder", False)
+
+
+def _packed_supported(model: Any, length: int) -> bool | None:
+    """True: use the packed forward; False: use the shared cache; None: verify on this call.
+
+    ``length`` is the packed sequence's length: a model with sliding-window attention would ignore its
+    window under a ready 4D mask, so longer sequences take the shared cache.
     """
-    import torch
+    if not _packed_eligible(model):
+        return False
+    window = getattr(model.config, "sliding_window", None)
+    if window and getattr(model.config, "use_sliding_window", True) and length > window:
+        return False
+    try:
+        return _PACKED_VERIFIED.get(model)
+    except TypeError:  # not weak-referenceable: verify every time would be wasteful, so fall back
+        return False
 
+
+def _first_token(tokenizer: Any) -> int:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def _encode_item(tokenizer: Any, context: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
     pairs = [_encode_pair(tokenizer, context, c) for c in continuations]
     ctx = pairs[0][0]
     conts = [cont for _, cont in pairs]
@@ -75,16 +114,180 @@ def score_continuations(model: Any, tokenizer: Any, context: str, continuations:
         if not cont:
             raise ValueError(f"a continuation encodes to no tokens after context {context[-40:]!r}")
     if not ctx:  # a first token is needed to predict from
-        ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+        ctx = [_first_token(tokenizer)]
+    return ctx, conts
+
+
+# Tokens packed into one forward call when several items are scored together (score_many): enough
+# to amortise a forward's fixed cost (reading every weight once), little enough that the attention
+# over the packed row, which the mask mostly discards, stays cheap.
+PACK_TOKENS = 256
+
+
+def score_continuations(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> ChoiceScores:
+    """Summed log-likelihood of each continuation after the context.
+
+    The context and every continuation but its last token go through the model once, packed into
+    one sequence: a 4D attention mask lets each continuation see the context and itself (causally),
+    and its position ids restart after the context, so each continuation is scored as if it ran
+    alone after the context (lm-evaluation-harness runs the context once per choice); the scores are
+    the same, the work is not. Models where that packed forward is not known to work (by family and
+    attention implementation, and checked against the shared-cache computation on first use) run
+    the context once and share its key/value cache instead (two forward calls).
+    """
+    return score_many(model, tokenizer, [(context, continuations)])[0]
+
+
+def score_many(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]],
+               max_tokens: int = PACK_TOKENS) -> list[ChoiceScores]:
+    """``score_continuations`` of each (context, continuations) request, in order.
+
+    With the packed layout, consecutive requests share one forward call up to ``max_tokens`` tokens
+    (each request's tokens see only their own request's); the scores are those of one request at a
+    time up to rounding.
+    """
+    encoded = [_encode_item(tokenizer, context, continuations) for context, continuations in requests]
+    sizes = [len(ctx) + sum(len(cont) - 1 for cont in conts) for ctx, conts in encoded]
+    totals: list[list[float]] = []
+    group: list[int] = []
+    for i, size in enumerate(sizes):
+        if group and sum(sizes[j] for j in group) + size > max_tokens:
+            totals += _score_group(model, tokenizer, [encoded[j] for j in group])
+            group = []
+        group.append(i)
+    if group:
+        totals += _score_group(model, tokenizer, [encoded[j] for j in group])
+    return [
+        ChoiceScores(loglik=np.array(t, dtype=float),
+                     continuation_chars=np.array([len(c) for c in continuations], dtype=float),
+                     n_tokens=size)
+        for t, size, (_, continuations) in zip(totals, sizes, requests)
+    ]
+
+
+Encoded = tuple[list[int], list[list[int]]]  # context tokens, each continuation's tokens
+
+
+def _score_group(model: Any, tokenizer: Any, items: list[Encoded]) -> list[list[float]]:
+    """Scores of a few encoded items: packed into one forward where supported, else shared cache."""
+    longest = max(len(ctx) + sum(len(cont) - 1 for cont in conts) for ctx, conts in items)
+    state = _packed_supported(model, longest)
+    if state is True:
+        try:
+            return _score_packed(model, items)
+        except Exception as exc:  # noqa: BLE001  (a model that rejects the packed inputs)
+            _mark_packed(model, False, f"the packed forward raised {type(exc).__name__}: {exc}")
+    shared = [_score_with_shared_cache(model, tokenizer, ctx, conts) for ctx, conts in items]
+    # Unverified: check the packed forward once against the shared cache, on items where the mask
+    # matters (two continuations of more than one token: they must not see each other).
+    if state is None and any(sum(len(cont) > 1 for cont in conts) >= 2 for _, conts in items):
+        try:
+            packed = _score_packed(model, items)
+        except Exception as exc:  # noqa: BLE001
+            _mark_packed(model, False, f"the packed forward raised {type(exc).__name__}: {exc}")
+        else:
+            a, b = np.concatenate([np.array(x) for x in packed]), np.concatenate([np.array(x) for x in shared])
+            diff = float(np.max(np.abs(a - b)))
+            tol = _verify_tolerance(model) * max(1.0, float(np.max(np.abs(b))))
+            _mark_packed(model, diff <= tol, f"packed and shared-cache scores differ by {diff:.2e} > {tol:.2e}")
+    return shared
+
+
+def _mark_packed(model: Any, ok: bool, why: str) -> None:
+    if not ok:
+        logger.warning("scoring: one-forward packed scoring is off for this model (%s); "
+                       "using the shared key/value cache", why)
+    try:
+        _PACKED_VERIFIED[model] = ok
+    except TypeError:
+        pass
+
+
+def _verify_tolerance(model: Any) -> float:
+    """Relative tolerance of packed against shared-cache scores: the layout changes only rounding,
+    while a mask or positions the model ignored would change scores by far more."""
+    import torch
+
+    return 1e-3 if _compute_dtype(model) in (torch.float32, torch.float64) else 5e-2
+
+
+def _compute_dtype(model: Any) -> Any:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.is_floating_point():
+        return weight.dtype
+    return getattr(model, "dtype", None)
+
+
+def _score_packed(model: Any, items: list[Encoded]) -> list[list[float]]:
+    """One forward for a few items: each item's context, then each of its continuations but the last
+    token, in one row; a token sees its own context and its own continuation's earlier tokens."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids: list[int] = []
+    positions: list[int] = []
+    segment: list[int] = []  # per token: which continuation, counted over the row; -1: a context token
+    owner: list[int] = []  # per token: which item
+    predict_from: list[int] = []  # per continuation token: the row position whose logits predict it
+    targets: list[int] = []
+    n_seg = 0
+    for k, (ctx, conts) in enumerate(items):
+        last_ctx = len(ids) + len(ctx) - 1
+        ids += ctx
+        positions += range(len(ctx))
+        segment += [-1] * len(ctx)
+        owner += [k] * len(ctx)
+        for cont in conts:
+            start = len(ids)
+            ids += cont[:-1]
+            positions += range(len(ctx), len(ctx) + len(cont) - 1)
+            segment += [n_seg] * (len(cont) - 1)
+            owner += [k] * (len(cont) - 1)
+            predict_from += [last_ctx, *range(start, start + len(cont) - 1)]
+            targets += cont
+            n_seg += 1
+    seg, own = torch.tensor(segment), torch.tensor(owner)
+    visible = (seg[:, None] == seg[None, :]) | (seg[None, :] == -1)
+    mask = torch.ones(len(ids), len(ids), dtype=torch.bool).tril_() & visible & (own[:, None] == own[None, :])
+    if model.config._attn_implementation == "eager":  # additive: 0 where attended, the minimum elsewhere
+        dtype = _compute_dtype(model)
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+    # Logits only where a continuation token is predicted: the vocabulary projection is skipped over
+    # the rest of the contexts (transformers' logits_to_keep takes the positions to keep).
+    keep = sorted(set(predict_from))
+    row_of = {p: r for r, p in enumerate(keep)}
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids], device=device), attention_mask=mask[None, None].to(device),
+                       position_ids=torch.tensor([positions], device=device), use_cache=False,
+                       logits_to_keep=torch.tensor(keep, device=device)).logits
+        if tuple(logits.shape[:2]) != (1, len(keep)):
+            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for {len(keep)} positions kept")
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        rows = torch.tensor([row_of[p] for p in predict_from], device=logprobs.device)
+        picked = logprobs[rows, torch.tensor(targets, device=logprobs.device)].cpu().tolist()
+    totals, i = [], 0
+    for _, conts in items:
+        scores = []
+        for cont in conts:
+            scores.append(float(sum(picked[i : i + len(cont)])))
+            i += len(cont)
+        totals.append(scores)
+    return totals
+
+
+def _score_with_shared_cache(model: Any, tokenizer: Any, ctx: list[int], conts: list[list[int]]) -> list[float]:
+    """Two forwards: the context once with its key/value cache, then every continuation but its
+    last token against that cache repeated per continuation (padded on the right)."""
+    import torch
+
     device = next(model.parameters()).device
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
         totals = [float(first[cont[0]]) for cont in conts]
-        n_tokens = len(ctx)
         longer = [i for i, cont in enumerate(conts) if len(cont) > 1]
         if longer:
-            # Feed every continuation but its last token after the shared cache, padded on the right.
             inputs = [conts[i][:-1] for i in longer]
             width = max(len(x) for x in inputs)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -106,12 +309,7 @@ def score_continuations(model: Any, tokenizer: Any, context: str, continuations:
             for row, i in enumerate(longer):
                 targets = torch.tensor(conts[i][1:])
                 totals[i] += float(logprobs[row, torch.arange(len(targets)), targets].sum())
-                n_tokens += len(inputs[row])
-    return ChoiceScores(
-        loglik=np.array(totals),
-        continuation_chars=np.array([len(c) for c in continuations], dtype=float),
-        n_tokens=n_tokens,
-    )
+    return totals
 
 
 def score_continuations_unshared(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> ChoiceScores:
@@ -185,10 +383,12 @@ def evaluate_qa(model: Any, tokenizer: Any, data: TaskData, prompt: str | None =
                 progress: bool = False, n_boot: int = 1000, seed: int = 0) -> TaskResult:
     prompt = prompt or DEFAULT_QA_PROMPT
     correct, correct_norm, predictions, n_tokens = [], [], [], 0
-    for item in _iterate(data.items, progress, "qa"):
+    requests = []
+    for item in data.items:
         assert isinstance(item, QAItem)
         context = prompt.format(question=item.question, choices=_choice_block(item.choices))
-        scores = score_continuations(model, tokenizer, context, [" " + c for c in item.choices])
+        requests.append((context, [" " + c for c in item.choices]))
+    for item, scores in zip(data.items, _score_all(model, tokenizer, requests, progress, "qa")):
         best = int(np.argmax(scores.loglik))
         # lm-evaluation-harness normalises by len(choice), without the leading space it scores.
         best_norm = int(np.argmax(scores.loglik / np.array([len(c) for c in item.choices], dtype=float)))
@@ -216,10 +416,11 @@ def evaluate_rca(model: Any, tokenizer: Any, data: TaskData, prompt: str | None 
     continuations = [" " + label_text(label) for label in labels]
     label_list = ", ".join(label_text(label) for label in labels)
     gold, predicted, n_tokens = [], [], 0
-    for item in _iterate(data.items, progress, "rca"):
+    requests = []
+    for item in data.items:
         assert isinstance(item, RCAItem)
-        context = prompt.format(ticket=item.ticket, labels=label_list)
-        scores = score_continuations(model, tokenizer, context, continuations)
+        requests.append((prompt.format(ticket=item.ticket, labels=label_list), continuations))
+    for item, scores in zip(data.items, _score_all(model, tokenizer, requests, progress, "rca")):
         predicted.append(int(np.argmax(scores.loglik / scores.continuation_chars)))
         gold.append(labels.index(item.root_cause))
         n_tokens += scores.n_tokens
@@ -254,9 +455,20 @@ def _choice_block(choices: Sequence[str]) -> str:
     return "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices))
 
 
-def _iterate(items: Sequence[Any], progress: bool, label: str) -> Any:
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
+def _score_all(model: Any, tokenizer: Any, requests: list[tuple[str, Sequence[str]]], progress: bool,
+               label: str, chunk: int = 32) -> Iterator[ChoiceScores]:
+    """score_many over the requests, a chunk at a time (so that a progress bar moves)."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-    return tqdm(items, desc=f"scoring {label}", leave=False)
+        bar = tqdm(total=len(requests), desc=f"scoring {label}", leave=False)
+    try:
+        for start in range(0, len(requests), chunk):
+            part = requests[start : start + chunk]
+            yield from score_many(model, tokenizer, part)
+            if bar is not None:
+                bar.update(len(part))
+    finally:
+        if bar is not None:
+            bar.close()
