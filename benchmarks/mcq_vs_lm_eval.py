@@ -3,7 +3,9 @@
 The same questions (200 seeded TeleQnA questions when the dataset is in shared/, else the built-in
 QA test split), the same model (the embedded SmolLM2-135M at fp32, loaded once and handed to both)
 and the same prompt ("Question: {question}\\nAnswer:", each choice a continuation " {choice}") are
-scored by ``llm_energy.scoring.evaluate_qa`` and by lm-eval's ``HFLM.loglikelihood`` in-process,
+scored by ``llm_energy.scoring.evaluate_qa`` (each question's context and choices packed into one
+sequence under a 4D attention mask, a few questions per forward call) and by lm-eval's
+``HFLM.loglikelihood`` in-process,
 with requests built here rather than through lm-eval's task and dataset machinery (no hub access).
 acc and acc_norm are computed from lm-eval's log-likelihoods exactly as its multiple_choice tasks
 do (``ConfigurableTask.process_results``): acc_norm divides by ``len(choice)``, the choice string
@@ -172,7 +174,7 @@ def main() -> None:
     print()
     print(f"acc prediction disagreements (vs lm-eval bs={best_bs}): {len(disagree)} {disagree[:10]}")
     print(f"acc_norm correctness disagreements: {len(norm_disagree)} {norm_disagree[:10]}")
-    print(f"lm-eval acc_norm if normalised by len(' ' + choice) as ours is: {lm_acc_norm_space:.4f} "
+    print(f"lm-eval acc_norm if normalised by len(' ' + choice) (a common mistake): {lm_acc_norm_space:.4f} "
           f"(lm-eval's own definition, len(choice): {lm_acc_norm:.4f})")
     print(f"headline speedup: lm-eval best (bs={best_bs}) {best_s:.2f}s / ours {ours_s:.2f}s")
     print(f"speedup={best_s / ours_s:.2f} acc_delta={ours_acc - lm_acc:+.4f} "

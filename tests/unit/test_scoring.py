@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from llm_energy import scoring
 from llm_energy.data import QAItem, RCAItem, TaskData
 from llm_energy.scoring import (
     bootstrap_interval, evaluate_qa, evaluate_rca, macro_f1, score_continuations, score_continuations_unshared,
+    score_many,
 )
 
 
@@ -118,3 +120,162 @@ def test_shared_context_matches_unshared_on_a_real_model(tiny_model):
     unshared = score_continuations_unshared(tiny_model.model, tiny_model.tokenizer, context, labels)
     assert shared.loglik == pytest.approx(unshared.loglik, abs=1e-4)
     assert shared.n_tokens < unshared.n_tokens
+
+
+# --- the one-forward packed layout against the reference, on the tiny random Llama ------------------
+
+RCA_CONTEXT = "Network fault ticket:\nLOS on 6 sites of ring R4 at 02:14\nRoot cause:"
+PACKED_CASES = {
+    # choices of different token lengths (one of them a single token)
+    "different_lengths": (RCA_CONTEXT, [" fibre cut", " power failure", " a", " congestion on the aggregation ring"]),
+    # every continuation a single token: only the context is fed
+    "single_tokens": ("Q: which fails?\nA:", [" a", " b"]),
+    "one_single_token": ("Q: which fails?\nA:", [" b"]),
+    # the trailing space moves into each continuation
+    "trailing_space": ("Question: what fails?\nAnswer: ", ["fibre cut", "power", "hardware fault"]),
+}
+
+
+def _fed_tokens(tokenizer, context, continuations):
+    ctx, conts = scoring._encode_item(tokenizer, context, continuations)
+    return ctx, conts, len(ctx) + sum(len(c) - 1 for c in conts)
+
+
+@pytest.fixture
+def fresh_verification(monkeypatch):
+    """An empty per-model verification record, so that a test sees (and leaves) no earlier state."""
+    record = scoring.weakref.WeakKeyDictionary()
+    monkeypatch.setattr(scoring, "_PACKED_VERIFIED", record)
+    return record
+
+
+@pytest.mark.parametrize("case", sorted(PACKED_CASES))
+def test_packed_matches_unshared_reference(tiny_model, case):
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    context, continuations = PACKED_CASES[case]
+    ctx, conts, fed = _fed_tokens(tok, context, continuations)
+    if case == "single_tokens" or case == "one_single_token":
+        assert all(len(c) == 1 for c in conts)
+    if case == "different_lengths":
+        assert len({len(c) for c in conts}) >= 3 and min(len(c) for c in conts) == 1
+    reference = score_continuations_unshared(model, tok, context, continuations)
+    packed = scoring._score_packed(model, [(ctx, conts)])[0]
+    assert packed == pytest.approx(list(reference.loglik), abs=1e-4)
+    scores = score_continuations(model, tok, context, continuations)
+    assert scores.loglik == pytest.approx(reference.loglik, abs=1e-4)
+    assert scores.n_tokens == fed  # the context once, then each continuation minus its last token
+    assert list(scores.continuation_chars) == [len(c) for c in continuations]
+
+
+def test_packed_continuations_do_not_see_each_other(tiny_model):
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    context, continuations = PACKED_CASES["different_lengths"]
+    ctx, conts, _ = _fed_tokens(tok, context, continuations)
+    forward = scoring._score_packed(model, [(ctx, conts)])[0]
+    backward = scoring._score_packed(model, [(ctx, conts[::-1])])[0]
+    assert backward[::-1] == pytest.approx(forward, abs=1e-5)
+
+
+def test_packed_is_used_once_verified(tiny_model, fresh_verification, monkeypatch):
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    context, continuations = PACKED_CASES["different_lengths"]
+    reference = score_continuations_unshared(model, tok, context, continuations).loglik
+    assert scoring._packed_supported(model, 10) is None  # eligible (llama, sdpa), not yet verified
+    first = score_continuations(model, tok, context, continuations)  # checks packed against the cache
+    assert fresh_verification.get(model) is True
+    calls = []
+    monkeypatch.setattr(scoring, "_score_with_shared_cache", lambda *a: calls.append(a))
+    second = score_continuations(model, tok, context, continuations)
+    assert calls == []  # one packed forward, no shared-cache pass
+    assert first.loglik == pytest.approx(reference, abs=1e-4)
+    assert second.loglik == pytest.approx(reference, abs=1e-4)
+
+
+def test_score_many_packs_items_like_one_at_a_time(tiny_model, fresh_verification):
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    requests = [PACKED_CASES[case] for case in sorted(PACKED_CASES)] * 2
+    references = [score_continuations_unshared(model, tok, c, conts) for c, conts in requests]
+    fresh_verification[model] = True
+    for max_tokens in (1, 40, 10_000):  # each item alone, a few per forward, all in one forward
+        got = score_many(model, tok, requests, max_tokens=max_tokens)
+        for scores, reference, (context, continuations) in zip(got, references, requests):
+            assert scores.loglik == pytest.approx(reference.loglik, abs=1e-4)
+            assert scores.n_tokens == _fed_tokens(tok, context, continuations)[2]
+
+
+def test_packed_eager_attention_takes_an_additive_mask(fresh_verification):
+    from llm_energy.config import ModelSettings
+    from llm_energy.models import load_model
+
+    loaded = load_model(ModelSettings(name="tiny-random-llama"), "fp32")
+    loaded.model.set_attn_implementation("eager")
+    assert loaded.model.config._attn_implementation == "eager"
+    model, tok = loaded.model, loaded.tokenizer
+    requests = [PACKED_CASES["different_lengths"], PACKED_CASES["trailing_space"]]
+    fresh_verification[model] = True
+    for scores, (context, continuations) in zip(score_many(model, tok, requests), requests):
+        reference = score_continuations_unshared(model, tok, context, continuations)
+        assert scores.loglik == pytest.approx(reference.loglik, abs=1e-4)
+
+
+def test_packed_matches_unshared_at_nf4(fresh_verification):
+    from llm_energy.config import ModelSettings
+    from llm_energy.models import load_model, precision_support
+
+    reason = precision_support("nf4", "cpu")
+    if reason:
+        pytest.skip(reason)
+    loaded = load_model(ModelSettings(name="tiny-random-llama"), "nf4")
+    model, tok = loaded.model, loaded.tokenizer
+    for case in sorted(PACKED_CASES):
+        context, continuations = PACKED_CASES[case]
+        reference = score_continuations_unshared(model, tok, context, continuations)
+        ctx, conts, fed = _fed_tokens(tok, context, continuations)
+        assert scoring._score_packed(model, [(ctx, conts)])[0] == pytest.approx(list(reference.loglik), abs=1e-3)
+        scores = score_continuations(model, tok, context, continuations)
+        assert scores.loglik == pytest.approx(reference.loglik, abs=1e-3)
+        assert scores.n_tokens == fed
+    assert fresh_verification.get(model) is True  # the quantized model passed the check and packs
+
+
+@pytest.mark.parametrize("case", sorted(PACKED_CASES))
+def test_fallback_shared_cache_matches_unshared(tiny_model, case, monkeypatch):
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    context, continuations = PACKED_CASES[case]
+    reference = score_continuations_unshared(model, tok, context, continuations)
+    monkeypatch.setattr(scoring, "_packed_supported", lambda model, length: False)
+    monkeypatch.setattr(scoring, "_score_packed", lambda *a: pytest.fail("packed path used"))
+    scores = score_continuations(model, tok, context, continuations)
+    assert scores.loglik == pytest.approx(reference.loglik, abs=1e-4)
+    assert scores.n_tokens == _fed_tokens(tok, context, continuations)[2]
+
+
+def test_packed_that_raises_falls_back_for_good(tiny_model, fresh_verification, monkeypatch):
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    context, continuations = PACKED_CASES["different_lengths"]
+    reference = score_continuations_unshared(model, tok, context, continuations).loglik
+    fresh_verification[model] = True
+
+    def refuse(*args):
+        raise TypeError("unexpected keyword argument 'logits_to_keep'")
+
+    monkeypatch.setattr(scoring, "_score_packed", refuse)
+    assert score_continuations(model, tok, context, continuations).loglik == pytest.approx(reference, abs=1e-4)
+    assert fresh_verification[model] is False
+    assert scoring._packed_supported(model, 10) is False
+
+
+def test_packed_that_disagrees_is_not_used(tiny_model, fresh_verification, monkeypatch):
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    context, continuations = PACKED_CASES["different_lengths"]
+    reference = score_continuations_unshared(model, tok, context, continuations).loglik
+    real = scoring._score_packed
+    monkeypatch.setattr(scoring, "_score_packed", lambda m, items: [[x + 0.5 for x in t] for t in real(m, items)])
+    assert score_continuations(model, tok, context, continuations).loglik == pytest.approx(reference, abs=1e-4)
+    assert fresh_verification[model] is False
+
+
+def test_models_outside_the_known_set_use_the_shared_cache(tiny_model, monkeypatch):
+    assert scoring._packed_supported(FavouriteCharModel("a"), 3) is False  # no config at all
+    monkeypatch.setattr(tiny_model.model.config, "_attn_implementation", "flash_attention_2")
+    assert scoring._packed_supported(tiny_model.model, 3) is False
