@@ -324,8 +324,10 @@ def finetune_spec(params: Any) -> Any:
 
 def record_pruning(run: InferenceRun, loaded: LoadedModel, outcome: Any) -> None:
     """Per-layer sparsity rows and the config's status, with where its weights came from."""
-    results.upsert_rows(run.study_dir, "pruning_layers", outcome.as_rows(run.config_id),
-                        replace_where={"config_id": run.config_id})
+    rows = outcome.as_rows(run.config_id)
+    for row in rows:  # text, so the CSV column reads back the same whatever other configs wrote
+        row["verified_nm"] = {True: "yes", False: "no"}.get(row["verified_nm"], "not N:M")
+    results.upsert_rows(run.study_dir, "pruning_layers", rows, replace_where={"config_id": run.config_id})
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
                   weights_origin=loaded.weights_origin, pruning=outcome.spec.label)
 

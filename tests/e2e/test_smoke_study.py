@@ -80,7 +80,8 @@ def test_pruning_layers_are_recorded_and_nm_verified(smoke_run):
     layers = results.read_table(smoke_run[0], "pruning_layers")
     wanda = layers[layers["pruning"] == "wanda-2of4"]
     assert len(wanda) == 2 * 7  # two decoder blocks x seven projections
-    assert wanda["verified_nm"].astype(str).eq("True").all()
+    assert wanda["verified_nm"].eq("yes").all()
+    assert layers[layers["pruning"] == "magnitude-unstructured-50"]["verified_nm"].eq("not N:M").all()
     assert (wanda["measured_sparsity"] == 0.5).all()
 
 
