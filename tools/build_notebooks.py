@@ -252,7 +252,8 @@ outcome = report.rank_study(study_dir, settings)
 origin, skipped, failures = report.config_notes(study_dir)
 '''),
     code('''
-display(Markdown(report.summary_markdown(outcome, origin, skipped, failures)))
+display(Markdown(report.summary_markdown(outcome, origin, skipped, failures,
+                                         finetune_lines=report.finetune_effect(tables["scores"], tables["energy"]))))
 ''', nbval_skip=True),
     md("## Ranking across w\nR for every configuration over the sweep of w, and the Pareto front of energy against quality at the chosen w (Figure 7)."),
     code('''

@@ -119,7 +119,7 @@ def _fmt_energy(kwh: float) -> str:
 
 
 def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], skipped: list[dict[str, str]],
-                     failures: list[dict[str, str]], k: int = 3) -> str:
+                     failures: list[dict[str, str]], k: int = 3, finetune_lines: list[str] | None = None) -> str:
     """The written summary at the top of the report."""
     top = rank.summarise_top(outcome.result, outcome.w, k=k)
     lines = [f"### Top configurations at w = {outcome.w:g}", ""]
@@ -155,10 +155,32 @@ def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
     if skipped:
         lines += ["", "**Skipped configurations.**"]
         lines += [f"- {s['config_id']}: {s['reason']}" for s in skipped]
+    if finetune_lines:
+        lines += ["", "**Fine-tuning against the base model.**"] + finetune_lines
     if failures:
         lines += ["", "**Failed configurations.**"]
         lines += [f"- {f['job']}: {f['error']}" for f in failures]
     return "\n".join(lines)
+
+
+def finetune_effect(scores: pd.DataFrame, energy: pd.DataFrame, task: str = "rca", metric: str = "accuracy") -> list[str]:
+    """One sentence per fine-tuned config: does it beat its base model on the task, and by how much."""
+    meta = energy.drop_duplicates("config_id").set_index("config_id")[["model", "precision", "adapter", "pruning"]]
+    values = scores[(scores["task"] == task) & (scores["metric"] == metric)].set_index("config_id")
+    lines = []
+    for config_id, row in meta[(meta["adapter"] != "none") & (meta["pruning"] == "none")].iterrows():
+        base = meta[(meta["model"] == row["model"]) & (meta["precision"] == row["precision"])
+                    & (meta["adapter"] == "none") & (meta["pruning"] == "none")]
+        if config_id not in values.index or base.empty or base.index[0] not in values.index:
+            continue
+        tuned, before = values.loc[config_id], values.loc[base.index[0]]
+        delta = tuned["value"] - before["value"]
+        overlap = tuned["ci_low"] <= before["ci_high"] and before["ci_low"] <= tuned["ci_high"]
+        verdict = ("beats" if delta > 0 else "does NOT beat") + " its base model"
+        lines.append(f"- {config_id}: {task} {metric} {tuned['value']:.3f} vs {before['value']:.3f} for "
+                     f"{base.index[0]} ({delta:+.3f}); it {verdict}"
+                     + (" (95% intervals overlap: not a clear difference)" if overlap else "") + ".")
+    return lines
 
 
 def config_notes(study_dir: str | Path) -> tuple[dict[str, str], list[dict[str, str]], list[dict[str, str]]]:
