@@ -99,6 +99,7 @@ class TaskSettings(_Strict):
     columns: dict[str, str] = {}  # CSV column mapping: {our_name: their_name}
     password: str | None = None  # for an encrypted zip (TeleQnA's)
     sample_seed: int = 0  # seed of the max_items sample
+    labels: list[str] | None = None  # rca: the label set; a record outside it is an error (null = labels found)
     generation: GenerationParams | None = None  # rca only: also write resolutions (null = skip)
 
 

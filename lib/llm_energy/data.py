@@ -186,8 +186,11 @@ def read_records(task: str, path: Path, settings: TaskSettings) -> list[tuple[An
     make = _qa_item if task == "qa" else _rca_item
     items: list[tuple[Any, str | None]] = []
     seen: dict[str, int] = {}
+    label_set = set(settings.labels) if (task == "rca" and settings.labels) else None
     for line, record in records:
         item = make(record, path, line, f"{task}-{line}")
+        if label_set is not None and item.root_cause not in label_set:
+            raise DataError(path, f"{item.root_cause!r} is not in the label set {sorted(label_set)}", line, "root_cause")
         if item.id in seen:
             raise DataError(path, f"duplicate id {item.id!r} (first on line {seen[item.id]})", line, "id")
         seen[item.id] = line
@@ -215,9 +218,15 @@ def load_task_data(task: str, settings: TaskSettings, split: str | None = None, 
     if settings.max_items is not None and settings.max_items < len(items):
         keep = sorted(random.Random(settings.sample_seed).sample(range(len(items)), settings.max_items))
         items = [items[i] for i in keep]
-    labels = tuple(sorted({it.root_cause for it, _ in records})) if task == "rca" else ()
+    labels = _label_set(task, settings, records)
     source = "builtin" if settings.data == "builtin" else str(path)
     return TaskData(task=task, source=source, split=split, items=tuple(items), labels=labels)
+
+
+def _label_set(task: str, settings: TaskSettings, records: list[tuple[Any, str | None]]) -> tuple[str, ...]:
+    if task != "rca":
+        return ()
+    return tuple(sorted(settings.labels or {it.root_cause for it, _ in records}))
 
 
 def label_text(label: str) -> str:
@@ -234,7 +243,7 @@ def load_all_splits(task: str, settings: TaskSettings, base_dir: Path | None = N
     out = {}
     for split in splits:
         items = tuple(item for item, s in records if (s or "all") == split)
-        labels = tuple(sorted({it.root_cause for it, _ in records})) if task == "rca" else ()
+        labels = _label_set(task, settings, records)
         source = "builtin" if settings.data == "builtin" else str(path)
         out[split] = TaskData(task=task, source=source, split=split, items=items, labels=labels)
     return out

@@ -89,3 +89,12 @@ def test_builtin_data_has_splits_for_both_tasks():
         splits = load_all_splits(task, TaskSettings())
         assert {"train", "validation", "test"} <= set(splits)
         assert all(len(d) > 0 for d in splits.values())
+
+
+def test_rca_label_outside_label_set(tmp_path):
+    path = write_jsonl(tmp_path / "rca.jsonl", [{"ticket": "LOS ring 4", "root_cause": "fibre_cut"},
+                                                {"ticket": "ghosts", "root_cause": "gremlins"}])
+    with pytest.raises(DataError, match=r"rca.jsonl:2: field 'root_cause' 'gremlins' is not in the label set \['fibre_cut', 'power_failure'\]"):
+        load_task_data("rca", TaskSettings(data=str(path), labels=["fibre_cut", "power_failure"]))
+    data = load_task_data("rca", TaskSettings(data=str(path)))
+    assert data.labels == ("fibre_cut", "gremlins")
