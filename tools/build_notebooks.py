@@ -142,7 +142,7 @@ precision: str = "fp32"  # fp32 | bf16 | fp16 | int8 | nf4
 device: str = "cpu"  # cpu | cuda
 tasks: dict = {"rca": {}, "qa": {}}  # the study's `tasks` section (data files)
 energy: dict = {"idle_seconds": 1.0}  # the study's `energy` section
-finetune: dict = {"epochs": 2, "max_train_items": 16, "max_eval_items": 8, "max_length": 192, "learning_rate": 0.001}  # `finetune` section
+finetune: dict = {"epochs": 2, "max_train_items": 16, "max_eval_items": 8, "max_length": 320, "learning_rate": 0.001}  # `finetune` section
 seed: int = 0
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 '''),
@@ -192,7 +192,7 @@ config_id: str = ""  # row key; empty means <model>__<precision>__<pruning label
 model: dict = {"name": "tiny-random-llama"}  # a `models` entry
 precision: str = "fp32"  # precision the pruned model runs at (quantized ones are pruned dense first)
 device: str = "cpu"  # cpu | cuda
-tasks: dict = {"rca": {"max_items": 6}, "qa": {"max_items": 6}}  # the study's `tasks` section
+tasks: dict = {"rca": {"max_items": 6, "generation": {"new_tokens": 8, "max_items": 2}}, "qa": {"max_items": 6}}  # `tasks` section
 energy: dict = {"idle_seconds": 1.0, "repeats": 1, "max_repeats": 1}  # the study's `energy` section
 pruning: dict = {"method": "wanda", "pattern": "2:4", "sparsity": None, "calibration_samples": 16, "calibration_max_tokens": 128}  # one method
 seed: int = 0
