@@ -59,6 +59,15 @@ def main() -> None:
     args = parser.parse_args()
     runner_s, direct_s = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        # Only the phases both sides plan up front: the runner adds adapter evaluation and top-k
+        # pruning after the first stage, which plain papermill over a fixed list would not do.
+        import yaml
+
+        study = yaml.safe_load(args.params.read_text())
+        study["phases"] = ["data", "inference", "ranking"]
+        params = Path(tmp) / args.params.name
+        params.write_text(yaml.safe_dump(study))
+        args.params = params
         for index in range(args.rounds):
             for kind in (("direct", "runner") if index % 2 else ("runner", "direct")):
                 out = Path(tmp) / f"{kind}-{index}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import statistics
 import time
@@ -507,11 +506,3 @@ def describe_methods(methods: set[str]) -> str:
             " readable; RAM power is a model of installed memory)"
         )
     return "; ".join(parts) if parts else "no energy method recorded"
-
-
-def with_name(record: EnergyRecord, name: str) -> EnergyRecord:
-    return replace(record, name=name)
-
-
-def finite_or_none(value: float) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
