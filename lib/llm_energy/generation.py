@@ -247,6 +247,13 @@ def evaluate_resolutions(model: Any, tokenizer: Any, items: Sequence[RCAItem], s
             "resolution scoring needs a 'resolution' field on every item"
         )
     output = generate_resolutions(model, tokenizer, items, spec)
+    result = score_resolutions(items, output, embedder, n_boot=n_boot, seed=seed)
+    return result, output
+
+
+def score_resolutions(items: Sequence[RCAItem], output: GenerationOutput, embedder: Embedder,
+                      n_boot: int = 1000, seed: int = 0) -> TaskResult:
+    """ROUGE-L and embedding similarity of generated resolutions against the items' references."""
     references = [item.resolution for item in items]
     # An empty generation has no meaning to embed; it scores 0 as ROUGE-L does.
     similarity = embedder.cosine(output.texts, references).astype(float)
@@ -257,7 +264,7 @@ def evaluate_resolutions(model: Any, tokenizer: Any, items: Sequence[RCAItem], s
         "rouge_l": np.array([rouge_l(t, r) for t, r in zip(output.texts, references)]),
         "embedding_similarity": similarity,
     }
-    result = TaskResult(
+    return TaskResult(
         task="rca_resolution",
         metrics={k: float(v.mean()) for k, v in per_item.items()},
         intervals={k: bootstrap_interval(v, n_boot=n_boot, seed=seed) for k, v in per_item.items()},
@@ -267,4 +274,3 @@ def evaluate_resolutions(model: Any, tokenizer: Any, items: Sequence[RCAItem], s
         n_items=len(items),
         n_tokens=output.n_prompt_tokens + output.n_new_tokens,
     )
-    return result, output

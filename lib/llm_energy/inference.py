@@ -143,11 +143,8 @@ def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMe
 def measure_generation(loaded: LoadedModel, data: TaskData, params: "GenerationParams", meter: EnergyMeter,
                        seed: int = 0) -> tuple[TaskResult, RepeatedMeasurement, Any]:
     """Write RCA resolutions at a fixed length inside measured windows, then score them outside."""
-    import numpy as np
-
     from .generation import (CHAT_RESOLUTION_PROMPT, DEFAULT_RESOLUTION_PROMPT, Embedder, GenerationSpec,
-                             generate_resolutions, rouge_l)
-    from .scoring import bootstrap_interval
+                             generate_resolutions, score_resolutions)
 
     spec = GenerationSpec(new_tokens=params.new_tokens, max_items=None, batch_size=params.batch_size,
                           chat=params.chat, prompt=CHAT_RESOLUTION_PROMPT if params.chat else DEFAULT_RESOLUTION_PROMPT)
@@ -161,18 +158,7 @@ def measure_generation(loaded: LoadedModel, data: TaskData, params: "GenerationP
         warmup=lambda: generate_resolutions(loaded.model, loaded.tokenizer, items[:1], spec),
     )
     output = measurement.result
-    references = [item.resolution for item in items]
-    similarity = np.clip(Embedder().cosine(output.texts, references).astype(float), 0.0, 1.0)
-    similarity[np.array([not t for t in output.texts], dtype=bool)] = 0.0
-    per_item = {"rouge_l": np.array([rouge_l(t, r) for t, r in zip(output.texts, references)]),
-                "embedding_similarity": similarity}
-    result = TaskResult(
-        task="rca_resolution",
-        metrics={k: float(v.mean()) for k, v in per_item.items()},
-        intervals={k: bootstrap_interval(v, seed=seed) for k, v in per_item.items()},
-        per_item=per_item, item_ids=tuple(i.id for i in items), predictions=(), n_items=len(items),
-        n_tokens=output.n_prompt_tokens + output.n_new_tokens,
-    )
+    result = score_resolutions(items, output, Embedder(), seed=seed)
     return result, measurement, output
 
 
