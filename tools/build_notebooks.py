@@ -184,8 +184,10 @@ PRUNING = [
     md("""# 04 — Pruning: one method and pattern on one configuration
 Prune the dense weights of the decoder's linear layers (magnitude or Wanda; unstructured or N:M),
 record the measured sparsity next to the target, then evaluate both tasks and measure energy exactly
-as the inference phase does. On a CPU no sparse kernel runs: pruned models run dense, so energy is not
-expected to fall; the quality cost is what this phase shows there."""),
+as the inference phase does. Zeros save energy only when a kernel skips them: on CUDA, 2:4 layers at
+fp16/bf16 run cuSPARSELt where a timing on that GPU says sparse is faster (`llm_energy.sparse`); on a
+CPU no sparse kernel runs, pruned models run dense, so energy is not expected to fall, and the quality
+cost is what this phase shows there."""),
     params('''
 study_dir: str = ""  # output folder; empty means outputs/notebook-defaults of the project
 config_id: str = ""  # row key; empty means <model>__<precision>__<pruning label>
@@ -195,6 +197,7 @@ device: str = "cpu"  # cpu | cuda
 tasks: dict = {"rca": {"max_items": 6, "generation": {"new_tokens": 8, "max_items": 2}}, "qa": {"max_items": 6}}  # `tasks` section
 energy: dict = {"idle_seconds": 1.0, "repeats": 1, "max_repeats": 1}  # the study's `energy` section
 pruning: dict = {"method": "wanda", "pattern": "2:4", "sparsity": None, "calibration_samples": 16, "calibration_max_tokens": 128}  # one method
+sparse_kernels: str = "auto"  # auto (cuSPARSELt for 2:4 at fp16/bf16 on CUDA where faster) | off
 seed: int = 0
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 '''),
@@ -216,9 +219,11 @@ for name, settings in run.tasks.enabled().items():
     train = inference.full_split(name, settings, "train", run.base_dir)
     calibration += prune.calibration_texts(train.items, min(spec.calibration_samples, len(train)), seed=run.seed)
 loaded, outcome = inference.prepare_pruned(run, spec, calibration)
-inference.record_pruning(run, loaded, outcome)
+execution = inference.sparse_execution(run, loaded, outcome, sparse_kernels)
+inference.record_pruning(run, loaded, outcome, execution)
 print(f"target sparsity {outcome.target_sparsity:.3f}, measured {outcome.measured_sparsity:.4f}, "
       f"N:M verified: {outcome.verified_nm}, {len(outcome.layers)} layers, {outcome.duration_s:.1f} s")
+print(f"kernels: {execution.kernel} ({execution.note})")
 ''', nbval_skip=True),
     md("Evaluate and measure exactly as the inference phase does."),
     code('''
@@ -304,6 +309,7 @@ else:
     fig6 = plots.fig6_pruning(tables["scores"], tables["energy"])
     plots.save_figure(fig6, study_dir / "figures", "fig6_pruning")
     display(plots.as_image(fig6))
+    display(Markdown(report.pruning_kernels_markdown(study_dir)))
 ''', nbval_skip=True),
     md("## Tables\nEnergy per measured window (gross, net of the idle baseline, spread over repeats, method) and task scores with 95% bootstrap intervals."),
     code('''

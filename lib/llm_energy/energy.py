@@ -21,9 +21,10 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, TypeVar
 
-from .config import EnergySettings
+if TYPE_CHECKING:  # the settings are only annotations here: the meter's sources load without pydantic
+    from .config import EnergySettings
 
 J_PER_KWH = 3.6e6
 ESTIMATE_MARKERS = ("cpu_load", "constant", "tdp", "estimate", "model")

@@ -224,10 +224,12 @@ def _per_correct(energy_kwh: float, result: TaskResult) -> float:
 
 
 def record_config(study_dir: Path, config_id: str, model: str, precision: str, status: str, reason: str = "",
-                  weights_origin: str = "", adapter: str = "none", pruning: str = "none") -> None:
+                  weights_origin: str = "", adapter: str = "none", pruning: str = "none", kernel: str = "",
+                  kernel_note: str = "") -> None:
     results.upsert_rows(study_dir, "configs", [{
         "config_id": config_id, "model": model, "precision": precision, "adapter": adapter, "pruning": pruning,
-        "status": status, "reason": reason, "weights_origin": weights_origin,
+        "status": status, "reason": reason, "weights_origin": weights_origin, "kernel": kernel,
+        "kernel_note": kernel_note,
     }])
 
 
@@ -308,14 +310,67 @@ def finetune_spec(params: Any) -> Any:
     )
 
 
-def record_pruning(run: InferenceRun, loaded: LoadedModel, outcome: Any) -> None:
-    """Per-layer sparsity rows and the config's status, with where its weights came from."""
+@dataclass
+class SparseExecution:
+    """Which kernels a pruned config runs: ``kernel`` is "cusparselt" when any layer runs sparse."""
+
+    kernel: str
+    note: str
+    converted: list[str]
+    plan_rows: list[dict[str, Any]]
+
+
+def sparse_execution(run: InferenceRun, loaded: LoadedModel, outcome: Any, mode: str = "auto",
+                     token_counts: tuple[int, ...] = (256, 1024, 4096)) -> SparseExecution:
+    """Route 2:4 layers through cuSPARSELt where a timing on this GPU says it is faster (see
+    ``llm_energy.sparse``); say in one sentence why not everywhere else (CPU, other patterns,
+    quantized precisions, ``off``)."""
+    import torch
+
+    from . import sparse
+
+    nm = outcome.spec.nm
+    if mode == "off":
+        return SparseExecution("dense", "sparse kernels turned off (pruning.sparse_kernels: off)", [], [])
+    if nm is None or (nm.kept, nm.group) != (2, 4):
+        return SparseExecution("dense", f"pattern {outcome.spec.pattern} has no sparse tensor-core kernel "
+                                        "(only 2:4 does): zeros are multiplied by dense kernels", [], [])
+    if run.precision not in ("fp16", "bf16"):
+        if run.precision in ("int8", "nf4", "fp4"):
+            why = "bitsandbytes kernels are dense"
+        else:
+            why = "2:4 sparse kernels run fp16/bf16 only"
+        return SparseExecution("dense", f"{run.precision}: {why}", [], [])
+    dtype = torch.float16 if run.precision == "fp16" else torch.bfloat16
+    reason = sparse.support_reason(loaded.device, dtype)
+    if reason is not None:
+        return SparseExecution("dense", reason, [], [])
+    plans = sparse.plan(loaded.model, token_counts)
+    converted = sparse.apply(loaded.model, plans)
+    total = sum(len(p.layers) for p in plans)
+    rows = [{"config_id": run.config_id, **row} for row in sparse.plan_rows(plans)]
+    if converted:
+        note = (f"{len(converted)} of {total} 2:4 layers run cuSPARSELt (shapes measured faster sparse; "
+                "dense below their crossover token count)")
+        return SparseExecution("cusparselt", note, converted, rows)
+    best = max((p.best_speedup for p in plans), default=0.0)
+    return SparseExecution("dense", f"no layer shape ran faster sparse on this GPU at {', '.join(map(str, token_counts))} "
+                                    f"tokens (best {best:.2f}x): all {total} layers run dense", [], rows)
+
+
+def record_pruning(run: InferenceRun, loaded: LoadedModel, outcome: Any,
+                   execution: SparseExecution | None = None) -> None:
+    """Per-layer sparsity rows and the config's status, with where its weights came from and which
+    kernels it runs."""
     rows = outcome.as_rows(run.config_id)
     for row in rows:  # text, so the CSV column reads back the same whatever other configs wrote
         row["verified_nm"] = {True: "yes", False: "no"}.get(row["verified_nm"], "not N:M")
     results.upsert_rows(run.study_dir, "pruning_layers", rows, replace_where={"config_id": run.config_id})
+    if execution is not None and execution.plan_rows:
+        results.upsert_rows(run.study_dir, "sparse_plan", execution.plan_rows, replace_where={"config_id": run.config_id})
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
-                  weights_origin=loaded.weights_origin, pruning=outcome.spec.label)
+                  weights_origin=loaded.weights_origin, pruning=outcome.spec.label,
+                  kernel=execution.kernel if execution else "", kernel_note=execution.note if execution else "")
 
 
 def evaluate_config(run: InferenceRun, loaded: LoadedModel, meter: EnergyMeter, phase: str = "inference",

@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Sequence
 
-from .data import QAItem, RCAItem, item_text
 
 if TYPE_CHECKING:
     import torch
@@ -457,6 +456,8 @@ def prune_model(model: Any, spec: PruningSpec, calibration: Sequence[str] | None
 
 def calibration_texts(task_data_items: Sequence[Any], n: int, seed: int = 0) -> list[str]:
     """A seeded sample of n texts (in the items' order): RCA tickets, or QA questions with their choices."""
+    from .data import QAItem, RCAItem, item_text
+
     items = list(task_data_items)
     wrong = [type(i).__name__ for i in items if not isinstance(i, (RCAItem, QAItem))]
     if wrong:

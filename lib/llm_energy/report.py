@@ -199,6 +199,25 @@ def config_notes(study_dir: str | Path) -> tuple[dict[str, str], list[dict[str, 
     return origin, skipped, failures
 
 
+def pruning_kernels_markdown(study_dir: str | Path) -> str:
+    """Which kernels each pruned config ran, so nobody reads an energy saving into masked zeros."""
+    configs = results.read_table(study_dir, "configs")
+    if not len(configs) or "pruning" not in configs:
+        return ""
+    pruned = configs[(configs["pruning"].astype(str) != "none") & (configs["status"] == "ok")]
+    if not len(pruned):
+        return ""
+    lines = ["**Kernels of the pruned configurations.** Pruning lowers energy only where a sparse kernel "
+             "skips the zeros; masked weights through dense kernels cost the same as the dense model."]
+    for _, row in pruned.sort_values("config_id").iterrows():
+        kernel = row.get("kernel")
+        kernel = kernel if isinstance(kernel, str) and kernel else "dense"
+        note = row.get("kernel_note")
+        note = f" — {note}" if isinstance(note, str) and note else ""
+        lines.append(f"- {row['config_id']}: {kernel}{note}")
+    return "\n".join(lines)
+
+
 def render_html(executed_notebook: str | Path, out_html: str | Path) -> Path:
     """The executed ranking notebook as one self-contained HTML file, code hidden, images inline."""
     import nbformat

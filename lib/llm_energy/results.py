@@ -50,6 +50,11 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
          "in_features", "n_weights", "n_zero", "measured_sparsity", "verified_nm"],
         ["config_id", "layer"],
     ),
+    "sparse_plan": (
+        ["config_id", "shape", "layers", "convert", "alg_id", "min_tokens", "best_speedup", "reason", "tokens",
+         "dense_ms", "sparse_ms", "speedup"],
+        ["config_id", "shape", "tokens"],
+    ),
     "configs": (
         ["config_id", "model", "precision", "adapter", "pruning", "status", "reason", "weights_origin"],
         ["config_id"],

@@ -147,6 +147,7 @@ def pruning_jobs(study: Study, common: dict[str, Any], model: dict[str, Any], pr
                         "calibration_samples": study.pruning.calibration_samples,
                         "calibration_max_tokens": study.pruning.calibration_max_tokens,
                         "include": list(study.pruning.include), "seed": study.seed},
+            "sparse_kernels": study.pruning.sparse_kernels,
         }))
     return jobs
 

@@ -85,6 +85,15 @@ def test_pruning_layers_are_recorded_and_nm_verified(smoke_run):
     assert (wanda["measured_sparsity"] == 0.5).all()
 
 
+def test_pruned_configs_say_which_kernels_ran(smoke_run):
+    configs = results.read_table(smoke_run[0], "configs")
+    pruned = configs[configs["pruning"] != "none"].set_index("pruning")
+    assert set(pruned["kernel"]) == {"dense"}  # CPU: no sparse kernel anywhere
+    assert "no sparse tensor-core kernel" in pruned.loc["magnitude-unstructured-50", "kernel_note"]
+    html = (smoke_run[0] / "report.html").read_text()
+    assert "Kernels of the pruned configurations" in html
+
+
 def test_provenance_and_resolved_parameters(smoke_run):
     out, _ = smoke_run
     prov = json.loads((out / "provenance.json").read_text())

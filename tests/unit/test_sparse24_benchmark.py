@@ -1,0 +1,52 @@
+"""benchmarks/sparse24_gpu.py end to end on the CPU (--dry-run-cpu: reference backend, tiny preset),
+so the script a GPU session runs has had every step executed before it gets there."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sparse24_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("sparse24_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_goes_through_every_step(bench, tmp_path, capsys):
+    out = tmp_path / "sparse24.jsonl"
+    rc = bench.main(["--dry-run-cpu", "--presets", "tiny", "--dtypes", "fp32", "--batch", "2", "--seq", "32",
+                     "--repeats", "2", "--min-seconds", "0.02", "--idle-seconds", "0", "--min-speedup", "0",
+                     "--decode-tokens", "4", "--decode-batch", "2", "--out", str(out)])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("prefill_speedup=") and "preset=tiny dtype=fp32" in last
+    assert "energy_per_token_ratio=nan" in last and "target_met=False" in last  # no energy on a dry run
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["environment", "kernels", "prefill"]
+    prefill = records[-1]
+    assert prefill["converted_layers"] == prefill["candidate_layers"] == 14  # min_speedup 0: every shape
+    assert prefill["verified"] and prefill["check_hidden"]["rel_l2"] < 1e-5
+    assert prefill["calls"]["sparse_calls"] > 0
+    assert prefill["decode"]["dense"]["tokens_per_s"] > 0
+    shapes = {row["shape"] for row in records[1]["plan"]}
+    assert shapes == {"64x64", "32x64", "128x64", "64x128"}
+
+
+def test_without_a_gpu_it_says_why_and_exits_3(bench, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    assert bench.main(["--presets", "llama-1b"]) == 3
+    assert "cannot run here" in capsys.readouterr().out
+
+
+def test_unknown_preset_is_refused(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--presets", "llama-3b"])
