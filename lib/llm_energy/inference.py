@@ -346,13 +346,25 @@ def sparse_execution(run: InferenceRun, loaded: LoadedModel, outcome: Any, mode:
     if reason is not None:
         return SparseExecution("dense", reason, [], [])
     plans = sparse.plan(loaded.model, token_counts)
-    converted = sparse.apply(loaded.model, plans)
     total = sum(len(p.layers) for p in plans)
     rows = [{"config_id": run.config_id, **row} for row in sparse.plan_rows(plans)]
-    if converted:
-        note = (f"{len(converted)} of {total} 2:4 layers run cuSPARSELt (shapes measured faster sparse; "
-                "dense below their crossover token count)")
-        return SparseExecution("cusparselt", note, converted, rows)
+    need = max((p.min_tokens for p in plans if p.convert), default=0)
+    if need:
+        # A probe that takes the sparse path: rows of 256 random tokens, at least `need` in all.
+        gen = torch.Generator(device=loaded.device).manual_seed(run.seed)
+        vocab = loaded.model.get_input_embeddings().num_embeddings
+        probe = torch.randint(0, vocab, (max(1, -(-need // 256)), 256), device=loaded.device, generator=gen)
+
+        def forward() -> Any:
+            with torch.inference_mode():
+                return loaded.model(input_ids=probe, use_cache=False).logits[:, -8:]
+
+        converted, check = sparse.convert_and_verify(loaded.model, plans, forward)
+        if converted:
+            note = (f"{len(converted)} of {total} 2:4 layers run cuSPARSELt (shapes measured faster sparse; "
+                    f"dense below their crossover token count); {check.reason}")
+            return SparseExecution("cusparselt", note, converted, rows)
+        return SparseExecution("dense", f"sparse conversion refused, running dense: {check.reason}", [], rows)
     best = max((p.best_speedup for p in plans), default=0.0)
     return SparseExecution("dense", f"no layer shape ran faster sparse on this GPU at {', '.join(map(str, token_counts))} "
                                     f"tokens (best {best:.2f}x): all {total} layers run dense", [], rows)

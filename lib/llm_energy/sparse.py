@@ -354,6 +354,66 @@ def convert_all(model: Any, backend: Any = None, include: Sequence[str] | None =
     return apply(model, plans, backend, keep_dense)
 
 
+def revert(model: Any) -> list[str]:
+    """Swap every ``Sparse24Linear`` back to a plain linear layer (needs the dense copy)."""
+    reverted = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Sparse24Linear):
+            if module.weight is None:
+                raise ValueError(f"{name} kept no dense weight (keep_dense=False): it cannot be reverted")
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                     device=module.weight.device, dtype=module.weight.dtype)
+            linear.weight = module.weight
+            if module.bias is not None:
+                linear.bias = module.bias
+            _set_module(model, name, linear)
+            reverted.append(name)
+    return reverted
+
+
+@dataclass
+class Verification:
+    """Outputs of the converted model against the same weights through dense kernels."""
+
+    ok: bool
+    rel_l2: float
+    top1_agreement: float
+    sparse_calls: int
+    sparse_kernels: list[str]
+    reason: str
+
+
+def convert_and_verify(model: Any, plans: Sequence[ShapePlan], forward: Callable[[], Any], backend: Any = None,
+                       tolerance: float = 2e-2, check_kernels: bool = True) -> tuple[list[str], Verification]:
+    """Apply ``plans``, run ``forward`` (a probe large enough for the sparse path) before and after,
+    and keep the conversion only if the outputs match within ``tolerance`` (relative L2), the sparse
+    path ran and (``check_kernels``, CUDA) the profiler saw a sparse kernel; otherwise revert to the
+    dense layers and say why."""
+    reference = forward()
+    converted = apply(model, plans, backend)
+    if not converted:
+        return [], Verification(True, 0.0, 1.0, 0, [], "nothing converted")
+    reset_counts(model)
+    kernels = kernels_run(forward) if check_kernels else {}
+    reset_counts(model)
+    check = compare_outputs(reference, forward())
+    calls = call_counts(model)["sparse_calls"]
+    seen = sparse_kernel_names(kernels)
+    problems = []
+    if not check["rel_l2"] <= tolerance:
+        problems.append(f"outputs differ from the dense model by {check['rel_l2']:.2e} (relative L2 > {tolerance:g})")
+    if calls == 0:
+        problems.append("the probe never reached the sparse path")
+    if check_kernels and not seen:
+        problems.append("the profiler saw no sparse kernel (top: " + ", ".join(list(kernels)[:3]) + ")")
+    if problems:
+        revert(model)
+        return [], Verification(False, check["rel_l2"], check["top1_agreement"], calls, seen, "; ".join(problems))
+    return converted, Verification(True, check["rel_l2"], check["top1_agreement"], calls, seen,
+                                   f"outputs match dense (relative L2 {check['rel_l2']:.1e}); "
+                                   f"sparse kernel: {seen[0][:60] if seen else 'not checked'}")
+
+
 def call_counts(model: Any) -> dict[str, int]:
     """How many forward calls went through the sparse and the dense path of converted layers."""
     sparse = dense = layers = 0

@@ -200,3 +200,48 @@ def test_report_lists_the_kernels_of_pruned_configs(tmp_path):
     assert lines[0].startswith("**Kernels of the pruned configurations.**")
     assert lines[1:] == ["- m__bf16__wanda-2of4: cusparselt — 3 of 14 2:4 layers run cuSPARSELt",
                          "- m__fp32__magnitude-unstructured-50: dense"]
+
+
+def tiny_2_4():
+    loaded = load_model(TINY, "fp32")
+    prune_model(loaded.model, PruningSpec("magnitude", "2:4"))
+    groups = sparse.candidate_layers(loaded.model)
+    plans = [sparse.ShapePlan(o, i, names, True, 0, 8, 1.5, "test") for (o, i), names in groups.items()]
+    ids = torch.randint(0, 100, (2, 8))
+
+    def forward():
+        with torch.no_grad():
+            return loaded.model(input_ids=ids).logits
+
+    return loaded, plans, forward
+
+
+def test_conversion_is_kept_when_outputs_match_the_dense_model():
+    loaded, plans, forward = tiny_2_4()
+    converted, check = sparse.convert_and_verify(loaded.model, plans, forward, sparse.ReferenceBackend(),
+                                                 check_kernels=False)
+    assert len(converted) == 14 and check.ok and check.sparse_calls == 14 and check.rel_l2 < 1e-6
+    assert sparse.call_counts(loaded.model)["layers"] == 14
+
+
+def test_conversion_is_reverted_when_the_kernel_gives_other_outputs():
+    class Wrong(sparse.ReferenceBackend):
+        def matmul(self, packed, x2d, bias, alg_id):
+            return super().matmul(packed, x2d, bias, alg_id) * 1.5
+
+    loaded, plans, forward = tiny_2_4()
+    reference = forward()
+    converted, check = sparse.convert_and_verify(loaded.model, plans, forward, Wrong(), check_kernels=False)
+    assert converted == [] and not check.ok and "outputs differ from the dense model" in check.reason
+    assert sparse.call_counts(loaded.model)["layers"] == 0  # plain linear layers again
+    assert all(type(m) is torch.nn.Linear for n, m in loaded.model.named_modules() if n.endswith("q_proj"))
+    torch.testing.assert_close(forward(), reference)
+
+
+def test_conversion_is_reverted_when_the_probe_is_too_small_for_the_sparse_path():
+    loaded, plans, forward = tiny_2_4()
+    for p in plans:
+        p.min_tokens = 10_000
+    converted, check = sparse.convert_and_verify(loaded.model, plans, forward, sparse.ReferenceBackend(),
+                                                 check_kernels=False)
+    assert converted == [] and "never reached the sparse path" in check.reason
