@@ -13,6 +13,7 @@ comes from an estimate (e.g. CodeCarbon's CPU-load x TDP model) rather than a me
 from __future__ import annotations
 
 import contextlib
+import re
 import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -150,7 +151,11 @@ def pruning_label(pruning: object, pattern: object = None, sparsity: object = No
     if _is_none(pd.Series([pruning])).iloc[0]:
         return "none"
     label = str(pruning)
-    if "-" in label:  # the runner's labels (e.g. "wanda-2of4", "magnitude-unstructured-50") say it all
+    runner = re.fullmatch(r"([a-z_]+)-(?:unstructured-([\d.]+)|(\d+)of(\d+))", label)
+    if runner:  # the runner's labels: "magnitude-unstructured-50", "wanda-2of4"
+        method, percent, kept, group = runner.groups()
+        return f"{method} {kept}:{group}" if kept else f"{method} unstructured {percent}%"
+    if "-" in label:  # some other label with its own spelling: shown as it is
         return label
     has_pattern = not _is_none(pd.Series([pattern])).iloc[0]
     if has_pattern:
@@ -497,11 +502,14 @@ def fig5_quantization_impact(scores: pd.DataFrame, energy: pd.DataFrame) -> Figu
                 line = ax.plot(x, y, marker="o", label=_short_model(model), zorder=2)[0]
                 yerr = np.vstack([y - rows["ci_low"].to_numpy(dtype=float), rows["ci_high"].to_numpy(dtype=float) - y])
                 _errorbars(ax, x, y, yerr=yerr, color=line.get_color())
-            ax.set_xticks(range(len(precisions)), [_precision_tick(p) for p in precisions])
+            # Names only: with bits added, six ticks per panel run into each other; the bits are in the label.
+            ax.set_xticks(range(len(precisions)), precisions, fontsize=9)
             ax.set_xlim(-0.5, len(precisions) - 0.5)
             ax.set_title(f"{task}: {metric}")
             ax.set_ylabel(str(metric))
-        axes.flat[0].set_xlabel("precision (bits descending)")
+        bits = " > ".join(dict.fromkeys(f"{PRECISION_BITS[p]}" for p in precisions if p in PRECISION_BITS))
+        for ax in axes[-1]:
+            ax.set_xlabel(f"precision (bits: {bits})" if bits else "precision")
         handles, labels = axes.flat[0].get_legend_handles_labels()
         fig.legend(handles, labels, title="model", loc="outside right upper", fontsize=8, title_fontsize=8,
                    frameon=False)
@@ -574,12 +582,9 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
                           rotation=30 if len(categories) > 6 else 0, ha="right" if len(categories) > 6 else "center")
             handles = ax.get_legend_handles_labels()[0]
             if handles:
-                # Legend inside, above the bars: headroom grows with its rows, so it covers no bar.
-                ncol = min(len(handles), 3)
-                rows = int(np.ceil(len(handles) / ncol))
-                ax.set_ylim(top=ax.get_ylim()[1] * (1.12 + 0.1 * rows))
-                ax.legend(title=title, fontsize=8, title_fontsize=8, loc="upper center", ncol=ncol,
-                          framealpha=0.9)
+                # Legend under the axes (below the category labels): it never covers a bar or a tick.
+                ax.legend(title=title, fontsize=8, title_fontsize=8, loc="upper center", ncol=min(len(handles), 3),
+                          bbox_to_anchor=(0.5, -0.2), frameon=False)
     return _finish(fig, FIG6_TITLE, note)
 
 

@@ -220,6 +220,11 @@ def test_pruning_label():
     assert plots.pruning_label("magnitude", "unstructured", 0.5) == "magnitude unstructured 50%"
     assert plots.pruning_label("wanda", "2:4", 0.5) == "wanda 2:4"
     assert plots.pruning_label("magnitude", np.nan, 0.3) == "magnitude 30%"
+    # the runner's config labels read as words on the axis
+    assert plots.pruning_label("magnitude-unstructured-50") == "magnitude unstructured 50%"
+    assert plots.pruning_label("wanda-unstructured-37.5") == "wanda unstructured 37.5%"
+    assert plots.pruning_label("wanda-2of4") == "wanda 2:4"
+    assert plots.pruning_label("my-own-label") == "my-own-label"
 
 
 def test_pareto_mask():
