@@ -25,8 +25,8 @@ what it measured. The last line is machine-readable:
 ``prefill_speedup=<planned/dense> energy_per_token_ratio=<planned/dense> preset=<p> dtype=<d> target_met=<bool>``
 (best preset and dtype by speedup; target: speedup >= 1.1 with lower energy per token).
 
-    python benchmarks/sparse24_gpu.py [--presets llama-1b,llama-70b-slice] [--dtypes fp16]
-        [--batch 16 --seq 512] [--repeats 5] [--min-seconds 2] [--out sparse24.jsonl]
+    python benchmarks/sparse24_gpu.py [--presets llama-70b-slice,llama-1b] [--dtypes fp16]
+        [--batch 16 --seq 512] [--repeats 5] [--min-seconds 2] [--budget-s 420] [--out sparse24.jsonl]
 
 Needs torch with CUDA and cuSPARSELt, transformers, nvidia-ml-py (energy; throughput still runs
 without it); nothing else of the project's dependencies (no pydantic, CodeCarbon or bitsandbytes), so
@@ -313,7 +313,7 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default="llama-1b,llama-70b-slice",
+    parser.add_argument("--presets", default="llama-70b-slice,llama-1b",
                         help=f"comma-separated, from {', '.join(PRESETS)}")
     parser.add_argument("--dtypes", default="fp16", help="comma-separated: fp16, bf16")
     parser.add_argument("--batch", type=int, default=16)
@@ -327,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=32, help="0 skips the decode comparison")
     parser.add_argument("--decode-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file, appended as results arrive")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new preset/dtype case after this many seconds (the last line still prints)")
     parser.add_argument("--dry-run-cpu", action="store_true",
                         help="run every step on the CPU with a dense reference backend (tests the script, measures nothing)")
     args = parser.parse_args(argv)
@@ -369,8 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     emit(args.out, env)
 
     records = []
+    started = time.perf_counter()
     for preset in presets:
         for dtype_name in dtypes:
+            if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                log(f"{preset} {dtype_name}: skipped, the {args.budget_s:.0f} s budget is spent")
+                emit(args.out, {"kind": "skipped", "preset": preset, "dtype": dtype_name, "reason": "budget"})
+                continue
             try:
                 records.append(run_case(preset, dtype_name, args, nvml, idle_w, args.out, dev))
             except Exception as exc:

@@ -50,3 +50,14 @@ def test_without_a_gpu_it_says_why_and_exits_3(bench, capsys):
 def test_unknown_preset_is_refused(bench):
     with pytest.raises(SystemExit):
         bench.main(["--presets", "llama-3b"])
+
+
+def test_budget_skips_the_cases_left_and_still_prints_the_summary(bench, tmp_path, capsys):
+    out = tmp_path / "sparse24.jsonl"
+    rc = bench.main(["--dry-run-cpu", "--presets", "tiny", "--dtypes", "fp32,fp32", "--batch", "2", "--seq", "16",
+                     "--repeats", "1", "--min-seconds", "0.01", "--idle-seconds", "0", "--decode-tokens", "0",
+                     "--budget-s", "0", "--out", str(out)])
+    assert rc == 1  # nothing measured
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("prefill_speedup=nan")
+    kinds = [json.loads(line)["kind"] for line in out.read_text().splitlines()]
+    assert kinds == ["environment", "skipped", "skipped"]
