@@ -15,9 +15,10 @@ GPU machine) and each half precision, the script
    throughput (tokens/s, CUDA-synchronised wall time) and energy per token from the NVML
    total-energy counter (gross and net of an idle baseline measured first), median and spread of
    ``--repeats`` windows of at least ``--min-seconds`` each;
-4. verifies the planned model: the final hidden states against the dense model (relative L2 error,
-   top-1 agreement of the logits), the converted layers' sparse-path call counts, and the CUDA
-   kernel names seen by the PyTorch profiler (a sparse kernel must be among them);
+4. converts through the study's own ``sparse.convert_and_verify``: the final hidden states against
+   the dense model (relative L2 error), the sparse-path call counts, and the CUDA kernel names seen
+   by the PyTorch profiler (a sparse kernel must be among them); a failed check reverts to dense,
+   prints why, and the case reports ``verified=False``;
 5. optionally times greedy decode (batch 32) dense against planned, to show decode is not slowed.
 
 Every result is appended to ``--out`` (JSON lines) as soon as it exists, so a run cut short keeps
@@ -229,10 +230,20 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
         log(f"   -> {'convert' if p.convert else 'keep dense'}: {p.reason}")
     emit(out, {"kind": "kernels", "preset": preset, "dtype": dtype_name, "plan": sparse.plan_rows(plans)})
 
+    new_tokens = args.decode_batch * args.decode_tokens
+    prompt = ids[: args.decode_batch, :64]
+
+    def generate(m: Any) -> None:
+        with torch.inference_mode():
+            m.generate(input_ids=prompt, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
+                       do_sample=False, pad_token_id=0)
+
     reference = hidden(model)
-    reference_logits = prefill(model)
     dense = measure(lambda: prefill(model), tokens, nvml, idle_w, args.repeats, args.min_seconds, dev)
     log(f"dense   : {dense['tokens_per_s']:,.0f} tokens/s, {fmt_mj(dense['mj_per_token'])}")
+    decode: dict[str, Any] | None = None
+    if args.decode_tokens > 0:
+        decode = {"dense": measure(lambda: generate(model), new_tokens, nvml, idle_w, 2, 0.5, dev, warmup=1)}
 
     naive: dict[str, Any] | None = None
     if not args.skip_naive and not dev.dry_run:
@@ -252,52 +263,28 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
             log(f"naive   : failed: {naive['error']}")
         torch.cuda.empty_cache()
 
-    converted = sparse.apply(model, plans, dev.backend)
+    # The study's own path: convert, check against the dense outputs, revert with the reason if a check fails.
+    converted, check = sparse.convert_and_verify(model, plans, lambda: hidden(model), dev.backend,
+                                                 tolerance=args.tolerance, check_kernels=not dev.dry_run)
     total = sum(len(p.layers) for p in plans)
-    sparse.reset_counts(model)
-    check_hidden = sparse.compare_outputs(reference, hidden(model))
-    check_logits = sparse.compare_outputs(reference_logits, prefill(model))
-    counts = sparse.call_counts(model)
-    kernels = sparse.kernels_run(lambda: prefill(model)) if converted and not dev.dry_run else {}
-    sparse_kernels = sparse.sparse_kernel_names(kernels)
     planned = measure(lambda: prefill(model), tokens, nvml, idle_w, args.repeats, args.min_seconds, dev)
     log(f"planned : {planned['tokens_per_s']:,.0f} tokens/s, {fmt_mj(planned['mj_per_token'])}; "
-        f"{len(converted)}/{total} layers sparse; hidden rel L2 {check_hidden['rel_l2']:.2e}, "
-        f"logit top-1 agreement {check_logits['top1_agreement']:.3f}; sparse calls {counts['sparse_calls']}, "
-        f"dense-path calls {counts['dense_calls']}")
-    log("top CUDA kernels of one planned prefill (ms): " +
-        "; ".join(f"{name[:70]} {ms:.2f}" for name, ms in list(kernels.items())[:6]))
-    log(f"sparse kernels seen: {sparse_kernels[:3] or 'none'}")
-
-    decode: dict[str, Any] | None = None
-    if args.decode_tokens > 0:
-        prompt = ids[: args.decode_batch, :64]
-
-        def generate(m: Any) -> None:
-            with torch.inference_mode():
-                m.generate(input_ids=prompt, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
-                           do_sample=False, pad_token_id=0)
-
-        new_tokens = args.decode_batch * args.decode_tokens
-        decode = {"planned": measure(lambda: generate(model), new_tokens, nvml, idle_w, 2, 0.5, dev, warmup=1)}
-        for name, module in model.named_modules():  # back to plain dense layers for the baseline
-            if isinstance(module, sparse.Sparse24Linear):
-                module.min_tokens = 1 << 62
-        decode["dense"] = measure(lambda: generate(model), new_tokens, nvml, idle_w, 2, 0.5, dev, warmup=1)
+        f"{len(converted)}/{total} layers sparse; check: {'ok' if check.ok else 'FAILED'} ({check.reason})")
+    if decode is not None:
+        decode["planned"] = measure(lambda: generate(model), new_tokens, nvml, idle_w, 2, 0.5, dev, warmup=1)
         log(f"decode batch {args.decode_batch}: dense {decode['dense']['tokens_per_s']:,.0f} tokens/s, "
             f"planned {decode['planned']['tokens_per_s']:,.0f} tokens/s")
 
     speedup = planned["tokens_per_s"] / dense["tokens_per_s"]
     energy_ratio = (planned["mj_per_token"] / dense["mj_per_token"]
                     if planned["mj_per_token"] and dense["mj_per_token"] else None)
-    verified = (check_hidden["rel_l2"] <= args.tolerance and (not converted or
-                (counts["sparse_calls"] > 0 and (dev.dry_run or bool(sparse_kernels)))))
+    verified = check.ok
     record = {
         "kind": "prefill", "preset": preset, "dtype": dtype_name, "parameters": n_params,
         "batch": args.batch, "seq": args.seq, "dense": dense, "naive": naive, "planned": planned, "decode": decode,
-        "converted_layers": len(converted), "candidate_layers": total, "check_hidden": check_hidden,
-        "check_logits": check_logits, "calls": counts, "sparse_kernels": sparse_kernels[:5],
-        "top_kernels": list(kernels.items())[:10], "verified": verified,
+        "converted_layers": len(converted), "candidate_layers": total, "rel_l2_hidden": check.rel_l2,
+        "sparse_calls": check.sparse_calls, "sparse_kernels": check.sparse_kernels[:5], "check": check.reason,
+        "verified": verified,
         "prefill_speedup": speedup, "energy_per_token_ratio": energy_ratio,
         "naive_speedup": naive["tokens_per_s"] / dense["tokens_per_s"] if naive and "tokens_per_s" in naive else None,
     }

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -349,14 +349,6 @@ def apply(model: Any, plans: Sequence[ShapePlan], backend: Any = None, keep_dens
     return converted
 
 
-def convert_all(model: Any, backend: Any = None, include: Sequence[str] | None = None,
-                keep_dense: bool = False) -> list[str]:
-    """Every compressible 2:4 layer, default algorithm, sparse at any token count (the naive way)."""
-    groups = candidate_layers(model, include)
-    plans = [ShapePlan(o, i, names, True, 0, 1, 0.0, "all") for (o, i), names in groups.items()]
-    return apply(model, plans, backend, keep_dense)
-
-
 def revert(model: Any) -> list[str]:
     """Swap every ``Sparse24Linear`` back to a plain linear layer (needs the dense copy)."""
     reverted = []
@@ -475,7 +467,3 @@ def plan_rows(plans: Sequence[ShapePlan]) -> list[dict[str, Any]]:
             rows.append({**p.row(), "tokens": None, "dense_ms": None, "sparse_ms": None,
                          "sparse_default_alg_ms": None, "searched_alg_id": None, "speedup": None})
     return rows
-
-
-def timing_dict(t: ShapeTiming) -> dict[str, Any]:
-    return {**asdict(t), "speedup": t.speedup}
