@@ -100,7 +100,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     from llm_energy.config import ModelSettings
-    from llm_energy.data import TaskData
+    from llm_energy.items import TaskData
     from llm_energy.models import load_model
     from llm_energy.scoring import evaluate_qa, score_continuations
 

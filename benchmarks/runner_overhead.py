@@ -39,7 +39,9 @@ def run_direct(params: Path, out: Path) -> float:
     import papermill
 
     from llm_energy.config import load_study
-    from llm_energy.study import _filter_parameters, expand, notebooks_dir
+    from llm_energy.jobs import filter_parameters
+    from llm_energy.layout import notebooks_dir
+    from llm_energy.study import expand
 
     study = load_study(params)
     jobs, _ = expand(study, out, params.parent, "cpu")
@@ -47,7 +49,7 @@ def run_direct(params: Path, out: Path) -> float:
     for job in jobs:
         notebook = notebooks_dir() / job.notebook
         papermill.execute_notebook(str(notebook), str(out / f"{job.key}.ipynb"),
-                                   parameters=_filter_parameters(notebook, job.parameters), kernel_name="python3",
+                                   parameters=filter_parameters(notebook, job.parameters), kernel_name="python3",
                                    progress_bar=False, cwd=str(notebook.parent))
     return time.perf_counter() - start
 

@@ -190,7 +190,8 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
     from torch.sparse import to_sparse_semi_structured
 
     from llm_energy import sparse
-    from llm_energy.prune import PruningSpec, prune_model
+    from llm_energy.config import PruningSpec
+    from llm_energy.prune import prune_model
 
     dtype = getattr(torch, DTYPES[dtype_name])
     t0 = time.perf_counter()

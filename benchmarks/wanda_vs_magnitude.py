@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from llm_energy.config import ModelSettings, TaskSettings
-from llm_energy.data import item_text, load_task_data
+from llm_energy.config import DEFAULT_INCLUDE, ModelSettings, PruningSpec, TaskSettings
+from llm_energy.data import load_task_data
+from llm_energy.items import item_text
 from llm_energy.models import load_model
-from llm_energy.prune import DEFAULT_INCLUDE, PruningSpec, calibration_texts, measure_sparsity, prune_model
+from llm_energy.prune import calibration_texts, measure_sparsity, prune_model
 
 MODEL = ModelSettings(name="smollm2-135m-instruct")
 

@@ -49,10 +49,10 @@ tasks: dict = {"rca": {}, "qa": {}}  # the study's `tasks` section (data, split,
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 '''),
     code('''
-from llm_energy import config, data, inference, models, plots, results
+from llm_energy import config, data, layout, models, plots, results
 
-study_dir = inference.resolve_study_dir(study_dir)
-base = inference.resolve_study_dir(base_dir) if base_dir else inference.project_root()
+study_dir = layout.resolve_study_dir(study_dir)
+base = layout.resolve_study_dir(base_dir) if base_dir else layout.project_root()
 model_settings = config.validate_section(config.ModelSettings, model, "model")
 task_settings = config.validate_section(config.TasksSettings, tasks, "tasks")
 '''),
@@ -95,32 +95,31 @@ adapter: str = ""  # LoRA adapter folder written by 02_finetune; empty means the
 adapter_name: str = "none"  # how the adapter is named in the tables
 '''),
     code('''
-from llm_energy import finetune, inference, models
+from llm_energy import evaluation, inference
 
-run = inference.InferenceRun.from_parameters(
+run = evaluation.ConfigRun.from_parameters(
     study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,
     tasks=tasks, energy=energy, seed=seed, base_dir=base_dir)
 print(run.config_id, "->", run.study_dir)
 '''),
     md("Load the weights at this precision (one function for every source and precision)."),
     code('''
-loaded = models.load_model(run.model, run.precision, run.device, base_dir=run.base_dir)
-if adapter:
-    loaded = inference.with_adapter(loaded, finetune.load_adapter(loaded, adapter), adapter)
-inference.record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
-                        weights_origin=loaded.weights_origin, adapter=adapter_name)
+loaded = inference.load(run, adapter)
 print(f"{loaded.n_parameters:,} parameters, {loaded.memory_bytes / 2**20:.0f} MiB, compute {loaded.compute_dtype}")
 print("weights:", loaded.weights_origin)
 ''', nbval_skip=True),
-    md("The energy meter: CodeCarbon's offline tracker plus RAPL/NVML counters where they exist, with the study's idle baseline."),
+    md("How multiple-choice items are scored on this model (packed, or through a shared cache), chosen "
+       "now, before anything is measured, and written with the config's row."),
     code('''
-meter = inference.open_meter(run.study_dir, run.energy, loaded.device)
-print("sources:", meter.available_methods, "| idle power (W):", round(meter.idle.power_w, 2), meter.idle.method)
+scoring_path = inference.prepare(run, loaded, adapter_name)
+print("scoring path:", scoring_path.name, "-", scoring_path.reason)
 ''', nbval_skip=True),
-    md("Score each task inside measured windows and write the results."),
+    md("Score each task inside measured windows (CodeCarbon's offline tracker plus RAPL/NVML counters "
+       "where they exist, with the study's idle baseline) and write the results."),
     code('''
-summary = inference.evaluate_config(run, loaded, meter, adapter=adapter_name)
-meter.close()
+with evaluation.open_meter(run.study_dir, run.energy, loaded.device) as meter:
+    print("sources:", meter.available_methods, "| idle power (W):", round(meter.idle.power_w, 2), meter.idle.method)
+    summary = inference.evaluate(run, loaded, meter, adapter=adapter_name)
 ''', nbval_skip=True),
     code('''
 import pandas as pd
@@ -147,31 +146,24 @@ seed: int = 0
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 '''),
     code('''
-from llm_energy import config, finetune as ft, inference, models
+from llm_energy import evaluation, finetune as ft, models
 
-run = inference.InferenceRun.from_parameters(
+run = evaluation.ConfigRun.from_parameters(
     study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,
     tasks=tasks, energy=energy, seed=seed, base_dir=base_dir)
-params = config.validate_section(config.FinetuneParams, finetune, "finetune")
-config_id = config_id or inference.config_id_for(run.model.name, run.precision, adapter="lora")
-spec = inference.finetune_spec(params)
-print(config_id, spec)
+run, params = ft.parameters(run, finetune, config_id)
+print(run.config_id, params)
 '''),
     md("The task's training and validation splits."),
     code('''
-task_settings = run.tasks.enabled()[params.task]
-train = inference.full_split(params.task, task_settings, "train", run.base_dir)
-valid = inference.full_split(params.task, task_settings, "validation", run.base_dir)
+train, valid = ft.splits(run, params)
 print(f"{len(train)} training items, {len(valid)} validation items; labels: {len(train.labels)}")
 '''),
     md("Load the base model at this precision and train, one energy window per epoch."),
     code('''
 loaded = models.load_model(run.model, run.precision, run.device, base_dir=run.base_dir)
-meter = inference.open_meter(run.study_dir, run.energy, loaded.device)
-result = ft.finetune(loaded, train.items, valid.items, spec, meter, run.study_dir / "adapters" / config_id,
-                     label_set=train.labels)
-meter.close()
-inference.record_training(run.study_dir, config_id, run.model.name, run.precision, "lora", result, loaded.device, params.task)
+with evaluation.open_meter(run.study_dir, run.energy, loaded.device) as meter:
+    result = ft.train(run, params, loaded, meter, train, valid)
 print(f"trainable {result.trainable_parameters:,} of {result.total_parameters:,} parameters; adapter in {result.adapter_dir}")
 ''', nbval_skip=True),
     code('''
@@ -202,34 +194,28 @@ seed: int = 0
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 '''),
     code('''
-from llm_energy import inference, prune
+from llm_energy import evaluation, pruning as pr
 
-run = inference.InferenceRun.from_parameters(
+run = evaluation.ConfigRun.from_parameters(
     study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,
     tasks=tasks, energy=energy, seed=seed, base_dir=base_dir)
-spec = prune.PruningSpec(**pruning)
-if not config_id:
-    run = inference.replace_config_id(run, inference.config_id_for(run.model.name, run.precision, pruning=spec.label))
+run, spec = pr.parameters(run, pruning, config_id)
 print(run.config_id, spec.label)
 '''),
     md("Calibration texts (Wanda) from the tasks' training splits, then prune and check the pattern."),
     code('''
-calibration = []
-for name, settings in run.tasks.enabled().items():
-    train = inference.full_split(name, settings, "train", run.base_dir)
-    calibration += prune.calibration_texts(train.items, min(spec.calibration_samples, len(train)), seed=run.seed)
-loaded, outcome = inference.prepare_pruned(run, spec, calibration)
-execution = inference.sparse_execution(run, loaded, outcome, sparse_kernels)
-inference.record_pruning(run, loaded, outcome, execution)
+calibration = pr.calibration(run, spec)
+loaded, outcome = pr.prune(run, spec, calibration)
+execution = pr.sparse_execution(run, loaded, outcome, sparse_kernels)
+scoring_path = pr.record(run, loaded, outcome, execution)
 print(f"target sparsity {outcome.target_sparsity:.3f}, measured {outcome.measured_sparsity:.4f}, "
       f"N:M verified: {outcome.verified_nm}, {len(outcome.layers)} layers, {outcome.duration_s:.1f} s")
-print(f"kernels: {execution.kernel} ({execution.note})")
+print(f"kernels: {execution.kernel} ({execution.note}); scoring path: {scoring_path.name}")
 ''', nbval_skip=True),
     md("Evaluate and measure exactly as the inference phase does."),
     code('''
-meter = inference.open_meter(run.study_dir, run.energy, loaded.device)
-summary = inference.evaluate_config(run, loaded, meter, phase="pruning", pruning=spec.label, sparsity=outcome)
-meter.close()
+with evaluation.open_meter(run.study_dir, run.energy, loaded.device) as meter:
+    summary = pr.evaluate(run, loaded, meter, outcome)
 ''', nbval_skip=True),
     code('''
 import pandas as pd
@@ -248,21 +234,21 @@ ranking: dict = {}  # the study's `ranking` section (w, w_grid, phi, metrics, mi
 '''),
     code('''
 from IPython.display import Markdown, display
-from llm_energy import config, inference, plots, report, results
+from llm_energy import config, layout, plots, ranking as rk
 
-study_dir = inference.resolve_study_dir(study_dir)
-settings = config.validate_section(config.RankingParams, ranking, "ranking")
-tables = report.load_tables(study_dir)
-outcome = report.rank_study(study_dir, settings)
-origin, skipped, failures = report.config_notes(study_dir)
+study_dir = layout.resolve_study_dir(study_dir)
+settings = config.validate_section(config.RankingSettings, ranking, "ranking")
+tables = rk.load_tables(study_dir)
+outcome = rk.rank_study(study_dir, settings)
+origin, skipped, failures = rk.config_notes(study_dir)
 '''),
     code('''
-display(Markdown(report.summary_markdown(outcome, origin, skipped, failures,
-                                         finetune_lines=report.finetune_effect(tables["scores"], tables["energy"]))))
+display(Markdown(rk.summary_markdown(outcome, origin, skipped, failures,
+                                         finetune_lines=rk.finetune_effect(tables["scores"], tables["energy"]))))
 ''', nbval_skip=True),
     md("## Ranking across w\nR for every configuration over the sweep of w, and the Pareto front of energy against quality at the chosen w (Figure 7)."),
     code('''
-fig7 = plots.fig7_ranking(outcome.result.table, w=settings.w, energy_method=report.figure_energy_method(outcome.methods))
+fig7 = plots.fig7_ranking(outcome.result.table, w=settings.w, energy_method=rk.figure_energy_method(outcome.methods))
 plots.save_figure(fig7, study_dir / "figures", "fig7_ranking")
 plots.as_image(fig7)
 ''', nbval_skip=True),
@@ -282,10 +268,10 @@ plots.as_image(fig1)
 ''', nbval_skip=True),
     md("## Figure 3 — fine-tuning energy against training loss"),
     code('''
-if report.empty(tables["training"]):
+if rk.empty(tables["training"]):
     display(Markdown("_The fine-tuning phase was not part of this study._"))
 else:
-    fig3 = plots.fig3_finetune_energy_loss(tables["training"], report.figure_energy_method(outcome.methods) or "")
+    fig3 = plots.fig3_finetune_energy_loss(tables["training"], rk.figure_energy_method(outcome.methods) or "")
     plots.save_figure(fig3, study_dir / "figures", "fig3_finetune_energy_loss")
     display(plots.as_image(fig3))
 ''', nbval_skip=True),
@@ -309,7 +295,7 @@ else:
     fig6 = plots.fig6_pruning(tables["scores"], tables["energy"])
     plots.save_figure(fig6, study_dir / "figures", "fig6_pruning")
     display(plots.as_image(fig6))
-    display(Markdown(report.pruning_kernels_markdown(study_dir)))
+    display(Markdown(rk.pruning_kernels_markdown(study_dir)))
 ''', nbval_skip=True),
     md("## Tables\nEnergy per measured window (gross, net of the idle baseline, spread over repeats, method) and task scores with 95% bootstrap intervals."),
     code('''

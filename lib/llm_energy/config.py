@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Precision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "fp4"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4")
 PRECISION_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "nf4": 4, "fp4": 4}
+DENSE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")  # torch dtypes; the others are bitsandbytes formats
 Phase = Literal["data", "inference", "ranking"]
 PHASES: tuple[str, ...] = ("data", "finetune", "inference", "pruning", "ranking")
 IMPLEMENTED_PHASES: tuple[str, ...] = PHASES
@@ -154,43 +156,183 @@ class EnergySettings(_Strict):
         return self
 
 
-class RankingParams(_Strict):
-    """R = w*phi + (1-w)*rho over the configs of the study."""
+# --------------------------------------------------------------------------------------------------
+# Ranking
+
+
+PHI_METHODS: tuple[str, ...] = ("minmax", "ratio")
+METRIC_SCALINGS: tuple[str, ...] = ("identity", "minmax")
+MISSING_POLICIES: tuple[str, ...] = ("error", "exclude")
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}; got {value!r}")
+    return value
+
+
+def is_metric_key(key: object) -> bool:
+    """True for a 'task:metric' string such as 'rca:accuracy'."""
+    if not isinstance(key, str):
+        return False
+    task, sep, metric = key.partition(":")
+    return bool(sep and task and metric)
+
+
+class RankingSettings(_Strict):
+    """R = w*phi + (1-w)*rho over the configs of the study: the study's `ranking` section and the
+    settings :mod:`llm_energy.rank` takes.
+
+    phi_method (key `phi` in a study file): "minmax" gives phi = (E_max - E) / (E_max - E_min)
+    (all-equal energies give phi = 1); "ratio" gives phi = E_min / E, which keeps proportional
+    differences. metric_scaling: "identity" for metrics already in [0, 1]; "minmax" rescales each
+    metric over the compared configs. missing: a config lacking a chosen metric raises ("error") or
+    is dropped and reported ("exclude").
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     w: float = Field(0.5, ge=0, le=1)  # weight of energy efficiency in the headline ranking
-    w_grid: list[float] = [round(i / 10, 1) for i in range(11)]  # sweep shown in the report
-    phi: Literal["minmax", "ratio"] = "minmax"  # minmax of energy per item, or E_min/E
-    metrics: list[str] | None = None  # "task:metric" pairs counted in rho; null = all
-    missing: Literal["error", "exclude"] = "error"  # a config lacking a metric: fail, or drop it
+    # Written out rather than computed so that 0.3 is 0.3, not 0.30000000000000004.
+    w_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # sweep in the report
+    phi_method: str = Field("minmax", alias="phi")  # minmax of energy per item, or E_min/E
+    metrics: tuple[str, ...] | None = None  # "task:metric" pairs counted in rho; null = all
+    metric_scaling: str = "identity"  # identity (metrics already in [0, 1]) | minmax
+    missing: str = "error"  # a config lacking a metric: error, or exclude it
     bootstrap: int = Field(200, ge=0)  # resamples for rank stability
 
-    @field_validator("w_grid")
+    @field_validator("w_grid", mode="before")
     @classmethod
-    def _grid(cls, values: list[float]) -> list[float]:
-        if not values:
-            raise ValueError("needs at least one w")
-        bad = [v for v in values if not 0 <= v <= 1]
+    def _grid(cls, values: Any) -> tuple[float, ...]:
+        try:
+            grid = tuple(float(w) for w in values)
+        except (TypeError, ValueError):
+            raise ValueError(f"w_grid must be a sequence of numbers, got {values!r}") from None
+        if not grid:
+            raise ValueError("w_grid must contain at least one weight")
+        bad = [w for w in grid if not (math.isfinite(w) and 0.0 <= w <= 1.0)]
         if bad:
-            raise ValueError(f"every w must lie in [0, 1]; got {bad}")
-        return values
+            raise ValueError(f"every weight in w_grid must lie in [0, 1]; got {bad}")
+        if len(set(grid)) != len(grid):
+            raise ValueError(f"w_grid contains duplicate weights: {list(grid)}")
+        return grid
+
+    @field_validator("phi_method")
+    @classmethod
+    def _phi(cls, value: str) -> str:
+        return _one_of("phi_method", value, PHI_METHODS)
+
+    @field_validator("metric_scaling")
+    @classmethod
+    def _scaling(cls, value: str) -> str:
+        return _one_of("metric_scaling", value, METRIC_SCALINGS)
+
+    @field_validator("missing")
+    @classmethod
+    def _missing(cls, value: str) -> str:
+        return _one_of("missing", value, MISSING_POLICIES)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics(cls, values: Any) -> Any:
+        if values is None:
+            return None
+        if isinstance(values, str):
+            raise ValueError(f"metrics must be a sequence of 'task:metric' strings, not one string: use [{values!r}]")
+        metrics = tuple(values)
+        if not metrics:
+            raise ValueError("metrics must name at least one 'task:metric' pair, or be null")
+        malformed = [m for m in metrics if not is_metric_key(m)]
+        if malformed:
+            raise ValueError(f"metrics must be 'task:metric' strings (e.g. 'rca:accuracy'); got {malformed}")
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"metrics contains duplicates: {list(metrics)}")
+        return metrics
+
+    def with_w_in_grid(self) -> "RankingSettings":
+        """The same settings with the headline w added to the sweep when it is not on it."""
+        if self.w in self.w_grid:
+            return self
+        return self.model_copy(update={"w_grid": tuple(sorted({*self.w_grid, self.w}))})
 
 
-class FinetuneParams(_Strict):
-    """LoRA / QLoRA fine-tuning, energy per epoch (Figure 3); adapters are evaluated in inference."""
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+FINETUNE_TASKS: tuple[str, ...] = ("rca", "qa")
+
+
+class FinetuneSpec(_Strict):
+    """LoRA hyper-parameters and the training schedule (what :func:`llm_energy.lora.finetune` takes)."""
+
+    rank: int = 8  # LoRA rank r
+    alpha: int = 16  # LoRA scaling numerator (the update is scaled by alpha / rank)
+    dropout: float = 0.05  # dropout on the LoRA input, in [0, 1)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # linear layers that get an adapter
+    learning_rate: float = 2e-4  # AdamW
+    epochs: int = 2
+    batch_size: int = 8  # examples per optimizer step
+    max_length: int = 256  # tokens per example (prompt + answer); a longer example is an error
+    max_train_items: int | None = None  # seeded sample of the training split; null = all
+    max_eval_items: int | None = None  # seeded sample of the validation split; null = all
+    seed: int = 0  # adapter initialisation, dropout, example order and the samples above
+    task: str = "rca"  # rca | qa
+
+    @field_validator("rank", "alpha", "epochs", "batch_size")
+    @classmethod
+    def _at_least_one(cls, value: int, info: Any) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
+        return value
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, values: Any) -> Any:
+        if isinstance(values, str) or not values or not all(isinstance(m, str) and m for m in values):
+            raise ValueError(f"target_modules must be a non-empty list of module names, got {values!r}")
+        return tuple(values)
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"learning_rate must be > 0, got {value}")
+        return value
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_length(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"max_length must be >= 2 tokens, got {value}")
+        return value
+
+    @field_validator("max_train_items", "max_eval_items")
+    @classmethod
+    def _sample_size(cls, value: int | None, info: Any) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1 or null, got {value}")
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, value: str) -> str:
+        if value not in FINETUNE_TASKS:
+            raise ValueError(f"task must be 'rca' or 'qa', got {value!r}")
+        return value
+
+
+class FinetuneParams(FinetuneSpec):
+    """The study's `finetune` section: the spec, and the precisions it is trained at. LoRA / QLoRA
+    fine-tuning, energy per epoch (Figure 3); adapters are evaluated in inference."""
 
     precisions: list[Precision] = ["fp32", "bf16", "int8", "nf4"]  # fp4 is not trained
-    task: Literal["rca", "qa"] = "rca"
-    rank: int = Field(8, gt=0)  # LoRA rank
-    alpha: int = Field(16, gt=0)  # LoRA alpha (update scaled by alpha / rank)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "v_proj"]  # linear layers that get adapters
-    learning_rate: float = Field(2e-4, gt=0)
-    epochs: int = Field(2, gt=0)
-    batch_size: int = Field(8, gt=0)
-    max_length: int = Field(256, ge=2)  # tokens per example; a longer prompt is an error
-    max_train_items: int | None = Field(None, gt=0)  # seeded sample of the training split; null = all
-    max_eval_items: int | None = Field(None, gt=0)  # seeded sample of the validation split; null = all
-    seed: int = 0
 
     @field_validator("precisions")
     @classmethod
@@ -202,28 +344,151 @@ class FinetuneParams(_Strict):
         return values
 
 
-class PruningMethodParams(_Strict):
-    method: Literal["magnitude", "wanda"]
+# --------------------------------------------------------------------------------------------------
+# Pruning
+
+PRUNING_METHODS: tuple[str, ...] = ("magnitude", "wanda")
+DEFAULT_INCLUDE: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+class NMPattern(NamedTuple):
+    """An N:M pattern: keep ``kept`` weights in every group of ``group`` consecutive input weights."""
+
+    kept: int  # N: most nonzeros allowed per group
+    group: int  # M: group size along the input dimension
+
+    @property
+    def zeroed(self) -> int:
+        """M - N: fewest zeros per group."""
+        return self.group - self.kept
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeroed / self.group
+
+
+def parse_nm_pattern(pattern: str) -> NMPattern:
+    """'2:4' -> NMPattern(kept=2, group=4); ValueError for anything that is not 'N:M' with 0 < N < M."""
+    match = _NM_PATTERN.match(pattern.strip()) if isinstance(pattern, str) else None
+    if match is None:
+        raise ValueError(
+            f"pattern {pattern!r} is not 'unstructured' or 'N:M' with integers N and M "
+            "(e.g. '2:4': keep 2 of every 4 weights)"
+        )
+    kept, group = int(match.group(1)), int(match.group(2))
+    if not 0 < kept < group:
+        raise ValueError(
+            f"pattern {pattern!r} needs 0 < N < M (N weights kept out of every M); got N={kept}, M={group}"
+        )
+    return NMPattern(kept, group)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class PruningMethod(_Strict):
+    """One pruning method of the study's `pruning.methods`. For an N:M pattern ``sparsity`` may be
+    left out; it is then (M-N)/M, and any other value is refused."""
+
+    method: str  # magnitude | wanda
     pattern: str = "unstructured"  # unstructured, or N:M such as 2:4 and 4:8 (keep N of every M)
     sparsity: float | None = None  # fraction zeroed; N:M implies (M-N)/M and refuses anything else
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "PruningMethodParams":
-        from .prune import PruningSpec
+    @model_validator(mode="before")
+    @classmethod
+    def _consistent(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        method = data.get("method")
+        if method is not None and method not in PRUNING_METHODS:
+            raise ValueError(f"method must be one of {', '.join(PRUNING_METHODS)}; got {method!r}")
+        pattern = data.get("pattern", "unstructured")
+        sparsity = data.get("sparsity")
+        if pattern != "unstructured":
+            nm = parse_nm_pattern(pattern)
+            data["pattern"] = f"{nm.kept}:{nm.group}"  # ' 2:4' and '2:4' are one config
+            if sparsity is None:
+                sparsity = nm.sparsity
+            elif not _is_number(sparsity) or not math.isclose(sparsity, nm.sparsity, abs_tol=1e-9):
+                raise ValueError(
+                    f"pattern '{data['pattern']}' keeps {nm.kept} of every {nm.group} weights, which is "
+                    f"sparsity {nm.sparsity:g}; got sparsity={sparsity!r} "
+                    f"(give sparsity={nm.sparsity:g} or leave it out)"
+                )
+        elif sparsity is None:
+            raise ValueError("unstructured pruning needs a sparsity (fraction of weights zeroed, e.g. 0.5)")
+        if not _is_number(sparsity) or not 0 < sparsity < 1:
+            raise ValueError(f"sparsity must be a number strictly between 0 and 1; got {sparsity!r}")
+        data["sparsity"] = float(sparsity)
+        return data
 
-        PruningSpec(method=self.method, pattern=self.pattern, sparsity=self.sparsity)  # raises with the reason
-        return self
+    @property
+    def nm(self) -> NMPattern | None:
+        """The N:M pattern, or None for unstructured pruning."""
+        return None if self.pattern == "unstructured" else parse_nm_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        return float(self.sparsity or 0.0)
+
+    @property
+    def label(self) -> str:
+        """'magnitude-unstructured-50', 'wanda-2of4': safe in file names and config ids."""
+        nm = self.nm
+        if nm is not None:
+            return f"{self.method}-{nm.kept}of{nm.group}"
+        percent = round(self.target_sparsity * 100, 4)
+        return f"{self.method}-unstructured-{percent:g}"
+
+
+class PruningSpec(PruningMethod):
+    """A method with its calibration and layer selection: what :func:`llm_energy.prune.prune_model`
+    takes. ``PruningSpec("wanda", "2:4")`` names method and pattern positionally."""
+
+    calibration_samples: int = 64  # calibration texts used by Wanda
+    calibration_max_tokens: int = 256  # tokens per calibration text (longer texts are cut)
+    include: tuple[str, ...] = DEFAULT_INCLUDE  # module-name suffixes of the Linear layers pruned
+    seed: int = 0  # seed of the subsample when more calibration texts are given than used
+
+    def __init__(self, method: str | None = None, pattern: str | None = None, /, **data: Any) -> None:
+        if method is not None:
+            data["method"] = method
+        if pattern is not None:
+            data["pattern"] = pattern
+        super().__init__(**data)
+
+    @field_validator("calibration_samples", "calibration_max_tokens", mode="before")
+    @classmethod
+    def _positive(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{info.field_name} must be a positive integer; got {value!r}")
+        return value
+
+    @field_validator("include", mode="before")
+    @classmethod
+    def _include(cls, values: Any) -> Any:
+        if isinstance(values, str) or not values:
+            raise ValueError(
+                f"include must be a non-empty tuple of module-name suffixes, e.g. ('q_proj',); got {values!r}"
+            )
+        values = tuple(values)
+        if not all(isinstance(s, str) and s.strip(".") for s in values):
+            raise ValueError(f"every include entry must be a module-name suffix such as 'q_proj'; got {values!r}")
+        return values
 
 
 class PruningParams(_Strict):
-    """Pruning of the best configs (Figure 6)."""
+    """The study's `pruning` section: which configs to prune (Figure 6) and with which methods."""
 
     targets: list[str] | None = None  # "model:precision" to prune; null = the top_k of the inference ranking
     top_k: int = Field(1, gt=0)  # how many of the inference ranking's best base configs (at ranking.w)
-    methods: list[PruningMethodParams] = Field(min_length=1)
+    methods: list[PruningMethod] = Field(min_length=1)
     calibration_samples: int = Field(64, gt=0)  # Wanda: texts from the task's training split
     calibration_max_tokens: int = Field(256, gt=0)
-    include: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    include: list[str] = list(DEFAULT_INCLUDE)
     # auto: on CUDA, 2:4 layers at fp16/bf16 run cuSPARSELt where a timing says it is faster (dense
     # elsewhere, and always on CPU); off: pruned models always run dense kernels.
     sparse_kernels: Literal["auto", "off"] = "auto"
@@ -236,6 +501,12 @@ class PruningParams(_Strict):
             if not model or precision not in PRECISIONS:
                 raise ValueError(f"target {value!r} must be 'model:precision' with a precision in {', '.join(PRECISIONS)}")
         return values
+
+    def spec(self, method: PruningMethod, seed: int) -> PruningSpec:
+        """The full spec of one of this section's methods (calibration and layers from the section)."""
+        return PruningSpec(method=method.method, pattern=method.pattern, sparsity=method.sparsity,
+                           calibration_samples=self.calibration_samples,
+                           calibration_max_tokens=self.calibration_max_tokens, include=tuple(self.include), seed=seed)
 
 
 class SlurmSettings(_Strict):
@@ -270,7 +541,7 @@ class Study(_Strict):
     precisions: list[Precision] = Field(min_length=1)  # fp32 | bf16 | fp16 | int8 | nf4 | fp4
     tasks: TasksSettings = TasksSettings()
     energy: EnergySettings = EnergySettings()
-    ranking: RankingParams = RankingParams()
+    ranking: RankingSettings = RankingSettings()
     finetune: FinetuneParams | None = None  # needed when phases include finetune
     pruning: PruningParams | None = None  # needed when phases include pruning
     cluster: ClusterSettings = ClusterSettings()  # used only with --cluster local|slurm
@@ -464,8 +735,14 @@ def study_from_dict(raw: dict[str, Any], source: str = "<parameters>") -> Study:
 
 
 def resolved_dict(study: Study) -> dict[str, Any]:
-    """The validated study with every default filled in, as plain data (for params.resolved.yaml)."""
-    return study.model_dump(mode="json")
+    """The validated study with every default filled in, as plain data (for params.resolved.yaml),
+    under the keys a study file uses."""
+    return study.model_dump(mode="json", by_alias=True)
+
+
+def section_dict(section: BaseModel) -> dict[str, Any]:
+    """One validated section as plain data under the study file's keys (notebook parameters)."""
+    return section.model_dump(mode="json", by_alias=True)
 
 
 def study_hash(study: Study) -> str:

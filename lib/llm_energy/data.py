@@ -11,54 +11,16 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from .config import TaskSettings, resolve_path
+from .items import DataError, QAItem, RCAItem, TaskData, item_text
+from .teleqna import read_teleqna
 
-DATA_DIR = Path(__file__).parent / "data"
+# The sample data shipped in the package (made by tools/make_sample_data.py).
+DATA_DIR = Path(__file__).parent / "datasets"
 BUILTIN_FILES = {"rca": DATA_DIR / "rca_tickets.jsonl", "qa": DATA_DIR / "qa_telecom.jsonl"}
-
-
-class DataError(ValueError):
-    """A data problem, located: file, line (1-based) and field."""
-
-    def __init__(self, file: str | Path, message: str, line: int | None = None, field: str | None = None):
-        where = f"{file}" + (f":{line}" if line is not None else "")
-        what = f" field '{field}'" if field else ""
-        super().__init__(f"{where}:{what} {message}".replace(": ", ": ", 1))
-        self.file, self.line, self.field = str(file), line, field
-
-
-@dataclass(frozen=True)
-class QAItem:
-    id: str
-    question: str
-    choices: tuple[str, ...]
-    answer: int  # 0-based index into choices
-    category: str = ""
-    explanation: str = ""
-
-
-@dataclass(frozen=True)
-class RCAItem:
-    id: str
-    ticket: str
-    root_cause: str
-    resolution: str = ""
-
-
-@dataclass(frozen=True)
-class TaskData:
-    task: str  # "rca" or "qa"
-    source: str  # "builtin" or the file path
-    split: str
-    items: tuple[Any, ...]
-    labels: tuple[str, ...] = ()  # RCA label set (sorted)
-
-    def __len__(self) -> int:
-        return len(self.items)
 
 
 def _read_text(path: Path) -> str:
@@ -174,8 +136,6 @@ def read_records(task: str, path: Path, settings: TaskSettings) -> list[tuple[An
     if fmt == "teleqna":
         if task != "qa":
             raise DataError(path, "TeleQnA data is multiple-choice QA; use it for the qa task")
-        from .teleqna import read_teleqna
-
         return [(item, None) for item in read_teleqna(path, settings.password)]
     if fmt == "csv":
         records = _csv_records(path, settings.columns)
@@ -229,11 +189,6 @@ def _label_set(task: str, settings: TaskSettings, records: list[tuple[Any, str |
     return tuple(sorted(settings.labels or {it.root_cause for it, _ in records}))
 
 
-def label_text(label: str) -> str:
-    """How a label is read by the model: 'fibre_cut' -> 'fibre cut'."""
-    return label.replace("_", " ").strip()
-
-
 def load_all_splits(task: str, settings: TaskSettings, base_dir: Path | None = None) -> dict[str, TaskData]:
     """Every split of a task's data, unsampled (for the data summary and Figure 1)."""
     whole = settings.model_copy(update={"max_items": None})
@@ -247,13 +202,6 @@ def load_all_splits(task: str, settings: TaskSettings, base_dir: Path | None = N
         source = "builtin" if settings.data == "builtin" else str(path)
         out[split] = TaskData(task=task, source=source, split=split, items=items, labels=labels)
     return out
-
-
-def item_text(item: Any) -> str:
-    """The text of an item a model reads (ticket, or question with its choices)."""
-    if isinstance(item, RCAItem):
-        return item.ticket
-    return item.question + "\n" + "\n".join(item.choices)
 
 
 def summarise(task_sets: dict[str, dict[str, TaskData]]) -> "Any":

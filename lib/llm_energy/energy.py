@@ -31,9 +31,11 @@ ESTIMATE_MARKERS = ("cpu_load", "constant", "tdp", "estimate", "model")
 T = TypeVar("T")
 
 
-def is_estimate(method: str) -> bool:
-    """True when a method string names an estimate rather than a hardware counter."""
-    return any(marker in method for marker in ESTIMATE_MARKERS)
+def is_estimate(method: object) -> bool:
+    """True when a method string names an estimate rather than a hardware counter: the one rule that
+    tables, figures and the report use."""
+    text = str(method).lower()
+    return any(marker in text for marker in ESTIMATE_MARKERS)
 
 
 @dataclass(frozen=True)

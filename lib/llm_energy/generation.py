@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .data import RCAItem, label_text
+from .items import RCAItem, label_text
 from .scoring import TaskResult, bootstrap_interval
 
 DEFAULT_RESOLUTION_PROMPT = "Network fault ticket:\n{ticket}\nRoot cause: {cause}.\nResolution:"

@@ -24,10 +24,12 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-PRECISION_ORDER: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4")
-PRECISION_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "nf4": 4, "fp4": 4}
+from .config import PRECISION_BITS, PRECISIONS
+from .energy import is_estimate
+from .rank import pareto_optimal
+
+PRECISION_ORDER: tuple[str, ...] = PRECISIONS
 NO_DATA_TEXT = "no data for this figure (phase not run)"
-ESTIMATE_MARKERS: tuple[str, ...] = ("cpu_load", "constant", "tdp", "estimate")
 
 FIGSIZE_IN = (10.0, 4.5)
 _NOTE_COLOR = "#a40000"
@@ -37,12 +39,6 @@ _PARETO_COLOR = "#d62728"
 # --------------------------------------------------------------------------------------------
 # Energy-method honesty
 # --------------------------------------------------------------------------------------------
-
-
-def is_estimate(method: str) -> bool:
-    """True when an ``energy_method`` string names an estimate rather than a measurement."""
-    text = str(method).lower()
-    return any(marker in text for marker in ESTIMATE_MARKERS)
 
 
 def _describe_estimate(method: str) -> str:
@@ -169,21 +165,8 @@ def pruning_label(pruning: object, pattern: object = None, sparsity: object = No
 
 
 def pareto_mask(energy: Sequence[float], quality: Sequence[float]) -> np.ndarray:
-    """Pareto-optimal points for low energy and high quality.
-
-    A point is optimal when no other point has energy <= and quality >= with one strictly
-    better. NaN points are never optimal.
-    """
-    e = np.asarray(energy, dtype=float)
-    q = np.asarray(quality, dtype=float)
-    valid = ~(np.isnan(e) | np.isnan(q))
-    mask = np.zeros(len(e), dtype=bool)
-    for i in np.flatnonzero(valid):
-        others = valid.copy()
-        others[i] = False
-        dominated = others & (e <= e[i]) & (q >= q[i]) & ((e < e[i]) | (q > q[i]))
-        mask[i] = not dominated.any()
-    return mask
+    """Pareto-optimal points for low energy and high quality (:func:`llm_energy.rank.pareto_optimal`)."""
+    return pareto_optimal(energy, quality)
 
 
 def figure_texts(fig: Figure) -> list[str]:

@@ -27,122 +27,20 @@ Quantized (bitsandbytes) models are refused: prune the dense model, save it, the
 
 from __future__ import annotations
 
-import math
 import random
-import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+from .config import DEFAULT_INCLUDE, PruningSpec
+from .items import QAItem, RCAItem, item_text
 
 if TYPE_CHECKING:
     import torch
 
-PruningMethod = Literal["magnitude", "wanda"]
-PRUNING_METHODS: tuple[str, ...] = ("magnitude", "wanda")
-DEFAULT_INCLUDE: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # bitsandbytes layers subclass nn.Linear, so they are recognised by class name (bitsandbytes itself
 # need not be importable to refuse them).
 QUANTIZED_LINEAR_CLASSES: tuple[str, ...] = ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4")
-
-_NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
-
-
-class NMPattern(NamedTuple):
-    """An N:M pattern: keep ``kept`` weights in every group of ``group`` consecutive input weights."""
-
-    kept: int  # N: most nonzeros allowed per group
-    group: int  # M: group size along the input dimension
-
-    @property
-    def zeroed(self) -> int:
-        """M - N: fewest zeros per group."""
-        return self.group - self.kept
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeroed / self.group
-
-
-def parse_nm_pattern(pattern: str) -> NMPattern:
-    """'2:4' -> NMPattern(kept=2, group=4); ValueError for anything that is not 'N:M' with 0 < N < M."""
-    match = _NM_PATTERN.match(pattern.strip()) if isinstance(pattern, str) else None
-    if match is None:
-        raise ValueError(
-            f"pattern {pattern!r} is not 'unstructured' or 'N:M' with integers N and M "
-            "(e.g. '2:4': keep 2 of every 4 weights)"
-        )
-    kept, group = int(match.group(1)), int(match.group(2))
-    if not 0 < kept < group:
-        raise ValueError(
-            f"pattern {pattern!r} needs 0 < N < M (N weights kept out of every M); got N={kept}, M={group}"
-        )
-    return NMPattern(kept, group)
-
-
-@dataclass(frozen=True)
-class PruningSpec:
-    """What to prune and how. For an N:M pattern ``sparsity`` may be None; it is then set to (M-N)/M."""
-
-    method: PruningMethod
-    pattern: Literal["unstructured"] | str = "unstructured"  # or "N:M", e.g. "2:4"
-    sparsity: float | None = None  # fraction of weights zeroed
-    calibration_samples: int = 64  # calibration texts used by Wanda
-    calibration_max_tokens: int = 256  # tokens per calibration text (longer texts are cut)
-    include: tuple[str, ...] = DEFAULT_INCLUDE  # module-name suffixes of the Linear layers pruned
-    seed: int = 0  # seed of the subsample when more calibration texts are given than used
-
-    def __post_init__(self) -> None:
-        if self.method not in PRUNING_METHODS:
-            raise ValueError(f"method must be one of {', '.join(PRUNING_METHODS)}; got {self.method!r}")
-        if self.pattern != "unstructured":
-            nm = parse_nm_pattern(self.pattern)
-            object.__setattr__(self, "pattern", f"{nm.kept}:{nm.group}")  # ' 2:4' and '2:4' are one config
-            if self.sparsity is None:
-                object.__setattr__(self, "sparsity", nm.sparsity)
-            elif not _is_number(self.sparsity) or not math.isclose(self.sparsity, nm.sparsity, abs_tol=1e-9):
-                raise ValueError(
-                    f"pattern '{self.pattern}' keeps {nm.kept} of every {nm.group} weights, which is "
-                    f"sparsity {nm.sparsity:g}; got sparsity={self.sparsity!r} "
-                    f"(give sparsity={nm.sparsity:g} or leave it None)"
-                )
-        elif self.sparsity is None:
-            raise ValueError("unstructured pruning needs a sparsity (fraction of weights zeroed, e.g. 0.5)")
-        if not _is_number(self.sparsity) or not 0 < self.sparsity < 1:
-            raise ValueError(f"sparsity must be a number strictly between 0 and 1; got {self.sparsity!r}")
-        object.__setattr__(self, "sparsity", float(self.sparsity))
-        for name in ("calibration_samples", "calibration_max_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if isinstance(self.include, str) or not self.include:
-            raise ValueError(
-                f"include must be a non-empty tuple of module-name suffixes, e.g. ('q_proj',); got {self.include!r}"
-            )
-        object.__setattr__(self, "include", tuple(self.include))
-        if not all(isinstance(s, str) and s.strip(".") for s in self.include):
-            raise ValueError(f"every include entry must be a module-name suffix such as 'q_proj'; got {self.include!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer; got {self.seed!r}")
-
-    @property
-    def nm(self) -> NMPattern | None:
-        """The N:M pattern, or None for unstructured pruning."""
-        return None if self.pattern == "unstructured" else parse_nm_pattern(self.pattern)
-
-    @property
-    def label(self) -> str:
-        """'magnitude-unstructured-50', 'wanda-2of4': safe in file names and config ids."""
-        nm = self.nm
-        if nm is not None:
-            return f"{self.method}-{nm.kept}of{nm.group}"
-        percent = round(float(self.sparsity or 0.0) * 100, 4)
-        return f"{self.method}-unstructured-{percent:g}"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 @dataclass(frozen=True)
 class LayerSparsity:
@@ -456,8 +354,6 @@ def prune_model(model: Any, spec: PruningSpec, calibration: Sequence[str] | None
 
 def calibration_texts(task_data_items: Sequence[Any], n: int, seed: int = 0) -> list[str]:
     """A seeded sample of n texts (in the items' order): RCA tickets, or QA questions with their choices."""
-    from .data import QAItem, RCAItem, item_text
-
     items = list(task_data_items)
     wrong = [type(i).__name__ for i in items if not isinstance(i, (RCAItem, QAItem))]
     if wrong:

@@ -21,16 +21,21 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from .config import PHI_METHODS, RankingSettings
+from .results import RANKING_COLUMNS
+
 __all__ = [
     "MetricScaling",
     "MissingPolicy",
     "PhiMethod",
-    "RANKING_COLUMNS",
     "RankingResult",
-    "RankingSettings",
     "compute_phi",
+    "config_energy",
+    "rank_evaluations",
+    "repeat_energy",
     "compute_rho",
     "pareto_front",
+    "pareto_optimal",
     "rank_configs",
     "rank_stability",
     "summarise_top",
@@ -40,92 +45,17 @@ PhiMethod = Literal["minmax", "ratio"]
 MetricScaling = Literal["identity", "minmax"]
 MissingPolicy = Literal["error", "exclude"]
 
-_PHI_METHODS: tuple[str, ...] = ("minmax", "ratio")
-_METRIC_SCALINGS: tuple[str, ...] = ("identity", "minmax")
-_MISSING_POLICIES: tuple[str, ...] = ("error", "exclude")
-
 # R is a sum of products of floats; configs that are equal on paper can differ in the
 # last bits, and a rank should not depend on rounding noise.
 TIE_TOLERANCE = 1e-12
 
-CONFIG_COLUMNS: tuple[str, ...] = (
-    "config_id",
-    "model",
-    "precision",
-    "adapter",
-    "pruning",
-    "energy_kwh_per_item",
-)
+# What rank_configs needs per config: the first columns of the ranking table.
+CONFIG_COLUMNS: tuple[str, ...] = tuple(RANKING_COLUMNS[: RANKING_COLUMNS.index("energy_kwh_per_item") + 1])
 SCORE_COLUMNS: tuple[str, ...] = ("config_id", "task", "metric", "value")
 ITEM_SCORE_COLUMNS: tuple[str, ...] = ("config_id", "task", "metric", "item_id", "value")
 ENERGY_REPEAT_COLUMNS: tuple[str, ...] = ("config_id", "repeat", "energy_kwh_per_item")
-RANKING_COLUMNS: tuple[str, ...] = (
-    *CONFIG_COLUMNS,
-    "phi",
-    "rho",
-    "w",
-    "R",
-    "rank",
-)
-
-
-@dataclass(frozen=True)
-class RankingSettings:
-    """How configs are scored and ranked.
-
-    w_grid: weights on energy efficiency to evaluate, each in [0, 1].
-    phi_method: "minmax" gives phi = (E_max - E) / (E_max - E_min) (all-equal energies give
-        phi = 1); "ratio" gives phi = E_min / E, which keeps proportional differences.
-    metrics: the "task:metric" pairs that count toward rho; None means every pair in scores.
-    metric_scaling: "identity" for metrics already in [0, 1] (accuracies, F1, ROUGE);
-        "minmax" rescales each metric over the compared configs (all-equal gives 1.0).
-    missing: what to do with a config lacking one of the chosen metrics: "error" raises,
-        "exclude" drops the config and reports it in the result.
-    """
-
-    # Written out rather than computed so that 0.3 is 0.3, not 0.30000000000000004.
-    w_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    phi_method: PhiMethod = "minmax"
-    metrics: tuple[str, ...] | None = None
-    metric_scaling: MetricScaling = "identity"
-    missing: MissingPolicy = "error"
-
-    def __post_init__(self) -> None:
-        # Accept any sequence (e.g. a list from YAML) but store a tuple so settings stay hashable.
-        try:
-            grid = tuple(float(w) for w in self.w_grid)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"w_grid must be a sequence of numbers, got {self.w_grid!r}") from exc
-        if not grid:
-            raise ValueError("w_grid must contain at least one weight")
-        bad = [w for w in grid if not (np.isfinite(w) and 0.0 <= w <= 1.0)]
-        if bad:
-            raise ValueError(f"every weight in w_grid must lie in [0, 1]; got {bad}")
-        if len(set(grid)) != len(grid):
-            raise ValueError(f"w_grid contains duplicate weights: {list(grid)}")
-        object.__setattr__(self, "w_grid", grid)
-
-        _check_choice("phi_method", self.phi_method, _PHI_METHODS)
-        _check_choice("metric_scaling", self.metric_scaling, _METRIC_SCALINGS)
-        _check_choice("missing", self.missing, _MISSING_POLICIES)
-
-        if self.metrics is not None:
-            if isinstance(self.metrics, str):
-                raise ValueError(
-                    f"metrics must be a sequence of 'task:metric' strings, not one string: "
-                    f"use ({self.metrics!r},)"
-                )
-            metrics = tuple(self.metrics)
-            if not metrics:
-                raise ValueError("metrics must name at least one 'task:metric' pair, or be None")
-            malformed = [m for m in metrics if not _is_metric_key(m)]
-            if malformed:
-                raise ValueError(
-                    f"metrics must be 'task:metric' strings (e.g. 'rca:accuracy'); got {malformed}"
-                )
-            if len(set(metrics)) != len(metrics):
-                raise ValueError(f"metrics contains duplicates: {list(metrics)}")
-            object.__setattr__(self, "metrics", metrics)
+# Phases whose energy rows are evaluations of a config (fine-tuning energy is reported apart).
+EVALUATION_PHASES: tuple[str, ...] = ("inference", "pruning")
 
 
 @dataclass(frozen=True)
@@ -143,7 +73,7 @@ class RankingResult:
 
 def compute_phi(energy_kwh_per_item: pd.Series, method: PhiMethod = "minmax") -> pd.Series:
     """Energy efficiency in [0, 1] per config (index = config_id); 1 is the most efficient."""
-    _check_choice("method", method, _PHI_METHODS)
+    _check_choice("method", method, PHI_METHODS)
     energy = _as_float_series(energy_kwh_per_item, "energy_kwh_per_item")
     if energy.index.has_duplicates:
         dupes = sorted(map(str, energy.index[energy.index.duplicated()].unique()))
@@ -227,6 +157,57 @@ def rank_configs(
     return RankingResult(table=ranking, excluded=tuple(excluded), settings=settings)
 
 
+def config_energy(energy: pd.DataFrame) -> pd.DataFrame:
+    """One row per evaluated config from energy.csv rows: energy per item over all its tasks (total
+    energy / total items), its spread, and its energy method."""
+    rows = energy[energy["phase"].isin(EVALUATION_PHASES)].copy()
+    if rows.empty:
+        return pd.DataFrame(columns=["config_id", "model", "precision", "adapter", "pruning",
+                                     "energy_kwh_per_item", "energy_kwh_per_item_std", "energy_method"])
+    rows["var"] = rows["energy_kwh_std"].fillna(0.0) ** 2
+    grouped = rows.groupby("config_id", sort=False)
+    out = grouped.agg(
+        model=("model", "first"), precision=("precision", "first"), adapter=("adapter", "first"),
+        pruning=("pruning", "first"), energy_kwh=("energy_kwh", "sum"), n_items=("n_items", "sum"),
+        var=("var", "sum"), energy_method=("energy_method", "first"),
+    ).reset_index()
+    out["energy_kwh_per_item"] = out["energy_kwh"] / out["n_items"]
+    out["energy_kwh_per_item_std"] = np.sqrt(out["var"]) / out["n_items"]
+    return out.drop(columns=["var"])
+
+
+def repeat_energy(repeats: pd.DataFrame) -> pd.DataFrame:
+    """Per config and repeat index from energy_repeats.csv rows: energy per item summed over tasks
+    (for rank stability)."""
+    rows = repeats[repeats["phase"].isin(EVALUATION_PHASES)]
+    if rows.empty:
+        return pd.DataFrame(columns=list(ENERGY_REPEAT_COLUMNS))
+    grouped = rows.groupby(["config_id", "repeat"]).agg(energy_kwh=("energy_kwh", "sum"), n_items=("n_items", "sum"))
+    grouped = grouped.reset_index()
+    # Keep only repeat indices every task of the config has, so sums compare like with like.
+    tasks_per_config = rows.groupby("config_id")["task"].nunique()
+    counts = rows.groupby(["config_id", "repeat"])["task"].nunique().reset_index(name="n_tasks")
+    grouped = grouped.merge(counts, on=["config_id", "repeat"])
+    grouped = grouped[grouped["n_tasks"] == grouped["config_id"].map(tasks_per_config)]
+    grouped["energy_kwh_per_item"] = grouped["energy_kwh"] / grouped["n_items"]
+    return grouped[list(ENERGY_REPEAT_COLUMNS)]
+
+
+def rank_evaluations(configs: pd.DataFrame, scores: pd.DataFrame, settings: RankingSettings) -> RankingResult:
+    """rank_configs over :func:`config_energy` rows with the headline w on the grid, plus the
+    columns the study's ranking table carries: Pareto front at w, energy spread and method."""
+    settings = settings.with_w_in_grid()
+    result = rank_configs(configs, scores, settings)
+    table = result.table.copy()
+    at_w = table[np.isclose(table["w"], settings.w)].set_index("config_id")
+    front = pareto_front(at_w["energy_kwh_per_item"], at_w["rho"])
+    table["pareto"] = table["config_id"].map(front).fillna(False).astype(bool)
+    by_id = configs.set_index("config_id")
+    table["energy_kwh_per_item_std"] = table["config_id"].map(by_id["energy_kwh_per_item_std"])
+    table["energy_method"] = table["config_id"].map(by_id["energy_method"])
+    return RankingResult(table=table, excluded=result.excluded, settings=settings)
+
+
 def pareto_front(energy_kwh_per_item: pd.Series, quality: pd.Series) -> pd.Series:
     """True for configs no other config dominates (energy <= and quality >=, one strictly).
 
@@ -243,13 +224,21 @@ def pareto_front(energy_kwh_per_item: pd.Series, quality: pd.Series) -> pd.Serie
     if len(bad):
         raise ValueError(f"non-finite energy or quality for configs: {sorted(map(str, bad))}")
 
-    e = energy.to_numpy()
-    q = quality.to_numpy()
-    # dominates[j, i]: config j dominates config i.
+    return pd.Series(pareto_optimal(energy.to_numpy(), quality.to_numpy()), index=energy.index,
+                     name="on_pareto_front")
+
+
+def pareto_optimal(energy: Sequence[float], quality: Sequence[float]) -> np.ndarray:
+    """The Pareto rule itself, on arrays: True where no other point has energy <= and quality >=
+    with one strictly better. A NaN point is never optimal and dominates nothing."""
+    e = np.asarray(energy, dtype=float)
+    q = np.asarray(quality, dtype=float)
+    valid = ~(np.isnan(e) | np.isnan(q))
+    # dominates[j, i]: point j dominates point i.
     no_worse = (e[:, None] <= e[None, :]) & (q[:, None] >= q[None, :])
     better = (e[:, None] < e[None, :]) | (q[:, None] > q[None, :])
-    dominated = (no_worse & better).any(axis=0)
-    return pd.Series(~dominated, index=energy.index, name="on_pareto_front")
+    dominated = (no_worse & better & valid[:, None]).any(axis=0)
+    return valid & ~dominated
 
 
 def rank_stability(
@@ -345,13 +334,6 @@ def summarise_top(result: RankingResult, w: float, k: int = 3) -> list[dict]:
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}; got {value!r}")
-
-
-def _is_metric_key(key: object) -> bool:
-    if not isinstance(key, str):
-        return False
-    task, sep, metric = key.partition(":")
-    return bool(sep and task and metric)
 
 
 def _require_columns(frame: pd.DataFrame, columns: Sequence[str], name: str) -> None:

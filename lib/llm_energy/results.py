@@ -17,6 +17,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import pandas as pd
 
+from .layout import StudyLayout
+
 ENERGY_COLUMNS = [
     "config_id", "phase", "model", "precision", "adapter", "pruning", "sparsity_pattern",
     "target_sparsity", "measured_sparsity", "task", "n_items", "n_tokens", "duration_s",
@@ -63,11 +65,11 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
 
 
 def tables_dir(study_dir: str | Path) -> Path:
-    return Path(study_dir) / "tables"
+    return StudyLayout(Path(study_dir)).tables
 
 
 def table_path(study_dir: str | Path, name: str) -> Path:
-    return tables_dir(study_dir) / f"{name}.csv"
+    return StudyLayout(Path(study_dir)).table(name)
 
 
 @contextlib.contextmanager

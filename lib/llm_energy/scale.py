@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import SlurmSettings, Study
+from .jobs import Job, execute_job
 
 DEVICE_RESOURCE = "device"
 
@@ -78,13 +79,11 @@ def make_cluster(kind: str, study: Study, device: str, out_dir: Path) -> tuple[A
     raise ValueError(f"unknown cluster kind {kind!r}")
 
 
-def _run_on_worker(job: Any, out_dir: str) -> dict[str, Any]:
-    from .study import execute_job
-
+def _run_on_worker(job: Job, out_dir: str) -> dict[str, Any]:
     return execute_job(job, Path(out_dir))
 
 
-def run_on_cluster(jobs: list[Any], out_dir: Path, kind: str, study: Study, device: str) -> Iterator[tuple[Any, dict[str, Any]]]:
+def run_on_cluster(jobs: list[Job], out_dir: Path, kind: str, study: Study, device: str) -> Iterator[tuple[Job, dict[str, Any]]]:
     """Submit jobs (data first, then configs), yield (job, result) as each finishes."""
     from dask.distributed import Client, as_completed
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .data import QAItem, RCAItem, TaskData, label_text
+from .items import QAItem, RCAItem, TaskData, label_text
 
 DEFAULT_QA_PROMPT = "Question: {question}\nAnswer:"
 DEFAULT_RCA_PROMPT = (
@@ -50,7 +50,7 @@ class TaskResult:
     n_tokens: int = 0
 
 
-def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     # As lm-evaluation-harness: trailing spaces of the context move to the continuation, and the
     # continuation tokens are what encoding the whole string adds after the context's tokens.
     spaces = len(context) - len(context.rstrip())
@@ -68,8 +68,8 @@ _PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "
 # Attention implementations and the 4D mask each wants: sdpa a boolean one (True: attend), eager an
 # additive float one (0: attend, the dtype's minimum: not), which it adds to the scores.
 _PACKED_ATTENTION = frozenset({"sdpa", "eager"})
-# Per model: True once the packed forward matched the shared-cache one, False when it did not or
-# raised; absent while unverified.
+# Per model: True once the packed forward matched the shared-cache one on choose_scoring_path's probe,
+# False when it did not or raised; absent until choose_scoring_path has run.
 _PACKED_VERIFIED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _first_token(tokenizer: Any) -> int:
 
 
 def _encode_item(tokenizer: Any, context: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-    pairs = [_encode_pair(tokenizer, context, c) for c in continuations]
+    pairs = [encode_pair(tokenizer, context, c) for c in continuations]
     ctx = pairs[0][0]
     conts = [cont for _, cont in pairs]
     for cont in conts:
@@ -146,6 +146,7 @@ def score_many(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Sequenc
     (each request's tokens see only their own request's); the scores are those of one request at a
     time up to rounding.
     """
+    choose_scoring_path(model, tokenizer)  # decided before any request is scored (a no-op once decided)
     encoded = [_encode_item(tokenizer, context, continuations) for context, continuations in requests]
     sizes = [len(ctx) + sum(len(cont) - 1 for cont in conts) for ctx, conts in encoded]
     totals: list[list[float]] = []
@@ -169,28 +170,63 @@ Encoded = tuple[list[int], list[list[int]]]  # context tokens, each continuation
 
 
 def _score_group(model: Any, tokenizer: Any, items: list[Encoded]) -> list[list[float]]:
-    """Scores of a few encoded items: packed into one forward where supported, else shared cache."""
+    """Scores of a few encoded items: packed into one forward where the chosen path allows, else
+    through the shared cache."""
     longest = max(len(ctx) + sum(len(cont) - 1 for cont in conts) for ctx, conts in items)
-    state = _packed_supported(model, longest)
-    if state is True:
+    if _packed_supported(model, longest) is True:
         try:
             return _score_packed(model, items)
         except Exception as exc:  # noqa: BLE001  (a model that rejects the packed inputs)
             _mark_packed(model, False, f"the packed forward raised {type(exc).__name__}: {exc}")
-    shared = [_score_with_shared_cache(model, tokenizer, ctx, conts) for ctx, conts in items]
-    # Unverified: check the packed forward once against the shared cache, on items where the mask
-    # matters (two continuations of more than one token: they must not see each other).
-    if state is None and any(sum(len(cont) > 1 for cont in conts) >= 2 for _, conts in items):
+    return [_score_with_shared_cache(model, tokenizer, ctx, conts) for ctx, conts in items]
+
+
+@dataclass(frozen=True)
+class ScoringPath:
+    """How a model's multiple-choice items are scored: "packed" (one forward per group of items,
+    checked against the shared cache on a probe) or "shared_cache" (the context once, its key/value
+    cache shared by the continuations). The scores agree up to rounding; the work differs."""
+
+    name: str  # "packed" | "shared_cache"
+    reason: str
+
+
+# A probe where the packed mask matters: several continuations of more than one token, which must
+# not see each other.
+_PROBE = ("Network fault ticket: the link to site A went down at night.\nRoot cause:",
+          (" a fibre cut on the backbone", " a power outage at the site", " a misconfigured routing table"))
+
+
+def choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
+    """Decide once per model, before anything is measured, which path scoring takes.
+
+    A model family and attention implementation known to accept a ready 4D mask is scored packed on
+    a probe and through the shared cache; the packed path is kept only when the two agree. Every
+    later :func:`score_many` call on this model takes the chosen path, so no check ever runs inside
+    a measured window once this has been called (``score_many`` calls it first when nobody has).
+    """
+    if not _packed_eligible(model):
+        config = getattr(model, "config", None)
+        why = (f"model type {getattr(config, 'model_type', None)!r} with attention "
+               f"{getattr(config, '_attn_implementation', None)!r} is not known to take a packed 4D mask")
+        return ScoringPath("shared_cache", why)
+    ctx, conts = _encode_item(tokenizer, _PROBE[0], _PROBE[1])
+    state = _packed_supported(model, len(ctx) + sum(len(cont) - 1 for cont in conts))
+    if state is None:
+        shared = _score_with_shared_cache(model, tokenizer, ctx, conts)
         try:
-            packed = _score_packed(model, items)
+            packed = _score_packed(model, [(ctx, conts)])[0]
         except Exception as exc:  # noqa: BLE001
             _mark_packed(model, False, f"the packed forward raised {type(exc).__name__}: {exc}")
         else:
-            a, b = np.concatenate([np.array(x) for x in packed]), np.concatenate([np.array(x) for x in shared])
+            a, b = np.array(packed), np.array(shared)
             diff = float(np.max(np.abs(a - b)))
             tol = _verify_tolerance(model) * max(1.0, float(np.max(np.abs(b))))
             _mark_packed(model, diff <= tol, f"packed and shared-cache scores differ by {diff:.2e} > {tol:.2e}")
-    return shared
+        state = _packed_supported(model, 0)
+    if state:
+        return ScoringPath("packed", "one forward per group of items, verified against the shared cache")
+    return ScoringPath("shared_cache", "the packed forward failed its check on this model (see the log)")
 
 
 def _mark_packed(model: Any, ok: bool, why: str) -> None:
@@ -316,7 +352,7 @@ def score_continuations_unshared(model: Any, tokenizer: Any, context: str, conti
     """The reference computation: context and continuation run together, once per continuation."""
     import torch
 
-    pairs = [_encode_pair(tokenizer, context, c) for c in continuations]
+    pairs = [encode_pair(tokenizer, context, c) for c in continuations]
     sequences = []
     for ctx, cont in pairs:
         if not ctx:
@@ -386,7 +422,7 @@ def evaluate_qa(model: Any, tokenizer: Any, data: TaskData, prompt: str | None =
     requests = []
     for item in data.items:
         assert isinstance(item, QAItem)
-        context = prompt.format(question=item.question, choices=_choice_block(item.choices))
+        context = prompt.format(question=item.question, choices=choice_block(item.choices))
         requests.append((context, [" " + c for c in item.choices]))
     for item, scores in zip(data.items, _score_all(model, tokenizer, requests, progress, "qa")):
         best = int(np.argmax(scores.loglik))
@@ -451,7 +487,7 @@ def evaluate(task: str, model: Any, tokenizer: Any, data: TaskData, prompt: str 
     raise ValueError(f"unknown task {task!r}")
 
 
-def _choice_block(choices: Sequence[str]) -> str:
+def choice_block(choices: Sequence[str]) -> str:
     return "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices))
 
 

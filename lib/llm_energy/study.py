@@ -3,6 +3,7 @@
 Each job (a phase, or a phase for one config) runs its notebook in a fresh kernel; the executed
 notebook is kept under ``notebooks/`` of the output folder. A finished job leaves a marker in
 ``state/`` so a rerun resumes; a failing job is recorded in ``failures.json`` and the study goes on.
+The runner imports no phase module: it passes parameters to notebooks and reads tables back.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
-import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -24,35 +23,20 @@ from typing import Any
 
 import yaml
 
-from . import results
-from .config import Study, load_study, resolved_dict, study_hash
-from .inference import config_id_for, project_root, record_config
+from . import rank, results
+from .config import Study, load_study, resolved_dict, section_dict, study_hash
+from .jobs import Job, execute_job, run_job
+from .layout import StudyLayout, config_id_for, project_root
+from .records import record_config, record_idle_baseline
 
 log = logging.getLogger("llm_energy.study")
 
-NOTEBOOKS = {"data": "01_data.ipynb", "finetune": "02_finetune.ipynb", "inference": "03_inference.ipynb",
-             "pruning": "04_pruning.ipynb", "ranking": "05_ranking.ipynb"}
 PACKAGES = ("llm_energy", "torch", "transformers", "bitsandbytes", "codecarbon", "papermill", "accelerate",
             "numpy", "pandas", "matplotlib", "seaborn", "pydantic", "nbconvert", "gguf")
 
 
 class StudyRunError(RuntimeError):
     """The run cannot start (an output-folder conflict); nothing was written."""
-
-
-@dataclass(frozen=True)
-class Job:
-    phase: str
-    config_id: str | None
-    parameters: dict[str, Any]
-
-    @property
-    def key(self) -> str:
-        return self.phase if self.config_id is None else f"{self.phase}__{self.config_id}"
-
-    @property
-    def notebook(self) -> str:
-        return NOTEBOOKS[self.phase]
 
 
 @dataclass
@@ -63,14 +47,6 @@ class StudyOutcome:
     skipped: list[dict[str, str]] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     report: Path | None = None
-
-
-def notebooks_dir() -> Path:
-    """The phase notebooks: the project's notebooks/ folder (installed editable from the repo)."""
-    here = Path(__file__).resolve().parents[2] / "notebooks"
-    if here.is_dir():
-        return here
-    return project_root() / "notebooks"
 
 
 def resolve_device(study: Study) -> str:
@@ -104,7 +80,7 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str) -> tuple[li
                 if runnable(model, precision, config_id):
                     jobs.append(Job("finetune", config_id, {
                         **common, "config_id": config_id, "model": model.model_dump(mode="json"), "adapter_name": "lora",
-                        "precision": precision, "finetune": study.finetune.model_dump(mode="json")}))
+                        "precision": precision, "finetune": section_dict(study.finetune)}))
     if "inference" in study.phases:
         for model in study.models:
             for precision in study.precisions:
@@ -118,7 +94,7 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str) -> tuple[li
             jobs += [j for j in pruning_jobs(study, common, models[name].model_dump(mode="json"), precision)
                      if runnable(models[name], precision, j.config_id or "")]
     if "ranking" in study.phases:
-        jobs.append(Job("ranking", None, {**common, "ranking": study.ranking.model_dump(mode="json")}))
+        jobs.append(Job("ranking", None, {**common, "ranking": section_dict(study.ranking)}))
     return jobs, skipped
 
 
@@ -134,20 +110,14 @@ def inference_job(common: dict[str, Any], model: dict[str, Any], precision: str,
 
 
 def pruning_jobs(study: Study, common: dict[str, Any], model: dict[str, Any], precision: str) -> list[Job]:
-    from .prune import PruningSpec
-
     assert study.pruning is not None
     jobs = []
     for method in study.pruning.methods:
-        spec = PruningSpec(method=method.method, pattern=method.pattern, sparsity=method.sparsity)
+        spec = study.pruning.spec(method, study.seed)
         config_id = config_id_for(model["name"], precision, pruning=spec.label)
         jobs.append(Job("pruning", config_id, {
             **common, "config_id": config_id, "model": model, "precision": precision, "pruning_label": spec.label,
-            "pruning": {"method": method.method, "pattern": method.pattern, "sparsity": method.sparsity,
-                        "calibration_samples": study.pruning.calibration_samples,
-                        "calibration_max_tokens": study.pruning.calibration_max_tokens,
-                        "include": list(study.pruning.include), "seed": study.seed},
-            "sparse_kernels": study.pruning.sparse_kernels,
+            "pruning": section_dict(spec), "sparse_kernels": study.pruning.sparse_kernels,
         }))
     return jobs
 
@@ -156,7 +126,7 @@ def adapter_jobs(study: Study, common: dict[str, Any], out_dir: Path, finished: 
     """Evaluate every adapter that a fine-tuning job saved, on its base model at its precision."""
     jobs = []
     for job in finished:
-        adapter_dir = out_dir / "adapters" / (job.config_id or "")
+        adapter_dir = StudyLayout(out_dir).adapter(job.config_id or "")
         if job.phase == "finetune" and (adapter_dir / "adapter_model.safetensors").is_file():
             jobs.append(inference_job(common, job.parameters["model"], job.parameters["precision"],
                                       job.config_id or "", adapter=str(adapter_dir), adapter_name="lora"))
@@ -164,11 +134,13 @@ def adapter_jobs(study: Study, common: dict[str, Any], out_dir: Path, finished: 
 
 
 def top_k_targets(study: Study, out_dir: Path) -> list[tuple[str, str]]:
-    """(model, precision) of the best base configs of the inference ranking at the study's w."""
-    from .report import rank_study
-
+    """(model, precision) of the best base configs of the inference ranking at the study's w, ranked
+    from the tables as they are (ranking.csv is the ranking phase's to write, not this)."""
     assert study.pruning is not None
-    table = rank_study(out_dir, study.ranking).result.table
+    configs = rank.config_energy(results.read_table(out_dir, "energy"))
+    if configs.empty:
+        raise ValueError(f"{results.table_path(out_dir, 'energy')} has no inference rows to rank")
+    table = rank.rank_evaluations(configs, results.read_table(out_dir, "scores"), study.ranking).table
     base = table[(table["adapter"] == "none") & (table["pruning"] == "none")]
     at_w = base[(base["w"] - study.ranking.w).abs() < 1e-9].sort_values(["rank", "config_id"])
     return [(row.model, row.precision) for row in at_w.head(study.pruning.top_k).itertuples()]
@@ -222,7 +194,7 @@ def provenance(study: Study, device: str, params_path: Path) -> dict[str, Any]:
 
 def prepare_out_dir(study: Study, out_dir: Path, resume: bool, force: bool) -> None:
     """Refuse to mix results of different parameters; --no-resume needs --force to overwrite."""
-    resolved = out_dir / "params.resolved.yaml"
+    resolved = StudyLayout(out_dir).params_resolved
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not resume:
@@ -243,38 +215,69 @@ def prepare_out_dir(study: Study, out_dir: Path, resume: bool, force: bool) -> N
             )
 
 
-def _filter_parameters(notebook: Path, parameters: dict[str, Any]) -> dict[str, Any]:
-    """Only the keys the notebook's parameters cell declares (papermill itself would just warn)."""
-    import papermill
+class _Run:
+    """The state of one study run: which jobs finished, resumed or failed, and the progress bar."""
 
-    declared = papermill.inspect_notebook(str(notebook))
-    return {k: v for k, v in parameters.items() if k in declared}
+    def __init__(self, study: Study, layout: StudyLayout, device: str, resume: bool, phases: list[str] | None,
+                 cluster: str, skipped: list[dict[str, str]]):
+        self.study, self.layout, self.device = study, layout, device
+        self.resume, self.phases, self.cluster = resume, phases, cluster
+        self.outcome = StudyOutcome(out_dir=layout.root, skipped=skipped)
+        failures = layout.failures
+        self.failures: list[dict[str, str]] = json.loads(failures.read_text()) if (resume and failures.exists()) else []
+        self.bar: Any = None
 
+    def wants(self, phase: str) -> bool:
+        return phase in self.study.phases and (not self.phases or phase in self.phases)
 
-def run_job(job: Job, out_dir: Path) -> None:
-    import papermill
+    def run_stage(self, stage: list[Job]) -> None:
+        """Run jobs that do not depend on each other: here in turn, or spread over the cluster."""
+        todo = []
+        for job in stage:
+            if self.phases and job.phase not in self.phases:
+                self.bar.update()
+            elif self.resume and self.layout.done_marker(job.key).exists() and job.phase != "ranking":
+                self.outcome.resumed.append(job.key)
+                self.bar.update()
+            else:
+                todo.append(job)
+        if self.cluster == "none" or len(todo) <= 1:
+            finished = ((job, self._execute(job)) for job in todo)
+        else:
+            from .scale import run_on_cluster
 
-    notebook = notebooks_dir() / job.notebook
-    executed = out_dir / "notebooks" / f"{Path(job.notebook).stem}__{job.config_id or 'study'}.ipynb"
-    executed.parent.mkdir(parents=True, exist_ok=True)
-    logs = out_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / f"{job.key}.log", "w") as stdout:
-        papermill.execute_notebook(
-            str(notebook), str(executed), parameters=_filter_parameters(notebook, job.parameters),
-            kernel_name="python3", progress_bar=False, log_output=False, stdout_file=stdout, stderr_file=stdout,
-            cwd=str(notebook.parent),
-        )
+            finished = run_on_cluster(todo, self.layout.root, self.cluster, self.study, self.device)
+        for job, result in finished:
+            self.settle(job, result)
+            self.bar.update()
 
+    def _execute(self, job: Job) -> dict[str, Any]:
+        self.bar.set_postfix_str(job.key)
+        return execute_job(job, self.layout.root)
 
-def execute_job(job: Job, out_dir: Path) -> dict[str, Any]:
-    """Run one job and report, never raise: {'ok', 'error', 'seconds'} (also used on cluster workers)."""
-    start = time.perf_counter()
-    try:
-        run_job(job, out_dir)
-    except Exception as exc:  # one failing config must not stop the study
-        return {"ok": False, "error": _short_error(exc), "seconds": time.perf_counter() - start}
-    return {"ok": True, "error": "", "seconds": time.perf_counter() - start}
+    def settle(self, job: Job, result: dict[str, Any]) -> None:
+        """A finished job leaves its done marker; a failed one its failure record and config row."""
+        self.failures = [f for f in self.failures if f["job"] != job.key]
+        if result["ok"]:
+            self.layout.done_marker(job.key).write_text(json.dumps({"seconds": result["seconds"]}))
+            self.outcome.completed.append(job.key)
+            return
+        log.error("job %s failed: %s", job.key, result["error"])
+        self.add_failure({"job": job.key, "config_id": job.config_id or "", "error": result["error"],
+                          "notebook": str(self.layout.notebooks), "log": str(self.layout.log(job.key))})
+        if job.config_id:
+            record_config(self.layout.root, job.config_id, job.parameters.get("model", {}).get("name", ""),
+                          job.parameters.get("precision", ""), "failed", result["error"],
+                          adapter=job.parameters.get("adapter_name", "none"),
+                          pruning=job.parameters.get("pruning_label", "none"))
+
+    def add_failure(self, failure: dict[str, str]) -> None:
+        self.failures.append(failure)
+        self.save_failures()
+        self.outcome.failed.append(failure)
+
+    def save_failures(self) -> None:
+        results.atomic_write_json(self.layout.failures, self.failures)
 
 
 def run_study(params_path: str | Path, out: str | Path | None = None, resume: bool = True, force: bool = False,
@@ -283,166 +286,123 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     from tqdm.auto import tqdm
 
     params_path = Path(params_path).resolve()
-    study = load_study(params_path)  # raises before anything is written
+    study, device = _validate(params_path, phases, cluster)  # raises before anything is written
+    out_dir = Path(out).resolve() if out else (Path.cwd() / "outputs" / study.study)
+    prepare_out_dir(study, out_dir, resume, force)
+    layout = StudyLayout(out_dir)
+    layout.state.mkdir(parents=True, exist_ok=True)
+    if not any(m.source == "hub" for m in study.models):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this study may reach a hub
+    prov = _write_parameters_and_provenance(study, layout, device, params_path)
+
+    jobs, skipped = expand(study, out_dir, params_path.parent, device)
+    _record_skipped(out_dir, skipped)
+    run = _Run(study, layout, device, resume, phases, cluster, skipped)
+    _ensure_idle_baseline(study, out_dir, device, resume)
+    run.bar = tqdm(total=len(jobs), desc=f"study {study.study}", unit="job")
+    first = [j for j in jobs if j.phase in ("data", "finetune", "inference")]
+    run.run_stage(first)
+    second = _second_stage(run, jobs, first, params_path.parent)
+    run.bar.total = len(jobs) + len(second) - sum(1 for j in jobs if j.phase == "pruning")
+    run.run_stage(second)
+    run.save_failures()
+    run.run_stage([j for j in jobs if j.phase == "ranking"])  # reads every table, so it runs last
+    run.bar.close()
+    run.save_failures()
+    run.outcome.report = _render_report_if_ranked(run)
+    _finish_provenance(prov, layout, run)
+    return run.outcome
+
+
+def _validate(params_path: Path, phases: list[str] | None, cluster: str) -> tuple[Study, str]:
+    """The study and the device it runs on, or StudyRunError / StudyValidationError."""
+    from .models import PrecisionUnsupported
+
+    study = load_study(params_path)
     if phases:
         unknown = [p for p in phases if p not in study.phases]
         if unknown:
             raise StudyRunError(f"--phases {unknown} are not phases of this study ({', '.join(study.phases)})")
     if cluster not in ("none", "local", "slurm"):
         raise StudyRunError(f"--cluster must be none, local or slurm; got {cluster!r}")
-    from .models import PrecisionUnsupported
-
     try:
-        device = resolve_device(study)
+        return study, resolve_device(study)
     except PrecisionUnsupported as exc:  # e.g. device: cuda on a machine without a GPU
         raise StudyRunError(f"{params_path}: device: {exc}") from None
-    out_dir = Path(out).resolve() if out else (Path.cwd() / "outputs" / study.study)
-    prepare_out_dir(study, out_dir, resume, force)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base_dir = params_path.parent
-    if not any(m.source == "hub" for m in study.models):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this study may reach a hub
 
+
+def _write_parameters_and_provenance(study: Study, layout: StudyLayout, device: str,
+                                     params_path: Path) -> dict[str, Any]:
     resolved = resolved_dict(study)
     resolved["_meta"] = {"params_hash": study_hash(study), "source": str(params_path), "device_used": device}
-    results.atomic_write_text(out_dir / "params.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    results.atomic_write_text(layout.params_resolved, yaml.safe_dump(resolved, sort_keys=False))
     prov = provenance(study, device, params_path)
     prov["started_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
-    results.atomic_write_json(out_dir / "provenance.json", prov)
+    results.atomic_write_json(layout.provenance, prov)
+    return prov
 
-    jobs, skipped = expand(study, out_dir, base_dir, device)
+
+def _record_skipped(out_dir: Path, skipped: list[dict[str, str]]) -> None:
     for item in skipped:
         log.warning("skipping %s: %s", item["config_id"], item["reason"])
         record_config(out_dir, item["config_id"], item["model"], item["precision"], "skipped", item["reason"])
-    outcome = StudyOutcome(out_dir=out_dir, skipped=skipped)
-    state = out_dir / "state"
-    state.mkdir(exist_ok=True)
-    failures_path = out_dir / "failures.json"
-    failures = json.loads(failures_path.read_text()) if (resume and failures_path.exists()) else []
 
-    _ensure_idle_baseline(study, out_dir, device, resume)
-    common = base_parameters(study, out_dir, base_dir, device)
-    selected = (lambda job: job.phase in phases) if phases else (lambda job: True)
 
-    def settle(job: Job, result: dict[str, Any]) -> None:
-        nonlocal failures
-        failures = [f for f in failures if f["job"] != job.key]
-        if result["ok"]:
-            (state / f"{job.key}.done").write_text(json.dumps({"seconds": result["seconds"]}))
-            outcome.completed.append(job.key)
-            return
-        log.error("job %s failed: %s", job.key, result["error"])
-        failures.append({"job": job.key, "config_id": job.config_id or "", "error": result["error"],
-                         "notebook": str(out_dir / "notebooks"), "log": str(out_dir / "logs" / f"{job.key}.log")})
-        if job.config_id:
-            record_config(out_dir, job.config_id, job.parameters.get("model", {}).get("name", ""),
-                          job.parameters.get("precision", ""), "failed", result["error"],
-                          adapter=job.parameters.get("adapter_name", "none"),
-                          pruning=job.parameters.get("pruning_label", "none"))
-        results.atomic_write_json(failures_path, failures)
-        outcome.failed.append(failures[-1])
-
-    bar = tqdm(total=len(jobs), desc=f"study {study.study}", unit="job")
-
-    def run_stage(stage: list[Job]) -> None:
-        """Run jobs that do not depend on each other: here in turn, or spread over the cluster."""
-        todo = []
-        for job in stage:
-            if not selected(job):
-                bar.update()
-            elif resume and (state / f"{job.key}.done").exists() and job.phase != "ranking":
-                outcome.resumed.append(job.key)
-                bar.update()
-            else:
-                todo.append(job)
-        if cluster == "none" or len(todo) <= 1:
-            for job in todo:
-                bar.set_postfix_str(job.key)
-                settle(job, execute_job(job, out_dir))
-                bar.update()
-            return
-        from .scale import run_on_cluster
-
-        for job, result in run_on_cluster(todo, out_dir, cluster, study, device):
-            bar.set_postfix_str(job.key)
-            settle(job, result)
-            bar.update()
-
-    # Stage 1: everything that needs nothing but the parameters.
-    first = [j for j in jobs if j.phase in ("data", "finetune", "inference")]
-    run_stage(first)
-    # Stage 2: adapters the fine-tuning saved, and pruning of the best configs found so far.
-    second = adapter_jobs(study, common, out_dir, [j for j in first if j.phase == "finetune"])
+def _second_stage(run: _Run, jobs: list[Job], first: list[Job], base_dir: Path) -> list[Job]:
+    """Adapters the fine-tuning saved, and pruning of the named targets or of the best configs so far."""
+    study = run.study
+    common = base_parameters(study, run.layout.root, base_dir, run.device)
+    second = adapter_jobs(study, common, run.layout.root, [j for j in first if j.phase == "finetune"])
     second += [j for j in jobs if j.phase == "pruning"]
-    wants_pruning = "pruning" in study.phases and (not phases or "pruning" in phases)
-    if wants_pruning and study.pruning is not None and not study.pruning.targets:
+    if run.wants("pruning") and study.pruning is not None and not study.pruning.targets:
         try:
             models = {m.name: m for m in study.models}
-            for model, precision in top_k_targets(study, out_dir):
+            for model, precision in top_k_targets(study, run.layout.root):
                 second += pruning_jobs(study, common, models[model].model_dump(mode="json"), precision)
         except ValueError as exc:  # nothing ranked: every inference config failed
-            failures.append({"job": "pruning", "config_id": "", "error": f"no pruning targets: {exc}",
+            run.add_failure({"job": "pruning", "config_id": "", "error": f"no pruning targets: {exc}",
                              "notebook": "", "log": ""})
-            outcome.failed.append(failures[-1])
-    bar.total = len(jobs) + len(second) - sum(1 for j in jobs if j.phase == "pruning")
-    run_stage(second)
-    # Stage 3: the ranking reads every table, so it runs last, here; the report lists failures.
-    results.atomic_write_json(failures_path, failures)
-    for job in [j for j in jobs if j.phase == "ranking"]:
-        run_stage([job])
-    bar.close()
-    results.atomic_write_json(failures_path, failures)
+    return second
 
-    ranking_nb = out_dir / "notebooks" / "05_ranking__study.ipynb"
-    if "ranking" in study.phases and (not phases or "ranking" in phases) and ranking_nb.exists() \
-            and not any(f["job"] == "ranking" for f in failures):
+
+def _render_report_if_ranked(run: _Run) -> Path | None:
+    ranking_nb = run.layout.executed_notebook("ranking", None)
+    if run.wants("ranking") and ranking_nb.exists() and not any(f["job"] == "ranking" for f in run.failures):
         from .report import render_html
 
-        outcome.report = render_html(ranking_nb, out_dir / "report.html")
+        return render_html(ranking_nb, run.layout.report)
+    return None
+
+
+def _finish_provenance(prov: dict[str, Any], layout: StudyLayout, run: _Run) -> None:
     prov["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
-    idle = results.tables_dir(out_dir) / "idle_baseline.json"
-    if idle.exists():
-        prov["idle_baseline"] = json.loads(idle.read_text())
-    prov["jobs"] = {"completed": outcome.completed, "resumed": outcome.resumed, "failed": [f["job"] for f in failures],
-                    "skipped": skipped}
-    results.atomic_write_json(out_dir / "provenance.json", prov)
-    return outcome
+    if layout.idle_baseline.exists():
+        prov["idle_baseline"] = json.loads(layout.idle_baseline.read_text())
+    prov["jobs"] = {"completed": run.outcome.completed, "resumed": run.outcome.resumed,
+                    "failed": [f["job"] for f in run.failures], "skipped": run.outcome.skipped}
+    results.atomic_write_json(layout.provenance, prov)
 
 
 def _ensure_idle_baseline(study: Study, out_dir: Path, device: str, resume: bool) -> None:
     """One idle baseline per study run, measured before any job, shared by every notebook."""
     if "inference" not in study.phases:
         return
-    path = results.tables_dir(out_dir) / "idle_baseline.json"
-    if resume and path.exists():
+    if resume and StudyLayout(out_dir).idle_baseline.exists():
         return
     from .energy import EnergyMeter
-    from .inference import record_idle_baseline
 
     with EnergyMeter(study.energy, device) as meter:
         record_idle_baseline(out_dir, meter)
 
 
-def _short_error(exc: BaseException) -> str:
-    name = type(exc).__name__
-    text = str(exc).strip()
-    # papermill's errors carry the notebook traceback; keep the exception line.
-    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
-    if ename:
-        return f"{ename}: {evalue}"
-    lines = [line for line in text.splitlines() if line.strip()]
-    return f"{name}: {lines[-1] if lines else ''}" if lines else name + "\n" + "".join(traceback.format_exception_only(exc))
-
-
 def render_report(study_dir: str | Path) -> Path:
     """Re-execute the ranking notebook over a study's saved tables and render report.html."""
-    study_dir = Path(study_dir).resolve()
-    resolved = study_dir / "params.resolved.yaml"
-    if not resolved.exists():
-        raise StudyRunError(f"{study_dir} is not a study output folder (no params.resolved.yaml)")
-    data = yaml.safe_load(resolved.read_text())
-    job = Job("ranking", None, {"study_dir": str(study_dir), "ranking": data.get("ranking", {})})
-    run_job(job, study_dir)
+    layout = StudyLayout(Path(study_dir).resolve())
+    if not layout.params_resolved.exists():
+        raise StudyRunError(f"{layout.root} is not a study output folder (no params.resolved.yaml)")
+    data = yaml.safe_load(layout.params_resolved.read_text())
+    job = Job("ranking", None, {"study_dir": str(layout.root), "ranking": data.get("ranking", {})})
+    run_job(job, layout.root)
     from .report import render_html
 
-    return render_html(study_dir / "notebooks" / "05_ranking__study.ipynb", study_dir / "report.html")
+    return render_html(layout.executed_notebook("ranking", None), layout.report)

@@ -11,13 +11,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .items import DataError, QAItem
+
 _OPTION = re.compile(r"^option (\d+)$")
 _ANSWER = re.compile(r"^option (\d+)\s*:")
 
 
 def _decode(raw: bytes, path: Path, member: str | None = None) -> dict[str, Any]:
-    from .data import DataError
-
     name = f"{path}!{member}" if member else str(path)
     try:
         text = raw.decode("utf-8")
@@ -33,8 +33,6 @@ def _decode(raw: bytes, path: Path, member: str | None = None) -> dict[str, Any]
 
 
 def read_teleqna_json(path: Path, password: str | None = None) -> dict[str, Any]:
-    from .data import DataError
-
     if path.suffix.lower() != ".zip":
         return _decode(path.read_bytes(), path)
     import pyzipper
@@ -55,8 +53,6 @@ def read_teleqna_json(path: Path, password: str | None = None) -> dict[str, Any]
 
 def read_teleqna(path: Path, password: str | None = None) -> list[Any]:
     """TeleQnA questions as QAItems (ids are the original keys, e.g. 'question 17')."""
-    from .data import DataError, QAItem
-
     data = read_teleqna_json(path, password)
     items = []
     for key, record in data.items():

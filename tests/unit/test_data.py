@@ -3,7 +3,8 @@ import json
 import pytest
 
 from llm_energy.config import TaskSettings
-from llm_energy.data import DataError, load_all_splits, load_task_data
+from llm_energy.data import load_all_splits, load_task_data
+from llm_energy.items import DataError
 
 
 def write_jsonl(path, records):

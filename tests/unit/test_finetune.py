@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from llm_energy.config import EnergySettings, ModelSettings, TaskSettings
-from llm_energy.data import QAItem, load_task_data
+from llm_energy.data import load_task_data
+from llm_energy.items import QAItem
 from llm_energy.energy import ComponentReading, EnergyMeter
-from llm_energy.finetune import (
-    ADAPTER_FILE, IGNORE_INDEX, FinetuneSpec, build_examples, finetune, load_adapter, mean_answer_nll,
-)
+from llm_energy.config import FinetuneSpec
+from llm_energy.lora import ADAPTER_FILE, IGNORE_INDEX, build_examples, finetune, load_adapter, mean_answer_nll
 from llm_energy.models import load_model
-from llm_energy.scoring import DEFAULT_RCA_PROMPT, _encode_pair, score_continuations
+from llm_energy.scoring import DEFAULT_RCA_PROMPT, encode_pair, score_continuations
 
 TINY = ModelSettings(name="tiny-random-llama")
 OVERFIT = dict(learning_rate=5e-3, epochs=2, batch_size=8, max_length=256, dropout=0.0)
@@ -80,7 +80,7 @@ def test_examples_are_the_scoring_prompt_plus_gold_label(rca, tiny_model):
     label_list = ", ".join(label.replace("_", " ") for label in labels)
     for item, example in zip(items, examples):
         prompt = DEFAULT_RCA_PROMPT.format(ticket=item.ticket, labels=label_list)
-        ctx, cont = _encode_pair(tiny_model.tokenizer, prompt, " " + item.root_cause.replace("_", " "))
+        ctx, cont = encode_pair(tiny_model.tokenizer, prompt, " " + item.root_cause.replace("_", " "))
         assert example.input_ids == tuple(ctx + cont) and example.n_prompt_tokens == len(ctx)
         assert example.labels == (IGNORE_INDEX,) * len(ctx) + tuple(cont)
 

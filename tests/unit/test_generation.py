@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llm_energy import generation
-from llm_energy.data import RCAItem
+from llm_energy.items import RCAItem
 from llm_energy.generation import (
     Embedder, GenerationSpec, evaluate_resolutions, first_line, generate_resolutions, minilm_dir, rouge_l,
     rouge_l_scores,

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from llm_energy.config import ModelSettings, TaskSettings
-from llm_energy.data import QAItem, RCAItem, load_task_data
+from llm_energy.data import load_task_data
+from llm_energy.items import QAItem, RCAItem
 from llm_energy.models import load_model
+from llm_energy.config import PruningSpec, parse_nm_pattern
 from llm_energy.prune import (
-    PruningSpec,
     calibration_texts,
     measure_sparsity,
-    parse_nm_pattern,
     prune_model,
     verify_nm,
 )

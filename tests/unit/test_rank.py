@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from llm_energy.config import RankingSettings
+from llm_energy.results import RANKING_COLUMNS
 from llm_energy.rank import (
-    RANKING_COLUMNS,
     RankingResult,
-    RankingSettings,
     compute_phi,
     compute_rho,
     pareto_front,

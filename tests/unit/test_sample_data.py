@@ -1,4 +1,4 @@
-"""Tests for the built-in RCA and telecom QA sample data (llm_energy.sample_data)."""
+"""Tests for the built-in RCA and telecom QA sample data and its generator (tools/make_sample_data.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ import pathlib
 import re
 from collections import Counter
 
+import importlib.util
+
 import pytest
 
-from llm_energy import sample_data
+_TOOL = pathlib.Path(__file__).resolve().parents[2] / "tools" / "make_sample_data.py"
+_spec = importlib.util.spec_from_file_location("make_sample_data", _TOOL)
+sample_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sample_data)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llm_energy import scoring
-from llm_energy.data import QAItem, RCAItem, TaskData
+from llm_energy.items import QAItem, RCAItem, TaskData
 from llm_energy.scoring import (
     bootstrap_interval, evaluate_qa, evaluate_rca, macro_f1, score_continuations, score_continuations_unshared,
     score_many,

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from llm_energy import sparse
 from llm_energy.config import ModelSettings
 from llm_energy.models import load_model
-from llm_energy.prune import PruningSpec, prune_model
+from llm_energy.config import PruningSpec
+from llm_energy.prune import prune_model
 
 TINY = ModelSettings(name="tiny-random-llama")
 
@@ -163,25 +164,25 @@ def test_sparse_kernel_names_are_recognised():
 def test_study_says_why_a_pruned_config_runs_dense(precision, pattern, mode, expected):
     from types import SimpleNamespace
 
-    from llm_energy import inference
+    from llm_energy import pruning
 
     loaded = load_model(TINY, "bf16" if precision == "bf16" else "fp32")
     outcome = prune_model(loaded.model, PruningSpec("magnitude", pattern))
     run = SimpleNamespace(precision=precision, config_id="c")
-    execution = inference.sparse_execution(run, loaded, outcome, mode)
+    execution = pruning.sparse_execution(run, loaded, outcome, mode)
     assert execution.kernel == "dense" and expected in execution.note and execution.converted == []
     assert sparse.call_counts(loaded.model)["layers"] == 0  # nothing was swapped
 
 
 def test_report_lists_the_kernels_of_pruned_configs(tmp_path):
-    from llm_energy import inference, report
+    from llm_energy import ranking, records
 
-    inference.record_config(tmp_path, "m__fp32", "m", "fp32", "ok")
-    inference.record_config(tmp_path, "m__bf16__wanda-2of4", "m", "bf16", "ok", pruning="wanda-2of4",
+    records.record_config(tmp_path, "m__fp32", "m", "fp32", "ok")
+    records.record_config(tmp_path, "m__bf16__wanda-2of4", "m", "bf16", "ok", pruning="wanda-2of4",
                             kernel="cusparselt", kernel_note="3 of 14 2:4 layers run cuSPARSELt")
-    inference.record_config(tmp_path, "m__fp32__magnitude-unstructured-50", "m", "fp32", "ok",
+    records.record_config(tmp_path, "m__fp32__magnitude-unstructured-50", "m", "fp32", "ok",
                             pruning="magnitude-unstructured-50")
-    text = report.pruning_kernels_markdown(tmp_path)
+    text = ranking.pruning_kernels_markdown(tmp_path)
     lines = text.splitlines()
     assert lines[0].startswith("**Kernels of the pruned configurations.**")
     assert lines[1:] == ["- m__bf16__wanda-2of4: cusparselt — 3 of 14 2:4 layers run cuSPARSELt",

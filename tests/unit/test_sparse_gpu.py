@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from llm_energy import sparse
-from llm_energy.prune import PruningSpec, prune_model
+from llm_energy.config import PruningSpec
+from llm_energy.prune import prune_model
 
 REASON = sparse.support_reason("cuda" if torch.cuda.is_available() else "cpu", torch.float16)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"needs 2:4 sparse kernels: {REASON}")]

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from llm_energy import study as runner
+from llm_energy.jobs import filter_parameters
+from llm_energy.layout import notebooks_dir
 from llm_energy.config import load_study
 
 
@@ -38,8 +40,8 @@ def test_unsupported_precision_is_skipped_with_reason(root, tmp_path, monkeypatc
 
 
 def test_parameters_filtered_to_declared_ones(root):
-    nb = runner.notebooks_dir() / "05_ranking.ipynb"
-    filtered = runner._filter_parameters(nb, {"study_dir": "x", "ranking": {}, "precision": "fp32"})
+    nb = notebooks_dir() / "05_ranking.ipynb"
+    filtered = filter_parameters(nb, {"study_dir": "x", "ranking": {}, "precision": "fp32"})
     assert filtered == {"study_dir": "x", "ranking": {}}
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from llm_energy.config import TaskSettings, load_study
-from llm_energy.data import DataError, load_task_data
+from llm_energy.data import load_task_data
+from llm_energy.items import DataError
 
 SHARED_ZIP = None
 

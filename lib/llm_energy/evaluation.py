@@ -1,0 +1,153 @@
+"""What every config job shares: its validated parameters, its data, its meter, and the measured
+evaluation that inference, adapters and pruned models all go through, so their rows compare.
+
+The phase modules (:mod:`~llm_energy.finetune`, :mod:`~llm_energy.inference`,
+:mod:`~llm_energy.pruning`) build on this; the runner does not import it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .config import (PRECISIONS, EnergySettings, GenerationParams, ModelSettings, Problem, StudyValidationError,
+                     TasksSettings, TaskSettings, validate_section)
+from .data import load_task_data
+from .energy import EnergyMeter, RepeatedMeasurement
+from .generation import (CHAT_RESOLUTION_PROMPT, DEFAULT_RESOLUTION_PROMPT, Embedder, GenerationOutput,
+                         GenerationSpec, generate_resolutions, score_resolutions)
+from .items import TaskData
+from .layout import config_id_for, project_root, resolve_study_dir
+from .models import LoadedModel
+from .records import ConfigIdentity, load_idle_baseline, record_idle_baseline, record_task
+from .scoring import TaskResult, evaluate
+
+
+@dataclass(frozen=True)
+class ConfigRun:
+    """The validated parameters of one config job (a fine-tuning, inference or pruning notebook run)."""
+
+    study_dir: Path
+    config_id: str
+    model: ModelSettings
+    precision: str
+    device: str
+    tasks: TasksSettings
+    energy: EnergySettings
+    seed: int
+    base_dir: Path
+
+    @classmethod
+    def from_parameters(cls, *, study_dir: str, config_id: str, model: dict[str, Any], precision: str,
+                        device: str, tasks: dict[str, Any], energy: dict[str, Any], seed: int,
+                        base_dir: str) -> "ConfigRun":
+        """From a notebook's parameters cell: each section validated by the study file's rules."""
+        if precision not in PRECISIONS:
+            raise StudyValidationError(
+                [Problem("notebook parameters", None, "precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")]
+            )
+        model_settings = validate_section(ModelSettings, model, "model")
+        return cls(
+            study_dir=resolve_study_dir(study_dir),
+            config_id=config_id or config_id_for(model_settings.name, precision),
+            model=model_settings,
+            precision=precision,
+            device=device,
+            tasks=validate_section(TasksSettings, tasks, "tasks"),
+            energy=validate_section(EnergySettings, energy, "energy"),
+            seed=seed,
+            base_dir=Path(base_dir).expanduser().resolve() if base_dir else project_root(),
+        )
+
+    def with_config_id(self, config_id: str) -> "ConfigRun":
+        return replace(self, config_id=config_id)
+
+    def identity(self, adapter: str = "none", pruning: str = "none") -> ConfigIdentity:
+        return ConfigIdentity(self.config_id, self.model.name, self.precision, adapter, pruning)
+
+
+def full_split(task: str, settings: TaskSettings, split: str, base_dir: Path) -> TaskData:
+    """A whole split, ignoring the scoring sample size (training and calibration use their own)."""
+    return load_task_data(task, settings.model_copy(update={"max_items": None}), split=split, base_dir=base_dir)
+
+
+def load_task_sets(tasks: TasksSettings, base_dir: Path) -> dict[str, TaskData]:
+    """The scored items of every enabled task."""
+    return {name: load_task_data(name, settings, base_dir=base_dir) for name, settings in tasks.enabled().items()}
+
+
+def open_meter(study_dir: Path, settings: EnergySettings, device: str) -> EnergyMeter:
+    """A meter carrying the study's idle baseline (measured now and saved if the study has none).
+    Use it as a context manager, so that its trackers stop even when a cell fails."""
+    meter = EnergyMeter(settings, device)
+    baseline = load_idle_baseline(study_dir)
+    if baseline is not None:
+        meter.use_idle_baseline(baseline)
+    else:
+        record_idle_baseline(study_dir, meter)
+    return meter
+
+
+def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMeter,
+                 prompt: str | None = None, seed: int = 0) -> tuple[TaskResult, RepeatedMeasurement]:
+    """Score a task inside repeated measured windows (after a short unmeasured warm-up)."""
+    warm = TaskData(task=data.task, source=data.source, split=data.split, items=data.items[:2], labels=data.labels)
+    with warnings.catch_warnings():
+        # bitsandbytes warns on every int8 matmul that inputs are cast; once is enough for the log.
+        warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+        measurement = meter.measure_repeated(
+            lambda: evaluate(task, loaded.model, loaded.tokenizer, data, prompt, progress=True, seed=seed),
+            name=f"inference:{task}",
+            warmup=lambda: evaluate(task, loaded.model, loaded.tokenizer, warm, prompt, seed=seed),
+        )
+    return measurement.result, measurement
+
+
+def measure_generation(loaded: LoadedModel, data: TaskData, params: GenerationParams, meter: EnergyMeter,
+                       seed: int = 0) -> tuple[TaskResult, RepeatedMeasurement, GenerationOutput]:
+    """Write RCA resolutions at a fixed length inside measured windows, then score them outside."""
+    spec = GenerationSpec(new_tokens=params.new_tokens, max_items=None, batch_size=params.batch_size,
+                          chat=params.chat, prompt=CHAT_RESOLUTION_PROMPT if params.chat else DEFAULT_RESOLUTION_PROMPT)
+    items = list(data.items)[: params.max_items] if params.max_items else list(data.items)
+    missing = [item.id for item in items if not item.resolution.strip()]
+    if missing:
+        raise ValueError(f"generation needs a reference 'resolution' on every rca item; missing on {missing[:3]}")
+    measurement = meter.measure_repeated(
+        lambda: generate_resolutions(loaded.model, loaded.tokenizer, items, spec),
+        name="inference:rca_resolution",
+        warmup=lambda: generate_resolutions(loaded.model, loaded.tokenizer, items[:1], spec),
+    )
+    output = measurement.result
+    result = score_resolutions(items, output, Embedder(), seed=seed)
+    return result, measurement, output
+
+
+def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, phase: str = "inference",
+                    adapter: str = "none", pruning: str = "none", sparsity: Any = None) -> list[dict[str, Any]]:
+    """Every task of the study (and RCA resolutions when asked), measured and written to the tables;
+    the same steps for base, fine-tuned and pruned configs so their rows compare."""
+    summary = []
+    identity = run.identity(adapter, pruning)
+
+    def record(result: TaskResult, measurement: RepeatedMeasurement, generated_tokens: int = 0) -> None:
+        record_task(run.study_dir, identity, phase, result, measurement, loaded.device, loaded.compute_dtype,
+                    loaded.memory_bytes, generated_tokens=generated_tokens, sparsity=sparsity)
+        summary.append(summary_row(result, measurement))
+
+    task_sets = load_task_sets(run.tasks, run.base_dir)
+    for name, task_data in task_sets.items():
+        record(*measure_task(loaded, name, task_data, meter, run.tasks.enabled()[name].prompt, run.seed))
+    rca = run.tasks.rca
+    if rca is not None and rca.generation is not None and "rca" in task_sets:
+        result, measurement, output = measure_generation(loaded, task_sets["rca"], rca.generation, meter, run.seed)
+        record(result, measurement, output.n_new_tokens)
+    return summary
+
+
+def summary_row(result: TaskResult, measurement: RepeatedMeasurement) -> dict[str, Any]:
+    """One line per task for the notebook's summary table."""
+    return {"task": result.task, "n_items": result.n_items, **result.metrics,
+            "energy_kwh": measurement.mean("energy_kwh"), "energy_kwh_std": measurement.std("energy_kwh"),
+            "repeats": measurement.repeats, "method": measurement.records[0].energy_method}

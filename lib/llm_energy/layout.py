@@ -1,0 +1,120 @@
+"""Names and places: config ids, the project's folders, and the layout of a study's output folder.
+
+Every path a phase, the runner or the report reads or writes is built here, so the output contract
+(DESIGN.md) has one home. Nothing here touches the file system except :func:`project_root`, which
+looks for the project above the working directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The phase notebooks, in run order.
+NOTEBOOKS: dict[str, str] = {"data": "01_data.ipynb", "finetune": "02_finetune.ipynb",
+                             "inference": "03_inference.ipynb", "pruning": "04_pruning.ipynb",
+                             "ranking": "05_ranking.ipynb"}
+
+
+def config_id_for(model: str, precision: str, adapter: str = "none", pruning: str = "none") -> str:
+    """The row key of a config in every table: model__precision[__adapter][__pruning]."""
+    parts = [model, precision]
+    if adapter != "none":
+        parts.append(adapter)
+    if pruning != "none":
+        parts.append(pruning)
+    return "__".join(parts)
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The folder holding pyproject.toml above the working directory (notebooks run in notebooks/)."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
+            return folder
+    return here
+
+
+def notebooks_dir() -> Path:
+    """The phase notebooks: the project's notebooks/ folder (installed editable from the repo)."""
+    here = Path(__file__).resolve().parents[2] / "notebooks"
+    if here.is_dir():
+        return here
+    return project_root() / "notebooks"
+
+
+def resolve_study_dir(study_dir: str | Path) -> Path:
+    """Empty means outputs/notebook-defaults of the project, wherever the notebook runs from; a
+    relative path is read from the project root."""
+    if not study_dir:
+        return project_root() / "outputs" / "notebook-defaults"
+    path = Path(study_dir).expanduser()
+    return path if path.is_absolute() else (project_root() / path)
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """Where everything of one study run lives (``outputs/<study>/`` by default)."""
+
+    root: Path
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "tables"
+
+    def table(self, name: str) -> Path:
+        return self.tables / f"{name}.csv"
+
+    @property
+    def idle_baseline(self) -> Path:
+        return self.tables / "idle_baseline.json"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def notebooks(self) -> Path:
+        return self.root / "notebooks"
+
+    def executed_notebook(self, phase: str, config_id: str | None) -> Path:
+        """The papermill output of one job: <notebook stem>__<config id, or 'study'>.ipynb."""
+        return self.notebooks / f"{Path(NOTEBOOKS[phase]).stem}__{config_id or 'study'}.ipynb"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def log(self, job_key: str) -> Path:
+        return self.logs / f"{job_key}.log"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    def done_marker(self, job_key: str) -> Path:
+        return self.state / f"{job_key}.done"
+
+    def adapter(self, config_id: str) -> Path:
+        """The LoRA adapter a fine-tuning job saves (and the inference phase evaluates)."""
+        return self.root / "adapters" / config_id
+
+    def pruned_weights(self, config_id: str) -> Path:
+        """Pruned dense weights on their way to a quantized precision."""
+        return self.root / "pruned" / config_id
+
+    @property
+    def failures(self) -> Path:
+        return self.root / "failures.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def params_resolved(self) -> Path:
+        return self.root / "params.resolved.yaml"
+
+    @property
+    def provenance(self) -> Path:
+        return self.root / "provenance.json"

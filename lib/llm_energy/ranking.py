@@ -1,0 +1,182 @@
+"""The ranking phase (notebook ``05_ranking``): every evaluated config ranked by
+R = w·φ + (1−w)·ρ from the study's saved tables, its stability under resampling, and the written
+summary at the top of the report. This phase alone writes ``ranking.csv``.
+
+The arithmetic (φ, ρ, R, Pareto front, resampling) is :mod:`llm_energy.rank`; the figures are
+:mod:`llm_energy.plots`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import rank, results
+from .config import RankingSettings
+from .energy import describe_methods, is_estimate
+
+@dataclass(frozen=True)
+class RankingOutcome:
+    result: rank.RankingResult
+    configs: pd.DataFrame
+    stability: pd.DataFrame | None
+    stability_metrics: tuple[str, ...]
+    w: float
+    methods: tuple[str, ...]
+
+
+def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutcome:
+    """Rank every evaluated config from the saved tables and write tables/ranking.csv."""
+    energy = results.read_table(study_dir, "energy")
+    scores = results.read_table(study_dir, "scores")
+    configs = rank.config_energy(energy)
+    if configs.empty:
+        raise ValueError(f"{results.table_path(study_dir, 'energy')} has no inference rows to rank")
+    result = rank.rank_evaluations(configs, scores, settings)
+    results.write_table(study_dir, "ranking", result.table)
+    stability, used = _stability(study_dir, configs, result.settings, result)
+    methods = tuple(sorted({m for m in energy["energy_method"].dropna().astype(str) if m != "none"}))
+    return RankingOutcome(result=result, configs=configs, stability=stability, stability_metrics=used,
+                          w=settings.w, methods=methods)
+
+
+def _stability(study_dir: str | Path, configs: pd.DataFrame, settings: RankingSettings,
+               result: rank.RankingResult) -> tuple[pd.DataFrame | None, tuple[str, ...]]:
+    if settings.bootstrap == 0:
+        return None, ()
+    items = results.read_table(study_dir, "item_scores")
+    if items.empty:
+        return None, ()
+    items = items[items["config_id"].isin(configs["config_id"]) & ~items["config_id"].isin(result.excluded)]
+    per_item_pairs = sorted(set(items["task"] + ":" + items["metric"]))
+    chosen = [m for m in (settings.metrics or per_item_pairs) if m in per_item_pairs]
+    if not chosen:
+        return None, ()
+    sub = settings.model_copy(update={"metrics": tuple(chosen), "missing": "exclude"})
+    keep = configs[~configs["config_id"].isin(result.excluded)]
+    repeats = rank.repeat_energy(results.read_table(study_dir, "energy_repeats"))
+    stability = rank.rank_stability(keep, items, repeats if len(repeats) else None, sub, w=settings.w,
+                                    n_boot=settings.bootstrap, seed=0)
+    return stability, tuple(chosen)
+
+
+def _fmt_energy(kwh: float) -> str:
+    wh = kwh * 1000
+    return f"{wh:.3g} Wh" if wh >= 0.1 else f"{wh * 1000:.3g} mWh"
+
+
+def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], skipped: list[dict[str, str]],
+                     failures: list[dict[str, str]], k: int = 3, finetune_lines: list[str] | None = None) -> str:
+    """The written summary at the top of the report."""
+    top = rank.summarise_top(outcome.result, outcome.w, k=k)
+    lines = [f"### Top configurations at w = {outcome.w:g}", ""]
+    stability = outcome.stability.set_index("config_id") if outcome.stability is not None else None
+    for row in top:
+        robust = ""
+        if stability is not None and row["config_id"] in stability.index:
+            share = stability.loc[row["config_id"]].get(f"rank_{int(row['rank'])}", float("nan"))
+            if not (isinstance(share, float) and math.isnan(share)):
+                robust = f"; holds rank {int(row['rank'])} in {share:.0%} of {len(outcome.stability) and 'bootstrap'} resamples"
+        lines.append(
+            f"{int(row['rank'])}. **{row['config_id']}** — R = {row['R']:.3f} (φ = {row['phi']:.3f}, "
+            f"ρ = {row['rho']:.3f}, {_fmt_energy(row['energy_kwh_per_item'])} per item{robust})"
+        )
+    lines.append("")
+    lines.append(
+        f"φ: {'min-max of energy per item' if outcome.result.settings.phi_method == 'minmax' else 'E_min / E'}; "
+        f"ρ: mean of {', '.join(outcome.result.settings.metrics) if outcome.result.settings.metrics else 'all task metrics'} "
+        "(accuracies, already in [0, 1]). Energy per item = a config's inference energy over all tasks / items scored."
+    )
+    if outcome.stability_metrics:
+        lines.append(f"Rank stability resamples items of {', '.join(outcome.stability_metrics)} and the energy repeats.")
+    if outcome.result.excluded:
+        lines.append(f"Excluded from the ranking (missing metrics): {', '.join(outcome.result.excluded)}.")
+    lines += ["", "**Energy method.** " + describe_methods(set(outcome.methods)) + "."]
+    if any(is_estimate(m) for m in outcome.methods):
+        lines.append(
+            "Differences between precisions on this machine reflect run time under an estimated power model; "
+            "treat them as estimates, not measurements."
+        )
+    lines += ["", "**Where the weights came from.**"]
+    lines += [f"- {model}: {origin}" for model, origin in sorted(weights_origin.items())]
+    if skipped:
+        lines += ["", "**Skipped configurations.**"]
+        lines += [f"- {s['config_id']}: {s['reason']}" for s in skipped]
+    if finetune_lines:
+        lines += ["", "**Fine-tuning against the base model.**"] + finetune_lines
+    if failures:
+        lines += ["", "**Failed configurations.**"]
+        lines += [f"- {f['job']}: {f['error']}" for f in failures]
+    return "\n".join(lines)
+
+
+def finetune_effect(scores: pd.DataFrame, energy: pd.DataFrame, task: str = "rca", metric: str = "accuracy") -> list[str]:
+    """One sentence per fine-tuned config: does it beat its base model on the task, and by how much."""
+    meta = energy.drop_duplicates("config_id").set_index("config_id")[["model", "precision", "adapter", "pruning"]]
+    values = scores[(scores["task"] == task) & (scores["metric"] == metric)].set_index("config_id")
+    lines = []
+    for config_id, row in meta[(meta["adapter"] != "none") & (meta["pruning"] == "none")].iterrows():
+        base = meta[(meta["model"] == row["model"]) & (meta["precision"] == row["precision"])
+                    & (meta["adapter"] == "none") & (meta["pruning"] == "none")]
+        if config_id not in values.index or base.empty or base.index[0] not in values.index:
+            continue
+        tuned, before = values.loc[config_id], values.loc[base.index[0]]
+        delta = tuned["value"] - before["value"]
+        overlap = tuned["ci_low"] <= before["ci_high"] and before["ci_low"] <= tuned["ci_high"]
+        verdict = ("beats" if delta > 0 else "does NOT beat") + " its base model"
+        lines.append(f"- {config_id}: {task} {metric} {tuned['value']:.3f} vs {before['value']:.3f} for "
+                     f"{base.index[0]} ({delta:+.3f}); it {verdict}"
+                     + (" (95% intervals overlap: not a clear difference)" if overlap else "") + ".")
+    return lines
+
+
+def config_notes(study_dir: str | Path) -> tuple[dict[str, str], list[dict[str, str]], list[dict[str, str]]]:
+    """Weights origin per model, skipped configs and failed jobs, from the run's tables."""
+    configs = results.read_table(study_dir, "configs")
+    origin = {}
+    for _, row in configs.iterrows():
+        if isinstance(row.get("weights_origin"), str) and row["weights_origin"]:
+            origin[row["model"]] = row["weights_origin"]
+    skipped = [
+        {"config_id": r["config_id"], "reason": str(r["reason"])}
+        for _, r in configs[configs["status"] == "skipped"].iterrows()
+    ]
+    failures_path = Path(study_dir) / "failures.json"
+    failures = json.loads(failures_path.read_text()) if failures_path.exists() else []
+    return origin, skipped, failures
+
+
+def pruning_kernels_markdown(study_dir: str | Path) -> str:
+    """Which kernels each pruned config ran, so nobody reads an energy saving into masked zeros."""
+    configs = results.read_table(study_dir, "configs")
+    if not len(configs) or "pruning" not in configs:
+        return ""
+    pruned = configs[(configs["pruning"].astype(str) != "none") & (configs["status"] == "ok")]
+    if not len(pruned):
+        return ""
+    lines = ["**Kernels of the pruned configurations.** Pruning lowers energy only where a sparse kernel "
+             "skips the zeros; masked weights through dense kernels cost the same as the dense model."]
+    for _, row in pruned.sort_values("config_id").iterrows():
+        kernel = row.get("kernel")
+        kernel = kernel if isinstance(kernel, str) and kernel else "dense"
+        note = row.get("kernel_note")
+        note = f" — {note}" if isinstance(note, str) and note else ""
+        lines.append(f"- {row['config_id']}: {kernel}{note}")
+    return "\n".join(lines)
+
+
+def figure_energy_method(methods: tuple[str, ...]) -> str | None:
+    return ", ".join(methods) if methods else None
+
+
+def load_tables(study_dir: str | Path) -> dict[str, pd.DataFrame]:
+    return {name: results.read_table(study_dir, name) for name in ("energy", "scores", "training", "token_lengths")}
+
+
+def empty(frame: Any) -> bool:
+    return frame is None or len(frame) == 0

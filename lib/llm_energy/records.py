@@ -1,0 +1,165 @@
+"""The rows the phases and the runner write into a study's tables, built in one place.
+
+Each function takes typed results (a :class:`~llm_energy.scoring.TaskResult`, a
+:class:`~llm_energy.energy.RepeatedMeasurement`, a fine-tuning result, a pruning result) and writes the
+rows that DESIGN.md fixes, through :mod:`llm_energy.results`. A phase never assembles a table row
+itself, so the columns of a table are decided here and in ``results.TABLES`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import results
+from .energy import IdleBaseline
+from .layout import StudyLayout
+
+if TYPE_CHECKING:
+    from .energy import EnergyMeter, RepeatedMeasurement
+    from .lora import FinetuneResult
+    from .prune import PruningResult
+    from .scoring import TaskResult
+
+# The metric an answer is "correct" under, per task (energy per correct answer).
+PRIMARY_METRIC = {"rca": "accuracy", "qa": "acc"}
+
+
+@dataclass(frozen=True)
+class ConfigIdentity:
+    """What names a config in every table."""
+
+    config_id: str
+    model: str
+    precision: str
+    adapter: str = "none"
+    pruning: str = "none"
+
+
+def record_config(study_dir: Path, config_id: str, model: str, precision: str, status: str, reason: str = "",
+                  weights_origin: str = "", adapter: str = "none", pruning: str = "none", kernel: str = "",
+                  kernel_note: str = "", scoring_path: str = "") -> None:
+    """The config's row in configs.csv: ok, skipped or failed, why, where its weights came from, the
+    kernels a pruned config runs and the path its multiple-choice scoring took."""
+    results.upsert_rows(study_dir, "configs", [{
+        "config_id": config_id, "model": model, "precision": precision, "adapter": adapter, "pruning": pruning,
+        "status": status, "reason": reason, "weights_origin": weights_origin, "kernel": kernel,
+        "kernel_note": kernel_note, "scoring_path": scoring_path,
+    }])
+
+
+def load_idle_baseline(study_dir: Path) -> IdleBaseline | None:
+    """The study's saved idle baseline, or None when none was measured yet."""
+    path = StudyLayout(Path(study_dir)).idle_baseline
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return IdleBaseline(saved["idle_power_w"], saved["idle_duration_s"], saved["idle_method"])
+
+
+def record_idle_baseline(study_dir: Path, meter: EnergyMeter) -> IdleBaseline:
+    """Measure the idle baseline with this meter, save it, and add its row to energy.csv."""
+    baseline = meter.measure_idle_baseline()
+    results.atomic_write_json(StudyLayout(Path(study_dir)).idle_baseline, baseline.as_dict())
+    if baseline.duration_s > 0:
+        row = {column: None for column in results.ENERGY_COLUMNS}
+        energy_kwh = baseline.power_w * baseline.duration_s / 3.6e6
+        row.update(
+            config_id="idle", phase="idle", model="none", precision="none", adapter="none", pruning="none",
+            task="none", n_items=0, n_tokens=0, duration_s=baseline.duration_s, energy_kwh=energy_kwh,
+            energy_net_kwh=0.0, cpu_energy_kwh=None, gpu_energy_kwh=None, ram_energy_kwh=None,
+            emissions_kg=energy_kwh * meter.carbon_intensity_g_per_kwh() / 1000.0,
+            energy_method=baseline.method, device=meter.device, repeats=1, energy_kwh_std=None,
+        )
+        row["idle_power_w"] = baseline.power_w
+        results.upsert_rows(study_dir, "energy", [row])
+    return baseline
+
+
+def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: TaskResult,
+                measurement: RepeatedMeasurement, device: str, compute_dtype: str, memory_bytes: int,
+                generated_tokens: int = 0, sparsity: PruningResult | None = None) -> None:
+    """One task's energy row, its scores, its per-item scores and its per-repeat energy."""
+    first = measurement.records[0]
+    energy_kwh = measurement.mean("energy_kwh")
+    energy_row = {
+        "config_id": config.config_id, "phase": phase, "model": config.model, "precision": config.precision,
+        "adapter": config.adapter, "pruning": config.pruning,
+        "sparsity_pattern": sparsity.pattern if sparsity is not None else None,
+        "target_sparsity": sparsity.target_sparsity if sparsity is not None else 0.0,
+        "measured_sparsity": sparsity.measured_sparsity if sparsity is not None else None,
+        "task": result.task, "n_items": result.n_items, "n_tokens": result.n_tokens,
+        "duration_s": measurement.mean("duration_s"), "energy_kwh": energy_kwh,
+        "energy_net_kwh": measurement.mean("energy_net_kwh"), "cpu_energy_kwh": measurement.mean("cpu_energy_kwh"),
+        "gpu_energy_kwh": measurement.mean("gpu_energy_kwh"), "ram_energy_kwh": measurement.mean("ram_energy_kwh"),
+        "emissions_kg": measurement.mean("emissions_kg"), "energy_method": first.energy_method,
+        "device": device, "repeats": measurement.repeats, "energy_kwh_std": measurement.std("energy_kwh"),
+        "cpu_method": first.cpu_method, "gpu_method": first.gpu_method, "ram_method": first.ram_method,
+        "idle_power_w": first.idle_power_w, "duration_s_std": measurement.std("duration_s"),
+        "energy_kwh_per_item": energy_kwh / max(result.n_items, 1),
+        "energy_kwh_per_1k_tokens": energy_kwh * 1000 / max(result.n_tokens, 1),
+        "energy_kwh_per_correct": energy_per_correct(energy_kwh, result),
+        "compute_dtype": compute_dtype, "memory_bytes": memory_bytes,
+        "n_generated_tokens": generated_tokens,
+        "energy_kwh_per_1k_generated_tokens": energy_kwh * 1000 / generated_tokens if generated_tokens else None,
+    }
+    results.upsert_rows(study_dir, "energy", [energy_row])
+    results.upsert_rows(study_dir, "scores", [
+        {"config_id": config.config_id, "task": result.task, "metric": metric, "value": value,
+         "ci_low": result.intervals[metric][0], "ci_high": result.intervals[metric][1], "n_items": result.n_items}
+        for metric, value in result.metrics.items()
+    ])
+    results.upsert_rows(study_dir, "item_scores", [
+        {"config_id": config.config_id, "task": result.task, "metric": metric, "item_id": item_id, "value": float(v)}
+        for metric, values in result.per_item.items()
+        for item_id, v in zip(result.item_ids, values)
+    ])
+    results.upsert_rows(study_dir, "energy_repeats", [
+        {"config_id": config.config_id, "phase": phase, "task": result.task, "repeat": i + 1,
+         "duration_s": r.duration_s, "energy_kwh": r.energy_kwh, "energy_net_kwh": r.energy_net_kwh,
+         "n_items": result.n_items}
+        for i, r in enumerate(measurement.records)
+    ])
+
+
+def energy_per_correct(energy_kwh: float, result: TaskResult) -> float:
+    """Energy per correct answer under the task's primary metric (inf when none is correct)."""
+    if result.task not in PRIMARY_METRIC:
+        return float("nan")  # generation has no notion of a correct answer
+    correct = result.metrics[PRIMARY_METRIC[result.task]] * result.n_items
+    return energy_kwh / correct if correct > 0 else float("inf")
+
+
+def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneResult, device: str, task: str) -> None:
+    """Per-epoch rows into training.csv and one fine-tuning energy row (all epochs) into energy.csv."""
+    rows = [{
+        "config_id": config.config_id, "model": config.model, "precision": config.precision,
+        "adapter": config.adapter, "epoch": e.epoch, "train_loss": e.train_loss, "eval_loss": e.eval_loss,
+        "duration_s": e.duration_s, "energy_kwh": e.energy_kwh, "emissions_kg": e.emissions_kg,
+        "energy_method": e.energy_method, "n_examples": e.n_examples, "n_tokens": e.n_tokens,
+    } for e in result.epochs]
+    results.upsert_rows(study_dir, "training", rows, replace_where={"config_id": config.config_id})
+    row = {column: None for column in results.ENERGY_COLUMNS}
+    row.update(
+        config_id=config.config_id, phase="finetune", model=config.model, precision=config.precision,
+        adapter=config.adapter, pruning="none", target_sparsity=0.0, task=task,
+        n_items=sum(e.n_examples for e in result.epochs), n_tokens=sum(e.n_tokens for e in result.epochs),
+        duration_s=sum(e.duration_s for e in result.epochs), energy_kwh=sum(e.energy_kwh for e in result.epochs),
+        emissions_kg=sum(e.emissions_kg for e in result.epochs), energy_method=result.epochs[0].energy_method,
+        device=device, repeats=1, energy_kwh_std=math.nan,
+    )
+    results.upsert_rows(study_dir, "energy", [row])
+
+
+def record_pruned_layers(study_dir: Path, config_id: str, outcome: PruningResult,
+                         plan_rows: list[dict[str, Any]] | None = None) -> None:
+    """Measured sparsity of every pruned layer (N:M verification as text) and the sparse-kernel plan."""
+    rows = outcome.as_rows(config_id)
+    for row in rows:  # text, so the CSV column reads back the same whatever other configs wrote
+        row["verified_nm"] = {True: "yes", False: "no"}.get(row["verified_nm"], "not N:M")
+    results.upsert_rows(study_dir, "pruning_layers", rows, replace_where={"config_id": config_id})
+    if plan_rows:
+        results.upsert_rows(study_dir, "sparse_plan", plan_rows, replace_where={"config_id": config_id})

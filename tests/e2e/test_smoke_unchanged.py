@@ -1,0 +1,146 @@
+"""The smoke study's tables against a snapshot taken before the middle layer was reorganised.
+
+What a study computes must not change when modules move. Times and energies vary from run to run, so
+they are left out, and so is everything derived from them: φ, R and ranks in ranking.csv, and which
+base config the pruning phase picks (the top of the inference ranking at w = 0.5, an energy call).
+Everything else is compared: which configs ran and their status, every score, interval and per-item
+score, token counts, per-epoch losses, per-layer sparsity, ρ. Columns added since the snapshot are
+allowed; a missing column, row or changed value is not.
+
+Floating-point results (scores, losses) are compared only on a machine like the one that wrote the
+snapshot (same torch, same vector ISA): another CPU rounds bf16 and fp16 matmuls differently. Elsewhere
+the test still compares every key, text column and integer count.
+
+Regenerate the snapshot (only when a change of results is intended, and say why in the commit):
+    python tests/e2e/test_smoke_unchanged.py --write OUTPUT_FOLDER_OF_A_SMOKE_RUN
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "smoke"
+TABLES = ("configs", "energy", "energy_repeats", "item_scores", "pruning_layers", "ranking", "scores",
+          "token_lengths", "training")
+# Column names holding a measurement of time or energy, or a method that depends on the machine's counters.
+VOLATILE_MARKERS = ("energy", "duration", "emissions", "idle", "power", "seconds", "_ms", "speedup", "memory",
+                    "method")
+# ranking.csv columns computed from energy.
+ENERGY_DERIVED = {"ranking": ("phi", "R", "rank", "pareto")}
+KEYS = {
+    "configs": ["config_id"], "energy": ["config_id", "phase", "task"], "energy_repeats": ["config_id", "phase", "task", "repeat"],
+    "item_scores": ["config_id", "task", "metric", "item_id"], "pruning_layers": ["config_id", "layer"],
+    "ranking": ["config_id", "w"], "scores": ["config_id", "task", "metric"],
+    "token_lengths": ["task", "dataset", "split", "item_id"], "training": ["config_id", "epoch"],
+}
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def machine_signature() -> dict[str, object]:
+    import torch
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "torch": torch.__version__.split("+")[0],
+            "isa": sorted(f for f in ISA_FLAGS if f in flags)}
+
+
+def pruning_target(tables_dir: Path) -> str:
+    """The base config the pruning phase pruned (its config id minus the pruning label)."""
+    layers = pd.read_csv(tables_dir / "pruning_layers.csv", dtype=str)
+    targets = {cid.rsplit("__", 1)[0] for cid in layers["config_id"]}
+    assert len(targets) == 1, targets
+    return targets.pop()
+
+
+def normalise(study_dir: Path, name: str) -> pd.DataFrame:
+    """A table without its volatile columns, study paths replaced, rows in key order."""
+    frame = pd.read_csv(study_dir / "tables" / f"{name}.csv", dtype={k: str for k in KEYS[name]})
+    drop = [c for c in frame.columns if any(m in c for m in VOLATILE_MARKERS) or c in ENERGY_DERIVED.get(name, ())]
+    frame = frame.drop(columns=drop)
+    for column in frame.columns:
+        if not pd.api.types.is_numeric_dtype(frame[column]) and not pd.api.types.is_bool_dtype(frame[column]):
+            frame[column] = frame[column].astype(str).str.replace(str(study_dir), "<study>", regex=False)
+    return frame.sort_values(KEYS[name], kind="stable").reset_index(drop=True)
+
+
+def write_snapshot(study_dir: Path) -> None:
+    GOLDEN.mkdir(parents=True, exist_ok=True)
+    for name in TABLES:
+        normalise(study_dir, name).to_csv(GOLDEN / f"{name}.csv", index=False)
+    meta = {"machine": machine_signature(), "pruning_target": pruning_target(study_dir / "tables")}
+    (GOLDEN / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _pruned(frame: pd.DataFrame, target: str) -> pd.Series:
+    ids = frame["config_id"].astype(str) if "config_id" in frame else pd.Series("", index=frame.index)
+    return ids.str.startswith(target + "__") & ~ids.str.endswith("__lora")
+
+
+def compare(study_dir: Path) -> list[str]:
+    """Every difference between a smoke run and the snapshot, in words (empty: identical)."""
+    meta = json.loads((GOLDEN / "meta.json").read_text())
+    same_machine = meta["machine"] == machine_signature()
+    target_now = pruning_target(study_dir / "tables")
+    same_target = target_now == meta["pruning_target"]
+    problems = []
+    for name in TABLES:
+        old = pd.read_csv(GOLDEN / f"{name}.csv", dtype={k: str for k in KEYS[name]})
+        new = normalise(study_dir, name)
+        missing = [c for c in old.columns if c not in new.columns]
+        if missing:
+            problems.append(f"{name}: columns {missing} are gone")
+            continue
+        new = new[list(old.columns)]
+        if not same_target:  # a different base config was pruned: compare those rows by their shape only
+            old_p, new_p = _pruned(old, meta["pruning_target"]), _pruned(new, target_now)
+            if old_p.sum() != new_p.sum():
+                problems.append(f"{name}: {old_p.sum()} pruned rows before, {new_p.sum()} now")
+            old, new = old[~old_p].reset_index(drop=True), new[~new_p].reset_index(drop=True)
+        if len(old) != len(new) or not old[KEYS[name]].equals(new[KEYS[name]]):
+            problems.append(f"{name}: the rows differ ({len(old)} before, {len(new)} now)")
+            continue
+        for column in old.columns:
+            a, b = old[column], new[column]
+            if pd.api.types.is_float_dtype(a) or pd.api.types.is_float_dtype(b):
+                if not same_machine:
+                    continue
+                if not np.allclose(a.astype(float), b.astype(float), rtol=1e-6, atol=1e-9, equal_nan=True):
+                    problems.append(f"{name}.{column}: values differ, e.g. {a[~np.isclose(a, b, equal_nan=True)].head(3).tolist()}"
+                                    f" -> {b[~np.isclose(a, b, equal_nan=True)].head(3).tolist()}")
+            elif not a.astype(str).equals(b.astype(str)):
+                changed = a.astype(str) != b.astype(str)
+                problems.append(f"{name}.{column}: {int(changed.sum())} values differ, e.g. "
+                                f"{a[changed].head(2).tolist()} -> {b[changed].head(2).tolist()}")
+    return problems
+
+
+def test_smoke_tables_match_the_snapshot(smoke_study):
+    out, _ = smoke_study
+    problems = compare(out)
+    assert not problems, "\n".join(problems)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        write_snapshot(Path(sys.argv[2]).resolve())
+        print(f"snapshot written to {GOLDEN}")
+    elif len(sys.argv) == 2:
+        print("\n".join(compare(Path(sys.argv[1]).resolve())) or "identical")
+    else:
+        raise SystemExit(__doc__)
