@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -81,13 +82,58 @@ class ModelSettings(_Strict):
         return self
 
 
-class GenerationParams(_Strict):
-    """RCA resolution writing: fixed-length greedy generation scored by ROUGE-L and MiniLM similarity."""
+RESOLUTION_PROMPT_FIELDS: tuple[str, ...] = ("ticket", "cause")  # what a resolution prompt may name
 
-    new_tokens: int = Field(32, gt=0)  # min = max new tokens, so energy per token compares like with like
-    max_items: int | None = Field(16, gt=0)  # items generated for (the first of the scored sample)
+
+class GenerationSpec(_Strict):
+    """How RCA resolutions are generated: fixed-length greedy generation (what
+    :func:`llm_energy.generation.generate_resolutions` takes). ``max_items`` keeps the first items."""
+
+    new_tokens: int = 32  # generated per item, exactly (min = max new tokens), so energy per token compares
+    max_items: int | None = None  # items generated for (the first of those given); null = all
+    # template with {ticket} and optionally {cause} (the gold root cause as words); null = the default
+    # resolution prompt (its chat form when chat is true)
+    prompt: str | None = None
+    batch_size: int = 8
+    chat: bool = False  # wrap the prompt as the user turn of the tokenizer's chat template (instruct models)
+
+    @field_validator("new_tokens", "batch_size", mode="before")
+    @classmethod
+    def _positive(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{info.field_name} must be a positive integer, got {value!r}")
+        return value
+
+    @field_validator("max_items", mode="before")
+    @classmethod
+    def _max_items(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"max_items must be a positive integer or null, got {value!r}")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"prompt is not a valid format string ({exc}): {value!r}") from None
+        unknown = names - set(RESOLUTION_PROMPT_FIELDS)
+        if unknown:
+            raise ValueError(f"prompt names unknown field(s) {sorted(unknown)}; expected only {{ticket}} and {{cause}}")
+        if "ticket" not in names:
+            raise ValueError(f"prompt must contain {{ticket}}: {value!r}")
+        return value
+
+
+class GenerationParams(GenerationSpec):
+    """The study's `tasks.rca.generation`: resolutions of the first scored tickets, written by an
+    instruct model through its chat template, scored by ROUGE-L and MiniLM similarity."""
+
+    max_items: int | None = 16  # items generated for (the first of the scored sample)
     chat: bool = True  # wrap the prompt in the model's chat template (instruct models)
-    batch_size: int = Field(8, gt=0)
 
 
 class TaskSettings(_Strict):

@@ -16,8 +16,7 @@ from .config import (PRECISIONS, EnergySettings, GenerationParams, ModelSettings
                      TasksSettings, TaskSettings, validate_section)
 from .data import load_task_data
 from .energy import EnergyMeter, RepeatedMeasurement
-from .generation import (CHAT_RESOLUTION_PROMPT, DEFAULT_RESOLUTION_PROMPT, Embedder, GenerationOutput,
-                         GenerationSpec, generate_resolutions, score_resolutions)
+from .generation import Embedder, GenerationOutput, generate_resolutions, score_resolutions
 from .items import TaskData
 from .layout import config_id_for, project_root, resolve_study_dir
 from .models import LoadedModel
@@ -108,16 +107,14 @@ def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMe
 def measure_generation(loaded: LoadedModel, data: TaskData, params: GenerationParams, meter: EnergyMeter,
                        seed: int = 0) -> tuple[TaskResult, RepeatedMeasurement, GenerationOutput]:
     """Write RCA resolutions at a fixed length inside measured windows, then score them outside."""
-    spec = GenerationSpec(new_tokens=params.new_tokens, max_items=None, batch_size=params.batch_size,
-                          chat=params.chat, prompt=CHAT_RESOLUTION_PROMPT if params.chat else DEFAULT_RESOLUTION_PROMPT)
     items = list(data.items)[: params.max_items] if params.max_items else list(data.items)
     missing = [item.id for item in items if not item.resolution.strip()]
     if missing:
         raise ValueError(f"generation needs a reference 'resolution' on every rca item; missing on {missing[:3]}")
     measurement = meter.measure_repeated(
-        lambda: generate_resolutions(loaded.model, loaded.tokenizer, items, spec),
+        lambda: generate_resolutions(loaded.model, loaded.tokenizer, items, params),
         name="inference:rca_resolution",
-        warmup=lambda: generate_resolutions(loaded.model, loaded.tokenizer, items[:1], spec),
+        warmup=lambda: generate_resolutions(loaded.model, loaded.tokenizer, items[:1], params),
     )
     output = measurement.result
     result = score_resolutions(items, output, Embedder(), seed=seed)

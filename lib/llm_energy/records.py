@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import results
-from .energy import IdleBaseline
+from .energy import IdleBaseline, is_estimate
 from .layout import StudyLayout
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         "emissions_kg": measurement.mean("emissions_kg"), "energy_method": first.energy_method,
         "device": device, "repeats": measurement.repeats, "energy_kwh_std": measurement.std("energy_kwh"),
         "cpu_method": first.cpu_method, "gpu_method": first.gpu_method, "ram_method": first.ram_method,
+        "estimated_components": estimated_components(first.cpu_method, first.gpu_method, first.ram_method),
         "idle_power_w": first.idle_power_w, "duration_s_std": measurement.std("duration_s"),
         "energy_kwh_per_item": energy_kwh / max(result.n_items, 1),
         "energy_kwh_per_1k_tokens": energy_kwh * 1000 / max(result.n_tokens, 1),
@@ -123,6 +124,13 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
          "n_items": result.n_items}
         for i, r in enumerate(measurement.records)
     ])
+
+
+def estimated_components(cpu_method: str, gpu_method: str, ram_method: str) -> str:
+    """The components whose energy is modelled rather than counted, e.g. "cpu;ram" (empty: all
+    counted), by the one rule figures and the report use too (:func:`llm_energy.energy.is_estimate`)."""
+    methods = {"cpu": cpu_method, "gpu": gpu_method, "ram": ram_method}
+    return ";".join(name for name, method in methods.items() if method and method != "none" and is_estimate(method))
 
 
 def energy_per_correct(energy_kwh: float, result: TaskResult) -> float:

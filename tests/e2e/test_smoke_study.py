@@ -132,3 +132,12 @@ def test_no_resume_needs_force(smoke_run, root):
     out, _ = smoke_run
     proc = cli("run", str(root / "params" / "smoke.yaml"), "--out", str(out), "--no-resume")
     assert proc.returncode == 2 and "--force" in proc.stderr
+
+
+def test_every_evaluated_config_records_its_scoring_path(smoke_run):
+    out, _ = smoke_run
+    configs = results.read_table(out, "configs")
+    ok = configs[configs["status"] == "ok"]
+    assert len(ok) == 10 and set(ok["scoring_path"]) <= {"packed", "shared_cache"}
+    # The tiny Llama (sdpa attention) passes the packed check at every precision.
+    assert (ok["scoring_path"] == "packed").all()

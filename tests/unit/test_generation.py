@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from llm_energy import generation
+from llm_energy.config import GenerationSpec
 from llm_energy.items import RCAItem
 from llm_energy.generation import (
-    Embedder, GenerationSpec, evaluate_resolutions, first_line, generate_resolutions, minilm_dir, rouge_l,
+    Embedder, evaluate_resolutions, first_line, generate_resolutions, minilm_dir, rouge_l,
     rouge_l_scores,
 )
 

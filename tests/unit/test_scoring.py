@@ -279,3 +279,25 @@ def test_models_outside_the_known_set_use_the_shared_cache(tiny_model, monkeypat
     assert scoring._packed_supported(FavouriteCharModel("a"), 3) is False  # no config at all
     monkeypatch.setattr(tiny_model.model.config, "_attn_implementation", "flash_attention_2")
     assert scoring._packed_supported(tiny_model.model, 3) is False
+
+
+def test_scoring_path_is_chosen_before_scoring_and_then_fixed(tiny_model, fresh_verification, monkeypatch):
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    assert scoring._packed_supported(model, 10) is None  # nothing decided yet
+    path = scoring.choose_scoring_path(model, tok)
+    assert path.name == "packed" and fresh_verification.get(model) is True
+    # Once chosen, scoring runs no check: no shared-cache pass, no second verification.
+    monkeypatch.setattr(scoring, "_score_with_shared_cache", lambda *a: pytest.fail("a check ran while scoring"))
+    context, continuations = PACKED_CASES["different_lengths"]
+    score_many(model, tok, [(context, continuations)] * 3)
+    assert scoring.choose_scoring_path(model, tok) == path
+
+
+def test_scoring_path_names_why_it_is_the_shared_cache(tiny_model, fresh_verification, monkeypatch):
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    real = scoring._score_packed
+    monkeypatch.setattr(scoring, "_score_packed", lambda m, items: [[x + 0.5 for x in t] for t in real(m, items)])
+    path = scoring.choose_scoring_path(model, tok)
+    assert path.name == "shared_cache" and "failed its check" in path.reason
+    monkeypatch.setattr(tiny_model.model.config, "_attn_implementation", "flash_attention_2")
+    assert "not known to take a packed 4D mask" in scoring.choose_scoring_path(model, tok).reason

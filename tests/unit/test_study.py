@@ -117,3 +117,25 @@ def test_inconsistent_nm_pattern_is_refused_at_validation(root, tmp_path):
         '{method: wanda, pattern: "2:4"}', '{method: wanda, pattern: "2:4", sparsity: 0.3}'))
     with pytest.raises(StudyValidationError, match=r"pruning.methods\[1\]: pattern '2:4' keeps 2 of every 4"):
         load_study(params)
+
+
+def test_choosing_pruning_targets_does_not_write_the_ranking(root, tmp_path):
+    """Only the ranking phase writes ranking.csv; the runner ranks the tables as they are to pick targets."""
+    from llm_energy import results
+
+    study = smoke(root)
+    rows, scores = [], []
+    for precision, energy_kwh, accuracy in (("fp32", 2e-6, 0.5), ("bf16", 1e-6, 0.5), ("nf4", 1e-6, 0.1)):
+        config_id = f"tiny-random-llama__{precision}"
+        for task, metric in (("rca", "accuracy"), ("qa", "acc")):
+            row = {c: None for c in results.ENERGY_COLUMNS}
+            row.update(config_id=config_id, phase="inference", model="tiny-random-llama", precision=precision,
+                       adapter="none", pruning="none", task=task, n_items=10, energy_kwh=energy_kwh,
+                       energy_kwh_std=0.0, energy_method="rapl")
+            rows.append(row)
+            scores.append({"config_id": config_id, "task": task, "metric": metric, "value": accuracy,
+                           "ci_low": 0.0, "ci_high": 1.0, "n_items": 10})
+    results.upsert_rows(tmp_path, "energy", rows)
+    results.upsert_rows(tmp_path, "scores", scores)
+    assert runner.top_k_targets(study, tmp_path) == [("tiny-random-llama", "bf16")]
+    assert not results.table_path(tmp_path, "ranking").exists()
