@@ -117,15 +117,16 @@ def build_model(preset: str, dtype: Any, device: str) -> Any:
 class Nvml:
     """Whole-GPU energy (J) from the NVML total-energy counter of the job's GPU."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: Any = None) -> None:
         from llm_energy.energy import NvmlSource, nvml_indices
 
-        self.source = NvmlSource(device_indices=nvml_indices("cuda:0"))
+        # module: a pynvml stand-in (the tests' fake counter); None reads the real driver library.
+        self.source = NvmlSource(nvml=module, device_indices=nvml_indices("cuda:0"))
 
     def joules(self, fn: Any) -> float:
         self.source.begin("bench")
         fn()
-        return self.source.end()["gpu"].joules
+        return self.source.end()["gpu"].energy_j
 
 
 def try_nvml() -> Nvml | None:
@@ -299,7 +300,9 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, nvml_module: Any = None) -> int:
+    """``nvml_module``: a pynvml stand-in whose counter the energy path reads (tests run the dry run
+    through a fake one, so the energy arithmetic runs before any GPU session)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="llama-70b-slice,llama-1b",
                         help=f"comma-separated, from {', '.join(PRESETS)}")
@@ -350,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         log("sparse24_gpu: transformers is not installed")
         return 3
     log(" ".join(f"{k}={v}" for k, v in env.items() if k != "kind"))
-    nvml = None if dev.dry_run else try_nvml()
+    if nvml_module is not None:
+        nvml: Nvml | None = Nvml(nvml_module)
+    else:
+        nvml = None if dev.dry_run else try_nvml()
     idle_w = idle_power(nvml, args.idle_seconds, dev)
     env["idle_power_w"] = idle_w
     log(f"idle power {idle_w:.1f} W over {args.idle_seconds:.0f} s (NVML counter)" if idle_w else "no idle baseline")

@@ -102,6 +102,12 @@ run = evaluation.ConfigRun.from_parameters(
     tasks=tasks, energy=energy, seed=seed, base_dir=base_dir)
 print(run.config_id, "->", run.study_dir)
 '''),
+    md("System idle power, measured in this process before the model is loaded (the loaded-idle power, "
+       "measured once it is in memory, is what net energy subtracts)."),
+    code('''
+system_idle = evaluation.measure_system_idle(run)
+print(f"system idle: {system_idle.power_w:.2f} W ({system_idle.method})")
+''', nbval_skip=True),
     md("Load the weights at this precision (one function for every source and precision)."),
     code('''
 loaded = inference.load(run, adapter)
@@ -117,8 +123,8 @@ print("scoring path:", scoring_path.name, "-", scoring_path.reason)
     md("Score each task inside measured windows (CodeCarbon's offline tracker plus RAPL/NVML counters "
        "where they exist, with the study's idle baseline) and write the results."),
     code('''
-with evaluation.open_meter(run.study_dir, run.energy, loaded.device) as meter:
-    print("sources:", meter.available_methods, "| idle power (W):", round(meter.idle.power_w, 2), meter.idle.method)
+with evaluation.open_meter(run, loaded.device, system_idle) as meter:
+    print("sources:", meter.available_methods, "| loaded idle (W):", round(meter.idle.power_w, 2), meter.idle.method)
     summary = inference.evaluate(run, loaded, meter, adapter=adapter_name)
 ''', nbval_skip=True),
     code('''
@@ -161,8 +167,9 @@ print(f"{len(train)} training items, {len(valid)} validation items; labels: {len
 '''),
     md("Load the base model at this precision and train, one energy window per epoch."),
     code('''
+system_idle = evaluation.measure_system_idle(run)
 loaded = models.load_model(run.model, run.precision, run.device, base_dir=run.base_dir)
-with evaluation.open_meter(run.study_dir, run.energy, loaded.device) as meter:
+with evaluation.open_meter(run, loaded.device, system_idle, phase="finetune") as meter:
     result = ft.train(run, params, loaded, meter, train, valid)
 print(f"trainable {result.trainable_parameters:,} of {result.total_parameters:,} parameters; adapter in {result.adapter_dir}")
 ''', nbval_skip=True),
@@ -205,6 +212,7 @@ print(run.config_id, spec.label)
     md("Calibration texts (Wanda) from the tasks' training splits, then prune and check the pattern."),
     code('''
 calibration = pr.calibration(run, spec)
+system_idle = evaluation.measure_system_idle(run)
 loaded, outcome = pr.prune(run, spec, calibration)
 execution = pr.sparse_execution(run, loaded, outcome, sparse_kernels)
 scoring_path = pr.record(run, loaded, outcome, execution)
@@ -214,7 +222,7 @@ print(f"kernels: {execution.kernel} ({execution.note}); scoring path: {scoring_p
 ''', nbval_skip=True),
     md("Evaluate and measure exactly as the inference phase does."),
     code('''
-with evaluation.open_meter(run.study_dir, run.energy, loaded.device) as meter:
+with evaluation.open_meter(run, loaded.device, system_idle, phase="pruning") as meter:
     summary = pr.evaluate(run, loaded, meter, outcome)
 ''', nbval_skip=True),
     code('''

@@ -178,11 +178,15 @@ class EnergySettings(_Strict):
     carbon_intensity_g_per_kwh: float | None = Field(None, gt=0)  # explicit intensity overrides country
     measure_power_secs: float = Field(1.0, gt=0)  # CodeCarbon sampling period, seconds
     tracking_mode: Literal["machine", "process"] = "machine"  # CodeCarbon: whole machine or this process
-    idle_seconds: float = Field(5.0, ge=0)  # idle baseline window, seconds (0 = no baseline)
+    idle_seconds: float = Field(5.0, ge=0)  # each idle baseline window (system, then loaded), s; 0 = none
     warmup: bool = True  # one unmeasured pass before measuring
     repeats: int = Field(3, ge=1)  # minimum measured repeats per workload
     max_repeats: int = Field(5, ge=1)  # stop repeating here even if the spread stays high
     target_rsd: float = Field(0.05, gt=0)  # stop once std/mean of the repeats is below this
+    # machine: a job's total includes CPU and RAM (whole-machine figures); gpu_only: only its GPUs
+    # (CPU/RAM recorded apart), for several measured jobs on one node; auto: the runner decides
+    # (gpu_only when it runs measured jobs side by side on one node, machine otherwise)
+    attribution: Literal["auto", "machine", "gpu_only"] = "auto"
     min_window_s: float = Field(0.25, ge=0)  # shorter workloads are repeated inside one window (NVML
     # counters update every ~20-100 ms; a window shorter than that would read as zero)
 
@@ -246,6 +250,7 @@ class RankingSettings(_Strict):
     metric_scaling: str = "identity"  # identity (metrics already in [0, 1]) | minmax
     missing: str = "error"  # a config lacking a metric: error, or exclude it
     bootstrap: int = Field(200, ge=0)  # resamples for rank stability
+    energy_basis: Literal["gross", "net"] = "gross"  # energy per item as measured, or net of loaded idle
 
     @field_validator("w_grid", mode="before")
     @classmethod

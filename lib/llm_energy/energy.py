@@ -9,7 +9,17 @@ Each component (CPU, GPU, RAM) states how it was obtained:
 - ``codecarbon:<mode>``: CodeCarbon's figure; on a machine without RAPL its CPU power is an
   *estimate* from CPU load and a TDP guess (``codecarbon:cpu_load``) and RAM power is a model.
 
-CodeCarbon is read through its public API only (``start_task``/``stop_task`` and its log lines).
+Source priority, per component: a hardware counter of the job's own device (``nvml_counter`` for
+the job's GPUs, ``rapl`` for CPU packages and DRAM) beats CodeCarbon's reading of the same component
+(``codecarbon:pynvml``, ``codecarbon:rapl``), which beats CodeCarbon's models (``codecarbon:cpu_load``,
+``codecarbon:ram_power_model``, constants). CodeCarbon is read through its public API only
+(``start_task``/``stop_task``, ``get_detected_hardware`` and its public probing functions); it is
+told the job's GPU ids and its GPU figure is ignored for a CPU job.
+
+Attribution: GPU energy is the job's own GPUs. CPU and RAM energy are whole-machine figures; they
+count in a window's total only when the job is the only measured job on its node (``attribution:
+machine``); with ``gpu_only`` (several measured jobs share the node) they are still recorded but left
+out of the total, and ``scope`` says so.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import contextlib
 import logging
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +49,18 @@ def is_estimate(method: object) -> bool:
     return any(marker in text for marker in ESTIMATE_MARKERS)
 
 
+HARDWARE_COUNTERS: tuple[str, ...] = ("nvml_counter", "rapl")  # the project's own counters
+SCOPE_MACHINE = "machine"
+SCOPE_GPU_ONLY = "gpu_only: shared node"
+
+
+def method_priority(method: str) -> int:
+    """0: the project's hardware counter; 1: another tool's reading of a counter; 2: a model."""
+    if method in HARDWARE_COUNTERS:
+        return 0
+    return 2 if is_estimate(method) else 1
+
+
 @dataclass(frozen=True)
 class ComponentReading:
     energy_j: float
@@ -46,7 +69,7 @@ class ComponentReading:
 
 @dataclass(frozen=True)
 class EnergyRecord:
-    """Energy of one measured window. Gross values; ``net`` subtracts the idle baseline."""
+    """Energy of one measured window. Gross values; ``net`` subtracts the loaded-idle power."""
 
     name: str
     duration_s: float
@@ -57,11 +80,17 @@ class EnergyRecord:
     cpu_method: str
     gpu_method: str
     ram_method: str
-    idle_power_w: float = 0.0  # idle baseline power of the same run (0 when none was measured)
+    idle_power_w: float = 0.0  # loaded-idle power of the same job (system idle when none; 0 when neither)
     calls: int = 1  # workload calls inside the window; energies and duration are per call
+    scope: str = SCOPE_MACHINE  # what energy_kwh covers: the machine, or the job's GPUs only
+    carbon_intensity_g_per_kwh: float = float("nan")
+    country_iso_code: str = ""
 
     @property
     def energy_kwh(self) -> float:
+        """The window's total: every component, or only the GPU when the node is shared."""
+        if self.scope == SCOPE_GPU_ONLY:
+            return self.gpu_energy_kwh
         return self.cpu_energy_kwh + self.gpu_energy_kwh + self.ram_energy_kwh
 
     @property
@@ -74,18 +103,30 @@ class EnergyRecord:
         return self.gpu_method if self.gpu_method != "none" else self.cpu_method
 
     @property
+    def estimated_components(self) -> str:
+        """Components in the total whose energy is modelled, e.g. "cpu;ram" (empty: all counted)."""
+        counted = ("gpu",) if self.scope == SCOPE_GPU_ONLY else ("cpu", "gpu", "ram")
+        methods = {"cpu": self.cpu_method, "gpu": self.gpu_method, "ram": self.ram_method}
+        return ";".join(c for c in counted if methods[c] != "none" and is_estimate(methods[c]))
+
+    @property
     def power_w(self) -> float:
         return self.energy_kwh * J_PER_KWH / self.duration_s if self.duration_s > 0 else 0.0
 
 
 @dataclass(frozen=True)
 class IdleBaseline:
+    """Power with nothing running: ``system`` (nothing loaded) or ``loaded`` (the model in memory,
+    the device synchronised), measured in the job's own process."""
+
     power_w: float
     duration_s: float
     method: str
+    kind: str = "system"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"idle_power_w": self.power_w, "idle_duration_s": self.duration_s, "idle_method": self.method}
+        return {"idle_power_w": self.power_w, "idle_duration_s": self.duration_s, "idle_method": self.method,
+                "idle_kind": self.kind}
 
 
 @dataclass(frozen=True)
@@ -129,15 +170,26 @@ class EnergySource(Protocol):
 
 
 class RaplSource:
-    """CPU package and DRAM counters from /sys/class/powercap, with wrap-around handled."""
+    """CPU package and DRAM counters from /sys/class/powercap.
+
+    A counter wraps at ``max_energy_range_uj`` (about 65 kJ on some AMD parts: under 5 minutes at
+    250 W). A sampling thread reads every counter each ``sample_s`` seconds during a window and adds
+    up the deltas, each corrected for one wrap, so a window of any length counts every wrap as long
+    as a counter cannot wrap twice within ``sample_s``.
+    """
 
     name = "rapl"
 
-    def __init__(self, root: Path = Path("/sys/class/powercap")):
+    def __init__(self, root: Path = Path("/sys/class/powercap"), sample_s: float | None = 1.0):
         self.domains = self.find_domains(root)
         if not self.domains:
             raise RuntimeError(f"no readable RAPL domains under {root}")
-        self._start: dict[Path, int] = {}
+        self.sample_s = sample_s
+        self._last: dict[Path, int] = {}
+        self._total_uj: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @staticmethod
     def find_domains(root: Path) -> dict[Path, tuple[str, int]]:
@@ -159,21 +211,48 @@ class RaplSource:
                 domains[energy] = ("ram", max_range)
         return domains
 
+    def sample(self) -> None:
+        """Read every counter once and add what it moved since the last read (one wrap corrected)."""
+        with self._lock:
+            for path, (_, max_range) in self.domains.items():
+                now = int(path.read_text())
+                delta = now - self._last[path]
+                if delta < 0:  # wrapped since the last read
+                    delta += max_range
+                self._total_uj[path] += delta
+                self._last[path] = now
+
+    def _run(self) -> None:
+        assert self.sample_s is not None
+        while not self._stop.wait(self.sample_s):
+            with contextlib.suppress(OSError, ValueError):
+                self.sample()
+
     def begin(self, window: str) -> None:
-        self._start = {path: int(path.read_text()) for path in self.domains}
+        with self._lock:
+            self._last = {path: int(path.read_text()) for path in self.domains}
+            self._total_uj = {path: 0 for path in self.domains}
+        if self.sample_s:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="rapl-sampler", daemon=True)
+            self._thread.start()
 
     def end(self) -> dict[str, ComponentReading]:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.sample()
         totals: dict[str, float] = {}
-        for path, (component, max_range) in self.domains.items():
-            now = int(path.read_text())
-            delta = now - self._start[path]
-            if delta < 0:  # the counter wrapped once during the window
-                delta += max_range
-            totals[component] = totals.get(component, 0.0) + delta / 1e6
+        for path, (component, _) in self.domains.items():
+            totals[component] = totals.get(component, 0.0) + self._total_uj[path] / 1e6
         return {c: ComponentReading(j, "rapl") for c, j in totals.items()}
 
     def close(self) -> None:
-        pass
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,38 +293,43 @@ class NvmlSource:
 # CodeCarbon
 
 
-class _MethodLogCapture(logging.Handler):
-    """Reads the tracking methods CodeCarbon announces in its log when it starts."""
+def probe_codecarbon_methods(tracker: Any) -> dict[str, str]:
+    """What CodeCarbon measures each component with, found the way CodeCarbon itself decides (its
+    public probing functions and ``get_detected_hardware``), not by reading its log.
 
-    def __init__(self) -> None:
-        super().__init__(level=logging.INFO)
-        self.methods: dict[str, str] = {}
+    CPU: RAPL when its files are readable on Linux, else CPU load x TDP (psutil), else a constant.
+    GPU: NVML power readings when it detected NVIDIA GPUs. RAM: its power model (this project never
+    sets a RAM power by hand).
+    """
+    import platform
 
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        for line in text.splitlines():
-            line = line.strip()
-            for component in ("CPU", "GPU", "RAM"):
-                prefix = f"{component} Tracking Method:"
-                if line.startswith(prefix):
-                    self.methods[component.lower()] = line[len(prefix) :].strip()
+    from codecarbon.core import cpu as cc_cpu
 
+    if platform.system() == "Linux" and cc_cpu.is_rapl_available():
+        cpu = "codecarbon:rapl"
+    elif cc_cpu.is_psutil_available():
+        cpu = "codecarbon:cpu_load"
+    else:
+        cpu = "codecarbon:global_constant"
+    gpu = "none"
+    if (tracker.get_detected_hardware().get("gpu_count") or 0) > 0:
+        from codecarbon.core.gpu_nvidia import is_nvidia_system
 
-def _codecarbon_method(raw: str | None, component: str) -> str:
-    if not raw or raw.lower() == "unspecified":
-        return "none" if component == "gpu" else f"codecarbon:{component}_unknown_estimate"
-    slug = raw.strip().lower().replace(" ", "_")
-    if component == "ram" and "estimation" in slug:
-        return "codecarbon:ram_power_model"
-    return f"codecarbon:{slug}"
+        gpu = "codecarbon:pynvml" if is_nvidia_system() else "codecarbon:amdsmi"
+    return {"cpu": cpu, "gpu": gpu, "ram": "codecarbon:ram_power_model"}
 
 
 class CodeCarbonSource:
-    """CodeCarbon's OfflineEmissionsTracker; one tracker, one task per window."""
+    """CodeCarbon's OfflineEmissionsTracker; one tracker, one task per window.
+
+    ``gpu_ids`` are the NVML indices of the job's GPUs (CodeCarbon then reads only those); for a CPU
+    job its GPU figure is dropped, since the job has no GPU.
+    """
 
     name = "codecarbon"
 
-    def __init__(self, settings: EnergySettings, tracker_factory: Callable[..., Any] | None = None):
+    def __init__(self, settings: EnergySettings, tracker_factory: Callable[..., Any] | None = None,
+                 gpu_ids: list[int] | None = None, probe: Callable[[Any], dict[str, str]] = probe_codecarbon_methods):
         if tracker_factory is None:
             from codecarbon import OfflineEmissionsTracker as tracker_factory
         kwargs: dict[str, Any] = dict(
@@ -256,19 +340,20 @@ class CodeCarbonSource:
             log_level="warning",
             allow_multiple_runs=True,
         )
+        if gpu_ids:
+            kwargs["gpu_ids"] = list(gpu_ids)
+        self.reads_gpu = bool(gpu_ids)
         self.tracker = tracker_factory(**kwargs)
-        capture = _MethodLogCapture()
         logger = logging.getLogger("codecarbon")
-        # Hear CodeCarbon's INFO lines (they name its methods) without printing them.
-        previous = (logger.level, list(logger.handlers), logger.propagate)
-        logger.handlers, logger.propagate = [capture], False
-        logger.setLevel(logging.INFO)
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # its start-up notes on fallbacks are what `methods` records
         try:
             self.tracker.start()
         finally:
-            logger.setLevel(previous[0])
-            logger.handlers, logger.propagate = previous[1], previous[2]
-        self.methods = {c: _codecarbon_method(capture.methods.get(c), c) for c in ("cpu", "gpu", "ram")}
+            logger.setLevel(level)
+        self.methods = probe(self.tracker)
+        if not self.reads_gpu:
+            self.methods["gpu"] = "none"
         self.last_emissions_kg = 0.0
         self.last_energy_kwh = 0.0
 
@@ -310,7 +395,10 @@ class WindowHandle:
 
 
 class EnergyMeter:
-    """Measures named windows with every available source; hardware counters win over estimates."""
+    """Measures named windows with every available source; per component, the source of highest
+    priority wins (:func:`method_priority`). ``attribution`` is "machine" (the job is the only
+    measured job on its node) or "gpu_only" (CPU and RAM are shared with other jobs: recorded, left
+    out of the total)."""
 
     def __init__(
         self,
@@ -319,13 +407,24 @@ class EnergyMeter:
         sources: list[EnergySource] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
+        attribution: str = "machine",
+        synchronize: Callable[[], None] | None = None,
     ):
+        if attribution not in ("machine", "gpu_only"):
+            raise ValueError(f"attribution must be 'machine' or 'gpu_only'; got {attribution!r}")
+        if attribution == "gpu_only" and not device.startswith("cuda"):
+            raise ValueError("attribution 'gpu_only' needs a CUDA device: a CPU job's energy is all CPU and RAM")
         self.settings = settings
         self.device = device
+        # Both edges of a window wait for the device's queued work (a no-op on the CPU).
+        self.synchronize = synchronize if synchronize is not None else (lambda: _synchronize(device))
         self.clock = clock
         self.sleep = sleep
         self.sources = sources if sources is not None else default_sources(settings, device)
-        self.idle: IdleBaseline | None = None
+        self.scope = SCOPE_GPU_ONLY if attribution == "gpu_only" else SCOPE_MACHINE
+        self.idle: IdleBaseline | None = None  # the baseline net energy subtracts (loaded when measured)
+        self.idle_system: IdleBaseline | None = None
+        self.idle_loaded: IdleBaseline | None = None
         self._intensity_g_per_kwh = settings.carbon_intensity_g_per_kwh
 
     @property
@@ -335,21 +434,20 @@ class EnergyMeter:
     @contextlib.contextmanager
     def window(self, name: str) -> Iterator[WindowHandle]:
         handle = WindowHandle(name)
-        _synchronize(self.device)
+        self.synchronize()
         for source in self.sources:
             source.begin(name)
         start = self.clock()
         try:
             yield handle
         finally:
-            _synchronize(self.device)
+            self.synchronize()
             duration_s = self.clock() - start
             readings: dict[str, ComponentReading] = {}
             for source in self.sources:
                 for component, reading in source.end().items():
-                    # A hardware counter (rapl, nvml) replaces an estimate of the same component.
                     current = readings.get(component)
-                    if current is None or (is_estimate(current.method) and not is_estimate(reading.method)):
+                    if current is None or method_priority(reading.method) < method_priority(current.method):
                         readings[component] = reading
             handle.record = self._make_record(name, duration_s, readings)
 
@@ -360,19 +458,23 @@ class EnergyMeter:
         def method(component: str) -> str:
             return readings[component].method if component in readings else "none"
 
-        total_kwh = kwh("cpu") + kwh("gpu") + kwh("ram")
-        return EnergyRecord(
+        record = EnergyRecord(
             name=name,
             duration_s=duration_s,
             cpu_energy_kwh=kwh("cpu"),
             gpu_energy_kwh=kwh("gpu"),
             ram_energy_kwh=kwh("ram"),
-            emissions_kg=total_kwh * self.carbon_intensity_g_per_kwh() / 1000.0,
+            emissions_kg=0.0,
             cpu_method=method("cpu"),
             gpu_method=method("gpu"),
             ram_method=method("ram"),
             idle_power_w=self.idle.power_w if self.idle else 0.0,
+            scope=self.scope,
+            country_iso_code=self.settings.country_iso_code,
         )
+        intensity = self.carbon_intensity_g_per_kwh()
+        return replace(record, emissions_kg=record.energy_kwh * intensity / 1000.0,
+                       carbon_intensity_g_per_kwh=intensity)
 
     def carbon_intensity_g_per_kwh(self) -> float:
         """Explicit parameter, else the intensity CodeCarbon applied for the country."""
@@ -384,21 +486,35 @@ class EnergyMeter:
                 return self._intensity_g_per_kwh
         return float("nan")
 
-    def measure_idle_baseline(self, seconds: float | None = None) -> IdleBaseline:
-        """Power with the device idle, measured now; later windows subtract it for net energy."""
+    def measure_idle_baseline(self, seconds: float | None = None, kind: str = "system") -> IdleBaseline:
+        """Power with nothing running, measured now: ``system`` before anything is loaded, ``loaded``
+        with the model in memory (the device synchronised). Net energy subtracts the loaded one."""
+        if kind not in ("system", "loaded"):
+            raise ValueError(f"idle kind must be 'system' or 'loaded'; got {kind!r}")
         seconds = self.settings.idle_seconds if seconds is None else seconds
         if seconds <= 0:
-            self.idle = IdleBaseline(0.0, 0.0, "none")
-            return self.idle
-        with self.window("idle") as handle:
-            self.sleep(seconds)
-        record = handle.record
-        assert record is not None
-        self.idle = IdleBaseline(record.power_w, record.duration_s, record.energy_method)
-        return self.idle
+            baseline = IdleBaseline(0.0, 0.0, "none", kind)
+        else:
+            with self.window(f"idle:{kind}") as handle:
+                self.sleep(seconds)
+            record = handle.record
+            assert record is not None
+            baseline = IdleBaseline(record.power_w, record.duration_s, record.energy_method, kind)
+        if kind == "system":
+            self.idle_system = baseline
+            if self.idle_loaded is None:
+                self.idle = baseline
+        else:
+            self.idle_loaded = baseline
+            self.idle = baseline
+        return baseline
 
     def use_idle_baseline(self, baseline: IdleBaseline) -> None:
-        self.idle = baseline
+        if baseline.kind == "loaded":
+            self.idle_loaded = baseline
+        else:
+            self.idle_system = baseline
+        self.idle = self.idle_loaded or baseline
 
     def measure(self, fn: Callable[[], T], name: str) -> tuple[T, EnergyRecord]:
         """One window around ``fn``; a call shorter than ``min_window_s`` is repeated inside the window
@@ -455,12 +571,13 @@ class EnergyMeter:
 
 
 def default_sources(settings: EnergySettings, device: str) -> list[EnergySource]:
-    """CodeCarbon always; RAPL when readable; NVML when measuring a CUDA device."""
-    sources: list[EnergySource] = [CodeCarbonSource(settings)]
+    """CodeCarbon always (told the job's GPUs); RAPL when readable; NVML when measuring a CUDA device."""
+    gpu_ids = nvml_indices(device) if device.startswith("cuda") else None
+    sources: list[EnergySource] = [CodeCarbonSource(settings, gpu_ids=gpu_ids)]
     if RaplSource.find_domains(Path("/sys/class/powercap")):
         sources.append(RaplSource())
     if device.startswith("cuda"):
-        sources.append(NvmlSource(device_indices=nvml_indices(device)))
+        sources.append(NvmlSource(device_indices=gpu_ids))
     return sources
 
 

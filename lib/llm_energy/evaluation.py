@@ -15,13 +15,13 @@ from typing import Any
 from .config import (PRECISIONS, EnergySettings, GenerationParams, ModelSettings, Problem, StudyValidationError,
                      TasksSettings, TaskSettings, validate_section)
 from .data import load_task_data
-from .energy import EnergyMeter, RepeatedMeasurement
-from .generation import Embedder, GenerationOutput, generate_resolutions, score_resolutions
+from .energy import EnergyMeter, IdleBaseline, RepeatedMeasurement
+from .generation import Embedder, GenerationOutput, decode_generations, encode_prompts, generate_encoded, score_resolutions
 from .items import TaskData
 from .layout import config_id_for, project_root, resolve_study_dir
 from .models import LoadedModel
-from .records import ConfigIdentity, load_idle_baseline, record_idle_baseline, record_task
-from .scoring import TaskResult, evaluate
+from .records import ConfigIdentity, record_idle_baselines, record_task
+from .scoring import TaskResult, prepare_task, score_prepared, task_result
 
 
 @dataclass(frozen=True)
@@ -77,46 +77,68 @@ def load_task_sets(tasks: TasksSettings, base_dir: Path) -> dict[str, TaskData]:
     return {name: load_task_data(name, settings, base_dir=base_dir) for name, settings in tasks.enabled().items()}
 
 
-def open_meter(study_dir: Path, settings: EnergySettings, device: str) -> EnergyMeter:
-    """A meter carrying the study's idle baseline (measured now and saved if the study has none).
-    Use it as a context manager, so that its trackers stop even when a cell fails."""
-    meter = EnergyMeter(settings, device)
-    baseline = load_idle_baseline(study_dir)
-    if baseline is not None:
-        meter.use_idle_baseline(baseline)
-    else:
-        record_idle_baseline(study_dir, meter)
+def meter_for(run: ConfigRun, device: str) -> EnergyMeter:
+    """A meter for this job's device, attributing energy as the study decided (``auto``: machine)."""
+    attribution = "machine" if run.energy.attribution == "auto" else run.energy.attribution
+    return EnergyMeter(run.energy, device, attribution=attribution)
+
+
+def measure_system_idle(run: ConfigRun) -> IdleBaseline:
+    """System idle in this job's process, before the model is loaded (a short-lived meter)."""
+    with meter_for(run, run.device) as meter:
+        return meter.measure_idle_baseline(kind="system")
+
+
+def open_meter(run: ConfigRun, device: str, system_idle: IdleBaseline | None = None,
+               phase: str = "inference") -> EnergyMeter:
+    """The job's meter, with the model already in memory: it measures loaded idle now (what net
+    energy subtracts) and writes both of the job's baselines to idle_baselines.csv. Use it as a
+    context manager, so that its trackers stop even when a cell fails."""
+    meter = meter_for(run, device)
+    try:
+        if system_idle is not None:
+            meter.use_idle_baseline(system_idle)
+        loaded = meter.measure_idle_baseline(kind="loaded")
+        record_idle_baselines(run.study_dir, run.config_id, phase, device, system_idle, loaded)
+    except BaseException:
+        meter.close()
+        raise
     return meter
 
 
 def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMeter,
                  prompt: str | None = None, seed: int = 0) -> tuple[TaskResult, RepeatedMeasurement]:
-    """Score a task inside repeated measured windows (after a short unmeasured warm-up)."""
-    warm = TaskData(task=data.task, source=data.source, split=data.split, items=data.items[:2], labels=data.labels)
+    """Score a task inside repeated measured windows (after a short unmeasured warm-up). The items are
+    tokenised before the windows and the metrics computed after: a window holds forward passes only."""
+    prepared = prepare_task(task, loaded.tokenizer, data, prompt)
+    warm = replace(prepared, encoded=prepared.encoded[:2])
     with warnings.catch_warnings():
         # bitsandbytes warns on every int8 matmul that inputs are cast; once is enough for the log.
         warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
         measurement = meter.measure_repeated(
-            lambda: evaluate(task, loaded.model, loaded.tokenizer, data, prompt, progress=True, seed=seed),
+            lambda: score_prepared(loaded.model, loaded.tokenizer, prepared),
             name=f"inference:{task}",
-            warmup=lambda: evaluate(task, loaded.model, loaded.tokenizer, warm, prompt, seed=seed),
+            warmup=lambda: score_prepared(loaded.model, loaded.tokenizer, warm),
         )
-    return measurement.result, measurement
+    return task_result(prepared, measurement.result, seed=seed), measurement
 
 
 def measure_generation(loaded: LoadedModel, data: TaskData, params: GenerationParams, meter: EnergyMeter,
                        seed: int = 0) -> tuple[TaskResult, RepeatedMeasurement, GenerationOutput]:
-    """Write RCA resolutions at a fixed length inside measured windows, then score them outside."""
+    """Write RCA resolutions at a fixed length inside measured windows; prompts are tokenised before,
+    texts decoded and scored after."""
     items = list(data.items)[: params.max_items] if params.max_items else list(data.items)
     missing = [item.id for item in items if not item.resolution.strip()]
     if missing:
         raise ValueError(f"generation needs a reference 'resolution' on every rca item; missing on {missing[:3]}")
+    encoded = encode_prompts(loaded.tokenizer, items, params)
+    warm = encode_prompts(loaded.tokenizer, items[:1], params)
     measurement = meter.measure_repeated(
-        lambda: generate_resolutions(loaded.model, loaded.tokenizer, items, params),
+        lambda: generate_encoded(loaded.model, encoded),
         name="inference:rca_resolution",
-        warmup=lambda: generate_resolutions(loaded.model, loaded.tokenizer, items[:1], params),
+        warmup=lambda: generate_encoded(loaded.model, warm),
     )
-    output = measurement.result
+    output = decode_generations(loaded.tokenizer, encoded, measurement.result)
     result = score_resolutions(items, output, Embedder(), seed=seed)
     return result, measurement, output
 
@@ -130,7 +152,8 @@ def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, pha
 
     def record(result: TaskResult, measurement: RepeatedMeasurement, generated_tokens: int = 0) -> None:
         record_task(run.study_dir, identity, phase, result, measurement, loaded.device, loaded.compute_dtype,
-                    loaded.memory_bytes, generated_tokens=generated_tokens, sparsity=sparsity)
+                    loaded.memory_bytes, generated_tokens=generated_tokens, sparsity=sparsity,
+                    idle_system_power_w=meter.idle_system.power_w if meter.idle_system else None)
         summary.append(summary_row(result, measurement))
 
     task_sets = load_task_sets(run.tasks, run.base_dir)

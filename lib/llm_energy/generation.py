@@ -77,21 +77,26 @@ def first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
-def generate_resolutions(model: Any, tokenizer: Any, items: Sequence[RCAItem], spec: GenerationSpec) -> GenerationOutput:
-    """Greedy continuations of exactly ``spec.new_tokens`` tokens per item, batched with left padding."""
-    import torch
+@dataclass(frozen=True)
+class EncodedPrompts:
+    """Resolution prompts tokenised in batches (left-padded): everything generation needs but the model."""
 
+    batches: tuple[tuple[Any, Any], ...]  # (input_ids, attention_mask) per batch
+    new_tokens: int
+    pad_token_id: int
+    n_items: int
+    tokenizer_eos_id: int | None = None  # used when the model's generation config names no EOS
+
+
+def encode_prompts(tokenizer: Any, items: Sequence[RCAItem], spec: GenerationSpec) -> EncodedPrompts:
+    """Build and tokenise the prompts of ``items`` (before any measured window)."""
     items = list(items)[: spec.max_items] if spec.max_items else list(items)
     if not items:
         raise ValueError("generate_resolutions needs at least one RCA item")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (load_model uses the EOS token)")
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-    device = next(model.parameters()).device
     prompts = [build_prompt(item, spec, tokenizer) for item in items]
-    raw: list[str] = []
-    n_new = n_prompt = 0
+    batches = []
     # A decoder-only model continues from the last position, so prompts must end flush right.
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -101,34 +106,62 @@ def generate_resolutions(model: Any, tokenizer: Any, items: Sequence[RCAItem], s
             # own markers into the text, and those still encode as special tokens.
             batch = tokenizer(prompts[start : start + spec.batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False)
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    do_sample=False,
-                    min_new_tokens=spec.new_tokens,
-                    max_new_tokens=spec.new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            new = out[:, batch["input_ids"].shape[1] :].cpu()
-            # With min = max the EOS logits stay masked, so no row ends early and is padded out; a
-            # transformers change that broke this would silently skew energy per token.
-            if new.shape[1] != spec.new_tokens:
-                raise RuntimeError(f"generated {new.shape[1]} tokens per item, expected exactly {spec.new_tokens}")
-            if eos_ids and bool(torch.isin(new, torch.tensor(sorted(eos_ids))).any()):
-                raise RuntimeError("an item generated an end-of-sequence token before new_tokens were reached")
-            raw.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-            n_new += int(new.numel())
-            n_prompt += int(batch["attention_mask"].sum())
+            batches.append((batch["input_ids"], batch["attention_mask"]))
     finally:
         tokenizer.padding_side = saved_side
-    assert n_new == len(items) * spec.new_tokens
+    return EncodedPrompts(tuple(batches), spec.new_tokens, tokenizer.pad_token_id, len(items), tokenizer.eos_token_id)
+
+
+def generate_encoded(model: Any, encoded: EncodedPrompts) -> list[Any]:
+    """Greedy generation of exactly ``new_tokens`` per prompt, and nothing else: what a measured
+    window holds. Returns the new tokens of each batch (on the CPU)."""
+    import torch
+
+    eos = model.generation_config.eos_token_id
+    eos = eos if eos is not None else encoded.tokenizer_eos_id
+    eos_ids = sorted(set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None})
+    device = next(model.parameters()).device
+    out_tokens = []
+    for input_ids, attention_mask in encoded.batches:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=False,
+                min_new_tokens=encoded.new_tokens,
+                max_new_tokens=encoded.new_tokens,
+                pad_token_id=encoded.pad_token_id,
+            )
+        new = out[:, input_ids.shape[1] :].cpu()
+        # With min = max the EOS logits stay masked, so no row ends early and is padded out; a
+        # transformers change that broke this would silently skew energy per token.
+        if new.shape[1] != encoded.new_tokens:
+            raise RuntimeError(f"generated {new.shape[1]} tokens per item, expected exactly {encoded.new_tokens}")
+        if eos_ids and bool(torch.isin(new, torch.tensor(eos_ids)).any()):
+            raise RuntimeError("an item generated an end-of-sequence token before new_tokens were reached")
+        out_tokens.append(new)
+    return out_tokens
+
+
+def decode_generations(tokenizer: Any, encoded: EncodedPrompts, new_tokens: Sequence[Any]) -> GenerationOutput:
+    """The generated texts (after the measured window), cut at their first line break."""
+    raw: list[str] = []
+    for new in new_tokens:
+        raw.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    n_new = sum(int(new.numel()) for new in new_tokens)
+    assert n_new == encoded.n_items * encoded.new_tokens
     return GenerationOutput(
         texts=tuple(first_line(t) for t in raw),
         n_new_tokens=n_new,
-        n_prompt_tokens=n_prompt,
+        n_prompt_tokens=sum(int(mask.sum()) for _, mask in encoded.batches),
         raw_texts=tuple(raw),
     )
+
+
+def generate_resolutions(model: Any, tokenizer: Any, items: Sequence[RCAItem], spec: GenerationSpec) -> GenerationOutput:
+    """Greedy continuations of exactly ``spec.new_tokens`` tokens per item, batched with left padding."""
+    encoded = encode_prompts(tokenizer, items, spec)
+    return decode_generations(tokenizer, encoded, generate_encoded(model, encoded))
 
 
 def words(text: str) -> list[str]:

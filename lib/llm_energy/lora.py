@@ -67,6 +67,7 @@ class EpochRecord:
     energy_method: str  # "none" without a meter
     n_examples: int  # training examples seen in the epoch
     n_tokens: int  # non-padding tokens fed to the model in the epoch (forward and backward)
+    record: Any = field(default=None, repr=False, compare=False)  # the epoch's EnergyRecord (None without a meter)
 
 
 @dataclass(frozen=True)
@@ -426,6 +427,7 @@ def finetune(
             energy_method=record.energy_method if record is not None else "none",
             n_examples=len(shuffled),
             n_tokens=n_tokens,
+            record=record,
         ))
     model.eval()
     if loaded.precision == "nf4":

@@ -157,10 +157,13 @@ def rank_configs(
     return RankingResult(table=ranking, excluded=tuple(excluded), settings=settings)
 
 
-def config_energy(energy: pd.DataFrame) -> pd.DataFrame:
+def config_energy(energy: pd.DataFrame, basis: str = "gross") -> pd.DataFrame:
     """One row per evaluated config from energy.csv rows: energy per item over all its tasks (total
-    energy / total items), its spread, and its energy method."""
+    energy / total items), its spread, and its energy method. ``basis`` "net" takes the energy net
+    of the job's loaded-idle power instead of the gross reading."""
     rows = energy[energy["phase"].isin(EVALUATION_PHASES)].copy()
+    if basis == "net":
+        rows["energy_kwh"] = rows["energy_net_kwh"]
     if rows.empty:
         return pd.DataFrame(columns=["config_id", "model", "precision", "adapter", "pruning",
                                      "energy_kwh_per_item", "energy_kwh_per_item_std", "energy_method"])
@@ -176,10 +179,12 @@ def config_energy(energy: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns=["var"])
 
 
-def repeat_energy(repeats: pd.DataFrame) -> pd.DataFrame:
+def repeat_energy(repeats: pd.DataFrame, basis: str = "gross") -> pd.DataFrame:
     """Per config and repeat index from energy_repeats.csv rows: energy per item summed over tasks
-    (for rank stability)."""
-    rows = repeats[repeats["phase"].isin(EVALUATION_PHASES)]
+    (for rank stability), gross or net of loaded idle."""
+    rows = repeats[repeats["phase"].isin(EVALUATION_PHASES)].copy()
+    if basis == "net":
+        rows["energy_kwh"] = rows["energy_net_kwh"]
     if rows.empty:
         return pd.DataFrame(columns=list(ENERGY_REPEAT_COLUMNS))
     grouped = rows.groupby(["config_id", "repeat"]).agg(energy_kwh=("energy_kwh", "sum"), n_items=("n_items", "sum"))

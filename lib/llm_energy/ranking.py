@@ -28,13 +28,14 @@ class RankingOutcome:
     stability_metrics: tuple[str, ...]
     w: float
     methods: tuple[str, ...]
+    energy_lines: tuple[str, ...] = ()  # per component: method, estimate or not; scope; carbon intensity
 
 
 def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutcome:
     """Rank every evaluated config from the saved tables and write tables/ranking.csv."""
     energy = results.read_table(study_dir, "energy")
     scores = results.read_table(study_dir, "scores")
-    configs = rank.config_energy(energy)
+    configs = rank.config_energy(energy, settings.energy_basis)
     if configs.empty:
         raise ValueError(f"{results.table_path(study_dir, 'energy')} has no inference rows to rank")
     result = rank.rank_evaluations(configs, scores, settings)
@@ -42,7 +43,43 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
     stability, used = _stability(study_dir, configs, result.settings, result)
     methods = tuple(sorted({m for m in energy["energy_method"].dropna().astype(str) if m != "none"}))
     return RankingOutcome(result=result, configs=configs, stability=stability, stability_metrics=used,
-                          w=settings.w, methods=methods)
+                          w=settings.w, methods=methods, energy_lines=tuple(energy_description(energy, settings)))
+
+
+def energy_description(energy: pd.DataFrame, settings: RankingSettings) -> list[str]:
+    """What the energy numbers are, in words: each component's method and whether it is an estimate,
+    what the totals cover, the carbon intensity, and the basis the ranking used."""
+    rows = energy[energy["phase"].isin(rank.EVALUATION_PHASES + ("finetune",))]
+    lines = []
+    parts = []
+    for component in ("cpu", "gpu", "ram"):
+        column = f"{component}_method"
+        methods = sorted({str(m) for m in rows[column].dropna() if str(m) not in ("none", "")}) if column in rows else []
+        if not methods:
+            continue
+        words = ", ".join(f"{m} ({'ESTIMATE' if is_estimate(m) else 'measured'})" for m in methods)
+        parts.append(f"{component.upper()}: {words}")
+    if parts:
+        lines.append("Per component — " + "; ".join(parts) + ".")
+    estimated = sorted({c for value in rows.get("estimated_components", pd.Series(dtype=str)).dropna()
+                        for c in str(value).split(";") if c})
+    measured_gpu = "gpu_method" in rows and any(m == "nvml_counter" for m in rows["gpu_method"].dropna())
+    if measured_gpu and estimated:
+        lines.append(f"The GPU energy is measured by its NVML counter, but {' and '.join(c.upper() for c in estimated)} "
+                     "energy in the totals is modelled, not measured.")
+    scopes = sorted({str(s) for s in rows.get("energy_scope", pd.Series(dtype=str)).dropna()})
+    if any(s.startswith("gpu_only") for s in scopes):
+        lines.append("Some jobs shared their node with other measured jobs: their totals hold their GPUs only "
+                     "(energy_scope 'gpu_only: shared node'); CPU and RAM are recorded beside them, not charged.")
+    intensity = rows.get("carbon_intensity_g_per_kwh", pd.Series(dtype=float)).dropna()
+    country = rows.get("country_iso_code", pd.Series(dtype=str)).dropna()
+    if len(intensity):
+        lines.append(f"Carbon: {intensity.iloc[0]:.0f} g CO2e/kWh"
+                     + (f" (grid of {country.iloc[0]})" if len(country) else "") + ".")
+    lines.append(f"The ranking uses {settings.energy_basis} energy"
+                 + (" (net of each job's loaded-idle power)." if settings.energy_basis == "net" else
+                    " (as measured, idle included); energy_net_kwh in energy.csv subtracts each job's loaded-idle power."))
+    return lines
 
 
 def _stability(study_dir: str | Path, configs: pd.DataFrame, settings: RankingSettings,
@@ -59,7 +96,7 @@ def _stability(study_dir: str | Path, configs: pd.DataFrame, settings: RankingSe
         return None, ()
     sub = settings.model_copy(update={"metrics": tuple(chosen), "missing": "exclude"})
     keep = configs[~configs["config_id"].isin(result.excluded)]
-    repeats = rank.repeat_energy(results.read_table(study_dir, "energy_repeats"))
+    repeats = rank.repeat_energy(results.read_table(study_dir, "energy_repeats"), settings.energy_basis)
     stability = rank.rank_stability(keep, items, repeats if len(repeats) else None, sub, w=settings.w,
                                     n_boot=settings.bootstrap, seed=0)
     return stability, tuple(chosen)
@@ -97,6 +134,7 @@ def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
     if outcome.result.excluded:
         lines.append(f"Excluded from the ranking (missing metrics): {', '.join(outcome.result.excluded)}.")
     lines += ["", "**Energy method.** " + describe_methods(set(outcome.methods)) + "."]
+    lines += list(outcome.energy_lines)
     if any(is_estimate(m) for m in outcome.methods):
         lines.append(
             "Differences between precisions on this machine reflect run time under an estimated power model; "

@@ -8,18 +8,16 @@ itself, so the columns of a table are decided here and in ``results.TABLES`` onl
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import results
-from .energy import IdleBaseline, is_estimate
-from .layout import StudyLayout
+from .energy import EnergyRecord, IdleBaseline, is_estimate
 
 if TYPE_CHECKING:
-    from .energy import EnergyMeter, RepeatedMeasurement
+    from .energy import RepeatedMeasurement
     from .lora import FinetuneResult
     from .prune import PruningResult
     from .scoring import TaskResult
@@ -51,37 +49,29 @@ def record_config(study_dir: Path, config_id: str, model: str, precision: str, s
     }])
 
 
-def load_idle_baseline(study_dir: Path) -> IdleBaseline | None:
-    """The study's saved idle baseline, or None when none was measured yet."""
-    path = StudyLayout(Path(study_dir)).idle_baseline
-    if not path.exists():
-        return None
-    saved = json.loads(path.read_text())
-    return IdleBaseline(saved["idle_power_w"], saved["idle_duration_s"], saved["idle_method"])
+def record_idle_baselines(study_dir: Path, config_id: str, phase: str, device: str,
+                          *baselines: IdleBaseline | None) -> None:
+    """The job's idle baselines (system, loaded), measured in its own process."""
+    results.upsert_rows(study_dir, "idle_baselines", [
+        {"config_id": config_id, "phase": phase, "kind": b.kind, "power_w": b.power_w, "duration_s": b.duration_s,
+         "method": b.method, "device": device}
+        for b in baselines if b is not None
+    ])
 
 
-def record_idle_baseline(study_dir: Path, meter: EnergyMeter) -> IdleBaseline:
-    """Measure the idle baseline with this meter, save it, and add its row to energy.csv."""
-    baseline = meter.measure_idle_baseline()
-    results.atomic_write_json(StudyLayout(Path(study_dir)).idle_baseline, baseline.as_dict())
-    if baseline.duration_s > 0:
-        row = {column: None for column in results.ENERGY_COLUMNS}
-        energy_kwh = baseline.power_w * baseline.duration_s / 3.6e6
-        row.update(
-            config_id="idle", phase="idle", model="none", precision="none", adapter="none", pruning="none",
-            task="none", n_items=0, n_tokens=0, duration_s=baseline.duration_s, energy_kwh=energy_kwh,
-            energy_net_kwh=0.0, cpu_energy_kwh=None, gpu_energy_kwh=None, ram_energy_kwh=None,
-            emissions_kg=energy_kwh * meter.carbon_intensity_g_per_kwh() / 1000.0,
-            energy_method=baseline.method, device=meter.device, repeats=1, energy_kwh_std=None,
-        )
-        row["idle_power_w"] = baseline.power_w
-        results.upsert_rows(study_dir, "energy", [row])
-    return baseline
+def energy_fields(record: EnergyRecord) -> dict[str, Any]:
+    """The columns every energy and training row carries about how its energy was obtained."""
+    return {
+        "cpu_method": record.cpu_method, "gpu_method": record.gpu_method, "ram_method": record.ram_method,
+        "estimated_components": record.estimated_components, "energy_scope": record.scope,
+        "country_iso_code": record.country_iso_code, "carbon_intensity_g_per_kwh": record.carbon_intensity_g_per_kwh,
+    }
 
 
 def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: TaskResult,
                 measurement: RepeatedMeasurement, device: str, compute_dtype: str, memory_bytes: int,
-                generated_tokens: int = 0, sparsity: PruningResult | None = None) -> None:
+                generated_tokens: int = 0, sparsity: PruningResult | None = None,
+                idle_system_power_w: float | None = None) -> None:
     """One task's energy row, its scores, its per-item scores and its per-repeat energy."""
     first = measurement.records[0]
     energy_kwh = measurement.mean("energy_kwh")
@@ -97,9 +87,9 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         "gpu_energy_kwh": measurement.mean("gpu_energy_kwh"), "ram_energy_kwh": measurement.mean("ram_energy_kwh"),
         "emissions_kg": measurement.mean("emissions_kg"), "energy_method": first.energy_method,
         "device": device, "repeats": measurement.repeats, "energy_kwh_std": measurement.std("energy_kwh"),
-        "cpu_method": first.cpu_method, "gpu_method": first.gpu_method, "ram_method": first.ram_method,
-        "estimated_components": estimated_components(first.cpu_method, first.gpu_method, first.ram_method),
-        "idle_power_w": first.idle_power_w, "duration_s_std": measurement.std("duration_s"),
+        **energy_fields(first),
+        "idle_power_w": first.idle_power_w, "idle_loaded_power_w": first.idle_power_w,
+        "idle_system_power_w": idle_system_power_w, "duration_s_std": measurement.std("duration_s"),
         "energy_kwh_per_item": energy_kwh / max(result.n_items, 1),
         "energy_kwh_per_1k_tokens": energy_kwh * 1000 / max(result.n_tokens, 1),
         "energy_kwh_per_correct": energy_per_correct(energy_kwh, result),
@@ -148,6 +138,8 @@ def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneRes
         "adapter": config.adapter, "epoch": e.epoch, "train_loss": e.train_loss, "eval_loss": e.eval_loss,
         "duration_s": e.duration_s, "energy_kwh": e.energy_kwh, "emissions_kg": e.emissions_kg,
         "energy_method": e.energy_method, "n_examples": e.n_examples, "n_tokens": e.n_tokens,
+        "energy_net_kwh": e.record.energy_net_kwh if e.record is not None else None,
+        **(energy_fields(e.record) if e.record is not None else {}),
     } for e in result.epochs]
     results.upsert_rows(study_dir, "training", rows, replace_where={"config_id": config.config_id})
     row = {column: None for column in results.ENERGY_COLUMNS}
@@ -159,6 +151,9 @@ def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneRes
         emissions_kg=sum(e.emissions_kg for e in result.epochs), energy_method=result.epochs[0].energy_method,
         device=device, repeats=1, energy_kwh_std=math.nan,
     )
+    if result.epochs[0].record is not None:
+        row.update(energy_fields(result.epochs[0].record))
+        row["energy_net_kwh"] = sum(e.record.energy_net_kwh for e in result.epochs)
     results.upsert_rows(study_dir, "energy", [row])
 
 

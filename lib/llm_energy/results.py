@@ -24,11 +24,15 @@ ENERGY_COLUMNS = [
     "target_sparsity", "measured_sparsity", "task", "n_items", "n_tokens", "duration_s",
     "energy_kwh", "energy_net_kwh", "cpu_energy_kwh", "gpu_energy_kwh", "ram_energy_kwh",
     "emissions_kg", "energy_method", "device", "repeats", "energy_kwh_std",
+    "cpu_method", "gpu_method", "ram_method", "estimated_components", "energy_scope", "country_iso_code",
+    "carbon_intensity_g_per_kwh",
 ]
 SCORES_COLUMNS = ["config_id", "task", "metric", "value", "ci_low", "ci_high", "n_items"]
 TRAINING_COLUMNS = [
     "config_id", "model", "precision", "adapter", "epoch", "train_loss", "eval_loss", "duration_s",
     "energy_kwh", "emissions_kg",
+    "cpu_method", "gpu_method", "ram_method", "estimated_components", "energy_scope", "country_iso_code",
+    "carbon_intensity_g_per_kwh",
 ]
 RANKING_COLUMNS = [
     "config_id", "model", "precision", "adapter", "pruning", "energy_kwh_per_item", "phi", "rho", "w",
@@ -57,8 +61,13 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
          "dense_ms", "sparse_ms", "speedup"],
         ["config_id", "shape", "tokens"],
     ),
+    "idle_baselines": (
+        ["config_id", "phase", "kind", "power_w", "duration_s", "method", "device"],
+        ["config_id", "phase", "kind"],
+    ),
     "configs": (
-        ["config_id", "model", "precision", "adapter", "pruning", "status", "reason", "weights_origin"],
+        ["config_id", "model", "precision", "adapter", "pruning", "status", "reason", "weights_origin",
+         "scoring_path"],
         ["config_id"],
     ),
 }

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -146,23 +146,50 @@ def score_many(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Sequenc
     (each request's tokens see only their own request's); the scores are those of one request at a
     time up to rounding.
     """
-    choose_scoring_path(model, tokenizer)  # decided before any request is scored (a no-op once decided)
-    encoded = [_encode_item(tokenizer, context, continuations) for context, continuations in requests]
-    sizes = [len(ctx) + sum(len(cont) - 1 for cont in conts) for ctx, conts in encoded]
+    return score_encoded(model, tokenizer, encode_requests(tokenizer, requests), max_tokens)
+
+
+@dataclass(frozen=True)
+class EncodedRequest:
+    """One (context, continuations) request as tokens, ready for forward passes."""
+
+    context: list[int]
+    continuations: list[list[int]]
+    continuation_chars: tuple[int, ...]  # len(" choice") per continuation
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens fed to the model: the context once, each continuation but its last token."""
+        return len(self.context) + sum(len(cont) - 1 for cont in self.continuations)
+
+
+def encode_requests(tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]]) -> list[EncodedRequest]:
+    """Tokenise requests (no model involved: done before a measured window)."""
+    out = []
+    for context, continuations in requests:
+        ctx, conts = _encode_item(tokenizer, context, continuations)
+        out.append(EncodedRequest(ctx, conts, tuple(len(c) for c in continuations)))
+    return out
+
+
+def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
+                  max_tokens: int = PACK_TOKENS) -> list[ChoiceScores]:
+    """Forward passes only: the log-likelihoods of already tokenised requests, packed where the
+    chosen scoring path allows (it is chosen first if nobody has, see :func:`choose_scoring_path`)."""
+    choose_scoring_path(model, tokenizer)  # a no-op once decided
     totals: list[list[float]] = []
-    group: list[int] = []
-    for i, size in enumerate(sizes):
-        if group and sum(sizes[j] for j in group) + size > max_tokens:
-            totals += _score_group(model, tokenizer, [encoded[j] for j in group])
+    group: list[EncodedRequest] = []
+    for request in encoded:
+        if group and sum(r.n_tokens for r in group) + request.n_tokens > max_tokens:
+            totals += _score_group(model, tokenizer, [(r.context, r.continuations) for r in group])
             group = []
-        group.append(i)
+        group.append(request)
     if group:
-        totals += _score_group(model, tokenizer, [encoded[j] for j in group])
+        totals += _score_group(model, tokenizer, [(r.context, r.continuations) for r in group])
     return [
-        ChoiceScores(loglik=np.array(t, dtype=float),
-                     continuation_chars=np.array([len(c) for c in continuations], dtype=float),
-                     n_tokens=size)
-        for t, size, (_, continuations) in zip(totals, sizes, requests)
+        ChoiceScores(loglik=np.array(t, dtype=float), continuation_chars=np.array(r.continuation_chars, dtype=float),
+                     n_tokens=r.n_tokens)
+        for t, r in zip(totals, encoded)
     ]
 
 
@@ -210,9 +237,9 @@ def choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
         why = (f"model type {getattr(config, 'model_type', None)!r} with attention "
                f"{getattr(config, '_attn_implementation', None)!r} is not known to take a packed 4D mask")
         return ScoringPath("shared_cache", why)
-    ctx, conts = _encode_item(tokenizer, _PROBE[0], _PROBE[1])
-    state = _packed_supported(model, len(ctx) + sum(len(cont) - 1 for cont in conts))
+    state = _packed_supported(model, 0)  # the decision already taken, if any (None: not yet)
     if state is None:
+        ctx, conts = _encode_item(tokenizer, _PROBE[0], _PROBE[1])
         shared = _score_with_shared_cache(model, tokenizer, ctx, conts)
         try:
             packed = _score_packed(model, [(ctx, conts)])[0]
@@ -415,61 +442,93 @@ def _bootstrap_macro_f1(gold: np.ndarray, predicted: np.ndarray, n_labels: int, 
     return float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
 
 
-def evaluate_qa(model: Any, tokenizer: Any, data: TaskData, prompt: str | None = None,
-                progress: bool = False, n_boot: int = 1000, seed: int = 0) -> TaskResult:
-    prompt = prompt or DEFAULT_QA_PROMPT
-    correct, correct_norm, predictions, n_tokens = [], [], [], 0
-    requests = []
-    for item in data.items:
-        assert isinstance(item, QAItem)
-        context = prompt.format(question=item.question, choices=choice_block(item.choices))
-        requests.append((context, [" " + c for c in item.choices]))
-    for item, scores in zip(data.items, _score_all(model, tokenizer, requests, progress, "qa")):
-        best = int(np.argmax(scores.loglik))
-        # lm-evaluation-harness normalises by len(choice), without the leading space it scores.
-        best_norm = int(np.argmax(scores.loglik / np.array([len(c) for c in item.choices], dtype=float)))
-        correct.append(float(best == item.answer))
-        correct_norm.append(float(best_norm == item.answer))
-        predictions.append(best)
-        n_tokens += scores.n_tokens
-    per_item = {"acc": np.array(correct), "acc_norm": np.array(correct_norm)}
-    return TaskResult(
-        task="qa",
-        metrics={k: float(v.mean()) for k, v in per_item.items()},
-        intervals={k: bootstrap_interval(v, n_boot=n_boot, seed=seed) for k, v in per_item.items()},
-        per_item=per_item,
-        item_ids=tuple(i.id for i in data.items),
-        predictions=tuple(predictions),
-        n_items=len(data.items),
-        n_tokens=n_tokens,
-    )
+@dataclass(frozen=True)
+class PreparedTask:
+    """A task's items tokenised for scoring: everything a measured window needs but the model."""
+
+    task: str
+    data: TaskData
+    encoded: tuple[EncodedRequest, ...]
+    labels: tuple[str, ...] = ()  # rca: the label order of each request's continuations
 
 
-def evaluate_rca(model: Any, tokenizer: Any, data: TaskData, prompt: str | None = None,
-                 progress: bool = False, n_boot: int = 1000, seed: int = 0) -> TaskResult:
-    prompt = prompt or DEFAULT_RCA_PROMPT
-    labels = list(data.labels)
-    continuations = [" " + label_text(label) for label in labels]
-    label_list = ", ".join(label_text(label) for label in labels)
-    gold, predicted, n_tokens = [], [], 0
-    requests = []
-    for item in data.items:
-        assert isinstance(item, RCAItem)
-        requests.append((prompt.format(ticket=item.ticket, labels=label_list), continuations))
-    for item, scores in zip(data.items, _score_all(model, tokenizer, requests, progress, "rca")):
-        predicted.append(int(np.argmax(scores.loglik / scores.continuation_chars)))
-        gold.append(labels.index(item.root_cause))
-        n_tokens += scores.n_tokens
+def prepare_task(task: str, tokenizer: Any, data: TaskData, prompt: str | None = None) -> PreparedTask:
+    """Build and tokenise every request of a task (before any measured window)."""
+    if task == "qa":
+        prompt = prompt or DEFAULT_QA_PROMPT
+        requests = []
+        for item in data.items:
+            assert isinstance(item, QAItem)
+            context = prompt.format(question=item.question, choices=choice_block(item.choices))
+            requests.append((context, [" " + c for c in item.choices]))
+        return PreparedTask("qa", data, tuple(encode_requests(tokenizer, requests)))
+    if task == "rca":
+        prompt = prompt or DEFAULT_RCA_PROMPT
+        labels = tuple(data.labels)
+        continuations = [" " + label_text(label) for label in labels]
+        label_list = ", ".join(label_text(label) for label in labels)
+        requests = []
+        for item in data.items:
+            assert isinstance(item, RCAItem)
+            requests.append((prompt.format(ticket=item.ticket, labels=label_list), continuations))
+        return PreparedTask("rca", data, tuple(encode_requests(tokenizer, requests)), labels)
+    raise ValueError(f"unknown task {task!r}")
+
+
+def score_prepared(model: Any, tokenizer: Any, prepared: PreparedTask, progress: bool = False,
+                   chunk: int = 32) -> list[ChoiceScores]:
+    """The forward passes of a prepared task, and nothing else: what a measured window holds."""
+    if not progress:
+        return score_encoded(model, tokenizer, prepared.encoded)
+    from tqdm.auto import tqdm
+
+    scores: list[ChoiceScores] = []
+    with tqdm(total=len(prepared.encoded), desc=f"scoring {prepared.task}", leave=False) as bar:
+        for start in range(0, len(prepared.encoded), chunk):
+            part = prepared.encoded[start : start + chunk]
+            scores += score_encoded(model, tokenizer, part)
+            bar.update(len(part))
+    return scores
+
+
+def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: int = 1000,
+                seed: int = 0) -> TaskResult:
+    """Metrics and bootstrap intervals from the scores (after the measured window)."""
+    data = prepared.data
+    n_tokens = sum(s.n_tokens for s in scores)
+    if prepared.task == "qa":
+        correct, correct_norm, predictions = [], [], []
+        for item, s in zip(data.items, scores):
+            best = int(np.argmax(s.loglik))
+            # lm-evaluation-harness normalises by len(choice), without the leading space it scores.
+            best_norm = int(np.argmax(s.loglik / np.array([len(c) for c in item.choices], dtype=float)))
+            correct.append(float(best == item.answer))
+            correct_norm.append(float(best_norm == item.answer))
+            predictions.append(best)
+        per_item = {"acc": np.array(correct), "acc_norm": np.array(correct_norm)}
+        return TaskResult(
+            task="qa",
+            metrics={k: float(v.mean()) for k, v in per_item.items()},
+            intervals={k: bootstrap_interval(v, n_boot=n_boot, seed=seed) for k, v in per_item.items()},
+            per_item=per_item,
+            item_ids=tuple(i.id for i in data.items),
+            predictions=tuple(predictions),
+            n_items=len(data.items),
+            n_tokens=n_tokens,
+        )
+    labels = list(prepared.labels)
+    predicted = [int(np.argmax(s.loglik / s.continuation_chars)) for s in scores]
+    gold = [labels.index(item.root_cause) for item in data.items]
     gold_a, pred_a = np.array(gold), np.array(predicted)
-    correct = (gold_a == pred_a).astype(float)
+    correct_a = (gold_a == pred_a).astype(float)
     return TaskResult(
         task="rca",
-        metrics={"accuracy": float(correct.mean()), "macro_f1": macro_f1(gold_a, pred_a, len(labels))},
+        metrics={"accuracy": float(correct_a.mean()), "macro_f1": macro_f1(gold_a, pred_a, len(labels))},
         intervals={
-            "accuracy": bootstrap_interval(correct, n_boot=n_boot, seed=seed),
+            "accuracy": bootstrap_interval(correct_a, n_boot=n_boot, seed=seed),
             "macro_f1": _bootstrap_macro_f1(gold_a, pred_a, len(labels), min(n_boot, 500), seed),
         },
-        per_item={"accuracy": correct},
+        per_item={"accuracy": correct_a},
         item_ids=tuple(i.id for i in data.items),
         predictions=tuple(predicted),
         n_items=len(data.items),
@@ -477,34 +536,24 @@ def evaluate_rca(model: Any, tokenizer: Any, data: TaskData, prompt: str | None 
     )
 
 
+def evaluate_qa(model: Any, tokenizer: Any, data: TaskData, prompt: str | None = None,
+                progress: bool = False, n_boot: int = 1000, seed: int = 0) -> TaskResult:
+    prepared = prepare_task("qa", tokenizer, data, prompt)
+    return task_result(prepared, score_prepared(model, tokenizer, prepared, progress), n_boot, seed)
+
+
+def evaluate_rca(model: Any, tokenizer: Any, data: TaskData, prompt: str | None = None,
+                 progress: bool = False, n_boot: int = 1000, seed: int = 0) -> TaskResult:
+    prepared = prepare_task("rca", tokenizer, data, prompt)
+    return task_result(prepared, score_prepared(model, tokenizer, prepared, progress), n_boot, seed)
+
+
 def evaluate(task: str, model: Any, tokenizer: Any, data: TaskData, prompt: str | None = None,
              progress: bool = False, seed: int = 0) -> TaskResult:
-    """Score one task; the same function for every precision and model."""
-    if task == "qa":
-        return evaluate_qa(model, tokenizer, data, prompt, progress, seed=seed)
-    if task == "rca":
-        return evaluate_rca(model, tokenizer, data, prompt, progress, seed=seed)
-    raise ValueError(f"unknown task {task!r}")
+    """Score one task; the same function for every precision and model (prepare, score, metrics)."""
+    prepared = prepare_task(task, tokenizer, data, prompt)
+    return task_result(prepared, score_prepared(model, tokenizer, prepared, progress), seed=seed)
 
 
 def choice_block(choices: Sequence[str]) -> str:
     return "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices))
-
-
-def _score_all(model: Any, tokenizer: Any, requests: list[tuple[str, Sequence[str]]], progress: bool,
-               label: str, chunk: int = 32) -> Iterator[ChoiceScores]:
-    """score_many over the requests, a chunk at a time (so that a progress bar moves)."""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(requests), desc=f"scoring {label}", leave=False)
-    try:
-        for start in range(0, len(requests), chunk):
-            part = requests[start : start + chunk]
-            yield from score_many(model, tokenizer, part)
-            if bar is not None:
-                bar.update(len(part))
-    finally:
-        if bar is not None:
-            bar.close()

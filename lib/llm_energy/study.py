@@ -27,7 +27,7 @@ from . import rank, results
 from .config import Study, load_study, resolved_dict, section_dict, study_hash
 from .jobs import Job, execute_job, run_job
 from .layout import StudyLayout, config_id_for, project_root
-from .records import record_config, record_idle_baseline
+from .records import record_config
 
 log = logging.getLogger("llm_energy.study")
 
@@ -55,13 +55,14 @@ def resolve_device(study: Study) -> str:
     return resolve(study.device)
 
 
-def expand(study: Study, out_dir: Path, base_dir: Path, device: str) -> tuple[list[Job], list[dict[str, str]]]:
+def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
+           attribution: str = "machine") -> tuple[list[Job], list[dict[str, str]]]:
     """The jobs known before anything runs (data, fine-tuning, base inference, explicit pruning
     targets, ranking), in run order, and configs skipped because their precision cannot run here.
     Adapter evaluation and top-k pruning are added by the runner once their inputs exist."""
     from .models import precision_support
 
-    common = base_parameters(study, out_dir, base_dir, device)
+    common = base_parameters(study, out_dir, base_dir, device, attribution)
     jobs: list[Job] = []
     skipped: list[dict[str, str]] = []
     if "data" in study.phases:
@@ -98,9 +99,40 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str) -> tuple[li
     return jobs, skipped
 
 
-def base_parameters(study: Study, out_dir: Path, base_dir: Path, device: str) -> dict[str, Any]:
+def base_parameters(study: Study, out_dir: Path, base_dir: Path, device: str,
+                    attribution: str = "machine") -> dict[str, Any]:
+    energy = {**study.energy.model_dump(mode="json"), "attribution": attribution}
     return {"study_dir": str(out_dir), "base_dir": str(base_dir), "seed": study.seed, "device": device,
-            "tasks": study.tasks.model_dump(mode="json"), "energy": study.energy.model_dump(mode="json")}
+            "tasks": study.tasks.model_dump(mode="json"), "energy": energy}
+
+
+def energy_attribution(study: Study, cluster: str, device: str) -> str:
+    """How each job's energy is attributed, decided once for the run (see EnergySettings.attribution).
+
+    Sequentially every job has the machine to itself: "machine". A local cluster with one worker per
+    GPU runs measured jobs side by side on one node: their CPU and RAM are shared, so "gpu_only". On
+    SLURM a worker has its node to itself only with --exclusive. Measured jobs sharing a CPU device
+    cannot be told apart at all, so that is refused.
+    """
+    requested = study.energy.attribution
+    shared = False
+    if cluster == "local":
+        from .scale import local_worker_count
+
+        shared = local_worker_count(study, device) > 1
+    elif cluster == "slurm":
+        shared = "--exclusive" not in study.cluster.slurm.job_extra_directives
+    if shared and not device.startswith("cuda"):
+        raise StudyRunError(
+            "measured CPU jobs would share a node (" + ("cluster.local_workers > 1" if cluster == "local" else
+            "SLURM without --exclusive in cluster.slurm.job_extra_directives") + "): their CPU energy cannot be "
+            "told apart. Use one worker, or give each SLURM worker its node (--exclusive).")
+    if requested == "machine" and shared:
+        raise StudyRunError("energy.attribution: machine, but measured jobs share a node here: each job would be "
+                            "charged the whole machine's CPU and RAM. Use attribution: auto or gpu_only.")
+    if requested == "auto":
+        return "gpu_only" if shared else "machine"
+    return requested
 
 
 def inference_job(common: dict[str, Any], model: dict[str, Any], precision: str, config_id: str,
@@ -137,7 +169,7 @@ def top_k_targets(study: Study, out_dir: Path) -> list[tuple[str, str]]:
     """(model, precision) of the best base configs of the inference ranking at the study's w, ranked
     from the tables as they are (ranking.csv is the ranking phase's to write, not this)."""
     assert study.pruning is not None
-    configs = rank.config_energy(results.read_table(out_dir, "energy"))
+    configs = rank.config_energy(results.read_table(out_dir, "energy"), study.ranking.energy_basis)
     if configs.empty:
         raise ValueError(f"{results.table_path(out_dir, 'energy')} has no inference rows to rank")
     table = rank.rank_evaluations(configs, results.read_table(out_dir, "scores"), study.ranking).table
@@ -219,8 +251,8 @@ class _Run:
     """The state of one study run: which jobs finished, resumed or failed, and the progress bar."""
 
     def __init__(self, study: Study, layout: StudyLayout, device: str, resume: bool, phases: list[str] | None,
-                 cluster: str, skipped: list[dict[str, str]]):
-        self.study, self.layout, self.device = study, layout, device
+                 cluster: str, skipped: list[dict[str, str]], attribution: str):
+        self.study, self.layout, self.device, self.attribution = study, layout, device, attribution
         self.resume, self.phases, self.cluster = resume, phases, cluster
         self.outcome = StudyOutcome(out_dir=layout.root, skipped=skipped)
         failures = layout.failures
@@ -286,7 +318,7 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     from tqdm.auto import tqdm
 
     params_path = Path(params_path).resolve()
-    study, device = _validate(params_path, phases, cluster)  # raises before anything is written
+    study, device, attribution = _validate(params_path, phases, cluster)  # raises before anything is written
     out_dir = Path(out).resolve() if out else (Path.cwd() / "outputs" / study.study)
     prepare_out_dir(study, out_dir, resume, force)
     layout = StudyLayout(out_dir)
@@ -295,10 +327,9 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this study may reach a hub
     prov = _write_parameters_and_provenance(study, layout, device, params_path)
 
-    jobs, skipped = expand(study, out_dir, params_path.parent, device)
+    jobs, skipped = expand(study, out_dir, params_path.parent, device, attribution)
     _record_skipped(out_dir, skipped)
-    run = _Run(study, layout, device, resume, phases, cluster, skipped)
-    _ensure_idle_baseline(study, out_dir, device, resume)
+    run = _Run(study, layout, device, resume, phases, cluster, skipped, attribution)
     run.bar = tqdm(total=len(jobs), desc=f"study {study.study}", unit="job")
     first = [j for j in jobs if j.phase in ("data", "finetune", "inference")]
     run.run_stage(first)
@@ -314,8 +345,9 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     return run.outcome
 
 
-def _validate(params_path: Path, phases: list[str] | None, cluster: str) -> tuple[Study, str]:
-    """The study and the device it runs on, or StudyRunError / StudyValidationError."""
+def _validate(params_path: Path, phases: list[str] | None, cluster: str) -> tuple[Study, str, str]:
+    """The study, the device it runs on and how energy is attributed, or StudyRunError /
+    StudyValidationError."""
     from .models import PrecisionUnsupported
 
     study = load_study(params_path)
@@ -326,9 +358,10 @@ def _validate(params_path: Path, phases: list[str] | None, cluster: str) -> tupl
     if cluster not in ("none", "local", "slurm"):
         raise StudyRunError(f"--cluster must be none, local or slurm; got {cluster!r}")
     try:
-        return study, resolve_device(study)
+        device = resolve_device(study)
     except PrecisionUnsupported as exc:  # e.g. device: cuda on a machine without a GPU
         raise StudyRunError(f"{params_path}: device: {exc}") from None
+    return study, device, energy_attribution(study, cluster, device)
 
 
 def _write_parameters_and_provenance(study: Study, layout: StudyLayout, device: str,
@@ -351,7 +384,7 @@ def _record_skipped(out_dir: Path, skipped: list[dict[str, str]]) -> None:
 def _second_stage(run: _Run, jobs: list[Job], first: list[Job], base_dir: Path) -> list[Job]:
     """Adapters the fine-tuning saved, and pruning of the named targets or of the best configs so far."""
     study = run.study
-    common = base_parameters(study, run.layout.root, base_dir, run.device)
+    common = base_parameters(study, run.layout.root, base_dir, run.device, run.attribution)
     second = adapter_jobs(study, common, run.layout.root, [j for j in first if j.phase == "finetune"])
     second += [j for j in jobs if j.phase == "pruning"]
     if run.wants("pruning") and study.pruning is not None and not study.pruning.targets:
@@ -376,23 +409,12 @@ def _render_report_if_ranked(run: _Run) -> Path | None:
 
 def _finish_provenance(prov: dict[str, Any], layout: StudyLayout, run: _Run) -> None:
     prov["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
-    if layout.idle_baseline.exists():
-        prov["idle_baseline"] = json.loads(layout.idle_baseline.read_text())
+    idle = results.read_table(layout.root, "idle_baselines")
+    if len(idle):  # each job's own baselines, measured in its process: system and loaded idle
+        prov["idle_baselines"] = idle.to_dict(orient="records")
     prov["jobs"] = {"completed": run.outcome.completed, "resumed": run.outcome.resumed,
                     "failed": [f["job"] for f in run.failures], "skipped": run.outcome.skipped}
     results.atomic_write_json(layout.provenance, prov)
-
-
-def _ensure_idle_baseline(study: Study, out_dir: Path, device: str, resume: bool) -> None:
-    """One idle baseline per study run, measured before any job, shared by every notebook."""
-    if "inference" not in study.phases:
-        return
-    if resume and StudyLayout(out_dir).idle_baseline.exists():
-        return
-    from .energy import EnergyMeter
-
-    with EnergyMeter(study.energy, device) as meter:
-        record_idle_baseline(out_dir, meter)
 
 
 def render_report(study_dir: str | Path) -> Path:

@@ -51,7 +51,17 @@ def test_energy_rows_for_every_precision_and_task(smoke_run):
     assert set(energy.columns) >= set(results.ENERGY_COLUMNS)
     measured = energy[energy["phase"].isin(["inference", "pruning"])]
     assert measured["energy_method"].notna().all() and (measured["repeats"] == 2).all()
-    assert (energy["phase"] == "idle").sum() == 1
+    assert (energy["phase"] == "idle").sum() == 0  # idle baselines are per job now: idle_baselines.csv
+    idles = results.read_table(out, "idle_baselines")
+    measured_ids = set(energy.loc[energy["phase"] != "idle", "config_id"])
+    assert set(idles["config_id"]) == measured_ids and set(idles["kind"]) == {"system", "loaded"}
+    for column in ("cpu_method", "gpu_method", "ram_method", "estimated_components", "energy_scope",
+                   "country_iso_code", "carbon_intensity_g_per_kwh"):
+        assert energy.loc[energy["phase"] != "idle", column].notna().all(), column
+    assert (measured["estimated_components"] == "cpu;ram").all()  # no RAPL here: CodeCarbon's models
+    assert (measured["energy_scope"] == "machine").all() and (measured["country_iso_code"] == "FRA").all()
+    training = results.read_table(out, "training")
+    assert (training["estimated_components"] == "cpu;ram").all() and training["cpu_method"].notna().all()
     assert (energy["phase"] == "finetune").sum() == 2
     assert len(energy[(energy["phase"] == "inference") & (energy["adapter"] == "lora")]) == 6
     pruned = energy[energy["phase"] == "pruning"]
@@ -98,7 +108,7 @@ def test_provenance_and_resolved_parameters(smoke_run):
     out, _ = smoke_run
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["packages"]["torch"] and prov["params_hash"] and prov["finished_at"]
-    assert "idle_power_w" in prov["idle_baseline"]
+    assert {b["kind"] for b in prov["idle_baselines"]} == {"system", "loaded"}
     assert prov["energy_methods_available"]["codecarbon"] is True
 
 

@@ -5,7 +5,8 @@ they are left out, and so is everything derived from them: φ, R and ranks in ra
 base config the pruning phase picks (the top of the inference ranking at w = 0.5, an energy call).
 Everything else is compared: which configs ran and their status, every score, interval and per-item
 score, token counts, per-epoch losses, per-layer sparsity, ρ. Columns added since the snapshot are
-allowed; a missing column, row or changed value is not.
+allowed; a missing column, row or changed value is not. (One intended change since the snapshot: the
+study-level idle row of energy.csv became per-job idle baselines in idle_baselines.csv.)
 
 Floating-point results (scores, losses) are compared only on a machine like the one that wrote the
 snapshot (same torch, same vector ISA): another CPU rounds bf16 and fp16 matmuls differently. Elsewhere
@@ -71,6 +72,8 @@ def pruning_target(tables_dir: Path) -> str:
 def normalise(study_dir: Path, name: str) -> pd.DataFrame:
     """A table without its volatile columns, study paths replaced, rows in key order."""
     frame = pd.read_csv(study_dir / "tables" / f"{name}.csv", dtype={k: str for k in KEYS[name]})
+    if name == "energy":  # a study-level idle row, since replaced by per-job baselines (idle_baselines.csv)
+        frame = frame[frame["phase"] != "idle"]
     drop = [c for c in frame.columns if any(m in c for m in VOLATILE_MARKERS) or c in ENERGY_DERIVED.get(name, ())]
     frame = frame.drop(columns=drop)
     for column in frame.columns:

@@ -45,8 +45,12 @@ def test_inference_notebook_records_energy_and_scores(root, study_dir, precision
     assert (rows["repeats"] == 2).all()
     assert (rows["energy_kwh"] > 0).all() and (rows["duration_s"] > 0).all()
     assert rows["energy_method"].str.len().gt(0).all()
-    # net = gross - idle power x duration, for the idle power the study recorded
-    idle = json.loads((study_dir / "tables" / "idle_baseline.json").read_text())["idle_power_w"]
+    # net = gross - loaded-idle power x duration, the loaded idle this job measured in its own process
+    idles = results.read_table(study_dir, "idle_baselines").set_index(["config_id", "phase", "kind"])
+    idle = idles.loc[(config_id, "inference", "loaded"), "power_w"]
+    assert (config_id, "inference", "system") in idles.index
+    assert rows["idle_loaded_power_w"].to_numpy() == pytest.approx([idle] * len(rows))
+    assert rows["idle_system_power_w"].notna().all()
     expected_net = rows["energy_kwh"] - idle * rows["duration_s"] / 3.6e6
     assert rows["energy_net_kwh"].to_numpy() == pytest.approx(expected_net.to_numpy(), rel=1e-6, abs=1e-12)
     scores = results.read_table(study_dir, "scores")

@@ -59,7 +59,8 @@ SETTINGS = EnergySettings(idle_seconds=10, repeats=1, max_repeats=1, carbon_inte
 
 
 def make_meter(clock, sources, settings=SETTINGS, device="cpu"):
-    return EnergyMeter(settings, device=device, sources=sources, clock=clock, sleep=clock.sleep)
+    return EnergyMeter(settings, device=device, sources=sources, clock=clock, sleep=clock.sleep,
+                       synchronize=lambda: None)
 
 
 def test_window_energy_exact_from_nvml_counter():
@@ -199,3 +200,245 @@ def test_too_short_window_is_lengthened_by_repetition_not_zero():
     unrepeated = make_meter(clock, [NvmlSource(nvml=CoarseNvml(clock, power_w=200.0))], SETTINGS)
     _, zero = unrepeated.measure(lambda: clock.sleep(0.02), "short")
     assert zero.gpu_energy_kwh in (0.0, pytest.approx(200.0 * 0.1 / 3.6e6))  # what a naive window reads
+
+
+# --- issue: the right counter per component, attribution on a shared node, RAPL wraps, window content ---
+
+from llm_energy.energy import CodeCarbonSource, SCOPE_GPU_ONLY, method_priority  # noqa: E402
+
+
+class FakeTracker:
+    """Stands in for CodeCarbon's OfflineEmissionsTracker: fixed powers per component, fake time."""
+
+    def __init__(self, clock, cpu_w=40.0, gpu_w=300.0, ram_w=5.0, **kwargs):
+        self.clock, self.kwargs = clock, kwargs
+        self.cpu_w, self.gpu_w, self.ram_w = cpu_w, gpu_w, ram_w
+
+    def start(self): pass
+    def stop(self): pass
+    def start_task(self, name): self.t0 = self.clock.now
+    def get_detected_hardware(self): return {"gpu_count": 1}
+
+    def stop_task(self):
+        dt = self.clock.now - self.t0
+        kwh = lambda w: w * dt / 3.6e6  # noqa: E731
+        return type("Data", (), {"cpu_energy": kwh(self.cpu_w), "gpu_energy": kwh(self.gpu_w),
+                                 "ram_energy": kwh(self.ram_w), "emissions": 0.0,
+                                 "energy_consumed": kwh(self.cpu_w + self.gpu_w + self.ram_w)})()
+
+
+class SteppedRapl:
+    """A RAPL tree whose counters the test advances by joules, wrapping at max_range."""
+
+    def __init__(self, root, max_range_uj=1_000_000):
+        self.root, self.max = root, max_range_uj
+        self.values = {"cpu": 0, "ram": 0}
+        make_rapl_tree(root, 0, 0, max_range_uj)
+
+    def add(self, cpu_j=0.0, ram_j=0.0):
+        self.values["cpu"] = (self.values["cpu"] + int(cpu_j * 1e6)) % self.max
+        self.values["ram"] = (self.values["ram"] + int(ram_j * 1e6)) % self.max
+        make_rapl_tree(self.root, self.values["cpu"], self.values["ram"], self.max)
+
+
+def test_own_counters_beat_codecarbon_readings_per_component(tmp_path):
+    clock = FakeClock()
+    probe = lambda tracker: {"cpu": "codecarbon:rapl", "gpu": "codecarbon:pynvml", "ram": "codecarbon:ram_power_model"}  # noqa: E731
+    codecarbon = CodeCarbonSource(SETTINGS, tracker_factory=lambda **kw: FakeTracker(clock, **kw), gpu_ids=[3],
+                                  probe=probe)
+    assert codecarbon.tracker.kwargs["gpu_ids"] == [3]  # CodeCarbon is told the job's GPU
+    rapl_tree = SteppedRapl(tmp_path, max_range_uj=10**12)
+    rapl = RaplSource(tmp_path, sample_s=None)
+    nvml = NvmlSource(nvml=FakeNvml(clock, power_w=250.0))
+    meter = make_meter(clock, [codecarbon, rapl, nvml], device="cuda:0")
+    with meter.window("w") as handle:
+        clock.sleep(10.0)
+        rapl_tree.add(cpu_j=600.0, ram_j=30.0)
+    r = handle.record
+    assert (r.cpu_method, r.gpu_method, r.ram_method) == ("rapl", "nvml_counter", "rapl")
+    assert r.gpu_energy_kwh * 3.6e6 == pytest.approx(2500.0)  # the NVML counter, not CodeCarbon's 3000 J
+    assert r.cpu_energy_kwh * 3.6e6 == pytest.approx(600.0)
+    assert r.ram_energy_kwh * 3.6e6 == pytest.approx(30.0)
+    assert r.estimated_components == ""
+    assert method_priority("nvml_counter") < method_priority("codecarbon:pynvml") < method_priority("codecarbon:cpu_load")
+
+
+def test_codecarbon_gpu_figure_is_dropped_for_a_cpu_job():
+    clock = FakeClock()
+    probe = lambda tracker: {"cpu": "codecarbon:cpu_load", "gpu": "codecarbon:pynvml", "ram": "codecarbon:ram_power_model"}  # noqa: E731
+    codecarbon = CodeCarbonSource(SETTINGS, tracker_factory=lambda **kw: FakeTracker(clock, **kw), probe=probe)
+    assert "gpu_ids" not in codecarbon.tracker.kwargs
+    meter = make_meter(clock, [codecarbon])
+    with meter.window("w") as handle:
+        clock.sleep(2.0)
+    r = handle.record
+    assert r.gpu_method == "none" and r.gpu_energy_kwh == 0.0
+    assert r.estimated_components == "cpu;ram"
+
+
+def test_two_jobs_on_one_node_are_not_both_charged_the_machine(tmp_path):
+    """Two GPU jobs side by side: each total is its own GPU; the shared CPU/RAM is recorded, not charged."""
+    clock = FakeClock()
+    rapl_tree = SteppedRapl(tmp_path, max_range_uj=10**12)
+    meters = [make_meter(clock, [RaplSource(tmp_path, sample_s=None), NvmlSource(nvml=FakeNvml(clock, power_w=w))],
+                         device=f"cuda:{i}") for i, w in enumerate((200.0, 100.0))]
+    for meter in meters:
+        meter.scope = SCOPE_GPU_ONLY
+    with meters[0].window("a") as a, meters[1].window("b") as b:
+        clock.sleep(10.0)
+        rapl_tree.add(cpu_j=500.0, ram_j=50.0)  # the node's CPU and RAM, shared by both jobs
+    ra, rb = a.record, b.record
+    assert ra.energy_kwh * 3.6e6 == pytest.approx(2000.0) and rb.energy_kwh * 3.6e6 == pytest.approx(1000.0)
+    assert (ra.energy_kwh + rb.energy_kwh) * 3.6e6 == pytest.approx(3000.0)  # no CPU/RAM counted twice
+    assert ra.cpu_energy_kwh * 3.6e6 == pytest.approx(500.0)  # still recorded beside the total
+    assert ra.scope == rb.scope == "gpu_only: shared node"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        EnergyMeter(SETTINGS, device="cpu", sources=[], attribution="gpu_only")
+
+
+def test_runner_decides_attribution_per_node(root):
+    from llm_energy.config import load_study
+    from llm_energy.study import StudyRunError, energy_attribution
+
+    study = load_study(root / "params" / "smoke.yaml")
+    assert energy_attribution(study, "none", "cpu") == "machine"
+    assert energy_attribution(study, "local", "cpu") == "machine"  # one worker for the CPU
+    two = study.model_copy(update={"cluster": study.cluster.model_copy(update={"local_workers": 2})})
+    assert energy_attribution(two, "local", "cuda") == "gpu_only"
+    with pytest.raises(StudyRunError, match="measured CPU jobs would share a node"):
+        energy_attribution(two, "local", "cpu")
+    forced = two.model_copy(update={"energy": two.energy.model_copy(update={"attribution": "machine"})})
+    with pytest.raises(StudyRunError, match="charged the whole machine"):
+        energy_attribution(forced, "local", "cuda")
+    assert energy_attribution(study, "slurm", "cuda") == "gpu_only"  # no --exclusive: the node is shared
+
+
+def test_rapl_counter_wrapping_twice_in_one_window_is_counted(tmp_path):
+    """65 kJ counters wrap every few minutes under load: the sampler sees each wrap."""
+    tree = SteppedRapl(tmp_path, max_range_uj=1_000_000)  # wraps every 1 J
+    source = RaplSource(tmp_path, sample_s=None)  # sampled by hand here; a thread does it in a study
+    source.begin("long")
+    for _ in range(5):  # 5 x 0.9 J: the counter wraps 4 times, at most once between two samples
+        tree.add(cpu_j=0.9, ram_j=0.4)
+        source.sample()
+    readings = source.end()
+    assert readings["cpu"].energy_j == pytest.approx(4.5)
+    assert readings["ram"].energy_j == pytest.approx(2.0)
+    # Without sampling, the same window reads less than 1 J: what the old single-wrap code did.
+    naive = RaplSource(tmp_path, sample_s=None)
+    naive.begin("long")
+    for _ in range(5):
+        tree.add(cpu_j=0.9)
+    assert naive.end()["cpu"].energy_j < 1.0
+
+
+def test_rapl_sampling_thread_reads_while_the_window_runs(tmp_path):
+    tree = SteppedRapl(tmp_path, max_range_uj=1_000_000)
+    source = RaplSource(tmp_path, sample_s=0.01)
+    source.begin("threaded")
+    import time as _time
+
+    for _ in range(4):
+        tree.add(cpu_j=0.9)
+        _time.sleep(0.1)  # ten sampling periods: the thread reads between the test's updates
+    assert source.end()["cpu"].energy_j == pytest.approx(3.6)
+
+
+class RecordingMeter:
+    """A meter that only notes which calls happen while its window is open."""
+
+    def __init__(self, log):
+        self.log = log
+        self.settings = SETTINGS
+
+    def measure_repeated(self, fn, name, warmup=None):
+        from llm_energy.energy import RepeatedMeasurement
+
+        if warmup is not None:
+            warmup()
+        self.log.append("window:open")
+        result = fn()
+        self.log.append("window:close")
+        record = EnergyMeter(SETTINGS, sources=[], clock=FakeClock())._make_record(name, 1.0, {})
+        return RepeatedMeasurement((record,), result)
+
+
+def test_windows_hold_only_the_model_work(tiny_model, monkeypatch):
+    """Tokenising happens before the window, metrics and bootstrap after it: inside, forwards only."""
+    from dataclasses import replace as dc_replace
+
+    from llm_energy import evaluation, scoring
+    from llm_energy.config import TaskSettings
+    from llm_energy.data import load_task_data
+
+    log: list[str] = []
+
+    class Tokenizer:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *args, **kwargs):
+            log.append("tokenize")
+            return self.inner(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    real_bootstrap = scoring.bootstrap_interval
+    monkeypatch.setattr(scoring, "bootstrap_interval", lambda *a, **k: (log.append("bootstrap"), real_bootstrap(*a, **k))[1])
+    handle = tiny_model.model.register_forward_pre_hook(lambda *a: log.append("forward"))
+    try:
+        loaded = dc_replace(tiny_model, tokenizer=Tokenizer(tiny_model.tokenizer))
+        for task in ("qa", "rca"):
+            log.clear()
+            data = load_task_data(task, TaskSettings(max_items=4))
+            result, _ = evaluation.measure_task(loaded, task, data, RecordingMeter(log))
+            inside = log[log.index("window:open") + 1 : log.index("window:close")]
+            assert inside and set(inside) == {"forward"}, inside
+            assert "tokenize" in log[: log.index("window:open")] and "bootstrap" in log[log.index("window:close"):]
+            assert result.n_items == 4
+    finally:
+        handle.remove()
+
+
+PROBE_SCRIPT = """
+import json, logging
+messages = []
+class Capture(logging.Handler):
+    def emit(self, record):
+        messages.append(record.getMessage())
+logger = logging.getLogger("codecarbon")
+logger.addHandler(Capture(level=logging.INFO))
+logger.setLevel(logging.INFO)
+from codecarbon import OfflineEmissionsTracker
+from llm_energy.energy import probe_codecarbon_methods
+tracker = OfflineEmissionsTracker(country_iso_code="FRA", output_methods=[], log_level="info", allow_multiple_runs=True)
+tracker.start()
+probed = probe_codecarbon_methods(tracker)
+tracker.stop()
+said = {}
+for message in messages:
+    for line in message.splitlines():
+        for component in ("CPU", "GPU", "RAM"):
+            prefix = component + " Tracking Method:"
+            if line.strip().startswith(prefix):
+                said[component.lower()] = line.strip()[len(prefix):].strip().lower().replace(" ", "_")
+print(json.dumps({"probed": probed, "said": said}))
+"""
+
+
+def test_probe_agrees_with_what_codecarbon_says_it_uses():
+    """The library learns CodeCarbon's methods by probing, not from its log; this test (in a fresh
+    process, since CodeCarbon sets its hardware up once per process) checks the probe against the log."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", PROBE_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    probed, said = out["probed"], out["said"]
+    assert said, "CodeCarbon logged no tracking-method lines to compare with"
+    assert probed["cpu"] == "codecarbon:" + said["cpu"]
+    assert (probed["gpu"] == "none") == (said.get("gpu", "unspecified") == "unspecified")
+    assert "estimation" in said["ram"] and probed["ram"] == "codecarbon:ram_power_model"

@@ -61,3 +61,40 @@ def test_budget_skips_the_cases_left_and_still_prints_the_summary(bench, tmp_pat
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("prefill_speedup=nan")
     kinds = [json.loads(line)["kind"] for line in out.read_text().splitlines()]
     assert kinds == ["environment", "skipped", "skipped"]
+
+
+class WallClockNvml:
+    """A pynvml stand-in: a total-energy counter (mJ) that rises at a constant power in wall time."""
+
+    def __init__(self, power_w: float):
+        import time
+
+        self.power_w, self.time, self.t0 = power_w, time, time.perf_counter()
+
+    def nvmlInit(self): pass
+    def nvmlShutdown(self): pass
+    def nvmlDeviceGetCount(self): return 1
+    def nvmlDeviceGetHandleByIndex(self, i): return i
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        return int((self.time.perf_counter() - self.t0) * self.power_w * 1000)
+
+
+def test_dry_run_energy_path_through_a_fake_nvml(bench, tmp_path, capsys):
+    """The NVML energy arithmetic (gross, net of idle, mJ per token) runs end to end on the CPU."""
+    out = tmp_path / "sparse24.jsonl"
+    rc = bench.main(["--dry-run-cpu", "--presets", "tiny", "--dtypes", "fp32", "--batch", "2", "--seq", "32",
+                     "--repeats", "2", "--min-seconds", "0.05", "--idle-seconds", "0.2", "--min-speedup", "0",
+                     "--decode-tokens", "0", "--out", str(out)], nvml_module=WallClockNvml(power_w=100.0))
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "energy_per_token_ratio=nan" not in last
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records[0]["idle_power_w"] == pytest.approx(100.0, rel=0.05)
+    prefill = records[-1]
+    for kind in ("dense", "planned"):
+        m = prefill[kind]
+        assert m["energy_method"] == "nvml_counter"
+        # 100 W at the measured throughput: mJ/token = 100 J/s * 1000 / (tokens/s), within timing noise.
+        assert m["mj_per_token"] == pytest.approx(100.0 * 1000 / m["tokens_per_s"], rel=0.3)
+        assert m["mj_per_token_net"] == pytest.approx(0.0, abs=0.3 * m["mj_per_token"])  # all of it is "idle" power
