@@ -183,10 +183,13 @@ PRUNING = [
     md("""# 04 — Pruning: one method and pattern on one configuration
 Prune the dense weights of the decoder's linear layers (magnitude or Wanda; unstructured or N:M),
 record the measured sparsity next to the target, then evaluate both tasks and measure energy exactly
-as the inference phase does. Zeros save energy only when a kernel skips them: on CUDA, 2:4 layers at
-fp16/bf16 run cuSPARSELt where a timing on that GPU says sparse is faster (`llm_energy.sparse`); on a
-CPU no sparse kernel runs, pruned models run dense, so energy is not expected to fall, and the quality
-cost is what this phase shows there."""),
+as the inference phase does. A fine-tuned configuration is pruned after its LoRA adapter is merged
+into the weights (a quantized base is dequantized first, then quantized back after pruning, and every
+pruned layer is checked again). With `recover`, a fresh LoRA adapter is trained on the pruned model
+to win back quality, its energy per epoch recorded, and the recovered model evaluated too. Zeros save
+energy only when a kernel skips them: on CUDA, 2:4 layers at fp16/bf16 run cuSPARSELt where a timing
+on that GPU says sparse is faster (`llm_energy.sparse`); on a CPU no sparse kernel runs, pruned models
+run dense, so energy is not expected to fall, and the quality cost is what this phase shows there."""),
     params('''
 study_dir: str = ""  # output folder; empty means outputs/notebook-defaults of the project
 config_id: str = ""  # row key; empty means <model>__<precision>__<pruning label>
@@ -197,6 +200,9 @@ tasks: dict = {"rca": {"max_items": 6, "generation": {"new_tokens": 8, "max_item
 energy: dict = {"idle_seconds": 1.0, "repeats": 1, "max_repeats": 1}  # the study's `energy` section
 pruning: dict = {"method": "wanda", "pattern": "2:4", "sparsity": None, "calibration_samples": 16, "calibration_max_tokens": 128}  # one method
 sparse_kernels: str = "auto"  # auto (cuSPARSELt for 2:4 at fp16/bf16 on CUDA where faster) | off
+adapter: str = ""  # LoRA adapter folder of a fine-tuned target (merged before pruning); empty: the base model
+adapter_name: str = "none"  # how the target's adapter is named in the tables
+recover: dict = {}  # `pruning.recover` (epochs, learning_rate, ...); empty: no recovery fine-tuning
 seed: int = 0
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 '''),
@@ -206,24 +212,34 @@ from llm_energy import evaluation, pruning as pr
 run = evaluation.ConfigRun.from_parameters(
     study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,
     tasks=tasks, energy=energy, seed=seed, base_dir=base_dir)
-run, spec = pr.parameters(run, pruning, config_id)
-print(run.config_id, spec.label)
+run, spec, recovery = pr.parameters(run, pruning, config_id, recover)
+print(run.config_id, spec.label, "| recovery:", recovery)
 '''),
-    md("Calibration texts (Wanda) from the tasks' training splits, then prune and check the pattern."),
+    md("Calibration texts (Wanda) from the tasks' training splits; system idle before anything is loaded; "
+       "then merge (a fine-tuned target), prune and check the pattern."),
     code('''
 calibration = pr.calibration(run, spec)
 system_idle = evaluation.measure_system_idle(run)
-loaded, outcome = pr.prune(run, spec, calibration)
-execution = pr.sparse_execution(run, loaded, outcome, sparse_kernels)
-scoring_path = pr.record(run, loaded, outcome, execution)
+pruned = pr.prune(run, spec, calibration, adapter)
+execution = pr.sparse_execution(run, pruned.loaded, pruned.outcome, sparse_kernels)
+scoring_path = pr.record(run, pruned, execution, adapter_name)
+outcome = pruned.outcome
 print(f"target sparsity {outcome.target_sparsity:.3f}, measured {outcome.measured_sparsity:.4f}, "
       f"N:M verified: {outcome.verified_nm}, {len(outcome.layers)} layers, {outcome.duration_s:.1f} s")
+if pruned.after_quantization:
+    print(f"after quantization to {run.precision}: all {len(pruned.after_quantization)} layers checked again")
 print(f"kernels: {execution.kernel} ({execution.note}); scoring path: {scoring_path.name}")
 ''', nbval_skip=True),
-    md("Evaluate and measure exactly as the inference phase does."),
+    md("Evaluate and measure exactly as the inference phase does; then, if asked, train a recovery "
+       "adapter on the pruned model and evaluate that too."),
     code('''
-with evaluation.open_meter(run, loaded.device, system_idle, phase="pruning") as meter:
-    summary = pr.evaluate(run, loaded, meter, outcome)
+with evaluation.open_meter(run, pruned.loaded.device, system_idle, phase="pruning") as meter:
+    summary = pr.evaluate(run, pruned.loaded, meter, outcome, adapter_name)
+    if recovery is not None:
+        recovered = pr.recover(run, pruned, recovery, meter, adapter_name)  # None where LoRA cannot train
+        if recovered is not None:
+            summary += [{"config": "recovered", **row}
+                        for row in pr.evaluate_recovered(recovered, meter, outcome, adapter_name)]
 ''', nbval_skip=True),
     code('''
 import pandas as pd
@@ -304,6 +320,7 @@ else:
     plots.save_figure(fig6, study_dir / "figures", "fig6_pruning")
     display(plots.as_image(fig6))
     display(Markdown(rk.pruning_kernels_markdown(study_dir)))
+    display(Markdown(rk.recovery_markdown(study_dir)))
 ''', nbval_skip=True),
     md("## Tables\nEnergy per measured window (gross, net of the idle baseline, spread over repeats, method) and task scores with 95% bootstrap intervals."),
     code('''

@@ -531,11 +531,59 @@ class PruningSpec(PruningMethod):
         return values
 
 
+class RecoverySettings(_Strict):
+    """A fresh LoRA adapter trained on each pruned model (its training split only) to win back
+    quality; the pruned weights stay as they are (the adapter is not merged into them)."""
+
+    epochs: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    rank: int = Field(8, gt=0)  # LoRA rank
+    alpha: int = Field(16, gt=0)
+    target_modules: list[str] = ["q_proj", "v_proj"]
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(256, ge=2)
+    max_train_items: int | None = Field(None, gt=0)  # seeded sample of the training split; null = all
+    max_eval_items: int | None = Field(None, gt=0)
+    task: Literal["rca", "qa"] = "rca"
+
+    def spec(self, seed: int) -> FinetuneSpec:
+        """The fine-tuning spec of a recovery run (no dropout: a short run on a fixed mask)."""
+        return FinetuneSpec(rank=self.rank, alpha=self.alpha, dropout=0.0, target_modules=tuple(self.target_modules),
+                            learning_rate=self.learning_rate, epochs=self.epochs, batch_size=self.batch_size,
+                            max_length=self.max_length, max_train_items=self.max_train_items,
+                            max_eval_items=self.max_eval_items, seed=seed, task=self.task)
+
+
+@dataclass(frozen=True)
+class PruningTarget:
+    """A config to prune, as the ranking names it: a model at a precision, with or without its adapter."""
+
+    model: str
+    precision: str
+    adapter: str = "none"  # "lora": the fine-tuning phase's adapter, merged before pruning
+
+    @classmethod
+    def parse(cls, value: str) -> "PruningTarget":
+        """'model:precision' or a config id 'model__precision' / 'model__precision__lora'."""
+        if "__" in value:
+            parts = value.split("__")
+            if len(parts) == 2:
+                return cls(parts[0], parts[1])
+            if len(parts) == 3 and parts[2] == "lora":
+                return cls(parts[0], parts[1], "lora")
+            raise ValueError(f"target {value!r}: a config id to prune is <model>__<precision> or "
+                             "<model>__<precision>__lora (pruned configs are not pruned again)")
+        model, _, precision = value.partition(":")
+        return cls(model, precision)
+
+
 class PruningParams(_Strict):
     """The study's `pruning` section: which configs to prune (Figure 6) and with which methods."""
 
-    targets: list[str] | None = None  # "model:precision" to prune; null = the top_k of the inference ranking
-    top_k: int = Field(1, gt=0)  # how many of the inference ranking's best base configs (at ranking.w)
+    # "model:precision", or a config id such as "m__fp32__lora" (the fine-tuned config, adapter merged
+    # before pruning); null = the top_k configs of the inference ranking, adapters included
+    targets: list[str] | None = None
+    top_k: int = Field(1, gt=0)  # how many of the ranking's best evaluated configs (at ranking.w)
     methods: list[PruningMethod] = Field(min_length=1)
     calibration_samples: int = Field(64, gt=0)  # Wanda: texts from the task's training split
     calibration_max_tokens: int = Field(256, gt=0)
@@ -543,15 +591,20 @@ class PruningParams(_Strict):
     # auto: on CUDA, 2:4 layers at fp16/bf16 run cuSPARSELt where a timing says it is faster (dense
     # elsewhere, and always on CPU); off: pruned models always run dense kernels.
     sparse_kernels: Literal["auto", "off"] = "auto"
+    recover: RecoverySettings | None = None  # null = no recovery fine-tuning
 
     @field_validator("targets")
     @classmethod
     def _targets(cls, values: list[str] | None) -> list[str] | None:
         for value in values or []:
-            model, _, precision = value.partition(":")
-            if not model or precision not in PRECISIONS:
-                raise ValueError(f"target {value!r} must be 'model:precision' with a precision in {', '.join(PRECISIONS)}")
+            target = PruningTarget.parse(value)
+            if not target.model or target.precision not in PRECISIONS:
+                raise ValueError(f"target {value!r} must be 'model:precision' or a config id, with a precision in "
+                                 f"{', '.join(PRECISIONS)}")
         return values
+
+    def parsed_targets(self) -> list[PruningTarget]:
+        return [PruningTarget.parse(v) for v in self.targets or []]
 
     def spec(self, method: PruningMethod, seed: int) -> PruningSpec:
         """The full spec of one of this section's methods (calibration and layers from the section)."""
@@ -605,10 +658,16 @@ class Study(_Strict):
             raise ValueError("phase 'pruning' needs a 'pruning' section")
         if self.pruning is not None and self.pruning.targets:
             names = {m.name for m in self.models}
-            for target in self.pruning.targets:
-                model, _, precision = target.partition(":")
-                if model not in names:
-                    raise ValueError(f"pruning target {target!r} names model {model!r}, which is not in models")
+            for value, target in zip(self.pruning.targets, self.pruning.parsed_targets()):
+                if target.model not in names:
+                    raise ValueError(f"pruning target {value!r} names model {target.model!r}, which is not in models")
+                if target.adapter == "none" and target.precision not in self.precisions:
+                    raise ValueError(f"pruning target {value!r}: this study evaluates no {target.model} at "
+                                     f"{target.precision} (precisions: {', '.join(self.precisions)})")
+                if target.adapter == "lora" and not ("finetune" in self.phases and self.finetune is not None
+                                                     and target.precision in self.finetune.precisions):
+                    raise ValueError(f"pruning target {value!r}: no such config in this study, since no adapter is "
+                                     f"trained at {target.precision} (add phase finetune with that precision)")
         if "pruning" in self.phases and not (self.pruning and self.pruning.targets) and "inference" not in self.phases:
             raise ValueError("pruning without explicit targets ranks the inference phase's configs: add phase 'inference'")
         return self

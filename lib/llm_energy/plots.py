@@ -373,6 +373,8 @@ def fig3_finetune_energy_loss(training: pd.DataFrame, energy_method: str, *,
     _require(training, ["config_id", "model", "precision", "adapter", "epoch", "train_loss", "energy_kwh"],
              "training", "fig3_finetune_energy_loss")
     df = training.dropna(subset=["energy_kwh", "train_loss"])
+    if "phase" in df.columns:  # recovery adapters trained on pruned models belong to Figure 6
+        df = df[df["phase"].fillna("finetune") == "finetune"]
     if df.empty:
         return _no_data_figure(FIG3_TITLE)
     precisions = precision_order(df["precision"])
@@ -508,18 +510,28 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
                       "target_sparsity", "task", "n_items", "energy_kwh", "emissions_kg", "energy_method"],
              "energy", "fig6_pruning")
     meta = _config_meta(energy)
-    meta = meta[_is_none(meta["adapter"])].copy()
+    meta["adapter"] = meta["adapter"].where(~_is_none(meta["adapter"]), "none").astype(str)
+    meta["recovered"] = meta["adapter"].str.endswith("recovery")
+    # The config each row belongs to: a pruned or recovered config's target (its adapter without the
+    # recovery one), which is its own unpruned twin.
+    meta["target_adapter"] = meta["adapter"].str.replace(r"\+?recovery$", "", regex=True).replace("", "none")
     meta["pruned"] = ~_is_none(meta["pruning"])
-    # Only model+precision pairs that were actually pruned; their unpruned twin is the reference.
-    pairs = meta.loc[meta["pruned"], ["model", "precision"]].drop_duplicates()
-    meta = meta.merge(pairs, on=["model", "precision"], how="inner")
+    targets = meta.loc[meta["pruned"], ["model", "precision", "target_adapter"]].drop_duplicates()
+    meta = meta[meta["pruned"] | (meta["adapter"] == meta["target_adapter"])]
+    meta = meta.merge(targets, on=["model", "precision", "target_adapter"], how="inner")
     if meta.empty:
         return _no_data_figure(FIG6_TITLE)
-    meta["category"] = [pruning_label(r.pruning, r.sparsity_pattern, r.target_sparsity) for r in meta.itertuples()]
-    several_pairs = len(pairs) > 1
-    if several_pairs:
-        meta["category"] = meta["model"].map(_short_model) + " " + meta["precision"].astype(str) + "\n" + meta["category"]
-    meta = meta.sort_values(["model", "precision", "pruned", "category"])
+    meta["category"] = [("unpruned" if not r.pruned else pruning_label(r.pruning, r.sparsity_pattern, r.target_sparsity))
+                        + (" + recovery" if r.recovered else "") for r in meta.itertuples()]
+    target_names = (meta["model"].map(_short_model) + " " + meta["precision"].astype(str)
+                    + meta["target_adapter"].map(lambda a: "" if a == "none" else f" + {a}"))
+    single_target = target_names.nunique() == 1
+    if not single_target:
+        meta["category"] = target_names + "\n" + meta["category"]
+    # Per target: unpruned, then each pruning, each followed by its recovered config.
+    meta["order"] = meta["pruned"].astype(int) + meta["recovered"].astype(int)
+    meta["base_category"] = meta["category"].str.replace(" + recovery", "", regex=False)
+    meta = meta.sort_values(["model", "precision", "target_adapter", "pruned", "base_category", "order"])
     categories = list(dict.fromkeys(meta["category"]))
 
     sc = scores.drop(columns=[c for c in meta.columns if c != "config_id" and c in scores.columns])
@@ -535,7 +547,8 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
         return _no_data_figure(FIG6_TITLE)
     note = energy_note(en["energy_method"]) if not en.empty else None
     # Wrap each line of a label so neighbouring categories never run into each other.
-    labels = ["\n".join(textwrap.fill(line, 14) for line in c.split("\n")) for c in categories]
+    labels = ["\n".join(textwrap.fill(line, 13) for line in c.split("\n")) for c in categories]
+    tick_size = 8 if len(categories) <= 4 else 7
     with _style():
         fig, axes = _new_figure(1, 2, note=note is not None)
         ax_s, ax_e = axes[0]
@@ -561,13 +574,16 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
         ax_e.set_title("(b) Inference energy")
         ax_e.set_ylabel("Energy per item (Wh/item)")
         for ax, title in ((ax_s, "task: metric"), (ax_e, "task")):
-            ax.set_xticks(range(len(categories)), labels, fontsize=8,
+            ax.set_xticks(range(len(categories)), labels, fontsize=tick_size,
                           rotation=30 if len(categories) > 6 else 0, ha="right" if len(categories) > 6 else "center")
+            if single_target:
+                ax.set_xlabel(f"pruned config: {target_names.iloc[0]}", fontsize=9)
             handles = ax.get_legend_handles_labels()[0]
             if handles:
                 # Legend under the axes (below the category labels): it never covers a bar or a tick.
+                lines = max(label.count("\n") + 1 for label in labels) + (1 if single_target else 0)
                 ax.legend(title=title, fontsize=8, title_fontsize=8, loc="upper center", ncol=min(len(handles), 3),
-                          bbox_to_anchor=(0.5, -0.2), frameon=False)
+                          bbox_to_anchor=(0.5, -0.1 - 0.065 * lines), frameon=False)
     return _finish(fig, FIG6_TITLE, note)
 
 

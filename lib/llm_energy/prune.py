@@ -281,6 +281,7 @@ def verify_nm(weight: "torch.Tensor", n: int, m: int) -> bool:
 
 def _dense_weight(module: Any) -> "torch.Tensor":
     """A weight whose zeros are the layer's zeros, for quantized layers too."""
+    module = getattr(module, "base_layer", module)  # a LoRA-wrapped layer: its frozen weight
     weight = module.weight
     if any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__) and getattr(weight, "quant_state", None):
         import bitsandbytes.functional as bnbf
@@ -288,6 +289,44 @@ def _dense_weight(module: Any) -> "torch.Tensor":
         return bnbf.dequantize_4bit(weight.data, weight.quant_state)
     # int8 (LLM.int8) codes are zero exactly where the dequantized weight is zero.
     return weight.data
+
+
+def dequantized_weight(module: Any) -> "torch.Tensor":
+    """The real-valued weight of a layer in float32: a bitsandbytes 4-bit or LLM.int8 layer
+    dequantized, any other layer's weight as it is."""
+    module = getattr(module, "base_layer", module)
+    if _is_quantized(module):
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(module).detach().float()
+    return module.weight.detach().float()
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """A pruned layer looked at again after a round trip (quantization, or recovery training)."""
+
+    name: str
+    measured_sparsity: float
+    verified_nm: bool | None  # None for unstructured pruning
+
+
+def check_pruned(model: Any, outcome: PruningResult) -> list[LayerCheck]:
+    """Measure again, in ``model`` (quantized, or carrying a recovery adapter), every layer that
+    ``outcome`` pruned: its sparsity and, for N:M, the exact pattern. Layers are found by the end of
+    their names, so a model wrapped by peft is checked too."""
+    modules = dict(model.named_modules())
+    nm = outcome.spec.nm
+    checks = []
+    for layer in outcome.layers:
+        found = [m for n, m in modules.items() if n == layer.name or n.endswith("." + layer.name)]
+        if not found:
+            raise ValueError(f"layer {layer.name} pruned earlier is not in this model")
+        weight = _dense_weight(found[0])
+        zero = int((weight == 0).sum())
+        verified = verify_nm(weight.reshape(layer.shape), nm.kept, nm.group) if nm is not None else None
+        checks.append(LayerCheck(layer.name, zero / weight.numel(), verified))
+    return checks
 
 
 def measure_sparsity(model: Any, include: Sequence[str] = DEFAULT_INCLUDE) -> dict[str, LayerSparsity]:

@@ -12,22 +12,25 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .config import DENSE_PRECISIONS, PruningSpec
+from .config import DENSE_PRECISIONS, PruningSpec, RecoverySettings, validate_section
 from .energy import EnergyMeter
 from .evaluation import ConfigRun, evaluate_config, full_split
 from .layout import StudyLayout, config_id_for
 from .models import LoadedModel, load_model
-from .prune import PruningResult, calibration_texts, prune_model
-from .records import record_config, record_pruned_layers
+from .lora import FINETUNE_PRECISIONS, finetune, load_adapter
+from .prune import LayerCheck, PruningResult, calibration_texts, check_pruned, dequantized_weight, prune_model
+from .records import record_config, record_pruned_layers, record_training
 from .scoring import ScoringPath, choose_scoring_path
 
 
-def parameters(run: ConfigRun, pruning_section: dict, config_id: str = "") -> tuple[ConfigRun, PruningSpec]:
-    """The notebook's `pruning` parameter as a spec, and the run's config id: ``config_id`` when the
-    runner gave one, else <model>__<precision>__<pruning label>."""
+def parameters(run: ConfigRun, pruning_section: dict, config_id: str = "",
+               recover_section: dict | None = None) -> tuple[ConfigRun, PruningSpec, RecoverySettings | None]:
+    """The notebook's `pruning` parameter as a spec, its `recover` parameter (empty: no recovery), and
+    the run's config id: ``config_id`` when the runner gave one, else <model>__<precision>__<label>."""
     spec = PruningSpec(**pruning_section)
+    recovery = validate_section(RecoverySettings, recover_section, "recover") if recover_section else None
     run = run.with_config_id(config_id or config_id_for(run.model.name, run.precision, pruning=spec.label))
-    return run, spec
+    return run, spec, recovery
 
 
 def calibration(run: ConfigRun, spec: PruningSpec) -> list[str]:
@@ -39,13 +42,40 @@ def calibration(run: ConfigRun, spec: PruningSpec) -> list[str]:
     return texts
 
 
-def prune(run: ConfigRun, spec: PruningSpec, texts: list[str]) -> tuple[LoadedModel, PruningResult]:
-    """Prune the dense weights, then load them at the run's precision (quantizing after pruning)."""
+@dataclass
+class PrunedModel:
+    """A pruned config ready to evaluate: the model at the run's precision, what pruning measured on
+    the dense weights, and the same layers checked again after quantization (empty when the run's
+    precision is dense, so nothing changed after pruning)."""
+
+    loaded: LoadedModel
+    outcome: PruningResult
+    after_quantization: list[LayerCheck]
+
+
+def prune(run: ConfigRun, spec: PruningSpec, texts: list[str], adapter_dir: str = "") -> PrunedModel:
+    """Prune the config's dense weights, then load them at the run's precision.
+
+    A fine-tuned config (``adapter_dir``) is pruned after its LoRA adapter is merged into the weights:
+    at fp32/bf16/fp16 directly; at int8/nf4/fp4 the quantized base is dequantized first (the adapter
+    was trained on it), merged and pruned in fp32, then quantized back to the run's precision. After
+    quantization every pruned layer is measured again, so a pattern the quantizer broke is caught.
+    """
     dense_precision = run.precision if run.precision in DENSE_PRECISIONS else "fp32"
     dense = load_model(run.model, dense_precision, run.device, base_dir=run.base_dir)
+    origin = dense.weights_origin
+    if adapter_dir:
+        if dense_precision != run.precision:  # the adapter was trained on the quantized base
+            quantized_base = load_model(run.model, run.precision, run.device, base_dir=run.base_dir)
+            copied = _copy_dequantized(quantized_base.model, dense.model)
+            del quantized_base
+            origin += f"; dequantized from {run.precision} ({copied} layers)"
+        merged = load_adapter(dense, adapter_dir).merge_and_unload()
+        dense = replace(dense, model=merged)
+        origin += f"; LoRA adapter {adapter_dir} merged"
     outcome = prune_model(dense.model, spec, calibration=texts, tokenizer=dense.tokenizer)
     if dense_precision == run.precision:
-        return dense, outcome
+        return PrunedModel(replace(dense, weights_origin=f"{origin}; pruned ({spec.label})"), outcome, [])
     # bitsandbytes quantizes at load time, so the pruned weights go through a folder first.
     folder = StudyLayout(run.study_dir).pruned_weights(run.config_id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,8 +83,31 @@ def prune(run: ConfigRun, spec: PruningSpec, texts: list[str]) -> tuple[LoadedMo
     dense.tokenizer.save_pretrained(folder)
     pruned_settings = run.model.model_copy(update={"source": "local", "path": str(folder)})
     quantized = load_model(pruned_settings, run.precision, run.device, base_dir=run.base_dir)
-    origin = f"{dense.weights_origin}; pruned ({spec.label}) then quantized to {run.precision}"
-    return replace(quantized, name=run.model.name, weights_origin=origin), outcome
+    origin = f"{origin}; pruned ({spec.label}) then quantized to {run.precision}"
+    checks = check_pruned(quantized.model, outcome)
+    broken = [c.name for c in checks if c.verified_nm is False]
+    if broken:
+        raise RuntimeError(f"quantizing to {run.precision} broke the {spec.pattern} pattern in {broken[:3]} "
+                           f"({len(broken)} layers): the pruned config would not be what it claims")
+    return PrunedModel(replace(quantized, name=run.model.name, weights_origin=origin), outcome, checks)
+
+
+def _copy_dequantized(quantized: Any, dense: Any) -> int:
+    """Write the dequantized weights of every bitsandbytes layer of ``quantized`` into the same layer
+    of ``dense`` (in place); returns how many layers were copied."""
+    import torch
+
+    from .prune import QUANTIZED_LINEAR_CLASSES
+
+    dense_modules = dict(dense.named_modules())
+    copied = 0
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if any(cls.__name__ in QUANTIZED_LINEAR_CLASSES for cls in type(module).__mro__):
+                target = dense_modules[name]
+                target.weight.copy_(dequantized_weight(module).reshape(target.weight.shape).to(target.weight.dtype))
+                copied += 1
+    return copied
 
 
 @dataclass
@@ -117,17 +170,81 @@ def sparse_execution(run: Any, loaded: LoadedModel, outcome: PruningResult, mode
                                     f"tokens (best {best:.2f}x): all {total} layers run dense", [], rows)
 
 
-def record(run: ConfigRun, loaded: LoadedModel, outcome: PruningResult, execution: SparseExecution) -> ScoringPath:
-    """Per-layer sparsity rows and the config's row: where its weights came from, which kernels it
-    runs, and the scoring path (chosen here, before anything is measured)."""
-    record_pruned_layers(run.study_dir, run.config_id, outcome, execution.plan_rows)
-    path = choose_scoring_path(loaded.model, loaded.tokenizer)
+def record(run: ConfigRun, pruned: PrunedModel, execution: SparseExecution, adapter: str = "none") -> ScoringPath:
+    """Per-layer sparsity rows (and the same layers after quantization) and the config's row: where its
+    weights came from, which kernels it runs, and the scoring path (chosen here, before anything is
+    measured)."""
+    record_pruned_layers(run.study_dir, run.config_id, pruned.outcome, execution.plan_rows, pruned.after_quantization)
+    path = choose_scoring_path(pruned.loaded.model, pruned.loaded.tokenizer)
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
-                  weights_origin=loaded.weights_origin, pruning=outcome.spec.label, kernel=execution.kernel,
-                  kernel_note=execution.note, scoring_path=path.name)
+                  weights_origin=pruned.loaded.weights_origin, adapter=adapter, pruning=pruned.outcome.spec.label,
+                  kernel=execution.kernel, kernel_note=execution.note, scoring_path=path.name)
     return path
 
 
-def evaluate(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, outcome: PruningResult) -> list[dict[str, Any]]:
+def evaluate(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, outcome: PruningResult,
+             adapter: str = "none") -> list[dict[str, Any]]:
     """Every task measured and written to the tables exactly as the inference phase does."""
-    return evaluate_config(run, loaded, meter, phase="pruning", pruning=outcome.spec.label, sparsity=outcome)
+    return evaluate_config(run, loaded, meter, phase="pruning", adapter=adapter, pruning=outcome.spec.label,
+                           sparsity=outcome)
+
+
+RECOVERED_SUFFIX = "recovered"
+
+
+def recovered_adapter(adapter: str) -> str:
+    """The adapter column of a recovered config: its target's adapter plus the recovery adapter."""
+    return "recovery" if adapter == "none" else f"{adapter}+recovery"
+
+
+@dataclass
+class Recovery:
+    """A pruned config with a recovery LoRA adapter trained on it (the pruned weights untouched)."""
+
+    run: ConfigRun  # named <pruned config id>__recovered
+    loaded: LoadedModel
+    checks: list[LayerCheck]  # the pruned layers after training: the mask must not have moved
+
+
+def recover(run: ConfigRun, pruned: PrunedModel, settings: RecoverySettings, meter: EnergyMeter,
+            adapter: str = "none") -> Recovery | None:
+    """Train a fresh LoRA adapter on the pruned model (the task's training split only), one energy
+    window per epoch into training.csv (phase ``recovery``). The adapter is not merged: the pruned
+    weights keep their zeros, which is checked layer by layer after training."""
+    recovered = run.with_config_id(f"{run.config_id}__{RECOVERED_SUFFIX}")
+    if run.precision not in FINETUNE_PRECISIONS:  # None: recorded as skipped, with the reason
+        record_config(run.study_dir, recovered.config_id, run.model.name, run.precision, "skipped",
+                      f"no recovery fine-tuning at {run.precision}: LoRA trains at "
+                      f"{', '.join(FINETUNE_PRECISIONS)} (4-bit QLoRA uses nf4)",
+                      adapter=recovered_adapter(adapter), pruning=pruned.outcome.spec.label)
+        return None
+    spec = settings.spec(run.seed)
+    task_settings = run.tasks.enabled()[spec.task]
+    train = full_split(spec.task, task_settings, "train", run.base_dir)
+    valid = full_split(spec.task, task_settings, "validation", run.base_dir)
+    result = finetune(pruned.loaded, train.items, valid.items, spec, meter,
+                      StudyLayout(run.study_dir).adapter(recovered.config_id), label_set=train.labels)
+    identity = recovered.identity(adapter=recovered_adapter(adapter), pruning=pruned.outcome.spec.label)
+    record_training(run.study_dir, identity, result, pruned.loaded.device, spec.task, phase="recovery")
+    checks = check_pruned(result.model, pruned.outcome)
+    moved = [c.name for c, layer in zip(checks, pruned.outcome.layers)
+             if abs(c.measured_sparsity - layer.measured_sparsity) > 1e-9 or c.verified_nm is False]
+    if moved:
+        raise RuntimeError(f"recovery training changed the pruned weights of {moved[:3]}: the mask must stay fixed")
+    loaded = replace(pruned.loaded, model=result.model,
+                     weights_origin=f"{pruned.loaded.weights_origin}; recovery LoRA adapter "
+                                    f"({spec.epochs} epoch(s) on {spec.task} train, not merged)")
+    record_pruned_layers(run.study_dir, recovered.config_id, pruned.outcome, after=checks)
+    path = choose_scoring_path(loaded.model, loaded.tokenizer)
+    record_config(run.study_dir, recovered.config_id, run.model.name, run.precision, "ok",
+                  weights_origin=loaded.weights_origin, adapter=identity.adapter, pruning=identity.pruning,
+                  kernel="dense", kernel_note="the recovery adapter runs beside the pruned weights (not merged)",
+                  scoring_path=path.name)
+    return Recovery(recovered, loaded, checks)
+
+
+def evaluate_recovered(recovery: Recovery, meter: EnergyMeter, outcome: PruningResult,
+                       adapter: str = "none") -> list[dict[str, Any]]:
+    """The recovered config measured and written like every pruned config."""
+    return evaluate_config(recovery.run, recovery.loaded, meter, phase="pruning", adapter=recovered_adapter(adapter),
+                           pruning=outcome.spec.label, sparsity=outcome)

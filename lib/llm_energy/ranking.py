@@ -218,3 +218,29 @@ def load_tables(study_dir: str | Path) -> dict[str, pd.DataFrame]:
 
 def empty(frame: Any) -> bool:
     return frame is None or len(frame) == 0
+
+
+def recovery_markdown(study_dir: str | Path, metrics: tuple[tuple[str, str], ...] = (("rca", "accuracy"), ("qa", "acc"))) -> str:
+    """Per recovered config: the quality pruning cost and recovery won back, beside the energy the
+    recovery fine-tuning spent."""
+    energy = results.read_table(study_dir, "energy")
+    scores = results.read_table(study_dir, "scores")
+    training = energy[energy["phase"] == "recovery"]
+    if training.empty:
+        return ""
+    values = scores.set_index(["config_id", "task", "metric"])["value"]
+    lines = ["**Recovery fine-tuning.** A LoRA adapter trained on each pruned model (its pruned weights "
+             "unchanged): quality before pruning → pruned → recovered, and the energy the recovery training spent."]
+    for _, row in training.sort_values("config_id").iterrows():
+        recovered = row["config_id"]
+        pruned = recovered.removesuffix("__recovered")
+        target = pruned.rsplit("__", 1)[0]
+        parts = []
+        for task, metric in metrics:
+            got = [values.get((c, task, metric)) for c in (target, pruned, recovered)]
+            if all(v is not None and not pd.isna(v) for v in got):
+                parts.append(f"{task} {metric} {got[0]:.3f} → {got[1]:.3f} → {got[2]:.3f}")
+        estimate = " (estimate)" if isinstance(row.get("estimated_components"), str) and row["estimated_components"] else ""
+        lines.append(f"- {pruned}: {'; '.join(parts) or 'no scores'}; recovery training {_fmt_energy(row['energy_kwh'])}"
+                     f"{estimate} over {int(row['n_items'])} examples")
+    return "\n".join(lines)

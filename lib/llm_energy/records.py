@@ -59,6 +59,10 @@ def record_idle_baselines(study_dir: Path, config_id: str, phase: str, device: s
     ])
 
 
+ENERGY_FIELDS = ("cpu_method", "gpu_method", "ram_method", "estimated_components", "energy_scope",
+                 "country_iso_code", "carbon_intensity_g_per_kwh")
+
+
 def energy_fields(record: EnergyRecord) -> dict[str, Any]:
     """The columns every energy and training row carries about how its energy was obtained."""
     return {
@@ -131,21 +135,23 @@ def energy_per_correct(energy_kwh: float, result: TaskResult) -> float:
     return energy_kwh / correct if correct > 0 else float("inf")
 
 
-def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneResult, device: str, task: str) -> None:
-    """Per-epoch rows into training.csv and one fine-tuning energy row (all epochs) into energy.csv."""
+def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneResult, device: str, task: str,
+                    phase: str = "finetune") -> None:
+    """Per-epoch rows into training.csv and one training energy row (all epochs) into energy.csv;
+    ``phase`` is "finetune", or "recovery" for an adapter trained on a pruned model."""
     rows = [{
-        "config_id": config.config_id, "model": config.model, "precision": config.precision,
+        "phase": phase, "config_id": config.config_id, "model": config.model, "precision": config.precision,
         "adapter": config.adapter, "epoch": e.epoch, "train_loss": e.train_loss, "eval_loss": e.eval_loss,
         "duration_s": e.duration_s, "energy_kwh": e.energy_kwh, "emissions_kg": e.emissions_kg,
         "energy_method": e.energy_method, "n_examples": e.n_examples, "n_tokens": e.n_tokens,
         "energy_net_kwh": e.record.energy_net_kwh if e.record is not None else None,
-        **(energy_fields(e.record) if e.record is not None else {}),
+        **(energy_fields(e.record) if e.record is not None else dict.fromkeys(ENERGY_FIELDS)),
     } for e in result.epochs]
     results.upsert_rows(study_dir, "training", rows, replace_where={"config_id": config.config_id})
     row = {column: None for column in results.ENERGY_COLUMNS}
     row.update(
-        config_id=config.config_id, phase="finetune", model=config.model, precision=config.precision,
-        adapter=config.adapter, pruning="none", target_sparsity=0.0, task=task,
+        config_id=config.config_id, phase=phase, model=config.model, precision=config.precision,
+        adapter=config.adapter, pruning=config.pruning, target_sparsity=0.0, task=task,
         n_items=sum(e.n_examples for e in result.epochs), n_tokens=sum(e.n_tokens for e in result.epochs),
         duration_s=sum(e.duration_s for e in result.epochs), energy_kwh=sum(e.energy_kwh for e in result.epochs),
         emissions_kg=sum(e.emissions_kg for e in result.epochs), energy_method=result.epochs[0].energy_method,
@@ -158,11 +164,21 @@ def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneRes
 
 
 def record_pruned_layers(study_dir: Path, config_id: str, outcome: PruningResult,
-                         plan_rows: list[dict[str, Any]] | None = None) -> None:
-    """Measured sparsity of every pruned layer (N:M verification as text) and the sparse-kernel plan."""
+                         plan_rows: list[dict[str, Any]] | None = None, after: list[Any] | None = None) -> None:
+    """Measured sparsity of every pruned layer (N:M verification as text), the same layers measured
+    again after a round trip (quantization, or recovery training) when there was one, and the
+    sparse-kernel plan."""
     rows = outcome.as_rows(config_id)
+    checks = {c.name: c for c in after or []}
     for row in rows:  # text, so the CSV column reads back the same whatever other configs wrote
-        row["verified_nm"] = {True: "yes", False: "no"}.get(row["verified_nm"], "not N:M")
+        row["verified_nm"] = _nm_text(row["verified_nm"])
+        check = checks.get(row["layer"])
+        row["measured_sparsity_after"] = check.measured_sparsity if check else None
+        row["verified_nm_after"] = _nm_text(check.verified_nm) if check else None
     results.upsert_rows(study_dir, "pruning_layers", rows, replace_where={"config_id": config_id})
     if plan_rows:
         results.upsert_rows(study_dir, "sparse_plan", plan_rows, replace_where={"config_id": config_id})
+
+
+def _nm_text(verified: bool | None) -> str:
+    return {True: "yes", False: "no"}.get(verified, "not N:M")

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from . import rank, results
-from .config import Study, load_study, resolved_dict, section_dict, study_hash
+from .config import PruningTarget, Study, load_study, resolved_dict, section_dict, study_hash
 from .jobs import Job, execute_job, run_job
 from .layout import StudyLayout, config_id_for, project_root
 from .records import record_config
@@ -90,10 +90,9 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
                     jobs.append(inference_job(common, model.model_dump(mode="json"), precision, config_id))
     if "pruning" in study.phases and study.pruning is not None and study.pruning.targets:
         models = {m.name: m for m in study.models}
-        for target in study.pruning.targets:
-            name, _, precision = target.partition(":")
-            jobs += [j for j in pruning_jobs(study, common, models[name].model_dump(mode="json"), precision)
-                     if runnable(models[name], precision, j.config_id or "")]
+        for target in study.pruning.parsed_targets():
+            jobs += [j for j in pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target, out_dir)
+                     if runnable(models[target.model], target.precision, j.config_id or "")]
     if "ranking" in study.phases:
         jobs.append(Job("ranking", None, {**common, "ranking": section_dict(study.ranking)}))
     return jobs, skipped
@@ -141,15 +140,23 @@ def inference_job(common: dict[str, Any], model: dict[str, Any], precision: str,
                                         "adapter": adapter, "adapter_name": adapter_name})
 
 
-def pruning_jobs(study: Study, common: dict[str, Any], model: dict[str, Any], precision: str) -> list[Job]:
+def pruning_jobs(study: Study, common: dict[str, Any], model: dict[str, Any], target: PruningTarget,
+                 out_dir: Path) -> list[Job]:
+    """One job per pruning method on a target config; a fine-tuned target brings its adapter (merged
+    into the weights before pruning)."""
     assert study.pruning is not None
+    adapter_dir = ""
+    if target.adapter != "none":
+        adapter_dir = str(StudyLayout(out_dir).adapter(config_id_for(model["name"], target.precision, adapter=target.adapter)))
     jobs = []
     for method in study.pruning.methods:
         spec = study.pruning.spec(method, study.seed)
-        config_id = config_id_for(model["name"], precision, pruning=spec.label)
+        config_id = config_id_for(model["name"], target.precision, adapter=target.adapter, pruning=spec.label)
         jobs.append(Job("pruning", config_id, {
-            **common, "config_id": config_id, "model": model, "precision": precision, "pruning_label": spec.label,
-            "pruning": section_dict(spec), "sparse_kernels": study.pruning.sparse_kernels,
+            **common, "config_id": config_id, "model": model, "precision": target.precision,
+            "pruning_label": spec.label, "pruning": section_dict(spec), "sparse_kernels": study.pruning.sparse_kernels,
+            "adapter": adapter_dir, "adapter_name": target.adapter,
+            "recover": section_dict(study.pruning.recover) if study.pruning.recover is not None else {},
         }))
     return jobs
 
@@ -165,17 +172,17 @@ def adapter_jobs(study: Study, common: dict[str, Any], out_dir: Path, finished: 
     return jobs
 
 
-def top_k_targets(study: Study, out_dir: Path) -> list[tuple[str, str]]:
-    """(model, precision) of the best base configs of the inference ranking at the study's w, ranked
-    from the tables as they are (ranking.csv is the ranking phase's to write, not this)."""
+def top_k_targets(study: Study, out_dir: Path) -> list[PruningTarget]:
+    """The best evaluated configs of the ranking at the study's w (fine-tuned ones included, pruned
+    ones not), ranked from the tables as they are (ranking.csv is the ranking phase's to write)."""
     assert study.pruning is not None
     configs = rank.config_energy(results.read_table(out_dir, "energy"), study.ranking.energy_basis)
     if configs.empty:
         raise ValueError(f"{results.table_path(out_dir, 'energy')} has no inference rows to rank")
     table = rank.rank_evaluations(configs, results.read_table(out_dir, "scores"), study.ranking).table
-    base = table[(table["adapter"] == "none") & (table["pruning"] == "none")]
-    at_w = base[(base["w"] - study.ranking.w).abs() < 1e-9].sort_values(["rank", "config_id"])
-    return [(row.model, row.precision) for row in at_w.head(study.pruning.top_k).itertuples()]
+    unpruned = table[table["pruning"] == "none"]
+    at_w = unpruned[(unpruned["w"] - study.ranking.w).abs() < 1e-9].sort_values(["rank", "config_id"])
+    return [PruningTarget(row.model, row.precision, row.adapter) for row in at_w.head(study.pruning.top_k).itertuples()]
 
 
 def _git(args: list[str]) -> str | None:
@@ -390,8 +397,9 @@ def _second_stage(run: _Run, jobs: list[Job], first: list[Job], base_dir: Path) 
     if run.wants("pruning") and study.pruning is not None and not study.pruning.targets:
         try:
             models = {m.name: m for m in study.models}
-            for model, precision in top_k_targets(study, run.layout.root):
-                second += pruning_jobs(study, common, models[model].model_dump(mode="json"), precision)
+            for target in top_k_targets(study, run.layout.root):
+                second += pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target,
+                                       run.layout.root)
         except ValueError as exc:  # nothing ranked: every inference config failed
             run.add_failure({"job": "pruning", "config_id": "", "error": f"no pruning targets: {exc}",
                              "notebook": "", "log": ""})

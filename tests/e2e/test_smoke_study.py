@@ -65,7 +65,8 @@ def test_energy_rows_for_every_precision_and_task(smoke_run):
     assert (energy["phase"] == "finetune").sum() == 2
     assert len(energy[(energy["phase"] == "inference") & (energy["adapter"] == "lora")]) == 6
     pruned = energy[energy["phase"] == "pruning"]
-    assert len(pruned) == 6
+    assert len(pruned) == 12  # two methods and their recovered configs, three tasks each
+    assert (energy["phase"] == "recovery").sum() == 2  # the recovery training of each pruned config
     assert ((pruned["measured_sparsity"] - pruned["target_sparsity"]).abs() <= 0.02).all()
     generated = energy[energy["task"] == "rca_resolution"]
     assert (generated["n_generated_tokens"] == 2 * 8).all()  # 2 items x exactly 8 new tokens
@@ -97,7 +98,7 @@ def test_pruning_layers_are_recorded_and_nm_verified(smoke_run):
 
 def test_pruned_configs_say_which_kernels_ran(smoke_run):
     configs = results.read_table(smoke_run[0], "configs")
-    pruned = configs[configs["pruning"] != "none"].set_index("pruning")
+    pruned = configs[(configs["pruning"] != "none") & (configs["adapter"] == "lora")].set_index("pruning")
     assert set(pruned["kernel"]) == {"dense"}  # CPU: no sparse kernel anywhere
     assert "no sparse tensor-core kernel" in pruned.loc["magnitude-unstructured-50", "kernel_note"]
     html = (smoke_run[0] / "report.html").read_text()
@@ -148,6 +149,27 @@ def test_every_evaluated_config_records_its_scoring_path(smoke_run):
     out, _ = smoke_run
     configs = results.read_table(out, "configs")
     ok = configs[configs["status"] == "ok"]
-    assert len(ok) == 10 and set(ok["scoring_path"]) <= {"packed", "shared_cache"}
+    assert len(ok) == 12 and set(ok["scoring_path"]) <= {"packed", "shared_cache"}
     # The tiny Llama (sdpa attention) passes the packed check at every precision.
     assert (ok["scoring_path"] == "packed").all()
+
+
+def test_the_fine_tuned_target_is_pruned_then_recovered(smoke_run):
+    """The paper's pipeline: prune the fine-tuned config (adapter merged), recover, compare in Figure 6."""
+    out, _ = smoke_run
+    configs = results.read_table(out, "configs").set_index("config_id")
+    for label in ("magnitude-unstructured-50", "wanda-2of4"):
+        pruned = configs.loc[f"tiny-random-llama__fp32__lora__{label}"]
+        assert pruned["status"] == "ok" and pruned["adapter"] == "lora" and "merged" in pruned["weights_origin"]
+        recovered = configs.loc[f"tiny-random-llama__fp32__lora__{label}__recovered"]
+        assert recovered["status"] == "ok" and recovered["adapter"] == "lora+recovery"
+    layers = results.read_table(out, "pruning_layers")
+    recovered_layers = layers[layers["config_id"].str.endswith("__recovered")]
+    assert len(recovered_layers) == 28 and recovered_layers["measured_sparsity_after"].notna().all()
+    training = results.read_table(out, "training")
+    assert set(training["phase"]) == {"finetune", "recovery"}
+    scores = results.read_table(out, "scores")
+    assert {f"tiny-random-llama__fp32__lora__{label}{suffix}" for label in ("magnitude-unstructured-50", "wanda-2of4")
+            for suffix in ("", "__recovered")} <= set(scores["config_id"])
+    ranking = results.read_table(out, "ranking")
+    assert ranking["config_id"].str.endswith("__recovered").sum() > 0  # ranked with every other config

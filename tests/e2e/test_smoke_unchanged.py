@@ -6,7 +6,8 @@ base config the pruning phase picks (the top of the inference ranking at w = 0.5
 Everything else is compared: which configs ran and their status, every score, interval and per-item
 score, token counts, per-epoch losses, per-layer sparsity, ρ. Columns added since the snapshot are
 allowed; a missing column, row or changed value is not. (One intended change since the snapshot: the
-study-level idle row of energy.csv became per-job idle baselines in idle_baselines.csv.)
+study-level idle row of energy.csv became per-job idle baselines in idle_baselines.csv; and rows of
+recovered configs, which the smoke study has since it sets pruning.recover, are new.)
 
 Floating-point results (scores, losses) are compared only on a machine like the one that wrote the
 snapshot (same torch, same vector ISA): another CPU rounds bf16 and fp16 matmuls differently. Elsewhere
@@ -64,7 +65,8 @@ def machine_signature() -> dict[str, object]:
 def pruning_target(tables_dir: Path) -> str:
     """The base config the pruning phase pruned (its config id minus the pruning label)."""
     layers = pd.read_csv(tables_dir / "pruning_layers.csv", dtype=str)
-    targets = {cid.rsplit("__", 1)[0] for cid in layers["config_id"]}
+    ids = [cid for cid in layers["config_id"] if not cid.endswith("__recovered")]
+    targets = {cid.rsplit("__", 1)[0] for cid in ids}
     assert len(targets) == 1, targets
     return targets.pop()
 
@@ -74,6 +76,8 @@ def normalise(study_dir: Path, name: str) -> pd.DataFrame:
     frame = pd.read_csv(study_dir / "tables" / f"{name}.csv", dtype={k: str for k in KEYS[name]})
     if name == "energy":  # a study-level idle row, since replaced by per-job baselines (idle_baselines.csv)
         frame = frame[frame["phase"] != "idle"]
+    if "config_id" in frame:  # recovered configs (pruning.recover) came after the snapshot
+        frame = frame[~frame["config_id"].astype(str).str.endswith("__recovered")]
     drop = [c for c in frame.columns if any(m in c for m in VOLATILE_MARKERS) or c in ENERGY_DERIVED.get(name, ())]
     frame = frame.drop(columns=drop)
     for column in frame.columns:

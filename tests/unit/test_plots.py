@@ -211,7 +211,27 @@ def test_precision_order_helper():
 def test_fig6_category_labels():
     fig = plots.fig6_pruning(make_scores(), make_energy())
     labels = [t.get_text().replace("\n", " ") for t in fig.axes[0].get_xticklabels()]
-    assert labels == ["none", "magnitude unstructured 50%", "wanda 2:4"]
+    assert labels == ["unpruned", "magnitude unstructured 50%", "wanda 2:4"]
+
+
+def test_fig6_shows_each_target_unpruned_pruned_recovered():
+    """A fine-tuned target: its unpruned config, each pruning, each followed by its recovered config."""
+    energy, scores = make_energy(), make_scores()
+    base = energy[energy["config_id"] == "a_fp32"]
+    rows, score_rows = [], []
+    for config_id, adapter, pruning in (("a_fp32_lora", "lora", "none"), ("a_fp32_lora_w", "lora", "wanda-2of4"),
+                                        ("a_fp32_lora_w_rec", "lora+recovery", "wanda-2of4")):
+        for _, row in base.iterrows():
+            rows.append({**row.to_dict(), "config_id": config_id, "adapter": adapter, "pruning": pruning,
+                         "phase": "inference" if pruning == "none" else "pruning"})
+        for _, row in scores[scores["config_id"] == "a_fp32"].iterrows():
+            score_rows.append({**row.to_dict(), "config_id": config_id})
+    energy = pd.concat([energy, pd.DataFrame(rows)], ignore_index=True)
+    scores = pd.concat([scores, pd.DataFrame(score_rows)], ignore_index=True)
+    fig = plots.fig6_pruning(scores, energy)
+    labels = [t.get_text().replace("\n", " ") for t in fig.axes[0].get_xticklabels()]
+    lora = [label for label in labels if "lora" in label]
+    assert [label.split("lora ", 1)[1] for label in lora] == ["unpruned", "wanda 2:4", "wanda 2:4 + recovery"]
 
 
 def test_pruning_label():

@@ -137,5 +137,7 @@ def test_choosing_pruning_targets_does_not_write_the_ranking(root, tmp_path):
                            "ci_low": 0.0, "ci_high": 1.0, "n_items": 10})
     results.upsert_rows(tmp_path, "energy", rows)
     results.upsert_rows(tmp_path, "scores", scores)
-    assert runner.top_k_targets(study, tmp_path) == [("tiny-random-llama", "bf16")]
+    from llm_energy.config import PruningTarget
+
+    assert runner.top_k_targets(study, tmp_path) == [PruningTarget("tiny-random-llama", "bf16")]
     assert not results.table_path(tmp_path, "ranking").exists()
