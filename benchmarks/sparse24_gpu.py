@@ -203,6 +203,11 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
         f"measured sparsity {outcome.measured_sparsity:.4f} of pruned layers, built+pruned in "
         f"{time.perf_counter() - t0:.1f} s")
 
+    # Loaded idle: the model in memory, the device synchronised, nothing running. Net energy per token
+    # subtracts this (the system idle measured before any model is in provenance beside it).
+    system_idle_w = idle_w
+    loaded_idle_w = idle_power(nvml, args.idle_seconds, dev)
+    idle_w = loaded_idle_w if loaded_idle_w is not None else system_idle_w
     gen = torch.Generator(device=dev.name).manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=dev.name, generator=gen)
     tokens = args.batch * args.seq
@@ -283,6 +288,7 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
     verified = check.ok
     record = {
         "kind": "prefill", "preset": preset, "dtype": dtype_name, "parameters": n_params,
+        "system_idle_power_w": system_idle_w, "loaded_idle_power_w": loaded_idle_w,
         "batch": args.batch, "seq": args.seq, "dense": dense, "naive": naive, "planned": planned, "decode": decode,
         "converted_layers": len(converted), "candidate_layers": total, "rel_l2_hidden": check.rel_l2,
         "sparse_calls": check.sparse_calls, "sparse_kernels": check.sparse_kernels[:5], "check": check.reason,

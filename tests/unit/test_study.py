@@ -141,3 +141,18 @@ def test_choosing_pruning_targets_does_not_write_the_ranking(root, tmp_path):
 
     assert runner.top_k_targets(study, tmp_path) == [PruningTarget("tiny-random-llama", "bf16")]
     assert not results.table_path(tmp_path, "ranking").exists()
+
+
+def test_the_gpu_study_is_valid_and_refused_without_a_gpu(root, tmp_path):
+    """params/gpu.yaml validates here; running it on a machine without CUDA stops before writing."""
+    import torch
+
+    study = load_study(root / "params" / "gpu.yaml")
+    assert study.device == "cuda" and set(study.precisions) == {"fp32", "bf16", "fp16", "int8", "nf4"}
+    assert {m.pattern for m in study.pruning.methods} == {"2:4"} and study.pruning.sparse_kernels == "auto"
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the refusal cannot be shown here")
+    out = tmp_path / "gpu"
+    with pytest.raises(runner.StudyRunError, match="no CUDA GPU is visible"):
+        runner.run_study(root / "params" / "gpu.yaml", out=out)
+    assert not out.exists()
