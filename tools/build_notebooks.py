@@ -309,7 +309,8 @@ plots.as_image(fig4)
     code('''
 fig5 = plots.fig5_quantization_impact(tables["scores"], tables["energy"])
 plots.save_figure(fig5, study_dir / "figures", "fig5_quantization_impact")
-plots.as_image(fig5)
+display(plots.as_image(fig5))
+display(Markdown(rk.quality_changes(outcome, "quantization")))
 ''', nbval_skip=True),
     md("## Figure 6 — pruning"),
     code('''
@@ -321,6 +322,7 @@ else:
     display(plots.as_image(fig6))
     display(Markdown(rk.pruning_kernels_markdown(study_dir)))
     display(Markdown(rk.recovery_markdown(study_dir)))
+    display(Markdown(rk.quality_changes(outcome, "pruning")))
 ''', nbval_skip=True),
     md("## Tables\nEnergy per measured window (gross, net of the idle baseline, spread over repeats, method) and task scores with 95% bootstrap intervals."),
     code('''

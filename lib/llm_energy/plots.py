@@ -642,6 +642,17 @@ def fig7_ranking(ranking: pd.DataFrame, w: float = 0.5, energy_method: str | Non
         for cid, xi, yi in zip(np.array(config_ids)[front], x[front], y[front]):
             ax_p.annotate(cid, (xi, yi), textcoords="offset points", xytext=(5, -10), fontsize=8,
                           color=_PARETO_COLOR)
+        if "p_best" in at_w.columns and at_w["p_best"].notna().any():
+            # Uncertainty of the top: the configs the resampling cannot separate, ringed, with how often
+            # each comes out best.
+            tied = (_as_bool(at_w["tied_with_top"]).to_numpy() if "tied_with_top" in at_w.columns
+                    else at_w["p_best"].fillna(0).to_numpy() >= 0.05)
+            ax_p.scatter(x[tied], y[tied], s=190, facecolors="none", edgecolors="black", linewidths=1.2, zorder=5,
+                         label="cannot be separated from the top")
+            for xi, yi, p in zip(x[tied], y[tied], at_w["p_best"].to_numpy()[tied]):
+                if pd.notna(p):
+                    ax_p.annotate(f"best in {p:.0%}", (xi, yi), textcoords="offset points", xytext=(5, 6),
+                                  fontsize=7, color="black")
         ax_p.set_xlabel("Energy per item (Wh/item)")
         # Tiny Wh values print as long decimals that collide; a few ticks in scientific notation.
         ax_p.xaxis.set_major_locator(MaxNLocator(nbins=5))

@@ -34,6 +34,8 @@ __all__ = [
     "rank_evaluations",
     "repeat_energy",
     "compute_rho",
+    "mcnemar_exact",
+    "paired_comparisons",
     "pareto_front",
     "pareto_optimal",
     "rank_configs",
@@ -319,7 +321,32 @@ def rank_stability(
         ["modal_rank", "p_modal", "config_id"], ascending=[True, False, True], ignore_index=True
     )
     result.attrs["excluded"] = tuple(excluded)
+    # The same draws at every w of the grid: how often each config comes out best (ties share it).
+    p_best = [{"config_id": c, "w": float(grid_w), "p_best": float(p)}
+              for grid_w in settings.w_grid
+              for c, p in zip(kept, (_competition_ranks(grid_w * phi + (1.0 - grid_w) * rho) == 1).mean(axis=0))]
+    result.attrs["p_best"] = pd.DataFrame(p_best, columns=["config_id", "w", "p_best"])
     return result
+
+
+# A config best in at least this share of joint resamples cannot be separated from the top one.
+TIED_WITH_TOP_SHARE = 0.05
+
+
+def add_top_uncertainty(table: pd.DataFrame, p_best: pd.DataFrame | None,
+                        share: float = TIED_WITH_TOP_SHARE) -> pd.DataFrame:
+    """ranking.csv's p_best (share of joint resamples of items and energy repeats in which a config
+    is best at that w) and tied_with_top (the point ranking's top config, and every config best in at
+    least ``share`` of the resamples: the set the data cannot separate). Configs left out of the
+    resampling (no per-item scores) get p_best NaN and are tied only if ranked first."""
+    out = table.copy()
+    if p_best is None or p_best.empty:
+        out["p_best"] = np.nan
+    else:
+        keyed = p_best.assign(w=p_best["w"].round(9)).set_index(["config_id", "w"])["p_best"]
+        out["p_best"] = [keyed.get((c, round(float(w), 9)), np.nan) for c, w in zip(out["config_id"], out["w"])]
+    out["tied_with_top"] = (out["rank"] == 1) | (out["p_best"].fillna(0.0) >= share)
+    return out
 
 
 def summarise_top(result: RankingResult, w: float, k: int = 3) -> list[dict]:
@@ -551,3 +578,81 @@ def _bootstrap_energy(
         draws = rng.integers(0, len(values), size=(n_boot, len(values)))
         energy[:, i] = values[draws].mean(axis=1)
     return energy
+
+
+# --- paired comparisons ---------------------------------------------------------------------------
+
+COMPARISON_COLUMNS: tuple[str, ...] = ("config_a", "config_b", "task", "metric", "diff", "ci_low", "ci_high",
+                                       "p_value", "test", "n_items")
+
+
+def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided exact McNemar p-value for paired 0/1 outcomes: a binomial test on the discordant
+    items (a right and b wrong, against a wrong and b right); 1.0 when none are discordant."""
+    from math import comb
+
+    only_a = int(np.sum((a == 1) & (b == 0)))
+    only_b = int(np.sum((a == 0) & (b == 1)))
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    tail = sum(comb(n, i) for i in range(k + 1)) / 2.0**n
+    return float(min(1.0, 2.0 * tail))
+
+
+def paired_comparisons(item_scores: pd.DataFrame, n_boot: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> pd.DataFrame:
+    """Every pair of configs on every task metric they were both scored on, item by item.
+
+    diff = mean(a) - mean(b) over the items both have; its interval is a paired bootstrap (the same
+    resampled items for both configs). The p-value is McNemar's exact test for 0/1 metrics
+    (accuracies) and the two-sided paired-bootstrap p-value otherwise. One row per unordered pair,
+    ``config_a`` before ``config_b`` in sorted order."""
+    items = _prepare_long_scores(item_scores, ITEM_SCORE_COLUMNS, "item_scores")
+    items = items[items["value"].notna()]
+    rows = []
+    rng = np.random.default_rng(seed)
+    alpha = (1 - level) / 2
+    for (task, metric), group in items.groupby(["task", "metric"], sort=True):
+        wide = group.pivot_table(index="item_id", columns="config_id", values="value", aggfunc="first")
+        configs = sorted(wide.columns)
+        if len(configs) < 2:
+            continue
+        binary = bool(np.isin(group["value"].to_numpy(dtype=float), (0.0, 1.0)).all())
+        for i, a in enumerate(configs):
+            for b in configs[i + 1 :]:
+                pair = wide[[a, b]].dropna()
+                n = len(pair)
+                if n == 0:
+                    continue
+                va, vb = pair[a].to_numpy(dtype=float), pair[b].to_numpy(dtype=float)
+                d = va - vb
+                draws = rng.integers(0, n, size=(n_boot, n))
+                boot = d[draws].mean(axis=1)
+                if binary:
+                    p_value, test = mcnemar_exact(va, vb), "mcnemar_exact"
+                else:
+                    p_value = float(min(1.0, 2.0 * min((boot <= 0).mean(), (boot >= 0).mean())))
+                    test = "paired_bootstrap"
+                rows.append({"config_a": a, "config_b": b, "task": task, "metric": metric, "diff": float(d.mean()),
+                             "ci_low": float(np.quantile(boot, alpha)), "ci_high": float(np.quantile(boot, 1 - alpha)),
+                             "p_value": p_value, "test": test, "n_items": n})
+    return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
+
+
+def compare(comparisons: pd.DataFrame, config: str, reference: str, task: str, metric: str) -> dict | None:
+    """The comparison of ``config`` against ``reference`` (diff = config - reference), whichever
+    order the table holds the pair in; None when they were not compared."""
+    hit = comparisons[(comparisons["task"] == task) & (comparisons["metric"] == metric)]
+    forward = hit[(hit["config_a"] == config) & (hit["config_b"] == reference)]
+    if len(forward):
+        return forward.iloc[0].to_dict()
+    backward = hit[(hit["config_a"] == reference) & (hit["config_b"] == config)]
+    if not len(backward):
+        return None
+    row = backward.iloc[0].to_dict()
+    # (+ 0.0: a difference of zero reads 0.000, not -0.000)
+    row.update(config_a=config, config_b=reference, diff=-row["diff"] + 0.0, ci_low=-row["ci_high"] + 0.0,
+               ci_high=-row["ci_low"] + 0.0)
+    return row

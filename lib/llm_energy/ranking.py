@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from . import rank, results
@@ -29,6 +30,7 @@ class RankingOutcome:
     w: float
     methods: tuple[str, ...]
     energy_lines: tuple[str, ...] = ()  # per component: method, estimate or not; scope; carbon intensity
+    comparisons: pd.DataFrame | None = None  # paired comparisons of every pair of configs (comparisons.csv)
 
 
 def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutcome:
@@ -39,11 +41,17 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
     if configs.empty:
         raise ValueError(f"{results.table_path(study_dir, 'energy')} has no inference rows to rank")
     result = rank.rank_evaluations(configs, scores, settings)
-    results.write_table(study_dir, "ranking", result.table)
     stability, used = _stability(study_dir, configs, result.settings, result)
+    p_best = stability.attrs.get("p_best") if stability is not None else None
+    result = rank.RankingResult(table=rank.add_top_uncertainty(result.table, p_best), excluded=result.excluded,
+                                settings=result.settings)
+    results.write_table(study_dir, "ranking", result.table)
+    comparisons = rank.paired_comparisons(results.read_table(study_dir, "item_scores"))
+    results.write_table(study_dir, "comparisons", comparisons)
     methods = tuple(sorted({m for m in energy["energy_method"].dropna().astype(str) if m != "none"}))
     return RankingOutcome(result=result, configs=configs, stability=stability, stability_metrics=used,
-                          w=settings.w, methods=methods, energy_lines=tuple(energy_description(energy, settings)))
+                          w=settings.w, methods=methods, energy_lines=tuple(energy_description(energy, settings)),
+                          comparisons=comparisons)
 
 
 def energy_description(energy: pd.DataFrame, settings: RankingSettings) -> list[str]:
@@ -111,7 +119,7 @@ def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
                      failures: list[dict[str, str]], k: int = 3, finetune_lines: list[str] | None = None) -> str:
     """The written summary at the top of the report."""
     top = rank.summarise_top(outcome.result, outcome.w, k=k)
-    lines = [f"### Top configurations at w = {outcome.w:g}", ""]
+    lines = [f"### Top configurations at w = {outcome.w:g}", "", separability_sentence(outcome), ""]
     stability = outcome.stability.set_index("config_id") if outcome.stability is not None else None
     for row in top:
         robust = ""
@@ -151,6 +159,25 @@ def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
         lines += ["", "**Failed configurations.**"]
         lines += [f"- {f['job']}: {f['error']}" for f in failures]
     return "\n".join(lines)
+
+
+def separability_sentence(outcome: RankingOutcome) -> str:
+    """The headline: one config only when the data separate it from the rest, else the set."""
+    table = outcome.result.table
+    at_w = table[np.isclose(table["w"], outcome.w)]
+    if "tied_with_top" not in at_w or at_w["p_best"].isna().all():
+        return ("_Whether the top configuration is separable from the others was not estimated (no per-item "
+                "scores to resample, or ranking.bootstrap: 0)._")
+    tied = at_w[at_w["tied_with_top"].astype(bool)].sort_values(["rank", "config_id"])
+    share = f"{rank.TIED_WITH_TOP_SHARE:.0%}"
+    if len(tied) == 1:
+        row = tied.iloc[0]
+        return (f"**Best at w = {outcome.w:g}: {row['config_id']}**, best in {row['p_best']:.0%} of joint resamples of "
+                f"items and energy repeats; no other config is best in {share} or more of them.")
+    names = ", ".join(f"{r['config_id']} ({r['p_best']:.0%})" for _, r in tied.iterrows())
+    return (f"**No single best configuration at w = {outcome.w:g}.** The data cannot separate {len(tied)} configs: "
+            f"{names}, each best in at least {share} of joint resamples of items and energy repeats (or first in "
+            "the point ranking). More items, or more energy repeats, would be needed to tell them apart.")
 
 
 def finetune_effect(scores: pd.DataFrame, energy: pd.DataFrame, task: str = "rca", metric: str = "accuracy") -> list[str]:
@@ -243,4 +270,51 @@ def recovery_markdown(study_dir: str | Path, metrics: tuple[tuple[str, str], ...
         estimate = " (estimate)" if isinstance(row.get("estimated_components"), str) and row["estimated_components"] else ""
         lines.append(f"- {pruned}: {'; '.join(parts) or 'no scores'}; recovery training {_fmt_energy(row['energy_kwh'])}"
                      f"{estimate} over {int(row['n_items'])} examples")
+    return "\n".join(lines)
+
+
+# What "quality changed" is judged on, per task: its headline metric.
+HEADLINE_METRICS: tuple[tuple[str, str], ...] = (("rca", "accuracy"), ("qa", "acc_norm"), ("rca_resolution", "rouge_l"))
+
+
+def quality_changes(outcome: RankingOutcome, kind: str, alpha: float = 0.05) -> str:
+    """Whether quality changed beyond noise, in words, from the paired comparisons: ``kind``
+    "quantization" compares each precision with its own model's fp32 (same adapter); "pruning"
+    compares each pruned config with its target, and each recovered config with its pruned one."""
+    table = outcome.comparisons
+    if table is None or table.empty:
+        return ""
+    meta = outcome.configs.set_index("config_id")
+    pairs = []
+    if kind == "quantization":
+        plain = meta[meta["pruning"] == "none"]
+        for config_id, row in plain.iterrows():
+            if row["precision"] == "fp32":
+                continue
+            reference = plain[(plain["model"] == row["model"]) & (plain["precision"] == "fp32")
+                              & (plain["adapter"] == row["adapter"])]
+            if len(reference):
+                pairs.append((config_id, reference.index[0]))
+        title = "**Quantization against fp32, paired on the same items.**"
+    else:
+        for config_id in meta[meta["pruning"] != "none"].index:
+            reference = config_id.removesuffix("__recovered") if config_id.endswith("__recovered") else config_id.rsplit("__", 1)[0]
+            if reference in meta.index:
+                pairs.append((config_id, reference))
+        title = "**Pruning against its unpruned config (and recovery against its pruned one), paired on the same items.**"
+    if not pairs:
+        return ""
+    lines = [title + f" A change is beyond noise when p < {alpha:g} (McNemar's exact test for accuracies, a "
+             "paired bootstrap otherwise); the interval is the paired-bootstrap 95% interval of the difference."]
+    for config_id, reference in sorted(pairs):
+        parts = []
+        for task, metric in HEADLINE_METRICS:
+            row = rank.compare(table, config_id, reference, task, metric)
+            if row is None:
+                continue
+            verdict = "beyond noise" if row["p_value"] < alpha else "within noise"
+            parts.append(f"{task} {metric} {row['diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}], "
+                         f"p = {row['p_value']:.3g}: {verdict}")
+        if parts:
+            lines.append(f"- {config_id} vs {reference}: " + "; ".join(parts))
     return "\n".join(lines)

@@ -38,13 +38,16 @@ RANKING_COLUMNS = [
     "config_id", "model", "precision", "adapter", "pruning", "energy_kwh_per_item", "phi", "rho", "w",
     "R", "rank",
 ]
+# ranking.csv: the arithmetic's columns (rank.rank_configs), then how separable the top is
+# (rank.add_top_uncertainty: p_best, tied_with_top)
+RANKING_TABLE_COLUMNS = RANKING_COLUMNS + ["p_best", "tied_with_top"]
 
 # table name -> (required columns in order, key columns that identify a row)
 TABLES: dict[str, tuple[list[str], list[str]]] = {
     "energy": (ENERGY_COLUMNS, ["config_id", "phase", "task"]),
     "scores": (SCORES_COLUMNS, ["config_id", "task", "metric"]),
     "training": (TRAINING_COLUMNS, ["config_id", "epoch"]),
-    "ranking": (RANKING_COLUMNS, ["config_id", "w"]),
+    "ranking": (RANKING_TABLE_COLUMNS, ["config_id", "w"]),
     "item_scores": (["config_id", "task", "metric", "item_id", "value"], ["config_id", "task", "metric", "item_id"]),
     "energy_repeats": (
         ["config_id", "phase", "task", "repeat", "duration_s", "energy_kwh", "energy_net_kwh", "n_items"],
@@ -55,6 +58,10 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
         ["config_id", "pruning", "method", "sparsity_pattern", "target_sparsity", "layer", "out_features",
          "in_features", "n_weights", "n_zero", "measured_sparsity", "verified_nm"],
         ["config_id", "layer"],
+    ),
+    "comparisons": (
+        ["config_a", "config_b", "task", "metric", "diff", "ci_low", "ci_high", "p_value"],
+        ["config_a", "config_b", "task", "metric"],
     ),
     "sparse_plan": (
         ["config_id", "shape", "layers", "convert", "alg_id", "min_tokens", "best_speedup", "reason", "tokens",

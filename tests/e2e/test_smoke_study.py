@@ -173,3 +173,18 @@ def test_the_fine_tuned_target_is_pruned_then_recovered(smoke_run):
             for suffix in ("", "__recovered")} <= set(scores["config_id"])
     ranking = results.read_table(out, "ranking")
     assert ranking["config_id"].str.endswith("__recovered").sum() > 0  # ranked with every other config
+
+
+def test_rankings_say_what_they_cannot_separate(smoke_run):
+    """comparisons.csv (paired, same items) and ranking.csv's p_best / tied_with_top, and the report's headline."""
+    out, _ = smoke_run
+    comparisons = results.read_table(out, "comparisons")
+    assert set(comparisons.columns) >= {"config_a", "config_b", "task", "metric", "diff", "ci_low", "ci_high", "p_value"}
+    assert comparisons["p_value"].between(0, 1).all() and (comparisons["ci_low"] <= comparisons["ci_high"]).all()
+    assert {"mcnemar_exact", "paired_bootstrap"} == set(comparisons["test"])
+    ranking = results.read_table(out, "ranking")
+    at_w = ranking[ranking["w"] == 0.5]
+    assert at_w["p_best"].between(0, 1).all() and at_w["tied_with_top"].astype(bool).any()
+    html = (out / "report.html").read_text()
+    assert ("No single best configuration at w = 0.5" in html) or ("Best at w = 0.5" in html)
+    assert "Quantization against fp32, paired on the same items" in html

@@ -322,3 +322,12 @@ def test_no_global_matplotlib_state_changed():
     before = dict(matplotlib.rcParams)
     all_figures()
     assert dict(matplotlib.rcParams) == before
+
+
+def test_fig7_rings_the_configs_that_cannot_be_separated_from_the_top():
+    ranking = make_ranking(with_pareto=True)
+    ranking["p_best"] = np.where(ranking["config_id"].isin(["a_fp32", "a_int8"]), 0.45, 0.01)
+    ranking["tied_with_top"] = ranking["p_best"] >= 0.05
+    fig = plots.fig7_ranking(ranking, w=0.6, energy_method=MEASURED)
+    text = _joined(fig)
+    assert "cannot be separated from the top" in text and text.count("best in 45%") == 2

@@ -430,3 +430,72 @@ def test_rank_stability_is_fast_enough() -> None:
     stability = rank_stability(configs, items, repeats, RankingSettings(), w=0.5, n_boot=200)
     assert time.perf_counter() - start < 1.0
     assert len(stability) == 20
+
+
+# --- paired comparisons -------------------------------------------------------------------------
+
+from llm_energy.rank import compare, mcnemar_exact, paired_comparisons  # noqa: E402
+
+
+def test_mcnemar_exact_on_a_hand_computed_table():
+    # 8 items only A gets right, 2 only B gets right, 10 both right: n = 10 discordant, k = 2.
+    a = np.array([1] * 8 + [0] * 2 + [1] * 10)
+    b = np.array([0] * 8 + [1] * 2 + [1] * 10)
+    # two-sided: 2 * P(X <= 2), X ~ Binomial(10, 1/2) = 2 * (1 + 10 + 45) / 1024
+    assert mcnemar_exact(a, b) == pytest.approx(112 / 1024)
+    assert mcnemar_exact(a, a) == 1.0  # nothing discordant
+    assert mcnemar_exact(np.array([1] * 12), np.array([0] * 12)) == pytest.approx(2 / 4096)
+
+
+def item_rows(config_id, task, metric, values):
+    return [{"config_id": config_id, "task": task, "metric": metric, "item_id": f"i{k:03d}", "value": v}
+            for k, v in enumerate(values)]
+
+
+def test_paired_bootstrap_sees_a_difference_on_the_same_items():
+    rng = np.random.default_rng(1)
+    base = rng.random(60)
+    rows = (item_rows("A", "gen", "rouge_l", base + 0.2) + item_rows("B", "gen", "rouge_l", base)
+            + item_rows("C", "gen", "rouge_l", base + rng.normal(0, 0.01, 60)))
+    table = paired_comparisons(pd.DataFrame(rows), n_boot=2000, seed=0)
+    ab = compare(table, "A", "B", "gen", "rouge_l")
+    assert ab["diff"] == pytest.approx(0.2) and ab["test"] == "paired_bootstrap"
+    # every item moved by exactly 0.2, so the paired interval is a point, far from 0
+    assert ab["ci_low"] == pytest.approx(0.2) and ab["ci_high"] == pytest.approx(0.2) and ab["p_value"] == 0.0
+    ba = compare(table, "B", "A", "gen", "rouge_l")
+    assert ba["diff"] == pytest.approx(-0.2) and ba["ci_high"] == pytest.approx(-0.2)
+    bc = compare(table, "B", "C", "gen", "rouge_l")
+    assert bc["ci_low"] < 0 < bc["ci_high"] and bc["p_value"] > 0.05  # noise only
+    assert len(table) == 3  # one row per unordered pair
+
+
+def test_paired_comparisons_use_mcnemar_for_accuracies_and_only_shared_items():
+    a = [1] * 8 + [0] * 2 + [1] * 10
+    b = [0] * 8 + [1] * 2 + [1] * 10
+    rows = item_rows("A", "rca", "accuracy", a) + item_rows("B", "rca", "accuracy", b)[:-1]  # B misses the last item
+    table = paired_comparisons(pd.DataFrame(rows), seed=0)
+    (row,) = table.to_dict(orient="records")
+    assert row["test"] == "mcnemar_exact" and row["n_items"] == 19
+    assert row["diff"] == pytest.approx((17 - 11) / 19)
+    assert row["p_value"] == pytest.approx(112 / 1024)
+
+
+def test_p_best_and_tied_with_top_on_two_separable_and_two_inseparable_configs():
+    from llm_energy.rank import add_top_uncertainty, rank_configs, rank_stability
+
+    rng = np.random.default_rng(3)
+    correct = lambda error: (rng.random(80) >= error).astype(float)  # noqa: E731  (1 = item answered right)
+    values = {"A": correct(0.10), "B": correct(0.11), "C": correct(0.45), "D": correct(0.48)}  # A ~ B >> C, D
+    rows = [r for c, v in values.items() for r in item_rows(c, "rca", "accuracy", v)]
+    items = pd.DataFrame(rows)
+    configs = make_configs({c: 0.001 for c in values})  # equal energy: quality decides
+    scores = items.groupby(["config_id", "task", "metric"], as_index=False)["value"].mean()
+    settings = RankingSettings(w_grid=(0.0, 0.5))
+    table = rank_configs(configs, scores, settings).table
+    stability = rank_stability(configs, items, None, settings, w=0.5, n_boot=400, seed=0)
+    out = add_top_uncertainty(table, stability.attrs["p_best"]).set_index(["config_id", "w"])
+    at = out.xs(0.5, level="w")
+    assert at.loc["A", "p_best"] + at.loc["B", "p_best"] >= 1.0  # one of them is best in every draw (ties share it)
+    assert at.loc["A", "p_best"] > 0.05 and at.loc["B", "p_best"] > 0.05
+    assert at.loc["C", "p_best"] == 0 and at.loc["D", "p_best"] == 0
+    assert set(at.index[at["tied_with_top"]]) == {"A", "B"}
