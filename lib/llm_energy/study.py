@@ -343,6 +343,9 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     second = _second_stage(run, jobs, first, params_path.parent)
     run.bar.total = len(jobs) + len(second) - sum(1 for j in jobs if j.phase == "pruning")
     run.run_stage(second)
+    third = _top_k_pruning_stage(run, params_path.parent)  # ranks everything evaluated, adapters included
+    run.bar.total += len(third)
+    run.run_stage(third)
     run.save_failures()
     run.run_stage([j for j in jobs if j.phase == "ranking"])  # reads every table, so it runs last
     run.bar.close()
@@ -389,21 +392,32 @@ def _record_skipped(out_dir: Path, skipped: list[dict[str, str]]) -> None:
 
 
 def _second_stage(run: _Run, jobs: list[Job], first: list[Job], base_dir: Path) -> list[Job]:
-    """Adapters the fine-tuning saved, and pruning of the named targets or of the best configs so far."""
+    """Adapters the fine-tuning saved, and pruning of the targets the study names."""
+    common = base_parameters(run.study, run.layout.root, base_dir, run.device, run.attribution)
+    second = adapter_jobs(run.study, common, run.layout.root, [j for j in first if j.phase == "finetune"])
+    return second + [j for j in jobs if j.phase == "pruning"]
+
+
+def _top_k_pruning_stage(run: _Run, base_dir: Path) -> list[Job]:
+    """Without named targets: pruning of the best configs of the ranking so far, which by now holds
+    every evaluated config (base models and their adapters), so a fine-tuned config can be the one
+    pruned."""
     study = run.study
+    if not (run.wants("pruning") and study.pruning is not None and not study.pruning.targets):
+        return []
     common = base_parameters(study, run.layout.root, base_dir, run.device, run.attribution)
-    second = adapter_jobs(study, common, run.layout.root, [j for j in first if j.phase == "finetune"])
-    second += [j for j in jobs if j.phase == "pruning"]
-    if run.wants("pruning") and study.pruning is not None and not study.pruning.targets:
-        try:
-            models = {m.name: m for m in study.models}
-            for target in top_k_targets(study, run.layout.root):
-                second += pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target,
-                                       run.layout.root)
-        except ValueError as exc:  # nothing ranked: every inference config failed
-            run.add_failure({"job": "pruning", "config_id": "", "error": f"no pruning targets: {exc}",
-                             "notebook": "", "log": ""})
-    return second
+    models = {m.name: m for m in study.models}
+    try:
+        targets = top_k_targets(study, run.layout.root)
+    except ValueError as exc:  # nothing ranked: every inference config failed
+        run.add_failure({"job": "pruning", "config_id": "", "error": f"no pruning targets: {exc}",
+                         "notebook": "", "log": ""})
+        return []
+    log.info("pruning targets (top %d at w = %g): %s", study.pruning.top_k, study.ranking.w,
+             ", ".join(config_id_for(t.model, t.precision, adapter=t.adapter) for t in targets))
+    return [job for target in targets
+            for job in pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target,
+                                    run.layout.root)]
 
 
 def _render_report_if_ranked(run: _Run) -> Path | None:

@@ -156,3 +156,46 @@ def test_the_gpu_study_is_valid_and_refused_without_a_gpu(root, tmp_path):
     with pytest.raises(runner.StudyRunError, match="no CUDA GPU is visible"):
         runner.run_study(root / "params" / "gpu.yaml", out=out)
     assert not out.exists()
+
+
+def test_top_k_pruning_waits_for_the_adapters_and_can_prune_one(root, tmp_path, monkeypatch):
+    """The runner picks top-k pruning targets only once the adapters are evaluated, so the best
+    config of the whole ranking, a fine-tuned one here, is the one pruned (jobs faked: no notebooks)."""
+    from llm_energy import results
+
+    text = (root / "params" / "smoke.yaml").read_text()
+    text = text.replace("targets: [tiny-random-llama__fp32__lora]", "targets: null")
+    params = tmp_path / "study.yaml"
+    params.write_text(text)
+    order = []
+
+    def fake_execute(job, out_dir):
+        order.append(job.key)
+        if job.phase == "finetune":  # the adapter file the runner looks for
+            folder = out_dir / "adapters" / job.config_id
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "adapter_model.safetensors").write_bytes(b"")
+        if job.phase == "inference":
+            best = job.parameters.get("adapter_name") == "lora" and job.parameters["precision"] == "nf4"
+            rows, scores = [], []
+            for task, metric in (("rca", "accuracy"), ("qa", "acc")):
+                row = {c: None for c in results.ENERGY_COLUMNS}
+                row.update(config_id=job.config_id, phase="inference", model="tiny-random-llama",
+                           precision=job.parameters["precision"], adapter=job.parameters.get("adapter_name", "none"),
+                           pruning="none", task=task, n_items=10, energy_kwh=1e-6, energy_kwh_std=0.0,
+                           energy_method="rapl")
+                rows.append(row)
+                scores.append({"config_id": job.config_id, "task": task, "metric": metric,
+                               "value": 0.9 if best else 0.3, "ci_low": 0.0, "ci_high": 1.0, "n_items": 10})
+            results.upsert_rows(out_dir, "energy", rows)
+            results.upsert_rows(out_dir, "scores", scores)
+        return {"ok": True, "error": "", "seconds": 0.0}
+
+    monkeypatch.setattr(runner, "execute_job", fake_execute)
+    runner.run_study(params, out=tmp_path / "out")
+    pruning = [k for k in order if k.startswith("pruning__")]
+    assert pruning == ["pruning__tiny-random-llama__nf4__lora__magnitude-unstructured-50",
+                       "pruning__tiny-random-llama__nf4__lora__wanda-2of4"]
+    last_adapter = max(i for i, k in enumerate(order) if k.startswith("inference__") and k.endswith("__lora"))
+    assert order.index(pruning[0]) > last_adapter and order[-1] == "ranking"
+    assert not results.table_path(tmp_path / "out", "ranking").exists()  # the (faked) ranking job writes it
