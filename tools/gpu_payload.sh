@@ -18,7 +18,7 @@ PLATFORMS=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --pl
 # The project's dependencies that the image lacks, resolved for Python 3.12 without downloading
 # (pip's report), then downloaded one by one without what the image has: torch and the CUDA stack
 # it would pull in (bitsandbytes depends on torch), transformers, peft, nvidia-ml-py.
-pip install --quiet --dry-run --ignore-installed --python-version 3.12 --only-binary=:all: "${PLATFORMS[@]}" \
+pip install --quiet --dry-run --ignore-installed --target "$OUT.tmp/unused" --python-version 3.12 --only-binary=:all: "${PLATFORMS[@]}" \
     --report "$OUT.tmp/report.json" \
     "bitsandbytes>=0.50" "codecarbon>=3.3,<3.4" "papermill>=2.6" "pydantic>=2.6" pyyaml gguf pycountry \
     pyzipper nbformat nbconvert ipykernel matplotlib seaborn pandas
