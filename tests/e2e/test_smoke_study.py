@@ -53,7 +53,8 @@ def test_energy_rows_for_every_precision_and_task(smoke_run):
     assert measured["energy_method"].notna().all() and (measured["repeats"] == 2).all()
     assert (energy["phase"] == "idle").sum() == 0  # idle baselines are per job now: idle_baselines.csv
     idles = results.read_table(out, "idle_baselines")
-    measured_ids = set(energy.loc[energy["phase"] != "idle", "config_id"])
+    # each job's own baselines; a recovered config is measured in its pruning job, with that job's meter
+    measured_ids = {c for c in energy.loc[energy["phase"] != "idle", "config_id"] if not c.endswith("__recovered")}
     assert set(idles["config_id"]) == measured_ids and set(idles["kind"]) == {"system", "loaded"}
     for column in ("cpu_method", "gpu_method", "ram_method", "estimated_components", "energy_scope",
                    "country_iso_code", "carbon_intensity_g_per_kwh"):
@@ -71,9 +72,9 @@ def test_energy_rows_for_every_precision_and_task(smoke_run):
     generated = energy[energy["task"] == "rca_resolution"]
     assert (generated["n_generated_tokens"] == 2 * 8).all()  # 2 items x exactly 8 new tokens
     scores = results.read_table(out, "scores")
-    assert len(scores) == 10 * 6
+    assert len(scores) == 12 * 6  # 6 precisions, 2 adapters, 2 pruned and 2 recovered configs; 6 metrics each
     ranking = results.read_table(out, "ranking")
-    assert len(ranking) == 10 * 11
+    assert len(ranking) == 12 * 11
     assert ranking["phi"].between(0, 1).all() and ranking["rho"].between(0, 1).all()
     for w, group in ranking.groupby("w"):
         ordered = group.sort_values("rank")
@@ -82,6 +83,7 @@ def test_energy_rows_for_every_precision_and_task(smoke_run):
 
 def test_training_table_has_two_epochs_per_precision(smoke_run):
     training = results.read_table(smoke_run[0], "training")
+    training = training[training["phase"] == "finetune"]  # recovery epochs are checked with the pruning
     assert sorted(training.groupby("precision")["epoch"].apply(list).to_dict().items()) == [
         ("fp32", [1, 2]), ("nf4", [1, 2])]
     assert (training["energy_kwh"] > 0).all() and training["train_loss"].notna().all()
@@ -89,6 +91,7 @@ def test_training_table_has_two_epochs_per_precision(smoke_run):
 
 def test_pruning_layers_are_recorded_and_nm_verified(smoke_run):
     layers = results.read_table(smoke_run[0], "pruning_layers")
+    layers = layers[~layers["config_id"].str.endswith("__recovered")]  # recovered configs: their own test
     wanda = layers[layers["pruning"] == "wanda-2of4"]
     assert len(wanda) == 2 * 7  # two decoder blocks x seven projections
     assert wanda["verified_nm"].eq("yes").all()
@@ -181,7 +184,7 @@ def test_rankings_say_what_they_cannot_separate(smoke_run):
     comparisons = results.read_table(out, "comparisons")
     assert set(comparisons.columns) >= {"config_a", "config_b", "task", "metric", "diff", "ci_low", "ci_high", "p_value"}
     assert comparisons["p_value"].between(0, 1).all() and (comparisons["ci_low"] <= comparisons["ci_high"]).all()
-    assert {"mcnemar_exact", "paired_bootstrap"} == set(comparisons["test"])
+    assert "mcnemar_exact" in set(comparisons["test"]) <= {"mcnemar_exact", "paired_bootstrap"}
     ranking = results.read_table(out, "ranking")
     at_w = ranking[ranking["w"] == 0.5]
     assert at_w["p_best"].between(0, 1).all() and at_w["tied_with_top"].astype(bool).any()

@@ -111,7 +111,8 @@ def test_recovery_at_fp4_is_skipped_with_its_reason(tmp_path, root):
 def test_a_target_the_study_does_not_produce_is_refused(root, tmp_path, target, message):
     from llm_energy.config import load_study
 
-    text = (root / "params" / "smoke.yaml").read_text().replace("targets: null ", f'targets: ["{target}"] ')
+    text = (root / "params" / "smoke.yaml").read_text().replace("targets: [tiny-random-llama__fp32__lora]",
+                                                                f'targets: ["{target}"]')
     path = tmp_path / "study.yaml"
     path.write_text(text)
     with pytest.raises(StudyValidationError, match=message) as err:
@@ -123,7 +124,8 @@ def test_a_fine_tuned_target_by_config_id_is_planned_with_its_adapter(root, tmp_
     from llm_energy import study as runner
     from llm_energy.config import load_study
 
-    text = (root / "params" / "smoke.yaml").read_text().replace("targets: null ", 'targets: ["tiny-random-llama__nf4__lora"] ')
+    text = (root / "params" / "smoke.yaml").read_text().replace("targets: [tiny-random-llama__fp32__lora]",
+                                                                'targets: ["tiny-random-llama__nf4__lora"]')
     path = tmp_path / "study.yaml"
     path.write_text(text)
     jobs, _ = runner.expand(load_study(path), tmp_path / "out", root / "params", "cpu")

@@ -14,8 +14,20 @@ def smoke(root):
     return load_study(root / "params" / "smoke.yaml")
 
 
+SMOKE_TARGETS = "targets: [tiny-random-llama__fp32__lora]"
+
+
+def smoke_with_targets(root, tmp_path, targets: str):
+    """The smoke study with its pruning targets replaced (``null``: the top_k of the ranking)."""
+    text = (root / "params" / "smoke.yaml").read_text()
+    assert SMOKE_TARGETS in text
+    path = tmp_path / "smoke-targets.yaml"
+    path.write_text(text.replace(SMOKE_TARGETS, f"targets: {targets}"))
+    return path
+
+
 def test_expand_orders_jobs_and_passes_sections(root, tmp_path):
-    jobs, skipped = runner.expand(smoke(root), tmp_path, root / "params", "cpu")
+    jobs, skipped = runner.expand(load_study(smoke_with_targets(root, tmp_path, "null")), tmp_path, root / "params", "cpu")
     # pruning targets come from the inference ranking, so they are planned later by the runner
     assert [j.phase for j in jobs] == ["data"] + ["finetune"] * 2 + ["inference"] * 6 + ["ranking"]
     assert [j.config_id for j in jobs if j.phase == "finetune"] == ["tiny-random-llama__fp32__lora",
@@ -99,9 +111,7 @@ def test_local_workers_one_per_device(root):
 
 
 def test_explicit_pruning_targets_are_planned_up_front(root, tmp_path):
-    params = tmp_path / "p.yaml"
-    params.write_text((root / "params" / "smoke.yaml").read_text().replace(
-        "targets: null ", 'targets: ["tiny-random-llama:fp16"] '))
+    params = smoke_with_targets(root, tmp_path, '["tiny-random-llama:fp16"]')
     jobs, _ = runner.expand(load_study(params), tmp_path, tmp_path, "cpu")
     pruning = [j for j in jobs if j.phase == "pruning"]
     assert [j.config_id for j in pruning] == ["tiny-random-llama__fp16__magnitude-unstructured-50",
@@ -163,10 +173,7 @@ def test_top_k_pruning_waits_for_the_adapters_and_can_prune_one(root, tmp_path, 
     config of the whole ranking, a fine-tuned one here, is the one pruned (jobs faked: no notebooks)."""
     from llm_energy import results
 
-    text = (root / "params" / "smoke.yaml").read_text()
-    text = text.replace("targets: [tiny-random-llama__fp32__lora]", "targets: null")
-    params = tmp_path / "study.yaml"
-    params.write_text(text)
+    params = smoke_with_targets(root, tmp_path, "null")
     order = []
 
     def fake_execute(job, out_dir):
