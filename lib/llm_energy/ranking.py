@@ -204,9 +204,11 @@ def config_notes(study_dir: str | Path) -> tuple[dict[str, str], list[dict[str, 
     """Weights origin per model, skipped configs and failed jobs, from the run's tables."""
     configs = results.read_table(study_dir, "configs")
     origin = {}
-    for _, row in configs.iterrows():
+    # A model's own weights: from a config with neither adapter nor pruning when there is one.
+    plain = (configs["adapter"].astype(str) == "none") & (configs["pruning"].astype(str) == "none")
+    for _, row in pd.concat([configs[plain], configs[~plain]]).iterrows():
         if isinstance(row.get("weights_origin"), str) and row["weights_origin"]:
-            origin[row["model"]] = row["weights_origin"]
+            origin.setdefault(row["model"], row["weights_origin"])
     skipped = [
         {"config_id": r["config_id"], "reason": str(r["reason"])}
         for _, r in configs[configs["status"] == "skipped"].iterrows()
