@@ -49,6 +49,12 @@ def is_estimate(method: object) -> bool:
     return any(marker in text for marker in ESTIMATE_MARKERS)
 
 
+def estimated_components(methods: dict[str, str]) -> str:
+    """The components whose energy is modelled rather than counted, e.g. "cpu;ram" (empty: all
+    counted); ``methods`` maps component to method, "none" for a component not read."""
+    return ";".join(c for c, m in methods.items() if m and m != "none" and is_estimate(m))
+
+
 HARDWARE_COUNTERS: tuple[str, ...] = ("nvml_counter", "rapl")  # the project's own counters
 SCOPE_MACHINE = "machine"
 SCOPE_GPU_ONLY = "gpu_only: shared node"
@@ -105,9 +111,9 @@ class EnergyRecord:
     @property
     def estimated_components(self) -> str:
         """Components in the total whose energy is modelled, e.g. "cpu;ram" (empty: all counted)."""
-        counted = ("gpu",) if self.scope == SCOPE_GPU_ONLY else ("cpu", "gpu", "ram")
         methods = {"cpu": self.cpu_method, "gpu": self.gpu_method, "ram": self.ram_method}
-        return ";".join(c for c in counted if methods[c] != "none" and is_estimate(methods[c]))
+        counted = ("gpu",) if self.scope == SCOPE_GPU_ONLY else ("cpu", "gpu", "ram")
+        return estimated_components({c: methods[c] for c in counted})
 
     @property
     def power_w(self) -> float:

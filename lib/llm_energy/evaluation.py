@@ -72,6 +72,13 @@ def full_split(task: str, settings: TaskSettings, split: str, base_dir: Path) ->
     return load_task_data(task, settings.model_copy(update={"max_items": None}), split=split, base_dir=base_dir)
 
 
+def training_splits(run: ConfigRun, task: str) -> tuple[TaskData, TaskData]:
+    """A task's whole training and validation splits (what fine-tuning and recovery train on)."""
+    settings = run.tasks.enabled()[task]
+    return (full_split(task, settings, "train", run.base_dir),
+            full_split(task, settings, "validation", run.base_dir))
+
+
 def load_task_sets(tasks: TasksSettings, base_dir: Path) -> dict[str, TaskData]:
     """The scored items of every enabled task."""
     return {name: load_task_data(name, settings, base_dir=base_dir) for name, settings in tasks.enabled().items()}

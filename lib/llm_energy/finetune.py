@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .config import FinetuneParams, validate_section
 from .energy import EnergyMeter
-from .evaluation import ConfigRun, full_split
+from .evaluation import ConfigRun, training_splits
 from .items import TaskData
 from .layout import StudyLayout, config_id_for
 from .lora import FinetuneResult, finetune
@@ -29,9 +29,7 @@ def parameters(run: ConfigRun, finetune_section: dict, config_id: str = "") -> t
 
 def splits(run: ConfigRun, params: FinetuneParams) -> tuple[TaskData, TaskData]:
     """The task's whole training and validation splits (the spec samples from them)."""
-    settings = run.tasks.enabled()[params.task]
-    return (full_split(params.task, settings, "train", run.base_dir),
-            full_split(params.task, settings, "validation", run.base_dir))
+    return training_splits(run, params.task)
 
 
 def train(run: ConfigRun, params: FinetuneParams, loaded: LoadedModel, meter: EnergyMeter, train_split: TaskData,

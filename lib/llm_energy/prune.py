@@ -113,7 +113,8 @@ class PruningResult:
 # Choosing layers
 
 
-def _is_quantized(module: Any) -> bool:
+def is_quantized(module: Any) -> bool:
+    """A bitsandbytes layer (recognised by class name: bitsandbytes need not be importable)."""
     return any(cls.__name__ in QUANTIZED_LINEAR_CLASSES for cls in type(module).__mro__)
 
 
@@ -143,7 +144,7 @@ def _layers_to_prune(model: Any, spec: PruningSpec) -> list[tuple[str, Any]]:
     import torch
 
     layers = _matching_modules(model, spec.include)
-    quantized = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if _is_quantized(m)]
+    quantized = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if is_quantized(m)]
     if quantized:
         raise ValueError(
             f"the model has bitsandbytes-quantized layers, e.g. {quantized[0]}; pruning needs dense weights: "
@@ -295,7 +296,7 @@ def dequantized_weight(module: Any) -> "torch.Tensor":
     """The real-valued weight of a layer in float32: a bitsandbytes 4-bit or LLM.int8 layer
     dequantized, any other layer's weight as it is."""
     module = getattr(module, "base_layer", module)
-    if _is_quantized(module):
+    if is_quantized(module):
         from peft.utils.integrations import dequantize_module_weight
 
         return dequantize_module_weight(module).detach().float()

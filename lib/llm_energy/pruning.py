@@ -14,11 +14,12 @@ from typing import Any
 
 from .config import DENSE_PRECISIONS, PruningSpec, RecoverySettings, validate_section
 from .energy import EnergyMeter
-from .evaluation import ConfigRun, evaluate_config, full_split
+from .evaluation import ConfigRun, evaluate_config, full_split, training_splits
 from .layout import StudyLayout, config_id_for
 from .models import LoadedModel, load_model
 from .lora import FINETUNE_PRECISIONS, finetune, load_adapter
-from .prune import LayerCheck, PruningResult, calibration_texts, check_pruned, dequantized_weight, prune_model
+from .prune import (LayerCheck, PruningResult, calibration_texts, check_pruned, dequantized_weight, is_quantized,
+                    prune_model)
 from .records import record_config, record_pruned_layers, record_training
 from .scoring import ScoringPath, choose_scoring_path
 
@@ -97,13 +98,11 @@ def _copy_dequantized(quantized: Any, dense: Any) -> int:
     of ``dense`` (in place); returns how many layers were copied."""
     import torch
 
-    from .prune import QUANTIZED_LINEAR_CLASSES
-
     dense_modules = dict(dense.named_modules())
     copied = 0
     with torch.no_grad():
         for name, module in quantized.named_modules():
-            if any(cls.__name__ in QUANTIZED_LINEAR_CLASSES for cls in type(module).__mro__):
+            if is_quantized(module):
                 target = dense_modules[name]
                 target.weight.copy_(dequantized_weight(module).reshape(target.weight.shape).to(target.weight.dtype))
                 copied += 1
@@ -219,9 +218,7 @@ def recover(run: ConfigRun, pruned: PrunedModel, settings: RecoverySettings, met
                       adapter=recovered_adapter(adapter), pruning=pruned.outcome.spec.label)
         return None
     spec = settings.spec(run.seed)
-    task_settings = run.tasks.enabled()[spec.task]
-    train = full_split(spec.task, task_settings, "train", run.base_dir)
-    valid = full_split(spec.task, task_settings, "validation", run.base_dir)
+    train, valid = training_splits(run, spec.task)
     result = finetune(pruned.loaded, train.items, valid.items, spec, meter,
                       StudyLayout(run.study_dir).adapter(recovered.config_id), label_set=train.labels)
     identity = recovered.identity(adapter=recovered_adapter(adapter), pruning=pruned.outcome.spec.label)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import results
-from .energy import EnergyRecord, IdleBaseline, is_estimate
+from .energy import EnergyRecord, IdleBaseline
 
 if TYPE_CHECKING:
     from .energy import RepeatedMeasurement
@@ -118,13 +118,6 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
          "n_items": result.n_items}
         for i, r in enumerate(measurement.records)
     ])
-
-
-def estimated_components(cpu_method: str, gpu_method: str, ram_method: str) -> str:
-    """The components whose energy is modelled rather than counted, e.g. "cpu;ram" (empty: all
-    counted), by the one rule figures and the report use too (:func:`llm_energy.energy.is_estimate`)."""
-    methods = {"cpu": cpu_method, "gpu": gpu_method, "ram": ram_method}
-    return ";".join(name for name, method in methods.items() if method and method != "none" and is_estimate(method))
 
 
 def energy_per_correct(energy_kwh: float, result: TaskResult) -> float:

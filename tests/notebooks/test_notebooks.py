@@ -1,6 +1,5 @@
 """Each phase notebook run by papermill with tiny parameters; results read back with tolerances."""
 
-import json
 
 import papermill
 import pytest

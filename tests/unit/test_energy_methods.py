@@ -3,8 +3,7 @@
 import pytest
 
 from llm_energy import plots
-from llm_energy.energy import describe_methods, is_estimate
-from llm_energy.records import estimated_components
+from llm_energy.energy import describe_methods, estimated_components, is_estimate
 
 METHODS = [
     ("codecarbon:cpu_load", True), ("codecarbon:ram_power_model", True), ("codecarbon:tdp", True),
@@ -17,8 +16,8 @@ METHODS = [
 def test_tables_figures_and_report_agree(method, estimate):
     assert is_estimate(method) is estimate
     # tables: the energy row's estimated_components
-    assert (estimated_components(method, "none", "rapl") == "cpu") is estimate
-    assert (estimated_components("rapl", method, "rapl") == "gpu") is estimate
+    assert (estimated_components({"cpu": method, "gpu": "none", "ram": "rapl"}) == "cpu") is estimate
+    assert (estimated_components({"cpu": "rapl", "gpu": method, "ram": "rapl"}) == "gpu") is estimate
     # figures: an estimate gets the red note, a measurement none
     note = plots.energy_note([method])
     assert (note is not None and "ESTIMATE" in note and method in note) is estimate
@@ -32,5 +31,5 @@ def test_the_figures_use_the_same_rule_object():
 
 
 def test_all_counted_leaves_estimated_components_empty():
-    assert estimated_components("rapl", "nvml_counter", "rapl") == ""
-    assert estimated_components("codecarbon:cpu_load", "none", "codecarbon:ram_power_model") == "cpu;ram"
+    assert estimated_components({"cpu": "rapl", "gpu": "nvml_counter", "ram": "rapl"}) == ""
+    assert estimated_components({"cpu": "codecarbon:cpu_load", "gpu": "none", "ram": "codecarbon:ram_power_model"}) == "cpu;ram"
