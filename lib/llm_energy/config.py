@@ -25,7 +25,7 @@ DENSE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")  # torch dtypes; th
 Phase = Literal["data", "inference", "ranking"]
 PHASES: tuple[str, ...] = ("data", "finetune", "inference", "pruning", "ranking")
 IMPLEMENTED_PHASES: tuple[str, ...] = PHASES
-BUILTIN_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "tiny-random-llama")
+BUILTIN_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "gemma-3-270m", "tiny-random-llama")
 TASK_NAMES: tuple[str, ...] = ("rca", "qa")
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -149,6 +149,33 @@ class TaskSettings(_Strict):
     sample_seed: int = 0  # seed of the max_items sample
     labels: list[str] | None = None  # rca: the label set; a record outside it is an error (null = labels found)
     generation: GenerationParams | None = None  # rca only: also write resolutions (null = skip)
+    # qa only: cloze scores each choice as a continuation of the question; options shows the lettered
+    # choices in the prompt and scores the answer letter (as lm-evaluation-harness's MMLU-style tasks)
+    style: Literal["cloze", "options"] = "cloze"
+    # a malformed record (empty question, repeated choice, answer out of range, ...): stop with its file,
+    # line and field (error), or leave it out before sampling and list it in tables/skipped_records.csv
+    invalid_records: Literal["error", "skip"] = "error"
+    # a file without a `split` field gets a seeded assignment stratified by label/category, with these
+    # fractions (train, validation; the rest is test), written to tables/splits.csv
+    split_fractions: tuple[float, float] = (0.6, 0.1)
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, value: tuple[float, float]) -> tuple[float, float]:
+        train, validation = value
+        if train < 0 or validation < 0 or train + validation >= 1:
+            raise ValueError(f"split_fractions (train, validation) must be >= 0 and leave a test share; got {list(value)}")
+        return value
+
+
+def headline_metric(task: str, style: str = "cloze") -> str:
+    """The one metric a task counts in rho by default: RCA accuracy; QA acc_norm for cloze (length-
+    normalised log-likelihood of each choice), acc for lettered options (one token per choice)."""
+    if task == "rca":
+        return "accuracy"
+    if task == "qa":
+        return "acc" if style == "options" else "acc_norm"
+    raise ValueError(f"no headline metric for task {task!r}")
 
 
 class TasksSettings(_Strict):
@@ -165,6 +192,8 @@ class TasksSettings(_Strict):
     def _generation_is_rca_only(self) -> "TasksSettings":
         if self.qa is not None and self.qa.generation is not None:
             raise ValueError("qa.generation: resolution generation applies to the rca task only")
+        if self.rca is not None and self.rca.style != "cloze":
+            raise ValueError("rca.style: the lettered-options style applies to the qa task only")
         return self
 
     def enabled(self) -> dict[str, TaskSettings]:
