@@ -27,6 +27,8 @@ PHASES: tuple[str, ...] = ("data", "finetune", "inference", "pruning", "ranking"
 IMPLEMENTED_PHASES: tuple[str, ...] = PHASES
 BUILTIN_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "gemma-3-270m", "tiny-random-llama")
 TASK_NAMES: tuple[str, ...] = ("rca", "qa")
+BUILTIN_DATA: tuple[str, ...] = ("synthetic", "teleqna")  # data names that are not paths
+BUILTIN_DATA_ALIASES: tuple[str, ...] = ("builtin", "builtin-synthetic")  # older names of "synthetic"
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -139,7 +141,10 @@ class GenerationParams(GenerationSpec):
 class TaskSettings(_Strict):
     """One downstream task: where its data is and how much of it is scored."""
 
-    data: str = "builtin"  # "builtin" or a path (.jsonl, .csv, TeleQnA .json/.txt or .zip)
+    # "synthetic": the built-in generated RCA tickets / telecom questions ("builtin" is the same);
+    # "teleqna" (qa only): the TeleQnA benchmark shipped in the package; or a path (.jsonl, .csv,
+    # TeleQnA .json/.txt or .zip)
+    data: str = "synthetic"
     format: Literal["auto", "jsonl", "csv", "teleqna"] = "auto"
     split: str = "test"  # split scored in the inference phase (builtin: train, validation, test)
     max_items: int | None = Field(None, gt=0)  # cap on scored items (a seeded sample); null = all
@@ -158,6 +163,11 @@ class TaskSettings(_Strict):
     # a file without a `split` field gets a seeded assignment stratified by label/category, with these
     # fractions (train, validation; the rest is test), written to tables/splits.csv
     split_fractions: tuple[float, float] = (0.6, 0.1)
+
+    @field_validator("data")
+    @classmethod
+    def _data_name(cls, value: str) -> str:
+        return "synthetic" if value in BUILTIN_DATA_ALIASES else value
 
     @field_validator("split_fractions")
     @classmethod
@@ -194,6 +204,8 @@ class TasksSettings(_Strict):
             raise ValueError("qa.generation: resolution generation applies to the rca task only")
         if self.rca is not None and self.rca.style != "cloze":
             raise ValueError("rca.style: the lettered-options style applies to the qa task only")
+        if self.rca is not None and self.rca.data == "teleqna":
+            raise ValueError("rca.data: TeleQnA holds multiple-choice questions, not fault tickets (use it for qa)")
         return self
 
     def enabled(self) -> dict[str, TaskSettings]:
@@ -850,7 +862,8 @@ def _raw_file_problems(raw: dict[str, Any], file: str, root: yaml.Node | None, b
     tasks = raw.get("tasks")
     for name, task in (tasks.items() if isinstance(tasks, dict) else []):
         data = task.get("data") if isinstance(task, dict) else None
-        if isinstance(data, str) and data != "builtin" and not resolve_path(data, base_dir).exists():
+        known = (*BUILTIN_DATA, *BUILTIN_DATA_ALIASES)
+        if isinstance(data, str) and data not in known and not resolve_path(data, base_dir).exists():
             loc = ("tasks", name, "data")
             problems.append(Problem(file, _line_of(root, loc), _format_loc(loc),
                                     f"data file does not exist: {resolve_path(data, base_dir)}"))

@@ -114,10 +114,10 @@ def open_meter(run: ConfigRun, device: str, system_idle: IdleBaseline | None = N
 
 
 def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMeter,
-                 prompt: str | None = None, seed: int = 0) -> tuple[TaskResult, RepeatedMeasurement]:
+                 prompt: str | None = None, seed: int = 0, style: str = "cloze") -> tuple[TaskResult, RepeatedMeasurement]:
     """Score a task inside repeated measured windows (after a short unmeasured warm-up). The items are
     tokenised before the windows and the metrics computed after: a window holds forward passes only."""
-    prepared = prepare_task(task, loaded.tokenizer, data, prompt)
+    prepared = prepare_task(task, loaded.tokenizer, data, prompt, style)
     warm = replace(prepared, encoded=prepared.encoded[:2])
     with warnings.catch_warnings():
         # bitsandbytes warns on every int8 matmul that inputs are cast; once is enough for the log.
@@ -165,7 +165,8 @@ def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, pha
 
     task_sets = load_task_sets(run.tasks, run.base_dir)
     for name, task_data in task_sets.items():
-        record(*measure_task(loaded, name, task_data, meter, run.tasks.enabled()[name].prompt, run.seed))
+        settings = run.tasks.enabled()[name]
+        record(*measure_task(loaded, name, task_data, meter, settings.prompt, run.seed, settings.style))
     rca = run.tasks.rca
     if rca is not None and rca.generation is not None and "rca" in task_sets:
         result, measurement, output = measure_generation(loaded, task_sets["rca"], rca.generation, meter, run.seed)

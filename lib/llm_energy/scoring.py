@@ -22,6 +22,10 @@ import numpy as np
 from .items import QAItem, RCAItem, TaskData, label_text
 
 DEFAULT_QA_PROMPT = "Question: {question}\nAnswer:"
+# qa.style options: the lettered choices in the prompt, the answer letter scored (lm-evaluation-
+# harness's MMLU-style layout)
+DEFAULT_QA_OPTIONS_PROMPT = "Question: {question}\n{choices}\nAnswer:"
+QA_STYLES: tuple[str, ...] = ("cloze", "options")
 DEFAULT_RCA_PROMPT = (
     "Network fault ticket:\n{ticket}\n"
     "Possible root causes: {labels}.\n"
@@ -50,6 +54,31 @@ class TaskResult:
     n_tokens: int = 0
 
 
+_PREFIXES: "weakref.WeakKeyDictionary[Any, tuple[int, ...]]" = weakref.WeakKeyDictionary()
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before any text on its own: Gemma's ``<bos>``, none for
+    SmolLM2. Contexts start with them, as the model was trained (lm-evaluation-harness does the same
+    for Gemma); a model whose tokenizer adds nothing is scored on the bare text."""
+    try:
+        return list(_PREFIXES[tokenizer])
+    except (KeyError, TypeError):
+        pass
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    prefix: tuple[int, ...] = ()
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            prefix = tuple(full[:start])
+            break
+    try:
+        _PREFIXES[tokenizer] = prefix
+    except TypeError:
+        pass
+    return list(prefix)
+
+
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     # As lm-evaluation-harness: trailing spaces of the context move to the continuation, and the
     # continuation tokens are what encoding the whole string adds after the context's tokens.
@@ -59,12 +88,14 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
         context = context[:-spaces]
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    return ctx, whole[len(ctx) :]
+    return special_prefix(tokenizer) + ctx, whole[len(ctx) :]
 
 
 # Model families whose decoder takes a ready 4D attention mask as-is (transformers' masking_utils
 # returns a 4D mask unchanged) and that have no layer type where doing so would be wrong.
-_PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "olmo", "olmo2"})
+_PACKED_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "granite", "olmo", "olmo2"}
+)
 # Attention implementations and the 4D mask each wants: sdpa a boolean one (True: attend), eager an
 # additive float one (0: attend, the dtype's minimum: not), which it adds to the scores.
 _PACKED_ATTENTION = frozenset({"sdpa", "eager"})
@@ -450,18 +481,31 @@ class PreparedTask:
     data: TaskData
     encoded: tuple[EncodedRequest, ...]
     labels: tuple[str, ...] = ()  # rca: the label order of each request's continuations
+    style: str = "cloze"  # qa: cloze (each choice's text scored) | options (the answer letter scored)
 
 
-def prepare_task(task: str, tokenizer: Any, data: TaskData, prompt: str | None = None) -> PreparedTask:
-    """Build and tokenise every request of a task (before any measured window)."""
+def prepare_task(task: str, tokenizer: Any, data: TaskData, prompt: str | None = None,
+                 style: str = "cloze") -> PreparedTask:
+    """Build and tokenise every request of a task (before any measured window).
+
+    QA ``style``: ``cloze`` scores each choice's text as a continuation of the question; ``options``
+    shows the lettered choices (``A. ...``) in the prompt and scores each letter (`` A``, `` B``, ...),
+    so that a choice such as "Both option 1 and 2" can be read against the others."""
     if task == "qa":
-        prompt = prompt or DEFAULT_QA_PROMPT
+        if style not in QA_STYLES:
+            raise ValueError(f"qa style must be one of {list(QA_STYLES)}; got {style!r}")
+        prompt = prompt or (DEFAULT_QA_OPTIONS_PROMPT if style == "options" else DEFAULT_QA_PROMPT)
+        if style == "options" and "{choices}" not in prompt:
+            raise ValueError("qa style 'options' needs a prompt with a {choices} field (where the lettered choices go)")
         requests = []
         for item in data.items:
             assert isinstance(item, QAItem)
             context = prompt.format(question=item.question, choices=choice_block(item.choices))
-            requests.append((context, [" " + c for c in item.choices]))
-        return PreparedTask("qa", data, tuple(encode_requests(tokenizer, requests)))
+            if style == "options":
+                requests.append((context, [" " + choice_letter(i) for i in range(len(item.choices))]))
+            else:
+                requests.append((context, [" " + c for c in item.choices]))
+        return PreparedTask("qa", data, tuple(encode_requests(tokenizer, requests)), style=style)
     if task == "rca":
         prompt = prompt or DEFAULT_RCA_PROMPT
         labels = tuple(data.labels)
@@ -496,6 +540,20 @@ def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: 
     """Metrics and bootstrap intervals from the scores (after the measured window)."""
     data = prepared.data
     n_tokens = sum(s.n_tokens for s in scores)
+    if prepared.task == "qa" and prepared.style == "options":
+        # one letter per choice: acc is the metric (a length normalisation would change nothing)
+        predictions = [int(np.argmax(s.loglik)) for s in scores]
+        correct_a = np.array([float(p == item.answer) for p, item in zip(predictions, data.items)])
+        return TaskResult(
+            task="qa",
+            metrics={"acc": float(correct_a.mean())},
+            intervals={"acc": bootstrap_interval(correct_a, n_boot=n_boot, seed=seed)},
+            per_item={"acc": correct_a},
+            item_ids=tuple(i.id for i in data.items),
+            predictions=tuple(predictions),
+            n_items=len(data.items),
+            n_tokens=n_tokens,
+        )
     if prepared.task == "qa":
         correct, correct_norm, predictions = [], [], []
         for item, s in zip(data.items, scores):
@@ -537,8 +595,8 @@ def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: 
 
 
 def evaluate_qa(model: Any, tokenizer: Any, data: TaskData, prompt: str | None = None,
-                progress: bool = False, n_boot: int = 1000, seed: int = 0) -> TaskResult:
-    prepared = prepare_task("qa", tokenizer, data, prompt)
+                progress: bool = False, n_boot: int = 1000, seed: int = 0, style: str = "cloze") -> TaskResult:
+    prepared = prepare_task("qa", tokenizer, data, prompt, style)
     return task_result(prepared, score_prepared(model, tokenizer, prepared, progress), n_boot, seed)
 
 
@@ -549,11 +607,17 @@ def evaluate_rca(model: Any, tokenizer: Any, data: TaskData, prompt: str | None 
 
 
 def evaluate(task: str, model: Any, tokenizer: Any, data: TaskData, prompt: str | None = None,
-             progress: bool = False, seed: int = 0) -> TaskResult:
+             progress: bool = False, seed: int = 0, style: str = "cloze") -> TaskResult:
     """Score one task; the same function for every precision and model (prepare, score, metrics)."""
-    prepared = prepare_task(task, tokenizer, data, prompt)
+    prepared = prepare_task(task, tokenizer, data, prompt, style)
     return task_result(prepared, score_prepared(model, tokenizer, prepared, progress), seed=seed)
 
 
+def choice_letter(index: int) -> str:
+    if not 0 <= index < 26:
+        raise ValueError(f"choice {index} has no letter (at most 26 choices)")
+    return chr(ord("A") + index)
+
+
 def choice_block(choices: Sequence[str]) -> str:
-    return "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices))
+    return "\n".join(f"{choice_letter(i)}. {c}" for i, c in enumerate(choices))

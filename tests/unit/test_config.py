@@ -25,7 +25,7 @@ def test_minimal_study_fills_defaults(tmp_path):
     study = load_study(write(tmp_path, MINIMAL))
     assert study.precisions == ["fp32", "int8"]
     assert study.energy.country_iso_code == "FRA"
-    assert study.tasks.rca.data == "builtin"
+    assert study.tasks.rca.data == "synthetic"
     assert study.ranking.w_grid[3] == 0.3
     assert study.phases == ["data", "inference", "ranking"]
 
