@@ -1145,6 +1145,25 @@ def _rca_ticket(label: str, implicit: bool, rng: random.Random) -> tuple[str, st
     return text, resolution
 
 
+def _redraw_leaked_resolutions(records: list[dict[str, Any]], seen: set[str], rng: random.Random) -> None:
+    """A test ticket whose reference resolution is word for word one of a training or validation
+    ticket would reward a model for memorising it: draw that test ticket again (same cause, same
+    implicit/explicit kind) until its resolution is new to those splits."""
+    trained = {r["resolution"] for r in records if r["split"] != "test"}
+    for record in records:
+        if record["split"] != "test" or record["resolution"] not in trained:
+            continue
+        for _attempt in range(200):
+            ticket, resolution = _rca_ticket(record["root_cause"], record["implicit"], rng)
+            if ticket not in seen and resolution not in trained:
+                break
+        else:  # pragma: no cover - every cause has resolutions with site names and times
+            raise RuntimeError(f"could not draw a {record['root_cause']} test ticket with an unseen resolution")
+        seen.discard(record["ticket"])
+        seen.add(ticket)
+        record["ticket"], record["resolution"] = ticket, resolution
+
+
 def generate_rca(seed: int = SEED) -> list[dict[str, Any]]:
     """Generate the RCA ticket data set (480 tickets with the default counts).
 
@@ -1167,9 +1186,10 @@ def generate_rca(seed: int = SEED) -> list[dict[str, Any]]:
             else:  # pragma: no cover - the fragments give far more combinations than needed
                 raise RuntimeError(f"could not make a new distinct {label} ticket")
             seen.add(ticket)
-            records.append({"ticket": ticket, "root_cause": label, "resolution": resolution})
+            records.append({"ticket": ticket, "root_cause": label, "resolution": resolution, "implicit": implicit})
     rng.shuffle(records)
     _assign_splits(records, "root_cause", rng)
+    _redraw_leaked_resolutions(records, seen, rng)
     out = [
         {"id": f"rca-{i:04d}", "ticket": r["ticket"], "root_cause": r["root_cause"],
          "resolution": r["resolution"], "split": r["split"]}

@@ -61,6 +61,16 @@ def test_rca_ids_and_tickets_unique(rca: list[dict]) -> None:
     assert len(set(tickets)) == len(tickets)
 
 
+def test_no_test_resolution_appears_in_training_or_validation(rca: list[dict]) -> None:
+    # A reference resolution seen word for word in training would reward memorising it.
+    trained = {r["resolution"] for r in rca if r["split"] != "test"}
+    leaked = sorted({r["resolution"] for r in rca if r["split"] == "test"} & trained)
+    assert leaked == []
+    shipped = _load_jsonl(sample_data.DATA_DIR / sample_data.RCA_FILENAME)
+    assert not ({r["resolution"] for r in shipped if r["split"] == "test"}
+                & {r["resolution"] for r in shipped if r["split"] != "test"})
+
+
 def test_rca_splits_per_label(rca: list[dict]) -> None:
     by_label: dict[str, Counter] = {}
     for rec in rca:
