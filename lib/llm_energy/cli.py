@@ -11,8 +11,13 @@ from .config import StudyValidationError, load_study
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from .checks import data_problems
+
     try:
         study = load_study(args.params)
+        problems = data_problems(study, args.params.parent.resolve())
+        if problems:
+            raise StudyValidationError(problems)
     except StudyValidationError as err:
         print(f"{args.params}: {len(err.problems)} problem(s)", file=sys.stderr)
         for problem in err.problems:

@@ -97,7 +97,9 @@ class GenerationSpec(_Strict):
     # resolution prompt (its chat form when chat is true)
     prompt: str | None = None
     batch_size: int = 8
-    chat: bool = False  # wrap the prompt as the user turn of the tokenizer's chat template (instruct models)
+    # wrap the prompt as the user turn of the tokenizer's chat template (instruct models); "auto": when
+    # the tokenizer has one (a base model such as Gemma 3 270M has none and gets the plain prompt)
+    chat: bool | Literal["auto"] = False
 
     @field_validator("new_tokens", "batch_size", mode="before")
     @classmethod
@@ -135,7 +137,7 @@ class GenerationParams(GenerationSpec):
     instruct model through its chat template, scored by ROUGE-L and MiniLM similarity."""
 
     max_items: int | None = 16  # items generated for (the first of the scored sample)
-    chat: bool = True  # wrap the prompt in the model's chat template (instruct models)
+    chat: bool | Literal["auto"] = "auto"  # the model's chat template when it has one (instruct models)
 
 
 class TaskSettings(_Strict):

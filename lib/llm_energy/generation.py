@@ -55,17 +55,25 @@ class GenerationOutput:
     raw_texts: tuple[str, ...] = field(default=(), repr=False)  # whole continuations, for inspection
 
 
-def prompt_template(spec: GenerationSpec) -> str:
+def uses_chat(spec: GenerationSpec, tokenizer: Any = None) -> bool:
+    """Whether prompts go through the chat template: ``chat: true``, or ``"auto"`` with a tokenizer
+    that has one (instruct models; a base model's tokenizer has none)."""
+    if spec.chat == "auto":
+        return bool(tokenizer is not None and getattr(tokenizer, "chat_template", None))
+    return bool(spec.chat)
+
+
+def prompt_template(spec: GenerationSpec, tokenizer: Any = None) -> str:
     """The spec's prompt, or the default resolution prompt (its chat form for chat specs)."""
     if spec.prompt is not None:
         return spec.prompt
-    return CHAT_RESOLUTION_PROMPT if spec.chat else DEFAULT_RESOLUTION_PROMPT
+    return CHAT_RESOLUTION_PROMPT if uses_chat(spec, tokenizer) else DEFAULT_RESOLUTION_PROMPT
 
 
 def build_prompt(item: RCAItem, spec: GenerationSpec, tokenizer: Any = None) -> str:
     """The text the model continues for one item (the chat template applied when ``spec.chat``)."""
-    text = prompt_template(spec).format(ticket=item.ticket, cause=label_text(item.root_cause))
-    if not spec.chat:
+    text = prompt_template(spec, tokenizer).format(ticket=item.ticket, cause=label_text(item.root_cause))
+    if not uses_chat(spec, tokenizer):
         return text
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("GenerationSpec(chat=True) needs a tokenizer with a chat template; this one has none")
@@ -96,16 +104,18 @@ def encode_prompts(tokenizer: Any, items: Sequence[RCAItem], spec: GenerationSpe
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (load_model uses the EOS token)")
     prompts = [build_prompt(item, spec, tokenizer) for item in items]
+    chat = uses_chat(spec, tokenizer)
     batches = []
     # A decoder-only model continues from the last position, so prompts must end flush right.
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         for start in range(0, len(prompts), spec.batch_size):
-            # No special tokens added, as scoring.py encodes its prompts; a chat template writes its
-            # own markers into the text, and those still encode as special tokens.
+            # A chat template writes its own markers (BOS included) into the text, and those still
+            # encode as special tokens; a plain prompt gets what the tokenizer adds on its own
+            # (Gemma's <bos>, nothing for SmolLM2), as scoring.py's contexts do.
             batch = tokenizer(prompts[start : start + spec.batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False)
+                              add_special_tokens=not chat)
             batches.append((batch["input_ids"], batch["attention_mask"]))
     finally:
         tokenizer.padding_side = saved_side

@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from . import rank, results
-from .config import PruningTarget, Study, load_study, resolved_dict, section_dict, study_hash
+from .checks import data_problems
+from .config import PruningTarget, Study, StudyValidationError, load_study, resolved_dict, section_dict, study_hash
 from .jobs import Job, execute_job, run_job
 from .layout import StudyLayout, config_id_for, project_root
 from .records import record_config
@@ -361,6 +362,9 @@ def _validate(params_path: Path, phases: list[str] | None, cluster: str) -> tupl
     from .models import PrecisionUnsupported
 
     study = load_study(params_path)
+    problems = data_problems(study, params_path.parent.resolve())
+    if problems:
+        raise StudyValidationError(problems)
     if phases:
         unknown = [p for p in phases if p not in study.phases]
         if unknown:

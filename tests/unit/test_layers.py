@@ -23,8 +23,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("ground: data readers, table writers, the energy meter", {"teleqna", "data", "results", "energy"}),
     ("middle: models, scoring, generation, pruning, sparse kernels, LoRA, ranking arithmetic",
      {"models", "scoring", "generation", "prune", "sparse", "lora", "rank"}),
-    ("shared plumbing of the phases: table rows, the measured evaluation, figures, the HTML report",
-     {"records", "evaluation", "plots", "report"}),
+    ("shared plumbing of the phases: table rows, the measured evaluation, figures, the HTML report, "
+     "the data checks of validate", {"records", "evaluation", "plots", "report", "checks"}),
     # (the data phase's module is `data` itself: notebook 01 reads and summarises the splits)
     ("phases: one module per notebook", {"finetune", "inference", "pruning", "ranking"}),
     ("runner: jobs, the cluster, the study", {"jobs", "scale", "study"}),
