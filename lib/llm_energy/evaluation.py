@@ -14,9 +14,10 @@ from typing import Any
 
 from .config import (PRECISIONS, EnergySettings, GenerationParams, ModelSettings, Problem, StudyValidationError,
                      TasksSettings, TaskSettings, validate_section)
-from .data import load_task_data
+from .data import load_task_data, source_name
 from .energy import EnergyMeter, IdleBaseline, RepeatedMeasurement
-from .generation import Embedder, GenerationOutput, decode_generations, encode_prompts, generate_encoded, score_resolutions
+from .generation import (Embedder, GenerationOutput, decode_generations, encode_prompts, generate_encoded,
+                         score_resolutions, uses_chat)
 from .items import TaskData
 from .layout import config_id_for, project_root, resolve_study_dir
 from .models import LoadedModel
@@ -157,21 +158,41 @@ def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, pha
     summary = []
     identity = run.identity(adapter, pruning)
 
-    def record(result: TaskResult, measurement: RepeatedMeasurement, generated_tokens: int = 0) -> None:
+    def record(result: TaskResult, measurement: RepeatedMeasurement, source: str, style: str,
+               generated_tokens: int = 0) -> None:
         record_task(run.study_dir, identity, phase, result, measurement, loaded.device, loaded.compute_dtype,
                     loaded.memory_bytes, generated_tokens=generated_tokens, sparsity=sparsity,
-                    idle_system_power_w=meter.idle_system.power_w if meter.idle_system else None)
+                    idle_system_power_w=meter.idle_system.power_w if meter.idle_system else None,
+                    source=source, style=style)
         summary.append(summary_row(result, measurement))
 
     task_sets = load_task_sets(run.tasks, run.base_dir)
     for name, task_data in task_sets.items():
         settings = run.tasks.enabled()[name]
-        record(*measure_task(loaded, name, task_data, meter, settings.prompt, run.seed, settings.style))
+        record(*measure_task(loaded, name, task_data, meter, settings.prompt, run.seed, settings.style),
+               task_data.source, scoring_style(name, settings.style))
     rca = run.tasks.rca
     if rca is not None and rca.generation is not None and "rca" in task_sets:
         result, measurement, output = measure_generation(loaded, task_sets["rca"], rca.generation, meter, run.seed)
-        record(result, measurement, output.n_new_tokens)
+        chat = "chat template" if uses_chat(rca.generation, loaded.tokenizer) else "plain prompt"
+        record(result, measurement, task_sets["rca"].source, f"generation, {chat}", output.n_new_tokens)
     return summary
+
+
+def scoring_style(task: str, style: str) -> str:
+    """How a task was scored, in the words scores.csv and the report use."""
+    if task == "qa":
+        return "options (answer letter scored)" if style == "options" else "cloze (each choice's text scored)"
+    return "labels (each root cause's words scored)"
+
+
+def data_description(tasks: TasksSettings, base_dir: Path) -> str:
+    """configs.csv's `data` column: each task's source ("synthetic" said as such) and QA style."""
+    parts = []
+    for name, settings in tasks.enabled().items():
+        text = f"{name}: {source_name(name, settings, base_dir)}"
+        parts.append(text + (f" ({settings.style})" if name == "qa" else ""))
+    return "; ".join(parts)
 
 
 def summary_row(result: TaskResult, measurement: RepeatedMeasurement) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from .evaluation import ConfigRun, evaluate_config
+from .evaluation import ConfigRun, data_description, evaluate_config
 from .energy import EnergyMeter
 from .lora import load_adapter
 from .models import LoadedModel, load_model
@@ -33,7 +33,8 @@ def prepare(run: ConfigRun, loaded: LoadedModel, adapter: str = "none") -> Scori
     where its weights came from, the scoring path)."""
     path = choose_scoring_path(loaded.model, loaded.tokenizer)
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
-                  weights_origin=loaded.weights_origin, adapter=adapter, scoring_path=path.name)
+                  weights_origin=loaded.weights_origin, adapter=adapter, scoring_path=path.name,
+                  data=data_description(run.tasks, run.base_dir))
     return path
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import DENSE_PRECISIONS, PruningSpec, RecoverySettings, validate_section
 from .energy import EnergyMeter
-from .evaluation import ConfigRun, evaluate_config, full_split, training_splits
+from .evaluation import ConfigRun, data_description, evaluate_config, full_split, training_splits
 from .layout import StudyLayout, config_id_for
 from .models import LoadedModel, load_model
 from .lora import FINETUNE_PRECISIONS, finetune, load_adapter
@@ -177,7 +177,8 @@ def record(run: ConfigRun, pruned: PrunedModel, execution: SparseExecution, adap
     path = choose_scoring_path(pruned.loaded.model, pruned.loaded.tokenizer)
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
                   weights_origin=pruned.loaded.weights_origin, adapter=adapter, pruning=pruned.outcome.spec.label,
-                  kernel=execution.kernel, kernel_note=execution.note, scoring_path=path.name)
+                  kernel=execution.kernel, kernel_note=execution.note, scoring_path=path.name,
+                  data=data_description(run.tasks, run.base_dir))
     return path
 
 
@@ -236,7 +237,7 @@ def recover(run: ConfigRun, pruned: PrunedModel, settings: RecoverySettings, met
     record_config(run.study_dir, recovered.config_id, run.model.name, run.precision, "ok",
                   weights_origin=loaded.weights_origin, adapter=identity.adapter, pruning=identity.pruning,
                   kernel="dense", kernel_note="the recovery adapter runs beside the pruned weights (not merged)",
-                  scoring_path=path.name)
+                  scoring_path=path.name, data=data_description(run.tasks, run.base_dir))
     return Recovery(recovered, loaded, checks)
 
 

@@ -39,13 +39,14 @@ class ConfigIdentity:
 
 def record_config(study_dir: Path, config_id: str, model: str, precision: str, status: str, reason: str = "",
                   weights_origin: str = "", adapter: str = "none", pruning: str = "none", kernel: str = "",
-                  kernel_note: str = "", scoring_path: str = "") -> None:
+                  kernel_note: str = "", scoring_path: str = "", data: str = "") -> None:
     """The config's row in configs.csv: ok, skipped or failed, why, where its weights came from, the
-    kernels a pruned config runs and the path its multiple-choice scoring took."""
+    kernels a pruned config runs, the path its multiple-choice scoring took and the data it was
+    scored on (synthetic data says so)."""
     results.upsert_rows(study_dir, "configs", [{
         "config_id": config_id, "model": model, "precision": precision, "adapter": adapter, "pruning": pruning,
         "status": status, "reason": reason, "weights_origin": weights_origin, "kernel": kernel,
-        "kernel_note": kernel_note, "scoring_path": scoring_path,
+        "kernel_note": kernel_note, "scoring_path": scoring_path, "data": data,
     }])
 
 
@@ -75,7 +76,7 @@ def energy_fields(record: EnergyRecord) -> dict[str, Any]:
 def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: TaskResult,
                 measurement: RepeatedMeasurement, device: str, compute_dtype: str, memory_bytes: int,
                 generated_tokens: int = 0, sparsity: PruningResult | None = None,
-                idle_system_power_w: float | None = None) -> None:
+                idle_system_power_w: float | None = None, source: str = "", style: str = "") -> None:
     """One task's energy row, its scores, its per-item scores and its per-repeat energy."""
     first = measurement.records[0]
     energy_kwh = measurement.mean("energy_kwh")
@@ -104,7 +105,8 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
     results.upsert_rows(study_dir, "energy", [energy_row])
     results.upsert_rows(study_dir, "scores", [
         {"config_id": config.config_id, "task": result.task, "metric": metric, "value": value,
-         "ci_low": result.intervals[metric][0], "ci_high": result.intervals[metric][1], "n_items": result.n_items}
+         "ci_low": result.intervals[metric][0], "ci_high": result.intervals[metric][1], "n_items": result.n_items,
+         "data": source, "style": style}
         for metric, value in result.metrics.items()
     ])
     results.upsert_rows(study_dir, "item_scores", [

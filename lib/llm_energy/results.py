@@ -77,6 +77,10 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
          "scoring_path"],
         ["config_id"],
     ),
+    # the data phase: every item's split (from the file, or the seeded assignment) and whether it is scored
+    "splits": (["task", "source", "item_id", "class", "split", "assigned_by", "scored"], ["task", "item_id"]),
+    # records that `invalid_records: skip` left out, with where and why
+    "skipped_records": (["task", "source", "file", "line", "record", "field", "reason"], ["task", "file", "record"]),
 }
 
 
