@@ -230,6 +230,10 @@ class EnergySettings(_Strict):
     # (CPU/RAM recorded apart), for several measured jobs on one node; auto: the runner decides
     # (gpu_only when it runs measured jobs side by side on one node, machine otherwise)
     attribution: Literal["auto", "machine", "gpu_only"] = "auto"
+    # k >= 2: score every item once, in k measured windows over disjoint, round-robin chunks of the
+    # items (energy = the sum; spread = across windows of the whole-pass energy each implies);
+    # null: every repeat re-scores every item (repeats / max_repeats / target_rsd)
+    windows: int | None = Field(None, ge=2)
     min_window_s: float = Field(0.25, ge=0)  # shorter workloads are repeated inside one window (NVML
     # counters update every ~20-100 ms; a window shorter than that would read as zero)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import math
 import statistics
 import threading
 import time
@@ -137,26 +138,67 @@ class IdleBaseline:
 
 @dataclass(frozen=True)
 class RepeatedMeasurement:
-    """Several windows of the same workload; ``result`` is what the first repeat returned."""
+    """The measured windows of one workload, in one of two designs (``unit``):
+
+    - ``"repeat"``: every window runs the whole workload (``result`` is what the first returned);
+      the workload's energy is the mean over windows, its spread the standard deviation.
+    - ``"chunk"``: one pass over the items, split into windows over disjoint chunks of items
+      (``window_items`` per window; ``result`` is the list of every window's result, in window
+      order). The energy is the sum over windows (one pass, no re-scoring); its spread is the
+      standard deviation, across windows, of the whole-pass energy each window implies
+      (window energy x items / window items).
+    """
 
     records: tuple[EnergyRecord, ...]
     result: Any = field(compare=False, repr=False)
+    unit: str = "repeat"
+    window_items: tuple[int, ...] = ()
 
     @property
     def repeats(self) -> int:
         return len(self.records)
 
+    @property
+    def windows(self) -> int:
+        return len(self.records)
+
+    @property
+    def n_items(self) -> int:
+        return sum(self.window_items)
+
     def mean(self, attr: str) -> float:
+        """Mean over windows (what one window measured on average)."""
         return statistics.fmean(getattr(r, attr) for r in self.records)
 
-    def std(self, attr: str) -> float:
+    def total(self, attr: str) -> float:
+        """The workload's value: the mean of full-pass repeats, or the sum over chunk windows."""
+        if self.unit == "chunk":
+            return math.fsum(getattr(r, attr) for r in self.records)
+        return self.mean(attr)
+
+    def implied_totals(self, attr: str) -> list[float]:
+        """Per window, the whole workload's value that window implies."""
         values = [getattr(r, attr) for r in self.records]
+        if self.unit == "chunk":
+            return [v * self.n_items / n for v, n in zip(values, self.window_items)]
+        return values
+
+    def std(self, attr: str) -> float:
+        """Spread across windows of :meth:`implied_totals` (NaN with one window)."""
+        values = self.implied_totals(attr)
         return statistics.stdev(values) if len(values) > 1 else float("nan")
 
     @property
     def rsd(self) -> float:
-        mean = self.mean("energy_kwh")
+        mean = statistics.fmean(self.implied_totals("energy_kwh"))
         return self.std("energy_kwh") / mean if mean > 0 and self.repeats > 1 else float("nan")
+
+
+def split_chunks(n_items: int, windows: int) -> list[list[int]]:
+    """Item indices of each window: round-robin (item i goes to window i mod k), so that every window
+    holds a like mix of a file-ordered, stratified sample; at most one window per item."""
+    k = max(1, min(windows, n_items))
+    return [list(range(j, n_items, k)) for j in range(k)]
 
 
 class EnergySource(Protocol):
@@ -564,6 +606,21 @@ class EnergyMeter:
                 if len(values) < 2 or (mean > 0 and statistics.stdev(values) / mean <= self.settings.target_rsd):
                     break
         return RepeatedMeasurement(tuple(records), first)
+
+    def measure_chunks(self, fns: list[Callable[[], T]], sizes: list[int], name: str,
+                       warmup: Callable[[], Any] | None = None) -> RepeatedMeasurement:
+        """One pass over a workload split into chunks: one window per chunk (``sizes``: items per chunk)."""
+        if len(fns) != len(sizes) or not fns:
+            raise ValueError("measure_chunks needs one size per chunk and at least one chunk")
+        if warmup is not None and self.settings.warmup:
+            warmup()
+        results: list[Any] = []
+        records: list[EnergyRecord] = []
+        for index, fn in enumerate(fns):
+            result, record = self.measure(fn, f"{name}@{index + 1}/{len(fns)}")
+            results.append(result)
+            records.append(record)
+        return RepeatedMeasurement(tuple(records), results, unit="chunk", window_items=tuple(sizes))
 
     def close(self) -> None:
         for source in self.sources:

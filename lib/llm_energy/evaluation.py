@@ -15,7 +15,7 @@ from typing import Any
 from .config import (PRECISIONS, EnergySettings, GenerationParams, ModelSettings, Problem, StudyValidationError,
                      TasksSettings, TaskSettings, validate_section)
 from .data import load_task_data, source_name
-from .energy import EnergyMeter, IdleBaseline, RepeatedMeasurement
+from .energy import EnergyMeter, IdleBaseline, RepeatedMeasurement, split_chunks
 from .generation import (Embedder, GenerationOutput, decode_generations, encode_prompts, generate_encoded,
                          score_resolutions, uses_chat)
 from .items import TaskData
@@ -123,6 +123,20 @@ def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMe
     with warnings.catch_warnings():
         # bitsandbytes warns on every int8 matmul that inputs are cast; once is enough for the log.
         warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+        windows = meter.settings.windows
+        if windows:
+            chunks = split_chunks(len(prepared.encoded), windows)
+            parts = [replace(prepared, encoded=tuple(prepared.encoded[i] for i in chunk)) for chunk in chunks]
+            measurement = meter.measure_chunks(
+                [lambda part=part: score_prepared(loaded.model, loaded.tokenizer, part) for part in parts],
+                [len(chunk) for chunk in chunks], name=f"inference:{task}",
+                warmup=lambda: score_prepared(loaded.model, loaded.tokenizer, warm),
+            )
+            scores: list[Any] = [None] * len(prepared.encoded)
+            for chunk, chunk_scores in zip(chunks, measurement.result):
+                for index, score in zip(chunk, chunk_scores):
+                    scores[index] = score
+            return task_result(prepared, scores, seed=seed), measurement
         measurement = meter.measure_repeated(
             lambda: score_prepared(loaded.model, loaded.tokenizer, prepared),
             name=f"inference:{task}",
@@ -141,12 +155,28 @@ def measure_generation(loaded: LoadedModel, data: TaskData, params: GenerationPa
         raise ValueError(f"generation needs a reference 'resolution' on every rca item; missing on {missing[:3]}")
     encoded = encode_prompts(loaded.tokenizer, items, params)
     warm = encode_prompts(loaded.tokenizer, items[:1], params)
-    measurement = meter.measure_repeated(
-        lambda: generate_encoded(loaded.model, encoded),
-        name="inference:rca_resolution",
-        warmup=lambda: generate_encoded(loaded.model, warm),
-    )
-    output = decode_generations(loaded.tokenizer, encoded, measurement.result)
+    windows = meter.settings.windows
+    if windows and len(encoded.batches) > 1:
+        # one window per group of whole batches (a batch is the unit generation runs at)
+        groups = split_chunks(len(encoded.batches), windows)
+        parts = [replace(encoded, batches=tuple(encoded.batches[i] for i in group)) for group in groups]
+        sizes = [sum(int(encoded.batches[i][0].shape[0]) for i in group) for group in groups]
+        measurement = meter.measure_chunks(
+            [lambda part=part: generate_encoded(loaded.model, part) for part in parts], sizes,
+            name="inference:rca_resolution", warmup=lambda: generate_encoded(loaded.model, warm),
+        )
+        outputs: list[Any] = [None] * len(encoded.batches)
+        for group, generated in zip(groups, measurement.result):
+            for index, batch_output in zip(group, generated):
+                outputs[index] = batch_output
+        output = decode_generations(loaded.tokenizer, encoded, outputs)
+    else:
+        measurement = meter.measure_repeated(
+            lambda: generate_encoded(loaded.model, encoded),
+            name="inference:rca_resolution",
+            warmup=lambda: generate_encoded(loaded.model, warm),
+        )
+        output = decode_generations(loaded.tokenizer, encoded, measurement.result)
     result = score_resolutions(items, output, Embedder(), seed=seed)
     return result, measurement, output
 
@@ -198,5 +228,5 @@ def data_description(tasks: TasksSettings, base_dir: Path) -> str:
 def summary_row(result: TaskResult, measurement: RepeatedMeasurement) -> dict[str, Any]:
     """One line per task for the notebook's summary table."""
     return {"task": result.task, "n_items": result.n_items, **result.metrics,
-            "energy_kwh": measurement.mean("energy_kwh"), "energy_kwh_std": measurement.std("energy_kwh"),
+            "energy_kwh": measurement.total("energy_kwh"), "energy_kwh_std": measurement.std("energy_kwh"),
             "repeats": measurement.repeats, "method": measurement.records[0].energy_method}

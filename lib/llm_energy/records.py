@@ -79,7 +79,7 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
                 idle_system_power_w: float | None = None, source: str = "", style: str = "") -> None:
     """One task's energy row, its scores, its per-item scores and its per-repeat energy."""
     first = measurement.records[0]
-    energy_kwh = measurement.mean("energy_kwh")
+    energy_kwh = measurement.total("energy_kwh")
     energy_row = {
         "config_id": config.config_id, "phase": phase, "model": config.model, "precision": config.precision,
         "adapter": config.adapter, "pruning": config.pruning,
@@ -87,11 +87,13 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         "target_sparsity": sparsity.target_sparsity if sparsity is not None else 0.0,
         "measured_sparsity": sparsity.measured_sparsity if sparsity is not None else None,
         "task": result.task, "n_items": result.n_items, "n_tokens": result.n_tokens,
-        "duration_s": measurement.mean("duration_s"), "energy_kwh": energy_kwh,
-        "energy_net_kwh": measurement.mean("energy_net_kwh"), "cpu_energy_kwh": measurement.mean("cpu_energy_kwh"),
-        "gpu_energy_kwh": measurement.mean("gpu_energy_kwh"), "ram_energy_kwh": measurement.mean("ram_energy_kwh"),
-        "emissions_kg": measurement.mean("emissions_kg"), "energy_method": first.energy_method,
+        "duration_s": measurement.total("duration_s"), "energy_kwh": energy_kwh,
+        "energy_net_kwh": measurement.total("energy_net_kwh"), "cpu_energy_kwh": measurement.total("cpu_energy_kwh"),
+        "gpu_energy_kwh": measurement.total("gpu_energy_kwh"), "ram_energy_kwh": measurement.total("ram_energy_kwh"),
+        "emissions_kg": measurement.total("emissions_kg"), "energy_method": first.energy_method,
         "device": device, "repeats": measurement.repeats, "energy_kwh_std": measurement.std("energy_kwh"),
+        # how the energy was windowed: every window a full pass (repeat), or one pass in chunks (chunk)
+        "windows": measurement.windows, "window_unit": measurement.unit,
         **energy_fields(first),
         "idle_power_w": first.idle_power_w, "idle_loaded_power_w": first.idle_power_w,
         "idle_system_power_w": idle_system_power_w, "duration_s_std": measurement.std("duration_s"),
@@ -117,7 +119,8 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
     results.upsert_rows(study_dir, "energy_repeats", [
         {"config_id": config.config_id, "phase": phase, "task": result.task, "repeat": i + 1,
          "duration_s": r.duration_s, "energy_kwh": r.energy_kwh, "energy_net_kwh": r.energy_net_kwh,
-         "n_items": result.n_items}
+         "n_items": measurement.window_items[i] if measurement.unit == "chunk" else result.n_items,
+         "window_unit": measurement.unit}
         for i, r in enumerate(measurement.records)
     ])
 

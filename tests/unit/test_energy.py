@@ -149,6 +149,34 @@ def test_repeats_stop_at_target_spread_or_max():
     assert close.repeats == 2
 
 
+def test_chunk_windows_measure_one_pass_and_its_spread():
+    from llm_energy.energy import split_chunks
+
+    assert split_chunks(10, 4) == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
+    assert split_chunks(2, 4) == [[0], [1]]  # never an empty window
+    clock = FakeClock()
+    settings = EnergySettings(carbon_intensity_g_per_kwh=1.0, min_window_s=0.0, windows=3)
+    meter = make_meter(clock, [NvmlSource(nvml=FakeNvml(clock, power_w=100.0))], settings)
+    calls = []
+    # 3 chunks of 4, 4 and 2 items at 1 s per item: 10 s in all at 100 W = 1000 J
+    fns = [lambda n=n: (calls.append(n), clock.sleep(float(n)))[0] and f"chunk{n}" for n in (4, 4, 2)]
+    m = meter.measure_chunks(fns, [4, 4, 2], "pass", warmup=lambda: calls.append("warm"))
+    assert calls == ["warm", 4, 4, 2]  # each item once, after an unmeasured warm-up
+    assert m.unit == "chunk" and m.windows == 3 and m.n_items == 10 and len(m.result) == 3
+    assert m.total("energy_kwh") * 3.6e6 == pytest.approx(1000.0)  # the sum, not the mean
+    assert m.total("duration_s") == pytest.approx(10.0)
+    # every window implies 1000 J for the whole pass (same energy per item): no spread
+    assert m.implied_totals("energy_kwh") == pytest.approx([1000 / 3.6e6] * 3)
+    assert m.std("energy_kwh") == pytest.approx(0.0, abs=1e-15)
+    # an uneven window (6 s for 2 items) shows up as spread of the implied totals
+    m2 = meter.measure_chunks([lambda: clock.sleep(4.0), lambda: clock.sleep(4.0), lambda: clock.sleep(6.0)],
+                              [4, 4, 2], "uneven")
+    assert [t * 3.6e6 for t in m2.implied_totals("energy_kwh")] == pytest.approx([1000.0, 1000.0, 3000.0])
+    assert m2.std("energy_kwh") > 0 and m2.rsd > 0.5
+    repeats = meter.measure_repeated(lambda: clock.sleep(1.0), "full")
+    assert repeats.unit == "repeat" and repeats.total("energy_kwh") == repeats.mean("energy_kwh")
+
+
 def test_warmup_runs_unmeasured():
     clock = FakeClock()
     meter = make_meter(clock, [NvmlSource(nvml=FakeNvml(clock, power_w=10.0))])
@@ -442,3 +470,23 @@ def test_probe_agrees_with_what_codecarbon_says_it_uses():
     assert probed["cpu"] == "codecarbon:" + said["cpu"]
     assert (probed["gpu"] == "none") == (said.get("gpu", "unspecified") == "unspecified")
     assert "estimation" in said["ram"] and probed["ram"] == "codecarbon:ram_power_model"
+
+
+def test_chunk_windows_score_every_item_once_with_the_same_results(tiny_model):
+    """One pass in k windows gives exactly the scores of a full pass, in item order."""
+    from llm_energy import evaluation
+    from llm_energy.config import TaskSettings
+    from llm_energy.data import load_task_data
+
+    clock = FakeClock()
+    chunked = make_meter(clock, [NvmlSource(nvml=FakeNvml(clock, power_w=50.0))],
+                         EnergySettings(carbon_intensity_g_per_kwh=1.0, min_window_s=0.0, windows=3, warmup=False))
+    whole = make_meter(clock, [NvmlSource(nvml=FakeNvml(clock, power_w=50.0))],
+                       EnergySettings(carbon_intensity_g_per_kwh=1.0, min_window_s=0.0, repeats=1, max_repeats=1,
+                                      warmup=False))
+    for task in ("qa", "rca"):
+        data = load_task_data(task, TaskSettings(max_items=7))
+        a, m = evaluation.measure_task(tiny_model, task, data, chunked)
+        b, _ = evaluation.measure_task(tiny_model, task, data, whole)
+        assert m.unit == "chunk" and m.window_items == (3, 2, 2)
+        assert a.predictions == b.predictions and a.item_ids == b.item_ids and a.metrics == b.metrics
