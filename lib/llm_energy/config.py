@@ -431,6 +431,7 @@ class FinetuneParams(FinetuneSpec):
     fine-tuning, energy per epoch (Figure 3); adapters are evaluated in inference."""
 
     precisions: list[Precision] = ["fp32", "bf16", "int8", "nf4"]  # fp4 is not trained
+    models: list[str] | None = None  # names of the study's models to fine-tune; null = every model
 
     @field_validator("precisions")
     @classmethod
@@ -701,6 +702,10 @@ class Study(_Strict):
     def _phase_sections(self) -> "Study":
         if "finetune" in self.phases and self.finetune is None:
             raise ValueError("phase 'finetune' needs a 'finetune' section")
+        if self.finetune is not None and self.finetune.models is not None:
+            unknown = [m for m in self.finetune.models if m not in {x.name for x in self.models}]
+            if unknown:
+                raise ValueError(f"finetune.models names {unknown}, which are not in models")
         if "pruning" in self.phases and self.pruning is None:
             raise ValueError("phase 'pruning' needs a 'pruning' section")
         if self.pruning is not None and self.pruning.targets:
@@ -712,7 +717,9 @@ class Study(_Strict):
                     raise ValueError(f"pruning target {value!r}: this study evaluates no {target.model} at "
                                      f"{target.precision} (precisions: {', '.join(self.precisions)})")
                 if target.adapter == "lora" and not ("finetune" in self.phases and self.finetune is not None
-                                                     and target.precision in self.finetune.precisions):
+                                                     and target.precision in self.finetune.precisions
+                                                     and (self.finetune.models is None
+                                                          or target.model in self.finetune.models)):
                     raise ValueError(f"pruning target {value!r}: no such config in this study, since no adapter is "
                                      f"trained at {target.precision} (add phase finetune with that precision)")
         if "pruning" in self.phases and not (self.pruning and self.pruning.targets) and "inference" not in self.phases:

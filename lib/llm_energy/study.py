@@ -76,7 +76,8 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
         return reason is None
 
     if "finetune" in study.phases and study.finetune is not None:
-        for model in study.models:
+        chosen = study.finetune.models
+        for model in [m for m in study.models if chosen is None or m.name in chosen]:
             for precision in study.finetune.precisions:
                 config_id = config_id_for(model.name, precision, adapter="lora")
                 if runnable(model, precision, config_id):
