@@ -1,23 +1,29 @@
-"""Cross-check of our multiple-choice scorer against lm-evaluation-harness, accuracy and speed.
+"""Cross-check of our multiple-choice scorer against lm-evaluation-harness, accuracy and speed,
+for both question styles and both embedded models.
 
-The same questions (200 seeded TeleQnA questions when the dataset is in shared/, else the built-in
-QA test split), the same model (the embedded SmolLM2-135M at fp32, loaded once and handed to both)
-and the same prompt ("Question: {question}\\nAnswer:", each choice a continuation " {choice}") are
-scored by ``llm_energy.scoring.evaluate_qa`` (each question's context and choices packed into one
-sequence under a 4D attention mask, a few questions per forward call) and by lm-eval's
-``HFLM.loglikelihood`` in-process,
-with requests built here rather than through lm-eval's task and dataset machinery (no hub access).
-acc and acc_norm are computed from lm-eval's log-likelihoods exactly as its multiple_choice tasks
-do (``ConfigurableTask.process_results``): acc_norm divides by ``len(choice)``, the choice string
-without the target delimiter. Model loading is outside every timed region; each scorer gets an
-untimed warm-up on a few questions first.
+The same questions (a seeded 200-question sample of the test split of TeleQnA as the package ships
+it, stratified by category; the 17 published questions with a repeated choice are left out), the
+same model (loaded once and handed to both scorers) and the same requests:
 
-    .venv/bin/python benchmarks/mcq_vs_lm_eval.py [--items 200] [--batch-sizes 1 8] [--warmup 3] [--threads 1]
+- ``cloze``: "Question: {question}\nAnswer:", each choice a continuation " {choice}";
+  acc and acc_norm (lm-eval divides by ``len(choice)``, without the target delimiter).
+- ``options``: "Question: {question}\nA. ...\nB. ...\nAnswer:", each letter a continuation " A",
+  " B", ... (lm-eval's MMLU-style layout); acc.
 
-Needs the optional dependency lm-eval (pip install lm-eval==0.4.13).
+Ours is ``llm_energy.scoring.evaluate_qa`` (each question's context and choices packed into one
+sequence under a 4D attention mask, a few questions per forward call); lm-eval's is
+``HFLM.loglikelihood`` in-process, with requests built here rather than through lm-eval's task and
+dataset machinery (no hub access), and ``add_bos_token`` set as our scorer does (Gemma: its <bos>;
+SmolLM2: none). Model loading is outside every timed region; each scorer gets an untimed warm-up.
 
-Last line: speedup=<best lm-eval time / ours> acc_delta=<ours - lm-eval acc>
-acc_norm_delta=<ours - lm-eval acc_norm>   (targets: speedup >= 2, |deltas| <= 0.005)
+    .venv/bin/python benchmarks/mcq_vs_lm_eval.py [--items 200] [--models smollm2-135m-instruct gemma-3-270m]
+        [--styles cloze options] [--batch-sizes 1 8] [--warmup 3] [--threads 1]
+
+Needs the optional dependency lm-eval (pip install -e ".[bench]", i.e. lm-eval==0.4.13).
+
+One line per model and style, then the last line over all of them: speedup=<the smallest of
+(best lm-eval time / ours)> acc_delta=<the largest |ours - lm-eval| of acc and acc_norm>
+(targets: speedup >= 2, acc_delta <= 0.005).
 """
 
 from __future__ import annotations
@@ -26,39 +32,46 @@ import argparse
 import logging
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PROMPT = "Question: {question}\nAnswer:"
-TELEQNA_ZIP = Path(__file__).resolve().parents[2] / "shared/datasets/teleqna/TeleQnA.zip"
+CLOZE_PROMPT = "Question: {question}\nAnswer:"
+OPTIONS_PROMPT = "Question: {question}\n{choices}\nAnswer:"
 
 
 def load_questions(n_items: int):
     from llm_energy.config import TaskSettings
     from llm_energy.data import load_task_data
 
-    if TELEQNA_ZIP.is_file():
-        settings = TaskSettings(data=str(TELEQNA_ZIP), password="teleqnadataset", max_items=n_items, sample_seed=0)
-        source = f"TeleQnA ({TELEQNA_ZIP.name}, seeded sample, seed 0)"
-    else:
-        settings = TaskSettings(split="test", max_items=n_items)
-        source = "built-in QA test split (TeleQnA zip not found)"
-    return load_task_data("qa", settings), source
+    settings = TaskSettings(data="teleqna", invalid_records="skip", max_items=n_items, sample_seed=0)
+    return load_task_data("qa", settings), "TeleQnA (packaged), test split, stratified sample, seed 0"
 
 
-def lm_eval_requests(items):
+def requests_for(items, style: str):
+    """(context, continuations) per question, as both scorers receive them."""
+    from llm_energy.scoring import choice_block, choice_letter
+
+    out = []
+    for item in items:
+        if style == "options":
+            context = OPTIONS_PROMPT.format(question=item.question, choices=choice_block(item.choices))
+            out.append((context, [f" {choice_letter(i)}" for i in range(len(item.choices))]))
+        else:
+            out.append((CLOZE_PROMPT.format(question=item.question), [f" {c}" for c in item.choices]))
+    return out
+
+
+def lm_eval_requests(items, style: str):
     """One loglikelihood Instance per (question, choice), as lm-eval's multiple_choice tasks build them."""
     from lm_eval.api.instance import Instance
 
     requests = []
-    for doc_id, item in enumerate(items):
+    for doc_id, (item, (context, continuations)) in enumerate(zip(items, requests_for(items, style))):
         doc = {"question": item.question, "choices": list(item.choices), "gold": item.answer}
-        context = PROMPT.format(question=item.question)
-        for i, choice in enumerate(item.choices):
-            requests.append(Instance(request_type="loglikelihood", doc=doc, arguments=(context, f" {choice}"),
+        for i, continuation in enumerate(continuations):
+            requests.append(Instance(request_type="loglikelihood", doc=doc, arguments=(context, continuation),
                                      idx=i, metadata=("teleqna_mcq", doc_id, 1)))
     return requests
 
@@ -80,105 +93,81 @@ def lm_eval_metrics(items, results):
     return np.array(preds), np.array(preds_norm), np.array(preds_norm_space), lls_all
 
 
+def compare(model, tokenizer, data, style: str, batch_sizes, warmup: int) -> dict:
+    """Ours and lm-eval on one style: times, metrics, agreement."""
+    import numpy as np
+    from lm_eval.models.huggingface import HFLM
+
+    from llm_energy.items import TaskData
+    from llm_energy.scoring import evaluate_qa, special_prefix
+
+    items = list(data.items)
+    gold = np.array([item.answer for item in items])
+    prompt = OPTIONS_PROMPT if style == "options" else CLOZE_PROMPT
+    warm = TaskData(task="qa", source=data.source, split=data.split, items=tuple(items[:warmup]))
+    evaluate_qa(model, tokenizer, warm, prompt, n_boot=10, style=style)
+    start = time.perf_counter()
+    ours = evaluate_qa(model, tokenizer, data, prompt, style=style)
+    ours_s = time.perf_counter() - start
+    ours_pred = np.array(ours.predictions)
+
+    runs = {}
+    for batch_size in batch_sizes:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
+                  add_bos_token=bool(special_prefix(tokenizer)))
+        lm.loglikelihood(lm_eval_requests(items[:warmup], style), disable_tqdm=True)
+        requests = lm_eval_requests(items, style)
+        start = time.perf_counter()
+        results = lm.loglikelihood(requests, disable_tqdm=True)
+        runs[batch_size] = (time.perf_counter() - start, *lm_eval_metrics(items, results))
+    best = min(runs, key=lambda b: runs[b][0])
+    best_s, pred, pred_norm, _, _ = runs[best]
+    deltas = {"acc": ours.metrics["acc"] - float((pred == gold).mean())}
+    if style == "cloze":
+        deltas["acc_norm"] = ours.metrics["acc_norm"] - float((pred_norm == gold).mean())
+    return {"ours_s": ours_s, "lm_eval_s": best_s, "best_bs": best, "times": {b: r[0] for b, r in runs.items()},
+            "ours": ours.metrics, "deltas": deltas, "agree": int((pred == ours_pred).sum()), "n": len(items)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=200)
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma-3-270m"])
+    parser.add_argument("--styles", nargs="+", default=["cloze", "options"], choices=["cloze", "options"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up questions per scorer")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both scorers (1: OpenMP spinning on a shared machine makes "
                              "multi-threaded timings erratic)")
-    parser.add_argument("--diag-items", type=int, default=20,
-                        help="questions whose per-choice log-likelihoods are compared (plus every disagreement)")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
     args = parser.parse_args()
 
-    import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
-    from lm_eval.models.huggingface import HFLM
-
     from llm_energy.config import ModelSettings
-    from llm_energy.items import TaskData
     from llm_energy.models import load_model
-    from llm_energy.scoring import evaluate_qa, score_continuations
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the "pretrained is not a str" warning is expected
     data, source = load_questions(args.items)
-    items = list(data.items)
-    gold = np.array([item.answer for item in items])
-    loaded = load_model(ModelSettings(name=args.model), "fp32")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    print(f"questions: {len(items)} from {source}; choices: {sum(len(i.choices) for i in items)}; "
-          f"model {args.model} fp32 on {loaded.device}; torch threads {torch.get_num_threads()}",
-          flush=True)
-
-    warm = TaskData(task="qa", source=data.source, split=data.split, items=tuple(items[: args.warmup]))
-
-    # --- ours -------------------------------------------------------------------------------------
-    evaluate_qa(model, tokenizer, warm, PROMPT, n_boot=10)
-    start = time.perf_counter()
-    ours = evaluate_qa(model, tokenizer, data, PROMPT)
-    ours_s = time.perf_counter() - start
-    ours_pred = np.array(ours.predictions)
-    ours_norm_correct = ours.per_item["acc_norm"]
-    print(f"ours: {ours_s:.2f}s", flush=True)
-
-    # --- lm-eval ----------------------------------------------------------------------------------
-    runs = {}
-    for batch_size in args.batch_sizes:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
-        lm.loglikelihood(lm_eval_requests(items[: args.warmup]), disable_tqdm=True)
-        requests = lm_eval_requests(items)
-        start = time.perf_counter()
-        results = lm.loglikelihood(requests, disable_tqdm=True)
-        elapsed = time.perf_counter() - start
-        runs[batch_size] = (elapsed, *lm_eval_metrics(items, results))
-        print(f"lm-eval batch_size={batch_size}: {elapsed:.2f}s", flush=True)
-
-    # --- untimed diagnostic: our per-choice log-likelihoods against lm-eval's, on the first questions
-    # and on every question where a prediction differs (numbers, not just argmaxes)
-    diag = set(range(min(args.diag_items, len(items))))
-    for _, pred, pred_norm, _, _ in runs.values():
-        diag |= set(np.flatnonzero((pred != ours_pred) | ((pred_norm == gold) != ours_norm_correct.astype(bool))))
-    diag = sorted(int(i) for i in diag)
-    ours_lls = {i: score_continuations(model, tokenizer, PROMPT.format(question=items[i].question),
-                                       [" " + c for c in items[i].choices]).loglik for i in diag}
-
-    # --- table ------------------------------------------------------------------------------------
-    ours_acc, ours_acc_norm = ours.metrics["acc"], ours.metrics["acc_norm"]
-    print()
-    print(f"{'scorer':<22} {'time s':>8} {'q/s':>7} {'acc':>7} {'acc_norm':>9} {'pred agree':>11} "
-          f"{'norm agree':>11} {'max|dLL|':>9}"
-          f"  (max|dLL|: per-choice log-likelihood, over {len(diag)} questions)")
-    print(f"{'llm_energy (ours)':<22} {ours_s:>8.2f} {len(items) / ours_s:>7.2f} {ours_acc:>7.4f} "
-          f"{ours_acc_norm:>9.4f} {'-':>11} {'-':>11} {'-':>9}")
-    for batch_size, (elapsed, pred, pred_norm, pred_norm_space, lls) in runs.items():
-        acc = float((pred == gold).mean())
-        acc_norm = float((pred_norm == gold).mean())
-        agree = int((pred == ours_pred).sum())
-        # ours exposes acc_norm per question as correct/incorrect; compare correctness per question
-        norm_agree = int(((pred_norm == gold).astype(float) == ours_norm_correct).sum())
-        max_dll = max(float(np.max(np.abs(lls[i] - ours_lls[i]))) for i in diag)
-        print(f"{'lm-eval bs=' + str(batch_size):<22} {elapsed:>8.2f} {len(items) / elapsed:>7.2f} {acc:>7.4f} "
-              f"{acc_norm:>9.4f} {f'{agree}/{len(items)}':>11} {f'{norm_agree}/{len(items)}':>11} {max_dll:>9.2e}")
-
-    best_bs = min(runs, key=lambda b: runs[b][0])
-    best_s, pred, pred_norm, pred_norm_space, lls = runs[best_bs]
-    lm_acc = float((pred == gold).mean())
-    lm_acc_norm = float((pred_norm == gold).mean())
-    lm_acc_norm_space = float((pred_norm_space == gold).mean())
-    disagree = [items[i].id for i in np.flatnonzero(pred != ours_pred)]
-    norm_disagree = [items[i].id for i in np.flatnonzero((pred_norm == gold).astype(float) != ours_norm_correct)]
-    print()
-    print(f"acc prediction disagreements (vs lm-eval bs={best_bs}): {len(disagree)} {disagree[:10]}")
-    print(f"acc_norm correctness disagreements: {len(norm_disagree)} {norm_disagree[:10]}")
-    print(f"lm-eval acc_norm if normalised by len(' ' + choice) (a common mistake): {lm_acc_norm_space:.4f} "
-          f"(lm-eval's own definition, len(choice): {lm_acc_norm:.4f})")
-    print(f"headline speedup: lm-eval best (bs={best_bs}) {best_s:.2f}s / ours {ours_s:.2f}s")
-    print(f"speedup={best_s / ours_s:.2f} acc_delta={ours_acc - lm_acc:+.4f} "
-          f"acc_norm_delta={ours_acc_norm - lm_acc_norm:+.4f}")
+    print(f"questions: {len(data.items)} from {source}; choices: {sum(len(i.choices) for i in data.items)}; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    print(f"{'model':<24} {'style':<8} {'ours s':>7} {'lm-eval s':>9} {'bs':>3} {'speedup':>8} {'acc':>7} "
+          f"{'acc_norm':>9} {'d acc':>8} {'d acc_norm':>10} {'pred agree':>11}", flush=True)
+    speedups, deltas = [], []
+    for name in args.models:
+        loaded = load_model(ModelSettings(name=name), "fp32")
+        for style in args.styles:
+            r = compare(loaded.model, loaded.tokenizer, data, style, args.batch_sizes, args.warmup)
+            speedup = r["lm_eval_s"] / r["ours_s"]
+            speedups.append(speedup)
+            deltas += [abs(d) for d in r["deltas"].values()]
+            acc_norm = r["ours"].get("acc_norm")
+            d_norm = r["deltas"].get("acc_norm")
+            print(f"{name:<24} {style:<8} {r['ours_s']:>7.2f} {r['lm_eval_s']:>9.2f} {r['best_bs']:>3} {speedup:>8.2f} "
+                  f"{r['ours']['acc']:>7.4f} {acc_norm if acc_norm is not None else float('nan'):>9.4f} "
+                  f"{r['deltas']['acc']:>+8.4f} {d_norm if d_norm is not None else float('nan'):>+10.4f} "
+                  f"{r['agree']:>5}/{r['n']:<5}", flush=True)
+    print(f"speedup={min(speedups):.2f} acc_delta={max(deltas):.4f}")
 
 
 if __name__ == "__main__":

@@ -206,17 +206,22 @@ def encode_requests(tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]
 def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
                   max_tokens: int = PACK_TOKENS) -> list[ChoiceScores]:
     """Forward passes only: the log-likelihoods of already tokenised requests, packed where the
-    chosen scoring path allows (it is chosen first if nobody has, see :func:`choose_scoring_path`)."""
+    chosen scoring path allows (it is chosen first if nobody has, see :func:`choose_scoring_path`):
+    consecutive requests share a row of up to ``max_tokens`` tokens, and up to PACK_ROWS rows one
+    forward call."""
     choose_scoring_path(model, tokenizer)  # a no-op once decided
-    totals: list[list[float]] = []
+    rows: list[list[Encoded]] = []
     group: list[EncodedRequest] = []
     for request in encoded:
         if group and sum(r.n_tokens for r in group) + request.n_tokens > max_tokens:
-            totals += _score_group(model, tokenizer, [(r.context, r.continuations) for r in group])
+            rows.append([(r.context, r.continuations) for r in group])
             group = []
         group.append(request)
     if group:
-        totals += _score_group(model, tokenizer, [(r.context, r.continuations) for r in group])
+        rows.append([(r.context, r.continuations) for r in group])
+    totals: list[list[float]] = []
+    for start in range(0, len(rows), PACK_ROWS):
+        totals += _score_rows(model, tokenizer, rows[start : start + PACK_ROWS])
     return [
         ChoiceScores(loglik=np.array(t, dtype=float), continuation_chars=np.array(r.continuation_chars, dtype=float),
                      n_tokens=r.n_tokens)
@@ -227,16 +232,16 @@ def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
 Encoded = tuple[list[int], list[list[int]]]  # context tokens, each continuation's tokens
 
 
-def _score_group(model: Any, tokenizer: Any, items: list[Encoded]) -> list[list[float]]:
-    """Scores of a few encoded items: packed into one forward where the chosen path allows, else
-    through the shared cache."""
-    longest = max(len(ctx) + sum(len(cont) - 1 for cont in conts) for ctx, conts in items)
+def _score_rows(model: Any, tokenizer: Any, rows: list[list[Encoded]]) -> list[list[float]]:
+    """Scores of a few rows of encoded items, in order: in one packed forward where the chosen path
+    allows, else each item through the shared cache."""
+    longest = max(sum(len(ctx) + sum(len(cont) - 1 for cont in conts) for ctx, conts in items) for items in rows)
     if _packed_supported(model, longest) is True:
         try:
-            return _score_packed(model, items)
+            return [scores for row in _score_packed_rows(model, rows) for scores in row]
         except Exception as exc:  # noqa: BLE001  (a model that rejects the packed inputs)
             _mark_packed(model, False, f"the packed forward raised {type(exc).__name__}: {exc}")
-    return [_score_with_shared_cache(model, tokenizer, ctx, conts) for ctx, conts in items]
+    return [_score_with_shared_cache(model, tokenizer, ctx, conts) for items in rows for ctx, conts in items]
 
 
 @dataclass(frozen=True)
@@ -273,11 +278,16 @@ def choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
         ctx, conts = _encode_item(tokenizer, _PROBE[0], _PROBE[1])
         shared = _score_with_shared_cache(model, tokenizer, ctx, conts)
         try:
+            # two rows of different lengths in one forward: padding and the gathered logits are checked too
+            short = (ctx[-6:], conts[:2])
             packed = _score_packed(model, [(ctx, conts)])[0]
+            batched = _score_packed_rows(model, [[(ctx, conts)], [short]])
+            shared_short = _score_with_shared_cache(model, tokenizer, *short)
         except Exception as exc:  # noqa: BLE001
             _mark_packed(model, False, f"the packed forward raised {type(exc).__name__}: {exc}")
         else:
-            a, b = np.array(packed), np.array(shared)
+            a = np.array(packed + batched[0][0] + batched[1][0])
+            b = np.array(shared + shared + shared_short)
             diff = float(np.max(np.abs(a - b)))
             tol = _verify_tolerance(model) * max(1.0, float(np.max(np.abs(b))))
             _mark_packed(model, diff <= tol, f"packed and shared-cache scores differ by {diff:.2e} > {tol:.2e}")
@@ -313,12 +323,11 @@ def _compute_dtype(model: Any) -> Any:
     return getattr(model, "dtype", None)
 
 
-def _score_packed(model: Any, items: list[Encoded]) -> list[list[float]]:
-    """One forward for a few items: each item's context, then each of its continuations but the last
-    token, in one row; a token sees its own context and its own continuation's earlier tokens."""
+def _packed_row(items: list[Encoded]) -> dict[str, Any]:
+    """One row of the packed layout: each item's context, then each of its continuations but the last
+    token; a token sees its own context and its own continuation's earlier tokens."""
     import torch
 
-    device = next(model.parameters()).device
     ids: list[int] = []
     positions: list[int] = []
     segment: list[int] = []  # per token: which continuation, counted over the row; -1: a context token
@@ -344,30 +353,76 @@ def _score_packed(model: Any, items: list[Encoded]) -> list[list[float]]:
     seg, own = torch.tensor(segment), torch.tensor(owner)
     visible = (seg[:, None] == seg[None, :]) | (seg[None, :] == -1)
     mask = torch.ones(len(ids), len(ids), dtype=torch.bool).tril_() & visible & (own[:, None] == own[None, :])
+    return {"ids": ids, "positions": positions, "mask": mask, "predict_from": predict_from, "targets": targets}
+
+
+# Packed rows run together in one forward call (padded to the longest): larger matrix products keep
+# a CPU's vector units busy, while each row stays short enough that its mostly masked attention is cheap.
+PACK_ROWS = 8
+
+
+def _final_logits(model: Any, hidden: Any) -> Any:
+    """The vocabulary projection of final hidden states, with the output scalings the families in
+    _PACKED_MODEL_TYPES apply (Gemma's final soft-capping, Granite's logits scaling)."""
+    import torch
+
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling:
+        logits = logits / scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _score_packed_rows(model: Any, rows: list[list[Encoded]]) -> list[list[list[float]]]:
+    """One forward for several packed rows (right-padded to the longest; a pad token sees only
+    itself). Logits are computed only where a continuation token is predicted: the final hidden
+    states at those positions, gathered over the rows, go through the vocabulary projection."""
+    import torch
+
+    device = next(model.parameters()).device
+    built = [_packed_row(items) for items in rows]
+    width = max(len(b["ids"]) for b in built)
+    n = len(built)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1)
+    for r, b in enumerate(built):
+        length = len(b["ids"])
+        ids[r, :length] = torch.tensor(b["ids"])
+        positions[r, :length] = torch.tensor(b["positions"])
+        mask[r, :length, :length] = b["mask"]
     if model.config._attn_implementation == "eager":  # additive: 0 where attended, the minimum elsewhere
         dtype = _compute_dtype(model)
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
-    # Logits only where a continuation token is predicted: the vocabulary projection is skipped over
-    # the rest of the contexts (transformers' logits_to_keep takes the positions to keep).
-    keep = sorted(set(predict_from))
-    row_of = {p: r for r, p in enumerate(keep)}
+    row_index = torch.tensor([r for r, b in enumerate(built) for _ in b["predict_from"]])
+    pos_index = torch.tensor([p for b in built for p in b["predict_from"]])
+    targets = torch.tensor([t for b in built for t in b["targets"]])
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids], device=device), attention_mask=mask[None, None].to(device),
-                       position_ids=torch.tensor([positions], device=device), use_cache=False,
-                       logits_to_keep=torch.tensor(keep, device=device)).logits
-        if tuple(logits.shape[:2]) != (1, len(keep)):
-            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for {len(keep)} positions kept")
-        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
-        rows = torch.tensor([row_of[p] for p in predict_from], device=logprobs.device)
-        picked = logprobs[rows, torch.tensor(targets, device=logprobs.device)].cpu().tolist()
-    totals, i = [], 0
-    for _, conts in items:
-        scores = []
-        for cont in conts:
-            scores.append(float(sum(picked[i : i + len(cont)])))
-            i += len(cont)
-        totals.append(scores)
-    return totals
+        hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+                                     position_ids=positions.to(device), use_cache=False).last_hidden_state
+        picked_hidden = hidden[row_index.to(device), pos_index.to(device)]
+        logprobs = torch.log_softmax(_final_logits(model, picked_hidden).float(), dim=-1)
+        picked = logprobs[torch.arange(len(targets), device=logprobs.device), targets.to(logprobs.device)].cpu().tolist()
+    out, i = [], 0
+    for items in rows:
+        row_scores = []
+        for _, conts in items:
+            scores = []
+            for cont in conts:
+                scores.append(float(sum(picked[i : i + len(cont)])))
+                i += len(cont)
+            row_scores.append(scores)
+        out.append(row_scores)
+    return out
+
+
+def _score_packed(model: Any, items: list[Encoded]) -> list[list[float]]:
+    """One forward for a few items packed into one row (see :func:`_score_packed_rows`)."""
+    return _score_packed_rows(model, [items])[0]
 
 
 def _score_with_shared_cache(model: Any, tokenizer: Any, ctx: list[int], conts: list[list[int]]) -> list[float]:

@@ -257,9 +257,9 @@ def test_packed_that_raises_falls_back_for_good(tiny_model, fresh_verification, 
     fresh_verification[model] = True
 
     def refuse(*args):
-        raise TypeError("unexpected keyword argument 'logits_to_keep'")
+        raise TypeError("unexpected keyword argument 'position_ids'")
 
-    monkeypatch.setattr(scoring, "_score_packed", refuse)
+    monkeypatch.setattr(scoring, "_score_packed_rows", refuse)  # what scoring calls, one or several rows
     assert score_continuations(model, tok, context, continuations).loglik == pytest.approx(reference, abs=1e-4)
     assert fresh_verification[model] is False
     assert scoring._packed_supported(model, 10) is False
@@ -301,3 +301,23 @@ def test_scoring_path_names_why_it_is_the_shared_cache(tiny_model, fresh_verific
     assert path.name == "shared_cache" and "failed its check" in path.reason
     monkeypatch.setattr(tiny_model.model.config, "_attn_implementation", "flash_attention_2")
     assert "not known to take a packed 4D mask" in scoring.choose_scoring_path(model, tok).reason
+
+
+def test_several_packed_rows_in_one_forward_match_one_item_at_a_time(tiny_model, fresh_verification):
+    """Rows of different lengths are padded into one forward; every score equals the item run alone."""
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    requests = [(f"Ticket {i}: " + "alarm " * (1 + 3 * i) + "\nRoot cause:", [" fibre cut", " power", " a routing loop"])
+                for i in range(7)]
+    fresh_verification[model] = True
+    calls = []
+    real = scoring._score_packed_rows
+    scoring_rows = lambda m, rows: (calls.append(len(rows)), real(m, rows))[1]  # noqa: E731
+    try:
+        scoring._score_packed_rows = scoring_rows
+        together = score_many(model, tok, requests, max_tokens=40)
+    finally:
+        scoring._score_packed_rows = real
+    assert calls and max(calls) > 1  # several rows went through one forward
+    for (context, continuations), got in zip(requests, together):
+        alone = score_continuations_unshared(model, tok, context, continuations).loglik
+        assert got.loglik == pytest.approx(alone, abs=1e-4)
