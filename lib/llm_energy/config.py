@@ -275,7 +275,7 @@ class RankingSettings(_Strict):
     # Written out rather than computed so that 0.3 is 0.3, not 0.30000000000000004.
     w_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # sweep in the report
     phi_method: str = Field("minmax", alias="phi")  # minmax of energy per item, or E_min/E
-    metrics: tuple[str, ...] | None = None  # "task:metric" pairs counted in rho; null = all
+    metrics: tuple[str, ...] | None = None  # "task:metric" pairs counted in rho; null = one headline metric per task
     metric_scaling: str = "identity"  # identity (metrics already in [0, 1]) | minmax
     missing: str = "error"  # a config lacking a metric: error, or exclude it
     bootstrap: int = Field(200, ge=0)  # resamples for rank stability
