@@ -662,6 +662,16 @@ class ClusterSettings(_Strict):
     slurm: SlurmSettings = SlurmSettings()
 
 
+class DeviceLimits(_Strict):
+    """Precisions too slow on the study's device to be worth running by default. Before any job starts
+    the runner measures each precision's matmul throughput there (llm_energy.throughput) and skips, with
+    the measured reason in configs.csv, a precision more than max_slowdown times slower than fp32. A
+    precision asked for explicitly runs anyway: listed in always_run, or every one with max_slowdown: null."""
+
+    max_slowdown: float | None = Field(8.0, gt=1)  # times slower than fp32 on this device; null = never skip
+    always_run: list[Precision] = []  # precisions run however slow they are here
+
+
 class Study(_Strict):
     """A whole study: models x precisions, tasks, measurement and ranking."""
 
@@ -678,6 +688,7 @@ class Study(_Strict):
     finetune: FinetuneParams | None = None  # needed when phases include finetune
     pruning: PruningParams | None = None  # needed when phases include pruning
     cluster: ClusterSettings = ClusterSettings()  # used only with --cluster local|slurm
+    device_limits: DeviceLimits = DeviceLimits()  # skip precisions this device runs far slower than fp32
 
     @model_validator(mode="after")
     def _phase_sections(self) -> "Study":
