@@ -37,6 +37,7 @@ class RankingOutcome:
     stability_note: str = ""  # why rank stability was not estimated, when it was not
     top_by_phi: dict[str, list[tuple[str, float]]] | None = None  # phi choice -> tied-with-top set at w
     precision_lines: tuple[str, ...] = ()  # achieved 95% half-widths against the targets
+    device_lines: tuple[str, ...] = ()  # each precision's measured throughput on the device, and skips
 
 
 def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutcome:
@@ -65,7 +66,29 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
     return RankingOutcome(result=result, configs=configs, stability=stability, stability_metrics=used,
                           w=settings.w, methods=methods, energy_lines=tuple(energy_description(energy, settings)),
                           comparisons=comparisons, stability_note=note, top_by_phi=top_by_phi,
-                          precision_lines=tuple(precision_lines(scores, qa_style, configs["config_id"].tolist())))
+                          precision_lines=tuple(precision_lines(scores, qa_style, configs["config_id"].tolist())),
+                          device_lines=tuple(device_lines(study_dir)))
+
+
+def device_lines(study_dir: str | Path) -> list[str]:
+    """The runner's throughput probe from provenance.json: GFLOP/s per precision on the study's device
+    and the precisions skipped as too slow there (empty when the study has no probe)."""
+    path = StudyLayout(Path(study_dir)).provenance
+    probe = (json.loads(path.read_text()).get("throughput") or {}) if path.exists() else {}
+    precisions = probe.get("precisions") or {}
+    if not precisions:
+        return []
+    parts = []
+    for precision, result in precisions.items():
+        rate = result.get("gflop_per_s")
+        parts.append(f"{precision} {rate:.3g}" if rate else f"{precision} not measured ({result.get('reason', '')})")
+    limit = (probe.get("device_limits") or {}).get("max_slowdown")
+    lines = [f"Matmul throughput measured before the first job on {probe.get('device', '?')} (GFLOP/s): "
+             + ", ".join(parts) + ". " + (f"A precision more than {limit:g}x slower than fp32 is skipped "
+                                          "unless device_limits.always_run lists it." if limit else
+                                          "device_limits.max_slowdown: null, so no precision was skipped for speed.")]
+    lines += [f"- skipped as too slow: {reason}" for reason in (probe.get("skipped_as_slow") or {}).values()]
+    return lines
 
 
 def study_qa_style(study_dir: str | Path, scores: pd.DataFrame | None = None) -> str:
@@ -264,6 +287,8 @@ def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
     if outcome.precision_lines:
         lines += ["", ("**Precision of the scores.** Achieved 95% half-width of each task's headline accuracy "
                        "against its target:"), *outcome.precision_lines]
+    if outcome.device_lines:
+        lines += ["", "**Precisions on this device.** " + outcome.device_lines[0], *outcome.device_lines[1:]]
     if outcome.result.excluded:
         lines.append(f"Excluded from the ranking (missing metrics): {', '.join(outcome.result.excluded)}.")
     lines += ["", "**Energy method.** " + describe_methods(set(outcome.methods)) + "."]

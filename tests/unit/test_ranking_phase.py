@@ -150,3 +150,20 @@ def test_the_summary_reports_the_precision_of_the_scores(tmp_path):
     assert "**Precision of the scores.**" in text
     assert "- rca accuracy: ±" in text and f"{RCA_ITEMS} items; target ±0.09: **NOT met**" in text
     assert "- qa acc_norm: ±" in text and "target ±0.07" in text
+
+
+def test_the_summary_shows_the_device_probe_and_the_precisions_skipped_as_slow(tmp_path):
+    import json
+
+    study = write_study(tmp_path / "s", {"fp32": (0.8, 0.7), "int8": (0.6, 0.5)}, {"fp32": 2e-6, "int8": 1e-6})
+    reason = "bf16: 1.2 GFLOP/s vs 29.8 fp32 on this CPU (no native kernel for it here), 24.8x slower"
+    StudyLayout(study).provenance.write_text(json.dumps({"throughput": {
+        "device": "cpu", "device_limits": {"max_slowdown": 8.0, "always_run": []},
+        "precisions": {"fp32": {"gflop_per_s": 29.8}, "bf16": {"gflop_per_s": 1.2},
+                       "nf4": {"gflop_per_s": None, "reason": "bitsandbytes not importable: x"}},
+        "skipped_as_slow": {"bf16": reason}}}))
+    text = summary(rk.rank_study(study, RankingSettings(bootstrap=10)))
+    assert ("**Precisions on this device.** Matmul throughput measured before the first job on cpu (GFLOP/s): "
+            "fp32 29.8, bf16 1.2, nf4 not measured (bitsandbytes not importable: x). A precision more than 8x "
+            "slower than fp32 is skipped unless device_limits.always_run lists it.") in text
+    assert f"- skipped as too slow: {reason}" in text
