@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from . import rank, results
-from .config import PHI_METHODS, RankingSettings, headline_metric
+from .config import PHI_METHODS, PRECISIONS, RankingSettings, headline_metric
 from .energy import describe_methods, is_estimate
 from .layout import StudyLayout
 
@@ -79,7 +79,8 @@ def device_lines(study_dir: str | Path) -> list[str]:
     if not precisions:
         return []
     parts = []
-    for precision, result in precisions.items():
+    for precision, result in sorted(precisions.items(), key=lambda kv: (kv[0] not in PRECISIONS, PRECISIONS.index(kv[0])
+                                                                          if kv[0] in PRECISIONS else 0, kv[0])):
         rate = result.get("gflop_per_s")
         parts.append(f"{precision} {rate:.3g}" if rate else f"{precision} not measured ({result.get('reason', '')})")
     limit = (probe.get("device_limits") or {}).get("max_slowdown")
