@@ -169,7 +169,9 @@ def format_plan(plan: StudyPlan) -> str:
             lines.append(f"  {precision:5s} not measured: {result.reason}")
             continue
         factor = throughput.slowdown(plan.probe, precision)
-        relative = f" ({factor:.1f}x slower than fp32)" if factor and precision != throughput.REFERENCE and ref else ""
+        relative = ""
+        if factor and precision != throughput.REFERENCE and ref:
+            relative = f" ({factor:.1f}x slower than fp32)" if factor >= 1 else f" ({1 / factor:.1f}x faster than fp32)"
         lines.append(f"  {precision:5s} {result.gflop_per_s:8.2f} GFLOP/s{relative}  [{result.method}]")
     lines.append("")
     if limits.max_slowdown is None:
