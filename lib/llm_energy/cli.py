@@ -66,6 +66,24 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import format_plan, plan_study
+    from .study import StudyRunError
+
+    try:
+        plan = plan_study(args.params)
+    except StudyValidationError as err:
+        print(f"{args.params}: {len(err.problems)} problem(s)", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except StudyRunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-energy", description="Energy-aware LLM deployment studies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render the ranking, figures and report.html from saved tables")
     report.add_argument("dir", type=Path, help="a study output folder")
     report.set_defaults(func=_report)
+
+    plan = sub.add_parser("plan", help="the jobs, each precision's measured speed here, skips and estimated times")
+    plan.add_argument("params", type=Path, help="study parameters (YAML)")
+    plan.set_defaults(func=_plan)
     return parser
 
 

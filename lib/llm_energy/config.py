@@ -293,7 +293,7 @@ class RankingSettings(_Strict):
     # Written out rather than computed so that 0.3 is 0.3, not 0.30000000000000004.
     w_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # sweep in the report
     phi_method: str = Field("minmax", alias="phi")  # minmax of energy per item, or E_min/E
-    metrics: tuple[str, ...] | None = None  # "task:metric" pairs counted in rho; null = all
+    metrics: tuple[str, ...] | None = None  # "task:metric" pairs counted in rho; null = one headline metric per task
     metric_scaling: str = "identity"  # identity (metrics already in [0, 1]) | minmax
     missing: str = "error"  # a config lacking a metric: error, or exclude it
     bootstrap: int = Field(200, ge=0)  # resamples for rank stability
@@ -681,6 +681,16 @@ class ClusterSettings(_Strict):
     slurm: SlurmSettings = SlurmSettings()
 
 
+class DeviceLimits(_Strict):
+    """Precisions too slow on the study's device to be worth running by default. Before any job starts
+    the runner measures each precision's matmul throughput there (llm_energy.throughput) and skips, with
+    the measured reason in configs.csv, a precision more than max_slowdown times slower than fp32. A
+    precision asked for explicitly runs anyway: listed in always_run, or every one with max_slowdown: null."""
+
+    max_slowdown: float | None = Field(8.0, gt=1)  # times slower than fp32 on this device; null = never skip
+    always_run: list[Precision] = []  # precisions run however slow they are here
+
+
 class Study(_Strict):
     """A whole study: models x precisions, tasks, measurement and ranking."""
 
@@ -697,6 +707,7 @@ class Study(_Strict):
     finetune: FinetuneParams | None = None  # needed when phases include finetune
     pruning: PruningParams | None = None  # needed when phases include pruning
     cluster: ClusterSettings = ClusterSettings()  # used only with --cluster local|slurm
+    device_limits: DeviceLimits = DeviceLimits()  # skip precisions this device runs far slower than fp32
 
     @model_validator(mode="after")
     def _phase_sections(self) -> "Study":

@@ -8,20 +8,28 @@ where ``phi`` is energy efficiency scaled to [0, 1] over the compared configs an
 is the mean of the chosen task metrics, each scaled to [0, 1]. Sweeping ``w`` from 0
 (quality only) to 1 (energy only) shows how robust a recommendation is to the trade-off.
 
+The chosen metrics are ``settings.metrics`` when set, else ONE headline metric per task
+(:func:`llm_energy.config.headline_metric`: RCA accuracy; QA acc_norm for the cloze style, acc
+for lettered options), so that no task counts twice. The point ranking and the resampling
+(:func:`rank_stability`) use exactly the same metrics and the same arithmetic on them
+(:func:`rho_from_items` is the resampling's ρ on the data as observed). A metric with no
+per-item scores (RCA macro-F1, a corpus-level statistic) cannot be resampled item by item from
+the tables, so :func:`rank_stability` refuses it rather than resample a different ρ.
+
 Metrics are named ``"task:metric"`` (e.g. ``"rca:accuracy"``, ``"qa:acc_norm"``).
 Config ids are compared as strings throughout, so ids read from CSV as numbers still join.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from .config import PHI_METHODS, RankingSettings
+from .config import PHI_METHODS, TASK_NAMES, RankingSettings, headline_metric
 from .results import RANKING_COLUMNS
 
 __all__ = [
@@ -29,17 +37,21 @@ __all__ = [
     "MissingPolicy",
     "PhiMethod",
     "RankingResult",
+    "chosen_metrics",
     "compute_phi",
-    "config_energy",
-    "rank_evaluations",
-    "repeat_energy",
     "compute_rho",
+    "config_energy",
+    "headline_metrics",
     "mcnemar_exact",
     "paired_comparisons",
     "pareto_front",
     "pareto_optimal",
     "rank_configs",
+    "rank_evaluations",
     "rank_stability",
+    "repeat_energy",
+    "rho_formula",
+    "rho_from_items",
     "summarise_top",
 ]
 
@@ -91,18 +103,20 @@ def compute_rho(
     scores: pd.DataFrame,
     settings: RankingSettings | None = None,
     config_ids: Sequence[str] | None = None,
+    qa_style: str = "cloze",
 ) -> tuple[pd.Series, list[str]]:
     """Mean scaled task quality per config, and the configs excluded for missing metrics.
 
     config_ids fixes the compared set (default: every config in scores); a config listed
     there without scores counts as missing all of its metrics. Under minmax scaling the
-    metrics are scaled over the configs that remain after exclusion.
+    metrics are scaled over the configs that remain after exclusion. qa_style picks the QA
+    headline metric when settings.metrics is None.
     """
     settings = settings or RankingSettings()
     long = _prepare_long_scores(scores, SCORE_COLUMNS, "scores")
     ids = _unique_ids(config_ids) if config_ids is not None else list(pd.unique(long["config_id"]))
     long = long[long["config_id"].isin(ids)]
-    chosen = _chosen_metrics(long, settings)
+    chosen = _chosen_metrics(long, settings, qa_style)
 
     dupes = long.duplicated(subset=["config_id", "key"], keep=False)
     if dupes.any():
@@ -120,23 +134,54 @@ def compute_rho(
     if settings.metric_scaling == "identity":
         _check_unit_interval(long[long["config_id"].isin(kept) & long["key"].isin(chosen)])
     values = wide.to_numpy(dtype=float)[np.newaxis, :, :]
-    scaled = _scale_metrics(values, settings.metric_scaling)[0]
-    rho = pd.Series(scaled.mean(axis=1), index=pd.Index(kept, name="config_id"), name="rho")
+    rho = pd.Series(_rho_array(values, settings.metric_scaling)[0], index=pd.Index(kept, name="config_id"), name="rho")
     return rho, excluded
+
+
+def headline_metrics(tasks: Sequence[str], qa_style: str = "cloze") -> tuple[str, ...]:
+    """ONE "task:metric" per known task (in the order of config.TASK_NAMES): the default rho."""
+    return tuple(f"{task}:{headline_metric(task, qa_style)}" for task in TASK_NAMES if task in set(tasks))
+
+
+def chosen_metrics(scores: pd.DataFrame, settings: RankingSettings, qa_style: str = "cloze") -> tuple[str, ...]:
+    """The metrics rho counts for these scores (a table with task and metric columns)."""
+    return _chosen_metrics(_prepare_long_scores(scores, SCORE_COLUMNS, "scores"), settings, qa_style)
+
+
+def rho_formula(settings: RankingSettings) -> str:
+    """The ranking's formula with the exact metrics, e.g. "R = w·φ + (1−w)·ρ, ρ = (rca:accuracy +
+    qa:acc_norm)/2, φ = min-max of energy per item (Wh)". settings.metrics must be resolved (as in
+    RankingResult.settings)."""
+    metrics = list(settings.metrics or ())
+    scaled = [f"minmax({m})" for m in metrics] if settings.metric_scaling == "minmax" else metrics
+    if not scaled:
+        rho = "(not resolved)"
+    elif len(scaled) == 1:
+        rho = scaled[0]
+    else:
+        rho = f"({' + '.join(scaled)})/{len(scaled)}"
+    phi = ("min-max of energy per item (Wh): (E_max − E)/(E_max − E_min)" if settings.phi_method == "minmax"
+           else "E_min/E of energy per item (Wh)")
+    return f"R = w·φ + (1−w)·ρ, ρ = {rho}, φ = {phi}"
 
 
 def rank_configs(
     configs: pd.DataFrame,
     scores: pd.DataFrame,
     settings: RankingSettings | None = None,
+    qa_style: str = "cloze",
 ) -> RankingResult:
     """Score every config at every w of the grid and rank them (1 = best, ties share a rank).
 
     Scores for configs absent from the configs table are ignored: the configs table defines
-    the compared set, so phi and any minmax metric scaling are relative to it.
+    the compared set, so phi and any minmax metric scaling are relative to it. The result's
+    settings name the metrics rho counted (the headline metric per task when none were set).
     """
     settings = settings or RankingSettings()
     table = _prepare_configs(configs)
+    long = _prepare_long_scores(scores, SCORE_COLUMNS, "scores")
+    settings = settings.model_copy(update={
+        "metrics": _chosen_metrics(long[long["config_id"].isin(table["config_id"])], settings, qa_style)})
     rho, excluded = compute_rho(scores, settings, config_ids=table["config_id"].tolist())
     table = table.set_index("config_id").loc[rho.index]
     phi = compute_phi(table["energy_kwh_per_item"], settings.phi_method)
@@ -200,11 +245,12 @@ def repeat_energy(repeats: pd.DataFrame, basis: str = "gross") -> pd.DataFrame:
     return grouped[list(ENERGY_REPEAT_COLUMNS)]
 
 
-def rank_evaluations(configs: pd.DataFrame, scores: pd.DataFrame, settings: RankingSettings) -> RankingResult:
+def rank_evaluations(configs: pd.DataFrame, scores: pd.DataFrame, settings: RankingSettings,
+                     qa_style: str = "cloze") -> RankingResult:
     """rank_configs over :func:`config_energy` rows with the headline w on the grid, plus the
     columns the study's ranking table carries: Pareto front at w, energy spread and method."""
     settings = settings.with_w_in_grid()
-    result = rank_configs(configs, scores, settings)
+    result = rank_configs(configs, scores, settings, qa_style)
     table = result.table.copy()
     at_w = table[np.isclose(table["w"], settings.w)].set_index("config_id")
     front = pareto_front(at_w["energy_kwh_per_item"], at_w["rho"])
@@ -212,7 +258,7 @@ def rank_evaluations(configs: pd.DataFrame, scores: pd.DataFrame, settings: Rank
     by_id = configs.set_index("config_id")
     table["energy_kwh_per_item_std"] = table["config_id"].map(by_id["energy_kwh_per_item_std"])
     table["energy_method"] = table["config_id"].map(by_id["energy_method"])
-    return RankingResult(table=table, excluded=result.excluded, settings=settings)
+    return RankingResult(table=table, excluded=result.excluded, settings=result.settings)
 
 
 def pareto_front(energy_kwh_per_item: pd.Series, quality: pd.Series) -> pd.Series:
@@ -256,6 +302,7 @@ def rank_stability(
     w: float,
     n_boot: int = 200,
     seed: int = 0,
+    qa_style: str = "cloze",
 ) -> pd.DataFrame:
     """How often each config lands at each rank when items and energy repeats are bootstrapped.
 
@@ -265,7 +312,9 @@ def rank_stability(
     energy_repeats is None (then the configs table's energy_kwh_per_item is used).
 
     Per-item scores must be complete: every compared config needs a value for every item of
-    each chosen metric's task. Returns one row per config with columns config_id,
+    each chosen metric's task, and every chosen metric needs per-item scores: rho here is the
+    point ranking's rho (same metrics, same scaling), so a metric without them (RCA macro-F1)
+    is refused with a ValueError instead of being silently dropped. Returns one row per config with columns config_id,
     rank_1..rank_N (share of draws at each rank), modal_rank (lowest rank among equally
     frequent ones) and p_modal, sorted by modal_rank. Excluded configs are listed in
     ``result.attrs["excluded"]``.
@@ -279,34 +328,13 @@ def rank_stability(
     n_boot = int(n_boot)
 
     table = _prepare_configs(configs)
-    ids = table["config_id"].tolist()
-    items = _prepare_long_scores(scores_per_item, ITEM_SCORE_COLUMNS, "scores_per_item")
-    items = items[items["config_id"].isin(ids) & items["value"].notna()]
-    chosen = _chosen_metrics(items, settings)
-    items = items[items["key"].isin(chosen)]
-
-    dupes = items.duplicated(subset=["config_id", "key", "item_id"], keep=False)
-    if dupes.any():
-        pairs = sorted(set(zip(items.loc[dupes, "config_id"], items.loc[dupes, "key"])))
-        raise ValueError(f"scores_per_item repeats an item_id for config and metric: {pairs[:10]}")
-
-    present = (
-        items.groupby(["config_id", "key"])
-        .size()
-        .unstack("key")
-        .reindex(index=ids, columns=list(chosen))
-    )
-    kept, excluded = _apply_missing_policy(present.notna(), settings.missing)
-    items = items[items["config_id"].isin(kept)]
-    if settings.metric_scaling == "identity":
-        # Item values in [0, 1] keep every bootstrapped mean in [0, 1] too.
-        _check_unit_interval(items)
+    items, kept, excluded, chosen = _prepare_items(scores_per_item, table["config_id"].tolist(), settings, qa_style)
 
     rng = np.random.default_rng(seed)
     metric_means = _bootstrap_metric_means(items, kept, chosen, n_boot, rng)
     energy = _bootstrap_energy(table.set_index("config_id").loc[kept], energy_repeats, n_boot, rng)
 
-    rho = _scale_metrics(metric_means, settings.metric_scaling).mean(axis=2)
+    rho = _rho_array(metric_means, settings.metric_scaling)
     phi = _phi_array(energy, settings.phi_method)
     ranks = _competition_ranks(w * phi + (1.0 - w) * rho)
 
@@ -327,6 +355,18 @@ def rank_stability(
               for c, p in zip(kept, (_competition_ranks(grid_w * phi + (1.0 - grid_w) * rho) == 1).mean(axis=0))]
     result.attrs["p_best"] = pd.DataFrame(p_best, columns=["config_id", "w", "p_best"])
     return result
+
+
+def rho_from_items(scores_per_item: pd.DataFrame, settings: RankingSettings | None = None,
+                   config_ids: Sequence[str] | None = None, qa_style: str = "cloze") -> pd.Series:
+    """rho per config as :func:`rank_stability` computes it in each draw, here on the items as
+    observed (every item drawn once): equal to :func:`compute_rho` on the per-item means."""
+    settings = settings or RankingSettings()
+    long = _prepare_long_scores(scores_per_item, ITEM_SCORE_COLUMNS, "scores_per_item")
+    ids = _unique_ids(config_ids) if config_ids is not None else list(pd.unique(long["config_id"]))
+    items, kept, _, chosen = _prepare_items(scores_per_item, ids, settings, qa_style)
+    means = _metric_means(items, kept, chosen, lambda n: np.ones((1, n)))
+    return pd.Series(_rho_array(means, settings.metric_scaling)[0], index=pd.Index(kept, name="config_id"), name="rho")
 
 
 # A config best in at least this share of joint resamples cannot be separated from the top one.
@@ -426,12 +466,20 @@ def _prepare_long_scores(scores: pd.DataFrame, columns: Sequence[str], name: str
     return long
 
 
-def _chosen_metrics(long: pd.DataFrame, settings: RankingSettings) -> tuple[str, ...]:
+def _chosen_metrics(long: pd.DataFrame, settings: RankingSettings, qa_style: str = "cloze") -> tuple[str, ...]:
     available = set(long["key"])
     if settings.metrics is None:
         if not available:
             raise ValueError("no scores for the compared configs; cannot compute rho")
-        return tuple(sorted(available))
+        chosen = headline_metrics(sorted(set(long["task"])), qa_style)
+        if not chosen:
+            raise ValueError(f"no task with a headline metric ({', '.join(TASK_NAMES)}) in the scores; "
+                             f"available: {sorted(available)}. Name the metrics in ranking.metrics.")
+        absent = [m for m in chosen if m not in available]
+        if absent:
+            raise ValueError(f"headline metrics {absent} (qa style {qa_style!r}) are not in the scores; "
+                             f"available: {sorted(available)}. Name the metrics in ranking.metrics.")
+        return chosen
     # A metric nobody has is a typo or a missing evaluation, not a per-config gap: excluding
     # every config for it would only hide the problem.
     absent = [m for m in settings.metrics if m not in available]
@@ -498,6 +546,47 @@ def _scale_metrics(values: np.ndarray, scaling: MetricScaling) -> np.ndarray:
     return np.where(span > 0, (values - low) / np.where(span > 0, span, 1.0), 1.0)
 
 
+def _rho_array(metric_means: np.ndarray, scaling: MetricScaling) -> np.ndarray:
+    """rho from metric values of shape (draws, configs, metrics): the one formula of the point
+    ranking and of every resample."""
+    return _scale_metrics(metric_means, scaling).mean(axis=2)
+
+
+def _prepare_items(scores_per_item: pd.DataFrame, ids: list[str], settings: RankingSettings,
+                   qa_style: str) -> tuple[pd.DataFrame, list[str], list[str], tuple[str, ...]]:
+    """Per-item rows of the chosen metrics for the kept configs, kept, excluded, chosen."""
+    items = _prepare_long_scores(scores_per_item, ITEM_SCORE_COLUMNS, "scores_per_item")
+    items = items[items["config_id"].isin(ids) & items["value"].notna()]
+    if settings.metrics is not None:
+        lacking = [m for m in settings.metrics if m not in set(items["key"])]
+        if lacking:
+            raise ValueError(
+                f"rho counts {lacking}, which have no per-item scores to resample (a corpus-level metric such "
+                "as macro-F1 is not an average over items); resampling without them would rank by a different "
+                f"rho than the point ranking. Per-item metrics here: {sorted(set(items['key']))}. Choose those "
+                "in ranking.metrics, or set ranking.bootstrap: 0.")
+    chosen = _chosen_metrics(items, settings, qa_style)
+    items = items[items["key"].isin(chosen)]
+
+    dupes = items.duplicated(subset=["config_id", "key", "item_id"], keep=False)
+    if dupes.any():
+        pairs = sorted(set(zip(items.loc[dupes, "config_id"], items.loc[dupes, "key"])))
+        raise ValueError(f"scores_per_item repeats an item_id for config and metric: {pairs[:10]}")
+
+    present = (
+        items.groupby(["config_id", "key"])
+        .size()
+        .unstack("key")
+        .reindex(index=ids, columns=list(chosen))
+    )
+    kept, excluded = _apply_missing_policy(present.notna(), settings.missing)
+    items = items[items["config_id"].isin(kept)]
+    if settings.metric_scaling == "identity":
+        # Item values in [0, 1] keep every bootstrapped mean in [0, 1] too.
+        _check_unit_interval(items)
+    return items, kept, excluded, chosen
+
+
 def _competition_ranks(score: np.ndarray) -> np.ndarray:
     """Ranks along the last axis, 1 = highest; ties within TIE_TOLERANCE share the best rank."""
     beaten_by = score[..., np.newaxis, :] > score[..., :, np.newaxis] + TIE_TOLERANCE
@@ -512,17 +601,30 @@ def _bootstrap_metric_means(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Bootstrapped mean of each chosen metric: shape (n_boot, configs, metrics)."""
-    means = np.empty((n_boot, len(config_ids), len(chosen)))
-    task_of = dict(zip(items["key"], items["task"]))
-    for task in sorted(set(task_of[key] for key in chosen)):
-        task_items = items[items["task"] == task]
-        universe = pd.Index(pd.unique(task_items["item_id"])).sort_values()
-        n_items = len(universe)
+
+    def counts_of(n_items: int) -> np.ndarray:
         # Drawing counts rather than indices lets one matrix product average every config.
         draws = rng.integers(0, n_items, size=(n_boot, n_items))
         offsets = (np.arange(n_boot) * n_items)[:, np.newaxis]
         counts = np.bincount((draws + offsets).ravel(), minlength=n_boot * n_items)
-        counts = counts.reshape(n_boot, n_items).astype(float)
+        return counts.reshape(n_boot, n_items).astype(float)
+
+    return _metric_means(items, config_ids, chosen, counts_of)
+
+
+def _metric_means(items: pd.DataFrame, config_ids: list[str], chosen: tuple[str, ...],
+                  counts_of: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Weighted mean of each chosen metric over each task's items, one weighting per draw:
+    counts_of(n_items) gives how often each item counts in each draw, shape (draws, n_items)."""
+    means: np.ndarray | None = None
+    task_of = dict(zip(items["key"], items["task"]))
+    for task in sorted({task_of[key] for key in chosen}):
+        task_items = items[items["task"] == task]
+        universe = pd.Index(pd.unique(task_items["item_id"])).sort_values()
+        n_items = len(universe)
+        counts = counts_of(n_items)
+        if means is None:
+            means = np.empty((counts.shape[0], len(config_ids), len(chosen)))
         for j, key in enumerate(chosen):
             if task_of[key] != task:
                 continue
@@ -540,6 +642,7 @@ def _bootstrap_metric_means(
                     f"of task {task!r}"
                 )
             means[:, :, j] = counts @ matrix.to_numpy(dtype=float).T / n_items
+    assert means is not None
     return means
 
 

@@ -16,10 +16,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from . import rank, results
-from .config import RankingSettings
+from .config import PHI_METHODS, PRECISIONS, RankingSettings, headline_metric
 from .energy import describe_methods, is_estimate
+from .layout import StudyLayout
+
 
 @dataclass(frozen=True)
 class RankingOutcome:
@@ -31,6 +34,10 @@ class RankingOutcome:
     methods: tuple[str, ...]
     energy_lines: tuple[str, ...] = ()  # per component: method, estimate or not; scope; carbon intensity
     comparisons: pd.DataFrame | None = None  # paired comparisons of every pair of configs (comparisons.csv)
+    stability_note: str = ""  # why rank stability was not estimated, when it was not
+    top_by_phi: dict[str, list[tuple[str, float]]] | None = None  # phi choice -> tied-with-top set at w
+    precision_lines: tuple[str, ...] = ()  # achieved 95% half-widths against the targets
+    device_lines: tuple[str, ...] = ()  # each precision's measured throughput on the device, and skips
 
 
 def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutcome:
@@ -40,18 +47,144 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
     configs = rank.config_energy(energy, settings.energy_basis)
     if configs.empty:
         raise ValueError(f"{results.table_path(study_dir, 'energy')} has no inference rows to rank")
-    result = rank.rank_evaluations(configs, scores, settings)
-    stability, used = _stability(study_dir, configs, result.settings, result)
+    qa_style = study_qa_style(study_dir, scores)
+    result = rank.rank_evaluations(configs, scores, settings, qa_style)
+    stability, used, note = _stability(study_dir, configs, result.settings, result)
     p_best = stability.attrs.get("p_best") if stability is not None else None
     result = rank.RankingResult(table=rank.add_top_uncertainty(result.table, p_best), excluded=result.excluded,
                                 settings=result.settings)
+    top_by_phi = {result.settings.phi_method: tied_at(result.table, result.settings.w)}
+    for other in (m for m in PHI_METHODS if m != result.settings.phi_method):
+        alt = rank.rank_evaluations(configs, scores, result.settings.model_copy(update={"phi_method": other}), qa_style)
+        alt_stability, _, _ = _stability(study_dir, configs, alt.settings, alt)
+        alt_table = rank.add_top_uncertainty(alt.table, alt_stability.attrs.get("p_best") if alt_stability is not None else None)
+        top_by_phi[other] = tied_at(alt_table, result.settings.w)
     results.write_table(study_dir, "ranking", result.table)
     comparisons = rank.paired_comparisons(results.read_table(study_dir, "item_scores"))
     results.write_table(study_dir, "comparisons", comparisons)
     methods = tuple(sorted({m for m in energy["energy_method"].dropna().astype(str) if m != "none"}))
     return RankingOutcome(result=result, configs=configs, stability=stability, stability_metrics=used,
                           w=settings.w, methods=methods, energy_lines=tuple(energy_description(energy, settings)),
-                          comparisons=comparisons)
+                          comparisons=comparisons, stability_note=note, top_by_phi=top_by_phi,
+                          precision_lines=tuple(precision_lines(scores, qa_style, configs["config_id"].tolist())),
+                          device_lines=tuple(device_lines(study_dir)))
+
+
+def device_lines(study_dir: str | Path) -> list[str]:
+    """The runner's throughput probe from provenance.json: GFLOP/s per precision on the study's device
+    and the precisions skipped as too slow there (empty when the study has no probe)."""
+    path = StudyLayout(Path(study_dir)).provenance
+    probe = (json.loads(path.read_text()).get("throughput") or {}) if path.exists() else {}
+    precisions = probe.get("precisions") or {}
+    if not precisions:
+        return []
+    parts = []
+    for precision, result in sorted(precisions.items(), key=lambda kv: (kv[0] not in PRECISIONS, PRECISIONS.index(kv[0])
+                                                                          if kv[0] in PRECISIONS else 0, kv[0])):
+        rate = result.get("gflop_per_s")
+        parts.append(f"{precision} {rate:.3g}" if rate else f"{precision} not measured ({result.get('reason', '')})")
+    limit = (probe.get("device_limits") or {}).get("max_slowdown")
+    lines = [f"Matmul throughput measured before the first job on {probe.get('device', '?')} (GFLOP/s): "
+             + ", ".join(parts) + ". " + (f"A precision more than {limit:g}x slower than fp32 is skipped "
+                                          "unless device_limits.always_run lists it." if limit else
+                                          "device_limits.max_slowdown: null, so no precision was skipped for speed.")]
+    lines += [f"- skipped as too slow: {reason}" for reason in (probe.get("skipped_as_slow") or {}).values()]
+    return lines
+
+
+def study_qa_style(study_dir: str | Path, scores: pd.DataFrame | None = None) -> str:
+    """The QA scoring style of a study: a ``style`` column of scores.csv when the scoring wrote one,
+    else tasks.qa.style of its params.resolved.yaml, else "cloze" (the default)."""
+    if scores is not None and "style" in scores:
+        styles = sorted({str(s) for s in scores.loc[scores["task"] == "qa", "style"].dropna()})
+        if len(styles) > 1:
+            raise ValueError(f"scores.csv mixes QA styles {styles}: one study scores QA one way")
+        if styles:
+            return styles[0]
+    path = StudyLayout(Path(study_dir)).params_resolved
+    if path.exists():
+        qa = ((yaml.safe_load(path.read_text()) or {}).get("tasks") or {}).get("qa") or {}
+        return str(qa.get("style") or "cloze")
+    return "cloze"
+
+
+def tied_at(table: pd.DataFrame, w: float) -> list[tuple[str, float]]:
+    """The configs tied with the top at w (ranking.csv's tied_with_top), best first, with p_best."""
+    at_w = table[np.isclose(table["w"], w) & table["tied_with_top"].astype(bool)]
+    at_w = at_w.sort_values(["rank", "config_id"])
+    return [(str(r.config_id), float(r.p_best)) for r in at_w.itertuples()]
+
+
+def phi_choice_markdown(top_by_phi: dict[str, list[tuple[str, float]]] | None, chosen: str, w: float) -> str:
+    """How the set the data cannot separate at w changes between the two φ choices."""
+    if not top_by_phi or len(top_by_phi) < 2:
+        return ""
+    names = {"minmax": "min-max (E_max − E)/(E_max − E_min)", "ratio": "ratio E_min/E"}
+    sets = {m: [c for c, _ in top] for m, top in top_by_phi.items()}
+    lines = [(f"**φ choice and the top set at w = {w:g}.** The ranking uses φ = {names[chosen]}; the other "
+              "choice, with the same ρ and the same resampled items and energy repeats, gives:"), "",
+             "| φ | tied with the top (p_best) |", "|---|---|"]
+    for method in PHI_METHODS:
+        if method in top_by_phi:
+            cell = ", ".join(f"{c} ({p:.0%})" if not math.isnan(p) else c for c, p in top_by_phi[method]) or "—"
+            lines.append(f"| {method}{' (used)' if method == chosen else ''} | {cell} |")
+    lines.append("")
+    values = list(sets.values())
+    if all(set(v) == set(values[0]) for v in values):
+        lines.append("The top set is the same under both φ choices.")
+    else:
+        a, b = (m for m in PHI_METHODS if m in sets)
+        only_a = sorted(set(sets[a]) - set(sets[b]))
+        only_b = sorted(set(sets[b]) - set(sets[a]))
+        parts = []
+        if only_a:
+            parts.append(f"only under {a}: {', '.join(only_a)}")
+        if only_b:
+            parts.append(f"only under {b}: {', '.join(only_b)}")
+        lines.append("The top set depends on the φ choice (" + "; ".join(parts) + ").")
+    return "\n".join(lines)
+
+
+# Targets of the scoring's precision: the 95% half-width each task's headline accuracy should reach.
+HALF_WIDTH_TARGETS: dict[str, float] = {"qa": 0.07, "rca": 0.09}
+Z_95 = 1.959963984540054
+
+
+def wilson_half_width(p: float, n: int, z: float = Z_95) -> float:
+    """Half the width of the Wilson score interval of a proportion p observed on n items."""
+    if n <= 0:
+        return float("nan")
+    denominator = 1 + z * z / n
+    return z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+
+
+def items_for_half_width(half_width: float, z: float = Z_95) -> int:
+    """Items needed for a half-width at worst (p = 0.5), normal approximation."""
+    return math.ceil(z * z * 0.25 / (half_width * half_width))
+
+
+def precision_lines(scores: pd.DataFrame, qa_style: str, config_ids: list[str] | None = None,
+                    targets: dict[str, float] = HALF_WIDTH_TARGETS) -> list[str]:
+    """Per task: the achieved 95% half-width of its headline accuracy (largest over configs, from the
+    bootstrap interval in scores.csv, with the Wilson interval beside it) against its target."""
+    lines = []
+    for task, target in targets.items():
+        metric = headline_metric(task, qa_style)
+        rows = scores[(scores["task"] == task) & (scores["metric"] == metric)]
+        if config_ids is not None:
+            rows = rows[rows["config_id"].isin(config_ids)]
+        if rows.empty:
+            continue
+        boot = ((rows["ci_high"].astype(float) - rows["ci_low"].astype(float)) / 2).max()
+        wilson = max(wilson_half_width(float(v), int(n)) for v, n in zip(rows["value"], rows["n_items"]))
+        n_items = int(rows["n_items"].min())
+        worst = max(boot, wilson) if not math.isnan(boot) else wilson
+        met = worst <= target
+        lines.append(f"- {task} {metric}: ±{boot:.3f} (bootstrap), ±{wilson:.3f} (Wilson), largest over "
+                     f"{len(rows)} configs, {n_items} items; target ±{target:.2f}: "
+                     + ("**met**." if met else f"**NOT met** (about {items_for_half_width(target)} items "
+                                                "would reach it at worst, p = 0.5)."))
+    return lines
 
 
 def energy_description(energy: pd.DataFrame, settings: RankingSettings) -> list[str]:
@@ -91,23 +224,28 @@ def energy_description(energy: pd.DataFrame, settings: RankingSettings) -> list[
 
 
 def _stability(study_dir: str | Path, configs: pd.DataFrame, settings: RankingSettings,
-               result: rank.RankingResult) -> tuple[pd.DataFrame | None, tuple[str, ...]]:
+               result: rank.RankingResult) -> tuple[pd.DataFrame | None, tuple[str, ...], str]:
+    """Rank stability and p_best over exactly the point ranking's metrics (result.settings.metrics,
+    resolved), or None and the reason it was not estimated."""
     if settings.bootstrap == 0:
-        return None, ()
+        return None, (), "ranking.bootstrap is 0"
     items = results.read_table(study_dir, "item_scores")
     if items.empty:
-        return None, ()
+        return None, (), "no per-item scores to resample"
     items = items[items["config_id"].isin(configs["config_id"]) & ~items["config_id"].isin(result.excluded)]
-    per_item_pairs = sorted(set(items["task"] + ":" + items["metric"]))
-    chosen = [m for m in (settings.metrics or per_item_pairs) if m in per_item_pairs]
-    if not chosen:
-        return None, ()
-    sub = settings.model_copy(update={"metrics": tuple(chosen), "missing": "exclude"})
+    per_item_pairs = set(items["task"] + ":" + items["metric"])
+    chosen = tuple(result.settings.metrics or ())
+    lacking = [m for m in chosen if m not in per_item_pairs]
+    if lacking:
+        # Resampling the other metrics alone would rank by a different rho than the point ranking.
+        return None, (), (f"ρ counts {', '.join(lacking)}, which has no per-item scores to resample (a corpus-level "
+                          "metric); choose per-item metrics in ranking.metrics to estimate it")
+    sub = settings.model_copy(update={"metrics": chosen, "missing": "exclude"})
     keep = configs[~configs["config_id"].isin(result.excluded)]
     repeats = rank.repeat_energy(results.read_table(study_dir, "energy_repeats"), settings.energy_basis)
     stability = rank.rank_stability(keep, items, repeats if len(repeats) else None, sub, w=settings.w,
                                     n_boot=settings.bootstrap, seed=0)
-    return stability, tuple(chosen)
+    return stability, chosen, ""
 
 
 def _fmt_energy(kwh: float) -> str:
@@ -132,13 +270,26 @@ def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
             f"ρ = {row['rho']:.3f}, {_fmt_energy(row['energy_kwh_per_item'])} per item{robust})"
         )
     lines.append("")
+    lines.append(f"**{rank.rho_formula(outcome.result.settings)}.**")
     lines.append(
-        f"φ: {'min-max of energy per item' if outcome.result.settings.phi_method == 'minmax' else 'E_min / E'}; "
-        f"ρ: mean of {', '.join(outcome.result.settings.metrics) if outcome.result.settings.metrics else 'all task metrics'} "
-        "(accuracies, already in [0, 1]). Energy per item = a config's inference energy over all tasks / items scored."
+        "ρ counts one headline metric per task unless ranking.metrics names others"
+        + (" (each scaled min-max over the configs)." if outcome.result.settings.metric_scaling == "minmax"
+           else " (accuracies, already in [0, 1]).")
+        + " Energy per item = a config's inference energy over all tasks / items scored."
     )
     if outcome.stability_metrics:
-        lines.append(f"Rank stability resamples items of {', '.join(outcome.stability_metrics)} and the energy repeats.")
+        lines.append(f"Rank stability and p_best resample the items of {', '.join(outcome.stability_metrics)} "
+                     "(the same ρ as the point ranking) and the energy repeats.")
+    elif outcome.stability_note:
+        lines.append(f"Rank stability was not estimated: {outcome.stability_note}.")
+    phi_lines = phi_choice_markdown(outcome.top_by_phi, outcome.result.settings.phi_method, outcome.w)
+    if phi_lines:
+        lines += ["", phi_lines]
+    if outcome.precision_lines:
+        lines += ["", ("**Precision of the scores.** Achieved 95% half-width of each task's headline accuracy "
+                       "against its target:"), *outcome.precision_lines]
+    if outcome.device_lines:
+        lines += ["", "**Precisions on this device.** " + outcome.device_lines[0], *outcome.device_lines[1:]]
     if outcome.result.excluded:
         lines.append(f"Excluded from the ranking (missing metrics): {', '.join(outcome.result.excluded)}.")
     lines += ["", "**Energy method.** " + describe_methods(set(outcome.methods)) + "."]
@@ -226,8 +377,8 @@ def pruning_kernels_markdown(study_dir: str | Path) -> str:
     pruned = configs[(configs["pruning"].astype(str) != "none") & (configs["status"] == "ok")]
     if not len(pruned):
         return ""
-    lines = ["**Kernels of the pruned configurations.** Pruning lowers energy only where a sparse kernel "
-             "skips the zeros; masked weights through dense kernels cost the same as the dense model."]
+    lines = [("**Kernels of the pruned configurations.** Pruning lowers energy only where a sparse kernel "
+             "skips the zeros; masked weights through dense kernels cost the same as the dense model.")]
     for _, row in pruned.sort_values("config_id").iterrows():
         kernel = row.get("kernel")
         kernel = kernel if isinstance(kernel, str) and kernel else "dense"
@@ -258,8 +409,8 @@ def recovery_markdown(study_dir: str | Path, metrics: tuple[tuple[str, str], ...
     if training.empty:
         return ""
     values = scores.set_index(["config_id", "task", "metric"])["value"]
-    lines = ["**Recovery fine-tuning.** A LoRA adapter trained on each pruned model (its pruned weights "
-             "unchanged): quality before pruning → pruned → recovered, and the energy the recovery training spent."]
+    lines = [("**Recovery fine-tuning.** A LoRA adapter trained on each pruned model (its pruned weights "
+             "unchanged): quality before pruning → pruned → recovered, and the energy the recovery training spent.")]
     for _, row in training.sort_values("config_id").iterrows():
         recovered = row["config_id"]
         pruned = recovered.removesuffix("__recovered")

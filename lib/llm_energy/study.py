@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from . import rank, results
+from . import rank, results, throughput
 from .checks import data_problems
 from .config import PruningTarget, Study, StudyValidationError, load_study, resolved_dict, section_dict, study_hash
 from .jobs import Job, execute_job, run_job
@@ -57,10 +58,12 @@ def resolve_device(study: Study) -> str:
 
 
 def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
-           attribution: str = "machine") -> tuple[list[Job], list[dict[str, str]]]:
+           attribution: str = "machine", slow: Mapping[str, str] | None = None) -> tuple[list[Job], list[dict[str, str]]]:
     """The jobs known before anything runs (data, fine-tuning, base inference, explicit pruning
-    targets, ranking), in run order, and configs skipped because their precision cannot run here.
-    Adapter evaluation and top-k pruning are added by the runner once their inputs exist."""
+    targets, ranking), in run order, and configs skipped because their precision cannot run here,
+    or runs too slowly here (``slow``: precision -> measured reason, from :func:`slow_precisions`;
+    a config already finished in this folder is kept). Adapter evaluation and top-k pruning are
+    added by the runner once their inputs exist."""
     from .models import precision_support
 
     common = base_parameters(study, out_dir, base_dir, device, attribution)
@@ -69,8 +72,11 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
     if "data" in study.phases:
         jobs.append(Job("data", None, {**common, "model": study.models[0].model_dump(mode="json")}))
 
-    def runnable(model: Any, precision: str, config_id: str) -> bool:
+    def runnable(model: Any, precision: str, config_id: str, phase: str = "inference") -> bool:
         reason = precision_support(precision, device)
+        if (not reason and slow and precision in slow
+                and not StudyLayout(out_dir).done_marker(f"{phase}__{config_id}").exists()):
+            reason = slow[precision]
         if reason:
             skipped.append({"config_id": config_id, "model": model.name, "precision": precision, "reason": reason})
         return reason is None
@@ -80,7 +86,7 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
         for model in [m for m in study.models if chosen is None or m.name in chosen]:
             for precision in study.finetune.precisions:
                 config_id = config_id_for(model.name, precision, adapter="lora")
-                if runnable(model, precision, config_id):
+                if runnable(model, precision, config_id, "finetune"):
                     jobs.append(Job("finetune", config_id, {
                         **common, "config_id": config_id, "model": model.model_dump(mode="json"), "adapter_name": "lora",
                         "precision": precision, "finetune": section_dict(study.finetune)}))
@@ -94,10 +100,27 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
         models = {m.name: m for m in study.models}
         for target in study.pruning.parsed_targets():
             jobs += [j for j in pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target, out_dir)
-                     if runnable(models[target.model], target.precision, j.config_id or "")]
+                     if runnable(models[target.model], target.precision, j.config_id or "", "pruning")]
     if "ranking" in study.phases:
         jobs.append(Job("ranking", None, {**common, "ranking": section_dict(study.ranking)}))
     return jobs, skipped
+
+
+def probed_precisions(study: Study) -> list[str]:
+    """Every precision a job of the study may load: inference, fine-tuning, named pruning targets."""
+    wanted = list(study.precisions)
+    if "finetune" in study.phases and study.finetune is not None:
+        wanted += study.finetune.precisions
+    if study.pruning is not None and study.pruning.targets:
+        wanted += [t.precision for t in study.pruning.parsed_targets()]
+    return list(dict.fromkeys(wanted))
+
+
+def slow_precisions(study: Study, device: str) -> tuple[dict[str, throughput.PrecisionThroughput], dict[str, str]]:
+    """The device throughput probe of every precision the study loads, and those it skips as too
+    slow here (study.device_limits), with the measured reason."""
+    probe = throughput.probe_device(probed_precisions(study), device)
+    return probe, throughput.slow_precisions(probe, study.device_limits)
 
 
 def base_parameters(study: Study, out_dir: Path, base_dir: Path, device: str,
@@ -181,7 +204,8 @@ def top_k_targets(study: Study, out_dir: Path) -> list[PruningTarget]:
     configs = rank.config_energy(results.read_table(out_dir, "energy"), study.ranking.energy_basis)
     if configs.empty:
         raise ValueError(f"{results.table_path(out_dir, 'energy')} has no inference rows to rank")
-    table = rank.rank_evaluations(configs, results.read_table(out_dir, "scores"), study.ranking).table
+    qa_style = study.tasks.qa.style if study.tasks.qa is not None else "cloze"
+    table = rank.rank_evaluations(configs, results.read_table(out_dir, "scores"), study.ranking, qa_style).table
     unpruned = table[table["pruning"] == "none"]
     at_w = unpruned[(unpruned["w"] - study.ranking.w).abs() < 1e-9].sort_values(["rank", "config_id"])
     return [PruningTarget(row.model, row.precision, row.adapter) for row in at_w.head(study.pruning.top_k).itertuples()]
@@ -335,8 +359,12 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     if not any(m.source == "hub" for m in study.models):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this study may reach a hub
     prov = _write_parameters_and_provenance(study, layout, device, params_path)
+    probe, slow = slow_precisions(study, device)  # before any job: each precision's speed on this device
+    prov["throughput"] = {"device": device, "precisions": {p: r.as_dict() for p, r in probe.items()},
+                          "device_limits": study.device_limits.model_dump(mode="json"), "skipped_as_slow": slow}
+    results.atomic_write_json(layout.provenance, prov)
 
-    jobs, skipped = expand(study, out_dir, params_path.parent, device, attribution)
+    jobs, skipped = expand(study, out_dir, params_path.parent, device, attribution, slow)
     _record_skipped(out_dir, skipped)
     run = _Run(study, layout, device, resume, phases, cluster, skipped, attribution)
     run.bar = tqdm(total=len(jobs), desc=f"study {study.study}", unit="job")

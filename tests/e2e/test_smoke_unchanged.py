@@ -1,13 +1,22 @@
 """The smoke study's tables against a snapshot taken before the middle layer was reorganised.
 
 What a study computes must not change when modules move. Times and energies vary from run to run, so
-they are left out, and so is everything derived from them: φ, R and ranks in ranking.csv, and which
-base config the pruning phase picks (the top of the inference ranking at w = 0.5, an energy call).
+they are left out, and so is everything derived from them: φ, R, ranks, p_best and tied_with_top in
+ranking.csv (p_best resamples the energy repeats), and which base config the pruning phase picks (the
+top of the inference ranking at w = 0.5, an energy call).
 Everything else is compared: which configs ran and their status, every score, interval and per-item
 score, token counts, per-epoch losses, per-layer sparsity, ρ. Columns added since the snapshot are
 allowed; a missing column, row or changed value is not. (One intended change since the snapshot: the
 study-level idle row of energy.csv became per-job idle baselines in idle_baselines.csv; and rows of
 recovered configs, which the smoke study has since it sets pruning.recover, are new.)
+
+Intended change of results, snapshot regenerated (issue 14): ρ in ranking.csv is now the mean of ONE
+headline metric per task, (rca:accuracy + qa:acc_norm)/2, where it was the mean of every metric in
+scores.csv (rca accuracy and macro_f1, qa acc and acc_norm, rca_resolution rouge_l and
+embedding_similarity), which counted RCA four times and QA twice. A run before the regeneration
+differed from the old snapshot in ranking.rho alone. Rewriting the snapshot also took in the columns
+added since it was taken (e.g. configs.scoring_path) and the pruned rows of the target the smoke study
+now names (tiny-random-llama__fp32__lora; the old snapshot held those of the then top-ranked fp4).
 
 Floating-point results (scores, losses) are compared only on a machine like the one that wrote the
 snapshot (same torch, same vector ISA): another CPU rounds bf16 and fp16 matmuls differently. Elsewhere
@@ -37,7 +46,7 @@ TABLES = ("configs", "energy", "energy_repeats", "item_scores", "pruning_layers"
 VOLATILE_MARKERS = ("energy", "duration", "emissions", "idle", "power", "seconds", "_ms", "speedup", "memory",
                     "method")
 # ranking.csv columns computed from energy.
-ENERGY_DERIVED = {"ranking": ("phi", "R", "rank", "pareto")}
+ENERGY_DERIVED = {"ranking": ("phi", "R", "rank", "pareto", "p_best", "tied_with_top")}
 KEYS = {
     "configs": ["config_id"], "energy": ["config_id", "phase", "task"], "energy_repeats": ["config_id", "phase", "task", "repeat"],
     "item_scores": ["config_id", "task", "metric", "item_id"], "pruning_layers": ["config_id", "layer"],

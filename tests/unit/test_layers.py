@@ -20,18 +20,19 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 # Bottom to top. A module may import modules of its own layer or of layers below it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation: typed config, names and places, the items a task scores", {"config", "layout", "items"}),
-    ("ground: data readers, table writers, the energy meter", {"teleqna", "data", "results", "energy"}),
+    ("ground: data readers, table writers, the energy meter, the device throughput probe",
+     {"teleqna", "data", "results", "energy", "throughput"}),
     ("middle: models, scoring, generation, pruning, sparse kernels, LoRA, ranking arithmetic",
      {"models", "scoring", "generation", "prune", "sparse", "lora", "rank"}),
     ("shared plumbing of the phases: table rows, the measured evaluation, figures, the HTML report, "
      "the data checks of validate", {"records", "evaluation", "plots", "report", "checks"}),
     # (the data phase's module is `data` itself: notebook 01 reads and summarises the splits)
     ("phases: one module per notebook", {"finetune", "inference", "pruning", "ranking"}),
-    ("runner: jobs, the cluster, the study", {"jobs", "scale", "study"}),
+    ("runner: jobs, the cluster, the study, its plan", {"jobs", "scale", "study", "plan"}),
     ("command line", {"cli"}),
 ]
 PHASE_MODULES = {"finetune", "inference", "pruning", "ranking", "evaluation"}
-RUNNER_MODULES = {"jobs", "scale", "study"}
+RUNNER_MODULES = {"jobs", "scale", "study", "plan"}
 
 
 def layer_of(module: str) -> int:

@@ -52,15 +52,15 @@ def make_scores(values: dict[tuple[str, str, str], float]) -> pd.DataFrame:
 
 # Hand example. Energies 1, 2, 4:
 #   minmax phi = (4 - E) / 3 -> A 1, B 2/3, C 0;  ratio phi = 1 / E -> A 1, B 0.5, C 0.25.
-# rho (identity) = mean(rca:accuracy, qa:acc) -> A 0.6, B 0.7, C 0.9.
+# rho (identity) = mean(rca:accuracy, qa:acc_norm) -> A 0.6, B 0.7, C 0.9.
 ENERGY = {"A": 1.0, "B": 2.0, "C": 4.0}
 SCORES = {
     ("A", "rca", "accuracy"): 0.5,
-    ("A", "qa", "acc"): 0.7,
+    ("A", "qa", "acc_norm"): 0.7,
     ("B", "rca", "accuracy"): 0.8,
-    ("B", "qa", "acc"): 0.6,
+    ("B", "qa", "acc_norm"): 0.6,
     ("C", "rca", "accuracy"): 0.9,
-    ("C", "qa", "acc"): 0.9,
+    ("C", "qa", "acc_norm"): 0.9,
 }
 
 
@@ -142,7 +142,7 @@ def test_rho_minmax_scales_each_metric_over_configs() -> None:
 
 
 def test_rho_minmax_all_equal_metric_is_one() -> None:
-    scores = make_scores({("A", "qa", "acc"): 0.4, ("B", "qa", "acc"): 0.4})
+    scores = make_scores({("A", "qa", "acc_norm"): 0.4, ("B", "qa", "acc_norm"): 0.4})
     rho, _ = compute_rho(scores, RankingSettings(metric_scaling="minmax"))
     assert rho.tolist() == [1.0, 1.0]
 
@@ -153,13 +153,13 @@ def test_rho_uses_only_chosen_metrics() -> None:
 
 
 def test_chosen_metric_absent_everywhere_is_an_error() -> None:
-    with pytest.raises(ValueError, match=r"\['qa:acc_norm'\] are not in the scores"):
-        compute_rho(make_scores(SCORES), RankingSettings(metrics=("qa:acc_norm",)))
+    with pytest.raises(ValueError, match=r"\['qa:acc'\] are not in the scores"):
+        compute_rho(make_scores(SCORES), RankingSettings(metrics=("qa:acc",)))
 
 
 def test_identity_scaling_rejects_values_outside_unit_interval() -> None:
-    scores = make_scores({**SCORES, ("B", "qa", "acc"): 61.0})
-    message = r"outside \[0, 1\].*\('B', 'qa:acc'\).*metric_scaling='minmax'"
+    scores = make_scores({**SCORES, ("B", "qa", "acc_norm"): 61.0})
+    message = r"outside \[0, 1\].*\('B', 'qa:acc_norm'\).*metric_scaling='minmax'"
     with pytest.raises(ValueError, match=message):
         rank_configs(make_configs(ENERGY), scores, RankingSettings())
     # The same table is fine once each metric is rescaled over configs.
@@ -214,7 +214,7 @@ def test_ties_share_the_best_rank() -> None:
     # B 0.5*0.5 + 0.5*1 = 0.75, C 0.5*0 + 0.5*0.25 = 0.125.
     configs = make_configs({"A": 1.0, "B": 2.0, "C": 3.0})
     scores = make_scores(
-        {("A", "qa", "acc"): 0.5, ("B", "qa", "acc"): 1.0, ("C", "qa", "acc"): 0.25}
+        {("A", "qa", "acc_norm"): 0.5, ("B", "qa", "acc_norm"): 1.0, ("C", "qa", "acc_norm"): 0.25}
     )
     result = rank_configs(configs, scores, RankingSettings(w_grid=(0.5,)))
     assert rows_at(result, 0.5)["rank"].to_dict() == {"A": 1, "B": 1, "C": 3}
@@ -225,11 +225,11 @@ def test_rounding_noise_is_a_tie() -> None:
     configs = make_configs({"A": 1.0, "B": 1.0, "C": 1.0})
     scores = make_scores(
         {
-            ("A", "qa", "acc"): 0.1,
+            ("A", "qa", "acc_norm"): 0.1,
             ("A", "rca", "accuracy"): 0.2,
-            ("B", "qa", "acc"): 0.15,
+            ("B", "qa", "acc_norm"): 0.15,
             ("B", "rca", "accuracy"): 0.15,
-            ("C", "qa", "acc"): 0.0,
+            ("C", "qa", "acc_norm"): 0.0,
             ("C", "rca", "accuracy"): 0.0,
         }
     )
@@ -238,25 +238,25 @@ def test_rounding_noise_is_a_tie() -> None:
 
 
 def test_single_config() -> None:
-    result = rank_configs(make_configs({"A": 0.002}), make_scores({("A", "qa", "acc"): 0.3}))
+    result = rank_configs(make_configs({"A": 0.002}), make_scores({("A", "qa", "acc_norm"): 0.3}))
     assert result.table["rank"].eq(1).all()
     assert result.table["phi"].eq(1.0).all()
     assert len(result.table) == 11
 
 
 def test_missing_metric_error_names_config_and_metric() -> None:
-    scores = make_scores({k: v for k, v in SCORES.items() if k != ("B", "qa", "acc")})
-    with pytest.raises(ValueError, match=r"'B' lacks \['qa:acc'\]"):
+    scores = make_scores({k: v for k, v in SCORES.items() if k != ("B", "qa", "acc_norm")})
+    with pytest.raises(ValueError, match=r"'B' lacks \['qa:acc_norm'\]"):
         rank_configs(make_configs(ENERGY), scores, RankingSettings())
 
 
 def test_config_without_any_scores_is_missing() -> None:
-    with pytest.raises(ValueError, match=r"'D' lacks \['qa:acc', 'rca:accuracy'\]"):
+    with pytest.raises(ValueError, match=r"'D' lacks \['rca:accuracy', 'qa:acc_norm'\]"):
         rank_configs(make_configs({**ENERGY, "D": 1.5}), make_scores(SCORES), RankingSettings())
 
 
 def test_exclude_mode_drops_and_reports() -> None:
-    scores = make_scores({k: v for k, v in SCORES.items() if k != ("B", "qa", "acc")})
+    scores = make_scores({k: v for k, v in SCORES.items() if k != ("B", "qa", "acc_norm")})
     result = rank_configs(make_configs(ENERGY), scores, RankingSettings(missing="exclude"))
     assert result.excluded == ("B",)
     assert set(result.table["config_id"]) == {"A", "C"}
@@ -265,7 +265,7 @@ def test_exclude_mode_drops_and_reports() -> None:
 
 
 def test_scores_of_unlisted_configs_are_ignored() -> None:
-    scores = make_scores({**SCORES, ("Z", "qa", "acc"): 1.0, ("Z", "rca", "accuracy"): 1.0})
+    scores = make_scores({**SCORES, ("Z", "qa", "acc_norm"): 1.0, ("Z", "rca", "accuracy"): 1.0})
     result = rank_configs(make_configs(ENERGY), scores, RankingSettings(metric_scaling="minmax"))
     assert set(result.table["config_id"]) == {"A", "B", "C"}
     rho = rows_at(result, 0.0)["rho"].to_dict()
@@ -315,10 +315,13 @@ def test_pareto_front_needs_matching_index() -> None:
 # --- rank_stability -----------------------------------------------------------------------
 
 
+HEADLINE = {"rca": "accuracy", "qa": "acc_norm"}  # the default rho: one headline metric per task (cloze QA)
+
+
 def make_items(correct: dict[str, dict[str, list[int]]]) -> pd.DataFrame:
     """correct[config][task] = per-item 0/1 values; item ids are positions."""
     rows = [
-        {"config_id": c, "task": t, "metric": "acc", "item_id": i, "value": float(v)}
+        {"config_id": c, "task": t, "metric": HEADLINE[t], "item_id": i, "value": float(v)}
         for c, tasks in correct.items()
         for t, values in tasks.items()
         for i, v in enumerate(values)
@@ -398,14 +401,14 @@ def test_single_repeat_holds_energy_fixed() -> None:
 def test_rank_stability_missing_metric_and_incomplete_items() -> None:
     items = make_items({"A": {"qa": [1, 0], "rca": [1]}, "B": {"qa": [0, 1]}})
     configs = make_configs({"A": 1.0, "B": 2.0})
-    with pytest.raises(ValueError, match=r"'B' lacks \['rca:acc'\]"):
+    with pytest.raises(ValueError, match=r"'B' lacks \['rca:accuracy'\]"):
         rank_stability(configs, items, None, RankingSettings(), w=0.5)
     excluded = rank_stability(configs, items, None, RankingSettings(missing="exclude"), w=0.5)
     assert excluded["config_id"].tolist() == ["A"]
     assert excluded.attrs["excluded"] == ("B",)
 
     ragged = make_items({"A": {"qa": [1, 0, 1]}, "B": {"qa": [0, 1]}})
-    with pytest.raises(ValueError, match=r"qa:acc are incomplete.*'B': 1"):
+    with pytest.raises(ValueError, match=r"qa:acc_norm are incomplete.*'B': 1"):
         rank_stability(configs, ragged, None, RankingSettings(), w=0.5)
 
 
@@ -499,3 +502,95 @@ def test_p_best_and_tied_with_top_on_two_separable_and_two_inseparable_configs()
     assert at.loc["A", "p_best"] > 0.05 and at.loc["B", "p_best"] > 0.05
     assert at.loc["C", "p_best"] == 0 and at.loc["D", "p_best"] == 0
     assert set(at.index[at["tied_with_top"]]) == {"A", "B"}
+
+
+# --- one rho, stated: the headline metric per task, the same in the point ranking and the resampling ------
+
+
+def items_and_means(values: dict[str, dict[str, list[float]]], metric_of: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-item rows and the scores table of their means (what scores.csv holds for accuracies)."""
+    rows = [{"config_id": c, "task": t, "metric": metric_of[t], "item_id": f"i{i}", "value": float(v)}
+            for c, tasks in values.items() for t, vs in tasks.items() for i, v in enumerate(vs)]
+    items = pd.DataFrame(rows)
+    scores = items.groupby(["config_id", "task", "metric"], as_index=False)["value"].mean()
+    return items, scores
+
+
+def test_default_rho_is_one_headline_metric_per_task_by_style() -> None:
+    from llm_energy.rank import chosen_metrics, headline_metrics
+
+    assert headline_metrics(["qa", "rca", "rca_resolution"]) == ("rca:accuracy", "qa:acc_norm")
+    assert headline_metrics(["qa", "rca"], qa_style="options") == ("rca:accuracy", "qa:acc")
+    scores = make_scores({("A", "rca", "accuracy"): 0.5, ("A", "rca", "macro_f1"): 0.2, ("A", "qa", "acc"): 0.7,
+                          ("A", "qa", "acc_norm"): 0.9, ("A", "rca_resolution", "rouge_l"): 0.1})
+    assert chosen_metrics(scores, RankingSettings()) == ("rca:accuracy", "qa:acc_norm")
+    assert chosen_metrics(scores, RankingSettings(), qa_style="options") == ("rca:accuracy", "qa:acc")
+    # rho never counts a task twice: (0.5 + 0.9) / 2 for cloze, (0.5 + 0.7) / 2 for options
+    assert compute_rho(scores, RankingSettings())[0]["A"] == pytest.approx(0.7)
+    assert compute_rho(scores, RankingSettings(), qa_style="options")[0]["A"] == pytest.approx(0.6)
+    result = rank_configs(make_configs({"A": 1.0}), scores, RankingSettings())
+    assert result.settings.metrics == ("rca:accuracy", "qa:acc_norm")  # the result states what rho counted
+
+
+def test_override_replaces_the_headline_metrics() -> None:
+    from llm_energy.rank import rho_formula
+
+    scores = make_scores({("A", "rca", "accuracy"): 0.5, ("A", "rca", "macro_f1"): 0.2, ("A", "qa", "acc_norm"): 0.9})
+    settings = RankingSettings(metrics=("rca:macro_f1",))
+    result = rank_configs(make_configs({"A": 1.0}), scores, settings)
+    assert result.table["rho"].iloc[0] == pytest.approx(0.2)
+    assert result.settings.metrics == ("rca:macro_f1",)
+    assert rho_formula(result.settings) == ("R = w·φ + (1−w)·ρ, ρ = rca:macro_f1, "
+                                            "φ = min-max of energy per item (Wh): (E_max − E)/(E_max − E_min)")
+
+
+def test_headline_metric_absent_is_a_clear_error() -> None:
+    scores = make_scores({("A", "rca", "accuracy"): 0.5, ("A", "qa", "acc"): 0.7})
+    with pytest.raises(ValueError, match=r"headline metrics \['qa:acc_norm'\] \(qa style 'cloze'\).*ranking.metrics"):
+        compute_rho(scores, RankingSettings())
+
+
+def test_rho_formula_names_the_metrics() -> None:
+    from llm_energy.rank import rho_formula
+
+    settings = RankingSettings(metrics=("rca:accuracy", "qa:acc_norm"))
+    assert rho_formula(settings).startswith("R = w·φ + (1−w)·ρ, ρ = (rca:accuracy + qa:acc_norm)/2, φ = min-max")
+    ratio = RankingSettings(metrics=("rca:accuracy", "qa:acc"), phi_method="ratio", metric_scaling="minmax")
+    assert rho_formula(ratio) == ("R = w·φ + (1−w)·ρ, ρ = (minmax(rca:accuracy) + minmax(qa:acc))/2, "
+                                  "φ = E_min/E of energy per item (Wh)")
+
+
+@pytest.mark.parametrize("scaling", ["identity", "minmax"])
+@pytest.mark.parametrize("qa_style", ["cloze", "options"])
+def test_point_rho_equals_the_resampling_rho_on_the_observed_items(scaling: str, qa_style: str) -> None:
+    from llm_energy.rank import rho_from_items
+
+    rng = np.random.default_rng(5)
+    values = {c: {"rca": list(rng.integers(0, 2, 9)), "qa": list(rng.integers(0, 2, 7))} for c in ("A", "B", "C")}
+    items_norm, scores_norm = items_and_means(values, {"rca": "accuracy", "qa": "acc_norm"})
+    rng2 = np.random.default_rng(6)
+    other = {c: {"qa": list(rng2.integers(0, 2, 7))} for c in values}
+    items_acc, scores_acc = items_and_means(other, {"qa": "acc"})
+    items = pd.concat([items_norm, items_acc], ignore_index=True)
+    scores = pd.concat([scores_norm, scores_acc], ignore_index=True)
+    settings = RankingSettings(metric_scaling=scaling)
+    point = rank_configs(make_configs({"A": 1.0, "B": 2.0, "C": 3.0}), scores, settings, qa_style=qa_style)
+    point_rho = point.table.drop_duplicates("config_id").set_index("config_id")["rho"]
+    resampling_rho = rho_from_items(items, settings, qa_style=qa_style)
+    assert resampling_rho.to_dict() == pytest.approx(point_rho.to_dict(), abs=1e-12)
+    # and the draws of rank_stability use that same arithmetic: with w = 0 and items that never vary
+    # between draws (one item per task), the stability ranking is the point ranking.
+    fixed = items.groupby(["config_id", "task", "metric"], as_index=False)["value"].mean().assign(item_id="x")
+    stability = rank_stability(make_configs({"A": 1.0, "B": 2.0, "C": 3.0}), fixed, None, settings, w=0.0,
+                               n_boot=20, qa_style=qa_style)
+    point_ranks = point.table[point.table["w"] == 0.0].set_index("config_id")["rank"]
+    assert stability.set_index("config_id")["modal_rank"].to_dict() == point_ranks.to_dict()
+    assert stability["p_modal"].eq(1.0).all()
+
+
+def test_rank_stability_refuses_a_metric_without_per_item_scores() -> None:
+    items = make_items({"A": {"rca": [1, 0, 1]}, "B": {"rca": [0, 1, 1]}})
+    settings = RankingSettings(metrics=("rca:accuracy", "rca:macro_f1"))
+    with pytest.raises(ValueError, match=r"rho counts \['rca:macro_f1'\], which have no per-item scores.*"
+                                         r"ranking.bootstrap: 0"):
+        rank_stability(make_configs({"A": 1.0, "B": 2.0}), items, None, settings, w=0.5)

@@ -137,7 +137,7 @@ def test_choosing_pruning_targets_does_not_write_the_ranking(root, tmp_path):
     rows, scores = [], []
     for precision, energy_kwh, accuracy in (("fp32", 2e-6, 0.5), ("bf16", 1e-6, 0.5), ("nf4", 1e-6, 0.1)):
         config_id = f"tiny-random-llama__{precision}"
-        for task, metric in (("rca", "accuracy"), ("qa", "acc")):
+        for task, metric in (("rca", "accuracy"), ("qa", "acc_norm")):
             row = {c: None for c in results.ENERGY_COLUMNS}
             row.update(config_id=config_id, phase="inference", model="tiny-random-llama", precision=precision,
                        adapter="none", pruning="none", task=task, n_items=10, energy_kwh=energy_kwh,
@@ -185,7 +185,7 @@ def test_top_k_pruning_waits_for_the_adapters_and_can_prune_one(root, tmp_path, 
         if job.phase == "inference":
             best = job.parameters.get("adapter_name") == "lora" and job.parameters["precision"] == "nf4"
             rows, scores = [], []
-            for task, metric in (("rca", "accuracy"), ("qa", "acc")):
+            for task, metric in (("rca", "accuracy"), ("qa", "acc_norm")):
                 row = {c: None for c in results.ENERGY_COLUMNS}
                 row.update(config_id=job.config_id, phase="inference", model="tiny-random-llama",
                            precision=job.parameters["precision"], adapter=job.parameters.get("adapter_name", "none"),

@@ -1,0 +1,106 @@
+"""Where a finished study's time went: seconds per job and per phase, and the share spent outside the
+measured model windows (kernel start, imports, model load, warm-up, table writes, report).
+
+Reads only the study folder:
+- ``state/<job>.done``: the job's wall time as the runner measured it (papermill, kernel start included);
+- ``notebooks/*.ipynb``: papermill's per-cell durations (their sum is the time inside the kernel, so
+  wall − cells is kernel start and shutdown);
+- ``tables/energy_repeats.csv``: every measured inference/pruning window (a repeat over a task's items);
+  ``tables/training.csv``: every measured training epoch; ``tables/idle_baselines.csv``: the idle windows.
+
+    python benchmarks/study_profile.py outputs/default
+
+Last line: outside_measured_share=<share of job wall time outside measured model windows>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "lib"))
+
+from llm_energy.layout import StudyLayout
+
+
+def _table(layout: StudyLayout, name: str) -> pd.DataFrame:
+    path = layout.table(name)
+    return pd.read_csv(path, dtype={"config_id": str}) if path.exists() else pd.DataFrame()
+
+
+def _cells_s(notebook: Path) -> float | None:
+    """Seconds spent executing the notebook's cells (papermill's per-cell duration)."""
+    if not notebook.exists():
+        return None
+    cells = json.loads(notebook.read_text()).get("cells", [])
+    return sum(float((c.get("metadata", {}).get("papermill") or {}).get("duration") or 0.0) for c in cells)
+
+
+def _seconds(table: pd.DataFrame, phase: str, config_id: str) -> float:
+    """duration_s summed over a job's rows: its config (and, for pruning, the recovered config it also
+    evaluates); a fine-tuned config id is shared by its fine-tuning and its inference job, so those
+    two are told apart by the rows' phase."""
+    if table.empty or not config_id:
+        return 0.0
+    rows = table[table["config_id"].isin({config_id, f"{config_id}__recovered"})]
+    if phase in ("finetune", "inference") and "phase" in rows:
+        rows = rows[rows["phase"] == phase]
+    return float(rows["duration_s"].sum())
+
+
+def profile(study_dir: Path) -> pd.DataFrame:
+    """One row per finished job: wall, in-kernel, measured model windows, idle windows, outside."""
+    layout = StudyLayout(study_dir)
+    repeats, training, idle = _table(layout, "energy_repeats"), _table(layout, "training"), _table(layout, "idle_baselines")
+    rows = []
+    for marker in sorted(layout.state.glob("*.done")):
+        key = marker.stem
+        phase, _, config_id = key.partition("__")
+        wall = float(json.loads(marker.read_text() or "{}").get("seconds", float("nan")))
+        measured = _seconds(repeats, phase, config_id) + _seconds(training, phase, config_id)
+        idle_s = _seconds(idle, phase, config_id)
+        cells = _cells_s(layout.executed_notebook(phase, config_id or None)) if phase in ("data", "finetune", "inference",
+                                                                                            "pruning", "ranking") else None
+        rows.append({"job": key, "phase": phase, "wall_s": wall, "in_kernel_s": cells,
+                     "kernel_start_s": wall - cells if cells is not None else float("nan"),
+                     "measured_model_s": measured, "idle_windows_s": idle_s,
+                     "outside_measured_s": wall - measured - idle_s})
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study_dir", type=Path)
+    args = parser.parse_args()
+    jobs = profile(args.study_dir.resolve())
+    if jobs.empty:
+        raise SystemExit(f"{args.study_dir}: no finished jobs (state/*.done)")
+    pd.set_option("display.width", 160)
+    print("Per job (seconds):")
+    print(jobs.round(1).to_string(index=False))
+    phases = jobs.groupby("phase", sort=False)[["wall_s", "kernel_start_s", "measured_model_s", "idle_windows_s",
+                                                  "outside_measured_s"]].sum()
+    phases["outside_share"] = phases["outside_measured_s"] / phases["wall_s"]
+    print("\nPer phase (seconds):")
+    print(phases.round(2).to_string())
+    prov = StudyLayout(args.study_dir.resolve()).provenance
+    total_wall = jobs["wall_s"].sum()
+    if prov.exists():
+        data = json.loads(prov.read_text())
+        if data.get("started_at") and data.get("finished_at"):
+            study_s = (pd.Timestamp(data["finished_at"]) - pd.Timestamp(data["started_at"])).total_seconds()
+            print(f"\nstudy wall {study_s:.0f} s; jobs {total_wall:.0f} s; runner outside jobs (probe, "
+                  f"validation, report) {study_s - total_wall:.0f} s")
+    share = jobs["outside_measured_s"].sum() / total_wall
+    print(f"measured model windows {jobs['measured_model_s'].sum():.0f} s, idle windows "
+          f"{jobs['idle_windows_s'].sum():.0f} s, kernel start {jobs['kernel_start_s'].sum():.0f} s")
+    print(f"outside_measured_share={share:.3f}")
+
+
+if __name__ == "__main__":
+    main()

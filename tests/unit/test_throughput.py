@@ -1,0 +1,153 @@
+"""The device throughput probe, the skipping of precisions too slow on the device, and `llm-energy plan`."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from llm_energy import throughput
+from llm_energy.config import DeviceLimits, load_study
+from llm_energy.throughput import PrecisionThroughput
+
+SMALL = (16, 32, 48)
+
+
+def fake_probe(rates: dict[str, float | None], device: str = "cpu") -> dict[str, PrecisionThroughput]:
+    return {p: PrecisionThroughput(p, device, r, 3 if r else 0, 0.3 if r else 0.0, f"fake {p}",
+                                   "" if r else "bitsandbytes not importable: no module")
+            for p, r in rates.items()}
+
+
+# --- the probe on this CPU ------------------------------------------------------------------------
+
+
+def test_dense_precisions_are_measured_on_the_cpu_quickly():
+    import time
+
+    start = time.perf_counter()
+    result = throughput.probe_device(["bf16", "fp16"], "cpu", min_time_s=0.03)
+    assert list(result) == ["fp32", "bf16", "fp16"]  # fp32, the reference, always comes first
+    for precision, r in result.items():
+        assert r.gflop_per_s is not None and r.gflop_per_s > 0 and r.calls >= throughput.ROUNDS, precision
+        assert r.method.startswith(f"torch linear {throughput.DENSE_DTYPES[precision]}")
+        assert r.reason == ""
+    assert time.perf_counter() - start < 10
+
+
+def test_quantized_precisions_are_measured_or_say_why():
+    result = throughput.probe_precision("nf4", "cpu", shape=SMALL, min_time_s=0.02)
+    assert result.method.startswith("bitsandbytes Linear4bit nf4 forward")
+    assert (result.gflop_per_s is not None and result.gflop_per_s > 0) or result.reason
+
+
+def test_without_bitsandbytes_a_quantized_precision_is_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    result = throughput.probe_precision("int8", "cpu", shape=SMALL, min_time_s=0.01)
+    assert result.gflop_per_s is None and result.calls == 0
+    assert result.reason.startswith("bitsandbytes not importable:")
+    assert throughput.probe_precision("fp8", "cpu").reason == "unknown precision 'fp8'"
+
+
+def test_timing_takes_the_best_round_with_a_fake_clock():
+    ticks = iter([0.0, 0.4, 1.0, 1.2, 2.0, 2.5])  # rounds of 0.4 s, 0.2 s, 0.5 s (one call each)
+    gflops, calls, seconds = throughput._time_calls(lambda: None, "cpu", 2e9, 0.3, clock=lambda: next(ticks))
+    assert gflops == pytest.approx(2 / 0.2) and calls == 3 and seconds == pytest.approx(1.1)
+
+
+# --- which precisions a study skips ---------------------------------------------------------------
+
+
+def test_slow_precisions_are_skipped_with_the_measured_reason():
+    probe = fake_probe({"fp32": 29.8, "bf16": 1.2, "fp16": 20.0, "int8": None})
+    skipped = throughput.slow_precisions(probe, DeviceLimits())
+    assert list(skipped) == ["bf16"]  # 24.8x; fp16 1.5x; int8 not measured: never skipped here
+    assert skipped["bf16"].startswith("bf16: 1.2 GFLOP/s vs 29.8 fp32 on this CPU (no native kernel for it here), "
+                                      "24.8x slower, over device_limits.max_slowdown 8")
+    assert "device_limits.always_run" in skipped["bf16"] and "max_slowdown: null" in skipped["bf16"]
+    assert throughput.slow_precisions(probe, DeviceLimits(max_slowdown=30)) == {}
+    assert throughput.slow_precisions(probe, DeviceLimits(max_slowdown=None)) == {}
+    assert throughput.slow_precisions(probe, DeviceLimits(always_run=["bf16"])) == {}
+    assert "this GPU" in throughput.slow_precisions(fake_probe({"fp32": 100.0, "fp16": 1.0}, "cuda"), DeviceLimits())["fp16"]
+
+
+def test_device_limits_are_validated():
+    with pytest.raises(ValueError, match="greater than 1"):
+        DeviceLimits(max_slowdown=1.0)
+    with pytest.raises(ValueError, match="always_run"):
+        DeviceLimits(always_run=["fp8"])
+
+
+def test_the_runner_skips_a_slow_precision_unless_it_already_ran(root, tmp_path):
+    from llm_energy import study as runner
+
+    study = load_study(root / "params" / "smoke.yaml")
+    assert study.device_limits.max_slowdown is None  # the smoke study runs every precision
+    slow = {"fp16": "fp16: 1 GFLOP/s vs 30 fp32 on this CPU"}
+    jobs, skipped = runner.expand(study, tmp_path, root / "params", "cpu", slow=slow)
+    assert skipped == [{"config_id": "tiny-random-llama__fp16", "model": "tiny-random-llama", "precision": "fp16",
+                        "reason": "fp16: 1 GFLOP/s vs 30 fp32 on this CPU"}]
+    assert "inference__tiny-random-llama__fp16" not in [j.key for j in jobs]
+    # resuming a folder where it already finished keeps it (a noisy probe must not orphan results)
+    marker = runner.StudyLayout(tmp_path).done_marker("inference__tiny-random-llama__fp16")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("{}")
+    jobs, skipped = runner.expand(study, tmp_path, root / "params", "cpu", slow=slow)
+    assert skipped == [] and "inference__tiny-random-llama__fp16" in [j.key for j in jobs]
+    assert runner.probed_precisions(study) == ["fp32", "bf16", "fp16", "int8", "nf4", "fp4"]
+
+
+def test_the_default_study_skips_what_is_too_slow(root, tmp_path, monkeypatch):
+    from llm_energy import study as runner
+
+    monkeypatch.setattr(throughput, "probe_device",
+                        lambda precisions, device, **_: fake_probe({"fp32": 30.0, "bf16": 25.0, "fp16": 1.0,
+                                                                    "int8": 10.0, "nf4": 9.0, "fp4": 9.0}))
+    study = load_study(root / "params" / "default.yaml")
+    assert study.device_limits.max_slowdown == 8.0
+    probe, slow = runner.slow_precisions(study, "cpu")
+    assert list(slow) == ["fp16"] and set(probe) == {"fp32", "bf16", "fp16", "int8", "nf4", "fp4"}
+
+
+# --- llm-energy plan ------------------------------------------------------------------------------
+
+
+def test_plan_prints_jobs_probe_skips_and_estimates(root, tmp_path, monkeypatch, capsys):
+    from llm_energy import cli
+
+    monkeypatch.setattr(throughput, "probe_device",
+                        lambda precisions, device, **_: fake_probe({p: 30.0 for p in precisions} | {"fp32": 30.0, "bf16": 1.5,
+                                                                                                   "fp4": None}))
+    params = tmp_path / "study.yaml"
+    params.write_text((root / "params" / "smoke.yaml").read_text().replace("  max_slowdown: null ", "  max_slowdown: 8 "))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["plan", str(params)]) == 0
+    out = capsys.readouterr().out
+    assert "study 'smoke' on cpu:" in out
+    assert "  bf16      1.50 GFLOP/s (20.0x slower than fp32)  [fake bf16]" in out
+    assert "  fp4   not measured: bitsandbytes not importable: no module" in out
+    assert "device_limits.max_slowdown: 8 (always_run: none)" in out
+    assert "  SKIPPED bf16: 1.5 GFLOP/s vs 30 fp32 on this CPU (no native kernel for it here), 20.0x slower" in out
+    assert "inference__tiny-random-llama__fp32 " in out and "inference__tiny-random-llama__bf16 " not in out
+    assert "ESTIMATED time each" in out and "Estimated total: ~" in out
+    assert not (tmp_path / "outputs").exists()  # a plan writes nothing
+
+
+def test_estimates_scale_with_items_passes_and_throughput():
+    one = throughput.estimate_job_s(135e6, {"rca": 10}, 1, 10.0, overhead_s=0.0)
+    assert one == pytest.approx(10 * 2 * 135e6 * throughput.TOKENS_PER_ITEM["rca"] / 10e9)
+    assert throughput.estimate_job_s(135e6, {"rca": 20}, 2, 10.0, overhead_s=5.0) == pytest.approx(5 + 4 * one)
+    assert throughput.estimate_job_s(135e6, {"rca": 10}, 1, 20.0, overhead_s=0.0) == pytest.approx(one / 2)
+    import math
+
+    assert math.isnan(throughput.estimate_job_s(None, {"rca": 10}, 1, 10.0))
+    assert math.isnan(throughput.estimate_job_s(135e6, {"rca": 10}, 1, None))
+
+
+def test_model_parameters_from_known_names_and_sizes():
+    from llm_energy.config import ModelSettings
+    from llm_energy.plan import model_parameters
+
+    assert model_parameters(ModelSettings(name="gemma-3-270m")) == 270e6
+    assert model_parameters(ModelSettings(name="mine", source="local", path="/m/SmolLM2-1.7B")) == 1.7e9
+    assert model_parameters(ModelSettings(name="mine", source="local", path="/m/x")) is None
+    assert 4e6 < model_parameters(ModelSettings(name="tiny-random-llama")) < 5e6
