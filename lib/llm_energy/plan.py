@@ -131,7 +131,8 @@ def _later_jobs(study: Study, slow: dict[str, str], skipped: list[dict[str, str]
     later = []
     skipped_ids = {s["config_id"] for s in skipped}
     if "finetune" in study.phases and study.finetune is not None and "inference" in study.phases:
-        for model in study.models:
+        chosen = study.finetune.models
+        for model in [m for m in study.models if chosen is None or m.name in chosen]:
             for precision in study.finetune.precisions:
                 config_id = config_id_for(model.name, precision, adapter="lora")
                 if config_id not in skipped_ids:

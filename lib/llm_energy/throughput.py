@@ -107,7 +107,7 @@ def probe_precision(precision: str, device: str, shape: tuple[int, int, int] = P
             # weight stored [out, in] as nn.Linear keeps it: on a CPU the kernel chosen depends on
             # that layout (fp16 a@b of row-major [in, out] can be ~10x slower than the model's path)
             weight = torch.randn(n, k, device=device).to(dtype)
-            with torch.no_grad():
+            with torch.inference_mode():  # as scoring runs (bitsandbytes 4-bit takes a faster CPU path there)
                 gflops, calls, seconds = _time_calls(lambda: torch.nn.functional.linear(x, weight), device, flops,
                                                      min_time_s)
         except Exception as exc:  # noqa: BLE001  (e.g. a dtype this device has no kernel for)
@@ -126,7 +126,7 @@ def probe_precision(precision: str, device: str, shape: tuple[int, int, int] = P
         gpu_dtype = torch.float16 if precision == "int8" else torch.bfloat16
         x = torch.randn(m, k, device=device).to(gpu_dtype if device.startswith("cuda") else torch.float32)
         try:
-            with torch.no_grad():
+            with torch.inference_mode():  # as scoring runs (bitsandbytes 4-bit takes a faster CPU path there)
                 gflops, calls, seconds = _time_calls(lambda: layer(x), device, flops, min_time_s)
         except Exception as exc:  # noqa: BLE001  (a layer that quantized but cannot run here)
             return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"{type(exc).__name__}: {exc}")
