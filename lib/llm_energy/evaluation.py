@@ -210,10 +210,9 @@ def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, pha
 
 
 def scoring_style(task: str, style: str) -> str:
-    """How a task was scored, in the words scores.csv and the report use."""
-    if task == "qa":
-        return "options (answer letter scored)" if style == "options" else "cloze (each choice's text scored)"
-    return "labels (each root cause's words scored)"
+    """scores.csv's `style`: how a task was scored (QA: "cloze" or "options"; RCA: "labels", each
+    root cause's words scored; resolutions: "generation, chat template" or "generation, plain prompt")."""
+    return style if task == "qa" else "labels"
 
 
 def data_description(tasks: TasksSettings, base_dir: Path) -> str:

@@ -325,6 +325,23 @@ FIG6_TITLE = "Figure 6 — Pruning: task performance and inference energy"
 FIG7_TITLE = "Figure 7 — Energy-aware ranking"
 
 
+def task_labels(scores: pd.DataFrame) -> dict[str, str]:
+    """Per task, how figures name it: the task with its data and QA style when scores.csv says them,
+    e.g. "rca (SYNTHETIC tickets)" or "qa (TeleQnA, options)" (synthetic data is always said)."""
+    labels: dict[str, str] = {}
+    if "task" not in scores:
+        return labels
+    for task, rows in scores.groupby(scores["task"].astype(str)):
+        source = str(rows["data"].dropna().iloc[0]) if "data" in rows and rows["data"].notna().any() else ""
+        style = str(rows["style"].dropna().iloc[0]) if "style" in rows and rows["style"].notna().any() else ""
+        words = {"synthetic": "SYNTHETIC data", "teleqna": "TeleQnA"}.get(source, Path(source).name if source else "")
+        if task in ("rca", "rca_resolution") and source == "synthetic":
+            words = "SYNTHETIC tickets"
+        extra = ", ".join(x for x in (words, style if task == "qa" else "") if x)
+        labels[task] = f"{task} ({extra})" if extra else task
+    return labels
+
+
 def fig1_token_lengths(token_lengths: pd.DataFrame) -> Figure:
     """Token-length histograms, one panel per task, one step histogram per dataset/split."""
     if _carries_nothing(token_lengths):
@@ -490,7 +507,7 @@ def fig5_quantization_impact(scores: pd.DataFrame, energy: pd.DataFrame) -> Figu
             # Names only: with bits added, six ticks per panel run into each other; the bits are in the label.
             ax.set_xticks(range(len(precisions)), precisions, fontsize=9)
             ax.set_xlim(-0.5, len(precisions) - 0.5)
-            ax.set_title(f"{task}: {metric}")
+            ax.set_title(f"{task_labels(sub).get(str(task), task)}: {metric}")
             ax.set_ylabel(str(metric))
         bits = " > ".join(dict.fromkeys(f"{PRECISION_BITS[p]}" for p in precisions if p in PRECISION_BITS))
         for ax in axes[-1]:
@@ -536,7 +553,8 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
 
     sc = scores.drop(columns=[c for c in meta.columns if c != "config_id" and c in scores.columns])
     sc = sc.merge(meta[["config_id", "category"]], on="config_id").dropna(subset=["value"])
-    sc["series"] = sc["task"].astype(str) + ": " + sc["metric"].astype(str)
+    names = task_labels(sc)
+    sc["series"] = sc["task"].astype(str).map(lambda t: names.get(t, t)) + ": " + sc["metric"].astype(str)
     sc["err_low"] = sc["value"] - sc["ci_low"]
     sc["err_high"] = sc["ci_high"] - sc["value"]
 

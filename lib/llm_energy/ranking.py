@@ -38,6 +38,7 @@ class RankingOutcome:
     top_by_phi: dict[str, list[tuple[str, float]]] | None = None  # phi choice -> tied-with-top set at w
     precision_lines: tuple[str, ...] = ()  # achieved 95% half-widths against the targets
     device_lines: tuple[str, ...] = ()  # each precision's measured throughput on the device, and skips
+    data_lines: tuple[str, ...] = ()  # what each task scored: data source (synthetic said so), style, items, skips
 
 
 def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutcome:
@@ -67,7 +68,47 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
                           w=settings.w, methods=methods, energy_lines=tuple(energy_description(energy, settings)),
                           comparisons=comparisons, stability_note=note, top_by_phi=top_by_phi,
                           precision_lines=tuple(precision_lines(scores, qa_style, configs["config_id"].tolist())),
-                          device_lines=tuple(device_lines(study_dir)))
+                          device_lines=tuple(device_lines(study_dir)), data_lines=tuple(data_lines(study_dir, scores)))
+
+
+STYLE_WORDS = {
+    "cloze": "cloze: each choice's text scored as a continuation of the question",
+    "options": "lettered options: the choices shown in the prompt, the answer letter scored",
+    "labels": "each root cause's words scored as a continuation of the ticket",
+}
+
+
+def data_lines(study_dir: str | Path, scores: pd.DataFrame) -> list[str]:
+    """Per task: the data it was scored on (synthetic data says so; TeleQnA with its citation), how
+    it was scored, the items per config, where the scored split came from, and the records skipped."""
+    from .data import describe_source
+
+    if scores.empty or "data" not in scores:
+        return []
+    splits = results.read_table(study_dir, "splits")
+    skipped = results.read_table(study_dir, "skipped_records")
+    lines = []
+    for task, rows in scores.groupby("task", sort=True):
+        source = str(rows["data"].dropna().iloc[0]) if rows["data"].notna().any() else ""
+        style = str(rows["style"].dropna().iloc[0]) if "style" in rows and rows["style"].notna().any() else ""
+        n_items = sorted({int(n) for n in rows["n_items"].dropna()})
+        words = STYLE_WORDS.get(style, style)
+        line = f"- **{task}**: {describe_source(source) if source else 'unknown source'}"
+        line += f"; {words}" if words else ""
+        line += f"; {', '.join(map(str, n_items))} items per config" if n_items else ""
+        if not splits.empty and task in set(splits["task"]):
+            mine = splits[splits["task"] == task]
+            if set(mine["assigned_by"]) == {"assigned"}:
+                line += (f"; the file has no splits, so a seeded assignment stratified by class made them "
+                         f"({', '.join(f'{k} {v}' for k, v in mine['split'].value_counts().sort_index().items())}; "
+                         "tables/splits.csv), and only the test split is scored")
+        if not skipped.empty and task in set(skipped["task"]):
+            mine = skipped[skipped["task"] == task]
+            reasons = mine["field"].fillna("").astype(str).value_counts()
+            line += (f"; {len(mine)} invalid record(s) left out before sampling (invalid_records: skip; by field: "
+                     + ", ".join(f"{k or '?'} {v}" for k, v in reasons.items()) + "; tables/skipped_records.csv)")
+        lines.append(line + ".")
+    return lines
 
 
 def device_lines(study_dir: str | Path) -> list[str]:
@@ -292,6 +333,8 @@ def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
         lines += ["", "**Precisions on this device.** " + outcome.device_lines[0], *outcome.device_lines[1:]]
     if outcome.result.excluded:
         lines.append(f"Excluded from the ranking (missing metrics): {', '.join(outcome.result.excluded)}.")
+    if outcome.data_lines:
+        lines += ["", "**What was scored.**", *outcome.data_lines]
     lines += ["", "**Energy method.** " + describe_methods(set(outcome.methods)) + "."]
     lines += list(outcome.energy_lines)
     if any(is_estimate(m) for m in outcome.methods):

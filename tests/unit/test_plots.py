@@ -331,3 +331,14 @@ def test_fig7_rings_the_configs_that_cannot_be_separated_from_the_top():
     fig = plots.fig7_ranking(ranking, w=0.6, energy_method=MEASURED)
     text = _joined(fig)
     assert "cannot be separated from the top" in text and text.count("best in 45%") == 2
+
+
+def test_figures_name_synthetic_data_and_the_qa_style():
+    from llm_energy.plots import task_labels
+
+    scores = pd.DataFrame({"config_id": ["a", "a", "a"], "task": ["rca", "qa", "rca_resolution"],
+                           "metric": ["accuracy", "acc", "rouge_l"], "value": [0.5, 0.3, 0.2],
+                           "data": ["synthetic", "teleqna", "synthetic"], "style": ["labels", "options", "generation"]})
+    assert task_labels(scores) == {"rca": "rca (SYNTHETIC tickets)", "qa": "qa (TeleQnA, options)",
+                                   "rca_resolution": "rca_resolution (SYNTHETIC tickets)"}
+    assert task_labels(scores.drop(columns=["data", "style"])) == {"rca": "rca", "qa": "qa", "rca_resolution": "rca_resolution"}
