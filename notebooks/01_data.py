@@ -1,0 +1,56 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 — Data: what the study scores
+# Counts per task and split, label balance, and Figure 1: the distribution of token lengths under the
+# model's tokenizer. Defaults use the built-in sample data; the runner passes the study's own values.
+
+# %% tags=["parameters"]
+study_dir: str = ""  # output folder; empty means outputs/notebook-defaults of the project
+model: dict = {"name": "tiny-random-llama"}  # a `models` entry: its tokenizer counts the tokens
+tasks: dict = {"rca": {}, "qa": {}}  # the study's `tasks` section (data, split, max_items, ...)
+base_dir: str = ""  # folder relative data paths are read from; empty means the project root
+
+# %%
+from llm_energy import config, data, layout, models, plots, results
+
+study_dir = layout.resolve_study_dir(study_dir)
+base = layout.resolve_study_dir(base_dir) if base_dir else layout.project_root()
+model_settings = config.validate_section(config.ModelSettings, model, "model")
+task_settings = config.validate_section(config.TasksSettings, tasks, "tasks")
+
+# %% [markdown]
+# Every split of every task, read and validated record by record.
+
+# %%
+task_sets = {name: data.load_all_splits(name, settings, base) for name, settings in task_settings.enabled().items()}
+data.summarise(task_sets)
+
+# %% [markdown]
+# Token lengths of each item (the ticket, or the question with its choices) under the model's tokenizer.
+
+# %%
+tokenizer, tokenizer_name = models.load_tokenizer(model_settings, base)
+rows = [row for name, splits in task_sets.items() for split in splits.values()
+        for row in data.token_length_rows(tokenizer, tokenizer_name, name, split)]
+results.upsert_rows(study_dir, "token_lengths", rows)
+lengths = results.read_table(study_dir, "token_lengths")
+lengths.groupby(["task", "split"])["n_tokens"].describe()[["count", "mean", "50%", "max"]]
+
+# %% tags=["nbval-ignore-output"]
+fig1 = plots.fig1_token_lengths(lengths)
+plots.save_figure(fig1, study_dir / "figures", "fig1_token_lengths")
+plots.as_image(fig1)
