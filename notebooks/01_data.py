@@ -25,6 +25,11 @@ tasks: dict = {"rca": {}, "qa": {}}  # the study's `tasks` section (data, split,
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 
 # %%
+from llm_energy import layout
+
+layout.refuse_study_parameters(globals(), "notebooks/01_data.ipynb")  # a whole study's file stops here: see `llm-energy params`
+
+# %%
 from llm_energy import config, data, layout, models, plots, results
 
 study_dir = layout.resolve_study_dir(study_dir)

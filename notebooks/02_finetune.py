@@ -32,6 +32,11 @@ seed: int = 0
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 
 # %%
+from llm_energy import layout
+
+layout.refuse_study_parameters(globals(), "notebooks/02_finetune.ipynb")  # a whole study's file stops here: see `llm-energy params`
+
+# %%
 from llm_energy import evaluation, finetune as ft, models
 
 run = evaluation.ConfigRun.from_parameters(

@@ -32,6 +32,11 @@ adapter: str = ""  # LoRA adapter folder written by 02_finetune; empty means the
 adapter_name: str = "none"  # how the adapter is named in the tables
 
 # %%
+from llm_energy import layout
+
+layout.refuse_study_parameters(globals(), "notebooks/03_inference.ipynb")  # a whole study's file stops here: see `llm-energy params`
+
+# %%
 from llm_energy import evaluation, inference
 
 run = evaluation.ConfigRun.from_parameters(

@@ -24,6 +24,11 @@ study_dir: str = ""  # output folder with tables/; empty means outputs/notebook-
 ranking: dict = {}  # the study's `ranking` section (w, w_grid, phi, metrics, missing, bootstrap)
 
 # %%
+from llm_energy import layout
+
+layout.refuse_study_parameters(globals(), "notebooks/05_ranking.ipynb")  # a whole study's file stops here: see `llm-energy params`
+
+# %%
 from IPython.display import Markdown, display
 from llm_energy import config, layout, plots, ranking as rk
 

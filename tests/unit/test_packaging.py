@@ -5,9 +5,9 @@ the Makefile's torch index choice."""
 import re
 import shutil
 import subprocess
-import tomllib
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -112,7 +112,7 @@ def test_setup_shows_pip_progress_and_uses_the_constraints(root, tmp_path):
 
 def test_hub_access_is_not_switched_off_for_every_target(root):
     makefile = (root / "Makefile").read_text()
-    assert not re.search(r"^export HF_HUB_OFFLINE", makefile, re.M), \
+    assert not re.search(r"^export HF_HUB_OFFLINE", makefile, re.MULTILINE), \
         "a study with source: hub must reach the hub under make; llm-energy run sets HF_HUB_OFFLINE itself otherwise"
 
 
