@@ -15,8 +15,16 @@
 
 # %% [markdown]
 # # 01 — Data: what the study scores
-# Counts per task and split, label balance, and Figure 1: the distribution of token lengths under the
-# model's tokenizer. Defaults use the built-in sample data; the runner passes the study's own values.
+#
+# Before any energy is measured, the items themselves. The study follows Tran, Jaumard and Delgado,
+# *Energy-Aware LLMs* (2025), on two telecom downstream tasks: **root-cause analysis** (RCA) of
+# network fault tickets (pick the root-cause label) and **telecom multiple-choice QA**. Energy per
+# item grows with the tokens a model reads, so the paper's Figure 1, the distribution of token lengths
+# under the model's tokenizer, is what makes energy figures comparable across tasks and models.
+#
+# Steps: read and validate every split of every task (counts per split, label balance), count tokens
+# per item, draw Figure 1. Defaults use the built-in sample data and the tiny random model's
+# tokenizer; edit the parameters cell (e.g. `tasks = {"qa": {"data": "/path/questions.jsonl"}}`) for yours.
 
 # %% tags=["parameters"]
 study_dir: str = ""  # output folder; empty means outputs/notebook-defaults of the project

@@ -14,10 +14,18 @@
 # ---
 
 # %% [markdown]
-# # 02 — Fine-tuning: LoRA / QLoRA at one precision, energy and loss per epoch
-# Train a LoRA adapter on the task's training split at this precision (int8 and nf4 through
-# bitsandbytes k-bit training: QLoRA for nf4), one measured energy window per epoch, and write the
-# epochs into `training.csv`. The adapter is saved for the inference phase to evaluate.
+# # 02 — Fine-tuning: what adapting a model to the task costs, epoch by epoch
+#
+# In the paper's terms (Tran, Jaumard and Delgado, *Energy-Aware LLMs*, 2025), fine-tuning is an
+# energy cost paid once to raise task quality at inference. This notebook trains a **LoRA** adapter
+# on the RCA training split at one precision: fp32 or bf16/fp16 (plain LoRA), int8 (bitsandbytes k-bit
+# training) or nf4 (**QLoRA**). Each epoch is one measured energy window (kWh, carbon, and the method
+# per component); training and validation loss per epoch go to `training.csv` (Figure 3: energy against
+# loss). The saved adapter is then evaluated by `03_inference`, so its quality gain can be weighed
+# against the energy the training spent.
+#
+# Steps: parameters, the training and validation splits, system idle, load the base model, train
+# (one window per epoch), the epochs as a table. Edit only the parameters cell to train your model.
 
 # %% tags=["parameters"]
 study_dir: str = ""  # output folder; empty means outputs/notebook-defaults of the project

@@ -15,15 +15,20 @@
 
 # %% [markdown]
 # # 04 — Pruning: one method and pattern on one configuration
-# Prune the dense weights of the decoder's linear layers (magnitude or Wanda; unstructured or N:M),
-# record the measured sparsity next to the target, then evaluate both tasks and measure energy exactly
-# as the inference phase does. A fine-tuned configuration is pruned after its LoRA adapter is merged
-# into the weights (a quantized base is dequantized first, then quantized back after pruning, and every
-# pruned layer is checked again). With `recover`, a fresh LoRA adapter is trained on the pruned model
-# to win back quality, its energy per epoch recorded, and the recovered model evaluated too. Zeros save
-# energy only when a kernel skips them: on CUDA, 2:4 layers at fp16/bf16 run cuSPARSELt where a timing
-# on that GPU says sparse is faster (`llm_energy.sparse`); on a CPU no sparse kernel runs, pruned models
-# run dense, so energy is not expected to fall, and the quality cost is what this phase shows there.
+#
+# The study asks of sparsity what Tran, Jaumard and Delgado (*Energy-Aware LLMs*, 2025) ask of
+# precision: does it save energy at inference, and what quality does it cost? This notebook prunes
+# the dense weights of the decoder's linear layers (**magnitude** or **Wanda**; unstructured or
+# **N:M**), records the measured sparsity next to the target, then evaluates both tasks and measures
+# energy exactly as `03_inference` does, so pruned and unpruned rows compare (Figure 6).
+#
+# A fine-tuned configuration is pruned after its LoRA adapter is merged into the weights (a quantized
+# base is dequantized first, then quantized back after pruning, and every pruned layer is checked
+# again). With `recover`, a fresh LoRA adapter is trained on the pruned model to win back quality, its
+# energy per epoch recorded, and the recovered model evaluated too. Zeros save energy only when a
+# kernel skips them: on CUDA, 2:4 layers at fp16/bf16 run cuSPARSELt where a timing on that GPU says
+# sparse is faster (`llm_energy.sparse`); on a CPU no sparse kernel runs, pruned models run dense, so
+# energy is not expected to fall, and the quality cost is what this phase shows there.
 
 # %% tags=["parameters"]
 study_dir: str = ""  # output folder; empty means outputs/notebook-defaults of the project

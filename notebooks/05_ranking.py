@@ -15,9 +15,12 @@
 
 # %% [markdown]
 # # Energy-aware deployment study — report
-# This report is the executed ranking notebook: it reads only the study's saved tables, ranks every
-# configuration by R = w·φ + (1−w)·ρ (φ energy efficiency, ρ mean task performance, both in [0, 1]),
-# and renders the paper's figures.
+#
+# This report is the executed ranking notebook. It reads only the study's saved tables and ranks every
+# configuration, as Tran, Jaumard and Delgado (*Energy-Aware LLMs*, 2025) propose, by
+# **R = w·φ + (1−w)·ρ**: φ is energy efficiency and ρ mean task performance, both in [0, 1], and w the
+# weight a deployment gives to energy. R is shown over a sweep of w, with the Pareto front of energy
+# against quality, the stability of ranks under resampling, and the paper's figures.
 
 # %% tags=["parameters"]
 study_dir: str = ""  # output folder with tables/; empty means outputs/notebook-defaults of the project

@@ -4,7 +4,6 @@ here pointed at the tiny random Llama's cached folder."""
 import shutil
 
 import yaml
-
 from llm_energy import cli
 from llm_energy.config import ModelSettings, TinyLlamaSettings, load_study
 from llm_energy.models import ensure_tiny_llama, load_model
