@@ -76,8 +76,10 @@ kernel: $(STAMP)
 	$(BIN)/python -m ipykernel install --user --name llm-energy --display-name "llm-energy ($(CURDIR))"
 
 # JupyterLab at the repository root: notebooks/ to run, outputs/ to read (report.html, figures, tables).
+# As root (containers, CI machines) JupyterLab refuses to start without --allow-root.
+LAB_AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: kernel
-	$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" $(LAB_ARGS)
+	$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" $(LAB_AS_ROOT) $(LAB_ARGS)
 
 # Pin what this venv holds now (run after the tests pass on an upgrade); torch is pinned by TORCH,
 # and its CUDA companions (nvidia-c*, nvidia-n*, triton) depend on the index: none is in the file.

@@ -72,9 +72,16 @@ def test_make_lab_lists_notebooks_outputs_and_the_project_kernel(root, tmp_path)
         assert Path(project["argv"][0]).parent == venv / "bin"
         assert (tmp_path / "data" / "kernels" / "llm-energy" / "kernel.json").is_file()  # the user's kernels
     finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End make and the JupyterLab it started (their own process group), however far they got."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
