@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from .config import StudyValidationError, load_study
 
@@ -61,7 +62,7 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _planned(args: argparse.Namespace):
+def _planned(args: argparse.Namespace) -> tuple[list[Any], str] | None:
     """The study's jobs as a run into args.out would execute them, or None after printing why not."""
     from .study import StudyRunError, planned_jobs
 
@@ -110,7 +111,8 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_jobs_commands(sub: argparse._SubParsersAction) -> None:
+def _add_jobs_commands(sub: Any) -> None:
+    """`jobs` and `params` on the parser's subcommands."""
     jobs = sub.add_parser("jobs", help="list the job ids of a study (phase__config), in run order")
     jobs.add_argument("params", type=Path, help="study parameters (YAML)")
     jobs.add_argument("--out", type=Path, help="the run's output folder, as for run (default: outputs/<study>)")

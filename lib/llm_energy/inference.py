@@ -108,13 +108,14 @@ def config_figure(run: ConfigRun) -> Figure:
     left.set_ylabel("energy per item (J)")
     left.set_title(f"gross energy, {', '.join(methods)}" + (" (hatched: estimated)" if any(is_estimate(m) for m in methods) else ""),
                    fontsize=9)
-    labels = [f"{t}\n{m}" for t, m in zip(scores["task"], scores["metric"])]
+    labels = [f"{t}: {m}" for t, m in zip(scores["task"], scores["metric"])]
     low = (scores["value"] - scores["ci_low"]).clip(lower=0)
     high = (scores["ci_high"] - scores["value"]).clip(lower=0)
-    right.errorbar(labels, scores["value"], yerr=[low, high], fmt="o", color="#dd8452", capsize=4)
-    right.set_ylim(-0.05, 1.05)
-    right.set_ylabel("score (95% bootstrap interval)")
-    right.tick_params(axis="x", labelsize=8)
+    right.errorbar(scores["value"], labels, xerr=[low, high], fmt="o", color="#dd8452", capsize=4)
+    right.set_xlim(-0.05, 1.05)
+    right.invert_yaxis()
+    right.set_xlabel("score (95% bootstrap interval)")
+    right.tick_params(axis="y", labelsize=8)
     fig.suptitle(run.config_id, fontsize=10)
     fig.tight_layout()
     return fig
