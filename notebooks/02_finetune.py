@@ -45,7 +45,7 @@ from llm_energy import layout
 layout.refuse_study_parameters(globals(), "notebooks/02_finetune.ipynb")  # a whole study's file stops here: see `llm-energy params`
 
 # %%
-from llm_energy import evaluation, finetune as ft, models
+from llm_energy import evaluation, finetune as ft, items, models, plots
 
 run = evaluation.ConfigRun.from_parameters(
     study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,
@@ -54,14 +54,22 @@ run, params = ft.parameters(run, finetune, config_id)
 print(run.config_id, params)
 
 # %% [markdown]
-# The task's training and validation splits.
+# ## Look at the training data
+# The task's training and validation splits, and a few examples: the text the model reads and the
+# answer it learns to give.
 
 # %%
 train, valid = ft.splits(run, params)
 print(f"{len(train)} training items, {len(valid)} validation items; labels: {len(train.labels)}")
+for item in train.items[:3]:
+    answer = getattr(item, "root_cause", None) or item.choices[item.answer]
+    print(f"[{item.id}] {items.item_text(item)[:160]}\n  -> {answer}")
 
 # %% [markdown]
-# Load the base model at this precision and train, one energy window per epoch.
+# ## Train, one measured window per epoch
+# System idle first, then the base model at this precision; the meter measures the loaded idle, then
+# each epoch's training steps in one window (validation loss is computed outside it). Leaving the
+# `with` block, even on an error, stops the trackers.
 
 # %% tags=["nbval-ignore-output"]
 system_idle = evaluation.measure_system_idle(run)
@@ -70,6 +78,24 @@ with evaluation.open_meter(run, loaded.device, system_idle, phase="finetune") as
     result = ft.train(run, params, loaded, meter, train, valid)
 print(f"trainable {result.trainable_parameters:,} of {result.total_parameters:,} parameters; adapter in {result.adapter_dir}")
 
+# %% [markdown]
+# ## Inspect the last epoch's reading
+# Per component: energy, mean power, and the method behind the number (`estimated`: a model, not a
+# counter).
+
 # %% tags=["nbval-ignore-output"]
 import pandas as pd
-pd.DataFrame([e.__dict__ for e in result.epochs])
+
+last = result.final.record
+pd.DataFrame(last.components()).set_index("component") if last is not None else "no meter"
+
+# %% [markdown]
+# ## Epochs
+# Loss and energy of every epoch (written to `training.csv`), and the loss reached against the energy
+# spent.
+
+# %% tags=["nbval-ignore-output"]
+pd.DataFrame([{k: v for k, v in e.__dict__.items() if k != "record"} for e in result.epochs])
+
+# %% tags=["nbval-ignore-output"]
+plots.as_image(ft.epochs_figure(result, run.config_id))

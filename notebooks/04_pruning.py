@@ -52,7 +52,7 @@ from llm_energy import layout
 layout.refuse_study_parameters(globals(), "notebooks/04_pruning.ipynb")  # a whole study's file stops here: see `llm-energy params`
 
 # %%
-from llm_energy import evaluation, pruning as pr
+from llm_energy import evaluation, plots, pruning as pr
 
 run = evaluation.ConfigRun.from_parameters(
     study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,
@@ -77,6 +77,12 @@ if pruned.after_quantization:
 print(f"kernels: {execution.kernel} ({execution.note}); scoring path: {scoring_path.name}")
 
 # %% [markdown]
+# Measured sparsity of each pruned layer against the target.
+
+# %% tags=["nbval-ignore-output"]
+plots.as_image(pr.layers_figure(outcome, run.config_id))
+
+# %% [markdown]
 # Evaluate and measure exactly as the inference phase does; then, if asked, train a recovery adapter on the pruned model and evaluate that too.
 
 # %% tags=["nbval-ignore-output"]
@@ -90,4 +96,5 @@ with evaluation.open_meter(run, pruned.loaded.device, system_idle, phase="prunin
 
 # %% tags=["nbval-ignore-output"]
 import pandas as pd
+
 pd.DataFrame(summary)
