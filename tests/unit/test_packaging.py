@@ -5,9 +5,9 @@ the Makefile's torch index choice."""
 import re
 import shutil
 import subprocess
+import tomllib
 
 import pytest
-import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
