@@ -1,4 +1,4 @@
-"""Command line: llm-energy run | validate | report."""
+"""Command line: llm-energy run | validate | report | jobs | params."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from .config import StudyValidationError, load_study
 
@@ -84,6 +85,71 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _planned(args: argparse.Namespace) -> tuple[list[Any], str] | None:
+    """The study's jobs as a run into args.out would execute them, or None after printing why not."""
+    from .study import StudyRunError, planned_jobs
+
+    try:
+        return planned_jobs(args.params, out=args.out)
+    except StudyValidationError as err:
+        print(f"{args.params}: {len(err.problems)} problem(s)", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+    except StudyRunError as err:
+        print(f"error: {err}", file=sys.stderr)
+    return None
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    planned = _planned(args)
+    if planned is None:
+        return 2
+    jobs, note = planned
+    for job in jobs:
+        print(f"{job.key}\t{job.notebook}")
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    from .jobs import parameters_yaml
+
+    planned = _planned(args)
+    if planned is None:
+        return 2
+    jobs, note = planned
+    chosen = [job for job in jobs if job.key == args.job]
+    if not chosen:
+        print(f"error: {args.params} has no job {args.job!r}; its jobs: {', '.join(j.key for j in jobs)}"
+              + (f"\nnote: {note}" if note else ""), file=sys.stderr)
+        return 2
+    text = parameters_yaml(chosen[0])
+    if args.output_file is None:
+        sys.stdout.write(text)
+    else:
+        args.output_file.write_text(text)
+        print(f"{args.output_file}: parameters of {args.job}; run it with "
+              f"papermill notebooks/{chosen[0].notebook} out.ipynb -f {args.output_file}", file=sys.stderr)
+    return 0
+
+
+def _add_jobs_commands(sub: Any) -> None:
+    """`jobs` and `params` on the parser's subcommands."""
+    jobs = sub.add_parser("jobs", help="list the job ids of a study (phase__config), in run order")
+    jobs.add_argument("params", type=Path, help="study parameters (YAML)")
+    jobs.add_argument("--out", type=Path, help="the run's output folder, as for run (default: outputs/<study>)")
+    jobs.set_defaults(func=_jobs)
+
+    params = sub.add_parser("params", help="the papermill parameters of one job, for papermill -f")
+    params.add_argument("params", type=Path, help="study parameters (YAML)")
+    params.add_argument("--job", required=True, help="a job id from `llm-energy jobs`")
+    params.add_argument("--out", type=Path, help="the run's output folder the job writes to, as for run "
+                        "(default: outputs/<study>)")
+    params.add_argument("-o", "--output-file", type=Path, help="write the YAML here (default: standard output)")
+    params.set_defaults(func=_params)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-energy", description="Energy-aware LLM deployment studies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="the jobs, each precision's measured speed here, skips and estimated times")
     plan.add_argument("params", type=Path, help="study parameters (YAML)")
     plan.set_defaults(func=_plan)
+    _add_jobs_commands(sub)
     return parser
 
 

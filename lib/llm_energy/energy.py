@@ -120,6 +120,20 @@ class EnergyRecord:
     def power_w(self) -> float:
         return self.energy_kwh * J_PER_KWH / self.duration_s if self.duration_s > 0 else 0.0
 
+    def components(self) -> list[dict[str, Any]]:
+        """The reading per component (cpu, gpu, ram): energy, mean power over the window, the method
+        that gave it, whether that method is a model rather than a counter, whether the total counts it."""
+        counted = ("gpu",) if self.scope == SCOPE_GPU_ONLY else ("cpu", "gpu", "ram")
+        rows = []
+        for component in ("cpu", "gpu", "ram"):
+            energy_kwh = getattr(self, f"{component}_energy_kwh")
+            method = getattr(self, f"{component}_method")
+            rows.append({"component": component, "energy_j": energy_kwh * J_PER_KWH, "energy_kwh": energy_kwh,
+                         "power_w": energy_kwh * J_PER_KWH / self.duration_s if self.duration_s > 0 else 0.0,
+                         "method": method, "estimated": method != "none" and is_estimate(method),
+                         "in_total": component in counted})
+        return rows
+
 
 @dataclass(frozen=True)
 class IdleBaseline:

@@ -15,6 +15,11 @@ from typing import Any
 from .layout import NOTEBOOKS, StudyLayout, notebooks_dir
 
 
+# The kernel's own log at ERROR: its start-up warning about TCP transport without encryption (the
+# kernel listens on 127.0.0.1 only) would otherwise be printed once per job. Cell output goes to the job's log.
+KERNEL_ARGUMENTS = ["--log-level=ERROR"]
+
+
 @dataclass(frozen=True)
 class Job:
     phase: str
@@ -38,6 +43,20 @@ def filter_parameters(notebook: Path, parameters: dict[str, Any]) -> dict[str, A
     return {k: v for k, v in parameters.items() if k in declared}
 
 
+def notebook_parameters(job: Job) -> dict[str, Any]:
+    """Exactly what papermill receives for this job: its parameters, less those its notebook does
+    not declare (``llm-energy params`` writes these, for ``papermill ... -f``)."""
+    return filter_parameters(notebooks_dir() / job.notebook, job.parameters)
+
+
+def parameters_yaml(job: Job) -> str:
+    """The job's notebook parameters as a YAML file papermill reads with ``-f``."""
+    import yaml
+
+    header = f"# papermill parameters of job {job.key} ({job.notebook}); written by llm-energy params\n"
+    return header + yaml.safe_dump(notebook_parameters(job), sort_keys=False, allow_unicode=True)
+
+
 def run_job(job: Job, out_dir: Path) -> None:
     """Execute the job's notebook with its parameters; the executed copy and a log go to the study."""
     import papermill
@@ -49,9 +68,9 @@ def run_job(job: Job, out_dir: Path) -> None:
     layout.logs.mkdir(parents=True, exist_ok=True)
     with open(layout.log(job.key), "w") as stdout:
         papermill.execute_notebook(
-            str(notebook), str(executed), parameters=filter_parameters(notebook, job.parameters),
+            str(notebook), str(executed), parameters=notebook_parameters(job),
             kernel_name="python3", progress_bar=False, log_output=False, stdout_file=stdout, stderr_file=stdout,
-            cwd=str(notebook.parent),
+            cwd=str(notebook.parent), extra_arguments=KERNEL_ARGUMENTS,
         )
 
 

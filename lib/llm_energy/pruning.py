@@ -10,7 +10,7 @@ sparse kernel exists, so pruned models run dense there, and :func:`sparse_execut
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import DENSE_PRECISIONS, PruningSpec, RecoverySettings, validate_section
 from .energy import EnergyMeter
@@ -22,6 +22,9 @@ from .prune import (LayerCheck, PruningResult, calibration_texts, check_pruned, 
                     prune_model)
 from .records import record_config, record_pruned_layers, record_training
 from .scoring import ScoringPath, choose_scoring_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def parameters(run: ConfigRun, pruning_section: dict, config_id: str = "",
@@ -246,3 +249,24 @@ def evaluate_recovered(recovery: Recovery, meter: EnergyMeter, outcome: PruningR
     """The recovered config measured and written like every pruned config."""
     return evaluate_config(recovery.run, recovery.loaded, meter, phase="pruning", adapter=recovered_adapter(adapter),
                            pruning=outcome.spec.label, sparsity=outcome)
+
+
+def layers_figure(outcome: PruningResult, config_id: str = "") -> Figure:
+    """Measured sparsity of every pruned layer against the target, in module order."""
+    from matplotlib.figure import Figure
+
+    names = [layer.name.removeprefix("model.").replace("layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+             for layer in outcome.layers]
+    fig = Figure(figsize=(9, 3.2))
+    axis = fig.subplots()
+    axis.bar(range(len(names)), [layer.measured_sparsity for layer in outcome.layers], color="#8172b3")
+    axis.axhline(outcome.target_sparsity, color="black", linestyle="--", linewidth=1,
+                 label=f"target {outcome.target_sparsity:.2f}")
+    axis.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("measured sparsity")
+    axis.legend(fontsize=8)
+    axis.set_title(f"{config_id or outcome.spec.label}: {outcome.measured_sparsity:.4f} overall"
+                   + ("" if outcome.verified_nm is None else f", N:M verified: {outcome.verified_nm}"), fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -51,6 +51,14 @@ class StudyOutcome:
     report: Path | None = None
 
 
+def display_path(path: Path) -> str:
+    """A path as a user types it: relative to the working directory when under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def resolve_device(study: Study) -> str:
     from .models import resolve_device as resolve
 
@@ -197,6 +205,41 @@ def adapter_jobs(study: Study, common: dict[str, Any], out_dir: Path, finished: 
     return jobs
 
 
+def study_out_dir(study: Study, out: str | Path | None) -> Path:
+    """Where a run writes: --out, else outputs/<study> under the working directory."""
+    return Path(out).resolve() if out else (Path.cwd() / "outputs" / study.study)
+
+
+def planned_jobs(params_path: str | Path, out: str | Path | None = None) -> tuple[list[Job], str]:
+    """Every job a run of this study into ``out`` would execute, in run order, with the parameters
+    the runner gives it, and a note on jobs not known yet. Adapters are evaluated at the paths their
+    fine-tuning saves them to; top-k pruning targets come from the ranking, so their jobs are listed
+    only once ``out`` holds the evaluated configs (after a run, or a run's inference phase)."""
+    params_path = Path(params_path).resolve()
+    study, device, attribution = _validate(params_path, None, "none")
+    out_dir = study_out_dir(study, out)
+    jobs, _ = expand(study, out_dir, params_path.parent, device, attribution)
+    common = base_parameters(study, out_dir, params_path.parent, device, attribution)
+    first = [j for j in jobs if j.phase in ("data", "finetune", "inference")]
+    adapters = [inference_job(common, j.parameters["model"], j.parameters["precision"], j.config_id or "",
+                              adapter=str(StudyLayout(out_dir).adapter(j.config_id or "")), adapter_name="lora")
+                for j in first if j.phase == "finetune"]
+    pruning = [j for j in jobs if j.phase == "pruning"]
+    note = ""
+    if "pruning" in study.phases and study.pruning is not None and not study.pruning.targets:
+        try:
+            targets = top_k_targets(study, out_dir)
+        except (ValueError, KeyError, OSError):
+            targets = []
+        models = {m.name: m for m in study.models}
+        pruning = [job for target in targets
+                   for job in pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target, out_dir)]
+        if not targets:
+            note = (f"pruning jobs (the top {study.pruning.top_k} configs of the ranking) are known once {out_dir} "
+                    "holds the evaluated configs: run the study (or its inference phase) there first")
+    return first + adapters + pruning + [j for j in jobs if j.phase == "ranking"], note
+
+
 def top_k_targets(study: Study, out_dir: Path) -> list[PruningTarget]:
     """The best evaluated configs of the ranking at the study's w (fine-tuned ones included, pruned
     ones not), ranked from the tables as they are (ranking.csv is the ranking phase's to write)."""
@@ -317,7 +360,7 @@ class _Run:
             self.bar.update()
 
     def _execute(self, job: Job) -> dict[str, Any]:
-        self.bar.set_postfix_str(job.key)
+        self.bar.set_postfix_str(f"{job.key} (log: {display_path(self.layout.log(job.key))})")
         return execute_job(job, self.layout.root)
 
     def settle(self, job: Job, result: dict[str, Any]) -> None:
@@ -352,7 +395,7 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
 
     params_path = Path(params_path).resolve()
     study, device, attribution = _validate(params_path, phases, cluster)  # raises before anything is written
-    out_dir = Path(out).resolve() if out else (Path.cwd() / "outputs" / study.study)
+    out_dir = study_out_dir(study, out)
     prepare_out_dir(study, out_dir, resume, force)
     layout = StudyLayout(out_dir)
     layout.state.mkdir(parents=True, exist_ok=True)

@@ -414,7 +414,9 @@ def test_windows_hold_only_the_model_work(tiny_model, monkeypatch):
 
     real_bootstrap = scoring.bootstrap_interval
     monkeypatch.setattr(scoring, "bootstrap_interval", lambda *a, **k: (log.append("bootstrap"), real_bootstrap(*a, **k))[1])
-    handle = tiny_model.model.register_forward_pre_hook(lambda *a: log.append("forward"))
+    # the packed path runs the decoder (its vocabulary projection only where needed); the shared cache the whole model
+    handles = [module.register_forward_pre_hook(lambda *a: log.append("forward"))
+               for module in (tiny_model.model, tiny_model.model.get_decoder())]
     try:
         loaded = dc_replace(tiny_model, tokenizer=Tokenizer(tiny_model.tokenizer))
         for task in ("qa", "rca"):
@@ -426,7 +428,8 @@ def test_windows_hold_only_the_model_work(tiny_model, monkeypatch):
             assert "tokenize" in log[: log.index("window:open")] and "bootstrap" in log[log.index("window:close"):]
             assert result.n_items == 4
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 PROBE_SCRIPT = """

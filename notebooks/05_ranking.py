@@ -1,0 +1,127 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Energy-aware deployment study — report
+#
+# This report is the executed ranking notebook. It reads only the study's saved tables and ranks every
+# configuration, as Tran, Jaumard and Delgado (*Energy-Aware LLMs*, 2025) propose, by
+# **R = w·φ + (1−w)·ρ**: φ is energy efficiency and ρ mean task performance, both in [0, 1], and w the
+# weight a deployment gives to energy. R is shown over a sweep of w, with the Pareto front of energy
+# against quality, the stability of ranks under resampling, and the paper's figures.
+
+# %% tags=["parameters"]
+study_dir: str = ""  # output folder with tables/; empty means outputs/notebook-defaults of the project
+ranking: dict = {}  # the study's `ranking` section (w, w_grid, phi, metrics, missing, bootstrap)
+
+# %%
+from llm_energy import layout
+
+layout.refuse_study_parameters(globals(), "notebooks/05_ranking.ipynb")  # a whole study's file stops here: see `llm-energy params`
+
+# %%
+from IPython.display import Markdown, display
+from llm_energy import config, layout, plots, ranking as rk
+
+study_dir = layout.resolve_study_dir(study_dir)
+settings = config.validate_section(config.RankingSettings, ranking, "ranking")
+tables = rk.load_tables(study_dir)
+outcome = rk.rank_study(study_dir, settings)
+origin, skipped, failures = rk.config_notes(study_dir)
+
+# %% tags=["nbval-ignore-output"]
+display(Markdown(rk.summary_markdown(outcome, origin, skipped, failures,
+                                         finetune_lines=rk.finetune_effect(tables["scores"], tables["energy"]))))
+
+# %% [markdown]
+# ## Ranking across w
+# R for every configuration over the sweep of w, and the Pareto front of energy against quality at the chosen w (Figure 7).
+
+# %% tags=["nbval-ignore-output"]
+fig7 = plots.fig7_ranking(outcome.result.table, w=settings.w, energy_method=rk.figure_energy_method(outcome.methods))
+plots.save_figure(fig7, study_dir / "figures", "fig7_ranking")
+plots.as_image(fig7)
+
+# %% tags=["nbval-ignore-output"]
+at_w = outcome.result.table[outcome.result.table["w"].round(6) == round(settings.w, 6)]
+at_w[["rank", "config_id", "R", "phi", "rho", "energy_kwh_per_item", "pareto"]].set_index("rank")
+
+# %% [markdown]
+# Rank stability: share of bootstrap resamples (items and energy repeats) in which each configuration takes each rank.
+
+# %% tags=["nbval-ignore-output"]
+outcome.stability if outcome.stability is not None else "no per-item scores to resample"
+
+# %% [markdown]
+# ## Figure 1 — token lengths of the datasets
+
+# %% tags=["nbval-ignore-output"]
+fig1 = plots.fig1_token_lengths(tables["token_lengths"])
+plots.save_figure(fig1, study_dir / "figures", "fig1_token_lengths")
+plots.as_image(fig1)
+
+# %% [markdown]
+# ## Figure 3 — fine-tuning energy against training loss
+
+# %% tags=["nbval-ignore-output"]
+if rk.empty(tables["training"]):
+    display(Markdown("_The fine-tuning phase was not part of this study._"))
+else:
+    fig3 = plots.fig3_finetune_energy_loss(tables["training"], rk.figure_energy_method(outcome.methods) or "")
+    plots.save_figure(fig3, study_dir / "figures", "fig3_finetune_energy_loss")
+    display(plots.as_image(fig3))
+
+# %% [markdown]
+# ## Figure 4 — inference energy and carbon per precision
+
+# %% tags=["nbval-ignore-output"]
+fig4 = plots.fig4_inference_energy_carbon(tables["energy"])
+plots.save_figure(fig4, study_dir / "figures", "fig4_inference_energy_carbon")
+plots.as_image(fig4)
+
+# %% [markdown]
+# ## Figure 5 — impact of the quantization level on each task metric
+
+# %% tags=["nbval-ignore-output"]
+fig5 = plots.fig5_quantization_impact(tables["scores"], tables["energy"])
+plots.save_figure(fig5, study_dir / "figures", "fig5_quantization_impact")
+display(plots.as_image(fig5))
+display(Markdown(rk.quality_changes(outcome, "quantization")))
+
+# %% [markdown]
+# ## Figure 6 — pruning
+
+# %% tags=["nbval-ignore-output"]
+if not (tables["energy"]["phase"] == "pruning").any():
+    display(Markdown("_The pruning phase was not part of this study._"))
+else:
+    fig6 = plots.fig6_pruning(tables["scores"], tables["energy"])
+    plots.save_figure(fig6, study_dir / "figures", "fig6_pruning")
+    display(plots.as_image(fig6))
+    display(Markdown(rk.pruning_kernels_markdown(study_dir)))
+    display(Markdown(rk.recovery_markdown(study_dir)))
+    display(Markdown(rk.quality_changes(outcome, "pruning")))
+
+# %% [markdown]
+# ## Tables
+# Energy per measured window (gross, net of the idle baseline, spread over repeats, method) and task scores with 95% bootstrap intervals.
+
+# %% tags=["nbval-ignore-output"]
+energy_view = tables["energy"][["config_id", "phase", "task", "n_items", "n_tokens", "duration_s", "energy_kwh",
+                                "energy_net_kwh", "energy_kwh_std", "repeats", "emissions_kg", "energy_method"]]
+energy_view
+
+# %% tags=["nbval-ignore-output"]
+tables["scores"].pivot_table(index="config_id", columns=["task", "metric"], values="value").round(3)
