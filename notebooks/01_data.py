@@ -23,7 +23,7 @@
 # under the model's tokenizer, is what makes energy figures comparable across tasks and models.
 #
 # Steps: read and validate every split of every task (counts per split, label balance), count tokens
-# per item, draw Figure 1. Defaults use the built-in sample data and the tiny random model's
+# per item, draw Figure 1. Defaults use the built-in synthetic sample data and the tiny random model's
 # tokenizer; edit the parameters cell (e.g. `tasks = {"qa": {"data": "/path/questions.jsonl"}}`) for yours.
 
 # %% tags=["parameters"]
@@ -51,6 +51,25 @@ task_settings = config.validate_section(config.TasksSettings, tasks, "tasks")
 # %%
 task_sets = {name: data.load_all_splits(name, settings, base) for name, settings in task_settings.enabled().items()}
 data.summarise(task_sets)
+
+# %% [markdown]
+# Where each item's split came from: the file's own `split` field, or (for a file without one, such as
+# TeleQnA) a seeded assignment stratified by label or category, so that training and Wanda
+# calibration never read a scored item. Every item is listed in `tables/splits.csv`, with whether the
+# scored sample holds it. Records left out under `invalid_records: skip` (an empty question, a repeated
+# choice, an answer out of range) are listed with file, line and reason in `tables/skipped_records.csv`.
+
+# %%
+skipped = []
+for name, settings in task_settings.enabled().items():  # each task's rows replace that task's old ones
+    results.upsert_rows(study_dir, "splits", data.split_rows(name, settings, base), replace_where={"task": name})
+    skipped += data.skipped_rows(name, settings, base)
+    results.upsert_rows(study_dir, "skipped_records", data.skipped_rows(name, settings, base), replace_where={"task": name})
+splits = results.read_table(study_dir, "splits")
+print({name: data.describe_source(data.source_name(name, settings, base))
+       for name, settings in task_settings.enabled().items()})
+print(f"{len(skipped)} record(s) skipped as invalid")
+splits.groupby(["task", "split", "assigned_by"])["scored"].agg(["count", "sum"])
 
 # %% [markdown]
 # Token lengths of each item (the ticket, or the question with its choices) under the model's tokenizer.
