@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("codecarbon", "papermill", "httpx", "urllib3", "distributed", "dask_jobqueue"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes suggests a CPU kernel package fetched from the model hub at run time: not usable offline
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     return args.func(args)
 
