@@ -363,6 +363,13 @@ def load_model(
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}
+    if precision == "int8":
+        # bitsandbytes warns on every LLM.int8 matmul that its inputs are cast to fp16: said once here
+        import logging
+        import warnings
+
+        logging.getLogger(__name__).info("int8: bitsandbytes casts each layer's inputs to float16 for LLM.int8")
+        warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
     model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     if quant is None:
         model = model.to(device)

@@ -18,6 +18,14 @@ differed from the old snapshot in ranking.rho alone. Rewriting the snapshot also
 added since it was taken (e.g. configs.scoring_path) and the pruned rows of the target the smoke study
 now names (tiny-random-llama__fp32__lora; the old snapshot held those of the then top-ranked fp4).
 
+Intended change of results, snapshot regenerated again (issue 13): the scored items changed. (1) The
+synthetic RCA data was regenerated so that no test ticket's reference resolution appears word for word
+in training or validation (35 test tickets redrawn): token_lengths and every score on them differ.
+(2) The max_items sample is now stratified by root cause / category (it was a plain seeded sample), so
+item_scores holds other items and scores, intervals, n_tokens and ρ follow. (3) Several packed rows
+now run in one forward (equal to one item at a time within 1e-4, tests/unit/test_scoring.py).
+scores.csv gained `data` and `style`, configs.csv `data`, energy.csv `windows` and `window_unit`.
+
 Floating-point results (scores, losses) are compared only on a machine like the one that wrote the
 snapshot (same torch, same vector ISA): another CPU rounds bf16 and fp16 matmuls differently. Elsewhere
 the test still compares every key, text column and integer count.
