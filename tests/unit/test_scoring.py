@@ -321,3 +321,26 @@ def test_several_packed_rows_in_one_forward_match_one_item_at_a_time(tiny_model,
     for (context, continuations), got in zip(requests, together):
         alone = score_continuations_unshared(model, tok, context, continuations).loglik
         assert got.loglik == pytest.approx(alone, abs=1e-4)
+
+
+def test_both_qa_styles_on_the_tiny_model(tiny_model):
+    """cloze scores each choice's text; options shows the lettered choices and scores the letters."""
+    from llm_energy.scoring import prepare_task, score_prepared, task_result
+
+    items = (QAItem("q1", "Which function anchors the user plane?", ("AMF", "UPF", "Both of the above"), 1),
+             QAItem("q2", "Bits per 16-QAM symbol?", ("2", "4", "6", "8"), 1))
+    data = TaskData(task="qa", source="synthetic", split="test", items=items)
+    tok = tiny_model.tokenizer
+    cloze = prepare_task("qa", tok, data, style="cloze")
+    options = prepare_task("qa", tok, data, style="options")
+    # the options prompt holds every choice with its letter; its continuations are the letters
+    context = tok.decode(options.encoded[0].context)
+    assert "A. AMF\nB. UPF\nC. Both of the above\nAnswer:" in context
+    assert [tok.decode(c) for c in options.encoded[1].continuations] == [" A", " B", " C", " D"]
+    assert [tok.decode(c) for c in cloze.encoded[0].continuations] == [" AMF", " UPF", " Both of the above"]
+    a = task_result(cloze, score_prepared(tiny_model.model, tok, cloze))
+    b = task_result(options, score_prepared(tiny_model.model, tok, options))
+    assert set(a.metrics) == {"acc", "acc_norm"} and set(b.metrics) == {"acc"}
+    assert a.n_items == b.n_items == 2
+    with pytest.raises(ValueError, match=r"needs a prompt with a \{choices\} field"):
+        prepare_task("qa", tok, data, prompt="Q: {question}\nA:", style="options")
