@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Problem, Study, TaskSettings
-from .data import Records, load_task_data, read_records, split_entries, task_file
+from .data import Records, load_all_splits, load_task_data, read_records, split_entries, task_file
 from .items import DataError
 
 log = logging.getLogger(__name__)
@@ -96,16 +96,23 @@ def _context_length(model: Any) -> int | None:
     return None
 
 
-def _length_problems(study: Study, base_dir: Path, scored: dict[str, Any]) -> list[Problem]:
-    """Scored prompts (with their longest continuation, or their generated tokens) that do not fit a
-    model's context."""
+def request_length(request: Any) -> int:
+    """Tokens a scored request needs at once: its context and its longest continuation."""
+    return len(request.context) + max(len(c) for c in request.continuations)
+
+
+# Tokenising a context and a continuation apart may differ from tokenising them together by a token
+# or two at the seam: items this close to the limit are measured exactly (as scoring encodes them).
+_SEAM_MARGIN = 8
+
+
+def _model_limits(study: Study, base_dir: Path) -> tuple[list[tuple[str, Any, int]], list[Problem]]:
+    """(model name, tokenizer, context length) of every model whose limits can be read offline."""
     from transformers import AutoConfig
 
-    from .generation import build_prompt
     from .models import load_tokenizer, resolve_weights
-    from .scoring import prepare_task
 
-    problems = []
+    limits, problems = [], []
     for spec in study.models:
         if spec.source == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
             log.info("validate: %s is a hub model and the hub is offline; its context length is not checked", spec.name)
@@ -117,33 +124,83 @@ def _length_problems(study: Study, base_dir: Path, scored: dict[str, Any]) -> li
         except Exception as exc:  # a model that cannot load is the run's error, with its own message
             problems.append(Problem(str(spec.path or spec.name), None, f"models ({spec.name})", f"cannot be read: {exc}"))
             continue
-        if context is None:
+        if context is not None:
+            limits.append((spec.name, tokenizer, context))
+    return limits, problems
+
+
+def over_context(task: str, settings: TaskSettings, data: Any, limits: list[tuple[str, Any, int]]) -> dict[str, str]:
+    """{item id: why} for the items whose scored prompt with its longest continuation (or, for RCA
+    resolutions, its generation prompt plus the new tokens) does not fit a model's context. Batched:
+    fast enough for every record of a 10,000-question file."""
+    from .generation import build_prompt, uses_chat
+    from .scoring import encode_requests, request_texts, special_prefix
+
+    found: dict[str, str] = {}
+    if not data.items:
+        return found
+    requests = request_texts(task, data, settings.prompt, settings.style)
+    for name, tokenizer, context in limits:
+        prefix = len(special_prefix(tokenizer))
+        ctx_lengths = [len(ids) for ids in tokenizer([c for c, _ in requests], add_special_tokens=False)["input_ids"]]
+        conts = sorted({c for _, cs in requests for c in cs})
+        cont_length = dict(zip(conts, (len(ids) for ids in tokenizer(conts, add_special_tokens=False)["input_ids"])))
+        for item, request, n_ctx in zip(data.items, requests, ctx_lengths):
+            n = prefix + n_ctx + max(cont_length[c] for c in request[1])
+            if n > context - _SEAM_MARGIN:
+                n = request_length(encode_requests(tokenizer, [request])[0])
+            if n > context and item.id not in found:
+                found[item.id] = f"its prompt and longest choice are {n} tokens, over {name}'s context of {context}"
+        generation = settings.generation if task == "rca" else None
+        if generation is not None:
+            chat = uses_chat(generation, tokenizer)
+            prompts = [build_prompt(item, generation, tokenizer) for item in data.items]
+            for item, ids in zip(data.items, tokenizer(prompts, add_special_tokens=not chat)["input_ids"]):
+                n = len(ids) + generation.new_tokens
+                if n > context and item.id not in found:
+                    found[item.id] = (f"its resolution prompt plus {generation.new_tokens} new tokens is {n} tokens, "
+                                      f"over {name}'s context of {context}")
+    return found
+
+
+def with_context_exclusions(study: Study, base_dir: Path) -> tuple[Study, dict[str, int]]:
+    """The study with, for every task under ``invalid_records: skip``, the records too long for one of
+    its models' context added to ``exclude_records`` (so every job leaves out the same records before
+    sampling), and how many per task. A task whose data cannot be read is left as it is (validation
+    reports it)."""
+    tasks = {name: s for name, s in study.tasks.enabled().items() if s.invalid_records == "skip"}
+    if not tasks:
+        return study, {}
+    limits, _ = _model_limits(study, base_dir)
+    updates: dict[str, TaskSettings] = {}
+    counts: dict[str, int] = {}
+    for name, settings in tasks.items():
+        try:
+            everything = load_all_splits(name, settings, base_dir)
+        except (DataError, OSError):
             continue
-        for task, data in scored.items():
-            settings = study.tasks.enabled()[task]
-            prepared = prepare_task(task, tokenizer, data, settings.prompt, settings.style)
-            for item, request in zip(data.items, prepared.encoded):
-                n = request_length(request)
-                if n > context:
-                    problems.append(Problem(str(task_file(task, settings, base_dir)), None, _where(task, f"item {item.id}"),
-                                            f"its prompt and longest choice are {n} tokens, over {spec.name}'s context "
-                                            f"of {context}"))
-            generation = settings.generation if task == "rca" else None
-            if generation is not None:
-                items = list(data.items)[: generation.max_items] if generation.max_items else list(data.items)
-                for item in items:
-                    n = len(tokenizer(build_prompt(item, generation, tokenizer))["input_ids"]) + generation.new_tokens
-                    if n > context:
-                        problems.append(Problem(str(task_file(task, settings, base_dir)), None,
-                                                _where(task, f"item {item.id}"),
-                                                f"its resolution prompt plus {generation.new_tokens} new tokens is {n} "
-                                                f"tokens, over {spec.name}'s context of {context}"))
+        found: dict[str, str] = {}
+        for split in everything.values():
+            found.update(over_context(name, settings, split, limits))
+        if found:
+            updates[name] = settings.model_copy(update={"exclude_records": {**settings.exclude_records, **found}})
+            counts[name] = len(found)
+    if not updates:
+        return study, counts
+    return study.model_copy(update={"tasks": study.tasks.model_copy(update=updates)}), counts
+
+
+def _length_problems(study: Study, base_dir: Path, scored: dict[str, Any]) -> list[Problem]:
+    """Under ``invalid_records: error``: every scored item too long for a model's context."""
+    limits, problems = _model_limits(study, base_dir)
+    for task, data in scored.items():
+        settings = study.tasks.enabled()[task]
+        if settings.invalid_records == "skip":
+            continue  # the runner leaves those out (with_context_exclusions)
+        for item_id, why in over_context(task, settings, data, limits).items():
+            problems.append(Problem(str(task_file(task, settings, base_dir)), None, _where(task, f"item {item_id}"),
+                                    f"{why} (set tasks.{task}.invalid_records: skip to leave such records out)"))
     return problems
-
-
-def request_length(request: Any) -> int:
-    """Tokens a scored request needs at once: its context and its longest continuation."""
-    return len(request.context) + max(len(c) for c in request.continuations)
 
 
 def data_problems(study: Study, base_dir: Path, check_lengths: bool = True) -> list[Problem]:

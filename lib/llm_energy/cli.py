@@ -12,10 +12,11 @@ from .config import StudyValidationError, load_study
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .checks import data_problems
+    from .checks import data_problems, with_context_exclusions
 
     try:
         study = load_study(args.params)
+        study, too_long = with_context_exclusions(study, args.params.parent.resolve())
         problems = data_problems(study, args.params.parent.resolve())
         if problems:
             raise StudyValidationError(problems)
@@ -24,6 +25,9 @@ def _validate(args: argparse.Namespace) -> int:
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    for task, n in too_long.items():
+        print(f"{args.params}: tasks.{task}: {n} record(s) too long for a model's context will be left out "
+              "(invalid_records: skip; listed in tables/skipped_records.csv)")
     n_configs = len(study.models) * len(study.precisions)
     print(f"{args.params}: valid — study '{study.study}', {n_configs} inference config(s), phases {', '.join(study.phases)}")
     return 0

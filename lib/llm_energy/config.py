@@ -162,6 +162,10 @@ class TaskSettings(_Strict):
     # a malformed record (empty question, repeated choice, answer out of range, ...): stop with its file,
     # line and field (error), or leave it out before sampling and list it in tables/skipped_records.csv
     invalid_records: Literal["error", "skip"] = "error"
+    # record id -> why: left out before sampling and listed in skipped_records.csv. Under
+    # invalid_records: skip the runner fills it with the records whose prompt does not fit a model's
+    # context (so every job of the study scores the same items); a study file may list ids too.
+    exclude_records: dict[str, str] = {}
     # a file without a `split` field gets a seeded assignment stratified by label/category, with these
     # fractions (train, validation; the rest is test), written to tables/splits.csv
     split_fractions: tuple[float, float] = (0.6, 0.1)

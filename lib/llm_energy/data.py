@@ -222,6 +222,8 @@ def _read_records_cached(task: str, path_text: str, _mtime: int, settings_json: 
         for key, entry in iter_teleqna(path, password):
             if isinstance(entry, DataError):
                 _skip_or_raise(entry, task, key, settings, skipped)
+            elif entry.id in settings.exclude_records:
+                skipped.append(SkippedRecord(task, f"{path} [{key}]", None, key, "prompt", settings.exclude_records[entry.id]))
             else:
                 entries.append((entry, None))
     else:
@@ -250,6 +252,9 @@ def _read_records_cached(task: str, path_text: str, _mtime: int, settings_json: 
                 _skip_or_raise(exc, task, record_id, settings, skipped)
                 continue
             seen[item.id] = line
+            if item.id in settings.exclude_records:
+                skipped.append(SkippedRecord(task, str(path), line, item.id, "prompt", settings.exclude_records[item.id]))
+                continue
             entries.append((item, split))
     if not entries:
         raise DataError(path, "holds no valid records" if skipped else "holds no records")

@@ -546,6 +546,15 @@ def prepare_task(task: str, tokenizer: Any, data: TaskData, prompt: str | None =
     QA ``style``: ``cloze`` scores each choice's text as a continuation of the question; ``options``
     shows the lettered choices (``A. ...``) in the prompt and scores each letter (`` A``, `` B``, ...),
     so that a choice such as "Both option 1 and 2" can be read against the others."""
+    requests = request_texts(task, data, prompt, style)
+    if task == "qa":
+        return PreparedTask("qa", data, tuple(encode_requests(tokenizer, requests)), style=style)
+    return PreparedTask("rca", data, tuple(encode_requests(tokenizer, requests)), tuple(data.labels))
+
+
+def request_texts(task: str, data: TaskData, prompt: str | None = None,
+                  style: str = "cloze") -> list[tuple[str, list[str]]]:
+    """Each item's (context, continuations) as text: what :func:`prepare_task` tokenises."""
     if task == "qa":
         if style not in QA_STYLES:
             raise ValueError(f"qa style must be one of {list(QA_STYLES)}; got {style!r}")
@@ -560,17 +569,16 @@ def prepare_task(task: str, tokenizer: Any, data: TaskData, prompt: str | None =
                 requests.append((context, [" " + choice_letter(i) for i in range(len(item.choices))]))
             else:
                 requests.append((context, [" " + c for c in item.choices]))
-        return PreparedTask("qa", data, tuple(encode_requests(tokenizer, requests)), style=style)
+        return requests
     if task == "rca":
         prompt = prompt or DEFAULT_RCA_PROMPT
-        labels = tuple(data.labels)
-        continuations = [" " + label_text(label) for label in labels]
-        label_list = ", ".join(label_text(label) for label in labels)
+        continuations = [" " + label_text(label) for label in data.labels]
+        label_list = ", ".join(label_text(label) for label in data.labels)
         requests = []
         for item in data.items:
             assert isinstance(item, RCAItem)
-            requests.append((prompt.format(ticket=item.ticket, labels=label_list), continuations))
-        return PreparedTask("rca", data, tuple(encode_requests(tokenizer, requests)), labels)
+            requests.append((prompt.format(ticket=item.ticket, labels=label_list), list(continuations)))
+        return requests
     raise ValueError(f"unknown task {task!r}")
 
 

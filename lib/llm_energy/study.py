@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from . import rank, results, throughput
-from .checks import data_problems
+from .checks import data_problems, with_context_exclusions
 from .config import PruningTarget, Study, StudyValidationError, load_study, resolved_dict, section_dict, study_hash
 from .jobs import Job, execute_job, run_job
 from .layout import StudyLayout, config_id_for, project_root
@@ -434,6 +434,8 @@ def _validate(params_path: Path, phases: list[str] | None, cluster: str) -> tupl
     from .models import PrecisionUnsupported
 
     study = load_study(params_path)
+    # records too long for a model's context, under invalid_records: skip, are left out by every job
+    study, _ = with_context_exclusions(study, params_path.parent.resolve())
     problems = data_problems(study, params_path.parent.resolve())
     if problems:
         raise StudyValidationError(problems)

@@ -86,3 +86,23 @@ def test_validate_command_reads_the_data(tmp_path, root):
                           capture_output=True, text=True, cwd=root)
     assert proc.returncode == 2
     assert f"{path}:4: tasks.rca (ticket): is empty" in proc.stderr
+
+
+def test_records_too_long_are_left_out_before_sampling_under_skip(tmp_path):
+    from llm_energy.checks import with_context_exclusions
+    from llm_energy.data import load_all_splits, skipped_rows
+
+    path = write_jsonl(tmp_path / "rca.jsonl", tickets(12, long_ticket="fibre alarm " * 1500))
+    s = study(tmp_path, {"data": str(path), "invalid_records": "skip", "split_fractions": [0, 0]})
+    excluded, counts = with_context_exclusions(s, tmp_path)
+    assert counts == {"rca": 1}
+    assert list(excluded.tasks.rca.exclude_records) == ["t0"]
+    assert "over tiny-random-llama's context of 2048" in excluded.tasks.rca.exclude_records["t0"]
+    assert data_problems(excluded, tmp_path) == []
+    settings = excluded.tasks.rca
+    assert "t0" not in {i.id for data in load_all_splits("rca", settings).values() for i in data.items}
+    rows = skipped_rows("rca", settings)
+    assert [(r["line"], r["record"], r["field"]) for r in rows] == [(1, "t0", "prompt")]
+    # under error the same study is refused, naming the item
+    problems = data_problems(study(tmp_path, {"data": str(path), "split_fractions": [0, 0]}), tmp_path)
+    assert [p.key for p in problems] == ["tasks.rca (item t0)"]
