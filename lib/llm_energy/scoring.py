@@ -432,7 +432,8 @@ def _score_with_shared_cache(model: Any, tokenizer: Any, ctx: list[int], conts: 
 
     device = next(model.parameters()).device
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True)
+        # only the last context position's logits are needed (a 262k vocabulary makes the rest costly)
+        out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
         totals = [float(first[cont[0]]) for cont in conts]
         longer = [i for i, cont in enumerate(conts) if len(cont) > 1]
