@@ -1,5 +1,5 @@
 """`llm-energy jobs` lists a study's jobs; `llm-energy params` writes one job's papermill parameters,
-the same the runner passes (tests/e2e/test_job_params.py runs them through papermill)."""
+the same the runner passes (tests/e2e/test_job_params_papermill.py runs them through papermill)."""
 
 import yaml
 from llm_energy import cli
