@@ -121,8 +121,8 @@ def _model_limits(study: Study, base_dir: Path) -> tuple[list[tuple[str, Any, in
             weights, _ = resolve_weights(spec, base_dir)
             context = _context_length(AutoConfig.from_pretrained(weights))
             tokenizer, _ = load_tokenizer(spec, base_dir)
-        except Exception as exc:  # a model that cannot load is the run's error, with its own message
-            problems.append(Problem(str(spec.path or spec.name), None, f"models ({spec.name})", f"cannot be read: {exc}"))
+        except Exception as exc:  # noqa: BLE001  a model that cannot load fails its own jobs, with its own message
+            log.warning("validate: the context length of %s is not checked: %s", spec.name, exc)
             continue
         if context is not None:
             limits.append((spec.name, tokenizer, context))
