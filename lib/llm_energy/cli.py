@@ -11,6 +11,13 @@ from typing import Any
 from .config import StudyValidationError, load_study
 
 
+def _print_problems(params: Path, err: StudyValidationError, suffix: str = "") -> None:
+    """Every problem of a parameters file on standard error, one a line (file:line: key: why)."""
+    print(f"{params}: {len(err.problems)} problem(s){suffix}", file=sys.stderr)
+    for problem in err.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
 def _validate(args: argparse.Namespace) -> int:
     from .checks import data_problems, with_context_exclusions
 
@@ -21,9 +28,7 @@ def _validate(args: argparse.Namespace) -> int:
         if problems:
             raise StudyValidationError(problems)
     except StudyValidationError as err:
-        print(f"{args.params}: {len(err.problems)} problem(s)", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _print_problems(args.params, err)
         return 2
     for task, n in too_long.items():
         print(f"{args.params}: tasks.{task}: {n} record(s) too long for a model's context will be left out "
@@ -40,9 +45,7 @@ def _run(args: argparse.Namespace) -> int:
         outcome = run_study(args.params, out=args.out, resume=not args.no_resume, force=args.force,
                             phases=args.phases, cluster=args.cluster)
     except StudyValidationError as err:
-        print(f"{args.params}: {len(err.problems)} problem(s); nothing was run", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _print_problems(args.params, err, "; nothing was run")
         return 2
     except StudyRunError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -78,9 +81,7 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         plan = plan_study(args.params)
     except StudyValidationError as err:
-        print(f"{args.params}: {len(err.problems)} problem(s)", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _print_problems(args.params, err)
         return 2
     except StudyRunError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -96,9 +97,7 @@ def _planned(args: argparse.Namespace) -> tuple[list[Any], str] | None:
     try:
         return planned_jobs(args.params, out=args.out)
     except StudyValidationError as err:
-        print(f"{args.params}: {len(err.problems)} problem(s)", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _print_problems(args.params, err)
     except StudyRunError as err:
         print(f"error: {err}", file=sys.stderr)
     return None
