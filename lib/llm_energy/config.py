@@ -18,10 +18,11 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Precision = Literal["fp32", "bf16", "fp16", "int8", "nf4", "fp4"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4")
-PRECISION_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "nf4": 4, "fp4": 4}
-DENSE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")  # torch dtypes; the others are bitsandbytes formats
+Precision = Literal["fp32", "bf16", "fp16", "int8", "w8a8", "nf4", "fp4"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "w8a8", "nf4", "fp4")
+PRECISION_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "w8a8": 8, "nf4": 4, "fp4": 4}
+# torch dtypes; int8, nf4 and fp4 are bitsandbytes formats, w8a8 is this package's int8 (quant8.py)
+DENSE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 Phase = Literal["data", "inference", "ranking"]
 PHASES: tuple[str, ...] = ("data", "finetune", "inference", "pruning", "ranking")
 IMPLEMENTED_PHASES: tuple[str, ...] = PHASES
@@ -442,6 +443,9 @@ class FinetuneParams(FinetuneSpec):
     def _no_fp4(cls, values: list[str]) -> list[str]:
         if "fp4" in values:
             raise ValueError("fp4 is not a fine-tuning precision (QLoRA trains on nf4); use fp32, bf16, fp16, int8 or nf4")
+        if "w8a8" in values:
+            raise ValueError("w8a8 is an inference precision (its int8 layers have no gradient); "
+                             "fine-tune with fp32, bf16, fp16, int8 or nf4")
         if len(set(values)) != len(values):
             raise ValueError("precisions must not repeat")
         return values
@@ -704,7 +708,7 @@ class Study(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto resolves after validation, recorded
     phases: list[str] = ["data", "inference", "ranking"]  # any of data, finetune, inference, pruning, ranking
     models: list[ModelSettings] = Field(min_length=1)
-    precisions: list[Precision] = Field(min_length=1)  # fp32 | bf16 | fp16 | int8 | nf4 | fp4
+    precisions: list[Precision] = Field(min_length=1)  # fp32 | bf16 | fp16 | int8 | w8a8 | nf4 | fp4
     tasks: TasksSettings = TasksSettings()
     energy: EnergySettings = EnergySettings()
     ranking: RankingSettings = RankingSettings()

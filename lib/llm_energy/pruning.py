@@ -80,7 +80,7 @@ def prune(run: ConfigRun, spec: PruningSpec, texts: list[str], adapter_dir: str 
     outcome = prune_model(dense.model, spec, calibration=texts, tokenizer=dense.tokenizer)
     if dense_precision == run.precision:
         return PrunedModel(replace(dense, weights_origin=f"{origin}; pruned ({spec.label})"), outcome, [])
-    # bitsandbytes quantizes at load time, so the pruned weights go through a folder first.
+    # bitsandbytes (and w8a8) quantize at load time, so the pruned weights go through a folder first.
     folder = StudyLayout(run.study_dir).pruned_weights(run.config_id)
     folder.mkdir(parents=True, exist_ok=True)
     dense.model.save_pretrained(folder, safe_serialization=True)
@@ -140,6 +140,8 @@ def sparse_execution(run: Any, loaded: LoadedModel, outcome: PruningResult, mode
     if run.precision not in ("fp16", "bf16"):
         if run.precision in ("int8", "nf4", "fp4"):
             why = "bitsandbytes kernels are dense"
+        elif run.precision == "w8a8":
+            why = "its int8 matmul (torch._int_mm) is dense"
         else:
             why = "2:4 sparse kernels run fp16/bf16 only"
         return SparseExecution("dense", f"{run.precision}: {why}", [], [])

@@ -309,9 +309,13 @@ def _mark_packed(model: Any, ok: bool, why: str) -> None:
 
 def _verify_tolerance(model: Any) -> float:
     """Relative tolerance of packed against shared-cache scores: the layout changes only rounding,
-    while a mask or positions the model ignored would change scores by far more."""
+    while a mask or positions the model ignored would change scores by far more. Half precision and
+    W8A8 (whose per-token int8 rounding turns a last-bit difference of an input into a whole code
+    step) get the wider one."""
     import torch
 
+    if any(hasattr(m, "weight_int8") for m in model.modules()):
+        return 5e-2
     return 1e-3 if _compute_dtype(model) in (torch.float32, torch.float64) else 5e-2
 
 

@@ -10,7 +10,8 @@ precision, the forward of one linear layer of a small model's MLP (a batch of to
 - fp32, bf16, fp16: ``torch.nn.functional.linear`` in that dtype;
 - int8, nf4, fp4: the forward of bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` (the layers a
   quantized model runs), when bitsandbytes imports; else the precision is left unmeasured with the
-  reason.
+  reason;
+- w8a8: the forward of this package's ``W8A8Linear`` (per-token activation quantization included).
 
 Each probe runs for about ``min_time_s`` after one untimed warm-up call and reports GFLOP/s
 (2·M·K·N floating-point operations per call). The numbers rank precisions on this device and feed
@@ -129,6 +130,18 @@ def probe_precision(precision: str, device: str, shape: tuple[int, int, int] = P
             with torch.inference_mode():  # as scoring runs (bitsandbytes 4-bit takes a faster CPU path there)
                 gflops, calls, seconds = _time_calls(lambda: layer(x), device, flops, min_time_s)
         except Exception as exc:  # noqa: BLE001  (a layer that quantized but cannot run here)
+            return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"{type(exc).__name__}: {exc}")
+        return PrecisionThroughput(precision, device, gflops, calls, seconds, method)
+    if precision == "w8a8":
+        method = f"llm_energy W8A8Linear forward [{m}x{k}] -> {n}"
+        try:
+            from .quant8 import W8A8Linear
+
+            layer = W8A8Linear.from_linear(torch.nn.Linear(k, n, bias=False).to(device))
+            x = torch.randn(m, k, device=device)
+            with torch.inference_mode():
+                gflops, calls, seconds = _time_calls(lambda: layer(x), device, flops, min_time_s)
+        except Exception as exc:  # noqa: BLE001  (no int8 matmul on this device)
             return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"{type(exc).__name__}: {exc}")
         return PrecisionThroughput(precision, device, gflops, calls, seconds, method)
     return PrecisionThroughput(precision, device, None, 0, 0.0, "", f"unknown precision {precision!r}")

@@ -20,8 +20,8 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 # Bottom to top. A module may import modules of its own layer or of layers below it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation: typed config, names and places, the items a task scores", {"config", "layout", "items"}),
-    ("ground: data readers, table writers, the energy meter, the device throughput probe",
-     {"teleqna", "data", "results", "energy", "throughput"}),
+    ("ground: data readers, table writers, the energy meter, the device throughput probe, the W8A8 layer",
+     {"teleqna", "data", "results", "energy", "throughput", "quant8"}),
     ("middle: models, scoring, generation, pruning, sparse kernels, LoRA, ranking arithmetic",
      {"models", "scoring", "generation", "prune", "sparse", "lora", "rank"}),
     ("shared plumbing of the phases: table rows, the measured evaluation, figures, the HTML report, "

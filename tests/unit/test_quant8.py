@@ -1,0 +1,95 @@
+"""w8a8: int8 weights per channel, int8 activations per token, exact int32 products (CPU)."""
+
+import pytest
+import torch
+
+from llm_energy import quant8, throughput
+from llm_energy.config import ModelSettings, PruningSpec, study_from_dict
+from llm_energy.models import load_model
+from llm_energy.prune import check_pruned, is_quantized, measure_sparsity, prune_model
+
+TINY = ModelSettings(name="tiny-random-llama")
+
+
+def test_rows_are_quantized_symmetrically_with_their_own_scale():
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [254.0, 127.0, -1.0]])
+    q, scale = quant8.quantize_rows(x)
+    assert q.dtype == torch.int8
+    assert scale.flatten().tolist() == pytest.approx([2 / 127, 1.0, 2.0])
+    assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 64, 0]]  # round-half-to-even: 63.5 -> 64, 0.5 -> 0
+
+
+def test_the_layer_computes_the_scaled_integer_product_exactly():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 24)
+    layer = quant8.W8A8Linear.from_linear(linear)
+    x = torch.randn(2, 5, 64)
+    xq, xs = quant8.quantize_rows(x.reshape(-1, 64))
+    wq, ws = quant8.quantize_rows(linear.weight)
+    # by hand: integers multiplied in int64, then the two scales, then the bias
+    expected = (xq.long() @ wq.long().t()).double() * xs.double() * ws.double().t() + linear.bias.double()
+    out = layer(x)
+    assert out.shape == (2, 5, 24) and out.dtype == torch.float32
+    assert torch.allclose(out.reshape(-1, 24).double(), expected, rtol=1e-6, atol=1e-6)
+    # and it is an approximation of the float layer, not something else
+    ref = linear(x)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_each_token_is_quantized_alone():
+    """A token's output must not depend on the other tokens of the batch (per-token scales)."""
+    torch.manual_seed(1)
+    layer = quant8.W8A8Linear.from_linear(torch.nn.Linear(32, 8, bias=False))
+    small = torch.randn(1, 32)
+    huge = 1000 * torch.randn(1, 32)
+    alone = layer(small)
+    together = layer(torch.cat([small, huge]))[:1]
+    assert torch.equal(alone, together)
+
+
+def test_a_model_at_w8a8_has_int8_layers_and_scores(tmp_path):
+    fp32 = load_model(TINY, "fp32")
+    loaded = load_model(TINY, "w8a8")
+    layers = [m for m in loaded.model.modules() if isinstance(m, quant8.W8A8Linear)]
+    linears = [n for n, m in fp32.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert len(layers) == len(linears) > 0
+    assert isinstance(loaded.model.lm_head, torch.nn.Linear)  # the output projection stays fp32
+    assert loaded.memory_bytes < fp32.memory_bytes
+    assert loaded.n_parameters == fp32.n_parameters  # the int8 weights are counted as weights
+    assert "int8 activations (per token" in loaded.compute_dtype
+    ids = loaded.tokenizer("Site down after mains failure", return_tensors="pt")
+    with torch.inference_mode():
+        logits = loaded.model(**ids).logits
+        generated = loaded.model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert torch.isfinite(logits).all() and generated.shape[1] == ids["input_ids"].shape[1] + 3
+
+
+def test_a_w8a8_model_is_not_pruned_directly_but_keeps_pruned_zeros(tmp_path):
+    loaded = load_model(TINY, "w8a8")
+    assert any(is_quantized(m) for m in loaded.model.modules())
+    with pytest.raises(ValueError, match="W8A8Linear"):
+        prune_model(loaded.model, PruningSpec("magnitude", "2:4"))
+    # the pruning phase prunes fp32 weights, saves them, then loads them at w8a8: the pattern survives
+    dense = load_model(TINY, "fp32")
+    outcome = prune_model(dense.model, PruningSpec("magnitude", "2:4"))
+    dense.model.save_pretrained(tmp_path)
+    dense.tokenizer.save_pretrained(tmp_path)
+    quantized = load_model(ModelSettings(name="tiny-pruned", source="local", path=str(tmp_path)), "w8a8")
+    checks = check_pruned(quantized.model, outcome)
+    assert checks and all(c.verified_nm for c in checks)
+    assert all(layer.measured_sparsity >= 0.5 for layer in measure_sparsity(quantized.model).values())
+
+
+def test_the_probe_measures_w8a8():
+    result = throughput.probe_precision("w8a8", "cpu", shape=(32, 64, 48), min_time_s=0.03)
+    assert result.gflop_per_s and result.gflop_per_s > 0 and "W8A8Linear" in result.method
+
+
+def test_w8a8_is_an_inference_precision_only():
+    base = {"study": "s", "models": [{"name": "tiny-random-llama"}], "precisions": ["fp32", "w8a8"],
+            "tasks": {"rca": {"data": "synthetic"}}}
+    study = study_from_dict(base)
+    assert study.precisions == ["fp32", "w8a8"]
+    with pytest.raises(Exception, match="w8a8 is an inference precision"):
+        study_from_dict({**base, "phases": ["data", "finetune", "inference", "ranking"],
+                         "finetune": {"precisions": ["w8a8"]}})
