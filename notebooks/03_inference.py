@@ -20,8 +20,8 @@
 # each option costs in **energy** (kWh) and **carbon** (kg CO₂-eq) against what it gives in **task
 # quality**, as in Tran, Jaumard and Delgado, *Energy-Aware LLMs: A step towards sustainable AI for
 # downstream applications* (2025). This notebook is the paper's inference measurement for **one
-# configuration**: the model at one precision (fp32, bf16/fp16, or bitsandbytes int8 and nf4/fp4
-# quantization), optionally with a LoRA adapter from `02_finetune`. Lower precision shrinks memory
+# configuration**: the model at one precision (fp32, bf16/fp16, bitsandbytes int8 and nf4/fp4
+# quantization, or this package's CPU-native w8a8), optionally with a LoRA adapter from `02_finetune`. Lower precision shrinks memory
 # and may save energy per item; it may also cost accuracy. Both are measured here, on the same items:
 #
 # * **energy** of the forward passes only (items are tokenised before a window opens, metrics computed
@@ -40,7 +40,7 @@
 study_dir: str = ""  # output folder; empty means outputs/notebook-defaults of the project
 config_id: str = ""  # row key in the tables; empty means <model>__<precision>
 model: dict = {"name": "tiny-random-llama"}  # a `models` entry: builtin name, or source local/hub + path
-precision: str = "fp32"  # fp32 | bf16 | fp16 | int8 | nf4 | fp4
+precision: str = "fp32"  # fp32 | bf16 | fp16 | int8 | w8a8 | nf4 | fp4
 device: str = "cpu"  # cpu | cuda (the runner resolves auto)
 tasks: dict = {"rca": {"max_items": 6, "generation": {"new_tokens": 8, "max_items": 2}}, "qa": {"max_items": 6}}  # `tasks` section
 energy: dict = {"idle_seconds": 1.0, "repeats": 1, "max_repeats": 1, "measure_power_secs": 1.0}  # `energy` section
