@@ -160,6 +160,10 @@ class TaskSettings(_Strict):
     # qa only: cloze scores each choice as a continuation of the question; options shows the lettered
     # choices in the prompt and scores the answer letter (as lm-evaluation-harness's MMLU-style tasks)
     style: Literal["cloze", "options"] = "cloze"
+    # qa only: k worked examples (question, then its answer: the letter under options, the choice's
+    # text under cloze) before every scored question, the same k for every item: a seeded sample of the
+    # train split, so never a scored item. The scorer runs their shared tokens once per window.
+    fewshot: int = Field(0, ge=0, le=32)
     # a malformed record (empty question, repeated choice, answer out of range, ...): stop with its file,
     # line and field (error), or leave it out before sampling and list it in tables/skipped_records.csv
     invalid_records: Literal["error", "skip"] = "error"
@@ -211,6 +215,11 @@ class TasksSettings(_Strict):
             raise ValueError("qa.generation: resolution generation applies to the rca task only")
         if self.rca is not None and self.rca.style != "cloze":
             raise ValueError("rca.style: the lettered-options style applies to the qa task only")
+        if self.rca is not None and self.rca.fewshot:
+            raise ValueError("rca.fewshot: worked examples apply to the qa task only (RCA learns from fine-tuning)")
+        if self.qa is not None and self.qa.fewshot and self.qa.split == "train":
+            raise ValueError("qa.fewshot: the examples come from the train split, which is the scored split here; "
+                             "score another split (qa.split: test) or set fewshot: 0")
         if self.rca is not None and self.rca.data == "teleqna":
             raise ValueError("rca.data: TeleQnA holds multiple-choice questions, not fault tickets (use it for qa)")
         return self

@@ -333,7 +333,23 @@ def load_task_data(task: str, settings: TaskSettings, split: str | None = None, 
     if settings.max_items is not None and settings.max_items < len(items):
         items = stratified_sample(items, settings.max_items, settings.sample_seed)
     labels = _label_set(task, settings, records)
-    return TaskData(task=task, source=records.source, split=split, items=tuple(items), labels=labels)
+    examples = fewshot_examples(task, settings, entries, path)
+    return TaskData(task=task, source=records.source, split=split, items=tuple(items), labels=labels,
+                    fewshot=examples)
+
+
+def fewshot_examples(task: str, settings: TaskSettings, entries: Sequence[tuple[Any, str, str]],
+                     path: Path) -> tuple[Any, ...]:
+    """``settings.fewshot`` items of the train split, a seeded sample (``sample_seed``) in sampled
+    order: the worked examples every QA item is shown (none for RCA or fewshot 0)."""
+    k = settings.fewshot
+    if task != "qa" or not k:
+        return ()
+    train = [item for item, s, _ in entries if s == "train"]
+    if len(train) < k:
+        raise DataError(path, f"fewshot {k} needs {k} items in split 'train' for its examples; it has "
+                              f"{len(train)}", field="fewshot")
+    return tuple(random.Random(settings.sample_seed).sample(train, k))
 
 
 def _label_set(task: str, settings: TaskSettings, records: Records) -> tuple[str, ...]:

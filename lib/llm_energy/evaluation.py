@@ -189,18 +189,18 @@ def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, pha
     identity = run.identity(adapter, pruning)
 
     def record(result: TaskResult, measurement: RepeatedMeasurement, source: str, style: str,
-               generated_tokens: int = 0) -> None:
+               generated_tokens: int = 0, fewshot: tuple[Any, ...] = ()) -> None:
         record_task(run.study_dir, identity, phase, result, measurement, loaded.device, loaded.compute_dtype,
                     loaded.memory_bytes, generated_tokens=generated_tokens, sparsity=sparsity,
                     idle_system_power_w=meter.idle_system.power_w if meter.idle_system else None,
-                    source=source, style=style)
+                    source=source, style=style, fewshot=fewshot)
         summary.append(summary_row(result, measurement))
 
     task_sets = load_task_sets(run.tasks, run.base_dir)
     for name, task_data in task_sets.items():
         settings = run.tasks.enabled()[name]
         record(*measure_task(loaded, name, task_data, meter, settings.prompt, run.seed, settings.style),
-               task_data.source, scoring_style(name, settings.style))
+               task_data.source, scoring_style(name, settings.style), fewshot=task_data.fewshot)
     rca = run.tasks.rca
     if rca is not None and rca.generation is not None and "rca" in task_sets:
         result, measurement, output = measure_generation(loaded, task_sets["rca"], rca.generation, meter, run.seed)
@@ -220,7 +220,8 @@ def data_description(tasks: TasksSettings, base_dir: Path) -> str:
     parts = []
     for name, settings in tasks.enabled().items():
         text = f"{name}: {source_name(name, settings, base_dir)}"
-        parts.append(text + (f" ({settings.style})" if name == "qa" else ""))
+        shots = f", {settings.fewshot}-shot" if name == "qa" and settings.fewshot else ""
+        parts.append(text + (f" ({settings.style}{shots})" if name == "qa" else ""))
     return "; ".join(parts)
 
 

@@ -43,6 +43,7 @@ class TaskData:
     split: str
     items: tuple[Any, ...]
     labels: tuple[str, ...] = ()  # RCA label set (sorted)
+    fewshot: tuple[Any, ...] = ()  # QA: worked examples shown before every item (from the train split)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -95,6 +95,11 @@ def data_lines(study_dir: str | Path, scores: pd.DataFrame) -> list[str]:
         words = STYLE_WORDS.get(style, style)
         line = f"- **{task}**: {describe_source(source) if source else 'unknown source'}"
         line += f"; {words}" if words else ""
+        shots = sorted({int(k) for k in rows["fewshot"].dropna()}) if "fewshot" in rows else []
+        if any(shots):
+            ids = sorted({str(i) for i in rows["fewshot_ids"].dropna() if str(i)}) if "fewshot_ids" in rows else []
+            line += (f"; {'/'.join(map(str, shots))} worked example(s) from the train split shown before every "
+                     "question" + (f" ({'; '.join(ids)})" if ids else ""))
         line += f"; {', '.join(map(str, n_items))} items per config" if n_items else ""
         if not splits.empty and task in set(splits["task"]):
             mine = splits[splits["task"] == task]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import results
@@ -76,8 +77,10 @@ def energy_fields(record: EnergyRecord) -> dict[str, Any]:
 def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: TaskResult,
                 measurement: RepeatedMeasurement, device: str, compute_dtype: str, memory_bytes: int,
                 generated_tokens: int = 0, sparsity: PruningResult | None = None,
-                idle_system_power_w: float | None = None, source: str = "", style: str = "") -> None:
-    """One task's energy row, its scores, its per-item scores and its per-repeat energy."""
+                idle_system_power_w: float | None = None, source: str = "", style: str = "",
+                fewshot: Sequence[Any] = ()) -> None:
+    """One task's energy row, its scores, its per-item scores and its per-repeat energy. ``fewshot``:
+    the worked examples every item was shown (scores.csv: how many, and their ids)."""
     first = measurement.records[0]
     energy_kwh = measurement.total("energy_kwh")
     energy_row = {
@@ -108,7 +111,8 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
     results.upsert_rows(study_dir, "scores", [
         {"config_id": config.config_id, "task": result.task, "metric": metric, "value": value,
          "ci_low": result.intervals[metric][0], "ci_high": result.intervals[metric][1], "n_items": result.n_items,
-         "data": source, "style": style}
+         "data": source, "style": style, "fewshot": len(fewshot),
+         "fewshot_ids": " ".join(str(example.id) for example in fewshot)}
         for metric, value in result.metrics.items()
     ])
     results.upsert_rows(study_dir, "item_scores", [

@@ -102,6 +102,9 @@ _PACKED_ATTENTION = frozenset({"sdpa", "eager"})
 # Per model: True once the packed forward matched the shared-cache one on choose_scoring_path's probe,
 # False when it did not or raised; absent until choose_scoring_path has run.
 _PACKED_VERIFIED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+# Per model: True once scoring after a shared prefix's cache matched scoring whole contexts on
+# choose_scoring_path's probe (both paths); False when it did not or raised.
+_PREFIX_VERIFIED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +119,16 @@ def _packed_eligible(model: Any) -> bool:
     return not getattr(config, "is_encoder_decoder", False)
 
 
+MIN_ROW_TOKENS = 64  # a packed row's budget is never cut below this to fit an attention window
+
+
+def _attention_window(model: Any) -> int | None:
+    """The sliding attention window of a model that uses one, else None."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    return window if window and getattr(config, "use_sliding_window", True) else None
+
+
 def _packed_supported(model: Any, length: int) -> bool | None:
     """True: use the packed forward; False: use the shared cache; None: verify on this call.
 
@@ -124,8 +137,8 @@ def _packed_supported(model: Any, length: int) -> bool | None:
     """
     if not _packed_eligible(model):
         return False
-    window = getattr(model.config, "sliding_window", None)
-    if window and getattr(model.config, "use_sliding_window", True) and length > window:
+    window = _attention_window(model)
+    if window and length > window:
         return False
     try:
         return _PACKED_VERIFIED.get(model)
@@ -210,18 +223,23 @@ def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
     consecutive requests share a row of up to ``max_tokens`` tokens, and up to PACK_ROWS rows one
     forward call."""
     choose_scoring_path(model, tokenizer)  # a no-op once decided
+    shared = shared_prefix_length(encoded) if _prefix_sharing_ok(model) else 0
+    prefix = _PrefixCache.run(model, encoded[0].context[:shared]) if shared else None
+    window = _attention_window(model)
+    if shared and window and window - shared >= MIN_ROW_TOKENS:
+        max_tokens = min(max_tokens, window - shared)  # rows that fit the window stay packed
     rows: list[list[Encoded]] = []
     group: list[EncodedRequest] = []
     for request in encoded:
-        if group and sum(r.n_tokens for r in group) + request.n_tokens > max_tokens:
-            rows.append([(r.context, r.continuations) for r in group])
+        if group and sum(r.n_tokens - shared for r in group) + request.n_tokens - shared > max_tokens:
+            rows.append([(r.context[shared:], r.continuations) for r in group])
             group = []
         group.append(request)
     if group:
-        rows.append([(r.context, r.continuations) for r in group])
+        rows.append([(r.context[shared:], r.continuations) for r in group])
     totals: list[list[float]] = []
     for start in range(0, len(rows), PACK_ROWS):
-        totals += _score_rows(model, tokenizer, rows[start : start + PACK_ROWS])
+        totals += _score_rows(model, tokenizer, rows[start : start + PACK_ROWS], prefix)
     return [
         ChoiceScores(loglik=np.array(t, dtype=float), continuation_chars=np.array(r.continuation_chars, dtype=float),
                      n_tokens=r.n_tokens)
@@ -232,16 +250,78 @@ def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
 Encoded = tuple[list[int], list[list[int]]]  # context tokens, each continuation's tokens
 
 
-def _score_rows(model: Any, tokenizer: Any, rows: list[list[Encoded]]) -> list[list[float]]:
+# Leading tokens shared by every request of a call (few-shot examples) run once per call, as a
+# key/value cache every row and item continues from, when there are at least this many.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(encoded: Sequence[EncodedRequest]) -> int:
+    """How many leading context tokens all requests share (0 below MIN_SHARED_PREFIX, or for a single
+    request); each request keeps at least its last context token, which predicts its continuations."""
+    if len(encoded) < 2:
+        return 0
+    first = encoded[0].context
+    n = min(len(r.context) for r in encoded) - 1
+    for request in encoded[1:]:
+        ctx = request.context
+        i = 0
+        while i < n and ctx[i] == first[i]:
+            i += 1
+        n = i
+        if n < MIN_SHARED_PREFIX:
+            return 0
+    return n
+
+
+@dataclass
+class _PrefixCache:
+    """The key/value cache of the tokens every request of a call starts with, computed once."""
+
+    length: int
+    cache: Any
+    cache_kwarg: str  # the forward's keyword for a cache ("cache" from transformers 5.x on)
+
+    @classmethod
+    def run(cls, model: Any, ids: list[int]) -> _PrefixCache:
+        import torch
+
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        new_api = "cache" in out
+        return cls(len(ids), out["cache"] if new_api else out["past_key_values"], "cache" if new_api else "past_key_values")
+
+    def fresh(self, batch: int) -> dict[str, Any]:
+        """A copy for one forward call (a forward appends to the cache it is given), ``batch`` rows."""
+        import copy
+
+        cache = copy.deepcopy(self.cache)
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+        return {self.cache_kwarg: cache}
+
+
+def _score_rows(model: Any, tokenizer: Any, rows: list[list[Encoded]],
+                prefix: _PrefixCache | None = None) -> list[list[float]]:
     """Scores of a few rows of encoded items, in order: in one packed forward where the chosen path
-    allows, else each item through the shared cache."""
-    longest = max(sum(len(ctx) + sum(len(cont) - 1 for cont in conts) for ctx, conts in items) for items in rows)
-    if _packed_supported(model, longest) is True:
+    allows, else each item through the shared cache; after ``prefix``'s tokens when given."""
+    shift = prefix.length if prefix else 0
+    fits = [_packed_supported(model, shift + sum(len(ctx) + sum(len(cont) - 1 for cont in conts)
+                                                 for ctx, conts in items)) is True for items in rows]
+    packed: list[list[list[float]]] = []
+    if any(fits):
         try:
-            return [scores for row in _score_packed_rows(model, rows) for scores in row]
+            packed = _score_packed_rows(model, [items for items, ok in zip(rows, fits) if ok], prefix)
         except Exception as exc:  # noqa: BLE001  (a model that rejects the packed inputs)
             _mark_packed(model, False, f"the packed forward raised {type(exc).__name__}: {exc}")
-    return [_score_with_shared_cache(model, tokenizer, ctx, conts) for items in rows for ctx, conts in items]
+            fits = [False] * len(rows)
+    out: list[list[float]] = []
+    done = iter(packed)
+    for items, ok in zip(rows, fits):
+        # a row longer than a sliding attention window takes the shared cache (see _packed_supported)
+        out += next(done) if ok else [_score_with_shared_cache(model, tokenizer, ctx, conts, prefix)
+                                      for ctx, conts in items]
+    return out
 
 
 @dataclass(frozen=True)
@@ -273,6 +353,13 @@ def choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
         why = (f"model type {getattr(config, 'model_type', None)!r} with attention "
                f"{getattr(config, '_attn_implementation', None)!r} is not known to take a packed 4D mask")
         return ScoringPath("shared_cache", why)
+    from .quant8 import exact_activations
+
+    with exact_activations(model):  # W8A8: see quant8.exact_activations
+        return _choose_scoring_path(model, tokenizer)
+
+
+def _choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
     state = _packed_supported(model, 0)  # the decision already taken, if any (None: not yet)
     if state is None:
         ctx, conts = _encode_item(tokenizer, _PROBE[0], _PROBE[1])
@@ -292,9 +379,54 @@ def choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
             tol = _verify_tolerance(model) * max(1.0, float(np.max(np.abs(b))))
             _mark_packed(model, diff <= tol, f"packed and shared-cache scores differ by {diff:.2e} > {tol:.2e}")
         state = _packed_supported(model, 0)
+    if _prefix_state(model) is None:
+        _verify_prefix_sharing(model, tokenizer, bool(state))
     if state:
         return ScoringPath("packed", "one forward per group of items, verified against the shared cache")
     return ScoringPath("shared_cache", "the packed forward failed its check on this model (see the log)")
+
+
+def _prefix_state(model: Any) -> bool | None:
+    try:
+        return _PREFIX_VERIFIED.get(model)
+    except TypeError:  # not weak-referenceable: never share a prefix
+        return False
+
+
+def _prefix_sharing_ok(model: Any) -> bool:
+    """Whether requests' shared leading tokens (few-shot examples) may run once, as a cache."""
+    return _prefix_state(model) is True
+
+
+def _verify_prefix_sharing(model: Any, tokenizer: Any, packed: bool) -> None:
+    """Score the probe's items after a cache of their shared first tokens, through the shared-cache
+    path and (when chosen) the packed one, against each whole context scored alone; share prefixes
+    on this model only when all agree."""
+    ctx, conts = _encode_item(tokenizer, _PROBE[0], _PROBE[1])
+    split = max(1, len(ctx) - 8)
+    rests = [ctx[split:], ctx[split + 2 :]]  # two rows of different lengths after one prefix
+    items = [(rest, conts if k == 0 else conts[:2]) for k, rest in enumerate(rests)]
+    ok, why = True, ""
+    try:
+        reference = [_score_with_shared_cache(model, tokenizer, ctx[:split] + rest, c) for rest, c in items]
+        prefix = _PrefixCache.run(model, ctx[:split])
+        candidates = [[_score_with_shared_cache(model, tokenizer, rest, c, prefix) for rest, c in items]]
+        if packed:
+            candidates.append([row[0] for row in _score_packed_rows(model, [[item] for item in items], prefix)])
+        b = np.array([v for scores in reference for v in scores])
+        tol = _verify_tolerance(model) * max(1.0, float(np.max(np.abs(b))))
+        for got in candidates:
+            diff = float(np.max(np.abs(np.array([v for scores in got for v in scores]) - b)))
+            if diff > tol:
+                ok, why = False, f"scores after a shared prefix differ from whole contexts by {diff:.2e} > {tol:.2e}"
+    except Exception as exc:  # noqa: BLE001  (a model whose cache cannot be copied or continued)
+        ok, why = False, f"scoring after a shared prefix raised {type(exc).__name__}: {exc}"
+    if not ok:
+        logger.warning("scoring: shared prefixes (few-shot examples) run with every item on this model: %s", why)
+    try:
+        _PREFIX_VERIFIED[model] = ok
+    except TypeError:
+        pass
 
 
 def _mark_packed(model: Any, ok: bool, why: str) -> None:
@@ -309,12 +441,12 @@ def _mark_packed(model: Any, ok: bool, why: str) -> None:
 
 def _verify_tolerance(model: Any) -> float:
     """Relative tolerance of packed against shared-cache scores: the layout changes only rounding,
-    while a mask or positions the model ignored would change scores by far more. Half precision and
-    W8A8 (whose per-token int8 rounding turns a last-bit difference of an input into a whole code
-    step) get the wider one."""
+    while a mask or positions the model ignored would change scores by far more. Half precision gets
+    the wider one, and so do bitsandbytes layers: on a CPU their 4-bit kernels differ between call
+    shapes by ~1e-3 of the score (measured on SmolLM2 at nf4; 1e-6 at fp32)."""
     import torch
 
-    if any(hasattr(m, "weight_int8") for m in model.modules()):
+    if any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
         return 5e-2
     return 1e-3 if _compute_dtype(model) in (torch.float32, torch.float64) else 5e-2
 
@@ -381,24 +513,31 @@ def _final_logits(model: Any, hidden: Any) -> Any:
     return logits
 
 
-def _score_packed_rows(model: Any, rows: list[list[Encoded]]) -> list[list[list[float]]]:
+def _score_packed_rows(model: Any, rows: list[list[Encoded]],
+                       prefix: _PrefixCache | None = None) -> list[list[list[float]]]:
     """One forward for several packed rows (right-padded to the longest; a pad token sees only
     itself). Logits are computed only where a continuation token is predicted: the final hidden
-    states at those positions, gathered over the rows, go through the vocabulary projection."""
+    states at those positions, gathered over the rows, go through the vocabulary projection. With a
+    ``prefix``, every row continues from its cache: every token also sees the prefix's tokens, and
+    positions start after them."""
     import torch
 
     device = next(model.parameters()).device
     built = [_packed_row(items) for items in rows]
     width = max(len(b["ids"]) for b in built)
     n = len(built)
+    shift = prefix.length if prefix else 0
     ids = torch.zeros((n, width), dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
-    mask = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1)
+    mask = torch.zeros((n, width, shift + width), dtype=torch.bool)
+    mask[:, :, :shift] = True
+    mask[:, :, shift:] = torch.eye(width, dtype=torch.bool)
     for r, b in enumerate(built):
         length = len(b["ids"])
         ids[r, :length] = torch.tensor(b["ids"])
-        positions[r, :length] = torch.tensor(b["positions"])
-        mask[r, :length, :length] = b["mask"]
+        positions[r, :length] = torch.tensor(b["positions"]) + shift
+        mask[r, :length, shift : shift + length] = b["mask"]
+    extra = prefix.fresh(n) if prefix else {"use_cache": False}
     if model.config._attn_implementation == "eager":  # additive: 0 where attended, the minimum elsewhere
         dtype = _compute_dtype(model)
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
@@ -407,7 +546,7 @@ def _score_packed_rows(model: Any, rows: list[list[Encoded]]) -> list[list[list[
     targets = torch.tensor([t for b in built for t in b["targets"]])
     with torch.inference_mode():
         hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
-                                     position_ids=positions.to(device), use_cache=False).last_hidden_state
+                                     position_ids=positions.to(device), **extra).last_hidden_state
         picked_hidden = hidden[row_index.to(device), pos_index.to(device)]
         logprobs = torch.log_softmax(_final_logits(model, picked_hidden).float(), dim=-1)
         picked = logprobs[torch.arange(len(targets), device=logprobs.device), targets.to(logprobs.device)].cpu().tolist()
@@ -429,15 +568,19 @@ def _score_packed(model: Any, items: list[Encoded]) -> list[list[float]]:
     return _score_packed_rows(model, [items])[0]
 
 
-def _score_with_shared_cache(model: Any, tokenizer: Any, ctx: list[int], conts: list[list[int]]) -> list[float]:
+def _score_with_shared_cache(model: Any, tokenizer: Any, ctx: list[int], conts: list[list[int]],
+                            prefix: _PrefixCache | None = None) -> list[float]:
     """Two forwards: the context once with its key/value cache, then every continuation but its
-    last token against that cache repeated per continuation (padded on the right)."""
+    last token against that cache repeated per continuation (padded on the right). With a
+    ``prefix``, ``ctx`` continues a copy of the prefix's cache."""
     import torch
 
     device = next(model.parameters()).device
+    shift = prefix.length if prefix else 0
     with torch.inference_mode():
         # only the last context position's logits are needed (a 262k vocabulary makes the rest costly)
-        out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True, logits_to_keep=1,
+                    **(prefix.fresh(1) if prefix else {}))
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
         totals = [float(first[cont[0]]) for cont in conts]
         longer = [i for i, cont in enumerate(conts) if len(cont) > 1]
@@ -446,16 +589,17 @@ def _score_with_shared_cache(model: Any, tokenizer: Any, ctx: list[int], conts: 
             width = max(len(x) for x in inputs)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             ids = torch.full((len(inputs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(inputs), len(ctx) + width), dtype=torch.long)
-            mask[:, : len(ctx)] = 1
+            seen = shift + len(ctx)  # tokens in the cache
+            mask = torch.zeros((len(inputs), seen + width), dtype=torch.long)
+            mask[:, :seen] = 1
             for row, x in enumerate(inputs):
                 ids[row, : len(x)] = torch.tensor(x)
-                mask[row, len(ctx) : len(ctx) + len(x)] = 1
+                mask[row, seen : seen + len(x)] = 1
             # transformers renamed past_key_values to cache in 5.x; accept both spellings.
             new_api = "cache" in out
             cache = out["cache"] if new_api else out["past_key_values"]
             cache.batch_repeat_interleave(len(inputs))
-            positions = torch.arange(len(ctx), len(ctx) + width).expand(len(inputs), -1)
+            positions = torch.arange(seen, seen + width).expand(len(inputs), -1)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=positions.to(device), use_cache=True,
                            **{("cache" if new_api else "past_key_values"): cache}).logits
@@ -566,10 +710,11 @@ def request_texts(task: str, data: TaskData, prompt: str | None = None,
         prompt = prompt or (DEFAULT_QA_OPTIONS_PROMPT if style == "options" else DEFAULT_QA_PROMPT)
         if style == "options" and "{choices}" not in prompt:
             raise ValueError("qa style 'options' needs a prompt with a {choices} field (where the lettered choices go)")
+        prefix = fewshot_prefix(data.fewshot, prompt, style)
         requests = []
         for item in data.items:
             assert isinstance(item, QAItem)
-            context = prompt.format(question=item.question, choices=choice_block(item.choices))
+            context = prefix + prompt.format(question=item.question, choices=choice_block(item.choices))
             if style == "options":
                 requests.append((context, [" " + choice_letter(i) for i in range(len(item.choices))]))
             else:
@@ -585,6 +730,22 @@ def request_texts(task: str, data: TaskData, prompt: str | None = None,
             requests.append((prompt.format(ticket=item.ticket, labels=label_list), list(continuations)))
         return requests
     raise ValueError(f"unknown task {task!r}")
+
+
+FEWSHOT_SEPARATOR = "\n\n"  # between worked examples, and before the scored question (lm-eval's default)
+
+
+def fewshot_prefix(examples: Sequence[Any], prompt: str, style: str) -> str:
+    """The worked examples every QA item is shown first: each the prompt filled with an example's
+    question (and lettered choices) followed by " " and its answer -- the letter under ``options``, the
+    choice's text under ``cloze`` -- then a blank line. Empty without examples."""
+    parts = []
+    for example in examples:
+        assert isinstance(example, QAItem)
+        answer = choice_letter(example.answer) if style == "options" else example.choices[example.answer]
+        parts.append(prompt.format(question=example.question, choices=choice_block(example.choices))
+                     + " " + answer + FEWSHOT_SEPARATOR)
+    return "".join(parts)
 
 
 def score_prepared(model: Any, tokenizer: Any, prepared: PreparedTask, progress: bool = False,

@@ -146,6 +146,7 @@ def fresh_verification(monkeypatch):
     """An empty per-model verification record, so that a test sees (and leaves) no earlier state."""
     record = scoring.weakref.WeakKeyDictionary()
     monkeypatch.setattr(scoring, "_PACKED_VERIFIED", record)
+    monkeypatch.setattr(scoring, "_PREFIX_VERIFIED", scoring.weakref.WeakKeyDictionary())
     return record
 
 
@@ -311,7 +312,7 @@ def test_several_packed_rows_in_one_forward_match_one_item_at_a_time(tiny_model,
     fresh_verification[model] = True
     calls = []
     real = scoring._score_packed_rows
-    scoring_rows = lambda m, rows: (calls.append(len(rows)), real(m, rows))[1]  # noqa: E731
+    scoring_rows = lambda m, rows, prefix=None: (calls.append(len(rows)), real(m, rows, prefix))[1]  # noqa: E731
     try:
         scoring._score_packed_rows = scoring_rows
         together = score_many(model, tok, requests, max_tokens=40)
