@@ -3,21 +3,26 @@ for both question styles and both embedded models.
 
 The same questions (a seeded 200-question sample of the test split of TeleQnA as the package ships
 it, stratified by category; the 17 published questions with a repeated choice are left out), the
-same model (loaded once and handed to both scorers) and the same requests:
+same model (loaded once and handed to both scorers) and the same requests, built by
+``llm_energy.scoring.request_texts`` as the study builds them:
 
 - ``cloze``: "Question: {question}\nAnswer:", each choice a continuation " {choice}";
   acc and acc_norm (lm-eval divides by ``len(choice)``, without the target delimiter).
 - ``options``: "Question: {question}\nA. ...\nB. ...\nAnswer:", each letter a continuation " A",
   " B", ... (lm-eval's MMLU-style layout); acc.
+- ``--fewshot K`` (default 5, the default study's ``qa.fewshot``): before every question, the same K
+  worked examples from TeleQnA's train split (the prompt, " " and the answer, then a blank line:
+  lm-eval's default few-shot layout), in the context string both scorers receive.
 
 Ours is ``llm_energy.scoring.evaluate_qa`` (each question's context and choices packed into one
-sequence under a 4D attention mask, a few questions per forward call); lm-eval's is
+sequence under a 4D attention mask, a few questions per forward call; the worked examples' tokens,
+shared by every context, run once per call as a key/value cache every row continues); lm-eval's is
 ``HFLM.loglikelihood`` in-process, with requests built here rather than through lm-eval's task and
 dataset machinery (no hub access), and ``add_bos_token`` set as our scorer does (Gemma: its <bos>;
 SmolLM2: none). Model loading is outside every timed region; each scorer gets an untimed warm-up.
 
     .venv/bin/python benchmarks/mcq_vs_lm_eval.py [--items 200] [--models smollm2-135m-instruct gemma-3-270m]
-        [--styles cloze options] [--batch-sizes 1 8] [--warmup 3] [--threads 1]
+        [--styles cloze options] [--fewshot 5] [--batch-sizes 1 8] [--warmup 3] [--threads 1]
 
 Needs the optional dependency lm-eval (pip install -e ".[bench]", i.e. lm-eval==0.4.13).
 
@@ -41,34 +46,28 @@ CLOZE_PROMPT = "Question: {question}\nAnswer:"
 OPTIONS_PROMPT = "Question: {question}\n{choices}\nAnswer:"
 
 
-def load_questions(n_items: int):
+def load_questions(n_items: int, fewshot: int):
     from llm_energy.config import TaskSettings
     from llm_energy.data import load_task_data
 
-    settings = TaskSettings(data="teleqna", invalid_records="skip", max_items=n_items, sample_seed=0)
-    return load_task_data("qa", settings), "TeleQnA (packaged), test split, stratified sample, seed 0"
+    settings = TaskSettings(data="teleqna", invalid_records="skip", max_items=n_items, sample_seed=0, fewshot=fewshot)
+    shots = f"; {fewshot} worked examples from the train split before each question" if fewshot else "; zero-shot"
+    return load_task_data("qa", settings), f"TeleQnA (packaged), test split, stratified sample, seed 0{shots}"
 
 
-def requests_for(items, style: str):
-    """(context, continuations) per question, as both scorers receive them."""
-    from llm_energy.scoring import choice_block, choice_letter
+def requests_for(data, style: str):
+    """(context, continuations) per question, as both scorers receive them (the study's own texts)."""
+    from llm_energy.scoring import request_texts
 
-    out = []
-    for item in items:
-        if style == "options":
-            context = OPTIONS_PROMPT.format(question=item.question, choices=choice_block(item.choices))
-            out.append((context, [f" {choice_letter(i)}" for i in range(len(item.choices))]))
-        else:
-            out.append((CLOZE_PROMPT.format(question=item.question), [f" {c}" for c in item.choices]))
-    return out
+    return request_texts("qa", data, OPTIONS_PROMPT if style == "options" else CLOZE_PROMPT, style)
 
 
-def lm_eval_requests(items, style: str):
+def lm_eval_requests(data, style: str):
     """One loglikelihood Instance per (question, choice), as lm-eval's multiple_choice tasks build them."""
     from lm_eval.api.instance import Instance
 
     requests = []
-    for doc_id, (item, (context, continuations)) in enumerate(zip(items, requests_for(items, style))):
+    for doc_id, (item, (context, continuations)) in enumerate(zip(data.items, requests_for(data, style))):
         doc = {"question": item.question, "choices": list(item.choices), "gold": item.answer}
         for i, continuation in enumerate(continuations):
             requests.append(Instance(request_type="loglikelihood", doc=doc, arguments=(context, continuation),
@@ -98,13 +97,13 @@ def compare(model, tokenizer, data, style: str, batch_sizes, warmup: int) -> dic
     import numpy as np
     from lm_eval.models.huggingface import HFLM
 
-    from llm_energy.items import TaskData
+    from dataclasses import replace
     from llm_energy.scoring import evaluate_qa, special_prefix
 
     items = list(data.items)
     gold = np.array([item.answer for item in items])
     prompt = OPTIONS_PROMPT if style == "options" else CLOZE_PROMPT
-    warm = TaskData(task="qa", source=data.source, split=data.split, items=tuple(items[:warmup]))
+    warm = replace(data, items=tuple(items[:warmup]))
     evaluate_qa(model, tokenizer, warm, prompt, n_boot=10, style=style)
     start = time.perf_counter()
     ours = evaluate_qa(model, tokenizer, data, prompt, style=style)
@@ -115,8 +114,8 @@ def compare(model, tokenizer, data, style: str, batch_sizes, warmup: int) -> dic
     for batch_size in batch_sizes:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
                   add_bos_token=bool(special_prefix(tokenizer)))
-        lm.loglikelihood(lm_eval_requests(items[:warmup], style), disable_tqdm=True)
-        requests = lm_eval_requests(items, style)
+        lm.loglikelihood(lm_eval_requests(warm, style), disable_tqdm=True)
+        requests = lm_eval_requests(data, style)
         start = time.perf_counter()
         results = lm.loglikelihood(requests, disable_tqdm=True)
         runs[batch_size] = (time.perf_counter() - start, *lm_eval_metrics(items, results))
@@ -134,6 +133,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma-3-270m"])
     parser.add_argument("--styles", nargs="+", default=["cloze", "options"], choices=["cloze", "options"])
+    parser.add_argument("--fewshot", type=int, default=5, help="worked examples before each question (0: zero-shot)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up questions per scorer")
     parser.add_argument("--threads", type=int, default=1,
@@ -148,7 +148,7 @@ def main() -> None:
     from llm_energy.models import load_model
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the "pretrained is not a str" warning is expected
-    data, source = load_questions(args.items)
+    data, source = load_questions(args.items, args.fewshot)
     print(f"questions: {len(data.items)} from {source}; choices: {sum(len(i.choices) for i in data.items)}; "
           f"torch threads {torch.get_num_threads()}", flush=True)
     print(f"{'model':<24} {'style':<8} {'ours s':>7} {'lm-eval s':>9} {'bs':>3} {'speedup':>8} {'acc':>7} "
