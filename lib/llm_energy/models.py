@@ -379,9 +379,9 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     if quant is None:
         model = model.to(device)
-    if precision == "w8a8":
-        from . import quant8
+    from . import quant8
 
+    if precision == "w8a8":
         quant8.quantize_model(model)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(weights, **({"revision": spec.revision} if spec.revision else {}))
@@ -394,17 +394,11 @@ def load_model(
         precision=precision,
         device=device,
         weights_origin=origin,
-        n_parameters=_count_parameters(model),
+        n_parameters=quant8.count_parameters(model),  # W8A8's int8 weights are buffers
         memory_bytes=int(model.get_memory_footprint()),
         compute_dtype=compute,
         load_s=time.perf_counter() - start,
     )
-
-
-def _count_parameters(model: Any) -> int:
-    from . import quant8
-
-    return quant8.count_parameters(model)
 
 
 def load_tokenizer(spec: ModelSettings, base_dir: Path | None = None, cache: Path | None = None) -> tuple[Any, str]:

@@ -9,9 +9,9 @@ itself, so the columns of a table are decided here and in ``results.TABLES`` onl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import results

@@ -273,6 +273,12 @@ def shared_prefix_length(encoded: Sequence[EncodedRequest]) -> int:
     return n
 
 
+def _output_cache(out: Any) -> tuple[Any, str]:
+    """A forward's key/value cache and the keyword that passes it back in: transformers renamed
+    past_key_values to cache in 5.x; both spellings are accepted."""
+    return (out["cache"], "cache") if "cache" in out else (out["past_key_values"], "past_key_values")
+
+
 @dataclass
 class _PrefixCache:
     """The key/value cache of the tokens every request of a call starts with, computed once."""
@@ -288,8 +294,8 @@ class _PrefixCache:
         device = next(model.parameters()).device
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-        new_api = "cache" in out
-        return cls(len(ids), out["cache"] if new_api else out["past_key_values"], "cache" if new_api else "past_key_values")
+        cache, kwarg = _output_cache(out)
+        return cls(len(ids), cache, kwarg)
 
     def fresh(self, batch: int) -> dict[str, Any]:
         """A copy for one forward call (a forward appends to the cache it is given), ``batch`` rows."""
@@ -595,14 +601,11 @@ def _score_with_shared_cache(model: Any, tokenizer: Any, ctx: list[int], conts: 
             for row, x in enumerate(inputs):
                 ids[row, : len(x)] = torch.tensor(x)
                 mask[row, seen : seen + len(x)] = 1
-            # transformers renamed past_key_values to cache in 5.x; accept both spellings.
-            new_api = "cache" in out
-            cache = out["cache"] if new_api else out["past_key_values"]
+            cache, kwarg = _output_cache(out)
             cache.batch_repeat_interleave(len(inputs))
             positions = torch.arange(seen, seen + width).expand(len(inputs), -1)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device), use_cache=True,
-                           **{("cache" if new_api else "past_key_values"): cache}).logits
+                           position_ids=positions.to(device), use_cache=True, **{kwarg: cache}).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             for row, i in enumerate(longer):
                 targets = torch.tensor(conts[i][1:])
