@@ -190,13 +190,22 @@ class TaskSettings(_Strict):
 
 
 def headline_metric(task: str, style: str = "cloze") -> str:
-    """The one metric a task counts in rho by default: RCA accuracy; QA acc_norm for cloze (length-
-    normalised log-likelihood of each choice), acc for lettered options (one token per choice)."""
+    """The one metric a task is judged on, everywhere: what it counts in rho by default, what quality
+    verdicts (quantization, pruning, recovery) and energy per correct answer use, and what the figures
+    plot first. RCA accuracy; QA acc_norm for cloze (length-normalised log-likelihood of each choice),
+    acc for lettered options (one token per choice, the only metric that style writes); generated
+    resolutions ROUGE-L (judged in the verdicts, not counted in rho: generation is not in TASK_NAMES)."""
     if task == "rca":
         return "accuracy"
     if task == "qa":
         return "acc" if style == "options" else "acc_norm"
+    if task == "rca_resolution":
+        return "rouge_l"
     raise ValueError(f"no headline metric for task {task!r}")
+
+
+# Tasks whose headline metric is a share of correct answers (energy per correct answer exists).
+CORRECTNESS_TASKS: tuple[str, ...] = ("rca", "qa")
 
 
 class TasksSettings(_Strict):
@@ -237,9 +246,11 @@ class EnergySettings(_Strict):
     tracking_mode: Literal["machine", "process"] = "machine"  # CodeCarbon: whole machine or this process
     idle_seconds: float = Field(5.0, ge=0)  # each idle baseline window (system, then loaded), s; 0 = none
     warmup: bool = True  # one unmeasured pass before measuring
-    repeats: int = Field(3, ge=1)  # minimum measured repeats per workload
-    max_repeats: int = Field(5, ge=1)  # stop repeating here even if the spread stays high
-    target_rsd: float = Field(0.05, gt=0)  # stop once std/mean of the repeats is below this
+    repeats: int = Field(3, ge=1)  # pilot: measured repeats every workload gets
+    max_repeats: int = Field(5, ge=1)  # at most this many repeats in all
+    # the pilot's spread decides, once, how many more repeats bring the relative standard error of the
+    # mean energy (sd / mean / sqrt(n)) to this (energy.windows_needed)
+    target_rsd: float = Field(0.05, gt=0)
     # machine: a job's total includes CPU and RAM (whole-machine figures); gpu_only: only its GPUs
     # (CPU/RAM recorded apart), for several measured jobs on one node; auto: the runner decides
     # (gpu_only when it runs measured jobs side by side on one node, machine otherwise)
@@ -312,6 +323,9 @@ class RankingSettings(_Strict):
     missing: str = "error"  # a config lacking a metric: error, or exclude it
     bootstrap: int = Field(200, ge=0)  # resamples for rank stability
     energy_basis: Literal["gross", "net"] = "gross"  # energy per item as measured, or net of loaded idle
+    # rho as the mean of the metrics (raw: the paper's definition), or min-max scaled over the configs
+    # to span [0, 1] as phi does under minmax (the report prints both ranges and energy's effective weight)
+    rho_scale: Literal["raw", "minmax"] = "raw"
 
     @field_validator("w_grid", mode="before")
     @classmethod

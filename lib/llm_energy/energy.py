@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 if TYPE_CHECKING:  # the settings are only annotations here: the meter's sources load without pydantic
     from .config import EnergySettings
@@ -54,6 +54,29 @@ def estimated_components(methods: dict[str, str]) -> str:
     """The components whose energy is modelled rather than counted, e.g. "cpu;ram" (empty: all
     counted); ``methods`` maps component to method, "none" for a component not read."""
     return ";".join(c for c, m in methods.items() if m and m != "none" and is_estimate(m))
+
+
+def component_methods(rows: Any) -> list[str]:
+    """Every method behind the energy of these table rows (a DataFrame of energy.csv, training.csv or
+    ranking.csv rows): per row its components' methods (cpu_method, gpu_method, ram_method; "none" and
+    empty left out; a ";"-joined list split), or its energy_method when no component is recorded. What
+    an "Energy method" sentence or a figure's estimate note must read: the GPU's counter alone would
+    hide CodeCarbon's modelled CPU and RAM in the same totals. Unrecorded rows give "" (so a note can
+    say so)."""
+    out: list[str] = []
+    columns = [c for c in ("cpu_method", "gpu_method", "ram_method") if c in getattr(rows, "columns", ())]
+    for _, row in rows.iterrows():
+        found = []
+        for value in [row[c] for c in columns] or [row.get("energy_method")]:
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            found += [m for m in str(value).split(";") if m.strip() and m.strip() != "none"]
+        if not found and columns and "energy_method" in rows.columns:
+            value = row.get("energy_method")
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                found = [m for m in str(value).split(";") if m.strip() and m.strip() != "none"]
+        out += found or [""]
+    return out
 
 
 HARDWARE_COUNTERS: tuple[str, ...] = ("nvml_counter", "rapl")  # the project's own counters
@@ -155,12 +178,17 @@ class RepeatedMeasurement:
     """The measured windows of one workload, in one of two designs (``unit``):
 
     - ``"repeat"``: every window runs the whole workload (``result`` is what the first returned);
-      the workload's energy is the mean over windows, its spread the standard deviation.
+      the workload's energy is the mean over windows. Its spread (:meth:`std`, estimator
+      ``sd_of_repeats``) is the standard deviation across windows: how much one full pass varies.
     - ``"chunk"``: one pass over the items, split into windows over disjoint chunks of items
       (``window_items`` per window; ``result`` is the list of every window's result, in window
-      order). The energy is the sum over windows (one pass, no re-scoring); its spread is the
-      standard deviation, across windows, of the whole-pass energy each window implies
-      (window energy x items / window items).
+      order). The energy is the sum over windows (one pass, no re-scoring). Its spread (:meth:`std`,
+      estimator ``se_of_chunk_sum``) is the standard error of that sum: each window implies a
+      whole-pass value (window energy x items / window items); the sum is (for equal chunks) their
+      mean, so its standard error is their standard deviation / sqrt(windows). (The standard deviation
+      of the implied values themselves would be sqrt(windows) times too large for the sum.)
+
+    :meth:`se` is the standard error of the reported value in both designs.
     """
 
     records: tuple[EnergyRecord, ...]
@@ -180,6 +208,11 @@ class RepeatedMeasurement:
     def n_items(self) -> int:
         return sum(self.window_items)
 
+    @property
+    def std_estimator(self) -> str:
+        """What :meth:`std` is: "sd_of_repeats" or "se_of_chunk_sum"."""
+        return "se_of_chunk_sum" if self.unit == "chunk" else "sd_of_repeats"
+
     def mean(self, attr: str) -> float:
         """Mean over windows (what one window measured on average)."""
         return statistics.fmean(getattr(r, attr) for r in self.records)
@@ -197,15 +230,37 @@ class RepeatedMeasurement:
             return [v * self.n_items / n for v, n in zip(values, self.window_items)]
         return values
 
-    def std(self, attr: str) -> float:
-        """Spread across windows of :meth:`implied_totals` (NaN with one window)."""
+    def spread(self, attr: str) -> float:
+        """Standard deviation across windows of :meth:`implied_totals` (NaN with one window)."""
         values = self.implied_totals(attr)
         return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+    def se(self, attr: str) -> float:
+        """Standard error of :meth:`total`: spread / sqrt(windows), in both designs."""
+        return self.spread(attr) / math.sqrt(self.windows) if self.windows > 1 else float("nan")
+
+    def std(self, attr: str) -> float:
+        """The uncertainty energy.csv reports beside the total (see :attr:`std_estimator`): the spread
+        of full-pass repeats, or the standard error of a chunked pass's sum."""
+        return self.se(attr) if self.unit == "chunk" else self.spread(attr)
 
     @property
     def rsd(self) -> float:
         mean = statistics.fmean(self.implied_totals("energy_kwh"))
-        return self.std("energy_kwh") / mean if mean > 0 and self.repeats > 1 else float("nan")
+        return self.spread("energy_kwh") / mean if mean > 0 and self.repeats > 1 else float("nan")
+
+
+def windows_needed(pilot: Sequence[float], target_rsd: float, max_windows: int) -> int:
+    """Windows in all for a relative standard error of the mean of ``target_rsd``, from the pilot
+    windows' values (sd / mean / sqrt(n) <= target_rsd), between the pilot's count and max_windows."""
+    n = len(pilot)
+    if n < 2 or max_windows <= n:
+        return max(n, min(max_windows, n))
+    mean = statistics.fmean(pilot)
+    if mean <= 0 or target_rsd <= 0:
+        return max_windows
+    rsd = statistics.stdev(pilot) / mean
+    return int(min(max_windows, max(n, math.ceil((rsd / target_rsd) ** 2))))
 
 
 def split_chunks(n_items: int, windows: int) -> list[list[int]]:
@@ -604,21 +659,29 @@ class EnergyMeter:
         return result, record
 
     def measure_repeated(self, fn: Callable[[], T], name: str, warmup: Callable[[], Any] | None = None) -> RepeatedMeasurement:
-        """Repeat until the energy spread is under ``target_rsd`` or ``max_repeats`` is reached."""
+        """Full-pass windows in two stages: ``repeats`` pilot windows, then as many more as the pilot's
+        spread says are needed for a relative standard error of ``target_rsd`` (at most ``max_repeats``
+        in all), decided once from the pilot. Stopping whenever the running spread happens to be small
+        would pick small spreads and report them; here no window after the pilot is taken or skipped
+        because of what it measured."""
         if warmup is not None and self.settings.warmup:
             warmup()
         records: list[EnergyRecord] = []
         first: Any = None
-        for index in range(self.settings.max_repeats):
-            result, record = self.measure(fn, f"{name}#{index + 1}")
-            if index == 0:
+
+        def one() -> None:
+            nonlocal first
+            result, record = self.measure(fn, f"{name}#{len(records) + 1}")
+            if not records:
                 first = result
             records.append(record)
-            if len(records) >= self.settings.repeats:
-                values = [r.energy_kwh for r in records]
-                mean = statistics.fmean(values)
-                if len(values) < 2 or (mean > 0 and statistics.stdev(values) / mean <= self.settings.target_rsd):
-                    break
+
+        pilot = max(1, min(self.settings.repeats, self.settings.max_repeats))
+        for _ in range(pilot):
+            one()
+        for _ in range(windows_needed([r.energy_kwh for r in records], self.settings.target_rsd,
+                                      self.settings.max_repeats) - len(records)):
+            one()
         return RepeatedMeasurement(tuple(records), first)
 
     def measure_chunks(self, fns: list[Callable[[], T]], sizes: list[int], name: str,

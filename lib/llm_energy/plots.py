@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .config import PRECISION_BITS, PRECISIONS
-from .energy import is_estimate
+from .energy import component_methods, is_estimate
 from .rank import pareto_optimal
 
 PRECISION_ORDER: tuple[str, ...] = PRECISIONS
@@ -63,8 +63,10 @@ def energy_note(methods: Iterable[object]) -> str | None:
     for method in methods:
         if method is None or (isinstance(method, float) and np.isnan(method)) or str(method).strip() == "":
             unrecorded = True
-        elif str(method) not in seen:
-            seen.append(str(method))
+            continue
+        for part in str(method).split(";"):  # a config's joined component methods
+            if part.strip() and part.strip() not in seen:
+                seen.append(part.strip())
     estimates = [m for m in seen if is_estimate(m)]
     measured = [m for m in seen if not is_estimate(m)]
     parts: list[str] = []
@@ -454,7 +456,7 @@ def fig4_inference_energy_carbon(energy: pd.DataFrame) -> Figure:
     # Repeated (group, precision) rows are averaged; spreads likewise, as a typical window spread.
     agg = df.groupby(["group", "precision"])[["wh_per_item", "wh_per_item_std", "g_per_item",
                                               "g_per_item_std"]].mean()
-    note = energy_note(df["energy_method"])
+    note = energy_note(component_methods(df))
     panels = [("wh_per_item", "Energy per item (Wh/item)", "(a) Energy"),
               ("g_per_item", "Emissions per item (gCO2e/item)", "(b) Carbon")]
     with _style():
@@ -563,7 +565,7 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
     en = _per_item(en.merge(meta[["config_id", "category"]], on="config_id"))
     if sc.empty and en.empty:
         return _no_data_figure(FIG6_TITLE)
-    note = energy_note(en["energy_method"]) if not en.empty else None
+    note = energy_note(component_methods(en)) if not en.empty else None
     # Wrap each line of a label so neighbouring categories never run into each other.
     labels = ["\n".join(textwrap.fill(line, 13) for line in c.split("\n")) for c in categories]
     tick_size = 8 if len(categories) <= 4 else 7

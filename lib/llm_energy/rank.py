@@ -30,7 +30,9 @@ import numpy as np
 import pandas as pd
 
 from .config import PHI_METHODS, TASK_NAMES, RankingSettings, headline_metric
+from .energy import component_methods
 from .results import RANKING_COLUMNS
+from .significance import mcnemar_exact, paired_interval, paired_test
 
 __all__ = [
     "MetricScaling",
@@ -50,6 +52,8 @@ __all__ = [
     "rank_evaluations",
     "rank_stability",
     "repeat_energy",
+    "energy_draws",
+    "check_one_scope",
     "rho_formula",
     "rho_from_items",
     "summarise_top",
@@ -68,6 +72,8 @@ CONFIG_COLUMNS: tuple[str, ...] = tuple(RANKING_COLUMNS[: RANKING_COLUMNS.index(
 SCORE_COLUMNS: tuple[str, ...] = ("config_id", "task", "metric", "value")
 ITEM_SCORE_COLUMNS: tuple[str, ...] = ("config_id", "task", "metric", "item_id", "value")
 ENERGY_REPEAT_COLUMNS: tuple[str, ...] = ("config_id", "repeat", "energy_kwh_per_item")
+# energy_repeats rows per task window (repeat_energy), what energy_draws resamples
+ENERGY_WINDOW_COLUMNS: tuple[str, ...] = ("config_id", "task", "repeat", "energy_kwh", "n_items", "window_unit", "task_items")
 # Phases whose energy rows are evaluations of a config (fine-tuning energy is reported apart).
 EVALUATION_PHASES: tuple[str, ...] = ("inference", "pruning")
 
@@ -134,7 +140,7 @@ def compute_rho(
     if settings.metric_scaling == "identity":
         _check_unit_interval(long[long["config_id"].isin(kept) & long["key"].isin(chosen)])
     values = wide.to_numpy(dtype=float)[np.newaxis, :, :]
-    rho = pd.Series(_rho_array(values, settings.metric_scaling)[0], index=pd.Index(kept, name="config_id"), name="rho")
+    rho = pd.Series(_rho_array(values, settings.metric_scaling, settings.rho_scale)[0], index=pd.Index(kept, name="config_id"), name="rho")
     return rho, excluded
 
 
@@ -160,6 +166,8 @@ def rho_formula(settings: RankingSettings) -> str:
         rho = scaled[0]
     else:
         rho = f"({' + '.join(scaled)})/{len(scaled)}"
+    if settings.rho_scale == "minmax":
+        rho = f"minmax over configs of {rho}"
     phi = ("min-max of energy per item (Wh): (E_max − E)/(E_max − E_min)" if settings.phi_method == "minmax"
            else "E_min/E of energy per item (Wh)")
     return f"R = w·φ + (1−w)·ρ, ρ = {rho}, φ = {phi}"
@@ -206,43 +214,110 @@ def rank_configs(
 
 def config_energy(energy: pd.DataFrame, basis: str = "gross") -> pd.DataFrame:
     """One row per evaluated config from energy.csv rows: energy per item over all its tasks (total
-    energy / total items), its spread, and its energy method. ``basis`` "net" takes the energy net
-    of the job's loaded-idle power instead of the gross reading."""
+    energy / total items), its standard error, and its energy method. ``basis`` "net" takes the energy
+    net of the job's loaded-idle power instead of the gross reading.
+
+    Refused with the configs named: rows of more than one energy scope (a whole machine's energy
+    beside a GPU's alone does not compare), and, on the net basis, a config whose net energy is at or
+    below zero (its windows drew no more than the loaded-idle baseline: noise, not a cost)."""
     rows = energy[energy["phase"].isin(EVALUATION_PHASES)].copy()
-    if basis == "net":
-        rows["energy_kwh"] = rows["energy_net_kwh"]
     if rows.empty:
         return pd.DataFrame(columns=["config_id", "model", "precision", "adapter", "pruning",
                                      "energy_kwh_per_item", "energy_kwh_per_item_std", "energy_method"])
-    rows["var"] = rows["energy_kwh_std"].fillna(0.0) ** 2
+    check_one_scope(rows)
+    if basis == "net":
+        net = rows["energy_net_kwh"].astype(float)
+        bad = sorted(set(rows.loc[~(net > 0), "config_id"].astype(str)))
+        if bad:
+            raise ValueError(
+                f"ranking.energy_basis: net, but rows of {', '.join(bad)} have net energy at or below zero (their "
+                "windows drew no more than the loaded-idle baseline; energy.csv's net_at_or_below_idle marks the "
+                "rows): a net ranking of them means nothing. Rank on energy_basis: gross, or measure longer windows.")
+        rows["energy_kwh"] = net
+    # the uncertainty of each row's energy: its standard error where recorded, else its spread
+    spread = rows["energy_kwh_std"].astype(float)
+    if "energy_kwh_se" in rows:
+        spread = rows["energy_kwh_se"].astype(float).where(rows["energy_kwh_se"].notna(), spread)
+    rows["var"] = spread.fillna(0.0) ** 2
     grouped = rows.groupby("config_id", sort=False)
     out = grouped.agg(
         model=("model", "first"), precision=("precision", "first"), adapter=("adapter", "first"),
         pruning=("pruning", "first"), energy_kwh=("energy_kwh", "sum"), n_items=("n_items", "sum"),
-        var=("var", "sum"), energy_method=("energy_method", "first"),
+        var=("var", "sum"),
     ).reset_index()
+    # every component's method behind the config's totals (not only the first component's)
+    methods = {c: ";".join(sorted(set(m for m in component_methods(g) if m))) for c, g in rows.groupby("config_id", sort=False)}
+    out["energy_method"] = out["config_id"].map(methods)
     out["energy_kwh_per_item"] = out["energy_kwh"] / out["n_items"]
     out["energy_kwh_per_item_std"] = np.sqrt(out["var"]) / out["n_items"]
     return out.drop(columns=["var"])
 
 
+def check_one_scope(rows: pd.DataFrame) -> None:
+    """Refuse energy rows of more than one scope (e.g. whole-machine rows beside 'gpu_only' ones, from
+    a study resumed under another --cluster), naming the configs of each."""
+    if "energy_scope" not in rows:
+        return
+    scopes = rows["energy_scope"].astype(object).where(rows["energy_scope"].notna(), "").astype(str)
+    if scopes.nunique() <= 1:
+        return
+    detail = "; ".join(f"{scope or '(none recorded)'}: {', '.join(sorted(set(rows.loc[scopes == scope, 'config_id'].astype(str))))}"
+                       for scope in sorted(set(scopes)))
+    raise ValueError(f"energy.csv mixes energy scopes, which a ranking cannot compare ({detail}). Re-measure the "
+                     "configs of one scope under the other (rerun them with the same --cluster), or rank each "
+                     "scope's configs in a study of its own.")
+
+
 def repeat_energy(repeats: pd.DataFrame, basis: str = "gross") -> pd.DataFrame:
-    """Per config and repeat index from energy_repeats.csv rows: energy per item summed over tasks
-    (for rank stability), gross or net of loaded idle."""
+    """Each evaluated config's measured windows per task from energy_repeats.csv (gross, or net of
+    loaded idle), for the energy resampling of rank stability: config_id, task, repeat, energy_kwh,
+    n_items (the window's items), window_unit and task_items (the items the task scored). Resampled
+    by :func:`energy_draws`, which gives back, on the windows as measured, exactly the point ranking's
+    energy per item (every task's energy, however many windows it had, over all its items)."""
     rows = repeats[repeats["phase"].isin(EVALUATION_PHASES)].copy()
     if basis == "net":
         rows["energy_kwh"] = rows["energy_net_kwh"]
     if rows.empty:
-        return pd.DataFrame(columns=list(ENERGY_REPEAT_COLUMNS))
-    grouped = rows.groupby(["config_id", "repeat"]).agg(energy_kwh=("energy_kwh", "sum"), n_items=("n_items", "sum"))
-    grouped = grouped.reset_index()
-    # Keep only repeat indices every task of the config has, so sums compare like with like.
-    tasks_per_config = rows.groupby("config_id")["task"].nunique()
-    counts = rows.groupby(["config_id", "repeat"])["task"].nunique().reset_index(name="n_tasks")
-    grouped = grouped.merge(counts, on=["config_id", "repeat"])
-    grouped = grouped[grouped["n_tasks"] == grouped["config_id"].map(tasks_per_config)]
-    grouped["energy_kwh_per_item"] = grouped["energy_kwh"] / grouped["n_items"]
-    return grouped[list(ENERGY_REPEAT_COLUMNS)]
+        return pd.DataFrame(columns=list(ENERGY_WINDOW_COLUMNS))
+    rows["window_unit"] = rows["window_unit"].fillna("repeat") if "window_unit" in rows else "repeat"
+    if "task_items" not in rows:
+        rows["task_items"] = np.nan
+    chunk_total = rows.groupby(["config_id", "phase", "task"])["n_items"].transform("sum")
+    derived = np.where(rows["window_unit"] == "chunk", chunk_total, rows["n_items"])
+    rows["task_items"] = rows["task_items"].astype(float).fillna(pd.Series(derived, index=rows.index).astype(float))
+    rows["task"] = rows["phase"].astype(str) + ":" + rows["task"].astype(str)
+    return rows[list(ENERGY_WINDOW_COLUMNS)].reset_index(drop=True)
+
+
+def energy_draws(windows: pd.DataFrame, config_ids: Sequence[str], n_boot: int,
+                 rng: np.random.Generator | None = None) -> np.ndarray:
+    """Energy per item of each config in each draw, shape (n_boot, configs): per task its windows
+    resampled with replacement (rng None: every window once, as measured); a task's energy is the mean
+    of its full-pass repeats, or its items x the resampled chunks' energy / their items (which is the
+    chunks' sum as measured); a config's energy per item is the sum over its tasks / all their items."""
+    frame = windows.copy()
+    frame["config_id"] = frame["config_id"].astype(str)
+    out = np.zeros((n_boot, len(config_ids)))
+    absent = sorted(set(map(str, config_ids)) - set(frame["config_id"]))
+    if absent:
+        raise ValueError(f"energy_repeats has no rows for configs: {absent}")
+    for i, config_id in enumerate(config_ids):
+        mine = frame[frame["config_id"] == str(config_id)]
+        items = 0.0
+        for _, task in mine.groupby("task", sort=True):
+            e = task["energy_kwh"].to_numpy(dtype=float)
+            n = task["n_items"].to_numpy(dtype=float)
+            k = len(e)
+            draws = (rng.integers(0, k, size=(n_boot, k)) if rng is not None and k > 1
+                     else np.broadcast_to(np.arange(k), (n_boot, k)))
+            task_items = float(task["task_items"].iloc[0])
+            if (task["window_unit"] == "chunk").all():
+                out[:, i] += task_items * e[draws].sum(axis=1) / n[draws].sum(axis=1)
+            else:
+                out[:, i] += e[draws].mean(axis=1)
+            items += task_items
+        out[:, i] /= items
+    return out
 
 
 def rank_evaluations(configs: pd.DataFrame, scores: pd.DataFrame, settings: RankingSettings,
@@ -334,7 +409,7 @@ def rank_stability(
     metric_means = _bootstrap_metric_means(items, kept, chosen, n_boot, rng)
     energy = _bootstrap_energy(table.set_index("config_id").loc[kept], energy_repeats, n_boot, rng)
 
-    rho = _rho_array(metric_means, settings.metric_scaling)
+    rho = _rho_array(metric_means, settings.metric_scaling, settings.rho_scale)
     phi = _phi_array(energy, settings.phi_method)
     ranks = _competition_ranks(w * phi + (1.0 - w) * rho)
 
@@ -366,7 +441,7 @@ def rho_from_items(scores_per_item: pd.DataFrame, settings: RankingSettings | No
     ids = _unique_ids(config_ids) if config_ids is not None else list(pd.unique(long["config_id"]))
     items, kept, _, chosen = _prepare_items(scores_per_item, ids, settings, qa_style)
     means = _metric_means(items, kept, chosen, lambda n: np.ones((1, n)))
-    return pd.Series(_rho_array(means, settings.metric_scaling)[0], index=pd.Index(kept, name="config_id"), name="rho")
+    return pd.Series(_rho_array(means, settings.metric_scaling, settings.rho_scale)[0], index=pd.Index(kept, name="config_id"), name="rho")
 
 
 # A config best in at least this share of joint resamples cannot be separated from the top one.
@@ -546,10 +621,16 @@ def _scale_metrics(values: np.ndarray, scaling: MetricScaling) -> np.ndarray:
     return np.where(span > 0, (values - low) / np.where(span > 0, span, 1.0), 1.0)
 
 
-def _rho_array(metric_means: np.ndarray, scaling: MetricScaling) -> np.ndarray:
+def _rho_array(metric_means: np.ndarray, scaling: MetricScaling, rho_scale: str = "raw") -> np.ndarray:
     """rho from metric values of shape (draws, configs, metrics): the one formula of the point
-    ranking and of every resample."""
-    return _scale_metrics(metric_means, scaling).mean(axis=2)
+    ranking and of every resample; ``rho_scale`` "minmax" rescales it over the configs of each draw to
+    [0, 1] (all equal: 1, as phi)."""
+    rho = _scale_metrics(metric_means, scaling).mean(axis=2)
+    if rho_scale == "minmax":
+        low = rho.min(axis=1, keepdims=True)
+        span = rho.max(axis=1, keepdims=True) - low
+        rho = np.where(span > 0, (rho - low) / np.where(span > 0, span, 1.0), 1.0)
+    return rho
 
 
 def _prepare_items(scores_per_item: pd.DataFrame, ids: list[str], settings: RankingSettings,
@@ -659,6 +740,13 @@ def _bootstrap_energy(
         _check_positive_energy(fixed)
         return np.broadcast_to(fixed.to_numpy(dtype=float), (n_boot, len(config_ids))).copy()
 
+    if "task" in energy_repeats.columns:  # per-task windows (repeat_energy): the point ranking's energy
+        _require_columns(energy_repeats, ENERGY_WINDOW_COLUMNS, "energy_repeats")
+        draws = energy_draws(energy_repeats, config_ids, n_boot, rng)
+        bad = [c for c, ok in zip(config_ids, np.isfinite(draws).all(axis=0) & (draws > 0).all(axis=0)) if not ok]
+        if bad:
+            raise ValueError(f"energy_kwh_per_item must be finite and > 0 in every resample; bad for configs: {bad}")
+        return draws
     _require_columns(energy_repeats, ENERGY_REPEAT_COLUMNS, "energy_repeats")
     repeats = energy_repeats[list(ENERGY_REPEAT_COLUMNS)].copy()
     repeats["config_id"] = repeats["config_id"].astype(str)
@@ -686,43 +774,28 @@ def _bootstrap_energy(
 # --- paired comparisons ---------------------------------------------------------------------------
 
 COMPARISON_COLUMNS: tuple[str, ...] = ("config_a", "config_b", "task", "metric", "diff", "ci_low", "ci_high",
-                                       "p_value", "test", "n_items")
-
-
-def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sided exact McNemar p-value for paired 0/1 outcomes: a binomial test on the discordant
-    items (a right and b wrong, against a wrong and b right); 1.0 when none are discordant."""
-    from math import comb
-
-    only_a = int(np.sum((a == 1) & (b == 0)))
-    only_b = int(np.sum((a == 0) & (b == 1)))
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    k = min(only_a, only_b)
-    tail = sum(comb(n, i) for i in range(k + 1)) / 2.0**n
-    return float(min(1.0, 2.0 * tail))
+                                       "p_value", "test", "n_items", "family", "p_adjusted")
 
 
 def paired_comparisons(item_scores: pd.DataFrame, n_boot: int = 2000, level: float = 0.95,
-                       seed: int = 0) -> pd.DataFrame:
+                       seed: int = 0, n_perm: int = 9999) -> pd.DataFrame:
     """Every pair of configs on every task metric they were both scored on, item by item.
 
     diff = mean(a) - mean(b) over the items both have; its interval is a paired bootstrap (the same
     resampled items for both configs). The p-value is McNemar's exact test for 0/1 metrics
-    (accuracies) and the two-sided paired-bootstrap p-value otherwise. One row per unordered pair,
-    ``config_a`` before ``config_b`` in sorted order."""
+    (accuracies) and the paired sign-flip permutation test otherwise (:mod:`llm_energy.significance`).
+    ``p_adjusted`` and ``family`` stay empty here: the ranking phase fills them for the pairs the
+    report judges (Holm within each family). One row per unordered pair, ``config_a`` before
+    ``config_b`` in sorted order."""
     items = _prepare_long_scores(item_scores, ITEM_SCORE_COLUMNS, "item_scores")
     items = items[items["value"].notna()]
     rows = []
     rng = np.random.default_rng(seed)
-    alpha = (1 - level) / 2
     for (task, metric), group in items.groupby(["task", "metric"], sort=True):
         wide = group.pivot_table(index="item_id", columns="config_id", values="value", aggfunc="first")
         configs = sorted(wide.columns)
         if len(configs) < 2:
             continue
-        binary = bool(np.isin(group["value"].to_numpy(dtype=float), (0.0, 1.0)).all())
         for i, a in enumerate(configs):
             for b in configs[i + 1 :]:
                 pair = wide[[a, b]].dropna()
@@ -731,16 +804,11 @@ def paired_comparisons(item_scores: pd.DataFrame, n_boot: int = 2000, level: flo
                     continue
                 va, vb = pair[a].to_numpy(dtype=float), pair[b].to_numpy(dtype=float)
                 d = va - vb
-                draws = rng.integers(0, n, size=(n_boot, n))
-                boot = d[draws].mean(axis=1)
-                if binary:
-                    p_value, test = mcnemar_exact(va, vb), "mcnemar_exact"
-                else:
-                    p_value = float(min(1.0, 2.0 * min((boot <= 0).mean(), (boot >= 0).mean())))
-                    test = "paired_bootstrap"
+                low, high = paired_interval(d, n_boot, level, rng)
+                p_value, test = paired_test(va, vb, n_perm=n_perm, seed=seed)
                 rows.append({"config_a": a, "config_b": b, "task": task, "metric": metric, "diff": float(d.mean()),
-                             "ci_low": float(np.quantile(boot, alpha)), "ci_high": float(np.quantile(boot, 1 - alpha)),
-                             "p_value": p_value, "test": test, "n_items": n})
+                             "ci_low": low, "ci_high": high, "p_value": p_value, "test": test, "n_items": n,
+                             "family": "", "p_adjusted": np.nan})
     return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
 
 

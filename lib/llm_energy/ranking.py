@@ -20,7 +20,8 @@ import yaml
 
 from . import rank, results
 from .config import PHI_METHODS, PRECISIONS, RankingSettings, headline_metric
-from .energy import describe_methods, is_estimate
+from .energy import component_methods, describe_methods, is_estimate
+from .significance import MIN_VERDICT_ITEMS, holm
 from .layout import StudyLayout
 
 
@@ -39,6 +40,8 @@ class RankingOutcome:
     precision_lines: tuple[str, ...] = ()  # achieved 95% half-widths against the targets
     device_lines: tuple[str, ...] = ()  # each precision's measured throughput on the device, and skips
     data_lines: tuple[str, ...] = ()  # what each task scored: data source (synthetic said so), style, items, skips
+    scale_lines: tuple[str, ...] = ()  # observed ranges of φ and ρ and the weight energy effectively gets
+    qa_style: str = "cloze"  # how QA was scored (its headline metric follows)
 
 
 def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutcome:
@@ -61,13 +64,17 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
         alt_table = rank.add_top_uncertainty(alt.table, alt_stability.attrs.get("p_best") if alt_stability is not None else None)
         top_by_phi[other] = tied_at(alt_table, result.settings.w)
     results.write_table(study_dir, "ranking", result.table)
-    comparisons = rank.paired_comparisons(results.read_table(study_dir, "item_scores"))
+    items = results.read_table(study_dir, "item_scores")
+    items = items[items["config_id"].astype(str).isin(set(configs["config_id"].astype(str)))]
+    comparisons = adjust_comparisons(rank.paired_comparisons(items), configs, qa_style)
     results.write_table(study_dir, "comparisons", comparisons)
-    methods = tuple(sorted({m for m in energy["energy_method"].dropna().astype(str) if m != "none"}))
+    measured = energy[energy["phase"].isin(rank.EVALUATION_PHASES + ("finetune", "recovery"))]
+    methods = tuple(sorted({m for m in component_methods(measured) if m}))
     return RankingOutcome(result=result, configs=configs, stability=stability, stability_metrics=used,
                           w=settings.w, methods=methods, energy_lines=tuple(energy_description(energy, settings)),
                           comparisons=comparisons, stability_note=note, top_by_phi=top_by_phi,
                           precision_lines=tuple(precision_lines(scores, qa_style, configs["config_id"].tolist())),
+                          scale_lines=tuple(scale_lines(result.table, result.settings)), qa_style=qa_style,
                           device_lines=tuple(device_lines(study_dir)), data_lines=tuple(data_lines(study_dir, scores)))
 
 
@@ -323,6 +330,7 @@ def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
            else " (accuracies, already in [0, 1]).")
         + " Energy per item = a config's inference energy over all tasks / items scored."
     )
+    lines += list(outcome.scale_lines)
     if outcome.stability_metrics:
         lines.append(f"Rank stability and p_best resample the items of {', '.join(outcome.stability_metrics)} "
                      "(the same ρ as the point ranking) and the energy repeats.")
@@ -448,11 +456,14 @@ def empty(frame: Any) -> bool:
     return frame is None or len(frame) == 0
 
 
-def recovery_markdown(study_dir: str | Path, metrics: tuple[tuple[str, str], ...] = (("rca", "accuracy"), ("qa", "acc"))) -> str:
+def recovery_markdown(study_dir: str | Path, metrics: tuple[tuple[str, str], ...] | None = None) -> str:
     """Per recovered config: the quality pruning cost and recovery won back, beside the energy the
-    recovery fine-tuning spent."""
+    recovery fine-tuning spent; ``metrics`` (task, metric) default to each task's headline metric
+    (config.headline_metric under the study's QA style)."""
     energy = results.read_table(study_dir, "energy")
     scores = results.read_table(study_dir, "scores")
+    if metrics is None:
+        metrics = verdict_metrics(study_qa_style(study_dir, scores))
     training = energy[energy["phase"] == "recovery"]
     if training.empty:
         return ""
@@ -474,18 +485,20 @@ def recovery_markdown(study_dir: str | Path, metrics: tuple[tuple[str, str], ...
     return "\n".join(lines)
 
 
-# What "quality changed" is judged on, per task: its headline metric.
-HEADLINE_METRICS: tuple[tuple[str, str], ...] = (("rca", "accuracy"), ("qa", "acc_norm"), ("rca_resolution", "rouge_l"))
+VERDICT_TASKS: tuple[str, ...] = ("rca", "qa", "rca_resolution")
+VERDICT_KINDS: dict[str, str] = {"quantization": "quantization verdicts", "pruning": "pruning and recovery verdicts"}
 
 
-def quality_changes(outcome: RankingOutcome, kind: str, alpha: float = 0.05) -> str:
-    """Whether quality changed beyond noise, in words, from the paired comparisons: ``kind``
-    "quantization" compares each precision with its own model's fp32 (same adapter); "pruning"
-    compares each pruned config with its target, and each recovered config with its pruned one."""
-    table = outcome.comparisons
-    if table is None or table.empty:
-        return ""
-    meta = outcome.configs.set_index("config_id")
+def verdict_metrics(qa_style: str) -> tuple[tuple[str, str], ...]:
+    """What "quality changed" is judged on, per task: its headline metric (config.headline_metric)."""
+    return tuple((task, headline_metric(task, qa_style)) for task in VERDICT_TASKS)
+
+
+def judged_pairs(configs: pd.DataFrame, kind: str) -> list[tuple[str, str]]:
+    """The (config, reference) pairs a paragraph of the report judges: ``kind`` "quantization" pairs
+    each unpruned precision with its own model's fp32 (same adapter); "pruning" pairs each pruned
+    config with its target, and each recovered config with its pruned one."""
+    meta = configs.set_index("config_id")
     pairs = []
     if kind == "quantization":
         plain = meta[meta["pruning"] == "none"]
@@ -495,27 +508,101 @@ def quality_changes(outcome: RankingOutcome, kind: str, alpha: float = 0.05) -> 
             reference = plain[(plain["model"] == row["model"]) & (plain["precision"] == "fp32")
                               & (plain["adapter"] == row["adapter"])]
             if len(reference):
-                pairs.append((config_id, reference.index[0]))
-        title = "**Quantization against fp32, paired on the same items.**"
-    else:
+                pairs.append((str(config_id), str(reference.index[0])))
+    elif kind == "pruning":
         for config_id in meta[meta["pruning"] != "none"].index:
+            config_id = str(config_id)
             reference = config_id.removesuffix("__recovered") if config_id.endswith("__recovered") else config_id.rsplit("__", 1)[0]
             if reference in meta.index:
                 pairs.append((config_id, reference))
-        title = "**Pruning against its unpruned config (and recovery against its pruned one), paired on the same items.**"
+    else:
+        raise ValueError(f"kind must be one of {list(VERDICT_KINDS)}; got {kind!r}")
+    return sorted(pairs)
+
+
+def adjust_comparisons(comparisons: pd.DataFrame, configs: pd.DataFrame, qa_style: str) -> pd.DataFrame:
+    """comparisons.csv with ``family`` and ``p_adjusted`` filled for the pairs the report judges:
+    Holm's correction within each family, one family per paragraph of verdicts (quantization; pruning
+    and recovery) and per headline metric, e.g. "quantization:qa:acc". Pairs on fewer than
+    MIN_VERDICT_ITEMS items get no verdict and stay out of the family; every other row keeps
+    ``family`` and ``p_adjusted`` empty."""
+    out = comparisons.copy()
+    out["family"] = ""
+    out["p_adjusted"] = np.nan
+    if out.empty:
+        return out
+    key = {(a, b, t, m): i for i, (a, b, t, m) in enumerate(zip(out["config_a"], out["config_b"], out["task"], out["metric"]))}
+    for kind in VERDICT_KINDS:
+        pairs = judged_pairs(configs, kind)
+        for task, metric in verdict_metrics(qa_style):
+            rows = []
+            for config_id, reference in pairs:
+                index = key.get((config_id, reference, task, metric), key.get((reference, config_id, task, metric)))
+                if index is not None and int(out.iloc[index]["n_items"]) >= MIN_VERDICT_ITEMS:
+                    rows.append(out.index[index])
+            if not rows:
+                continue
+            out.loc[rows, "family"] = f"{kind}:{task}:{metric}"
+            out.loc[rows, "p_adjusted"] = holm(out.loc[rows, "p_value"].astype(float).tolist())
+    return out
+
+
+def quality_changes(outcome: RankingOutcome, kind: str, alpha: float = 0.05) -> str:
+    """Whether quality changed beyond noise, in words, from the paired comparisons, on each task's
+    headline metric: ``kind`` "quantization" compares each precision with its own model's fp32 (same
+    adapter); "pruning" compares each pruned config with its target, and each recovered config with its
+    pruned one. The verdict reads the Holm-adjusted p-value of the paragraph's family; a metric on fewer
+    than MIN_VERDICT_ITEMS items gets "too few items to judge" instead of a verdict."""
+    table = outcome.comparisons
+    if table is None or table.empty:
+        return ""
+    pairs = judged_pairs(outcome.configs, kind)
     if not pairs:
         return ""
-    lines = [title + f" A change is beyond noise when p < {alpha:g} (McNemar's exact test for accuracies, a "
-             "paired bootstrap otherwise); the interval is the paired-bootstrap 95% interval of the difference."]
-    for config_id, reference in sorted(pairs):
+    title = ("**Quantization against fp32, paired on the same items.**" if kind == "quantization" else
+             "**Pruning against its unpruned config (and recovery against its pruned one), paired on the same items.**")
+    metrics = verdict_metrics(outcome.qa_style)
+    lines = [title + f" Each task is judged on its headline metric ({', '.join(f'{t} {m}' for t, m in metrics)}). "
+             f"A change is beyond noise when its p-value, Holm-adjusted over this paragraph's pairs for that metric "
+             f"(p_adj), is below {alpha:g}; the test is McNemar's exact test for accuracies and a paired sign-flip "
+             "permutation test otherwise, and the interval the paired-bootstrap 95% interval of the difference. "
+             f"A metric scored on fewer than {MIN_VERDICT_ITEMS} items gets no verdict."]
+    for config_id, reference in pairs:
         parts = []
-        for task, metric in HEADLINE_METRICS:
+        for task, metric in metrics:
             row = rank.compare(table, config_id, reference, task, metric)
             if row is None:
                 continue
-            verdict = "beyond noise" if row["p_value"] < alpha else "within noise"
-            parts.append(f"{task} {metric} {row['diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}], "
-                         f"p = {row['p_value']:.3g}: {verdict}")
+            head = (f"{task} {metric} {row['diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] "
+                    f"on {int(row['n_items'])} items")
+            adjusted = row.get("p_adjusted")
+            if int(row["n_items"]) < MIN_VERDICT_ITEMS or adjusted is None or pd.isna(adjusted):
+                parts.append(f"{head}: too few items to judge")
+                continue
+            verdict = "beyond noise" if adjusted < alpha else "within noise"
+            parts.append(f"{head}, p = {row['p_value']:.3g}, p_adj = {adjusted:.3g}: {verdict}")
         if parts:
             lines.append(f"- {config_id} vs {reference}: " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def scale_lines(table: pd.DataFrame, settings: RankingSettings) -> list[str]:
+    """The observed ranges of φ and ρ at the headline w and the weight energy effectively gets there:
+    w·span(φ) / (w·span(φ) + (1−w)·span(ρ)). φ spans [0, 1] under min-max by construction while ρ spans
+    only the accuracies observed, so w = 0.5 can weigh energy several times more than quality."""
+    at_w = table[np.isclose(table["w"].astype(float), settings.w)].drop_duplicates("config_id")
+    if len(at_w) < 2:
+        return []
+    phi = at_w["phi"].astype(float)
+    rho = at_w["rho"].astype(float)
+    span_phi, span_rho = float(phi.max() - phi.min()), float(rho.max() - rho.min())
+    w = settings.w
+    total = w * span_phi + (1 - w) * span_rho
+    effective = w * span_phi / total if total > 0 else float("nan")
+    scale = ("ρ is min-max scaled over the configs (ranking.rho_scale: minmax)" if settings.rho_scale == "minmax"
+             else "ρ as observed (ranking.rho_scale: raw, the paper's definition; rho_scale: minmax scales it to [0, 1])")
+    return [f"Observed ranges at w = {w:g}: φ {phi.min():.3f}–{phi.max():.3f}, ρ {rho.min():.3f}–{rho.max():.3f} "
+            f"({scale}). Across these configs energy effectively weighs {effective:.0%} of R's spread "
+            f"(w·span φ / (w·span φ + (1−w)·span ρ)), quality {1 - effective:.0%}."
+            if not math.isnan(effective) else
+            f"Observed ranges at w = {w:g}: φ {phi.min():.3f}–{phi.max():.3f}, ρ {rho.min():.3f}–{rho.max():.3f}."]

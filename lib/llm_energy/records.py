@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import results
+from .config import CORRECTNESS_TASKS, headline_metric
 from .energy import EnergyRecord, IdleBaseline
 
 if TYPE_CHECKING:
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
     from .prune import PruningResult
     from .scoring import TaskResult
 
-# The metric an answer is "correct" under, per task (energy per correct answer).
-PRIMARY_METRIC = {"rca": "accuracy", "qa": "acc"}
 
 
 @dataclass(frozen=True)
@@ -79,61 +78,66 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
                 generated_tokens: int = 0, sparsity: PruningResult | None = None,
                 idle_system_power_w: float | None = None, source: str = "", style: str = "",
                 fewshot: Sequence[Any] = ()) -> None:
-    """One task's energy row, its scores, its per-item scores and its per-repeat energy. ``fewshot``:
-    the worked examples every item was shown (scores.csv: how many, and their ids)."""
+    """One task's energy row, its scores, its per-item scores and its per-window energy. ``fewshot``:
+    the worked examples every item was shown (scores.csv: how many, and their ids). A re-measured
+    config x phase x task replaces all its rows in every one of these tables (fewer items or windows
+    than before leave no stale rows behind)."""
     first = measurement.records[0]
     energy_kwh = measurement.total("energy_kwh")
-    energy_row = {
-        "config_id": config.config_id, "phase": phase, "model": config.model, "precision": config.precision,
-        "adapter": config.adapter, "pruning": config.pruning,
-        "sparsity_pattern": sparsity.pattern if sparsity is not None else None,
-        "target_sparsity": sparsity.target_sparsity if sparsity is not None else 0.0,
-        "measured_sparsity": sparsity.measured_sparsity if sparsity is not None else None,
-        "task": result.task, "n_items": result.n_items, "n_tokens": result.n_tokens,
-        "duration_s": measurement.total("duration_s"), "energy_kwh": energy_kwh,
-        "energy_net_kwh": measurement.total("energy_net_kwh"), "cpu_energy_kwh": measurement.total("cpu_energy_kwh"),
-        "gpu_energy_kwh": measurement.total("gpu_energy_kwh"), "ram_energy_kwh": measurement.total("ram_energy_kwh"),
-        "emissions_kg": measurement.total("emissions_kg"), "energy_method": first.energy_method,
-        "device": device, "repeats": measurement.repeats, "energy_kwh_std": measurement.std("energy_kwh"),
-        # how the energy was windowed: every window a full pass (repeat), or one pass in chunks (chunk)
-        "windows": measurement.windows, "window_unit": measurement.unit,
+    energy_net_kwh = measurement.total("energy_net_kwh")
+    row = results.EnergyRow(
+        config_id=config.config_id, phase=phase, model=config.model, precision=config.precision,
+        adapter=config.adapter, pruning=config.pruning,
+        sparsity_pattern=sparsity.pattern if sparsity is not None else None,
+        target_sparsity=sparsity.target_sparsity if sparsity is not None else 0.0,
+        measured_sparsity=sparsity.measured_sparsity if sparsity is not None else None,
+        task=result.task, n_items=result.n_items, n_tokens=result.n_tokens,
+        n_tokens_prompted=result.n_tokens_prompted if result.n_tokens_prompted is not None else result.n_tokens,
+        duration_s=measurement.total("duration_s"), energy_kwh=energy_kwh, energy_net_kwh=energy_net_kwh,
+        cpu_energy_kwh=measurement.total("cpu_energy_kwh"), gpu_energy_kwh=measurement.total("gpu_energy_kwh"),
+        ram_energy_kwh=measurement.total("ram_energy_kwh"), emissions_kg=measurement.total("emissions_kg"),
+        energy_method=first.energy_method, device=device, repeats=measurement.repeats,
+        energy_kwh_std=measurement.std("energy_kwh"), energy_std_estimator=measurement.std_estimator,
+        energy_kwh_se=measurement.se("energy_kwh"), net_at_or_below_idle=bool(energy_net_kwh <= 0),
+        windows=measurement.windows, window_unit=measurement.unit,
         **energy_fields(first),
-        "idle_power_w": first.idle_power_w, "idle_loaded_power_w": first.idle_power_w,
-        "idle_system_power_w": idle_system_power_w, "duration_s_std": measurement.std("duration_s"),
-        "energy_kwh_per_item": energy_kwh / max(result.n_items, 1),
-        "energy_kwh_per_1k_tokens": energy_kwh * 1000 / max(result.n_tokens, 1),
-        "energy_kwh_per_correct": energy_per_correct(energy_kwh, result),
-        "compute_dtype": compute_dtype, "memory_bytes": memory_bytes,
-        "n_generated_tokens": generated_tokens,
-        "energy_kwh_per_1k_generated_tokens": energy_kwh * 1000 / generated_tokens if generated_tokens else None,
-    }
-    results.upsert_rows(study_dir, "energy", [energy_row])
+        idle_power_w=first.idle_power_w, idle_loaded_power_w=first.idle_power_w,
+        idle_system_power_w=idle_system_power_w, duration_s_std=measurement.std("duration_s"),
+        energy_kwh_per_item=energy_kwh / max(result.n_items, 1),
+        energy_kwh_per_1k_tokens=energy_kwh * 1000 / max(result.n_tokens, 1),
+        energy_kwh_per_correct=energy_per_correct(energy_kwh, result, style),
+        compute_dtype=compute_dtype, memory_bytes=memory_bytes, n_generated_tokens=generated_tokens,
+        energy_kwh_per_1k_generated_tokens=energy_kwh * 1000 / generated_tokens if generated_tokens else None,
+    )
+    mine = {"config_id": config.config_id, "task": result.task}
+    results.upsert_rows(study_dir, "energy", results.energy_rows(row))
     results.upsert_rows(study_dir, "scores", [
         {"config_id": config.config_id, "task": result.task, "metric": metric, "value": value,
          "ci_low": result.intervals[metric][0], "ci_high": result.intervals[metric][1], "n_items": result.n_items,
          "data": source, "style": style, "fewshot": len(fewshot),
          "fewshot_ids": " ".join(str(example.id) for example in fewshot)}
         for metric, value in result.metrics.items()
-    ])
+    ], replace_where=mine)
     results.upsert_rows(study_dir, "item_scores", [
         {"config_id": config.config_id, "task": result.task, "metric": metric, "item_id": item_id, "value": float(v)}
         for metric, values in result.per_item.items()
         for item_id, v in zip(result.item_ids, values)
-    ])
+    ], replace_where=mine)
     results.upsert_rows(study_dir, "energy_repeats", [
         {"config_id": config.config_id, "phase": phase, "task": result.task, "repeat": i + 1,
          "duration_s": r.duration_s, "energy_kwh": r.energy_kwh, "energy_net_kwh": r.energy_net_kwh,
          "n_items": measurement.window_items[i] if measurement.unit == "chunk" else result.n_items,
-         "window_unit": measurement.unit}
+         "window_unit": measurement.unit, "task_items": result.n_items}
         for i, r in enumerate(measurement.records)
-    ])
+    ], replace_where={**mine, "phase": phase})
 
 
-def energy_per_correct(energy_kwh: float, result: TaskResult) -> float:
-    """Energy per correct answer under the task's primary metric (inf when none is correct)."""
-    if result.task not in PRIMARY_METRIC:
+def energy_per_correct(energy_kwh: float, result: TaskResult, style: str = "cloze") -> float:
+    """Energy per correct answer under the task's headline metric (config.headline_metric: the same
+    metric rho and the verdicts use; inf when none is correct, NaN for generation)."""
+    if result.task not in CORRECTNESS_TASKS:
         return float("nan")  # generation has no notion of a correct answer
-    correct = result.metrics[PRIMARY_METRIC[result.task]] * result.n_items
+    correct = result.metrics[headline_metric(result.task, style)] * result.n_items
     return energy_kwh / correct if correct > 0 else float("inf")
 
 
@@ -150,19 +154,20 @@ def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneRes
         **(energy_fields(e.record) if e.record is not None else dict.fromkeys(ENERGY_FIELDS)),
     } for e in result.epochs]
     results.upsert_rows(study_dir, "training", rows, replace_where={"config_id": config.config_id})
-    row = {column: None for column in results.ENERGY_COLUMNS}
-    row.update(
+    record = result.epochs[0].record
+    net = math.fsum(e.record.energy_net_kwh for e in result.epochs) if record is not None else None
+    n_tokens = sum(e.n_tokens for e in result.epochs)
+    row = results.EnergyRow(
         config_id=config.config_id, phase=phase, model=config.model, precision=config.precision,
         adapter=config.adapter, pruning=config.pruning, target_sparsity=0.0, task=task,
-        n_items=sum(e.n_examples for e in result.epochs), n_tokens=sum(e.n_tokens for e in result.epochs),
+        n_items=sum(e.n_examples for e in result.epochs), n_tokens=n_tokens, n_tokens_prompted=n_tokens,
         duration_s=sum(e.duration_s for e in result.epochs), energy_kwh=sum(e.energy_kwh for e in result.epochs),
         emissions_kg=sum(e.emissions_kg for e in result.epochs), energy_method=result.epochs[0].energy_method,
-        device=device, repeats=1, energy_kwh_std=math.nan,
+        device=device, repeats=1, energy_kwh_std=math.nan, energy_net_kwh=net,
+        net_at_or_below_idle=bool(net <= 0) if net is not None else None,
+        **(energy_fields(record) if record is not None else {}),
     )
-    if result.epochs[0].record is not None:
-        row.update(energy_fields(result.epochs[0].record))
-        row["energy_net_kwh"] = sum(e.record.energy_net_kwh for e in result.epochs)
-    results.upsert_rows(study_dir, "energy", [row])
+    results.upsert_rows(study_dir, "energy", results.energy_rows(row))
 
 
 def record_pruned_layers(study_dir: Path, config_id: str, outcome: PruningResult,

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import tempfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -19,14 +20,74 @@ import pandas as pd
 
 from .layout import StudyLayout
 
-ENERGY_COLUMNS = [
-    "config_id", "phase", "model", "precision", "adapter", "pruning", "sparsity_pattern",
-    "target_sparsity", "measured_sparsity", "task", "n_items", "n_tokens", "duration_s",
-    "energy_kwh", "energy_net_kwh", "cpu_energy_kwh", "gpu_energy_kwh", "ram_energy_kwh",
-    "emissions_kg", "energy_method", "device", "repeats", "energy_kwh_std",
-    "cpu_method", "gpu_method", "ram_method", "estimated_components", "energy_scope", "country_iso_code",
-    "carbon_intensity_g_per_kwh",
-]
+@dataclass(frozen=True)
+class EnergyRow:
+    """One row of energy.csv: one config x phase x task (an inference task's measured windows summed
+    or averaged into one row, or a fine-tuning run's epochs). Its columns are this type's fields, in
+    order; every writer builds one of these, so the table has one definition."""
+
+    config_id: str
+    phase: str  # inference | pruning (evaluations of a config) | finetune | recovery (training)
+    model: str
+    precision: str
+    adapter: str = "none"
+    pruning: str = "none"
+    sparsity_pattern: str | None = None
+    target_sparsity: float = 0.0
+    measured_sparsity: float | None = None
+    task: str = ""
+    n_items: int = 0
+    n_tokens: int = 0  # tokens as they ran through the model (a shared few-shot prefix once per call)
+    duration_s: float | None = None
+    energy_kwh: float | None = None  # gross: everything the meter read in the windows
+    energy_net_kwh: float | None = None  # net of the job's loaded-idle power over the same time
+    cpu_energy_kwh: float | None = None
+    gpu_energy_kwh: float | None = None
+    ram_energy_kwh: float | None = None
+    emissions_kg: float | None = None
+    energy_method: str | None = None  # the first component's method (see cpu/gpu/ram_method)
+    device: str | None = None
+    repeats: int = 1  # measured windows
+    # the uncertainty of energy_kwh that energy_std_estimator names (see RepeatedMeasurement.std)
+    energy_kwh_std: float | None = None
+    cpu_method: str | None = None
+    gpu_method: str | None = None
+    ram_method: str | None = None
+    estimated_components: str | None = None
+    energy_scope: str | None = None
+    country_iso_code: str | None = None
+    carbon_intensity_g_per_kwh: float | None = None
+    # how the energy was windowed: every window a full pass (repeat), or one pass in chunks (chunk)
+    windows: int | None = None
+    window_unit: str | None = None
+    energy_std_estimator: str | None = None  # what energy_kwh_std is (sd_of_repeats | se_of_chunk_sum)
+    energy_kwh_se: float | None = None  # standard error of energy_kwh (both designs)
+    # net energy at or below zero: the windows drew no more than the loaded-idle baseline (noise)
+    net_at_or_below_idle: bool | None = None
+    idle_power_w: float | None = None
+    idle_loaded_power_w: float | None = None
+    idle_system_power_w: float | None = None
+    duration_s_std: float | None = None
+    energy_kwh_per_item: float | None = None
+    n_tokens_prompted: int | None = None  # tokens of every prompt as written (the shared prefix per item)
+    energy_kwh_per_1k_tokens: float | None = None  # per 1k tokens as they ran (n_tokens)
+    energy_kwh_per_correct: float | None = None  # per correct answer under the task's headline metric
+    compute_dtype: str | None = None
+    memory_bytes: int | None = None
+    n_generated_tokens: int | None = None
+    energy_kwh_per_1k_generated_tokens: float | None = None
+
+
+ENERGY_ALL_COLUMNS: list[str] = [f.name for f in fields(EnergyRow)]
+# the columns every energy row must have (the rest may be empty for a training row)
+ENERGY_COLUMNS = ENERGY_ALL_COLUMNS[: ENERGY_ALL_COLUMNS.index("carbon_intensity_g_per_kwh") + 1]
+
+
+def energy_rows(*rows: EnergyRow) -> list[dict[str, Any]]:
+    """Rows for :func:`upsert_rows` from typed energy rows."""
+    return [asdict(r) for r in rows]
+
+
 SCORES_COLUMNS = ["config_id", "task", "metric", "value", "ci_low", "ci_high", "n_items"]
 TRAINING_COLUMNS = [
     "config_id", "model", "precision", "adapter", "epoch", "train_loss", "eval_loss", "duration_s",
@@ -60,7 +121,8 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
         ["config_id", "layer"],
     ),
     "comparisons": (
-        ["config_a", "config_b", "task", "metric", "diff", "ci_low", "ci_high", "p_value"],
+        ["config_a", "config_b", "task", "metric", "diff", "ci_low", "ci_high", "p_value", "test", "n_items",
+         "family", "p_adjusted"],
         ["config_a", "config_b", "task", "metric"],
     ),
     "sparse_plan": (

@@ -39,7 +39,14 @@ class ChoiceScores:
 
     loglik: np.ndarray  # summed log-probability of each continuation
     continuation_chars: np.ndarray  # len(" choice") per continuation
-    n_tokens: int  # tokens fed to the model for this item (no padding)
+    n_tokens: int  # tokens of this item's prompt and continuations as written (no padding)
+    # tokens this item actually ran: a prefix shared by a call's requests runs once, so it counts
+    # on the call's first item only (None: the same as n_tokens)
+    n_tokens_run: int | None = None
+
+    @property
+    def tokens_run(self) -> int:
+        return self.n_tokens if self.n_tokens_run is None else self.n_tokens_run
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,8 @@ class TaskResult:
     item_ids: tuple[str, ...] = field(repr=False)
     predictions: tuple[int, ...] = field(repr=False)
     n_items: int = 0
-    n_tokens: int = 0
+    n_tokens: int = 0  # tokens as they ran through the model (a shared few-shot prefix once per call)
+    n_tokens_prompted: int | None = None  # tokens of every prompt as written (None: same as n_tokens)
 
 
 _PREFIXES: "weakref.WeakKeyDictionary[Any, tuple[int, ...]]" = weakref.WeakKeyDictionary()
@@ -242,8 +250,8 @@ def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
         totals += _score_rows(model, tokenizer, rows[start : start + PACK_ROWS], prefix)
     return [
         ChoiceScores(loglik=np.array(t, dtype=float), continuation_chars=np.array(r.continuation_chars, dtype=float),
-                     n_tokens=r.n_tokens)
-        for t, r in zip(totals, encoded)
+                     n_tokens=r.n_tokens, n_tokens_run=r.n_tokens - (shared if index else 0))
+        for index, (t, r) in enumerate(zip(totals, encoded))
     ]
 
 
@@ -771,7 +779,8 @@ def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: 
                 seed: int = 0) -> TaskResult:
     """Metrics and bootstrap intervals from the scores (after the measured window)."""
     data = prepared.data
-    n_tokens = sum(s.n_tokens for s in scores)
+    n_tokens = sum(s.tokens_run for s in scores)
+    n_prompted = sum(s.n_tokens for s in scores)
     if prepared.task == "qa" and prepared.style == "options":
         # one letter per choice: acc is the metric (a length normalisation would change nothing)
         predictions = [int(np.argmax(s.loglik)) for s in scores]
@@ -785,6 +794,7 @@ def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: 
             predictions=tuple(predictions),
             n_items=len(data.items),
             n_tokens=n_tokens,
+            n_tokens_prompted=n_prompted,
         )
     if prepared.task == "qa":
         correct, correct_norm, predictions = [], [], []
@@ -805,6 +815,7 @@ def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: 
             predictions=tuple(predictions),
             n_items=len(data.items),
             n_tokens=n_tokens,
+            n_tokens_prompted=n_prompted,
         )
     labels = list(prepared.labels)
     predicted = [int(np.argmax(s.loglik / s.continuation_chars)) for s in scores]
@@ -823,6 +834,7 @@ def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: 
         predictions=tuple(predicted),
         n_items=len(data.items),
         n_tokens=n_tokens,
+        n_tokens_prompted=n_prompted,
     )
 
 

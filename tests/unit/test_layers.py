@@ -22,8 +22,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundation: typed config, names and places, the items a task scores", {"config", "layout", "items"}),
     ("ground: data readers, table writers, the energy meter, the device throughput probe, the W8A8 layer",
      {"teleqna", "data", "results", "energy", "throughput", "quant8"}),
-    ("middle: models, scoring, generation, pruning, sparse kernels, LoRA, ranking arithmetic",
-     {"models", "scoring", "generation", "prune", "sparse", "lora", "rank"}),
+    ("middle: models, scoring, generation, pruning, sparse kernels, LoRA, paired tests, ranking arithmetic",
+     {"models", "scoring", "generation", "prune", "sparse", "lora", "significance", "rank"}),
     ("shared plumbing of the phases: table rows, the measured evaluation, figures, the HTML report, "
      "the data checks of validate", {"records", "evaluation", "plots", "report", "checks"}),
     # (the data phase's module is `data` itself: notebook 01 reads and summarises the splits)

@@ -455,16 +455,18 @@ def item_rows(config_id, task, metric, values):
             for k, v in enumerate(values)]
 
 
-def test_paired_bootstrap_sees_a_difference_on_the_same_items():
+def test_paired_sign_flip_test_sees_a_difference_on_the_same_items():
     rng = np.random.default_rng(1)
     base = rng.random(60)
     rows = (item_rows("A", "gen", "rouge_l", base + 0.2) + item_rows("B", "gen", "rouge_l", base)
             + item_rows("C", "gen", "rouge_l", base + rng.normal(0, 0.01, 60)))
     table = paired_comparisons(pd.DataFrame(rows), n_boot=2000, seed=0)
     ab = compare(table, "A", "B", "gen", "rouge_l")
-    assert ab["diff"] == pytest.approx(0.2) and ab["test"] == "paired_bootstrap"
-    # every item moved by exactly 0.2, so the paired interval is a point, far from 0
-    assert ab["ci_low"] == pytest.approx(0.2) and ab["ci_high"] == pytest.approx(0.2) and ab["p_value"] == 0.0
+    assert ab["diff"] == pytest.approx(0.2) and ab["test"] == "sign_flip"
+    # every item moved by exactly 0.2, so the paired interval is a point, far from 0; the Monte-Carlo
+    # permutation p-value is floored at 1/(B+1), never 0
+    assert ab["ci_low"] == pytest.approx(0.2) and ab["ci_high"] == pytest.approx(0.2)
+    assert ab["p_value"] == pytest.approx(1 / 10000)
     ba = compare(table, "B", "A", "gen", "rouge_l")
     assert ba["diff"] == pytest.approx(-0.2) and ba["ci_high"] == pytest.approx(-0.2)
     bc = compare(table, "B", "C", "gen", "rouge_l")
