@@ -116,11 +116,13 @@ else:
 
 # %% [markdown]
 # ## Tables
-# Energy per measured window (gross, net of the idle baseline, spread over repeats, method) and task scores with 95% bootstrap intervals.
+# Energy per config, phase and task (gross, net of the idle baseline, its uncertainty and which estimator it is, whether net energy fell to idle or below, tokens as run and as prompted, method) and task scores with 95% bootstrap intervals.
 
 # %% tags=["nbval-ignore-output"]
-energy_view = tables["energy"][["config_id", "phase", "task", "n_items", "n_tokens", "duration_s", "energy_kwh",
-                                "energy_net_kwh", "energy_kwh_std", "repeats", "emissions_kg", "energy_method"]]
+energy_view = tables["energy"].reindex(columns=[
+    "config_id", "phase", "task", "n_items", "n_tokens", "n_tokens_prompted", "duration_s", "energy_kwh",
+    "energy_net_kwh", "net_at_or_below_idle", "energy_kwh_std", "energy_std_estimator", "repeats", "emissions_kg",
+    "energy_method", "estimated_components"])
 energy_view
 
 # %% tags=["nbval-ignore-output"]
