@@ -281,10 +281,13 @@ def _join_meta(scores: pd.DataFrame, energy: pd.DataFrame) -> pd.DataFrame:
 
 
 def _per_item(energy: pd.DataFrame) -> pd.DataFrame:
-    """Add per-item energy (Wh) and emissions (gCO2e) with their spreads."""
+    """Add per-item energy (Wh) and emissions (gCO2e) with their standard errors (energy_kwh_se: the
+    standard error of the row's energy in either window design; energy_kwh_std for older tables)."""
     out = energy.copy()
     n = out["n_items"].astype(float).where(out["n_items"].astype(float) > 0)
-    std_kwh = out["energy_kwh_std"].astype(float) if "energy_kwh_std" in out else np.nan
+    std_kwh = out["energy_kwh_std"].astype(float) if "energy_kwh_std" in out else pd.Series(np.nan, index=out.index)
+    if "energy_kwh_se" in out:
+        std_kwh = out["energy_kwh_se"].astype(float).where(out["energy_kwh_se"].notna(), std_kwh)
     out["wh_per_item"] = out["energy_kwh"].astype(float) * 1000 / n
     out["wh_per_item_std"] = std_kwh * 1000 / n
     out["g_per_item"] = out["emissions_kg"].astype(float) * 1000 / n
@@ -457,8 +460,8 @@ def fig4_inference_energy_carbon(energy: pd.DataFrame) -> Figure:
     agg = df.groupby(["group", "precision"])[["wh_per_item", "wh_per_item_std", "g_per_item",
                                               "g_per_item_std"]].mean()
     note = energy_note(component_methods(df))
-    panels = [("wh_per_item", "Energy per item (Wh/item)", "(a) Energy"),
-              ("g_per_item", "Emissions per item (gCO2e/item)", "(b) Carbon")]
+    panels = [("wh_per_item", "Energy per item (Wh/item, ± s.e.)", "(a) Energy"),
+              ("g_per_item", "Emissions per item (gCO2e/item, ± s.e.)", "(b) Carbon")]
     with _style():
         fig, axes = _new_figure(1, 2, note=note is not None)
         for ax, (column, ylabel, title) in zip(axes[0], panels):
@@ -592,7 +595,7 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
         _grouped_bars(ax_e, categories, tasks, agg["wh_per_item"].unstack("task"),
                       agg["wh_per_item_std"].unstack("task"))
         ax_e.set_title("(b) Inference energy")
-        ax_e.set_ylabel("Energy per item (Wh/item)")
+        ax_e.set_ylabel("Energy per item (Wh/item, ± s.e.)")
         for ax, title in ((ax_s, "task: metric"), (ax_e, "task")):
             ax.set_xticks(range(len(categories)), labels, fontsize=tick_size,
                           rotation=30 if len(categories) > 6 else 0, ha="right" if len(categories) > 6 else "center")
@@ -673,7 +676,7 @@ def fig7_ranking(ranking: pd.DataFrame, w: float = 0.5, energy_method: str | Non
                 if pd.notna(p):
                     ax_p.annotate(f"best in {p:.0%}", (xi, yi), textcoords="offset points", xytext=(5, 6),
                                   fontsize=7, color="black")
-        ax_p.set_xlabel("Energy per item (Wh/item)")
+        ax_p.set_xlabel("Energy per item (Wh/item, ± s.e.)")
         # Tiny Wh values print as long decimals that collide; a few ticks in scientific notation.
         ax_p.xaxis.set_major_locator(MaxNLocator(nbins=5))
         ax_p.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
