@@ -32,7 +32,7 @@ endif
 # pip prints its progress (sizes and download bars): the torch step can be large.
 PIP := $(BIN)/python -m pip
 
-.PHONY: setup study smoke test test-fast report lab kernel constraints sync-notebooks clean-outputs
+.PHONY: setup study smoke test test-fast lint report lab kernel constraints sync-notebooks clean-outputs
 
 setup: $(STAMP)
 
@@ -61,8 +61,12 @@ study: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/llm-energy run params/smoke.yaml --out outputs/smoke
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest
+
+# pyflakes and import order ([tool.ruff] in pyproject.toml); `make test` runs it first.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

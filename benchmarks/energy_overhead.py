@@ -27,10 +27,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from llm_energy.config import EnergySettings, ModelSettings, TaskSettings
-    from llm_energy.data import load_task_data
-    from llm_energy.energy import EnergyMeter
-    from llm_energy.models import load_model
-    from llm_energy.scoring import evaluate
+    from llm_energy.data.tasks import load_task_data
+    from llm_energy.measure.meter import EnergyMeter
+    from llm_energy.methods.scoring import evaluate
+    from llm_energy.models.loading import load_model
 
     loaded = load_model(ModelSettings(name=args.model), "fp32")
     data = load_task_data("qa", TaskSettings(split="test", max_items=args.items))

@@ -4,7 +4,7 @@ for both question styles and both embedded models.
 The same questions (a seeded 200-question sample of the test split of TeleQnA as the package ships
 it, stratified by category; the 17 published questions with a repeated choice are left out), the
 same model (loaded once and handed to both scorers) and the same requests, built by
-``llm_energy.scoring.request_texts`` as the study builds them:
+``llm_energy.methods.scoring.request_texts`` as the study builds them:
 
 - ``cloze``: "Question: {question}\nAnswer:", each choice a continuation " {choice}";
   acc and acc_norm (lm-eval divides by ``len(choice)``, without the target delimiter).
@@ -14,7 +14,7 @@ same model (loaded once and handed to both scorers) and the same requests, built
   worked examples from TeleQnA's train split (the prompt, " " and the answer, then a blank line:
   lm-eval's default few-shot layout), in the context string both scorers receive.
 
-Ours is ``llm_energy.scoring.evaluate_qa`` (each question's context and choices packed into one
+Ours is ``llm_energy.methods.scoring.evaluate_qa`` (each question's context and choices packed into one
 sequence under a 4D attention mask, a few questions per forward call; the worked examples' tokens,
 shared by every context, run once per call as a key/value cache every row continues); lm-eval's is
 ``HFLM.loglikelihood`` in-process, with requests built here rather than through lm-eval's task and
@@ -48,7 +48,7 @@ OPTIONS_PROMPT = "Question: {question}\n{choices}\nAnswer:"
 
 def load_questions(n_items: int, fewshot: int):
     from llm_energy.config import TaskSettings
-    from llm_energy.data import load_task_data
+    from llm_energy.data.tasks import load_task_data
 
     settings = TaskSettings(data="teleqna", invalid_records="skip", max_items=n_items, sample_seed=0, fewshot=fewshot)
     shots = f"; {fewshot} worked examples from the train split before each question" if fewshot else "; zero-shot"
@@ -57,7 +57,7 @@ def load_questions(n_items: int, fewshot: int):
 
 def requests_for(data, style: str):
     """(context, continuations) per question, as both scorers receive them (the study's own texts)."""
-    from llm_energy.scoring import request_texts
+    from llm_energy.methods.scoring import request_texts
 
     return request_texts("qa", data, OPTIONS_PROMPT if style == "options" else CLOZE_PROMPT, style)
 
@@ -94,11 +94,12 @@ def lm_eval_metrics(items, results):
 
 def compare(model, tokenizer, data, style: str, batch_sizes, warmup: int) -> dict:
     """Ours and lm-eval on one style: times, metrics, agreement."""
+    from dataclasses import replace
+
     import numpy as np
     from lm_eval.models.huggingface import HFLM
 
-    from dataclasses import replace
-    from llm_energy.scoring import evaluate_qa, special_prefix
+    from llm_energy.methods.scoring import evaluate_qa, special_prefix
 
     items = list(data.items)
     gold = np.array([item.answer for item in items])
@@ -145,7 +146,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from llm_energy.config import ModelSettings
-    from llm_energy.models import load_model
+    from llm_energy.models.loading import load_model
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the "pretrained is not a str" warning is expected
     data, source = load_questions(args.items, args.fewshot)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_with_runner(params: Path, out: Path) -> float:
-    from llm_energy.study import run_study
+    from llm_energy.runner.study import run_study
 
     start = time.perf_counter()
     outcome = run_study(params, out=out, resume=False, force=True)
@@ -39,9 +39,9 @@ def run_direct(params: Path, out: Path) -> float:
     import papermill
 
     from llm_energy.config import load_study
-    from llm_energy.jobs import filter_parameters
     from llm_energy.layout import notebooks_dir
-    from llm_energy.study import expand
+    from llm_energy.runner.jobs import filter_parameters
+    from llm_energy.runner.study import expand
 
     study = load_study(params)
     jobs, _ = expand(study, out, params.parent, "cpu")

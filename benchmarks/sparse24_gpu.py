@@ -10,7 +10,7 @@ GPU machine) and each half precision, the script
 3. measures prefill (batch x seq tokens, ``use_cache=False``, logits of the last position only) for
    - ``dense``: the pruned weights through dense kernels (the baseline: same weights, same outputs),
    - ``naive``: every layer converted with ``torch.sparse.to_sparse_semi_structured``,
-   - ``planned``: ``llm_energy.sparse.plan`` + ``apply`` (only shapes that win, searched algorithm,
+   - ``planned``: ``llm_energy.models.sparse_kernels.plan`` + ``apply`` (only shapes that win, searched algorithm,
      direct kernel calls, dense below the crossover token count);
    throughput (tokens/s, CUDA-synchronised wall time) and energy per token from the NVML
    total-energy counter (gross and net of an idle baseline measured first), median and spread of
@@ -73,7 +73,7 @@ class Device:
     def __init__(self, dry_run: bool):
         import torch
 
-        from llm_energy import sparse
+        from llm_energy.models import sparse_kernels as sparse
 
         self.dry_run = dry_run
         self.name = "cpu" if dry_run else "cuda"
@@ -118,7 +118,7 @@ class Nvml:
     """Whole-GPU energy (J) from the NVML total-energy counter of the job's GPU."""
 
     def __init__(self, module: Any = None) -> None:
-        from llm_energy.energy import NvmlSource, nvml_indices
+        from llm_energy.measure.meter import NvmlSource, nvml_indices
 
         # module: a pynvml stand-in (the tests' fake counter); None reads the real driver library.
         self.source = NvmlSource(nvml=module, device_indices=nvml_indices("cuda:0"))
@@ -190,9 +190,9 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
     import torch
     from torch.sparse import to_sparse_semi_structured
 
-    from llm_energy import sparse
     from llm_energy.config import PruningSpec
-    from llm_energy.prune import prune_model
+    from llm_energy.methods.sparsify import prune_model
+    from llm_energy.models import sparse_kernels as sparse
 
     dtype = getattr(torch, DTYPES[dtype_name])
     t0 = time.perf_counter()
@@ -300,7 +300,7 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
     log(f"preset={preset} dtype={dtype_name} prefill_speedup={speedup:.3f} naive_speedup="
         f"{record['naive_speedup'] if record['naive_speedup'] is None else round(record['naive_speedup'], 3)} "
         f"energy_per_token_ratio={energy_ratio if energy_ratio is None else round(energy_ratio, 3)} verified={verified}")
-    del model, reference
+    model = reference = None  # drop the references so empty_cache can free the memory
     if not dev.dry_run:
         torch.cuda.empty_cache()
     return record
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None, nvml_module: Any = None) -> int:
 
     import torch
 
-    from llm_energy import sparse
+    from llm_energy.models import sparse_kernels as sparse
 
     dev = Device(args.dry_run_cpu)
     if dev.dry_run:

@@ -1,7 +1,7 @@
 """The size of the report's paired tests: how often each says "beyond noise" when there is no difference.
 
 Simulates paired items under the null hypothesis (the two configs' values of an item exchangeable) and
-runs each test the ranking phase uses (llm_energy.significance) at alpha = 0.05:
+runs each test the ranking phase uses (llm_energy.analysis.significance) at alpha = 0.05:
 
 - 0/1 items (accuracies) at accuracy 0.3 for both configs, with discordance rates 0.1, 0.3 and 0.5
   (the share of items one config gets right and the other wrong): McNemar's exact test;
@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
 
-from llm_energy.significance import MIN_VERDICT_ITEMS, mcnemar_exact, sign_flip_test  # noqa: E402
+from llm_energy.analysis.significance import MIN_VERDICT_ITEMS, mcnemar_exact, sign_flip_test  # noqa: E402
 
 ALPHA = 0.05
 SIZES = (8, 30, 120, 1200)

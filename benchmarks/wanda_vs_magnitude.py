@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from llm_energy.config import DEFAULT_INCLUDE, ModelSettings, PruningSpec, TaskSettings
-from llm_energy.data import load_task_data
+from llm_energy.data.tasks import load_task_data
 from llm_energy.items import item_text
-from llm_energy.models import load_model
-from llm_energy.prune import calibration_texts, measure_sparsity, prune_model
+from llm_energy.methods.sparsify import calibration_texts, measure_sparsity, prune_model
+from llm_energy.models.loading import load_model
 
 MODEL = ModelSettings(name="smollm2-135m-instruct")
 

@@ -38,7 +38,11 @@ from llm_energy import layout
 layout.refuse_study_parameters(globals(), "notebooks/01_data.ipynb")  # a whole study's file stops here: see `llm-energy params`
 
 # %%
-from llm_energy import config, data, layout, models, plots, results
+from llm_energy import config, layout
+from llm_energy.data import tasks as data
+from llm_energy.models import loading as models
+from llm_energy.report import figures as plots
+from llm_energy.tables import store as results
 
 study_dir = layout.resolve_study_dir(study_dir)
 base = layout.resolve_study_dir(base_dir) if base_dir else layout.project_root()

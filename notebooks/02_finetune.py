@@ -45,7 +45,11 @@ from llm_energy import layout
 layout.refuse_study_parameters(globals(), "notebooks/02_finetune.ipynb")  # a whole study's file stops here: see `llm-energy params`
 
 # %%
-from llm_energy import evaluation, finetune as ft, items, models, plots
+from llm_energy import items
+from llm_energy.models import loading as models
+from llm_energy.phases import evaluation
+from llm_energy.phases import finetune as ft
+from llm_energy.report import figures as plots
 
 run = evaluation.ConfigRun.from_parameters(
     study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,

@@ -60,7 +60,9 @@ from llm_energy import layout
 layout.refuse_study_parameters(globals(), "notebooks/03_inference.ipynb")  # a whole study's file stops here: see `llm-energy params`
 
 # %%
-from llm_energy import evaluation, inference, items, plots
+from llm_energy import items
+from llm_energy.phases import evaluation, inference
+from llm_energy.report import figures as plots
 
 run = evaluation.ConfigRun.from_parameters(
     study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,

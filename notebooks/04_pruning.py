@@ -27,7 +27,7 @@
 # again). With `recover`, a fresh LoRA adapter is trained on the pruned model to win back quality, its
 # energy per epoch recorded, and the recovered model evaluated too. Zeros save energy only when a
 # kernel skips them: on CUDA, 2:4 layers at fp16/bf16 run cuSPARSELt where a timing on that GPU says
-# sparse is faster (`llm_energy.sparse`); on a CPU no sparse kernel runs, pruned models run dense, so
+# sparse is faster (`llm_energy.models.sparse_kernels`); on a CPU no sparse kernel runs, pruned models run dense, so
 # energy is not expected to fall, and the quality cost is what this phase shows there.
 
 # %% tags=["parameters"]
@@ -52,7 +52,9 @@ from llm_energy import layout
 layout.refuse_study_parameters(globals(), "notebooks/04_pruning.ipynb")  # a whole study's file stops here: see `llm-energy params`
 
 # %%
-from llm_energy import evaluation, plots, pruning as pr
+from llm_energy.phases import evaluation
+from llm_energy.phases import pruning as pr
+from llm_energy.report import figures as plots
 
 run = evaluation.ConfigRun.from_parameters(
     study_dir=study_dir, config_id=config_id, model=model, precision=precision, device=device,

@@ -33,7 +33,10 @@ layout.refuse_study_parameters(globals(), "notebooks/05_ranking.ipynb")  # a who
 
 # %%
 from IPython.display import Markdown, display
-from llm_energy import config, layout, plots, ranking as rk
+
+from llm_energy import config, layout
+from llm_energy.phases import ranking as rk
+from llm_energy.report import figures as plots
 
 study_dir = layout.resolve_study_dir(study_dir)
 settings = config.validate_section(config.RankingSettings, ranking, "ranking")

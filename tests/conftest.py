@@ -21,6 +21,6 @@ def root() -> Path:
 def tiny_model():
     """The tiny random Llama at fp32 (built once per machine, cached)."""
     from llm_energy.config import ModelSettings
-    from llm_energy.models import load_model
+    from llm_energy.models.loading import load_model
 
     return load_model(ModelSettings(name="tiny-random-llama"), "fp32")

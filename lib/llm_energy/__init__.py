@@ -1,0 +1,55 @@
+"""llm-energy: energy-aware LLM deployment studies.
+
+The package is a stack of layers, one folder each (README, "Where things live"):
+config, layout, items (foundation); data/ (ground); models/, measure/, methods/, analysis/ (middle);
+tables/, report/ (plumbing); phases/ (one module per notebook); runner/ (jobs, cluster, study, plan);
+cli. The modules were one flat folder before: their old names (``llm_energy.rank``,
+``from llm_energy import scoring``) still import, as the same module objects as the new ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+from types import ModuleType
+
+# old flat module -> where it lives now
+MOVED: dict[str, str] = {
+    "teleqna": "data.teleqna", "energy": "measure.meter", "throughput": "measure.throughput",
+    "results": "tables.store", "records": "tables.rows", "quant8": "models.quant8", "sparse": "models.sparse_kernels",
+    "scoring": "methods.scoring", "generation": "methods.generation", "prune": "methods.sparsify",
+    "lora": "methods.lora_training", "significance": "analysis.significance", "rank": "analysis.ranking_math",
+    "plots": "report.figures", "evaluation": "phases.evaluation", "finetune": "phases.finetune",
+    "inference": "phases.inference", "pruning": "phases.pruning", "ranking": "phases.ranking",
+    "jobs": "runner.jobs", "scale": "runner.scale", "study": "runner.study", "plan": "runner.plan",
+    "checks": "runner.checks",
+    # (data, models and report are folders now; each resolves its old module's names itself)
+}
+
+
+class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports llm_energy.<old name> as the module that now lives elsewhere (the same object)."""
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None):  # noqa: ANN201
+        prefix, _, name = fullname.partition(".")
+        if prefix != __name__ or name not in MOVED:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        return importlib.import_module(f"{__name__}.{MOVED[spec.name.partition('.')[2]]}")
+
+    def exec_module(self, module: ModuleType) -> None:
+        pass
+
+
+if not any(isinstance(finder, _Alias) for finder in sys.meta_path):
+    sys.meta_path.append(_Alias())
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in MOVED:
+        return importlib.import_module(f"{__name__}.{MOVED[name]}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

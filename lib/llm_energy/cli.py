@@ -19,7 +19,7 @@ def _print_problems(params: Path, err: StudyValidationError, suffix: str = "") -
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .checks import data_problems, with_context_exclusions
+    from .runner.checks import data_problems, with_context_exclusions
 
     try:
         study = load_study(args.params)
@@ -39,7 +39,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .study import StudyRunError, run_study
+    from .runner.study import StudyRunError, run_study
 
     try:
         outcome = run_study(args.params, out=args.out, resume=not args.no_resume, force=args.force,
@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .study import StudyRunError, render_report
+    from .runner.study import StudyRunError, render_report
 
     try:
         path = render_report(args.dir)
@@ -75,8 +75,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import format_plan, plan_study
-    from .study import StudyRunError
+    from .runner.plan import format_plan, plan_study
+    from .runner.study import StudyRunError
 
     try:
         plan = plan_study(args.params)
@@ -92,7 +92,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _planned(args: argparse.Namespace) -> tuple[list[Any], str] | None:
     """The study's jobs as a run into args.out would execute them, or None after printing why not."""
-    from .study import StudyRunError, planned_jobs
+    from .runner.study import StudyRunError, planned_jobs
 
     try:
         return planned_jobs(args.params, out=args.out)
@@ -116,7 +116,7 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _params(args: argparse.Namespace) -> int:
-    from .jobs import parameters_yaml
+    from .runner.jobs import parameters_yaml
 
     planned = _planned(args)
     if planned is None:

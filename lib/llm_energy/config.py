@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Precision = Literal["fp32", "bf16", "fp16", "int8", "w8a8", "nf4", "fp4"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "w8a8", "nf4", "fp4")
 PRECISION_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "w8a8": 8, "nf4": 4, "fp4": 4}
-# torch dtypes; int8, nf4 and fp4 are bitsandbytes formats, w8a8 is this package's int8 (quant8.py)
+# torch dtypes; int8, nf4 and fp4 are bitsandbytes formats, w8a8 is this package's int8 (models/quant8.py)
 DENSE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 Phase = Literal["data", "inference", "ranking"]
 PHASES: tuple[str, ...] = ("data", "finetune", "inference", "pruning", "ranking")
@@ -90,7 +90,7 @@ RESOLUTION_PROMPT_FIELDS: tuple[str, ...] = ("ticket", "cause")  # what a resolu
 
 class GenerationSpec(_Strict):
     """How RCA resolutions are generated: fixed-length greedy generation (what
-    :func:`llm_energy.generation.generate_resolutions` takes). ``max_items`` keeps the first items."""
+    :func:`llm_energy.methods.generation.generate_resolutions` takes). ``max_items`` keeps the first items."""
 
     new_tokens: int = 32  # generated per item, exactly (min = max new tokens), so energy per token compares
     max_items: int | None = None  # items generated for (the first of those given); null = all
@@ -238,7 +238,7 @@ class TasksSettings(_Strict):
 
 
 class EnergySettings(_Strict):
-    """How energy is measured. Every number carries its method; see lib/llm_energy/energy.py."""
+    """How energy is measured. Every number carries its method; see lib/llm_energy/measure/meter.py."""
 
     country_iso_code: str = "FRA"  # ISO 3166-1 alpha-3, sets the grid's carbon intensity
     carbon_intensity_g_per_kwh: float | None = Field(None, gt=0)  # explicit intensity overrides country
@@ -303,7 +303,7 @@ def is_metric_key(key: object) -> bool:
 
 class RankingSettings(_Strict):
     """R = w*phi + (1-w)*rho over the configs of the study: the study's `ranking` section and the
-    settings :mod:`llm_energy.rank` takes.
+    settings :mod:`llm_energy.analysis.ranking_math` takes.
 
     phi_method (key `phi` in a study file): "minmax" gives phi = (E_max - E) / (E_max - E_min)
     (all-equal energies give phi = 1); "ratio" gives phi = E_min / E, which keeps proportional
@@ -389,7 +389,7 @@ FINETUNE_TASKS: tuple[str, ...] = ("rca", "qa")
 
 
 class FinetuneSpec(_Strict):
-    """LoRA hyper-parameters and the training schedule (what :func:`llm_energy.lora.finetune` takes)."""
+    """LoRA hyper-parameters and the training schedule (what :func:`llm_energy.methods.lora_training.finetune` takes)."""
 
     rank: int = 8  # LoRA rank r
     alpha: int = 16  # LoRA scaling numerator (the update is scaled by alpha / rank)
@@ -575,7 +575,7 @@ class PruningMethod(_Strict):
 
 
 class PruningSpec(PruningMethod):
-    """A method with its calibration and layer selection: what :func:`llm_energy.prune.prune_model`
+    """A method with its calibration and layer selection: what :func:`llm_energy.methods.sparsify.prune_model`
     takes. ``PruningSpec("wanda", "2:4")`` names method and pattern positionally."""
 
     calibration_samples: int = 64  # calibration texts used by Wanda
@@ -714,7 +714,7 @@ class ClusterSettings(_Strict):
 
 class DeviceLimits(_Strict):
     """Precisions too slow on the study's device to be worth running by default. Before any job starts
-    the runner measures each precision's matmul throughput there (llm_energy.throughput) and skips, with
+    the runner measures each precision's matmul throughput there (llm_energy.measure.throughput) and skips, with
     the measured reason in configs.csv, a precision more than max_slowdown times slower than fp32. A
     precision asked for explicitly runs anyway: listed in always_run, or every one with max_slowdown: null."""
 

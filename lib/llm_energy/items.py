@@ -1,5 +1,5 @@
 """What the study scores: one multiple-choice question, one fault ticket, a task's items, and the
-error every reader raises with file, line and field. The readers are in :mod:`llm_energy.data`."""
+error every reader raises with file, line and field. The readers are in :mod:`llm_energy.data.tasks`."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llm_energy import results
+from llm_energy.tables import store as results
 
 pytestmark = pytest.mark.slow
 

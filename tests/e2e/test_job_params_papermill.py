@@ -11,7 +11,8 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from llm_energy import results
+
+from llm_energy.tables import store as results
 
 pytestmark = pytest.mark.slow
 

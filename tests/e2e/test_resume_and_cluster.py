@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 
-from llm_energy import results
+from llm_energy.tables import store as results
 
 pytestmark = pytest.mark.slow
 

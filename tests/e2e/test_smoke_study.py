@@ -1,14 +1,13 @@
 """The smoke study through the runner (papermill, every notebook), then resume and refusal paths."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 
-from llm_energy import results
+from llm_energy.tables import store as results
 
 pytestmark = pytest.mark.slow
 PRECISIONS = ["fp32", "bf16", "fp16", "int8", "nf4", "fp4"]

@@ -4,7 +4,7 @@
 import papermill
 import pytest
 
-from llm_energy import results
+from llm_energy.tables import store as results
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_ranking_notebook_ranks_and_renders(root, study_dir):
     assert (ranking["R"] - (ranking["w"] * ranking["phi"] + (1 - ranking["w"]) * ranking["rho"])).abs().max() < 1e-12
     for name in ("fig4_inference_energy_carbon", "fig5_quantization_impact", "fig7_ranking"):
         assert (study_dir / "figures" / f"{name}.png").exists() and (study_dir / "figures" / f"{name}.pdf").exists()
-    from llm_energy.report import render_html
+    from llm_energy.report.html import render_html
 
     html = render_html(executed, study_dir / "report.html").read_text()
     assert "Top configurations at w = 0.5" in html

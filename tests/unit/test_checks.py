@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from llm_energy.checks import data_problems
 from llm_energy.config import study_from_dict
+from llm_energy.runner.checks import data_problems
 
 TINY = [{"name": "tiny-random-llama"}]
 
@@ -89,8 +89,8 @@ def test_validate_command_reads_the_data(tmp_path, root):
 
 
 def test_records_too_long_are_left_out_before_sampling_under_skip(tmp_path):
-    from llm_energy.checks import with_context_exclusions
-    from llm_energy.data import load_all_splits, skipped_rows
+    from llm_energy.data.tasks import load_all_splits, skipped_rows
+    from llm_energy.runner.checks import with_context_exclusions
 
     path = write_jsonl(tmp_path / "rca.jsonl", tickets(12, long_ticket="fibre alarm " * 1500))
     s = study(tmp_path, {"data": str(path), "invalid_records": "skip", "split_fractions": [0, 0]})

@@ -3,8 +3,14 @@ import json
 import pytest
 
 from llm_energy.config import TaskSettings
-from llm_energy.data import (assign_splits, load_all_splits, load_task_data, skipped_rows, split_rows,
-                             stratified_sample)
+from llm_energy.data.tasks import (
+    assign_splits,
+    load_all_splits,
+    load_task_data,
+    skipped_rows,
+    split_rows,
+    stratified_sample,
+)
 from llm_energy.items import DataError, QAItem, RCAItem
 
 

@@ -6,8 +6,13 @@ from pathlib import Path
 import pytest
 
 from llm_energy.config import EnergySettings
-from llm_energy.energy import (
-    ComponentReading, EnergyMeter, NvmlSource, RaplSource, describe_methods, is_estimate,
+from llm_energy.measure.meter import (
+    ComponentReading,
+    EnergyMeter,
+    NvmlSource,
+    RaplSource,
+    describe_methods,
+    is_estimate,
 )
 
 
@@ -150,7 +155,7 @@ def test_repeats_stop_at_target_spread_or_max():
 
 
 def test_chunk_windows_measure_one_pass_and_its_spread():
-    from llm_energy.energy import split_chunks
+    from llm_energy.measure.meter import split_chunks
 
     assert split_chunks(10, 4) == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
     assert split_chunks(2, 4) == [[0], [1]]  # never an empty window
@@ -232,7 +237,7 @@ def test_too_short_window_is_lengthened_by_repetition_not_zero():
 
 # --- issue: the right counter per component, attribution on a shared node, RAPL wraps, window content ---
 
-from llm_energy.energy import CodeCarbonSource, SCOPE_GPU_ONLY, method_priority  # noqa: E402
+from llm_energy.measure.meter import SCOPE_GPU_ONLY, CodeCarbonSource, method_priority  # noqa: E402
 
 
 class FakeTracker:
@@ -326,7 +331,7 @@ def test_two_jobs_on_one_node_are_not_both_charged_the_machine(tmp_path):
 
 def test_runner_decides_attribution_per_node(root):
     from llm_energy.config import load_study
-    from llm_energy.study import StudyRunError, energy_attribution
+    from llm_energy.runner.study import StudyRunError, energy_attribution
 
     study = load_study(root / "params" / "smoke.yaml")
     assert energy_attribution(study, "none", "cpu") == "machine"
@@ -380,7 +385,7 @@ class RecordingMeter:
         self.settings = SETTINGS
 
     def measure_repeated(self, fn, name, warmup=None):
-        from llm_energy.energy import RepeatedMeasurement
+        from llm_energy.measure.meter import RepeatedMeasurement
 
         if warmup is not None:
             warmup()
@@ -395,9 +400,10 @@ def test_windows_hold_only_the_model_work(tiny_model, monkeypatch):
     """Tokenising happens before the window, metrics and bootstrap after it: inside, forwards only."""
     from dataclasses import replace as dc_replace
 
-    from llm_energy import evaluation, scoring
     from llm_energy.config import TaskSettings
-    from llm_energy.data import load_task_data
+    from llm_energy.data.tasks import load_task_data
+    from llm_energy.methods import scoring
+    from llm_energy.phases import evaluation
 
     log: list[str] = []
 
@@ -442,7 +448,7 @@ logger = logging.getLogger("codecarbon")
 logger.addHandler(Capture(level=logging.INFO))
 logger.setLevel(logging.INFO)
 from codecarbon import OfflineEmissionsTracker
-from llm_energy.energy import probe_codecarbon_methods
+from llm_energy.measure.meter import probe_codecarbon_methods
 tracker = OfflineEmissionsTracker(country_iso_code="FRA", output_methods=[], log_level="info", allow_multiple_runs=True)
 tracker.start()
 probed = probe_codecarbon_methods(tracker)
@@ -477,9 +483,9 @@ def test_probe_agrees_with_what_codecarbon_says_it_uses():
 
 def test_chunk_windows_score_every_item_once_with_the_same_results(tiny_model):
     """One pass in k windows gives exactly the scores of a full pass, in item order."""
-    from llm_energy import evaluation
     from llm_energy.config import TaskSettings
-    from llm_energy.data import load_task_data
+    from llm_energy.data.tasks import load_task_data
+    from llm_energy.phases import evaluation
 
     clock = FakeClock()
     chunked = make_meter(clock, [NvmlSource(nvml=FakeNvml(clock, power_w=50.0))],

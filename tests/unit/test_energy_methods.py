@@ -2,8 +2,8 @@
 
 import pytest
 
-from llm_energy import plots
-from llm_energy.energy import describe_methods, estimated_components, is_estimate
+from llm_energy.measure.meter import describe_methods, estimated_components, is_estimate
+from llm_energy.report import figures as plots
 
 METHODS = [
     ("codecarbon:cpu_load", True), ("codecarbon:ram_power_model", True), ("codecarbon:tdp", True),

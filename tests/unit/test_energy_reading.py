@@ -2,7 +2,8 @@
 method, whether it is an estimate, whether the total counts it."""
 
 import pytest
-from llm_energy.energy import SCOPE_GPU_ONLY, EnergyRecord
+
+from llm_energy.measure.meter import SCOPE_GPU_ONLY, EnergyRecord
 
 
 def record(**changes) -> EnergyRecord:

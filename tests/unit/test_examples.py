@@ -4,9 +4,10 @@ here pointed at the tiny random Llama's cached folder."""
 import shutil
 
 import yaml
+
 from llm_energy import cli
 from llm_energy.config import ModelSettings, TinyLlamaSettings, load_study
-from llm_energy.models import ensure_tiny_llama, load_model
+from llm_energy.models.loading import ensure_tiny_llama, load_model
 
 
 def test_hub_example_validates_and_names_a_hub_model(root, capsys):

@@ -5,12 +5,19 @@ import json
 import numpy as np
 import pytest
 
-from llm_energy import scoring
 from llm_energy.config import TaskSettings, TasksSettings
-from llm_energy.data import load_task_data
+from llm_energy.data.tasks import load_task_data
 from llm_energy.items import DataError, QAItem, TaskData
-from llm_energy.scoring import (encode_requests, fewshot_prefix, prepare_task, request_texts, score_encoded,
-                                score_continuations_unshared, shared_prefix_length)
+from llm_energy.methods import scoring
+from llm_energy.methods.scoring import (
+    encode_requests,
+    fewshot_prefix,
+    prepare_task,
+    request_texts,
+    score_continuations_unshared,
+    score_encoded,
+    shared_prefix_length,
+)
 
 TELEQNA = dict(data="teleqna", invalid_records="skip", max_items=40, sample_seed=0, style="options")
 

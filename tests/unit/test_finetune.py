@@ -3,16 +3,21 @@
 import math
 
 import pytest
-import torch
 
-from llm_energy.config import EnergySettings, ModelSettings, TaskSettings
-from llm_energy.data import load_task_data
+from llm_energy.config import EnergySettings, FinetuneSpec, ModelSettings, TaskSettings
+from llm_energy.data.tasks import load_task_data
 from llm_energy.items import QAItem
-from llm_energy.energy import ComponentReading, EnergyMeter
-from llm_energy.config import FinetuneSpec
-from llm_energy.lora import ADAPTER_FILE, IGNORE_INDEX, build_examples, finetune, load_adapter, mean_answer_nll
-from llm_energy.models import load_model
-from llm_energy.scoring import DEFAULT_RCA_PROMPT, encode_pair, score_continuations
+from llm_energy.measure.meter import ComponentReading, EnergyMeter
+from llm_energy.methods.lora_training import (
+    ADAPTER_FILE,
+    IGNORE_INDEX,
+    build_examples,
+    finetune,
+    load_adapter,
+    mean_answer_nll,
+)
+from llm_energy.methods.scoring import DEFAULT_RCA_PROMPT, encode_pair, score_continuations
+from llm_energy.models.loading import load_model
 
 TINY = ModelSettings(name="tiny-random-llama")
 OVERFIT = dict(learning_rate=5e-3, epochs=2, batch_size=8, max_length=256, dropout=0.0)
@@ -86,7 +91,7 @@ def test_examples_are_the_scoring_prompt_plus_gold_label(rca, tiny_model):
 
 
 def test_qa_examples():
-    from llm_energy.models import load_tokenizer
+    from llm_energy.models.loading import load_tokenizer
 
     tokenizer, _ = load_tokenizer(TINY)
     item = QAItem(id="q1", question="What does RSRP measure?", choices=("Power", "Delay"), answer=0)

@@ -6,11 +6,16 @@ import importlib.util
 import numpy as np
 import pytest
 
-from llm_energy import generation
 from llm_energy.config import GenerationSpec
 from llm_energy.items import RCAItem
-from llm_energy.generation import (
-    Embedder, evaluate_resolutions, first_line, generate_resolutions, minilm_dir, rouge_l,
+from llm_energy.methods import generation
+from llm_energy.methods.generation import (
+    Embedder,
+    evaluate_resolutions,
+    first_line,
+    generate_resolutions,
+    minilm_dir,
+    rouge_l,
     rouge_l_scores,
 )
 

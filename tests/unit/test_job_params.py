@@ -2,9 +2,10 @@
 the same the runner passes (tests/e2e/test_job_params_papermill.py runs them through papermill)."""
 
 import yaml
+
 from llm_energy import cli
-from llm_energy.jobs import notebook_parameters
-from llm_energy.study import planned_jobs
+from llm_energy.runner.jobs import notebook_parameters
+from llm_energy.runner.study import planned_jobs
 
 
 def test_jobs_lists_every_job_of_the_smoke_study_in_run_order(root, capsys):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm_energy.config import ModelSettings
-from llm_energy.models import PrecisionUnsupported, load_model, precision_support, resolve_device
+from llm_energy.models.loading import PrecisionUnsupported, load_model, precision_support, resolve_device
 
 TINY = ModelSettings(name="tiny-random-llama")
 
@@ -73,7 +73,7 @@ def _parts(tmp_path, blobs):
 def test_parts_are_checked_then_assembled_atomically(tmp_path):
     import hashlib
 
-    from llm_energy.models import assemble_parts
+    from llm_energy.models.loading import assemble_parts
 
     blobs = [b"GGUF" + bytes(range(200)), b"second part", b"third"]
     parts = _parts(tmp_path, blobs)
@@ -87,7 +87,7 @@ def test_parts_are_checked_then_assembled_atomically(tmp_path):
 def test_a_corrupted_part_is_refused_with_the_package_to_reinstall(tmp_path):
     import hashlib
 
-    from llm_energy.models import ModelFileError, assemble_parts
+    from llm_energy.models.loading import ModelFileError, assemble_parts
 
     blobs = [b"GGUF first", b"second part"]
     parts = _parts(tmp_path, blobs)
@@ -103,7 +103,7 @@ def test_a_corrupted_part_is_refused_with_the_package_to_reinstall(tmp_path):
 
 
 def test_installed_gemma_parts_match_their_pinned_hashes():
-    from llm_energy.models import _sha256, gemma3_parts
+    from llm_energy.models.loading import _sha256, gemma3_parts
 
     parts = gemma3_parts()
     assert len(parts) == 4
@@ -112,9 +112,9 @@ def test_installed_gemma_parts_match_their_pinned_hashes():
 
 
 def test_gemma_loads_from_its_dequantized_cache_and_scores_with_bos():
-    from llm_energy.data import load_task_data
     from llm_energy.config import TaskSettings
-    from llm_energy.scoring import evaluate, special_prefix
+    from llm_energy.data.tasks import load_task_data
+    from llm_energy.methods.scoring import evaluate, special_prefix
 
     loaded = load_model(ModelSettings(name="gemma-3-270m"), "fp32")  # first use: assemble + dequantize (~1 min)
     assert 260e6 < loaded.n_parameters < 280e6 and "Gemma 3 270M" in loaded.weights_origin

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from llm_energy import study as runner
 from llm_energy.config import PRECISIONS, PRUNING_METHODS, load_study
+from llm_energy.runner import study as runner
 
 
 def test_the_paper_study_is_the_full_factorial(root, tmp_path):

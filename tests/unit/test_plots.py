@@ -1,4 +1,4 @@
-"""Tests for llm_energy.plots on small synthetic tables (2 models x 3 precisions x 2 tasks)."""
+"""Tests for llm_energy.report.figures on small synthetic tables (2 models x 3 precisions x 2 tasks)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from llm_energy import plots
+from llm_energy.report import figures as plots
 
 MODELS = ("org/model-a", "org/model-b")
 # Deliberately not in bit order: the figures must sort them.
@@ -334,7 +334,7 @@ def test_fig7_rings_the_configs_that_cannot_be_separated_from_the_top():
 
 
 def test_figures_name_synthetic_data_and_the_qa_style():
-    from llm_energy.plots import task_labels
+    from llm_energy.report.figures import task_labels
 
     scores = pd.DataFrame({"config_id": ["a", "a", "a"], "task": ["rca", "qa", "rca_resolution"],
                            "metric": ["accuracy", "acc", "rouge_l"], "value": [0.5, 0.3, 0.2],

@@ -4,17 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from llm_energy.config import ModelSettings, TaskSettings
-from llm_energy.data import load_task_data
+from llm_energy.config import ModelSettings, PruningSpec, TaskSettings, parse_nm_pattern
+from llm_energy.data.tasks import load_task_data
 from llm_energy.items import QAItem, RCAItem
-from llm_energy.models import load_model
-from llm_energy.config import PruningSpec, parse_nm_pattern
-from llm_energy.prune import (
+from llm_energy.methods.sparsify import (
     calibration_texts,
     measure_sparsity,
     prune_model,
     verify_nm,
 )
+from llm_energy.models.loading import load_model
 
 TINY = ModelSettings(name="tiny-random-llama")
 N_TINY_LAYERS = 2 * 7  # decoder blocks x projections

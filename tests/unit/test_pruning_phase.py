@@ -4,14 +4,21 @@ exact, recovery that keeps the mask, and targets named by config id."""
 import pytest
 import torch
 
-from llm_energy import pruning, results
-from llm_energy.config import FinetuneSpec, ModelSettings, PruningSpec, RecoverySettings, StudyValidationError
-from llm_energy.data import load_task_data
-from llm_energy.evaluation import ConfigRun
-from llm_energy.lora import finetune, load_adapter
-from llm_energy.models import load_model, precision_support
-from llm_energy.prune import prune_model
-from llm_energy.config import TaskSettings
+from llm_energy.config import (
+    FinetuneSpec,
+    ModelSettings,
+    PruningSpec,
+    RecoverySettings,
+    StudyValidationError,
+    TaskSettings,
+)
+from llm_energy.data.tasks import load_task_data
+from llm_energy.methods.lora_training import finetune, load_adapter
+from llm_energy.methods.sparsify import prune_model
+from llm_energy.models.loading import load_model, precision_support
+from llm_energy.phases import pruning
+from llm_energy.phases.evaluation import ConfigRun
+from llm_energy.tables import store as results
 
 TINY = ModelSettings(name="tiny-random-llama")
 QUICK = FinetuneSpec(epochs=1, learning_rate=5e-3, batch_size=4, max_train_items=8, max_eval_items=4, dropout=0.0)
@@ -121,8 +128,8 @@ def test_a_target_the_study_does_not_produce_is_refused(root, tmp_path, target, 
 
 
 def test_a_fine_tuned_target_by_config_id_is_planned_with_its_adapter(root, tmp_path):
-    from llm_energy import study as runner
     from llm_energy.config import load_study
+    from llm_energy.runner import study as runner
 
     text = (root / "params" / "smoke.yaml").read_text().replace("targets: [tiny-random-llama__fp32__lora]",
                                                                 'targets: ["tiny-random-llama__nf4__lora"]')

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from llm_energy import quant8, throughput
 from llm_energy.config import ModelSettings, PruningSpec, study_from_dict
-from llm_energy.models import load_model
-from llm_energy.prune import check_pruned, is_quantized, measure_sparsity, prune_model
+from llm_energy.measure import throughput
+from llm_energy.methods.sparsify import check_pruned, is_quantized, measure_sparsity, prune_model
+from llm_energy.models import quant8
+from llm_energy.models.loading import load_model
 
 TINY = ModelSettings(name="tiny-random-llama")
 

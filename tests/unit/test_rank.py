@@ -8,9 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llm_energy.config import RankingSettings
-from llm_energy.results import RANKING_COLUMNS
-from llm_energy.rank import (
+from llm_energy.analysis.ranking_math import (
     RankingResult,
     compute_phi,
     compute_rho,
@@ -19,6 +17,8 @@ from llm_energy.rank import (
     rank_stability,
     summarise_top,
 )
+from llm_energy.config import RankingSettings
+from llm_energy.tables.store import RANKING_COLUMNS
 
 
 def make_configs(energy: dict[str, float]) -> pd.DataFrame:
@@ -437,7 +437,7 @@ def test_rank_stability_is_fast_enough() -> None:
 
 # --- paired comparisons -------------------------------------------------------------------------
 
-from llm_energy.rank import compare, mcnemar_exact, paired_comparisons  # noqa: E402
+from llm_energy.analysis.ranking_math import compare, mcnemar_exact, paired_comparisons  # noqa: E402
 
 
 def test_mcnemar_exact_on_a_hand_computed_table():
@@ -486,7 +486,7 @@ def test_paired_comparisons_use_mcnemar_for_accuracies_and_only_shared_items():
 
 
 def test_p_best_and_tied_with_top_on_two_separable_and_two_inseparable_configs():
-    from llm_energy.rank import add_top_uncertainty, rank_configs, rank_stability
+    from llm_energy.analysis.ranking_math import add_top_uncertainty, rank_configs, rank_stability
 
     rng = np.random.default_rng(3)
     correct = lambda error: (rng.random(80) >= error).astype(float)  # noqa: E731  (1 = item answered right)
@@ -519,7 +519,7 @@ def items_and_means(values: dict[str, dict[str, list[float]]], metric_of: dict[s
 
 
 def test_default_rho_is_one_headline_metric_per_task_by_style() -> None:
-    from llm_energy.rank import chosen_metrics, headline_metrics
+    from llm_energy.analysis.ranking_math import chosen_metrics, headline_metrics
 
     assert headline_metrics(["qa", "rca", "rca_resolution"]) == ("rca:accuracy", "qa:acc_norm")
     assert headline_metrics(["qa", "rca"], qa_style="options") == ("rca:accuracy", "qa:acc")
@@ -535,7 +535,7 @@ def test_default_rho_is_one_headline_metric_per_task_by_style() -> None:
 
 
 def test_override_replaces_the_headline_metrics() -> None:
-    from llm_energy.rank import rho_formula
+    from llm_energy.analysis.ranking_math import rho_formula
 
     scores = make_scores({("A", "rca", "accuracy"): 0.5, ("A", "rca", "macro_f1"): 0.2, ("A", "qa", "acc_norm"): 0.9})
     settings = RankingSettings(metrics=("rca:macro_f1",))
@@ -553,7 +553,7 @@ def test_headline_metric_absent_is_a_clear_error() -> None:
 
 
 def test_rho_formula_names_the_metrics() -> None:
-    from llm_energy.rank import rho_formula
+    from llm_energy.analysis.ranking_math import rho_formula
 
     settings = RankingSettings(metrics=("rca:accuracy", "qa:acc_norm"))
     assert rho_formula(settings).startswith("R = w·φ + (1−w)·ρ, ρ = (rca:accuracy + qa:acc_norm)/2, φ = min-max")
@@ -565,7 +565,7 @@ def test_rho_formula_names_the_metrics() -> None:
 @pytest.mark.parametrize("scaling", ["identity", "minmax"])
 @pytest.mark.parametrize("qa_style", ["cloze", "options"])
 def test_point_rho_equals_the_resampling_rho_on_the_observed_items(scaling: str, qa_style: str) -> None:
-    from llm_energy.rank import rho_from_items
+    from llm_energy.analysis.ranking_math import rho_from_items
 
     rng = np.random.default_rng(5)
     values = {c: {"rca": list(rng.integers(0, 2, 9)), "qa": list(rng.integers(0, 2, 7))} for c in ("A", "B", "C")}

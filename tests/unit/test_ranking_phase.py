@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from llm_energy import ranking as rk
-from llm_energy import results
+
 from llm_energy.config import RankingSettings
 from llm_energy.layout import StudyLayout
+from llm_energy.phases import ranking as rk
+from llm_energy.tables import store as results
 
 RCA_ITEMS, QA_ITEMS = 40, 30
 
@@ -170,8 +171,8 @@ def test_the_summary_shows_the_device_probe_and_the_precisions_skipped_as_slow(t
 
 
 def test_report_says_what_each_task_scored(tmp_path):
-    from llm_energy import results
-    from llm_energy.ranking import data_lines
+    from llm_energy.phases.ranking import data_lines
+    from llm_energy.tables import store as results
 
     scores = pd.DataFrame({"config_id": ["a", "a"], "task": ["qa", "rca"], "metric": ["acc", "accuracy"],
                            "value": [0.3, 0.5], "ci_low": [0.2, 0.4], "ci_high": [0.4, 0.6], "n_items": [200, 100],

@@ -1,7 +1,6 @@
-import pandas as pd
 import pytest
 
-from llm_energy import results
+from llm_energy.tables import store as results
 
 
 def score_row(config_id, metric, value):

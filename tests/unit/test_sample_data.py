@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import re
 from collections import Counter
-
-import importlib.util
 
 import pytest
 

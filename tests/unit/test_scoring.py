@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from llm_energy import scoring
 from llm_energy.items import QAItem, RCAItem, TaskData
-from llm_energy.scoring import (
-    bootstrap_interval, evaluate_qa, evaluate_rca, macro_f1, score_continuations, score_continuations_unshared,
+from llm_energy.methods import scoring
+from llm_energy.methods.scoring import (
+    bootstrap_interval,
+    evaluate_qa,
+    evaluate_rca,
+    macro_f1,
+    score_continuations,
+    score_continuations_unshared,
     score_many,
 )
 
@@ -206,7 +211,7 @@ def test_score_many_packs_items_like_one_at_a_time(tiny_model, fresh_verificatio
 
 def test_packed_eager_attention_takes_an_additive_mask(fresh_verification):
     from llm_energy.config import ModelSettings
-    from llm_energy.models import load_model
+    from llm_energy.models.loading import load_model
 
     loaded = load_model(ModelSettings(name="tiny-random-llama"), "fp32")
     loaded.model.set_attn_implementation("eager")
@@ -221,7 +226,7 @@ def test_packed_eager_attention_takes_an_additive_mask(fresh_verification):
 
 def test_packed_matches_unshared_at_nf4(fresh_verification):
     from llm_energy.config import ModelSettings
-    from llm_energy.models import load_model, precision_support
+    from llm_energy.models.loading import load_model, precision_support
 
     reason = precision_support("nf4", "cpu")
     if reason:
@@ -326,7 +331,7 @@ def test_several_packed_rows_in_one_forward_match_one_item_at_a_time(tiny_model,
 
 def test_both_qa_styles_on_the_tiny_model(tiny_model):
     """cloze scores each choice's text; options shows the lettered choices and scores the letters."""
-    from llm_energy.scoring import prepare_task, score_prepared, task_result
+    from llm_energy.methods.scoring import prepare_task, score_prepared, task_result
 
     items = (QAItem("q1", "Which function anchors the user plane?", ("AMF", "UPF", "Both of the above"), 1),
              QAItem("q2", "Bits per 16-QAM symbol?", ("2", "4", "6", "8"), 1))

@@ -3,13 +3,11 @@ the cuSPARSELt kernel itself only where a CUDA GPU with sparse tensor cores is v
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from llm_energy import sparse
-from llm_energy.config import ModelSettings
-from llm_energy.models import load_model
-from llm_energy.config import PruningSpec
-from llm_energy.prune import prune_model
+from llm_energy.config import ModelSettings, PruningSpec
+from llm_energy.methods.sparsify import prune_model
+from llm_energy.models import sparse_kernels as sparse
+from llm_energy.models.loading import load_model
 
 TINY = ModelSettings(name="tiny-random-llama")
 
@@ -164,7 +162,7 @@ def test_sparse_kernel_names_are_recognised():
 def test_study_says_why_a_pruned_config_runs_dense(precision, pattern, mode, expected):
     from types import SimpleNamespace
 
-    from llm_energy import pruning
+    from llm_energy.phases import pruning
 
     loaded = load_model(TINY, "bf16" if precision == "bf16" else "fp32")
     outcome = prune_model(loaded.model, PruningSpec("magnitude", pattern))
@@ -175,7 +173,8 @@ def test_study_says_why_a_pruned_config_runs_dense(precision, pattern, mode, exp
 
 
 def test_report_lists_the_kernels_of_pruned_configs(tmp_path):
-    from llm_energy import ranking, records
+    from llm_energy.phases import ranking
+    from llm_energy.tables import rows as records
 
     records.record_config(tmp_path, "m__fp32", "m", "fp32", "ok")
     records.record_config(tmp_path, "m__bf16__wanda-2of4", "m", "bf16", "ok", pruning="wanda-2of4",

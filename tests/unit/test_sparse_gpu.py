@@ -1,6 +1,6 @@
 """2:4 sparse kernels on a CUDA GPU (skipped, with the reason, anywhere else).
 
-Imports nothing beyond torch, transformers and llm_energy.sparse/prune, so it runs on a bare GPU
+Imports nothing beyond torch, transformers and llm_energy.models.sparse_kernels/prune, so it runs on a bare GPU
 image from a checkout: ``PYTHONPATH=lib python3 -m pytest -o addopts="" tests/unit/test_sparse_gpu.py``
 (tools/gpu_check.sh does exactly that).
 """
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_energy import sparse
 from llm_energy.config import PruningSpec
-from llm_energy.prune import prune_model
+from llm_energy.methods.sparsify import prune_model
+from llm_energy.models import sparse_kernels as sparse
 
 REASON = sparse.support_reason("cuda" if torch.cuda.is_available() else "cpu", torch.float16)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"needs 2:4 sparse kernels: {REASON}")]

@@ -1,13 +1,12 @@
 """The runner's planning and refusals, without executing notebooks."""
 
-from pathlib import Path
 
 import pytest
 
-from llm_energy import study as runner
-from llm_energy.jobs import filter_parameters
-from llm_energy.layout import notebooks_dir
 from llm_energy.config import load_study
+from llm_energy.layout import notebooks_dir
+from llm_energy.runner import study as runner
+from llm_energy.runner.jobs import filter_parameters
 
 
 def smoke(root):
@@ -40,7 +39,7 @@ def test_expand_orders_jobs_and_passes_sections(root, tmp_path):
 
 
 def test_unsupported_precision_is_skipped_with_reason(root, tmp_path, monkeypatch):
-    import llm_energy.models as models
+    import llm_energy.models.loading as models
 
     monkeypatch.setattr(models, "precision_support",
                         lambda p, d: "bitsandbytes has no backend here" if p in ("int8", "nf4") else None)
@@ -89,7 +88,7 @@ def test_unknown_phase_and_cluster_are_refused(root, tmp_path):
 
 def test_slurm_job_script_asks_for_gpus_and_one_device_resource(tmp_path):
     from llm_energy.config import SlurmSettings
-    from llm_energy.scale import slurm_cluster
+    from llm_energy.runner.scale import slurm_cluster
 
     settings = SlurmSettings(queue="gpu", walltime="01:30:00", gpus_per_job=1, cores=4, memory="16GB",
                              job_extra_directives=["--constraint=h100"])
@@ -105,7 +104,7 @@ def test_slurm_job_script_asks_for_gpus_and_one_device_resource(tmp_path):
 
 
 def test_local_workers_one_per_device(root):
-    from llm_energy.scale import local_worker_count
+    from llm_energy.runner.scale import local_worker_count
 
     assert local_worker_count(smoke(root), "cpu") == 1
 
@@ -131,7 +130,7 @@ def test_inconsistent_nm_pattern_is_refused_at_validation(root, tmp_path):
 
 def test_choosing_pruning_targets_does_not_write_the_ranking(root, tmp_path):
     """Only the ranking phase writes ranking.csv; the runner ranks the tables as they are to pick targets."""
-    from llm_energy import results
+    from llm_energy.tables import store as results
 
     study = smoke(root)
     rows, scores = [], []
@@ -171,7 +170,7 @@ def test_the_gpu_study_is_valid_and_refused_without_a_gpu(root, tmp_path):
 def test_top_k_pruning_waits_for_the_adapters_and_can_prune_one(root, tmp_path, monkeypatch):
     """The runner picks top-k pruning targets only once the adapters are evaluated, so the best
     config of the whole ranking, a fine-tuned one here, is the one pruned (jobs faked: no notebooks)."""
-    from llm_energy import results
+    from llm_energy.tables import store as results
 
     params = smoke_with_targets(root, tmp_path, "null")
     order = []

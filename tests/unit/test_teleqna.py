@@ -5,8 +5,9 @@ import json
 import pytest
 
 from llm_energy.config import TaskSettings, load_study
-from llm_energy.data import TELEQNA_ZIP, load_all_splits, load_task_data, skipped_rows
+from llm_energy.data.tasks import TELEQNA_ZIP, load_all_splits, load_task_data, skipped_rows
 from llm_energy.items import DataError
+
 
 def test_teleqna_json_is_read(tmp_path):
     data = {

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 
 import pytest
-from llm_energy import throughput
+
 from llm_energy.config import DeviceLimits, load_study
-from llm_energy.throughput import PrecisionThroughput
+from llm_energy.measure import throughput
+from llm_energy.measure.throughput import PrecisionThroughput
 
 SMALL = (16, 32, 48)
 
@@ -78,7 +79,7 @@ def test_device_limits_are_validated():
 
 
 def test_the_runner_skips_a_slow_precision_unless_it_already_ran(root, tmp_path):
-    from llm_energy import study as runner
+    from llm_energy.runner import study as runner
 
     study = load_study(root / "params" / "smoke.yaml")
     assert study.device_limits.max_slowdown is None  # the smoke study runs every precision
@@ -97,7 +98,7 @@ def test_the_runner_skips_a_slow_precision_unless_it_already_ran(root, tmp_path)
 
 
 def test_the_default_study_skips_what_is_too_slow(root, tmp_path, monkeypatch):
-    from llm_energy import study as runner
+    from llm_energy.runner import study as runner
 
     monkeypatch.setattr(throughput, "probe_device",
                         lambda precisions, device, **_: fake_probe({"fp32": 30.0, "bf16": 25.0, "fp16": 1.0,
@@ -145,7 +146,7 @@ def test_estimates_scale_with_items_passes_and_throughput():
 
 def test_model_parameters_from_known_names_and_sizes():
     from llm_energy.config import ModelSettings
-    from llm_energy.plan import model_parameters
+    from llm_energy.runner.plan import model_parameters
 
     assert model_parameters(ModelSettings(name="gemma-3-270m")) == 270e6
     assert model_parameters(ModelSettings(name="mine", source="local", path="/m/SmolLM2-1.7B")) == 1.7e9

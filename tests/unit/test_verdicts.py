@@ -10,14 +10,29 @@ import statistics
 import numpy as np
 import pandas as pd
 import pytest
-from llm_energy import rank, ranking as rk, results, scoring
-from llm_energy.config import RankingSettings, headline_metric
-from llm_energy.energy import EnergyRecord, RepeatedMeasurement, component_methods, nvml_indices, windows_needed
-from llm_energy.records import ConfigIdentity, energy_per_correct, record_task
-from llm_energy.scoring import TaskResult
-from llm_energy.significance import MIN_VERDICT_ITEMS, holm, mcnemar_exact, paired_interval, sign_flip_test
-
 from test_ranking_phase import energy_row, write_study
+
+from llm_energy.analysis import ranking_math as rank
+from llm_energy.analysis.significance import (
+    MIN_VERDICT_ITEMS,
+    holm,
+    mcnemar_exact,
+    paired_interval,
+    sign_flip_test,
+)
+from llm_energy.config import RankingSettings, headline_metric
+from llm_energy.measure.meter import (
+    EnergyRecord,
+    RepeatedMeasurement,
+    component_methods,
+    nvml_indices,
+    windows_needed,
+)
+from llm_energy.methods import scoring
+from llm_energy.methods.scoring import TaskResult
+from llm_energy.phases import ranking as rk
+from llm_energy.tables import store as results
+from llm_energy.tables.rows import ConfigIdentity, energy_per_correct, record_task
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -146,7 +161,7 @@ def test_the_tests_keep_their_size_under_no_difference():
 
 
 def test_two_thousand_qa_items_per_config_rank_without_error(tmp_path):
-    import llm_energy.ranking as ranking_module
+    import llm_energy.phases.ranking as ranking_module
 
     rng = np.random.default_rng(6)
     n = 2000

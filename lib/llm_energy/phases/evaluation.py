@@ -1,0 +1,248 @@
+"""What every config job shares: its validated parameters, its data, its meter, and the measured
+evaluation that inference, adapters and pruned models all go through, so their rows compare.
+
+The phase modules (:mod:`~llm_energy.phases.finetune`, :mod:`~llm_energy.phases.inference`,
+:mod:`~llm_energy.phases.pruning`) build on this; the runner does not import it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..config import (
+    PRECISIONS,
+    EnergySettings,
+    GenerationParams,
+    ModelSettings,
+    Problem,
+    StudyValidationError,
+    TaskSettings,
+    TasksSettings,
+    validate_section,
+)
+from ..data.tasks import load_task_data, source_name
+from ..items import TaskData
+from ..layout import config_id_for, project_root, resolve_study_dir
+from ..measure.meter import EnergyMeter, IdleBaseline, RepeatedMeasurement, split_chunks
+from ..methods.generation import (
+    Embedder,
+    GenerationOutput,
+    decode_generations,
+    encode_prompts,
+    generate_encoded,
+    score_resolutions,
+    uses_chat,
+)
+from ..methods.scoring import TaskResult, prepare_task, score_prepared, task_result
+from ..models.loading import LoadedModel
+from ..tables.rows import ConfigIdentity, record_idle_baselines, record_task
+
+
+@dataclass(frozen=True)
+class ConfigRun:
+    """The validated parameters of one config job (a fine-tuning, inference or pruning notebook run)."""
+
+    study_dir: Path
+    config_id: str
+    model: ModelSettings
+    precision: str
+    device: str
+    tasks: TasksSettings
+    energy: EnergySettings
+    seed: int
+    base_dir: Path
+
+    @classmethod
+    def from_parameters(cls, *, study_dir: str, config_id: str, model: dict[str, Any], precision: str,
+                        device: str, tasks: dict[str, Any], energy: dict[str, Any], seed: int,
+                        base_dir: str) -> "ConfigRun":
+        """From a notebook's parameters cell: each section validated by the study file's rules."""
+        if precision not in PRECISIONS:
+            raise StudyValidationError(
+                [Problem("notebook parameters", None, "precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")]
+            )
+        model_settings = validate_section(ModelSettings, model, "model")
+        return cls(
+            study_dir=resolve_study_dir(study_dir),
+            config_id=config_id or config_id_for(model_settings.name, precision),
+            model=model_settings,
+            precision=precision,
+            device=device,
+            tasks=validate_section(TasksSettings, tasks, "tasks"),
+            energy=validate_section(EnergySettings, energy, "energy"),
+            seed=seed,
+            base_dir=Path(base_dir).expanduser().resolve() if base_dir else project_root(),
+        )
+
+    def with_config_id(self, config_id: str) -> "ConfigRun":
+        return replace(self, config_id=config_id)
+
+    def identity(self, adapter: str = "none", pruning: str = "none") -> ConfigIdentity:
+        return ConfigIdentity(self.config_id, self.model.name, self.precision, adapter, pruning)
+
+
+def full_split(task: str, settings: TaskSettings, split: str, base_dir: Path) -> TaskData:
+    """A whole split, ignoring the scoring sample size (training and calibration use their own)."""
+    return load_task_data(task, settings.model_copy(update={"max_items": None}), split=split, base_dir=base_dir)
+
+
+def training_splits(run: ConfigRun, task: str) -> tuple[TaskData, TaskData]:
+    """A task's whole training and validation splits (what fine-tuning and recovery train on)."""
+    settings = run.tasks.enabled()[task]
+    return (full_split(task, settings, "train", run.base_dir),
+            full_split(task, settings, "validation", run.base_dir))
+
+
+def load_task_sets(tasks: TasksSettings, base_dir: Path) -> dict[str, TaskData]:
+    """The scored items of every enabled task."""
+    return {name: load_task_data(name, settings, base_dir=base_dir) for name, settings in tasks.enabled().items()}
+
+
+def meter_for(run: ConfigRun, device: str) -> EnergyMeter:
+    """A meter for this job's device, attributing energy as the study decided (``auto``: machine)."""
+    attribution = "machine" if run.energy.attribution == "auto" else run.energy.attribution
+    return EnergyMeter(run.energy, device, attribution=attribution)
+
+
+def measure_system_idle(run: ConfigRun) -> IdleBaseline:
+    """System idle in this job's process, before the model is loaded (a short-lived meter)."""
+    with meter_for(run, run.device) as meter:
+        return meter.measure_idle_baseline(kind="system")
+
+
+def open_meter(run: ConfigRun, device: str, system_idle: IdleBaseline | None = None,
+               phase: str = "inference") -> EnergyMeter:
+    """The job's meter, with the model already in memory: it measures loaded idle now (what net
+    energy subtracts) and writes both of the job's baselines to idle_baselines.csv. Use it as a
+    context manager, so that its trackers stop even when a cell fails."""
+    meter = meter_for(run, device)
+    try:
+        if system_idle is not None:
+            meter.use_idle_baseline(system_idle)
+        loaded = meter.measure_idle_baseline(kind="loaded")
+        record_idle_baselines(run.study_dir, run.config_id, phase, device, system_idle, loaded)
+    except BaseException:
+        meter.close()
+        raise
+    return meter
+
+
+def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMeter,
+                 prompt: str | None = None, seed: int = 0, style: str = "cloze") -> tuple[TaskResult, RepeatedMeasurement]:
+    """Score a task inside repeated measured windows (after a short unmeasured warm-up). The items are
+    tokenised before the windows and the metrics computed after: a window holds forward passes only."""
+    prepared = prepare_task(task, loaded.tokenizer, data, prompt, style)
+    warm = replace(prepared, encoded=prepared.encoded[:2])
+    with warnings.catch_warnings():
+        # bitsandbytes warns on every int8 matmul that inputs are cast; once is enough for the log.
+        warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+        windows = meter.settings.windows
+        if windows:
+            chunks = split_chunks(len(prepared.encoded), windows)
+            parts = [replace(prepared, encoded=tuple(prepared.encoded[i] for i in chunk)) for chunk in chunks]
+            measurement = meter.measure_chunks(
+                [lambda part=part: score_prepared(loaded.model, loaded.tokenizer, part) for part in parts],
+                [len(chunk) for chunk in chunks], name=f"inference:{task}",
+                warmup=lambda: score_prepared(loaded.model, loaded.tokenizer, warm),
+            )
+            scores: list[Any] = [None] * len(prepared.encoded)
+            for chunk, chunk_scores in zip(chunks, measurement.result):
+                for index, score in zip(chunk, chunk_scores):
+                    scores[index] = score
+            return task_result(prepared, scores, seed=seed), measurement
+        measurement = meter.measure_repeated(
+            lambda: score_prepared(loaded.model, loaded.tokenizer, prepared),
+            name=f"inference:{task}",
+            warmup=lambda: score_prepared(loaded.model, loaded.tokenizer, warm),
+        )
+    return task_result(prepared, measurement.result, seed=seed), measurement
+
+
+def measure_generation(loaded: LoadedModel, data: TaskData, params: GenerationParams, meter: EnergyMeter,
+                       seed: int = 0) -> tuple[TaskResult, RepeatedMeasurement, GenerationOutput]:
+    """Write RCA resolutions at a fixed length inside measured windows; prompts are tokenised before,
+    texts decoded and scored after."""
+    items = list(data.items)[: params.max_items] if params.max_items else list(data.items)
+    missing = [item.id for item in items if not item.resolution.strip()]
+    if missing:
+        raise ValueError(f"generation needs a reference 'resolution' on every rca item; missing on {missing[:3]}")
+    encoded = encode_prompts(loaded.tokenizer, items, params)
+    warm = encode_prompts(loaded.tokenizer, items[:1], params)
+    windows = meter.settings.windows
+    if windows and len(encoded.batches) > 1:
+        # one window per group of whole batches (a batch is the unit generation runs at)
+        groups = split_chunks(len(encoded.batches), windows)
+        parts = [replace(encoded, batches=tuple(encoded.batches[i] for i in group)) for group in groups]
+        sizes = [sum(int(encoded.batches[i][0].shape[0]) for i in group) for group in groups]
+        measurement = meter.measure_chunks(
+            [lambda part=part: generate_encoded(loaded.model, part) for part in parts], sizes,
+            name="inference:rca_resolution", warmup=lambda: generate_encoded(loaded.model, warm),
+        )
+        outputs: list[Any] = [None] * len(encoded.batches)
+        for group, generated in zip(groups, measurement.result):
+            for index, batch_output in zip(group, generated):
+                outputs[index] = batch_output
+        output = decode_generations(loaded.tokenizer, encoded, outputs)
+    else:
+        measurement = meter.measure_repeated(
+            lambda: generate_encoded(loaded.model, encoded),
+            name="inference:rca_resolution",
+            warmup=lambda: generate_encoded(loaded.model, warm),
+        )
+        output = decode_generations(loaded.tokenizer, encoded, measurement.result)
+    result = score_resolutions(items, output, Embedder(), seed=seed)
+    return result, measurement, output
+
+
+def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, phase: str = "inference",
+                    adapter: str = "none", pruning: str = "none", sparsity: Any = None) -> list[dict[str, Any]]:
+    """Every task of the study (and RCA resolutions when asked), measured and written to the tables;
+    the same steps for base, fine-tuned and pruned configs so their rows compare."""
+    summary = []
+    identity = run.identity(adapter, pruning)
+
+    def record(result: TaskResult, measurement: RepeatedMeasurement, source: str, style: str,
+               generated_tokens: int = 0, fewshot: tuple[Any, ...] = ()) -> None:
+        record_task(run.study_dir, identity, phase, result, measurement, loaded.device, loaded.compute_dtype,
+                    loaded.memory_bytes, generated_tokens=generated_tokens, sparsity=sparsity,
+                    idle_system_power_w=meter.idle_system.power_w if meter.idle_system else None,
+                    source=source, style=style, fewshot=fewshot)
+        summary.append(summary_row(result, measurement))
+
+    task_sets = load_task_sets(run.tasks, run.base_dir)
+    for name, task_data in task_sets.items():
+        settings = run.tasks.enabled()[name]
+        record(*measure_task(loaded, name, task_data, meter, settings.prompt, run.seed, settings.style),
+               task_data.source, scoring_style(name, settings.style), fewshot=task_data.fewshot)
+    rca = run.tasks.rca
+    if rca is not None and rca.generation is not None and "rca" in task_sets:
+        result, measurement, output = measure_generation(loaded, task_sets["rca"], rca.generation, meter, run.seed)
+        chat = "chat template" if uses_chat(rca.generation, loaded.tokenizer) else "plain prompt"
+        record(result, measurement, task_sets["rca"].source, f"generation, {chat}", output.n_new_tokens)
+    return summary
+
+
+def scoring_style(task: str, style: str) -> str:
+    """scores.csv's `style`: how a task was scored (QA: "cloze" or "options"; RCA: "labels", each
+    root cause's words scored; resolutions: "generation, chat template" or "generation, plain prompt")."""
+    return style if task == "qa" else "labels"
+
+
+def data_description(tasks: TasksSettings, base_dir: Path) -> str:
+    """configs.csv's `data` column: each task's source ("synthetic" said as such) and QA style."""
+    parts = []
+    for name, settings in tasks.enabled().items():
+        text = f"{name}: {source_name(name, settings, base_dir)}"
+        shots = f", {settings.fewshot}-shot" if name == "qa" and settings.fewshot else ""
+        parts.append(text + (f" ({settings.style}{shots})" if name == "qa" else ""))
+    return "; ".join(parts)
+
+
+def summary_row(result: TaskResult, measurement: RepeatedMeasurement) -> dict[str, Any]:
+    """One line per task for the notebook's summary table."""
+    return {"task": result.task, "n_items": result.n_items, **result.metrics,
+            "energy_kwh": measurement.total("energy_kwh"), "energy_kwh_std": measurement.std("energy_kwh"),
+            "repeats": measurement.repeats, "method": measurement.records[0].energy_method}

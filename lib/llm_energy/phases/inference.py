@@ -1,0 +1,123 @@
+"""The inference phase (notebook ``03_inference``): one model at one precision, optionally with a
+LoRA adapter from the fine-tuning phase, scored on every task inside measured energy windows.
+
+Steps, in the order the notebook runs them: :func:`load`, :func:`prepare` (scoring path chosen
+before anything is measured, config row written), then :func:`evaluate` with a meter from
+:func:`llm_energy.phases.evaluation.open_meter`. For a reader stepping through the notebook:
+:func:`first_items` and :func:`score` (a few items in one window by hand, written nowhere),
+:func:`answers` (what the model chose), :func:`config_figure` (this config's energy and scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from ..items import QAItem, item_text
+from ..measure.meter import EnergyMeter, is_estimate
+from ..methods.lora_training import load_adapter
+from ..methods.scoring import (
+    ChoiceScores,
+    PreparedTask,
+    ScoringPath,
+    choose_scoring_path,
+    prepare_task,
+    score_prepared,
+    task_result,
+)
+from ..models.loading import LoadedModel, load_model
+from ..tables import store as results
+from ..tables.rows import record_config
+from .evaluation import ConfigRun, data_description, evaluate_config, load_task_sets
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+
+def load(run: ConfigRun, adapter_dir: str = "") -> LoadedModel:
+    """The model at the run's precision, with the LoRA adapter from ``adapter_dir`` on it if given."""
+    loaded = load_model(run.model, run.precision, run.device, base_dir=run.base_dir)
+    if adapter_dir:
+        model = load_adapter(loaded, adapter_dir)
+        loaded = replace(loaded, model=model, weights_origin=f"{loaded.weights_origin}; LoRA adapter {adapter_dir}")
+    return loaded
+
+
+def prepare(run: ConfigRun, loaded: LoadedModel, adapter: str = "none") -> ScoringPath:
+    """Choose the scoring path before any measured window and write the config's row (status ok,
+    where its weights came from, the scoring path)."""
+    path = choose_scoring_path(loaded.model, loaded.tokenizer)
+    record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
+                  weights_origin=loaded.weights_origin, adapter=adapter, scoring_path=path.name,
+                  data=data_description(run.tasks, run.base_dir))
+    return path
+
+
+def evaluate(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, adapter: str = "none") -> list[dict[str, Any]]:
+    """Every task measured and written to the tables, as an inference-phase config."""
+    return evaluate_config(run, loaded, meter, phase="inference", adapter=adapter)
+
+
+def first_items(run: ConfigRun, loaded: LoadedModel, task: str | None = None, n: int = 4) -> PreparedTask:
+    """The first ``n`` scored items of a task (default: qa if the study scores it, else its first
+    task), tokenised now (outside any measured window), as the phase prepares them."""
+    task_sets = load_task_sets(run.tasks, run.base_dir)
+    task = task or ("qa" if "qa" in task_sets else next(iter(task_sets)))
+    data = task_sets[task]
+    few = replace(data, items=tuple(data.items[:n]))
+    settings = run.tasks.enabled()[task]
+    return prepare_task(task, loaded.tokenizer, few, settings.prompt, settings.style)
+
+
+def score(loaded: LoadedModel, prepared: PreparedTask) -> list[ChoiceScores]:
+    """The forward passes over prepared items, and nothing else (what a measured window holds)."""
+    return score_prepared(loaded.model, loaded.tokenizer, prepared)
+
+
+def answers(prepared: PreparedTask, scores: list[ChoiceScores], width: int = 70) -> pd.DataFrame:
+    """Per item: the text (shortened), the gold answer, the model's choice, and whether they agree."""
+    import pandas as pd
+
+    result = task_result(prepared, scores, n_boot=10)
+    rows = []
+    for item, chosen in zip(prepared.data.items, result.predictions):
+        options = item.choices if isinstance(item, QAItem) else prepared.labels
+        gold = item.choices[item.answer] if isinstance(item, QAItem) else item.root_cause
+        text = " ".join(item_text(item).split())
+        rows.append({"id": item.id, "text": text if len(text) <= width else text[: width - 1] + "…",
+                     "gold": gold, "chosen": options[chosen], "correct": options[chosen] == gold})
+    return pd.DataFrame(rows).set_index("id")
+
+
+def config_figure(run: ConfigRun) -> Figure:
+    """This config's inference rows from the study's tables: energy per item for each task (hatched
+    where a component is estimated, not counted) and each metric with its 95% interval."""
+    from matplotlib.figure import Figure
+
+    energy = results.read_table(run.study_dir, "energy")
+    energy = energy[(energy["config_id"] == run.config_id) & (energy["phase"] == "inference")]
+    scores = results.read_table(run.study_dir, "scores")
+    scores = scores[scores["config_id"] == run.config_id]
+    fig = Figure(figsize=(9, 3.2))
+    left, right = fig.subplots(1, 2)
+    per_item_j = energy["energy_kwh"] / energy["n_items"] * 3.6e6
+    bars = left.bar(energy["task"], per_item_j, color="#4c72b0")
+    for bar, estimated in zip(bars, energy["estimated_components"].fillna("")):
+        if estimated:
+            bar.set_hatch("//")
+    methods = sorted(set(energy["energy_method"].dropna()))
+    left.set_ylabel("energy per item (J)")
+    left.set_title(f"gross energy, {', '.join(methods)}" + (" (hatched: estimated)" if any(is_estimate(m) for m in methods) else ""),
+                   fontsize=9)
+    labels = [f"{t}: {m}" for t, m in zip(scores["task"], scores["metric"])]
+    low = (scores["value"] - scores["ci_low"]).clip(lower=0)
+    high = (scores["ci_high"] - scores["value"]).clip(lower=0)
+    right.errorbar(scores["value"], labels, xerr=[low, high], fmt="o", color="#dd8452", capsize=4)
+    right.set_xlim(-0.05, 1.05)
+    right.invert_yaxis()
+    right.set_xlabel("score (95% bootstrap interval)")
+    right.tick_params(axis="y", labelsize=8)
+    fig.suptitle(run.config_id, fontsize=10)
+    fig.tight_layout()
+    return fig

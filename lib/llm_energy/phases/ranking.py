@@ -1,0 +1,609 @@
+"""The ranking phase (notebook ``05_ranking``): every evaluated config ranked by
+R = w·φ + (1−w)·ρ from the study's saved tables, its stability under resampling, and the written
+summary at the top of the report. This phase alone writes ``ranking.csv``.
+
+The arithmetic (φ, ρ, R, Pareto front, resampling) is :mod:`llm_energy.analysis.ranking_math`; the figures are
+:mod:`llm_energy.report.figures`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ..analysis import ranking_math as rank
+from ..analysis.significance import MIN_VERDICT_ITEMS, holm
+from ..config import PHI_METHODS, PRECISIONS, RankingSettings, headline_metric
+from ..layout import StudyLayout
+from ..measure.meter import component_methods, describe_methods, is_estimate
+from ..tables import store as results
+
+
+@dataclass(frozen=True)
+class RankingOutcome:
+    result: rank.RankingResult
+    configs: pd.DataFrame
+    stability: pd.DataFrame | None
+    stability_metrics: tuple[str, ...]
+    w: float
+    methods: tuple[str, ...]
+    energy_lines: tuple[str, ...] = ()  # per component: method, estimate or not; scope; carbon intensity
+    comparisons: pd.DataFrame | None = None  # paired comparisons of every pair of configs (comparisons.csv)
+    stability_note: str = ""  # why rank stability was not estimated, when it was not
+    top_by_phi: dict[str, list[tuple[str, float]]] | None = None  # phi choice -> tied-with-top set at w
+    precision_lines: tuple[str, ...] = ()  # achieved 95% half-widths against the targets
+    device_lines: tuple[str, ...] = ()  # each precision's measured throughput on the device, and skips
+    data_lines: tuple[str, ...] = ()  # what each task scored: data source (synthetic said so), style, items, skips
+    scale_lines: tuple[str, ...] = ()  # observed ranges of φ and ρ and the weight energy effectively gets
+    qa_style: str = "cloze"  # how QA was scored (its headline metric follows)
+
+
+def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutcome:
+    """Rank every evaluated config from the saved tables and write tables/ranking.csv."""
+    energy = results.read_table(study_dir, "energy")
+    scores = results.read_table(study_dir, "scores")
+    configs = rank.config_energy(energy, settings.energy_basis)
+    if configs.empty:
+        raise ValueError(f"{results.table_path(study_dir, 'energy')} has no inference rows to rank")
+    qa_style = study_qa_style(study_dir, scores)
+    result = rank.rank_evaluations(configs, scores, settings, qa_style)
+    stability, used, note = _stability(study_dir, configs, result.settings, result)
+    p_best = stability.attrs.get("p_best") if stability is not None else None
+    result = rank.RankingResult(table=rank.add_top_uncertainty(result.table, p_best), excluded=result.excluded,
+                                settings=result.settings)
+    top_by_phi = {result.settings.phi_method: tied_at(result.table, result.settings.w)}
+    for other in (m for m in PHI_METHODS if m != result.settings.phi_method):
+        alt = rank.rank_evaluations(configs, scores, result.settings.model_copy(update={"phi_method": other}), qa_style)
+        alt_stability, _, _ = _stability(study_dir, configs, alt.settings, alt)
+        alt_table = rank.add_top_uncertainty(alt.table, alt_stability.attrs.get("p_best") if alt_stability is not None else None)
+        top_by_phi[other] = tied_at(alt_table, result.settings.w)
+    results.write_table(study_dir, "ranking", result.table)
+    items = results.read_table(study_dir, "item_scores")
+    items = items[items["config_id"].astype(str).isin(set(configs["config_id"].astype(str)))]
+    comparisons = adjust_comparisons(rank.paired_comparisons(items), configs, qa_style)
+    results.write_table(study_dir, "comparisons", comparisons)
+    measured = energy[energy["phase"].isin(rank.EVALUATION_PHASES + ("finetune", "recovery"))]
+    methods = tuple(sorted({m for m in component_methods(measured) if m}))
+    return RankingOutcome(result=result, configs=configs, stability=stability, stability_metrics=used,
+                          w=settings.w, methods=methods, energy_lines=tuple(energy_description(energy, settings)),
+                          comparisons=comparisons, stability_note=note, top_by_phi=top_by_phi,
+                          precision_lines=tuple(precision_lines(scores, qa_style, configs["config_id"].tolist())),
+                          scale_lines=tuple(scale_lines(result.table, result.settings)), qa_style=qa_style,
+                          device_lines=tuple(device_lines(study_dir)), data_lines=tuple(data_lines(study_dir, scores)))
+
+
+STYLE_WORDS = {
+    "cloze": "cloze: each choice's text scored as a continuation of the question",
+    "options": "lettered options: the choices shown in the prompt, the answer letter scored",
+    "labels": "each root cause's words scored as a continuation of the ticket",
+}
+
+
+def data_lines(study_dir: str | Path, scores: pd.DataFrame) -> list[str]:
+    """Per task: the data it was scored on (synthetic data says so; TeleQnA with its citation), how
+    it was scored, the items per config, where the scored split came from, and the records skipped."""
+    from ..data.tasks import describe_source
+
+    if scores.empty or "data" not in scores:
+        return []
+    splits = results.read_table(study_dir, "splits")
+    skipped = results.read_table(study_dir, "skipped_records")
+    lines = []
+    for task, rows in scores.groupby("task", sort=True):
+        source = str(rows["data"].dropna().iloc[0]) if rows["data"].notna().any() else ""
+        style = str(rows["style"].dropna().iloc[0]) if "style" in rows and rows["style"].notna().any() else ""
+        n_items = sorted({int(n) for n in rows["n_items"].dropna()})
+        words = STYLE_WORDS.get(style, style)
+        line = f"- **{task}**: {describe_source(source) if source else 'unknown source'}"
+        line += f"; {words}" if words else ""
+        shots = sorted({int(k) for k in rows["fewshot"].dropna()}) if "fewshot" in rows else []
+        if any(shots):
+            ids = sorted({str(i) for i in rows["fewshot_ids"].dropna() if str(i)}) if "fewshot_ids" in rows else []
+            line += (f"; {'/'.join(map(str, shots))} worked example(s) from the train split shown before every "
+                     "question" + (f" ({'; '.join(ids)})" if ids else ""))
+        line += f"; {', '.join(map(str, n_items))} items per config" if n_items else ""
+        if not splits.empty and task in set(splits["task"]):
+            mine = splits[splits["task"] == task]
+            if set(mine["assigned_by"]) == {"assigned"}:
+                line += (f"; the file has no splits, so a seeded assignment stratified by class made them "
+                         f"({', '.join(f'{k} {v}' for k, v in mine['split'].value_counts().sort_index().items())}; "
+                         "tables/splits.csv), and only the test split is scored")
+        if not skipped.empty and task in set(skipped["task"]):
+            mine = skipped[skipped["task"] == task]
+            reasons = mine["field"].fillna("").astype(str).value_counts()
+            line += (f"; {len(mine)} invalid record(s) left out before sampling (invalid_records: skip; by field: "
+                     + ", ".join(f"{k or '?'} {v}" for k, v in reasons.items()) + "; tables/skipped_records.csv)")
+        lines.append(line + ".")
+    return lines
+
+
+def device_lines(study_dir: str | Path) -> list[str]:
+    """The runner's throughput probe from provenance.json: GFLOP/s per precision on the study's device
+    and the precisions skipped as too slow there (empty when the study has no probe)."""
+    path = StudyLayout(Path(study_dir)).provenance
+    probe = (json.loads(path.read_text()).get("throughput") or {}) if path.exists() else {}
+    precisions = probe.get("precisions") or {}
+    if not precisions:
+        return []
+    parts = []
+    for precision, result in sorted(precisions.items(), key=lambda kv: (kv[0] not in PRECISIONS, PRECISIONS.index(kv[0])
+                                                                          if kv[0] in PRECISIONS else 0, kv[0])):
+        rate = result.get("gflop_per_s")
+        parts.append(f"{precision} {rate:.3g}" if rate else f"{precision} not measured ({result.get('reason', '')})")
+    limit = (probe.get("device_limits") or {}).get("max_slowdown")
+    lines = [f"Matmul throughput measured before the first job on {probe.get('device', '?')} (GFLOP/s): "
+             + ", ".join(parts) + ". " + (f"A precision more than {limit:g}x slower than fp32 is skipped "
+                                          "unless device_limits.always_run lists it." if limit else
+                                          "device_limits.max_slowdown: null, so no precision was skipped for speed.")]
+    lines += [f"- skipped as too slow: {reason}" for reason in (probe.get("skipped_as_slow") or {}).values()]
+    return lines
+
+
+def study_qa_style(study_dir: str | Path, scores: pd.DataFrame | None = None) -> str:
+    """The QA scoring style of a study: a ``style`` column of scores.csv when the scoring wrote one,
+    else tasks.qa.style of its params.resolved.yaml, else "cloze" (the default)."""
+    if scores is not None and "style" in scores:
+        styles = sorted({str(s) for s in scores.loc[scores["task"] == "qa", "style"].dropna()})
+        if len(styles) > 1:
+            raise ValueError(f"scores.csv mixes QA styles {styles}: one study scores QA one way")
+        if styles:
+            return styles[0]
+    path = StudyLayout(Path(study_dir)).params_resolved
+    if path.exists():
+        qa = ((yaml.safe_load(path.read_text()) or {}).get("tasks") or {}).get("qa") or {}
+        return str(qa.get("style") or "cloze")
+    return "cloze"
+
+
+def tied_at(table: pd.DataFrame, w: float) -> list[tuple[str, float]]:
+    """The configs tied with the top at w (ranking.csv's tied_with_top), best first, with p_best."""
+    at_w = table[np.isclose(table["w"], w) & table["tied_with_top"].astype(bool)]
+    at_w = at_w.sort_values(["rank", "config_id"])
+    return [(str(r.config_id), float(r.p_best)) for r in at_w.itertuples()]
+
+
+def phi_choice_markdown(top_by_phi: dict[str, list[tuple[str, float]]] | None, chosen: str, w: float) -> str:
+    """How the set the data cannot separate at w changes between the two φ choices."""
+    if not top_by_phi or len(top_by_phi) < 2:
+        return ""
+    names = {"minmax": "min-max (E_max − E)/(E_max − E_min)", "ratio": "ratio E_min/E"}
+    sets = {m: [c for c, _ in top] for m, top in top_by_phi.items()}
+    lines = [(f"**φ choice and the top set at w = {w:g}.** The ranking uses φ = {names[chosen]}; the other "
+              "choice, with the same ρ and the same resampled items and energy repeats, gives:"), "",
+             "| φ | tied with the top (p_best) |", "|---|---|"]
+    for method in PHI_METHODS:
+        if method in top_by_phi:
+            cell = ", ".join(f"{c} ({p:.0%})" if not math.isnan(p) else c for c, p in top_by_phi[method]) or "—"
+            lines.append(f"| {method}{' (used)' if method == chosen else ''} | {cell} |")
+    lines.append("")
+    values = list(sets.values())
+    if all(set(v) == set(values[0]) for v in values):
+        lines.append("The top set is the same under both φ choices.")
+    else:
+        a, b = (m for m in PHI_METHODS if m in sets)
+        only_a = sorted(set(sets[a]) - set(sets[b]))
+        only_b = sorted(set(sets[b]) - set(sets[a]))
+        parts = []
+        if only_a:
+            parts.append(f"only under {a}: {', '.join(only_a)}")
+        if only_b:
+            parts.append(f"only under {b}: {', '.join(only_b)}")
+        lines.append("The top set depends on the φ choice (" + "; ".join(parts) + ").")
+    return "\n".join(lines)
+
+
+# Targets of the scoring's precision: the 95% half-width each task's headline accuracy should reach.
+HALF_WIDTH_TARGETS: dict[str, float] = {"qa": 0.07, "rca": 0.09}
+Z_95 = 1.959963984540054
+
+
+def wilson_half_width(p: float, n: int, z: float = Z_95) -> float:
+    """Half the width of the Wilson score interval of a proportion p observed on n items."""
+    if n <= 0:
+        return float("nan")
+    denominator = 1 + z * z / n
+    return z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+
+
+def items_for_half_width(half_width: float, z: float = Z_95) -> int:
+    """Items needed for a half-width at worst (p = 0.5), normal approximation."""
+    return math.ceil(z * z * 0.25 / (half_width * half_width))
+
+
+def precision_lines(scores: pd.DataFrame, qa_style: str, config_ids: list[str] | None = None,
+                    targets: dict[str, float] = HALF_WIDTH_TARGETS) -> list[str]:
+    """Per task: the achieved 95% half-width of its headline accuracy (largest over configs, from the
+    bootstrap interval in scores.csv, with the Wilson interval beside it) against its target."""
+    lines = []
+    for task, target in targets.items():
+        metric = headline_metric(task, qa_style)
+        rows = scores[(scores["task"] == task) & (scores["metric"] == metric)]
+        if config_ids is not None:
+            rows = rows[rows["config_id"].isin(config_ids)]
+        if rows.empty:
+            continue
+        boot = ((rows["ci_high"].astype(float) - rows["ci_low"].astype(float)) / 2).max()
+        wilson = max(wilson_half_width(float(v), int(n)) for v, n in zip(rows["value"], rows["n_items"]))
+        n_items = int(rows["n_items"].min())
+        worst = max(boot, wilson) if not math.isnan(boot) else wilson
+        met = worst <= target
+        lines.append(f"- {task} {metric}: ±{boot:.3f} (bootstrap), ±{wilson:.3f} (Wilson), largest over "
+                     f"{len(rows)} configs, {n_items} items; target ±{target:.2f}: "
+                     + ("**met**." if met else f"**NOT met** (about {items_for_half_width(target)} items "
+                                                "would reach it at worst, p = 0.5)."))
+    return lines
+
+
+def energy_description(energy: pd.DataFrame, settings: RankingSettings) -> list[str]:
+    """What the energy numbers are, in words: each component's method and whether it is an estimate,
+    what the totals cover, the carbon intensity, and the basis the ranking used."""
+    rows = energy[energy["phase"].isin(rank.EVALUATION_PHASES + ("finetune",))]
+    lines = []
+    parts = []
+    for component in ("cpu", "gpu", "ram"):
+        column = f"{component}_method"
+        methods = sorted({str(m) for m in rows[column].dropna() if str(m) not in ("none", "")}) if column in rows else []
+        if not methods:
+            continue
+        words = ", ".join(f"{m} ({'ESTIMATE' if is_estimate(m) else 'measured'})" for m in methods)
+        parts.append(f"{component.upper()}: {words}")
+    if parts:
+        lines.append("Per component — " + "; ".join(parts) + ".")
+    estimated = sorted({c for value in rows.get("estimated_components", pd.Series(dtype=str)).dropna()
+                        for c in str(value).split(";") if c})
+    measured_gpu = "gpu_method" in rows and any(m == "nvml_counter" for m in rows["gpu_method"].dropna())
+    if measured_gpu and estimated:
+        lines.append(f"The GPU energy is measured by its NVML counter, but {' and '.join(c.upper() for c in estimated)} "
+                     "energy in the totals is modelled, not measured.")
+    scopes = sorted({str(s) for s in rows.get("energy_scope", pd.Series(dtype=str)).dropna()})
+    if any(s.startswith("gpu_only") for s in scopes):
+        lines.append("Some jobs shared their node with other measured jobs: their totals hold their GPUs only "
+                     "(energy_scope 'gpu_only: shared node'); CPU and RAM are recorded beside them, not charged.")
+    intensity = rows.get("carbon_intensity_g_per_kwh", pd.Series(dtype=float)).dropna()
+    country = rows.get("country_iso_code", pd.Series(dtype=str)).dropna()
+    if len(intensity):
+        lines.append(f"Carbon: {intensity.iloc[0]:.0f} g CO2e/kWh"
+                     + (f" (grid of {country.iloc[0]})" if len(country) else "") + ".")
+    lines.append(f"The ranking uses {settings.energy_basis} energy"
+                 + (" (net of each job's loaded-idle power)." if settings.energy_basis == "net" else
+                    " (as measured, idle included); energy_net_kwh in energy.csv subtracts each job's loaded-idle power."))
+    return lines
+
+
+def _stability(study_dir: str | Path, configs: pd.DataFrame, settings: RankingSettings,
+               result: rank.RankingResult) -> tuple[pd.DataFrame | None, tuple[str, ...], str]:
+    """Rank stability and p_best over exactly the point ranking's metrics (result.settings.metrics,
+    resolved), or None and the reason it was not estimated."""
+    if settings.bootstrap == 0:
+        return None, (), "ranking.bootstrap is 0"
+    items = results.read_table(study_dir, "item_scores")
+    if items.empty:
+        return None, (), "no per-item scores to resample"
+    items = items[items["config_id"].isin(configs["config_id"]) & ~items["config_id"].isin(result.excluded)]
+    per_item_pairs = set(items["task"] + ":" + items["metric"])
+    chosen = tuple(result.settings.metrics or ())
+    lacking = [m for m in chosen if m not in per_item_pairs]
+    if lacking:
+        # Resampling the other metrics alone would rank by a different rho than the point ranking.
+        return None, (), (f"ρ counts {', '.join(lacking)}, which has no per-item scores to resample (a corpus-level "
+                          "metric); choose per-item metrics in ranking.metrics to estimate it")
+    sub = settings.model_copy(update={"metrics": chosen, "missing": "exclude"})
+    keep = configs[~configs["config_id"].isin(result.excluded)]
+    repeats = rank.repeat_energy(results.read_table(study_dir, "energy_repeats"), settings.energy_basis)
+    stability = rank.rank_stability(keep, items, repeats if len(repeats) else None, sub, w=settings.w,
+                                    n_boot=settings.bootstrap, seed=0)
+    return stability, chosen, ""
+
+
+def _fmt_energy(kwh: float) -> str:
+    wh = kwh * 1000
+    return f"{wh:.3g} Wh" if wh >= 0.1 else f"{wh * 1000:.3g} mWh"
+
+
+def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], skipped: list[dict[str, str]],
+                     failures: list[dict[str, str]], k: int = 3, finetune_lines: list[str] | None = None) -> str:
+    """The written summary at the top of the report."""
+    top = rank.summarise_top(outcome.result, outcome.w, k=k)
+    lines = [f"### Top configurations at w = {outcome.w:g}", "", separability_sentence(outcome), ""]
+    stability = outcome.stability.set_index("config_id") if outcome.stability is not None else None
+    for row in top:
+        robust = ""
+        if stability is not None and row["config_id"] in stability.index:
+            share = stability.loc[row["config_id"]].get(f"rank_{int(row['rank'])}", float("nan"))
+            if not (isinstance(share, float) and math.isnan(share)):
+                robust = f"; holds rank {int(row['rank'])} in {share:.0%} of {len(outcome.stability) and 'bootstrap'} resamples"
+        lines.append(
+            f"{int(row['rank'])}. **{row['config_id']}** — R = {row['R']:.3f} (φ = {row['phi']:.3f}, "
+            f"ρ = {row['rho']:.3f}, {_fmt_energy(row['energy_kwh_per_item'])} per item{robust})"
+        )
+    lines.append("")
+    lines.append(f"**{rank.rho_formula(outcome.result.settings)}.**")
+    lines.append(
+        "ρ counts one headline metric per task unless ranking.metrics names others"
+        + (" (each scaled min-max over the configs)." if outcome.result.settings.metric_scaling == "minmax"
+           else " (accuracies, already in [0, 1]).")
+        + " Energy per item = a config's inference energy over all tasks / items scored."
+    )
+    lines += list(outcome.scale_lines)
+    if outcome.stability_metrics:
+        lines.append(f"Rank stability and p_best resample the items of {', '.join(outcome.stability_metrics)} "
+                     "(the same ρ as the point ranking) and the energy repeats.")
+    elif outcome.stability_note:
+        lines.append(f"Rank stability was not estimated: {outcome.stability_note}.")
+    phi_lines = phi_choice_markdown(outcome.top_by_phi, outcome.result.settings.phi_method, outcome.w)
+    if phi_lines:
+        lines += ["", phi_lines]
+    if outcome.precision_lines:
+        lines += ["", ("**Precision of the scores.** Achieved 95% half-width of each task's headline accuracy "
+                       "against its target:"), *outcome.precision_lines]
+    if outcome.device_lines:
+        lines += ["", "**Precisions on this device.** " + outcome.device_lines[0], *outcome.device_lines[1:]]
+    if outcome.result.excluded:
+        lines.append(f"Excluded from the ranking (missing metrics): {', '.join(outcome.result.excluded)}.")
+    if outcome.data_lines:
+        lines += ["", "**What was scored.**", *outcome.data_lines]
+    lines += ["", "**Energy method.** " + describe_methods(set(outcome.methods)) + "."]
+    lines += list(outcome.energy_lines)
+    if any(is_estimate(m) for m in outcome.methods):
+        lines.append(
+            "Differences between precisions on this machine reflect run time under an estimated power model; "
+            "treat them as estimates, not measurements."
+        )
+    lines += ["", "**Where the weights came from.**"]
+    lines += [f"- {model}: {origin}" for model, origin in sorted(weights_origin.items())]
+    if skipped:
+        lines += ["", "**Skipped configurations.**"]
+        lines += [f"- {s['config_id']}: {s['reason']}" for s in skipped]
+    if finetune_lines:
+        lines += ["", "**Fine-tuning against the base model.**"] + finetune_lines
+    if failures:
+        lines += ["", "**Failed configurations.**"]
+        lines += [f"- {f['job']}: {f['error']}" for f in failures]
+    return "\n".join(lines)
+
+
+def separability_sentence(outcome: RankingOutcome) -> str:
+    """The headline: one config only when the data separate it from the rest, else the set."""
+    table = outcome.result.table
+    at_w = table[np.isclose(table["w"], outcome.w)]
+    if "tied_with_top" not in at_w or at_w["p_best"].isna().all():
+        return ("_Whether the top configuration is separable from the others was not estimated (no per-item "
+                "scores to resample, or ranking.bootstrap: 0)._")
+    tied = at_w[at_w["tied_with_top"].astype(bool)].sort_values(["rank", "config_id"])
+    share = f"{rank.TIED_WITH_TOP_SHARE:.0%}"
+    if len(tied) == 1:
+        row = tied.iloc[0]
+        return (f"**Best at w = {outcome.w:g}: {row['config_id']}**, best in {row['p_best']:.0%} of joint resamples of "
+                f"items and energy repeats; no other config is best in {share} or more of them.")
+    names = ", ".join(f"{r['config_id']} ({r['p_best']:.0%})" for _, r in tied.iterrows())
+    return (f"**No single best configuration at w = {outcome.w:g}.** The data cannot separate {len(tied)} configs: "
+            f"{names}, each best in at least {share} of joint resamples of items and energy repeats (or first in "
+            "the point ranking). More items, or more energy repeats, would be needed to tell them apart.")
+
+
+def finetune_effect(scores: pd.DataFrame, energy: pd.DataFrame, task: str = "rca", metric: str = "accuracy") -> list[str]:
+    """One sentence per fine-tuned config: does it beat its base model on the task, and by how much."""
+    meta = energy.drop_duplicates("config_id").set_index("config_id")[["model", "precision", "adapter", "pruning"]]
+    values = scores[(scores["task"] == task) & (scores["metric"] == metric)].set_index("config_id")
+    lines = []
+    for config_id, row in meta[(meta["adapter"] != "none") & (meta["pruning"] == "none")].iterrows():
+        base = meta[(meta["model"] == row["model"]) & (meta["precision"] == row["precision"])
+                    & (meta["adapter"] == "none") & (meta["pruning"] == "none")]
+        if config_id not in values.index or base.empty or base.index[0] not in values.index:
+            continue
+        tuned, before = values.loc[config_id], values.loc[base.index[0]]
+        delta = tuned["value"] - before["value"]
+        overlap = tuned["ci_low"] <= before["ci_high"] and before["ci_low"] <= tuned["ci_high"]
+        verdict = ("beats" if delta > 0 else "does NOT beat") + " its base model"
+        lines.append(f"- {config_id}: {task} {metric} {tuned['value']:.3f} vs {before['value']:.3f} for "
+                     f"{base.index[0]} ({delta:+.3f}); it {verdict}"
+                     + (" (95% intervals overlap: not a clear difference)" if overlap else "") + ".")
+    return lines
+
+
+def config_notes(study_dir: str | Path) -> tuple[dict[str, str], list[dict[str, str]], list[dict[str, str]]]:
+    """Weights origin per model, skipped configs and failed jobs, from the run's tables."""
+    configs = results.read_table(study_dir, "configs")
+    origin = {}
+    # A model's own weights: from a config with neither adapter nor pruning when there is one.
+    plain = (configs["adapter"].astype(str) == "none") & (configs["pruning"].astype(str) == "none")
+    for _, row in pd.concat([configs[plain], configs[~plain]]).iterrows():
+        if isinstance(row.get("weights_origin"), str) and row["weights_origin"]:
+            origin.setdefault(row["model"], row["weights_origin"])
+    skipped = [
+        {"config_id": r["config_id"], "reason": str(r["reason"])}
+        for _, r in configs[configs["status"] == "skipped"].iterrows()
+    ]
+    failures_path = Path(study_dir) / "failures.json"
+    failures = json.loads(failures_path.read_text()) if failures_path.exists() else []
+    return origin, skipped, failures
+
+
+def pruning_kernels_markdown(study_dir: str | Path) -> str:
+    """Which kernels each pruned config ran, so nobody reads an energy saving into masked zeros."""
+    configs = results.read_table(study_dir, "configs")
+    if not len(configs) or "pruning" not in configs:
+        return ""
+    pruned = configs[(configs["pruning"].astype(str) != "none") & (configs["status"] == "ok")]
+    if not len(pruned):
+        return ""
+    lines = [("**Kernels of the pruned configurations.** Pruning lowers energy only where a sparse kernel "
+             "skips the zeros; masked weights through dense kernels cost the same as the dense model.")]
+    for _, row in pruned.sort_values("config_id").iterrows():
+        kernel = row.get("kernel")
+        kernel = kernel if isinstance(kernel, str) and kernel else "dense"
+        note = row.get("kernel_note")
+        note = f" — {note}" if isinstance(note, str) and note else ""
+        lines.append(f"- {row['config_id']}: {kernel}{note}")
+    return "\n".join(lines)
+
+
+def figure_energy_method(methods: tuple[str, ...]) -> str | None:
+    return ", ".join(methods) if methods else None
+
+
+def load_tables(study_dir: str | Path) -> dict[str, pd.DataFrame]:
+    return {name: results.read_table(study_dir, name) for name in ("energy", "scores", "training", "token_lengths")}
+
+
+def empty(frame: Any) -> bool:
+    return frame is None or len(frame) == 0
+
+
+def recovery_markdown(study_dir: str | Path, metrics: tuple[tuple[str, str], ...] | None = None) -> str:
+    """Per recovered config: the quality pruning cost and recovery won back, beside the energy the
+    recovery fine-tuning spent; ``metrics`` (task, metric) default to each task's headline metric
+    (config.headline_metric under the study's QA style)."""
+    energy = results.read_table(study_dir, "energy")
+    scores = results.read_table(study_dir, "scores")
+    if metrics is None:
+        metrics = verdict_metrics(study_qa_style(study_dir, scores))
+    training = energy[energy["phase"] == "recovery"]
+    if training.empty:
+        return ""
+    values = scores.set_index(["config_id", "task", "metric"])["value"]
+    lines = [("**Recovery fine-tuning.** A LoRA adapter trained on each pruned model (its pruned weights "
+             "unchanged): quality before pruning → pruned → recovered, and the energy the recovery training spent.")]
+    for _, row in training.sort_values("config_id").iterrows():
+        recovered = row["config_id"]
+        pruned = recovered.removesuffix("__recovered")
+        target = pruned.rsplit("__", 1)[0]
+        parts = []
+        for task, metric in metrics:
+            got = [values.get((c, task, metric)) for c in (target, pruned, recovered)]
+            if all(v is not None and not pd.isna(v) for v in got):
+                parts.append(f"{task} {metric} {got[0]:.3f} → {got[1]:.3f} → {got[2]:.3f}")
+        estimate = " (estimate)" if isinstance(row.get("estimated_components"), str) and row["estimated_components"] else ""
+        lines.append(f"- {pruned}: {'; '.join(parts) or 'no scores'}; recovery training {_fmt_energy(row['energy_kwh'])}"
+                     f"{estimate} over {int(row['n_items'])} examples")
+    return "\n".join(lines)
+
+
+VERDICT_TASKS: tuple[str, ...] = ("rca", "qa", "rca_resolution")
+VERDICT_KINDS: dict[str, str] = {"quantization": "quantization verdicts", "pruning": "pruning and recovery verdicts"}
+
+
+def verdict_metrics(qa_style: str) -> tuple[tuple[str, str], ...]:
+    """What "quality changed" is judged on, per task: its headline metric (config.headline_metric)."""
+    return tuple((task, headline_metric(task, qa_style)) for task in VERDICT_TASKS)
+
+
+def judged_pairs(configs: pd.DataFrame, kind: str) -> list[tuple[str, str]]:
+    """The (config, reference) pairs a paragraph of the report judges: ``kind`` "quantization" pairs
+    each unpruned precision with its own model's fp32 (same adapter); "pruning" pairs each pruned
+    config with its target, and each recovered config with its pruned one."""
+    meta = configs.set_index("config_id")
+    pairs = []
+    if kind == "quantization":
+        plain = meta[meta["pruning"] == "none"]
+        for config_id, row in plain.iterrows():
+            if row["precision"] == "fp32":
+                continue
+            reference = plain[(plain["model"] == row["model"]) & (plain["precision"] == "fp32")
+                              & (plain["adapter"] == row["adapter"])]
+            if len(reference):
+                pairs.append((str(config_id), str(reference.index[0])))
+    elif kind == "pruning":
+        for config_id in meta[meta["pruning"] != "none"].index:
+            config_id = str(config_id)
+            reference = config_id.removesuffix("__recovered") if config_id.endswith("__recovered") else config_id.rsplit("__", 1)[0]
+            if reference in meta.index:
+                pairs.append((config_id, reference))
+    else:
+        raise ValueError(f"kind must be one of {list(VERDICT_KINDS)}; got {kind!r}")
+    return sorted(pairs)
+
+
+def adjust_comparisons(comparisons: pd.DataFrame, configs: pd.DataFrame, qa_style: str) -> pd.DataFrame:
+    """comparisons.csv with ``family`` and ``p_adjusted`` filled for the pairs the report judges:
+    Holm's correction within each family, one family per paragraph of verdicts (quantization; pruning
+    and recovery) and per headline metric, e.g. "quantization:qa:acc". Pairs on fewer than
+    MIN_VERDICT_ITEMS items get no verdict and stay out of the family; every other row keeps
+    ``family`` and ``p_adjusted`` empty."""
+    out = comparisons.copy()
+    out["family"] = ""
+    out["p_adjusted"] = np.nan
+    if out.empty:
+        return out
+    key = {(a, b, t, m): i for i, (a, b, t, m) in enumerate(zip(out["config_a"], out["config_b"], out["task"], out["metric"]))}
+    for kind in VERDICT_KINDS:
+        pairs = judged_pairs(configs, kind)
+        for task, metric in verdict_metrics(qa_style):
+            rows = []
+            for config_id, reference in pairs:
+                index = key.get((config_id, reference, task, metric), key.get((reference, config_id, task, metric)))
+                if index is not None and int(out.iloc[index]["n_items"]) >= MIN_VERDICT_ITEMS:
+                    rows.append(out.index[index])
+            if not rows:
+                continue
+            out.loc[rows, "family"] = f"{kind}:{task}:{metric}"
+            out.loc[rows, "p_adjusted"] = holm(out.loc[rows, "p_value"].astype(float).tolist())
+    return out
+
+
+def quality_changes(outcome: RankingOutcome, kind: str, alpha: float = 0.05) -> str:
+    """Whether quality changed beyond noise, in words, from the paired comparisons, on each task's
+    headline metric: ``kind`` "quantization" compares each precision with its own model's fp32 (same
+    adapter); "pruning" compares each pruned config with its target, and each recovered config with its
+    pruned one. The verdict reads the Holm-adjusted p-value of the paragraph's family; a metric on fewer
+    than MIN_VERDICT_ITEMS items gets "too few items to judge" instead of a verdict."""
+    table = outcome.comparisons
+    if table is None or table.empty:
+        return ""
+    pairs = judged_pairs(outcome.configs, kind)
+    if not pairs:
+        return ""
+    title = ("**Quantization against fp32, paired on the same items.**" if kind == "quantization" else
+             "**Pruning against its unpruned config (and recovery against its pruned one), paired on the same items.**")
+    metrics = verdict_metrics(outcome.qa_style)
+    lines = [title + f" Each task is judged on its headline metric ({', '.join(f'{t} {m}' for t, m in metrics)}). "
+             f"A change is beyond noise when its p-value, Holm-adjusted over this paragraph's pairs for that metric "
+             f"(p_adj), is below {alpha:g}; the test is McNemar's exact test for accuracies and a paired sign-flip "
+             "permutation test otherwise, and the interval the paired-bootstrap 95% interval of the difference. "
+             f"A metric scored on fewer than {MIN_VERDICT_ITEMS} items gets no verdict."]
+    for config_id, reference in pairs:
+        parts = []
+        for task, metric in metrics:
+            row = rank.compare(table, config_id, reference, task, metric)
+            if row is None:
+                continue
+            head = (f"{task} {metric} {row['diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] "
+                    f"on {int(row['n_items'])} items")
+            adjusted = row.get("p_adjusted")
+            if int(row["n_items"]) < MIN_VERDICT_ITEMS or adjusted is None or pd.isna(adjusted):
+                parts.append(f"{head}: too few items to judge")
+                continue
+            verdict = "beyond noise" if adjusted < alpha else "within noise"
+            parts.append(f"{head}, p = {row['p_value']:.3g}, p_adj = {adjusted:.3g}: {verdict}")
+        if parts:
+            lines.append(f"- {config_id} vs {reference}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def scale_lines(table: pd.DataFrame, settings: RankingSettings) -> list[str]:
+    """The observed ranges of φ and ρ at the headline w and the weight energy effectively gets there:
+    w·span(φ) / (w·span(φ) + (1−w)·span(ρ)). φ spans [0, 1] under min-max by construction while ρ spans
+    only the accuracies observed, so w = 0.5 can weigh energy several times more than quality."""
+    at_w = table[np.isclose(table["w"].astype(float), settings.w)].drop_duplicates("config_id")
+    if len(at_w) < 2:
+        return []
+    phi = at_w["phi"].astype(float)
+    rho = at_w["rho"].astype(float)
+    span_phi, span_rho = float(phi.max() - phi.min()), float(rho.max() - rho.min())
+    w = settings.w
+    total = w * span_phi + (1 - w) * span_rho
+    effective = w * span_phi / total if total > 0 else float("nan")
+    scale = ("ρ is min-max scaled over the configs (ranking.rho_scale: minmax)" if settings.rho_scale == "minmax"
+             else "ρ as observed (ranking.rho_scale: raw, the paper's definition; rho_scale: minmax scales it to [0, 1])")
+    return [f"Observed ranges at w = {w:g}: φ {phi.min():.3f}–{phi.max():.3f}, ρ {rho.min():.3f}–{rho.max():.3f} "
+            f"({scale}). Across these configs energy effectively weighs {effective:.0%} of R's spread "
+            f"(w·span φ / (w·span φ + (1−w)·span ρ)), quality {1 - effective:.0%}."
+            if not math.isnan(effective) else
+            f"Observed ranges at w = {w:g}: φ {phi.min():.3f}–{phi.max():.3f}, ρ {rho.min():.3f}–{rho.max():.3f}."]

@@ -1,0 +1,94 @@
+"""One job of a study: a phase notebook run by papermill in a fresh kernel, alone or for one config.
+
+The runner (:mod:`llm_energy.runner.study`) and the cluster workers (:mod:`llm_energy.runner.scale`) both execute
+jobs through :func:`execute_job`, which never raises: one failing config must not stop a study.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..layout import NOTEBOOKS, StudyLayout, notebooks_dir
+
+# The kernel's own log at ERROR: its start-up warning about TCP transport without encryption (the
+# kernel listens on 127.0.0.1 only) would otherwise be printed once per job. Cell output goes to the job's log.
+KERNEL_ARGUMENTS = ["--log-level=ERROR"]
+
+
+@dataclass(frozen=True)
+class Job:
+    phase: str
+    config_id: str | None
+    parameters: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return self.phase if self.config_id is None else f"{self.phase}__{self.config_id}"
+
+    @property
+    def notebook(self) -> str:
+        return NOTEBOOKS[self.phase]
+
+
+def filter_parameters(notebook: Path, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Only the keys the notebook's parameters cell declares (papermill itself would just warn)."""
+    import papermill
+
+    declared = papermill.inspect_notebook(str(notebook))
+    return {k: v for k, v in parameters.items() if k in declared}
+
+
+def notebook_parameters(job: Job) -> dict[str, Any]:
+    """Exactly what papermill receives for this job: its parameters, less those its notebook does
+    not declare (``llm-energy params`` writes these, for ``papermill ... -f``)."""
+    return filter_parameters(notebooks_dir() / job.notebook, job.parameters)
+
+
+def parameters_yaml(job: Job) -> str:
+    """The job's notebook parameters as a YAML file papermill reads with ``-f``."""
+    import yaml
+
+    header = f"# papermill parameters of job {job.key} ({job.notebook}); written by llm-energy params\n"
+    return header + yaml.safe_dump(notebook_parameters(job), sort_keys=False, allow_unicode=True)
+
+
+def run_job(job: Job, out_dir: Path) -> None:
+    """Execute the job's notebook with its parameters; the executed copy and a log go to the study."""
+    import papermill
+
+    layout = StudyLayout(out_dir)
+    notebook = notebooks_dir() / job.notebook
+    executed = layout.executed_notebook(job.phase, job.config_id)
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    with open(layout.log(job.key), "w") as stdout:
+        papermill.execute_notebook(
+            str(notebook), str(executed), parameters=notebook_parameters(job),
+            kernel_name="python3", progress_bar=False, log_output=False, stdout_file=stdout, stderr_file=stdout,
+            cwd=str(notebook.parent), extra_arguments=KERNEL_ARGUMENTS,
+        )
+
+
+def execute_job(job: Job, out_dir: Path) -> dict[str, Any]:
+    """Run one job and report, never raise: {'ok', 'error', 'seconds'} (also used on cluster workers)."""
+    start = time.perf_counter()
+    try:
+        run_job(job, out_dir)
+    except Exception as exc:  # one failing config must not stop the study
+        return {"ok": False, "error": short_error(exc), "seconds": time.perf_counter() - start}
+    return {"ok": True, "error": "", "seconds": time.perf_counter() - start}
+
+
+def short_error(exc: BaseException) -> str:
+    """The exception line of an error (papermill's carry the notebook's traceback)."""
+    name = type(exc).__name__
+    text = str(exc).strip()
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    if ename:
+        return f"{ename}: {evalue}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    return f"{name}: {lines[-1] if lines else ''}" if lines else name + "\n" + "".join(traceback.format_exception_only(exc))

@@ -1,0 +1,540 @@
+"""The study runner: validate, expand into configs, execute each phase notebook with papermill.
+
+Each job (a phase, or a phase for one config) runs its notebook in a fresh kernel; the executed
+notebook is kept under ``notebooks/`` of the output folder. A finished job leaves a marker in
+``state/`` so a rerun resumes; a failing job is recorded in ``failures.json`` and the study goes on.
+The runner imports no phase module: it passes parameters to notebooks and reads tables back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..analysis import ranking_math as rank
+from ..config import (
+    PruningTarget,
+    Study,
+    StudyValidationError,
+    load_study,
+    resolved_dict,
+    section_dict,
+    study_hash,
+)
+from ..layout import StudyLayout, config_id_for, project_root
+from ..measure import throughput
+from ..tables import store as results
+from ..tables.rows import record_config
+from .checks import data_problems, with_context_exclusions
+from .jobs import Job, execute_job, run_job
+
+log = logging.getLogger("llm_energy.runner.study")
+
+PACKAGES = ("llm_energy", "torch", "transformers", "bitsandbytes", "codecarbon", "papermill", "accelerate",
+            "numpy", "pandas", "matplotlib", "seaborn", "pydantic", "nbconvert", "gguf")
+
+
+class StudyRunError(RuntimeError):
+    """The run cannot start (an output-folder conflict); nothing was written."""
+
+
+@dataclass
+class StudyOutcome:
+    out_dir: Path
+    completed: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    report: Path | None = None
+
+
+def display_path(path: Path) -> str:
+    """A path as a user types it: relative to the working directory when under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def resolve_device(study: Study) -> str:
+    from ..models.loading import resolve_device as resolve
+
+    return resolve(study.device)
+
+
+def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
+           attribution: str = "machine", slow: Mapping[str, str] | None = None) -> tuple[list[Job], list[dict[str, str]]]:
+    """The jobs known before anything runs (data, fine-tuning, base inference, explicit pruning
+    targets, ranking), in run order, and configs skipped because their precision cannot run here,
+    or runs too slowly here (``slow``: precision -> measured reason, from :func:`slow_precisions`;
+    a config already finished in this folder is kept). Adapter evaluation and top-k pruning are
+    added by the runner once their inputs exist."""
+    from ..models.loading import precision_support
+
+    common = base_parameters(study, out_dir, base_dir, device, attribution)
+    jobs: list[Job] = []
+    skipped: list[dict[str, str]] = []
+    if "data" in study.phases:
+        jobs.append(Job("data", None, {**common, "model": study.models[0].model_dump(mode="json")}))
+
+    def runnable(model: Any, precision: str, config_id: str, phase: str = "inference") -> bool:
+        reason = precision_support(precision, device)
+        if (not reason and slow and precision in slow
+                and not StudyLayout(out_dir).done_marker(f"{phase}__{config_id}").exists()):
+            reason = slow[precision]
+        if reason:
+            skipped.append({"config_id": config_id, "model": model.name, "precision": precision, "reason": reason})
+        return reason is None
+
+    if "finetune" in study.phases and study.finetune is not None:
+        chosen = study.finetune.models
+        for model in [m for m in study.models if chosen is None or m.name in chosen]:
+            for precision in study.finetune.precisions:
+                config_id = config_id_for(model.name, precision, adapter="lora")
+                if runnable(model, precision, config_id, "finetune"):
+                    jobs.append(Job("finetune", config_id, {
+                        **common, "config_id": config_id, "model": model.model_dump(mode="json"), "adapter_name": "lora",
+                        "precision": precision, "finetune": section_dict(study.finetune)}))
+    if "inference" in study.phases:
+        for model in study.models:
+            for precision in study.precisions:
+                config_id = config_id_for(model.name, precision)
+                if runnable(model, precision, config_id):
+                    jobs.append(inference_job(common, model.model_dump(mode="json"), precision, config_id))
+    if "pruning" in study.phases and study.pruning is not None and study.pruning.targets:
+        models = {m.name: m for m in study.models}
+        for target in study.pruning.parsed_targets():
+            jobs += [j for j in pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target, out_dir)
+                     if runnable(models[target.model], target.precision, j.config_id or "", "pruning")]
+    if "ranking" in study.phases:
+        jobs.append(Job("ranking", None, {**common, "ranking": section_dict(study.ranking)}))
+    return jobs, skipped
+
+
+def probed_precisions(study: Study) -> list[str]:
+    """Every precision a job of the study may load: inference, fine-tuning, named pruning targets."""
+    wanted = list(study.precisions)
+    if "finetune" in study.phases and study.finetune is not None:
+        wanted += study.finetune.precisions
+    if study.pruning is not None and study.pruning.targets:
+        wanted += [t.precision for t in study.pruning.parsed_targets()]
+    return list(dict.fromkeys(wanted))
+
+
+def slow_precisions(study: Study, device: str) -> tuple[dict[str, throughput.PrecisionThroughput], dict[str, str]]:
+    """The device throughput probe of every precision the study loads, and those it skips as too
+    slow here (study.device_limits), with the measured reason."""
+    probe = throughput.probe_device(probed_precisions(study), device)
+    return probe, throughput.slow_precisions(probe, study.device_limits)
+
+
+def base_parameters(study: Study, out_dir: Path, base_dir: Path, device: str,
+                    attribution: str = "machine") -> dict[str, Any]:
+    energy = {**study.energy.model_dump(mode="json"), "attribution": attribution}
+    return {"study_dir": str(out_dir), "base_dir": str(base_dir), "seed": study.seed, "device": device,
+            "tasks": study.tasks.model_dump(mode="json"), "energy": energy}
+
+
+def energy_attribution(study: Study, cluster: str, device: str) -> str:
+    """How each job's energy is attributed, decided once for the run (see EnergySettings.attribution).
+
+    Sequentially every job has the machine to itself: "machine". A local cluster with one worker per
+    GPU runs measured jobs side by side on one node: their CPU and RAM are shared, so "gpu_only". On
+    SLURM a worker has its node to itself only with --exclusive. Measured jobs sharing a CPU device
+    cannot be told apart at all, so that is refused.
+    """
+    requested = study.energy.attribution
+    shared = False
+    if cluster == "local":
+        from .scale import local_worker_count
+
+        shared = local_worker_count(study, device) > 1
+    elif cluster == "slurm":
+        shared = "--exclusive" not in study.cluster.slurm.job_extra_directives
+    if shared and not device.startswith("cuda"):
+        raise StudyRunError(
+            "measured CPU jobs would share a node (" + ("cluster.local_workers > 1" if cluster == "local" else
+            "SLURM without --exclusive in cluster.slurm.job_extra_directives") + "): their CPU energy cannot be "
+            "told apart. Use one worker, or give each SLURM worker its node (--exclusive).")
+    if requested == "machine" and shared:
+        raise StudyRunError("energy.attribution: machine, but measured jobs share a node here: each job would be "
+                            "charged the whole machine's CPU and RAM. Use attribution: auto or gpu_only.")
+    if requested == "auto":
+        return "gpu_only" if shared else "machine"
+    return requested
+
+
+def inference_job(common: dict[str, Any], model: dict[str, Any], precision: str, config_id: str,
+                  adapter: str = "", adapter_name: str = "none") -> Job:
+    return Job("inference", config_id, {**common, "config_id": config_id, "model": model, "precision": precision,
+                                        "adapter": adapter, "adapter_name": adapter_name})
+
+
+def pruning_jobs(study: Study, common: dict[str, Any], model: dict[str, Any], target: PruningTarget,
+                 out_dir: Path) -> list[Job]:
+    """One job per pruning method on a target config; a fine-tuned target brings its adapter (merged
+    into the weights before pruning)."""
+    assert study.pruning is not None
+    adapter_dir = ""
+    if target.adapter != "none":
+        adapter_dir = str(StudyLayout(out_dir).adapter(config_id_for(model["name"], target.precision, adapter=target.adapter)))
+    jobs = []
+    for method in study.pruning.methods:
+        spec = study.pruning.spec(method, study.seed)
+        config_id = config_id_for(model["name"], target.precision, adapter=target.adapter, pruning=spec.label)
+        jobs.append(Job("pruning", config_id, {
+            **common, "config_id": config_id, "model": model, "precision": target.precision,
+            "pruning_label": spec.label, "pruning": section_dict(spec), "sparse_kernels": study.pruning.sparse_kernels,
+            "adapter": adapter_dir, "adapter_name": target.adapter,
+            "recover": section_dict(study.pruning.recover) if study.pruning.recover is not None else {},
+        }))
+    return jobs
+
+
+def adapter_jobs(study: Study, common: dict[str, Any], out_dir: Path, finished: list[Job]) -> list[Job]:
+    """Evaluate every adapter that a fine-tuning job saved, on its base model at its precision."""
+    jobs = []
+    for job in finished:
+        adapter_dir = StudyLayout(out_dir).adapter(job.config_id or "")
+        if job.phase == "finetune" and (adapter_dir / "adapter_model.safetensors").is_file():
+            jobs.append(inference_job(common, job.parameters["model"], job.parameters["precision"],
+                                      job.config_id or "", adapter=str(adapter_dir), adapter_name="lora"))
+    return jobs
+
+
+def study_out_dir(study: Study, out: str | Path | None) -> Path:
+    """Where a run writes: --out, else outputs/<study> under the working directory."""
+    return Path(out).resolve() if out else (Path.cwd() / "outputs" / study.study)
+
+
+def planned_jobs(params_path: str | Path, out: str | Path | None = None) -> tuple[list[Job], str]:
+    """Every job a run of this study into ``out`` would execute, in run order, with the parameters
+    the runner gives it, and a note on jobs not known yet. Adapters are evaluated at the paths their
+    fine-tuning saves them to; top-k pruning targets come from the ranking, so their jobs are listed
+    only once ``out`` holds the evaluated configs (after a run, or a run's inference phase)."""
+    params_path = Path(params_path).resolve()
+    study, device, attribution = _validate(params_path, None, "none")
+    out_dir = study_out_dir(study, out)
+    jobs, _ = expand(study, out_dir, params_path.parent, device, attribution)
+    common = base_parameters(study, out_dir, params_path.parent, device, attribution)
+    first = [j for j in jobs if j.phase in ("data", "finetune", "inference")]
+    adapters = [inference_job(common, j.parameters["model"], j.parameters["precision"], j.config_id or "",
+                              adapter=str(StudyLayout(out_dir).adapter(j.config_id or "")), adapter_name="lora")
+                for j in first if j.phase == "finetune"]
+    pruning = [j for j in jobs if j.phase == "pruning"]
+    note = ""
+    if "pruning" in study.phases and study.pruning is not None and not study.pruning.targets:
+        try:
+            targets = top_k_targets(study, out_dir)
+        except (ValueError, KeyError, OSError):
+            targets = []
+        models = {m.name: m for m in study.models}
+        pruning = [job for target in targets
+                   for job in pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target, out_dir)]
+        if not targets:
+            note = (f"pruning jobs (the top {study.pruning.top_k} configs of the ranking) are known once {out_dir} "
+                    "holds the evaluated configs: run the study (or its inference phase) there first")
+    return first + adapters + pruning + [j for j in jobs if j.phase == "ranking"], note
+
+
+def top_k_targets(study: Study, out_dir: Path) -> list[PruningTarget]:
+    """The best evaluated configs of the ranking at the study's w (fine-tuned ones included, pruned
+    ones not), ranked from the tables as they are (ranking.csv is the ranking phase's to write)."""
+    assert study.pruning is not None
+    configs = rank.config_energy(results.read_table(out_dir, "energy"), study.ranking.energy_basis)
+    if configs.empty:
+        raise ValueError(f"{results.table_path(out_dir, 'energy')} has no inference rows to rank")
+    qa_style = study.tasks.qa.style if study.tasks.qa is not None else "cloze"
+    table = rank.rank_evaluations(configs, results.read_table(out_dir, "scores"), study.ranking, qa_style).table
+    unpruned = table[table["pruning"] == "none"]
+    at_w = unpruned[(unpruned["w"] - study.ranking.w).abs() < 1e-9].sort_values(["rank", "config_id"])
+    return [PruningTarget(row.model, row.precision, row.adapter) for row in at_w.head(study.pruning.top_k).itertuples()]
+
+
+def _git(args: list[str]) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    except Exception:
+        return None
+
+
+def provenance(study: Study, device: str, params_path: Path) -> dict[str, Any]:
+    import torch
+
+    from ..measure.meter import nvml_available, rapl_available
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "study": study.study,
+        "params_file": str(params_path),
+        "params_hash": study_hash(study),
+        "git_commit": _git(["rev-parse", "HEAD"]),
+        "git_dirty": bool(_git(["status", "--porcelain"])),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "hardware": {"cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu, "device": device,
+                     "cuda": torch.version.cuda if torch.cuda.is_available() else None},
+        "energy_methods_available": {
+            "codecarbon": True, "rapl": rapl_available(), "nvml_counter": nvml_available() if gpu else False,
+        },
+        "device_resolved": {"requested": study.device, "used": device},
+    }
+
+
+def prepare_out_dir(study: Study, out_dir: Path, resume: bool, force: bool) -> None:
+    """Refuse to mix results of different parameters; --no-resume needs --force to overwrite."""
+    resolved = StudyLayout(out_dir).params_resolved
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not resume:
+        if not force:
+            raise StudyRunError(
+                f"{out_dir} already holds results; --no-resume would overwrite them. "
+                "Pass --force to start afresh there, or choose another folder with --out."
+            )
+        shutil.rmtree(out_dir)
+        return
+    if resolved.exists():
+        previous = yaml.safe_load(resolved.read_text()) or {}
+        previous_hash = (previous.get("_meta") or {}).get("params_hash")
+        if previous_hash and previous_hash != study_hash(study):
+            raise StudyRunError(
+                f"{out_dir} was written with different parameters (hash {previous_hash}, now {study_hash(study)}). "
+                "Resuming would mix results. Use --out NEW_FOLDER, or --no-resume --force to start afresh."
+            )
+
+
+class _Run:
+    """The state of one study run: which jobs finished, resumed or failed, and the progress bar."""
+
+    def __init__(self, study: Study, layout: StudyLayout, device: str, resume: bool, phases: list[str] | None,
+                 cluster: str, skipped: list[dict[str, str]], attribution: str):
+        self.study, self.layout, self.device, self.attribution = study, layout, device, attribution
+        self.resume, self.phases, self.cluster = resume, phases, cluster
+        self.outcome = StudyOutcome(out_dir=layout.root, skipped=skipped)
+        failures = layout.failures
+        self.failures: list[dict[str, str]] = json.loads(failures.read_text()) if (resume and failures.exists()) else []
+        self.bar: Any = None
+
+    def wants(self, phase: str) -> bool:
+        return phase in self.study.phases and (not self.phases or phase in self.phases)
+
+    def run_stage(self, stage: list[Job]) -> None:
+        """Run jobs that do not depend on each other: here in turn, or spread over the cluster."""
+        todo = []
+        for job in stage:
+            if self.phases and job.phase not in self.phases:
+                self.bar.update()
+            elif self.resume and self.layout.done_marker(job.key).exists() and job.phase != "ranking":
+                self.outcome.resumed.append(job.key)
+                self.bar.update()
+            else:
+                todo.append(job)
+        if self.cluster == "none" or len(todo) <= 1:
+            finished = ((job, self._execute(job)) for job in todo)
+        else:
+            from .scale import run_on_cluster
+
+            finished = run_on_cluster(todo, self.layout.root, self.cluster, self.study, self.device)
+        for job, result in finished:
+            self.settle(job, result)
+            self.bar.update()
+
+    def _execute(self, job: Job) -> dict[str, Any]:
+        self.bar.set_postfix_str(f"{job.key} (log: {display_path(self.layout.log(job.key))})")
+        return execute_job(job, self.layout.root)
+
+    def settle(self, job: Job, result: dict[str, Any]) -> None:
+        """A finished job leaves its done marker; a failed one its failure record and config row."""
+        self.failures = [f for f in self.failures if f["job"] != job.key]
+        if result["ok"]:
+            self.layout.done_marker(job.key).write_text(json.dumps({"seconds": result["seconds"]}))
+            self.outcome.completed.append(job.key)
+            return
+        log.error("job %s failed: %s", job.key, result["error"])
+        self.add_failure({"job": job.key, "config_id": job.config_id or "", "error": result["error"],
+                          "notebook": str(self.layout.notebooks), "log": str(self.layout.log(job.key))})
+        if job.config_id:
+            record_config(self.layout.root, job.config_id, job.parameters.get("model", {}).get("name", ""),
+                          job.parameters.get("precision", ""), "failed", result["error"],
+                          adapter=job.parameters.get("adapter_name", "none"),
+                          pruning=job.parameters.get("pruning_label", "none"))
+
+    def add_failure(self, failure: dict[str, str]) -> None:
+        self.failures.append(failure)
+        self.save_failures()
+        self.outcome.failed.append(failure)
+
+    def save_failures(self) -> None:
+        results.atomic_write_json(self.layout.failures, self.failures)
+
+
+def run_study(params_path: str | Path, out: str | Path | None = None, resume: bool = True, force: bool = False,
+              phases: list[str] | None = None, cluster: str = "none") -> StudyOutcome:
+    """Validate, then run every job of the study; return what completed, resumed, was skipped or failed."""
+    from tqdm.auto import tqdm
+
+    params_path = Path(params_path).resolve()
+    study, device, attribution = _validate(params_path, phases, cluster)  # raises before anything is written
+    out_dir = study_out_dir(study, out)
+    prepare_out_dir(study, out_dir, resume, force)
+    layout = StudyLayout(out_dir)
+    layout.state.mkdir(parents=True, exist_ok=True)
+    if not any(m.source == "hub" for m in study.models):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this study may reach a hub
+    prov = _write_parameters_and_provenance(study, layout, device, params_path)
+    probe, slow = slow_precisions(study, device)  # before any job: each precision's speed on this device
+    prov["throughput"] = {"device": device, "precisions": {p: r.as_dict() for p, r in probe.items()},
+                          "device_limits": study.device_limits.model_dump(mode="json"), "skipped_as_slow": slow}
+    results.atomic_write_json(layout.provenance, prov)
+
+    jobs, skipped = expand(study, out_dir, params_path.parent, device, attribution, slow)
+    _record_skipped(out_dir, skipped)
+    run = _Run(study, layout, device, resume, phases, cluster, skipped, attribution)
+    run.bar = tqdm(total=len(jobs), desc=f"study {study.study}", unit="job")
+    first = [j for j in jobs if j.phase in ("data", "finetune", "inference")]
+    run.run_stage(first)
+    second = _second_stage(run, jobs, first, params_path.parent)
+    run.bar.total = len(jobs) + len(second) - sum(1 for j in jobs if j.phase == "pruning")
+    run.run_stage(second)
+    third = _top_k_pruning_stage(run, params_path.parent)  # ranks everything evaluated, adapters included
+    run.bar.total += len(third)
+    run.run_stage(third)
+    run.save_failures()
+    run.run_stage([j for j in jobs if j.phase == "ranking"])  # reads every table, so it runs last
+    run.bar.close()
+    run.save_failures()
+    run.outcome.report = _render_report_if_ranked(run)
+    _finish_provenance(prov, layout, run)
+    return run.outcome
+
+
+def _validate(params_path: Path, phases: list[str] | None, cluster: str) -> tuple[Study, str, str]:
+    """The study, the device it runs on and how energy is attributed, or StudyRunError /
+    StudyValidationError."""
+    from ..models.loading import PrecisionUnsupported
+
+    study = load_study(params_path)
+    # records too long for a model's context, under invalid_records: skip, are left out by every job
+    study, _ = with_context_exclusions(study, params_path.parent.resolve())
+    problems = data_problems(study, params_path.parent.resolve())
+    if problems:
+        raise StudyValidationError(problems)
+    if phases:
+        unknown = [p for p in phases if p not in study.phases]
+        if unknown:
+            raise StudyRunError(f"--phases {unknown} are not phases of this study ({', '.join(study.phases)})")
+    if cluster not in ("none", "local", "slurm"):
+        raise StudyRunError(f"--cluster must be none, local or slurm; got {cluster!r}")
+    try:
+        device = resolve_device(study)
+    except PrecisionUnsupported as exc:  # e.g. device: cuda on a machine without a GPU
+        raise StudyRunError(f"{params_path}: device: {exc}") from None
+    return study, device, energy_attribution(study, cluster, device)
+
+
+def _write_parameters_and_provenance(study: Study, layout: StudyLayout, device: str,
+                                     params_path: Path) -> dict[str, Any]:
+    resolved = resolved_dict(study)
+    resolved["_meta"] = {"params_hash": study_hash(study), "source": str(params_path), "device_used": device}
+    results.atomic_write_text(layout.params_resolved, yaml.safe_dump(resolved, sort_keys=False))
+    prov = provenance(study, device, params_path)
+    prov["started_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    results.atomic_write_json(layout.provenance, prov)
+    return prov
+
+
+def _record_skipped(out_dir: Path, skipped: list[dict[str, str]]) -> None:
+    for item in skipped:
+        log.warning("skipping %s: %s", item["config_id"], item["reason"])
+        record_config(out_dir, item["config_id"], item["model"], item["precision"], "skipped", item["reason"])
+
+
+def _second_stage(run: _Run, jobs: list[Job], first: list[Job], base_dir: Path) -> list[Job]:
+    """Adapters the fine-tuning saved, and pruning of the targets the study names."""
+    common = base_parameters(run.study, run.layout.root, base_dir, run.device, run.attribution)
+    second = adapter_jobs(run.study, common, run.layout.root, [j for j in first if j.phase == "finetune"])
+    return second + [j for j in jobs if j.phase == "pruning"]
+
+
+def _top_k_pruning_stage(run: _Run, base_dir: Path) -> list[Job]:
+    """Without named targets: pruning of the best configs of the ranking so far, which by now holds
+    every evaluated config (base models and their adapters), so a fine-tuned config can be the one
+    pruned."""
+    study = run.study
+    if not (run.wants("pruning") and study.pruning is not None and not study.pruning.targets):
+        return []
+    common = base_parameters(study, run.layout.root, base_dir, run.device, run.attribution)
+    models = {m.name: m for m in study.models}
+    try:
+        targets = top_k_targets(study, run.layout.root)
+    except ValueError as exc:  # nothing ranked: every inference config failed
+        run.add_failure({"job": "pruning", "config_id": "", "error": f"no pruning targets: {exc}",
+                         "notebook": "", "log": ""})
+        return []
+    log.info("pruning targets (top %d at w = %g): %s", study.pruning.top_k, study.ranking.w,
+             ", ".join(config_id_for(t.model, t.precision, adapter=t.adapter) for t in targets))
+    return [job for target in targets
+            for job in pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target,
+                                    run.layout.root)]
+
+
+def _render_report_if_ranked(run: _Run) -> Path | None:
+    ranking_nb = run.layout.executed_notebook("ranking", None)
+    if run.wants("ranking") and ranking_nb.exists() and not any(f["job"] == "ranking" for f in run.failures):
+        from ..report.html import render_html
+
+        return render_html(ranking_nb, run.layout.report)
+    return None
+
+
+def _finish_provenance(prov: dict[str, Any], layout: StudyLayout, run: _Run) -> None:
+    prov["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    idle = results.read_table(layout.root, "idle_baselines")
+    if len(idle):  # each job's own baselines, measured in its process: system and loaded idle
+        prov["idle_baselines"] = idle.to_dict(orient="records")
+    prov["jobs"] = {"completed": run.outcome.completed, "resumed": run.outcome.resumed,
+                    "failed": [f["job"] for f in run.failures], "skipped": run.outcome.skipped}
+    results.atomic_write_json(layout.provenance, prov)
+
+
+def render_report(study_dir: str | Path) -> Path:
+    """Re-execute the ranking notebook over a study's saved tables and render report.html."""
+    layout = StudyLayout(Path(study_dir).resolve())
+    if not layout.params_resolved.exists():
+        raise StudyRunError(f"{layout.root} is not a study output folder (no params.resolved.yaml)")
+    data = yaml.safe_load(layout.params_resolved.read_text())
+    job = Job("ranking", None, {"study_dir": str(layout.root), "ranking": data.get("ranking", {})})
+    run_job(job, layout.root)
+    from ..report.html import render_html
+
+    return render_html(layout.executed_notebook("ranking", None), layout.report)

@@ -1,0 +1,2 @@
+"""The study's tables (plumbing layer): the one writer and the table definitions (:mod:`.store`), and the
+rows the phases write, built in one place (:mod:`.rows`)."""

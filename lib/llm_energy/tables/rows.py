@@ -1,0 +1,191 @@
+"""The rows the phases and the runner write into a study's tables, built in one place.
+
+Each function takes typed results (a :class:`~llm_energy.methods.scoring.TaskResult`, a
+:class:`~llm_energy.measure.meter.RepeatedMeasurement`, a fine-tuning result, a pruning result) and writes the
+rows that DESIGN.md fixes, through :mod:`llm_energy.tables.store`. A phase never assembles a table row
+itself, so the columns of a table are decided here and in ``results.TABLES`` only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import CORRECTNESS_TASKS, headline_metric
+from ..measure.meter import EnergyRecord, IdleBaseline
+from . import store as results
+
+if TYPE_CHECKING:
+    from ..measure.meter import RepeatedMeasurement
+    from ..methods.lora_training import FinetuneResult
+    from ..methods.scoring import TaskResult
+    from ..methods.sparsify import PruningResult
+
+
+
+@dataclass(frozen=True)
+class ConfigIdentity:
+    """What names a config in every table."""
+
+    config_id: str
+    model: str
+    precision: str
+    adapter: str = "none"
+    pruning: str = "none"
+
+
+def record_config(study_dir: Path, config_id: str, model: str, precision: str, status: str, reason: str = "",
+                  weights_origin: str = "", adapter: str = "none", pruning: str = "none", kernel: str = "",
+                  kernel_note: str = "", scoring_path: str = "", data: str = "") -> None:
+    """The config's row in configs.csv: ok, skipped or failed, why, where its weights came from, the
+    kernels a pruned config runs, the path its multiple-choice scoring took and the data it was
+    scored on (synthetic data says so)."""
+    results.upsert_rows(study_dir, "configs", [{
+        "config_id": config_id, "model": model, "precision": precision, "adapter": adapter, "pruning": pruning,
+        "status": status, "reason": reason, "weights_origin": weights_origin, "kernel": kernel,
+        "kernel_note": kernel_note, "scoring_path": scoring_path, "data": data,
+    }])
+
+
+def record_idle_baselines(study_dir: Path, config_id: str, phase: str, device: str,
+                          *baselines: IdleBaseline | None) -> None:
+    """The job's idle baselines (system, loaded), measured in its own process."""
+    results.upsert_rows(study_dir, "idle_baselines", [
+        {"config_id": config_id, "phase": phase, "kind": b.kind, "power_w": b.power_w, "duration_s": b.duration_s,
+         "method": b.method, "device": device}
+        for b in baselines if b is not None
+    ])
+
+
+ENERGY_FIELDS = ("cpu_method", "gpu_method", "ram_method", "estimated_components", "energy_scope",
+                 "country_iso_code", "carbon_intensity_g_per_kwh")
+
+
+def energy_fields(record: EnergyRecord) -> dict[str, Any]:
+    """The columns every energy and training row carries about how its energy was obtained."""
+    return {
+        "cpu_method": record.cpu_method, "gpu_method": record.gpu_method, "ram_method": record.ram_method,
+        "estimated_components": record.estimated_components, "energy_scope": record.scope,
+        "country_iso_code": record.country_iso_code, "carbon_intensity_g_per_kwh": record.carbon_intensity_g_per_kwh,
+    }
+
+
+def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: TaskResult,
+                measurement: RepeatedMeasurement, device: str, compute_dtype: str, memory_bytes: int,
+                generated_tokens: int = 0, sparsity: PruningResult | None = None,
+                idle_system_power_w: float | None = None, source: str = "", style: str = "",
+                fewshot: Sequence[Any] = ()) -> None:
+    """One task's energy row, its scores, its per-item scores and its per-window energy. ``fewshot``:
+    the worked examples every item was shown (scores.csv: how many, and their ids). A re-measured
+    config x phase x task replaces all its rows in every one of these tables (fewer items or windows
+    than before leave no stale rows behind)."""
+    first = measurement.records[0]
+    energy_kwh = measurement.total("energy_kwh")
+    energy_net_kwh = measurement.total("energy_net_kwh")
+    row = results.EnergyRow(
+        config_id=config.config_id, phase=phase, model=config.model, precision=config.precision,
+        adapter=config.adapter, pruning=config.pruning,
+        sparsity_pattern=sparsity.pattern if sparsity is not None else None,
+        target_sparsity=sparsity.target_sparsity if sparsity is not None else 0.0,
+        measured_sparsity=sparsity.measured_sparsity if sparsity is not None else None,
+        task=result.task, n_items=result.n_items, n_tokens=result.n_tokens,
+        n_tokens_prompted=result.n_tokens_prompted if result.n_tokens_prompted is not None else result.n_tokens,
+        duration_s=measurement.total("duration_s"), energy_kwh=energy_kwh, energy_net_kwh=energy_net_kwh,
+        cpu_energy_kwh=measurement.total("cpu_energy_kwh"), gpu_energy_kwh=measurement.total("gpu_energy_kwh"),
+        ram_energy_kwh=measurement.total("ram_energy_kwh"), emissions_kg=measurement.total("emissions_kg"),
+        energy_method=first.energy_method, device=device, repeats=measurement.repeats,
+        energy_kwh_std=measurement.std("energy_kwh"), energy_std_estimator=measurement.std_estimator,
+        energy_kwh_se=measurement.se("energy_kwh"), net_at_or_below_idle=bool(energy_net_kwh <= 0),
+        windows=measurement.windows, window_unit=measurement.unit,
+        **energy_fields(first),
+        idle_power_w=first.idle_power_w, idle_loaded_power_w=first.idle_power_w,
+        idle_system_power_w=idle_system_power_w, duration_s_std=measurement.std("duration_s"),
+        energy_kwh_per_item=energy_kwh / max(result.n_items, 1),
+        energy_kwh_per_1k_tokens=energy_kwh * 1000 / max(result.n_tokens, 1),
+        energy_kwh_per_correct=energy_per_correct(energy_kwh, result, style),
+        compute_dtype=compute_dtype, memory_bytes=memory_bytes, n_generated_tokens=generated_tokens,
+        energy_kwh_per_1k_generated_tokens=energy_kwh * 1000 / generated_tokens if generated_tokens else None,
+    )
+    mine = {"config_id": config.config_id, "task": result.task}
+    results.upsert_rows(study_dir, "energy", results.energy_rows(row))
+    results.upsert_rows(study_dir, "scores", [
+        {"config_id": config.config_id, "task": result.task, "metric": metric, "value": value,
+         "ci_low": result.intervals[metric][0], "ci_high": result.intervals[metric][1], "n_items": result.n_items,
+         "data": source, "style": style, "fewshot": len(fewshot),
+         "fewshot_ids": " ".join(str(example.id) for example in fewshot)}
+        for metric, value in result.metrics.items()
+    ], replace_where=mine)
+    results.upsert_rows(study_dir, "item_scores", [
+        {"config_id": config.config_id, "task": result.task, "metric": metric, "item_id": item_id, "value": float(v)}
+        for metric, values in result.per_item.items()
+        for item_id, v in zip(result.item_ids, values)
+    ], replace_where=mine)
+    results.upsert_rows(study_dir, "energy_repeats", [
+        {"config_id": config.config_id, "phase": phase, "task": result.task, "repeat": i + 1,
+         "duration_s": r.duration_s, "energy_kwh": r.energy_kwh, "energy_net_kwh": r.energy_net_kwh,
+         "n_items": measurement.window_items[i] if measurement.unit == "chunk" else result.n_items,
+         "window_unit": measurement.unit, "task_items": result.n_items}
+        for i, r in enumerate(measurement.records)
+    ], replace_where={**mine, "phase": phase})
+
+
+def energy_per_correct(energy_kwh: float, result: TaskResult, style: str = "cloze") -> float:
+    """Energy per correct answer under the task's headline metric (config.headline_metric: the same
+    metric rho and the verdicts use; inf when none is correct, NaN for generation)."""
+    if result.task not in CORRECTNESS_TASKS:
+        return float("nan")  # generation has no notion of a correct answer
+    correct = result.metrics[headline_metric(result.task, style)] * result.n_items
+    return energy_kwh / correct if correct > 0 else float("inf")
+
+
+def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneResult, device: str, task: str,
+                    phase: str = "finetune") -> None:
+    """Per-epoch rows into training.csv and one training energy row (all epochs) into energy.csv;
+    ``phase`` is "finetune", or "recovery" for an adapter trained on a pruned model."""
+    rows = [{
+        "phase": phase, "config_id": config.config_id, "model": config.model, "precision": config.precision,
+        "adapter": config.adapter, "epoch": e.epoch, "train_loss": e.train_loss, "eval_loss": e.eval_loss,
+        "duration_s": e.duration_s, "energy_kwh": e.energy_kwh, "emissions_kg": e.emissions_kg,
+        "energy_method": e.energy_method, "n_examples": e.n_examples, "n_tokens": e.n_tokens,
+        "energy_net_kwh": e.record.energy_net_kwh if e.record is not None else None,
+        **(energy_fields(e.record) if e.record is not None else dict.fromkeys(ENERGY_FIELDS)),
+    } for e in result.epochs]
+    results.upsert_rows(study_dir, "training", rows, replace_where={"config_id": config.config_id})
+    record = result.epochs[0].record
+    net = math.fsum(e.record.energy_net_kwh for e in result.epochs) if record is not None else None
+    n_tokens = sum(e.n_tokens for e in result.epochs)
+    row = results.EnergyRow(
+        config_id=config.config_id, phase=phase, model=config.model, precision=config.precision,
+        adapter=config.adapter, pruning=config.pruning, target_sparsity=0.0, task=task,
+        n_items=sum(e.n_examples for e in result.epochs), n_tokens=n_tokens, n_tokens_prompted=n_tokens,
+        duration_s=sum(e.duration_s for e in result.epochs), energy_kwh=sum(e.energy_kwh for e in result.epochs),
+        emissions_kg=sum(e.emissions_kg for e in result.epochs), energy_method=result.epochs[0].energy_method,
+        device=device, repeats=1, energy_kwh_std=math.nan, energy_net_kwh=net,
+        net_at_or_below_idle=bool(net <= 0) if net is not None else None,
+        **(energy_fields(record) if record is not None else {}),
+    )
+    results.upsert_rows(study_dir, "energy", results.energy_rows(row))
+
+
+def record_pruned_layers(study_dir: Path, config_id: str, outcome: PruningResult,
+                         plan_rows: list[dict[str, Any]] | None = None, after: list[Any] | None = None) -> None:
+    """Measured sparsity of every pruned layer (N:M verification as text), the same layers measured
+    again after a round trip (quantization, or recovery training) when there was one, and the
+    sparse-kernel plan."""
+    rows = outcome.as_rows(config_id)
+    checks = {c.name: c for c in after or []}
+    for row in rows:  # text, so the CSV column reads back the same whatever other configs wrote
+        row["verified_nm"] = _nm_text(row["verified_nm"])
+        check = checks.get(row["layer"])
+        row["measured_sparsity_after"] = check.measured_sparsity if check else None
+        row["verified_nm_after"] = _nm_text(check.verified_nm) if check else None
+    results.upsert_rows(study_dir, "pruning_layers", rows, replace_where={"config_id": config_id})
+    if plan_rows:
+        results.upsert_rows(study_dir, "sparse_plan", plan_rows, replace_where={"config_id": config_id})
+
+
+def _nm_text(verified: bool | None) -> str:
+    return {True: "yes", False: "no"}.get(verified, "not N:M")

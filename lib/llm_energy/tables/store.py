@@ -1,0 +1,239 @@
+"""The study's tables: one writer for all of them.
+
+Rows are upserted by key under a file lock and written to a temporary file that replaces the table
+in one rename, so a table is never half written, never holds duplicate keys, and a rerun of a
+config replaces its own rows without touching the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import pandas as pd
+
+from ..analysis.ranking_math import RANKING_COLUMNS
+from ..layout import StudyLayout
+
+
+@dataclass(frozen=True)
+class EnergyRow:
+    """One row of energy.csv: one config x phase x task (an inference task's measured windows summed
+    or averaged into one row, or a fine-tuning run's epochs). Its columns are this type's fields, in
+    order; every writer builds one of these, so the table has one definition."""
+
+    config_id: str
+    phase: str  # inference | pruning (evaluations of a config) | finetune | recovery (training)
+    model: str
+    precision: str
+    adapter: str = "none"
+    pruning: str = "none"
+    sparsity_pattern: str | None = None
+    target_sparsity: float = 0.0
+    measured_sparsity: float | None = None
+    task: str = ""
+    n_items: int = 0
+    n_tokens: int = 0  # tokens as they ran through the model (a shared few-shot prefix once per call)
+    duration_s: float | None = None
+    energy_kwh: float | None = None  # gross: everything the meter read in the windows
+    energy_net_kwh: float | None = None  # net of the job's loaded-idle power over the same time
+    cpu_energy_kwh: float | None = None
+    gpu_energy_kwh: float | None = None
+    ram_energy_kwh: float | None = None
+    emissions_kg: float | None = None
+    energy_method: str | None = None  # the first component's method (see cpu/gpu/ram_method)
+    device: str | None = None
+    repeats: int = 1  # measured windows
+    # the uncertainty of energy_kwh that energy_std_estimator names (see RepeatedMeasurement.std)
+    energy_kwh_std: float | None = None
+    cpu_method: str | None = None
+    gpu_method: str | None = None
+    ram_method: str | None = None
+    estimated_components: str | None = None
+    energy_scope: str | None = None
+    country_iso_code: str | None = None
+    carbon_intensity_g_per_kwh: float | None = None
+    # how the energy was windowed: every window a full pass (repeat), or one pass in chunks (chunk)
+    windows: int | None = None
+    window_unit: str | None = None
+    energy_std_estimator: str | None = None  # what energy_kwh_std is (sd_of_repeats | se_of_chunk_sum)
+    energy_kwh_se: float | None = None  # standard error of energy_kwh (both designs)
+    # net energy at or below zero: the windows drew no more than the loaded-idle baseline (noise)
+    net_at_or_below_idle: bool | None = None
+    idle_power_w: float | None = None
+    idle_loaded_power_w: float | None = None
+    idle_system_power_w: float | None = None
+    duration_s_std: float | None = None
+    energy_kwh_per_item: float | None = None
+    n_tokens_prompted: int | None = None  # tokens of every prompt as written (the shared prefix per item)
+    energy_kwh_per_1k_tokens: float | None = None  # per 1k tokens as they ran (n_tokens)
+    energy_kwh_per_correct: float | None = None  # per correct answer under the task's headline metric
+    compute_dtype: str | None = None
+    memory_bytes: int | None = None
+    n_generated_tokens: int | None = None
+    energy_kwh_per_1k_generated_tokens: float | None = None
+
+
+ENERGY_ALL_COLUMNS: list[str] = [f.name for f in fields(EnergyRow)]
+# the columns every energy row must have (the rest may be empty for a training row)
+ENERGY_COLUMNS = ENERGY_ALL_COLUMNS[: ENERGY_ALL_COLUMNS.index("carbon_intensity_g_per_kwh") + 1]
+
+
+def energy_rows(*rows: EnergyRow) -> list[dict[str, Any]]:
+    """Rows for :func:`upsert_rows` from typed energy rows."""
+    return [asdict(r) for r in rows]
+
+
+SCORES_COLUMNS = ["config_id", "task", "metric", "value", "ci_low", "ci_high", "n_items"]
+TRAINING_COLUMNS = [
+    "config_id", "model", "precision", "adapter", "epoch", "train_loss", "eval_loss", "duration_s",
+    "energy_kwh", "emissions_kg",
+    "cpu_method", "gpu_method", "ram_method", "estimated_components", "energy_scope", "country_iso_code",
+    "carbon_intensity_g_per_kwh",
+]
+# ranking.csv: the arithmetic's columns (ranking_math.rank_configs), then how separable the top is
+# (rank.add_top_uncertainty: p_best, tied_with_top)
+RANKING_TABLE_COLUMNS = RANKING_COLUMNS + ["p_best", "tied_with_top"]
+
+# table name -> (required columns in order, key columns that identify a row)
+TABLES: dict[str, tuple[list[str], list[str]]] = {
+    "energy": (ENERGY_COLUMNS, ["config_id", "phase", "task"]),
+    "scores": (SCORES_COLUMNS, ["config_id", "task", "metric"]),
+    "training": (TRAINING_COLUMNS, ["config_id", "epoch"]),
+    "ranking": (RANKING_TABLE_COLUMNS, ["config_id", "w"]),
+    "item_scores": (["config_id", "task", "metric", "item_id", "value"], ["config_id", "task", "metric", "item_id"]),
+    "energy_repeats": (
+        ["config_id", "phase", "task", "repeat", "duration_s", "energy_kwh", "energy_net_kwh", "n_items"],
+        ["config_id", "phase", "task", "repeat"],
+    ),
+    "token_lengths": (["task", "dataset", "split", "item_id", "n_tokens", "tokenizer"], ["task", "dataset", "split", "item_id"]),
+    "pruning_layers": (
+        ["config_id", "pruning", "method", "sparsity_pattern", "target_sparsity", "layer", "out_features",
+         "in_features", "n_weights", "n_zero", "measured_sparsity", "verified_nm"],
+        ["config_id", "layer"],
+    ),
+    "comparisons": (
+        ["config_a", "config_b", "task", "metric", "diff", "ci_low", "ci_high", "p_value", "test", "n_items",
+         "family", "p_adjusted"],
+        ["config_a", "config_b", "task", "metric"],
+    ),
+    "sparse_plan": (
+        ["config_id", "shape", "layers", "convert", "alg_id", "min_tokens", "best_speedup", "reason", "tokens",
+         "dense_ms", "sparse_ms", "speedup"],
+        ["config_id", "shape", "tokens"],
+    ),
+    "idle_baselines": (
+        ["config_id", "phase", "kind", "power_w", "duration_s", "method", "device"],
+        ["config_id", "phase", "kind"],
+    ),
+    "configs": (
+        ["config_id", "model", "precision", "adapter", "pruning", "status", "reason", "weights_origin",
+         "scoring_path"],
+        ["config_id"],
+    ),
+    # the data phase: every item's split (from the file, or the seeded assignment) and whether it is scored
+    "splits": (["task", "source", "item_id", "class", "split", "assigned_by", "scored"], ["task", "item_id"]),
+    # records that `invalid_records: skip` left out, with where and why
+    "skipped_records": (["task", "source", "file", "line", "record", "field", "reason"], ["task", "file", "record"]),
+}
+
+
+def tables_dir(study_dir: str | Path) -> Path:
+    return StudyLayout(Path(study_dir)).tables
+
+
+def table_path(study_dir: str | Path, name: str) -> Path:
+    return StudyLayout(Path(study_dir)).table(name)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_table(study_dir: str | Path, name: str) -> pd.DataFrame:
+    """A table as a DataFrame (empty, with its columns, when it does not exist yet)."""
+    columns, _ = TABLES[name]
+    path = table_path(study_dir, name)
+    if not path.exists():
+        return pd.DataFrame(columns=columns)
+    text_columns = ("config_id", "item_id", "task", "metric", "adapter", "pruning", "model", "precision")
+    # Ids such as "001" must stay text, so these columns are never parsed as numbers.
+    return pd.read_csv(path, dtype={c: str for c in text_columns})
+
+
+def upsert_rows(study_dir: str | Path, name: str, rows: Iterable[Mapping[str, Any]],
+                replace_where: Mapping[str, Any] | None = None) -> Path:
+    """Insert rows, replacing rows with the same key; optionally first drop rows matching a filter
+    (e.g. every row of one config, so a rerun leaves no stale rows behind)."""
+    columns, keys = TABLES[name]
+    new = pd.DataFrame(list(rows))
+    missing = [c for c in columns if c not in new.columns] if len(new) else []
+    if missing:
+        raise ValueError(f"rows for table '{name}' lack required columns {missing}")
+    path = table_path(study_dir, name)
+    with _locked(path):
+        old = read_table(study_dir, name)
+        if replace_where and len(old):
+            drop = pd.Series(True, index=old.index)
+            for column, value in replace_where.items():
+                drop &= old[column].astype(str) == str(value)
+            old = old[~drop]
+        if len(new):
+            for key in keys:
+                new[key] = new[key].astype(str) if key in ("config_id", "item_id", "task", "metric") else new[key]
+            if len(old):
+                merged_keys = new[keys].astype(str).agg("\x1f".join, axis=1)
+                old_keys = old[keys].astype(str).agg("\x1f".join, axis=1)
+                old = old[~old_keys.isin(set(merged_keys))]
+            frames = [f for f in (old, new) if len(f)]
+            table = pd.concat(frames, ignore_index=True) if frames else new
+        else:
+            table = old
+        ordered = columns + [c for c in table.columns if c not in columns]
+        table = table.reindex(columns=ordered)
+        atomic_write_text(path, table.to_csv(index=False))
+    return path
+
+
+def write_table(study_dir: str | Path, name: str, frame: pd.DataFrame) -> Path:
+    """Replace a whole table (derived tables such as ranking.csv)."""
+    columns, _ = TABLES[name]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"table '{name}' lacks required columns {missing}")
+    path = table_path(study_dir, name)
+    ordered = columns + [c for c in frame.columns if c not in columns]
+    with _locked(path):
+        atomic_write_text(path, frame.reindex(columns=ordered).to_csv(index=False))
+    return path
