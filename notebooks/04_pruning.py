@@ -63,19 +63,38 @@ run, spec, recovery = pr.parameters(run, pruning, config_id, recover)
 print(run.config_id, spec.label, "| recovery:", recovery)
 
 # %% [markdown]
-# Calibration texts (Wanda) from the tasks' training splits; system idle before anything is loaded; then merge (a fine-tuned target), prune and check the pattern.
+# **Calibrate.** Calibration texts (Wanda) from the tasks' training splits, a seeded sample of each; then the system's idle power, before anything is loaded (net setup energy subtracts it).
 
 # %% tags=["nbval-ignore-output"]
 calibration = pr.calibration(run, spec)
 system_idle = evaluation.measure_system_idle(run)
-pruned = pr.prune(run, spec, calibration, adapter)
-execution = pr.sparse_execution(run, pruned.loaded, pruned.outcome, sparse_kernels)
-scoring_path = pr.record(run, pruned, execution, adapter_name)
+print(f"{len(calibration)} calibration texts; system idle {system_idle.power_w:.1f} W ({system_idle.method})")
+
+# %% [markdown]
+# **Prune.** Load the dense weights (a fine-tuned target: its adapter merged first), compute Wanda's input norms, mask the weights, and quantize back where the precision needs it. Each step is one measured energy window: what making this configuration cost (`tables/setup_energy.csv`; the ranking's lifecycle view amortises it over queries served).
+
+# %% tags=["nbval-ignore-output"]
+with evaluation.setup_meter(run, system_idle) as setup:
+    pruned = pr.prune(run, spec, calibration, adapter, meter=setup)
 outcome = pruned.outcome
+for name, record in pruned.setup:
+    print(f"setup step {name}: {record.duration_s:.1f} s, {record.energy_kwh * 3.6e6:.1f} J ({record.energy_method})")
+
+# %% [markdown]
+# **Check the pattern.** The measured sparsity next to the target; an N:M pattern verified group by group; after quantization every pruned layer is measured again.
+
+# %% tags=["nbval-ignore-output"]
 print(f"target sparsity {outcome.target_sparsity:.3f}, measured {outcome.measured_sparsity:.4f}, "
       f"N:M verified: {outcome.verified_nm}, {len(outcome.layers)} layers, {outcome.duration_s:.1f} s")
 if pruned.after_quantization:
     print(f"after quantization to {run.precision}: all {len(pruned.after_quantization)} layers checked again")
+
+# %% [markdown]
+# **Kernels.** Which kernels the pruned layers will run (cuSPARSELt for 2:4 at fp16/bf16 on CUDA where a timing says it is faster; dense elsewhere, with the reason), then the config's rows: layers, setup energy, where its weights came from, its scoring path.
+
+# %% tags=["nbval-ignore-output"]
+execution = pr.sparse_execution(run, pruned.loaded, pruned.outcome, sparse_kernels)
+scoring_path = pr.record(run, pruned, execution, adapter_name)
 print(f"kernels: {execution.kernel} ({execution.note}); scoring path: {scoring_path.name}")
 
 # %% [markdown]

@@ -25,6 +25,7 @@
 # %% tags=["parameters"]
 study_dir: str = ""  # output folder with tables/; empty means outputs/notebook-defaults of the project
 ranking: dict = {}  # the study's `ranking` section (w, w_grid, phi, metrics, missing, bootstrap)
+amortize_over: float = 0  # > 0: rank at a life of this many queries (setup / N + per query); 0: the study's setting
 
 # %%
 from llm_energy import layout
@@ -39,7 +40,7 @@ from llm_energy.phases import ranking as rk
 from llm_energy.report import figures as plots
 
 study_dir = layout.resolve_study_dir(study_dir)
-settings = config.validate_section(config.RankingSettings, ranking, "ranking")
+settings = config.validate_section(config.RankingSettings, {**ranking, **({"amortize_over": amortize_over} if amortize_over else {})}, "ranking")
 tables = rk.load_tables(study_dir)
 outcome = rk.rank_study(study_dir, settings)
 origin, skipped, failures = rk.config_notes(study_dir)
@@ -116,6 +117,17 @@ else:
     display(Markdown(rk.pruning_kernels_markdown(study_dir)))
     display(Markdown(rk.recovery_markdown(study_dir)))
     display(Markdown(rk.quality_changes(outcome, "pruning")))
+
+# %% [markdown]
+# ## What it costs over its life
+# Making a variant costs energy once (fine-tuning, Wanda calibration, pruning, recovery fine-tuning); serving costs energy per query. The table gives each variant's setup energy, its energy per query, and after how many queries it pays for itself against its reference (its model at fp32, no adapter, no pruning), with its quality change beside it. Figure 8 draws setup + N × per query for the top set and their references: where a variant's line crosses below its reference's (●) it has paid for itself. To rank at a chosen life, set `amortize_over` in the parameters cell (e.g. `1e6`) and run the notebook again.
+
+# %% tags=["nbval-ignore-output"]
+display(Markdown(rk.lifecycle_markdown(outcome)))
+top_set = [c for c, _ in rk.tied_at(outcome.result.table, settings.w)]
+fig8 = plots.fig8_lifecycle(outcome.lifecycle, top_set, settings.lifecycle_queries)
+plots.save_figure(fig8, study_dir / "figures", "fig8_lifecycle")
+plots.as_image(fig8)
 
 # %% [markdown]
 # ## Tables

@@ -326,6 +326,22 @@ class RankingSettings(_Strict):
     # rho as the mean of the metrics (raw: the paper's definition), or min-max scaled over the configs
     # to span [0, 1] as phi does under minmax (the report prints both ranges and energy's effective weight)
     rho_scale: Literal["raw", "minmax"] = "raw"
+    # the lifecycle view: queries served over a deployment's life (one query = one scored item), at which
+    # setup / N + energy per query is shown, and the ranking at a chosen life (null: per query, the paper's)
+    lifecycle_queries: tuple[float, ...] = (1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
+    amortize_over: float | None = Field(None, gt=0)
+
+    @field_validator("lifecycle_queries", mode="before")
+    @classmethod
+    def _queries(cls, values: Any) -> tuple[float, ...]:
+        try:
+            grid = tuple(float(n) for n in values)
+        except (TypeError, ValueError):
+            raise ValueError(f"lifecycle_queries must be a list of query counts, got {values!r}") from None
+        bad = [n for n in grid if not (math.isfinite(n) and n > 0)]
+        if not grid or bad:
+            raise ValueError(f"every lifecycle_queries count must be a positive number of queries; got {list(grid)}")
+        return tuple(sorted(set(grid)))
 
     @field_validator("w_grid", mode="before")
     @classmethod

@@ -48,6 +48,23 @@ def config_id_for(model: str, precision: str, adapter: str = "none", pruning: st
     return "__".join(parts)
 
 
+# a recovered config's id: its pruned config's id + "__recovered"
+RECOVERED_SUFFIX = "recovered"
+
+
+def parent_config_id(config_id: str, adapter: str = "none", pruning: str = "none") -> str | None:
+    """The config a config was made from, by the grammar of :func:`config_id_for`: a recovered config's
+    pruned one, a pruned config's target (its id without the pruning label), a fine-tuned config's base
+    model at its precision; None for a base config."""
+    if config_id.endswith(f"__{RECOVERED_SUFFIX}"):
+        return config_id.removesuffix(f"__{RECOVERED_SUFFIX}")
+    if pruning != "none" and config_id.endswith(f"__{pruning}"):
+        return config_id.removesuffix(f"__{pruning}")
+    if adapter != "none" and config_id.endswith(f"__{adapter}"):
+        return config_id.removesuffix(f"__{adapter}")
+    return None
+
+
 def project_root(start: Path | None = None) -> Path:
     """The folder holding pyproject.toml above the working directory (notebooks run in notebooks/)."""
     here = (start or Path.cwd()).resolve()

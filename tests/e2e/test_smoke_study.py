@@ -37,8 +37,28 @@ def test_outputs_follow_the_contract(smoke_run):
     assert len(pruned) == 2 and any(name.endswith("__wanda-2of4.ipynb") for name in pruned)
     assert sorted(set(executed) - set(pruned)) == sorted(expected)
     for fig in ("fig1_token_lengths", "fig3_finetune_energy_loss", "fig4_inference_energy_carbon",
-                "fig5_quantization_impact", "fig6_pruning", "fig7_ranking"):
+                "fig5_quantization_impact", "fig6_pruning", "fig7_ranking", "fig8_lifecycle"):
         assert (out / "figures" / f"{fig}.png").is_file() and (out / "figures" / f"{fig}.pdf").is_file(), fig
+
+
+def test_the_lifecycle_view_counts_every_setup_step(smoke_run):
+    out, _ = smoke_run
+    setup = results.read_table(out, "setup_energy")
+    pruned = sorted({c for c in setup["config_id"]})
+    assert len(pruned) == 2 and {"load", "prune"} <= set(setup["step"]) and "calibration" in set(setup["step"])
+    lifecycle = results.read_table(out, "lifecycle")
+    totals = lifecycle[lifecycle["step"] == "total"].set_index("config_id")
+    assert totals.loc["tiny-random-llama__fp32", "break_even_queries"] == "reference"
+    for config_id in pruned:  # made from the fp32 adapter: its fine-tuning, then its own pruning steps
+        steps = lifecycle[(lifecycle["config_id"] == config_id) & (lifecycle["step"] != "total")]
+        assert "fine-tuning" in set(steps["step"]) and {"load", "prune"} <= set(steps["step"])
+        assert totals.loc[config_id, "break_even_queries"] != ""
+    energy = results.read_table(out, "energy")
+    scoring = energy[energy["task"].isin(["rca", "qa"]) & energy["phase"].isin(["inference", "pruning"])]
+    assert scoring["j_per_input_token"].gt(0).all()
+    assert energy.loc[energy["task"] == "rca_resolution", "j_per_output_token"].gt(0).all()
+    report = (out / "report.html").read_text()
+    assert "What it costs over its life" in report and "break-even" in report
 
 
 def test_energy_rows_for_every_precision_and_task(smoke_run):

@@ -171,6 +171,22 @@ def test_estimate_note_is_a_figure_text():
     assert any(ESTIMATE in t.get_text() for t in fig.texts)
 
 
+def test_fig8_draws_cumulative_energy_and_marks_the_break_even():
+    lifecycle = pd.DataFrame([
+        {"config_id": "m__fp32", "reference": "m__fp32", "step": "total", "setup_kwh": 0.0, "per_query_j": 1.5,
+         "break_even_queries": "reference", "estimate": False, "method": "rapl"},
+        {"config_id": "m__fp32__lora", "reference": "m__fp32", "step": "total", "setup_kwh": 10 / 3.6e6,
+         "per_query_j": 1.0, "break_even_queries": "20", "estimate": True, "method": ESTIMATE}])
+    fig = plots.fig8_lifecycle(lifecycle, ["m__fp32__lora"], (1, 1e4))
+    ax = _visible_axes(fig)[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert sorted(line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")) == [
+        "m__fp32 (reference)", "m__fp32__lora"]
+    markers = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert len(markers) == 1 and markers[0].get_xdata()[0] == 20
+    assert any("not a measurement" in t.get_text() for t in fig.texts)  # the estimate drawn as one
+
+
 def test_fig7_without_method_says_not_recorded():
     fig = plots.fig7_ranking(make_ranking())
     assert "not recorded" in _joined(fig)

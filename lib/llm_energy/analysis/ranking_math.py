@@ -383,13 +383,15 @@ def rank_stability(
     n_boot: int = 200,
     seed: int = 0,
     qa_style: str = "cloze",
+    energy_offset: pd.Series | None = None,
 ) -> pd.DataFrame:
     """How often each config lands at each rank when items and energy repeats are bootstrapped.
 
     Each draw resamples the item ids of every task with replacement (the same ids for every
     config, so configs are compared on the same questions) and, per config, its energy
     repeats. A config with a single repeat keeps its energy fixed, as does every config when
-    energy_repeats is None (then the configs table's energy_kwh_per_item is used).
+    energy_repeats is None (then the configs table's energy_kwh_per_item is used). ``energy_offset``
+    (kWh per item, by config id) is added to every draw: setup energy amortised over a life of queries.
 
     Per-item scores must be complete: every compared config needs a value for every item of
     each chosen metric's task, and every chosen metric needs per-item scores: rho here is the
@@ -413,6 +415,8 @@ def rank_stability(
     rng = np.random.default_rng(seed)
     metric_means = _bootstrap_metric_means(items, kept, chosen, n_boot, rng)
     energy = _bootstrap_energy(table.set_index("config_id").loc[kept], energy_repeats, n_boot, rng)
+    if energy_offset is not None:  # e.g. setup energy amortised over a life of N queries, per item
+        energy = energy + energy_offset.reindex(kept).fillna(0.0).to_numpy(dtype=float)[np.newaxis, :]
 
     rho = _rho_array(metric_means, settings.metric_scaling, settings.rho_scale)
     phi = _phi_array(energy, settings.phi_method)

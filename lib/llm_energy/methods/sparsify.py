@@ -27,10 +27,11 @@ Quantized (bitsandbytes) models are refused: prune the dense model, save it, the
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 from ..config import DEFAULT_INCLUDE, PruningSpec
 from ..items import QAItem, RCAItem, item_text
@@ -354,15 +355,19 @@ def measure_sparsity(model: Any, include: Sequence[str] = DEFAULT_INCLUDE) -> di
 
 
 def prune_model(model: Any, spec: PruningSpec, calibration: Sequence[str] | None = None,
-                tokenizer: Any = None) -> PruningResult:
+                tokenizer: Any = None,
+                step: Callable[[str], ContextManager[Any]] | None = None) -> PruningResult:
     """Prune the included Linear layers of a model in place and report the zeros per layer.
 
     Wanda needs ``calibration`` texts (at least ``spec.calibration_samples``) and the model's
     ``tokenizer``; magnitude ignores both. Raises ValueError, before changing any weight, for a
     quantized model, an include suffix that matches nothing, or an N:M group size that does not
-    divide a layer's input dimension.
+    divide a layer's input dimension. ``step(name)`` wraps each step ("calibration" for Wanda's
+    forward passes, "prune" for scoring and masking the weights), e.g. in a measured energy window.
     """
     import torch
+
+    step = step or (lambda name: contextlib.nullcontext())
 
     if not isinstance(spec, PruningSpec):
         raise TypeError(f"spec must be a PruningSpec; got {type(spec).__name__}")
@@ -374,10 +379,12 @@ def prune_model(model: Any, spec: PruningSpec, calibration: Sequence[str] | None
     with torch.no_grad():
         if spec.method == "wanda":
             texts = _calibration_subset(calibration, tokenizer, spec)
-            sq_sums, n_tokens = _collect_input_sq_sums(model, layers, tokenizer, texts, spec.calibration_max_tokens)
-        for name, module in layers:
-            keep = _keep_mask(_scores(module.weight, sq_sums.get(name)), spec)
-            module.weight.data.mul_(keep.to(module.weight.dtype))
+            with step("calibration"):
+                sq_sums, n_tokens = _collect_input_sq_sums(model, layers, tokenizer, texts, spec.calibration_max_tokens)
+        with step("prune"):
+            for name, module in layers:
+                keep = _keep_mask(_scores(module.weight, sq_sums.get(name)), spec)
+                module.weight.data.mul_(keep.to(module.weight.dtype))
     verified: bool | None = None
     nm = spec.nm
     if nm is not None:

@@ -113,6 +113,16 @@ def measure_system_idle(run: ConfigRun) -> IdleBaseline:
         return meter.measure_idle_baseline(kind="system")
 
 
+def setup_meter(run: ConfigRun, system_idle: IdleBaseline | None = None) -> EnergyMeter:
+    """A meter for the steps that make a config before it is evaluated (loading, calibration, pruning,
+    re-quantization): no model is in memory yet, so net energy subtracts the system idle measured
+    before. Use it as a context manager."""
+    meter = meter_for(run, run.device)
+    if system_idle is not None:
+        meter.use_idle_baseline(system_idle)
+    return meter
+
+
 def open_meter(run: ConfigRun, device: str, system_idle: IdleBaseline | None = None,
                phase: str = "inference") -> EnergyMeter:
     """The job's meter, with the model already in memory: it measures loaded idle now (what net

@@ -9,12 +9,14 @@ sparse kernel exists, so pruned models run dense there, and :func:`sparse_execut
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..config import DENSE_PRECISIONS, PruningSpec, RecoverySettings, validate_section
-from ..layout import StudyLayout, config_id_for
-from ..measure.meter import EnergyMeter
+from ..layout import RECOVERED_SUFFIX, StudyLayout, config_id_for
+from ..measure.meter import EnergyMeter, EnergyRecord
 from ..methods.lora_training import FINETUNE_PRECISIONS, finetune, load_adapter
 from ..methods.scoring import ScoringPath, choose_scoring_path
 from ..methods.sparsify import (
@@ -27,7 +29,7 @@ from ..methods.sparsify import (
     prune_model,
 )
 from ..models.loading import LoadedModel, load_model
-from ..tables.rows import record_config, record_pruned_layers, record_training
+from ..tables.rows import record_config, record_pruned_layers, record_setup_steps, record_training
 from .evaluation import ConfigRun, data_description, evaluate_config, full_split, training_splits
 
 if TYPE_CHECKING:
@@ -56,51 +58,80 @@ def calibration(run: ConfigRun, spec: PruningSpec) -> list[str]:
 @dataclass
 class PrunedModel:
     """A pruned config ready to evaluate: the model at the run's precision, what pruning measured on
-    the dense weights, and the same layers checked again after quantization (empty when the run's
-    precision is dense, so nothing changed after pruning)."""
+    the dense weights, the same layers checked again after quantization (empty when the run's
+    precision is dense, so nothing changed after pruning), and the measured energy of each setup step
+    (empty without a meter)."""
 
     loaded: LoadedModel
     outcome: PruningResult
     after_quantization: list[LayerCheck]
+    setup: list[tuple[str, EnergyRecord]] = field(default_factory=list)
 
 
-def prune(run: ConfigRun, spec: PruningSpec, texts: list[str], adapter_dir: str = "") -> PrunedModel:
+# What each setup step of a pruned config is, in the order they run (tables/setup_energy.csv).
+SETUP_STEPS: dict[str, str] = {
+    "load": "loading the dense weights (and, for a fine-tuned target, its quantized base dequantized and the "
+            "adapter merged)",
+    "calibration": "Wanda's calibration forward passes (input norms of every pruned layer)",
+    "prune": "scoring and masking the weights",
+    "quantize": "saving the pruned weights and loading them back at the run's precision, every layer checked",
+}
+
+
+def prune(run: ConfigRun, spec: PruningSpec, texts: list[str], adapter_dir: str = "",
+          meter: EnergyMeter | None = None) -> PrunedModel:
     """Prune the config's dense weights, then load them at the run's precision.
 
     A fine-tuned config (``adapter_dir``) is pruned after its LoRA adapter is merged into the weights:
     at fp32/bf16/fp16 directly; at int8/nf4/fp4 the quantized base is dequantized first (the adapter
     was trained on it), merged and pruned in fp32, then quantized back to the run's precision. After
     quantization every pruned layer is measured again, so a pattern the quantizer broke is caught.
+    With a ``meter`` (see :func:`~llm_energy.phases.evaluation.setup_meter`) each step of
+    :data:`SETUP_STEPS` that runs is one measured window: what making this config cost
+    (``PrunedModel.setup``; :func:`record` writes it to setup_energy.csv).
     """
+    setup: list[tuple[str, EnergyRecord]] = []
+
+    @contextlib.contextmanager
+    def step(name: str) -> Iterator[None]:
+        if meter is None:
+            yield
+            return
+        with meter.window(f"setup:{name}") as handle:
+            yield
+        setup.append((name, handle.record))
+
     dense_precision = run.precision if run.precision in DENSE_PRECISIONS else "fp32"
-    dense = load_model(run.model, dense_precision, run.device, base_dir=run.base_dir)
-    origin = dense.weights_origin
-    if adapter_dir:
-        if dense_precision != run.precision:  # the adapter was trained on the quantized base
-            quantized_base = load_model(run.model, run.precision, run.device, base_dir=run.base_dir)
-            copied = _copy_dequantized(quantized_base.model, dense.model)
-            del quantized_base
-            origin += f"; dequantized from {run.precision} ({copied} layers)"
-        merged = load_adapter(dense, adapter_dir).merge_and_unload()
-        dense = replace(dense, model=merged)
-        origin += f"; LoRA adapter {adapter_dir} merged"
-    outcome = prune_model(dense.model, spec, calibration=texts, tokenizer=dense.tokenizer)
+    with step("load"):
+        dense = load_model(run.model, dense_precision, run.device, base_dir=run.base_dir)
+        origin = dense.weights_origin
+        if adapter_dir:
+            if dense_precision != run.precision:  # the adapter was trained on the quantized base
+                quantized_base = load_model(run.model, run.precision, run.device, base_dir=run.base_dir)
+                copied = _copy_dequantized(quantized_base.model, dense.model)
+                del quantized_base
+                origin += f"; dequantized from {run.precision} ({copied} layers)"
+            merged = load_adapter(dense, adapter_dir).merge_and_unload()
+            dense = replace(dense, model=merged)
+            origin += f"; LoRA adapter {adapter_dir} merged"
+    outcome = prune_model(dense.model, spec, calibration=texts, tokenizer=dense.tokenizer, step=step)
     if dense_precision == run.precision:
-        return PrunedModel(replace(dense, weights_origin=f"{origin}; pruned ({spec.label})"), outcome, [])
+        return PrunedModel(replace(dense, weights_origin=f"{origin}; pruned ({spec.label})"), outcome, [], setup)
     # bitsandbytes (and w8a8) quantize at load time, so the pruned weights go through a folder first.
-    folder = StudyLayout(run.study_dir).pruned_weights(run.config_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    dense.model.save_pretrained(folder, safe_serialization=True)
-    dense.tokenizer.save_pretrained(folder)
-    pruned_settings = run.model.model_copy(update={"source": "local", "path": str(folder)})
-    quantized = load_model(pruned_settings, run.precision, run.device, base_dir=run.base_dir)
-    origin = f"{origin}; pruned ({spec.label}) then quantized to {run.precision}"
-    checks = check_pruned(quantized.model, outcome)
+    with step("quantize"):
+        folder = StudyLayout(run.study_dir).pruned_weights(run.config_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        dense.model.save_pretrained(folder, safe_serialization=True)
+        dense.tokenizer.save_pretrained(folder)
+        pruned_settings = run.model.model_copy(update={"source": "local", "path": str(folder)})
+        quantized = load_model(pruned_settings, run.precision, run.device, base_dir=run.base_dir)
+        origin = f"{origin}; pruned ({spec.label}) then quantized to {run.precision}"
+        checks = check_pruned(quantized.model, outcome)
     broken = [c.name for c in checks if c.verified_nm is False]
     if broken:
         raise RuntimeError(f"quantizing to {run.precision} broke the {spec.pattern} pattern in {broken[:3]} "
                            f"({len(broken)} layers): the pruned config would not be what it claims")
-    return PrunedModel(replace(quantized, name=run.model.name, weights_origin=origin), outcome, checks)
+    return PrunedModel(replace(quantized, name=run.model.name, weights_origin=origin), outcome, checks, setup)
 
 
 def _copy_dequantized(quantized: Any, dense: Any) -> int:
@@ -185,6 +216,8 @@ def record(run: ConfigRun, pruned: PrunedModel, execution: SparseExecution, adap
     weights came from, which kernels it runs, and the scoring path (chosen here, before anything is
     measured)."""
     record_pruned_layers(run.study_dir, run.config_id, pruned.outcome, execution.plan_rows, pruned.after_quantization)
+    record_setup_steps(run.study_dir, run.identity(adapter, pruned.outcome.spec.label), pruned.setup,
+                       pruned.loaded.device, notes=SETUP_STEPS)
     path = choose_scoring_path(pruned.loaded.model, pruned.loaded.tokenizer)
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
                   weights_origin=pruned.loaded.weights_origin, adapter=adapter, pruning=pruned.outcome.spec.label,
@@ -200,7 +233,6 @@ def evaluate(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, outcome: P
                            sparsity=outcome)
 
 
-RECOVERED_SUFFIX = "recovered"
 
 
 def recovered_adapter(adapter: str) -> str:

@@ -19,10 +19,11 @@ import pandas as pd
 import yaml
 
 from ..analysis import ranking_math as rank
+from ..analysis.lifecycle import amortized_energy_per_item, lifecycle_table
 from ..analysis.significance import MIN_VERDICT_ITEMS, holm
 from ..config import PHI_METHODS, PRECISIONS, RankingSettings, headline_metric
 from ..layout import StudyLayout
-from ..measure.meter import component_methods, describe_methods, is_estimate
+from ..measure.meter import J_PER_KWH, component_methods, describe_methods, is_estimate
 from ..tables import store as results
 
 
@@ -43,6 +44,9 @@ class RankingOutcome:
     data_lines: tuple[str, ...] = ()  # what each task scored: data source (synthetic said so), style, items, skips
     scale_lines: tuple[str, ...] = ()  # observed ranges of φ and ρ and the weight energy effectively gets
     qa_style: str = "cloze"  # how QA was scored (its headline metric follows)
+    lifecycle: pd.DataFrame | None = None  # lifecycle.csv: setup by step, per-query energy, break-even
+    per_query_configs: pd.DataFrame | None = None  # config_energy rows before any amortisation
+    token_energy: pd.DataFrame | None = None  # per config: J per input token and per output token
 
 
 def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutcome:
@@ -52,16 +56,26 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
     configs = rank.config_energy(energy, settings.energy_basis)
     if configs.empty:
         raise ValueError(f"{results.table_path(study_dir, 'energy')} has no inference rows to rank")
+    per_query = configs
+    lifecycle = lifecycle_table(configs, energy, results.read_table(study_dir, "setup_energy"),
+                                results.read_table(study_dir, "configs"), settings.energy_basis)
+    results.write_table(study_dir, "lifecycle", lifecycle)
+    offset = None
+    if settings.amortize_over:
+        amortized = amortized_energy_per_item(configs, lifecycle, settings.amortize_over, settings.energy_basis)
+        offset = pd.Series((amortized - configs["energy_kwh_per_item"].astype(float)).to_numpy(),
+                           index=configs["config_id"].astype(str))
+        configs = configs.assign(energy_kwh_per_item=amortized)
     qa_style = study_qa_style(study_dir, scores)
     result = rank.rank_evaluations(configs, scores, settings, qa_style)
-    stability, used, note = _stability(study_dir, configs, result.settings, result)
+    stability, used, note = _stability(study_dir, configs, result.settings, result, offset)
     p_best = stability.attrs.get("p_best") if stability is not None else None
     result = rank.RankingResult(table=rank.add_top_uncertainty(result.table, p_best), excluded=result.excluded,
                                 settings=result.settings)
     top_by_phi = {result.settings.phi_method: tied_at(result.table, result.settings.w)}
     for other in (m for m in PHI_METHODS if m != result.settings.phi_method):
         alt = rank.rank_evaluations(configs, scores, result.settings.model_copy(update={"phi_method": other}), qa_style)
-        alt_stability, _, _ = _stability(study_dir, configs, alt.settings, alt)
+        alt_stability, _, _ = _stability(study_dir, configs, alt.settings, alt, offset)
         alt_table = rank.add_top_uncertainty(alt.table, alt_stability.attrs.get("p_best") if alt_stability is not None else None)
         top_by_phi[other] = tied_at(alt_table, result.settings.w)
     results.write_table(study_dir, "ranking", result.table)
@@ -76,6 +90,7 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
                           comparisons=comparisons, stability_note=note, top_by_phi=top_by_phi,
                           precision_lines=tuple(precision_lines(scores, qa_style, configs["config_id"].tolist())),
                           scale_lines=tuple(scale_lines(result.table, result.settings)), qa_style=qa_style,
+                          lifecycle=lifecycle, per_query_configs=per_query, token_energy=token_energy(energy),
                           device_lines=tuple(device_lines(study_dir)), data_lines=tuple(data_lines(study_dir, scores)))
 
 
@@ -278,7 +293,8 @@ def energy_description(energy: pd.DataFrame, settings: RankingSettings) -> list[
 
 
 def _stability(study_dir: str | Path, configs: pd.DataFrame, settings: RankingSettings,
-               result: rank.RankingResult) -> tuple[pd.DataFrame | None, tuple[str, ...], str]:
+               result: rank.RankingResult,
+               offset: pd.Series | None = None) -> tuple[pd.DataFrame | None, tuple[str, ...], str]:
     """Rank stability and p_best over exactly the point ranking's metrics (result.settings.metrics,
     resolved), or None and the reason it was not estimated."""
     if settings.bootstrap == 0:
@@ -298,7 +314,8 @@ def _stability(study_dir: str | Path, configs: pd.DataFrame, settings: RankingSe
     keep = configs[~configs["config_id"].isin(result.excluded)]
     repeats = rank.repeat_energy(results.read_table(study_dir, "energy_repeats"), settings.energy_basis)
     stability = rank.rank_stability(keep, items, repeats if len(repeats) else None, sub, w=settings.w,
-                                    n_boot=settings.bootstrap, seed=0)
+                                    n_boot=settings.bootstrap, seed=0,
+                                    energy_offset=offset if len(repeats) else None)  # (else configs holds it)
     return stability, chosen, ""
 
 
@@ -329,7 +346,12 @@ def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
         "ρ counts one headline metric per task unless ranking.metrics names others"
         + (" (each scaled min-max over the configs)." if outcome.result.settings.metric_scaling == "minmax"
            else " (accuracies, already in [0, 1]).")
-        + " Energy per item = a config's inference energy over all tasks / items scored."
+        + " Energy per item = a config's inference energy over all tasks / items scored"
+        + (f", plus its setup energy (fine-tuning, pruning, recovery) amortised over a life of "
+           f"{outcome.result.settings.amortize_over:g} queries (ranking.amortize_over)."
+           if outcome.result.settings.amortize_over else
+           " (per query: setup energy is not counted, the paper's ranking; ranking.amortize_over: N counts it "
+           "over a life of N queries, see \"What it costs over its life\").")
     )
     lines += list(outcome.scale_lines)
     if outcome.stability_metrics:
@@ -607,3 +629,111 @@ def scale_lines(table: pd.DataFrame, settings: RankingSettings) -> list[str]:
             f"(w·span φ / (w·span φ + (1−w)·span ρ)), quality {1 - effective:.0%}."
             if not math.isnan(effective) else
             f"Observed ranges at w = {w:g}: φ {phi.min():.3f}–{phi.max():.3f}, ρ {rho.min():.3f}–{rho.max():.3f}."]
+
+
+def token_energy(energy: pd.DataFrame) -> pd.DataFrame:
+    """Per evaluated config: J per input token over its scoring windows (tokens as they ran) and J per
+    output token over its generation windows, gross and net of loaded idle."""
+    rows = energy[energy["phase"].isin(rank.EVALUATION_PHASES)].copy()
+    out = []
+    for config_id, group in rows.groupby("config_id", sort=True):
+        scoring = group[group.get("n_generated_tokens", pd.Series(0, index=group.index)).fillna(0).astype(float) == 0]
+        generation = group.drop(scoring.index)
+        row = {"config_id": config_id}
+        tokens = scoring["n_tokens"].astype(float).sum()
+        if tokens > 0:
+            row["j_per_input_token"] = scoring["energy_kwh"].astype(float).sum() * J_PER_KWH / tokens
+            row["j_per_input_token_net"] = scoring["energy_net_kwh"].astype(float).sum() * J_PER_KWH / tokens
+        new = generation["n_generated_tokens"].astype(float).sum() if len(generation) else 0.0
+        if new > 0:
+            row["j_per_output_token"] = generation["energy_kwh"].astype(float).sum() * J_PER_KWH / new
+            row["j_per_output_token_net"] = generation["energy_net_kwh"].astype(float).sum() * J_PER_KWH / new
+        out.append(row)
+    return pd.DataFrame(out, columns=["config_id", "j_per_input_token", "j_per_input_token_net",
+                                      "j_per_output_token", "j_per_output_token_net"])
+
+
+def _joules(kwh: float) -> str:
+    j = kwh * J_PER_KWH
+    return f"{j / 1000:.3g} kJ" if abs(j) >= 1000 else f"{j:.3g} J"
+
+
+def lifecycle_verdicts(outcome: RankingOutcome, alpha: float = 0.05) -> dict[str, tuple[str, bool]]:
+    """Per config with a reference: its quality change against the reference on each task's headline
+    metric, in words, and whether it is worse beyond noise (Holm over the configs compared, per metric;
+    fewer than MIN_VERDICT_ITEMS items: no verdict)."""
+    table = outcome.lifecycle
+    comparisons = outcome.comparisons
+    if table is None or comparisons is None or comparisons.empty:
+        return {}
+    totals = table[(table["step"] == "total") & (table["reference"].fillna("") != "")]
+    pairs = [(str(c), str(r)) for c, r in zip(totals["config_id"], totals["reference"]) if str(c) != str(r)]
+    found: dict[tuple[str, str, str], dict] = {}
+    for task, metric in verdict_metrics(outcome.qa_style):
+        if task == "rca_resolution":
+            continue
+        rows = [(c, rank.compare(comparisons, c, r, task, metric)) for c, r in pairs]
+        judged = [(c, row) for c, row in rows if row is not None and int(row["n_items"]) >= MIN_VERDICT_ITEMS]
+        adjusted = holm([float(row["p_value"]) for _, row in judged])
+        for (c, row), p_adj in zip(judged, adjusted):
+            found[(c, task, metric)] = {**row, "p_adjusted": p_adj}
+    out = {}
+    for config_id, _ in pairs:
+        parts, worse = [], False
+        for task, metric in verdict_metrics(outcome.qa_style):
+            row = found.get((config_id, task, metric))
+            if row is None:
+                continue
+            beyond = row["p_adjusted"] < alpha
+            worse |= beyond and row["diff"] < 0
+            parts.append(f"{task} {row['diff']:+.3f}" + (" (beyond noise)" if beyond else ""))
+        out[config_id] = ("; ".join(parts) or "not compared", worse)
+    return out
+
+
+def lifecycle_markdown(outcome: RankingOutcome, focus: list[str] | None = None) -> str:
+    """The "What it costs over its life" section: per config its setup energy, energy per query, the
+    break-even query count against its reference and the quality change beside it; then J per input
+    and per output token. ``focus``: the configs to list (default: every config with a setup cost, and
+    every config whose break-even is not "reference")."""
+    table = outcome.lifecycle
+    if table is None or table.empty:
+        return ""
+    totals = table[table["step"] == "total"].set_index("config_id")
+    verdicts = lifecycle_verdicts(outcome)
+    ids = focus or [c for c in totals.index if totals.loc[c, "break_even_queries"] != "reference"]
+    lines = [("**Setup energy against energy per query.** Making a variant costs energy once (fine-tuning, "
+              "Wanda calibration, pruning, re-quantization, recovery fine-tuning: every measured step along its "
+              "lineage); serving costs energy per query (one scored item). Against its reference (its model at "
+              "fp32, no adapter, no pruning) a variant pays for itself after the break-even number of queries: "
+              "\"immediately\" when it costs no more setup and no more per query, \"never\" when its per-query "
+              "energy is not lower. A quality change marked beyond noise (McNemar's exact test, Holm over the "
+              "variants compared per metric) means the saving is bought with quality."), "",
+             "| config | setup | per query | break-even (queries) | quality vs reference |", "|---|---|---|---|---|"]
+    for config_id in ids:
+        if config_id not in totals.index:
+            continue
+        row = totals.loc[config_id]
+        estimate = " (estimate)" if bool(row["estimate"]) and float(row["setup_kwh"]) > 0 else ""
+        setup = _joules(float(row["setup_kwh"])) + estimate if float(row["setup_kwh"]) > 0 else "none"
+        quality, worse = verdicts.get(config_id, ("—", False))
+        verdict = str(row["break_even_queries"])
+        lines.append(f"| {config_id} | {setup} | {float(row['per_query_j']):.3g} J | "
+                     f"{'**' + verdict + '** (worse beyond noise)' if worse else verdict} | {quality} |")
+    shared = table[(table["step"] != "total") & (table["shared_with"].fillna("") != "")]
+    if len(shared):
+        lines += ["", "Shared setup steps (counted once in each config that inherits them): "
+                  + "; ".join(sorted({f"{r.step} of {r.source_config}" for r in shared.itertuples()})) + "."]
+    tokens = outcome.token_energy
+    if tokens is not None and len(tokens):
+        lines += ["", ("**Energy per token** (J; input tokens as they ran in the scoring windows, a shared few-shot "
+                       "prefix once; output tokens: a generation window's whole energy over its new tokens, prefill "
+                       "not split), gross / net of loaded idle:"), "",
+                  "| config | J per input token | J per output token |", "|---|---|---|"]
+        for row in tokens.itertuples():
+            cells = []
+            for name in ("j_per_input_token", "j_per_output_token"):
+                gross, net = getattr(row, name), getattr(row, f"{name}_net")
+                cells.append("—" if pd.isna(gross) else f"{gross:.3g} / {net:.3g}")
+            lines.append(f"| {row.config_id} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)

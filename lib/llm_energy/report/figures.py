@@ -328,6 +328,7 @@ FIG4_TITLE = "Figure 4 — Inference energy and carbon per precision"
 FIG5_TITLE = "Figure 5 — Impact of quantization level on task performance"
 FIG6_TITLE = "Figure 6 — Pruning: task performance and inference energy"
 FIG7_TITLE = "Figure 7 — Energy-aware ranking"
+FIG8_TITLE = "Figure 8 — Cumulative energy over queries served"
 
 
 def task_labels(scores: pd.DataFrame) -> dict[str, str]:
@@ -685,6 +686,48 @@ def fig7_ranking(ranking: pd.DataFrame, w: float = 0.5, energy_method: str | Non
         ax_p.legend(fontsize=8, loc="best")
         _legend_outside(ax_r, title="config", ncol=2 if df["config_id"].nunique() > 16 else 1)
     return _finish(fig, FIG7_TITLE, note)
+
+
+def fig8_lifecycle(lifecycle: pd.DataFrame, configs: Sequence[str], queries: Sequence[float],
+                   energy_method: str | None = None) -> Figure:
+    """Cumulative energy (setup + N x per query, kWh) against queries served N, log-log: one line per
+    config of ``configs`` and each one's reference, the break-even point of each marked. Lines of
+    configs whose energy is an estimate are dashed, and the note says so."""
+    if _carries_nothing(lifecycle):
+        return _no_data_figure(FIG8_TITLE)
+    _require(lifecycle, ["config_id", "reference", "step", "setup_kwh", "per_query_j", "break_even_queries",
+                         "estimate"], "lifecycle", "fig8_lifecycle")
+    totals = lifecycle[lifecycle["step"] == "total"].drop_duplicates("config_id").set_index("config_id")
+    shown = [c for c in configs if c in totals.index]
+    shown += [r for r in dict.fromkeys(str(totals.loc[c, "reference"]) for c in shown)
+              if r and r in totals.index and r not in shown]
+    if not shown:
+        return _no_data_figure(FIG8_TITLE)
+    grid = np.logspace(np.log10(min(queries)), np.log10(max(queries)), 200)
+    methods = [energy_method] if energy_method else list(totals.loc[shown, "method"])
+    note = energy_note(methods)
+    with _style():
+        fig, axes = _new_figure(1, 1, height_in=5.0, note=note is not None)
+        ax = axes[0, 0]
+        for config_id in shown:
+            row = totals.loc[config_id]
+            setup, per_query = float(row["setup_kwh"]), float(row["per_query_j"]) / 3.6e6
+            total = setup + grid * per_query
+            estimate = bool(row["estimate"]) or (note is not None and "ESTIMATE" in note)
+            line, = ax.plot(grid, total, linestyle="--" if estimate else "-", linewidth=1.6,
+                            label=config_id + (" (reference)" if row["break_even_queries"] == "reference" else ""))
+            verdict = str(row["break_even_queries"])
+            if verdict.isdigit() and float(verdict) <= grid[-1]:
+                n = float(verdict)
+                ax.plot([n], [setup + n * per_query], marker="o", markersize=7, color=line.get_color(),
+                        markeredgecolor="black", zorder=5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("queries served (scored items)")
+        ax.set_ylabel("cumulative energy (kWh): setup + queries x per query")
+        ax.set_title("break-even against the reference: ●; dashed: estimated energy", fontsize=9)
+        _legend_outside(ax, "config")
+    return _finish(fig, FIG8_TITLE, note)
 
 
 def as_image(fig: Figure, dpi: int = 110) -> "object":

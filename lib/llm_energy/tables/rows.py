@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import CORRECTNESS_TASKS, headline_metric
-from ..measure.meter import EnergyRecord, IdleBaseline
+from ..measure.meter import J_PER_KWH, EnergyRecord, IdleBaseline
 from . import store as results
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
     first = measurement.records[0]
     energy_kwh = measurement.total("energy_kwh")
     energy_net_kwh = measurement.total("energy_net_kwh")
+    per_token = token_energy(result, energy_kwh, energy_net_kwh, generated_tokens)
     row = results.EnergyRow(
         config_id=config.config_id, phase=phase, model=config.model, precision=config.precision,
         adapter=config.adapter, pruning=config.pruning,
@@ -108,6 +109,7 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         energy_kwh_per_correct=energy_per_correct(energy_kwh, result, style),
         compute_dtype=compute_dtype, memory_bytes=memory_bytes, n_generated_tokens=generated_tokens,
         energy_kwh_per_1k_generated_tokens=energy_kwh * 1000 / generated_tokens if generated_tokens else None,
+        **per_token,
     )
     mine = {"config_id": config.config_id, "task": result.task}
     results.upsert_rows(study_dir, "energy", results.energy_rows(row))
@@ -130,6 +132,38 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
          "window_unit": measurement.unit, "task_items": result.n_items}
         for i, r in enumerate(measurement.records)
     ], replace_where={**mine, "phase": phase})
+
+
+OUTPUT_TOKEN_BASIS = "whole window / new tokens (prefill not split)"
+
+
+def token_energy(result: TaskResult, energy_kwh: float, energy_net_kwh: float, generated_tokens: int = 0) -> dict[str, Any]:
+    """Energy per token in the field's units, gross and net of loaded idle: for a scoring window J per
+    input token (prefill: the tokens as they ran, a shared few-shot prefix once); for a generation window
+    J per output token, the whole window's energy over the new tokens (its prompts' prefill is not
+    measured apart, which ``output_token_basis`` says)."""
+    joules, net_joules = energy_kwh * J_PER_KWH, energy_net_kwh * J_PER_KWH
+    if generated_tokens:
+        return {"j_per_output_token": joules / generated_tokens, "j_per_output_token_net": net_joules / generated_tokens,
+                "output_token_basis": OUTPUT_TOKEN_BASIS}
+    tokens = max(result.n_tokens, 1)
+    return {"j_per_input_token": joules / tokens, "j_per_input_token_net": net_joules / tokens}
+
+
+def record_setup_steps(study_dir: Path, config: ConfigIdentity, steps: Sequence[tuple[str, EnergyRecord]],
+                       device: str, notes: dict[str, str] | None = None) -> None:
+    """What making a config cost, one row per measured setup step (setup_energy.csv): e.g. a pruned
+    config's loading, Wanda calibration, pruning and re-quantization. A re-made config replaces its rows."""
+    rows = [{
+        "config_id": config.config_id, "step": name, "order": index, "model": config.model,
+        "precision": config.precision, "adapter": config.adapter, "pruning": config.pruning,
+        "duration_s": record.duration_s, "energy_kwh": record.energy_kwh, "energy_net_kwh": record.energy_net_kwh,
+        "emissions_kg": record.emissions_kg, "energy_method": record.energy_method, "device": device,
+        "net_at_or_below_idle": bool(record.energy_net_kwh <= 0), "note": (notes or {}).get(name, ""),
+        **energy_fields(record),
+    } for index, (name, record) in enumerate(steps)]
+    if rows:
+        results.upsert_rows(study_dir, "setup_energy", rows, replace_where={"config_id": config.config_id})
 
 
 def energy_per_correct(energy_kwh: float, result: TaskResult, style: str = "cloze") -> float:

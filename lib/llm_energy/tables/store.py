@@ -78,6 +78,13 @@ class EnergyRow:
     memory_bytes: int | None = None
     n_generated_tokens: int | None = None
     energy_kwh_per_1k_generated_tokens: float | None = None
+    # energy per token in the field's units (J), gross and net of loaded idle: input tokens of a scoring
+    # window (as they ran), output tokens of a generation window (basis in output_token_basis)
+    j_per_input_token: float | None = None
+    j_per_input_token_net: float | None = None
+    j_per_output_token: float | None = None
+    j_per_output_token_net: float | None = None
+    output_token_basis: str | None = None
 
 
 ENERGY_ALL_COLUMNS: list[str] = [f.name for f in fields(EnergyRow)]
@@ -136,6 +143,17 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
         ["config_id", "model", "precision", "adapter", "pruning", "status", "reason", "weights_origin",
          "scoring_path"],
         ["config_id"],
+    ),
+    # what making a config cost, per measured setup step (the pruning phase: load, calibration, prune, quantize)
+    "setup_energy": (
+        ["config_id", "step", "order", "duration_s", "energy_kwh", "energy_net_kwh", "emissions_kg", "energy_method"],
+        ["config_id", "step"],
+    ),
+    # the ranking phase: every config's setup energy by step, energy per query, break-even against its reference
+    "lifecycle": (
+        ["config_id", "reference", "step", "source_config", "setup_kwh", "setup_net_kwh", "setup_g_co2e",
+         "method", "estimate", "per_query_j", "break_even_queries"],
+        ["config_id", "step", "source_config"],
     ),
     # the data phase: every item's split (from the file, or the seeded assignment) and whether it is scored
     "splits": (["task", "source", "item_id", "class", "split", "assigned_by", "scored"], ["task", "item_id"]),
