@@ -74,11 +74,13 @@ print(f"{len(calibration)} calibration texts; system idle {system_idle.power_w:.
 # **Prune.** Load the dense weights (a fine-tuned target: its adapter merged first), compute Wanda's input norms, mask the weights, and quantize back where the precision needs it. Each step is one measured energy window: what making this configuration cost (`tables/setup_energy.csv`; the ranking's lifecycle view amortises it over queries served).
 
 # %% tags=["nbval-ignore-output"]
+from llm_energy.measure.meter import J_PER_KWH
+
 with evaluation.setup_meter(run, system_idle) as setup:
     pruned = pr.prune(run, spec, calibration, adapter, meter=setup)
 outcome = pruned.outcome
 for name, record in pruned.setup:
-    print(f"setup step {name}: {record.duration_s:.1f} s, {record.energy_kwh * 3.6e6:.1f} J ({record.energy_method})")
+    print(f"setup step {name}: {record.duration_s:.1f} s, {record.energy_kwh * J_PER_KWH:.1f} J ({record.energy_method})")
 
 # %% [markdown]
 # **Check the pattern.** The measured sparsity next to the target; an N:M pattern verified group by group; after quantization every pruned layer is measured again.

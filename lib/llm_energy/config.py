@@ -23,9 +23,9 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "w8a8", "nf4", "f
 PRECISION_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "w8a8": 8, "nf4": 4, "fp4": 4}
 # torch dtypes; int8, nf4 and fp4 are bitsandbytes formats, w8a8 is this package's int8 (models/quant8.py)
 DENSE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-Phase = Literal["data", "inference", "ranking"]
+# the bitsandbytes formats (quantized at load by bitsandbytes; the one home of this set)
+BITSANDBYTES_PRECISIONS: tuple[str, ...] = ("int8", "nf4", "fp4")
 PHASES: tuple[str, ...] = ("data", "finetune", "inference", "pruning", "ranking")
-IMPLEMENTED_PHASES: tuple[str, ...] = PHASES
 BUILTIN_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "gemma-3-270m", "tiny-random-llama")
 TASK_NAMES: tuple[str, ...] = ("rca", "qa")
 BUILTIN_DATA: tuple[str, ...] = ("synthetic", "teleqna")  # data names that are not paths
@@ -797,11 +797,6 @@ class Study(_Strict):
         for value in values:
             if value not in PHASES:
                 raise ValueError(f"unknown phase {value!r}; phases are {', '.join(PHASES)}")
-            if value not in IMPLEMENTED_PHASES:
-                raise ValueError(
-                    f"phase {value!r} is not available in this version; available: "
-                    + ", ".join(IMPLEMENTED_PHASES)
-                )
         if len(set(values)) != len(values):
             raise ValueError("phases must not repeat")
         return values

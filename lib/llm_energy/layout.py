@@ -105,10 +105,6 @@ class StudyLayout:
         return self.tables / f"{name}.csv"
 
     @property
-    def idle_baseline(self) -> Path:
-        return self.tables / "idle_baseline.json"
-
-    @property
     def figures(self) -> Path:
         return self.root / "figures"
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ..layout import config_id_for, parent_config_id
+from ..layout import RECOVERED_SUFFIX, config_id_for, parent_config_id
 from ..measure.meter import J_PER_KWH, component_methods, is_estimate
 
 __all__ = [
@@ -101,7 +101,7 @@ def setup_steps(config_id: str, energy: pd.DataFrame, setup_energy: pd.DataFrame
         if len(made):
             for _, row in made.sort_values("order").iterrows():
                 steps.append(_step(str(row["step"]), source, made[made["step"] == row["step"]]))
-        recovered = parent is not None and source.endswith("__recovered")
+        recovered = parent is not None and source.endswith(f"__{RECOVERED_SUFFIX}")
         if recovered and training.empty:
             unknown.append(f"the recovery fine-tuning of {source} was not measured (its job failed or was skipped)")
         elif pruning != "none" and not recovered and not len(made):

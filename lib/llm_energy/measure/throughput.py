@@ -26,10 +26,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..config import DeviceLimits
+from ..config import BITSANDBYTES_PRECISIONS, DeviceLimits
 
 DENSE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-QUANTIZED = ("int8", "nf4", "fp4")
+QUANTIZED = BITSANDBYTES_PRECISIONS
 REFERENCE = "fp32"
 # A small model's MLP projection (tokens x hidden -> intermediate; SmolLM2-135M: 576 -> 1536).
 PROBE_SHAPE = (256, 576, 1536)  # M, K, N

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import PRECISIONS, ModelSettings, TinyLlamaSettings, resolve_path
+from ..config import BITSANDBYTES_PRECISIONS, PRECISIONS, ModelSettings, TinyLlamaSettings, resolve_path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ORIGIN = (
@@ -304,7 +304,7 @@ def precision_support(precision: str, device: str) -> str | None:
 
     if precision not in PRECISIONS:
         return f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}"
-    if precision in ("int8", "nf4", "fp4"):
+    if precision in BITSANDBYTES_PRECISIONS:
         if importlib.util.find_spec("bitsandbytes") is None:
             return f"{precision} needs bitsandbytes, which is not installed"
         if device == "cpu":

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..items import QAItem, item_text
-from ..measure.meter import EnergyMeter, is_estimate
+from ..measure.meter import J_PER_KWH, EnergyMeter, is_estimate
 from ..methods.lora_training import load_adapter
 from ..methods.scoring import (
     ChoiceScores,
@@ -101,7 +101,7 @@ def config_figure(run: ConfigRun) -> Figure:
     scores = scores[scores["config_id"] == run.config_id]
     fig = Figure(figsize=(9, 3.2))
     left, right = fig.subplots(1, 2)
-    per_item_j = energy["energy_kwh"] / energy["n_items"] * 3.6e6
+    per_item_j = energy["energy_kwh"] / energy["n_items"] * J_PER_KWH
     bars = left.bar(energy["task"], per_item_j, color="#4c72b0")
     for bar, estimated in zip(bars, energy["estimated_components"].fillna("")):
         if estimated:

@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ..config import DENSE_PRECISIONS, PruningSpec, RecoverySettings, validate_section
+from ..config import (
+    BITSANDBYTES_PRECISIONS,
+    DENSE_PRECISIONS,
+    PruningSpec,
+    RecoverySettings,
+    validate_section,
+)
 from ..layout import RECOVERED_SUFFIX, StudyLayout, config_id_for
 from ..measure.meter import EnergyMeter, EnergyRecord
 from ..methods.lora_training import FINETUNE_PRECISIONS, finetune, load_adapter
@@ -175,7 +181,7 @@ def sparse_execution(run: Any, loaded: LoadedModel, outcome: PruningResult, mode
         return SparseExecution("dense", f"pattern {outcome.spec.pattern} has no sparse tensor-core kernel "
                                         "(only 2:4 does): zeros are multiplied by dense kernels", [], [])
     if run.precision not in ("fp16", "bf16"):
-        if run.precision in ("int8", "nf4", "fp4"):
+        if run.precision in BITSANDBYTES_PRECISIONS:
             why = "bitsandbytes kernels are dense"
         elif run.precision == "w8a8":
             why = "its int8 matmul (torch._int_mm) is dense"

@@ -22,7 +22,7 @@ from ..analysis import ranking_math as rank
 from ..analysis.lifecycle import amortized_energy_per_item, lifecycle_table
 from ..analysis.significance import MIN_VERDICT_ITEMS, holm
 from ..config import PHI_METHODS, PRECISIONS, RankingSettings, headline_metric
-from ..layout import StudyLayout
+from ..layout import StudyLayout, parent_config_id
 from ..measure.meter import J_PER_KWH, component_methods, describe_methods, is_estimate
 from ..tables import store as results
 
@@ -494,9 +494,9 @@ def recovery_markdown(study_dir: str | Path, metrics: tuple[tuple[str, str], ...
     lines = [("**Recovery fine-tuning.** A LoRA adapter trained on each pruned model (its pruned weights "
              "unchanged): quality before pruning → pruned → recovered, and the energy the recovery training spent.")]
     for _, row in training.sort_values("config_id").iterrows():
-        recovered = row["config_id"]
-        pruned = recovered.removesuffix("__recovered")
-        target = pruned.rsplit("__", 1)[0]
+        recovered = str(row["config_id"])
+        pruned = parent_config_id(recovered) or recovered
+        target = parent_config_id(pruned, pruning=str(row["pruning"])) or pruned
         parts = []
         for task, metric in metrics:
             got = [values.get((c, task, metric)) for c in (target, pruned, recovered)]
@@ -533,9 +533,9 @@ def judged_pairs(configs: pd.DataFrame, kind: str) -> list[tuple[str, str]]:
             if len(reference):
                 pairs.append((str(config_id), str(reference.index[0])))
     elif kind == "pruning":
-        for config_id in meta[meta["pruning"] != "none"].index:
+        for config_id, row in meta[meta["pruning"] != "none"].iterrows():
             config_id = str(config_id)
-            reference = config_id.removesuffix("__recovered") if config_id.endswith("__recovered") else config_id.rsplit("__", 1)[0]
+            reference = parent_config_id(config_id, pruning=str(row["pruning"]))
             if reference in meta.index:
                 pairs.append((config_id, reference))
     else:

@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..analysis.ranking_math import pareto_optimal
 from ..config import PRECISION_BITS, PRECISIONS
-from ..measure.meter import component_methods, is_estimate
+from ..measure.meter import J_PER_KWH, component_methods, is_estimate
 
 PRECISION_ORDER: tuple[str, ...] = PRECISIONS
 NO_DATA_TEXT = "no data for this figure (phase not run)"
@@ -711,7 +711,7 @@ def fig8_lifecycle(lifecycle: pd.DataFrame, configs: Sequence[str], queries: Seq
         ax = axes[0, 0]
         for config_id in shown:
             row = totals.loc[config_id]
-            setup, per_query = float(row["setup_kwh"]), float(row["per_query_j"]) / 3.6e6
+            setup, per_query = float(row["setup_kwh"]), float(row["per_query_j"]) / J_PER_KWH
             total = setup + grid * per_query
             estimate = bool(row["estimate"]) or (note is not None and "ESTIMATE" in note)
             line, = ax.plot(grid, total, linestyle="--" if estimate else "-", linewidth=1.6,
