@@ -182,3 +182,18 @@ def test_rca_strata_are_root_causes():
     assignment = assign_splits(items, (0.5, 0.0), seed=0)
     for cause in "abcd":
         assert [assignment[i.id] for i in items if i.root_cause == cause].count("train") == 5
+
+
+def test_a_file_whose_every_record_is_invalid_says_why_for_the_first_ones(tmp_path):
+    from llm_energy.config import TaskSettings
+    from llm_energy.data.tasks import load_task_data
+    from llm_energy.items import DataError
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "q1", "choices": ["a", "b"], "answer": 5}\n'
+                    '{"question": "q2", "choices": ["a", "a"], "answer": 0}\n'
+                    '{"question": "q3", "choices": "ab", "answer": 0}\n')
+    # Failed before: only "holds no valid records", with no line, field or reason.
+    with pytest.raises(DataError, match=r"all 3 were left out as invalid.*line 1 field 'answer': index 5 is out of "
+                                        r"range.*line 2 field 'choices'.*line 3 field 'choices'"):
+        load_task_data("qa", TaskSettings(data=str(path), invalid_records="skip"))

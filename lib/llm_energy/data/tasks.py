@@ -257,7 +257,13 @@ def _read_records_cached(task: str, path_text: str, _mtime: int, settings_json: 
                 continue
             entries.append((item, split))
     if not entries:
-        raise DataError(path, "holds no valid records" if skipped else "holds no records")
+        if not skipped:
+            raise DataError(path, "holds no records")
+        shown = "; ".join(f"{'line ' + str(r.line) if r.line is not None else r.file}"
+                          + (f" field '{r.field}'" if r.field else "") + f": {r.reason}" for r in skipped[:5])
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        raise DataError(path, f"holds no valid records: all {len(skipped)} were left out as invalid "
+                              f"(invalid_records: skip). {shown}{more}")
     return Records(task, path, source, tuple(entries), tuple(skipped))
 
 
