@@ -95,14 +95,3 @@ def iter_teleqna(path: Path, password: str | None = None) -> Iterator[tuple[str,
             yield key, _teleqna_item(key, record, f"{path} [{key}]")
         except DataError as exc:
             yield key, exc
-
-
-def read_teleqna(path: Path, password: str | None = None) -> list[QAItem]:
-    """TeleQnA questions as QAItems (ids are the original keys, e.g. 'question 17'); the first bad
-    record raises its DataError."""
-    items = []
-    for _, entry in iter_teleqna(path, password):
-        if isinstance(entry, DataError):
-            raise entry
-        items.append(entry)
-    return items

@@ -24,7 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..analysis.ranking_math import pareto_optimal
+from ..analysis.ranking_math import TIED_WITH_TOP_SHARE, pareto_optimal
 from ..config import PRECISION_BITS, PRECISIONS
 from ..measure.meter import J_PER_KWH, component_methods, is_estimate
 
@@ -670,7 +670,7 @@ def fig7_ranking(ranking: pd.DataFrame, w: float = 0.5, energy_method: str | Non
             # Uncertainty of the top: the configs the resampling cannot separate, ringed, with how often
             # each comes out best.
             tied = (_as_bool(at_w["tied_with_top"]).to_numpy() if "tied_with_top" in at_w.columns
-                    else at_w["p_best"].fillna(0).to_numpy() >= 0.05)
+                    else at_w["p_best"].fillna(0).to_numpy() >= TIED_WITH_TOP_SHARE)
             ax_p.scatter(x[tied], y[tied], s=190, facecolors="none", edgecolors="black", linewidths=1.2, zorder=5,
                          label="cannot be separated from the top")
             for xi, yi, p in zip(x[tied], y[tied], at_w["p_best"].to_numpy()[tied]):
