@@ -55,18 +55,18 @@ study: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/llm-energy run params/smoke.yaml --out outputs/smoke
 
-# Two workers: independent tests run side by side; the tests that read the one smoke study stay together
-# on one worker (tests/conftest.py puts them in xdist group "smoke"), so it runs once.
+# Both cores: the tests that read the smoke study in one pytest process (so it runs once), everything
+# else in another, side by side (tools/parallel_tests.py); PYTEST_WORKERS=1 runs one plain pytest.
 PYTEST_WORKERS ?= 2
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/python tools/parallel_tests.py --workers $(PYTEST_WORKERS)
 
 # pyflakes and import order ([tool.ruff] in pyproject.toml); `make test` runs it first.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/python tools/parallel_tests.py --workers $(PYTEST_WORKERS) -m "not slow"
 
 report: $(STAMP)
 	$(BIN)/llm-energy report $(or $(DIR),outputs/default)

@@ -12,14 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (make test: two workers), every test that reads the smoke study runs on one
-    worker (--dist loadgroup), so the study is run once, not once per worker."""
-    for item in items:
-        if "smoke_study" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("smoke"))
-
-
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

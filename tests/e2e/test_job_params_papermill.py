@@ -20,7 +20,7 @@ JOB = "inference__tiny-random-llama__fp32"
 CONFIG = "tiny-random-llama__fp32"
 # Column names holding a time, an energy, or a method that depends on the machine's counters.
 VOLATILE = ("energy", "duration", "emissions", "idle", "power", "seconds", "memory", "method", "carbon",
-            "repeats", "calls")
+            "repeats", "calls", "j_per_")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,16 @@
+"""Test collection for the whole repository (tests/ and the nbval runs of notebooks/)."""
+
+import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smoke: reads the smoke study (tools/parallel_tests.py runs these together)")
+
+
+def pytest_itemcollected(item):
+    """Every test that reads the smoke study is marked ``smoke`` (make test runs them in one process, so
+    the study runs once), and each notebook cell nbval runs is marked ``slow`` (make test-fast skips it)."""
+    if "smoke_study" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.smoke)
+    elif str(getattr(item, "path", "")).endswith(".ipynb"):
+        item.add_marker(pytest.mark.slow)

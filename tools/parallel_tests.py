@@ -1,0 +1,75 @@
+"""`make test` on both cores: two pytest processes side by side, then one closing line for both.
+
+The tests that read the smoke study (marked ``smoke`` by the root conftest.py) run in one process, so
+the study is built once; everything else runs in the other. Their outputs are printed one after the
+other when both are done, then the combined counts as `N passed, N failed, N skipped`.
+
+    python tools/parallel_tests.py [-m EXPR] [--workers 1] [PYTEST ARGS...]
+
+``-m EXPR`` narrows both groups (make test-fast: -m "not slow"); ``--workers 1`` runs one plain pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = (("smoke study", "smoke"), ("everything else", "not smoke"))
+COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)")
+
+
+def counts(text: str) -> dict[str, int]:
+    """The counts of pytest's closing line (its last line with "passed", "failed" or "no tests ran")."""
+    lines = [line for line in text.splitlines() if re.search(r"\b(passed|failed|error|no tests ran)\b", line)]
+    found: dict[str, int] = {}
+    for number, word in COUNT.findall(lines[-1] if lines else ""):
+        found["error" if word.startswith("error") else word] = int(number)
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-m", dest="expr", default="", help="marker expression both groups also satisfy")
+    parser.add_argument("--workers", type=int, default=2)
+    args, rest = parser.parse_known_args()
+    if args.workers < 2:
+        return subprocess.call([sys.executable, "-m", "pytest", *(["-m", args.expr] if args.expr else []), *rest],
+                               cwd=ROOT)
+    start = time.perf_counter()
+    base = Path(tempfile.mkdtemp(prefix="llm-energy-tests-"))
+    runs = []
+    for index, (name, group) in enumerate(GROUPS):
+        expr = f"({group}) and ({args.expr})" if args.expr else group
+        log = base / f"group{index}.log"
+        handle = log.open("w")
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-m", expr, "--basetemp", str(base / f"tmp{index}"),
+                                 "-p", "no:cacheprovider", *rest], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+        runs.append((name, expr, proc, log, handle))
+        print(f"pytest -m '{expr}' ({name}): running, output in {log}", flush=True)
+    total: dict[str, int] = {}
+    status = 0
+    for name, expr, proc, log, handle in runs:
+        code = proc.wait()
+        handle.close()
+        text = log.read_text(errors="replace")
+        print(f"\n===== pytest -m '{expr}' ({name}): exit {code} =====\n{text}", flush=True)
+        for key, value in counts(text).items():
+            total[key] = total.get(key, 0) + value
+        if code not in (0, 5):  # 5: no test selected in this group (e.g. test-fast has no smoke tests)
+            status = status or code
+    if not total.get("passed"):
+        status = status or 5
+    print(f"both groups in {time.perf_counter() - start:.0f} s")
+    print(f"{total.get('passed', 0)} passed, {total.get('failed', 0) + total.get('error', 0)} failed, "
+          f"{total.get('skipped', 0)} skipped")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
