@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
 # CUDA builds published for the torch this project pins, newest first: (tag, the CUDA version it needs)
@@ -32,6 +33,15 @@ def driver_cuda() -> tuple[int, int] | None:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
+def reachable(index: str, timeout: float = 5.0) -> bool:
+    """Whether the index answers (its torch page), within a few seconds."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{index}/torch/", method="HEAD"), timeout=timeout):
+            return True
+    except Exception:  # noqa: BLE001  (no network, no DNS, refused, HTTP error: all mean "not from here")
+        return False
+
+
 def choose(value: str) -> tuple[list[str], str]:
     """pip's index arguments for a TORCH_INDEX value, and a sentence saying why."""
     if value == "default":
@@ -42,6 +52,12 @@ def choose(value: str) -> tuple[list[str], str]:
         return ["--index-url", f"{PYTORCH_INDEX}/{value}"], f"the {value} build ({PYTORCH_INDEX}/{value})"
     cuda = driver_cuda()
     if cuda is None:
+        if not reachable(f"{PYTORCH_INDEX}/cpu"):
+            # e.g. a machine that reaches only PyPI, with a local wheel folder in pip.conf: pip retrying an
+            # unreachable index for every package would only add minutes
+            return [], (f"auto: no nvidia-smi on this machine, but {PYTORCH_INDEX}/cpu cannot be reached from here, "
+                        "so pip's own configuration (PyPI's torch is the CUDA build unless pip.conf offers a CPU "
+                        "wheel; TORCH_INDEX=cpu forces the CPU index)")
         return ["--index-url", f"{PYTORCH_INDEX}/cpu"], "auto: no nvidia-smi on this machine, so the CPU-only build"
     for tag, needs in CUDA_TAGS:
         if cuda >= needs:

@@ -110,7 +110,11 @@ def test_torch_index_selects_the_wheel_source(root, tmp_path, monkeypatch):
     assert torch_index.choose("https://mirror.example/simple")[0] == ["--index-url", "https://mirror.example/simple"]
     # auto: no nvidia-smi -> the CPU build; a driver's CUDA version -> the newest build it supports
     monkeypatch.setattr(torch_index, "driver_cuda", lambda: None)
+    monkeypatch.setattr(torch_index, "reachable", lambda index: True)
     assert torch_index.choose("auto")[0][-1].endswith("/cpu")
+    monkeypatch.setattr(torch_index, "reachable", lambda index: False)  # e.g. only PyPI reachable
+    args, why = torch_index.choose("auto")
+    assert args == [] and "cannot be reached" in why
     for driver, tag in (((13, 1), "cu130"), ((12, 9), "cu128"), ((12, 6), "cu126"), ((12, 2), "cpu")):
         monkeypatch.setattr(torch_index, "driver_cuda", lambda driver=driver: driver)
         args, why = torch_index.choose("auto")
