@@ -66,8 +66,7 @@ print(run.config_id, params)
 train, valid = ft.splits(run, params)
 print(f"{len(train)} training items, {len(valid)} validation items; labels: {len(train.labels)}")
 for item in train.items[:3]:
-    answer = getattr(item, "root_cause", None) or item.choices[item.answer]
-    print(f"[{item.id}] {items.item_text(item)[:160]}\n  -> {answer}")
+    print(f"[{item.id}] {items.item_text(item)[:160]}\n  -> {items.item_answer(item)}")
 
 # %% [markdown]
 # ## Train, one measured window per epoch
@@ -99,7 +98,7 @@ pd.DataFrame(last.components()).set_index("component") if last is not None else 
 # spent.
 
 # %% tags=["nbval-ignore-output"]
-pd.DataFrame([{k: v for k, v in e.__dict__.items() if k != "record"} for e in result.epochs])
+ft.epochs_table(result)
 
 # %% tags=["nbval-ignore-output"]
 plots.as_image(ft.epochs_figure(result, run.config_id))

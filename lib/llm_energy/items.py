@@ -54,6 +54,13 @@ def label_text(label: str) -> str:
     return label.replace("_", " ").strip()
 
 
+def item_answer(item: Any) -> str:
+    """The answer an item is trained towards: an RCA ticket's root cause, a QA item's correct choice."""
+    if isinstance(item, RCAItem):
+        return item.root_cause
+    return item.choices[item.answer]
+
+
 def item_text(item: Any) -> str:
     """The text of an item a model reads (ticket, or question with its choices)."""
     if isinstance(item, RCAItem):

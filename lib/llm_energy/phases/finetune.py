@@ -20,6 +20,7 @@ from ..tables.rows import record_training
 from .evaluation import ConfigRun, training_splits
 
 if TYPE_CHECKING:
+    import pandas as pd
     from matplotlib.figure import Figure
 
 ADAPTER_NAME = "lora"
@@ -45,6 +46,16 @@ def train(run: ConfigRun, params: FinetuneParams, loaded: LoadedModel, meter: En
                       StudyLayout(run.study_dir).adapter(run.config_id), label_set=train_split.labels)
     record_training(run.study_dir, run.identity(adapter=ADAPTER_NAME), result, loaded.device, params.task)
     return result
+
+
+def epochs_table(result: FinetuneResult) -> pd.DataFrame:
+    """One row per epoch: loss, time, energy and its method, examples and tokens (what training.csv holds)."""
+    import dataclasses
+
+    import pandas as pd
+
+    return pd.DataFrame([{f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "record"}
+                         for e in result.epochs])
 
 
 def epochs_figure(result: FinetuneResult, config_id: str = "") -> Figure:
