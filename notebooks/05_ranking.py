@@ -127,12 +127,11 @@ else:
 
 # %% [markdown]
 # ## What it costs over its life
-# Making a variant costs energy once (fine-tuning, Wanda calibration, pruning, recovery fine-tuning); serving costs energy per query. The table gives each variant's setup energy, its energy per query, and after how many queries it pays for itself against its reference (its model at fp32, no adapter, no pruning), with its quality change beside it. Figure 8 draws setup + N × per query for the top set and their references: where a variant's line crosses below its reference's (●) it has paid for itself. To rank at a chosen life, set `amortize_over` in the parameters cell (e.g. `1e6`) and run the notebook again.
+# Making a variant costs energy once (fine-tuning, Wanda calibration, pruning, recovery fine-tuning); serving costs energy per query. The table gives each variant's setup energy, its energy per query, and after how many queries it pays for itself against its reference (its model at fp32, no adapter, no pruning), with its quality change beside it. Figure 8 draws setup + N × per query for the top set and the variants with a break-even count (fewest queries first), with their references: where a variant's line crosses below its reference's (●) it has paid for itself. To rank at a chosen life, set `amortize_over` in the parameters cell (e.g. `1e6`) and run the notebook again.
 
 # %% tags=["nbval-ignore-output"]
 display(Markdown(rk.lifecycle_markdown(outcome)))
-top_set = [c for c, _ in rk.tied_at(outcome.result.table, settings.w)]
-fig8 = plots.fig8_lifecycle(outcome.lifecycle, top_set, settings.lifecycle_queries)
+fig8 = plots.fig8_lifecycle(outcome.lifecycle, rk.lifecycle_figure_configs(outcome), settings.lifecycle_queries)
 plots.save_figure(fig8, study_dir / "figures", "fig8_lifecycle")
 plots.as_image(fig8)
 

@@ -38,7 +38,7 @@ def main() -> None:
         top = headline.bounding_box()["y"] + page.evaluate("window.scrollY") - 20
         page.screenshot(path=str(args.out / "report-headline.png"),
                         clip={"x": 0, "y": top, "width": 1400, "height": 900}, full_page=True)
-        figure = page.locator("img").nth(1)  # the first figure after the headline: Figure 7
+        figure = page.locator("img").first  # the first figure after the headline: Figure 7
         figure.screenshot(path=str(args.out / "report-figure7.png"))
         browser.close()
     print(f"wrote {args.out / 'report-headline.png'} and {args.out / 'report-figure7.png'}")

@@ -164,12 +164,17 @@ def lifecycle_table(configs: pd.DataFrame, energy: pd.DataFrame, setup_energy: p
         else:
             verdict = break_even(total_j(steps), per_query[config_id], total_j(found[reference][0]),
                                  per_query[reference])
-        methods = sorted({m for s in steps for m in s.method.split(";") if m})
+        # the total's energy is setup + queries x per query: both methods count
+        per_query_methods = str(getattr(row, "energy_method", "") or "")
+        methods = sorted({m for s in steps for m in s.method.split(";") if m}
+                         | {m for m in per_query_methods.split(";") if m and m != "nan"})
         rows.append({
             "config_id": config_id, "reference": reference if has_reference else "", "step": "total",
             "source_config": config_id, "setup_kwh": sum(s.kwh for s in steps),
             "setup_net_kwh": sum(s.net_kwh for s in steps), "setup_g_co2e": sum(s.g_co2e for s in steps),
-            "method": ";".join(methods), "estimate": any(s.estimate for s in steps), "shared_with": "",
+            "method": ";".join(methods),
+            "estimate": any(s.estimate for s in steps) or any(is_estimate(m) for m in methods) or not methods,
+            "shared_with": "",
             "per_query_j": per_query[config_id],
             "reference_per_query_j": per_query.get(reference, float("nan")),
             "reference_setup_kwh": (sum(s.kwh for s in found[reference][0]) if reference in found

@@ -720,6 +720,19 @@ def lifecycle_verdicts(outcome: RankingOutcome, alpha: float = 0.05) -> dict[str
     return out
 
 
+def lifecycle_figure_configs(outcome: RankingOutcome, most: int = 6) -> list[str]:
+    """The configs Figure 8 draws (their references are added by the figure): the top set at w, then
+    the configs whose break-even is a number of queries, fewest first, up to ``most`` in all."""
+    top = [c for c, _ in tied_at(outcome.result.table, outcome.w)]
+    table = outcome.lifecycle
+    if table is None or table.empty:
+        return top
+    totals = table[table["step"] == "total"]
+    counted = sorted(((int(v), str(c)) for c, v in zip(totals["config_id"], totals["break_even_queries"])
+                      if str(v).isdigit()), key=lambda pair: pair[0])
+    return (top + [c for _, c in counted if c not in top])[: max(most, len(top))]
+
+
 def lifecycle_markdown(outcome: RankingOutcome, focus: list[str] | None = None) -> str:
     """The "What it costs over its life" section: per config its setup energy, energy per query, the
     break-even query count against its reference and the quality change beside it; then J per input
@@ -743,7 +756,8 @@ def lifecycle_markdown(outcome: RankingOutcome, focus: list[str] | None = None) 
         if config_id not in totals.index:
             continue
         row = totals.loc[config_id]
-        estimate = " (estimate)" if bool(row["estimate"]) and float(row["setup_kwh"]) > 0 else ""
+        steps = table[(table["config_id"] == config_id) & (table["step"] != "total")]
+        estimate = " (estimate)" if steps["estimate"].astype(bool).any() else ""
         setup = _joules(float(row["setup_kwh"])) + estimate if float(row["setup_kwh"]) > 0 else "none"
         quality, worse = verdicts.get(config_id, ("—", False))
         verdict = str(row["break_even_queries"])
