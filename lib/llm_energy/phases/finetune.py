@@ -7,7 +7,6 @@ splits, puts the adapter where the study expects it and writes ``training.csv``.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from ..config import FinetuneParams, validate_section
@@ -16,6 +15,7 @@ from ..layout import StudyLayout, config_id_for
 from ..measure.meter import EnergyMeter
 from ..methods.lora_training import FinetuneResult, finetune
 from ..models.loading import LoadedModel
+from ..report import figures
 from ..tables.rows import record_training
 from .evaluation import ConfigRun, training_splits
 
@@ -60,30 +60,6 @@ def epochs_table(result: FinetuneResult) -> pd.DataFrame:
 
 def epochs_figure(result: FinetuneResult, config_id: str = "") -> Figure:
     """This training run per epoch: training and validation loss, and the energy of each epoch's
-    window against the loss it reached (the paper's Figure 3, for one config)."""
-    from matplotlib.figure import Figure
-
-    epochs = [e.epoch for e in result.epochs]
-    fig = Figure(figsize=(9, 3.2))
-    left, right = fig.subplots(1, 2)
-    left.plot(epochs, [e.train_loss for e in result.epochs], "o-", label="training")
-    left.plot(epochs, [e.eval_loss for e in result.epochs], "s--", label="validation")
-    left.set_xlabel("epoch")
-    left.set_ylabel("loss (nats per answer token)")
-    left.set_xticks(epochs)
-    left.legend(fontsize=8)
-    cumulative_kwh = 0.0
-    points = []
-    for epoch in result.epochs:
-        cumulative_kwh += epoch.energy_kwh
-        points.append((cumulative_kwh * 3.6e3, epoch.train_loss if math.isnan(epoch.eval_loss) else epoch.eval_loss))
-    right.plot([x for x, _ in points], [y for _, y in points], "o-", color="#55a868")
-    for epoch, (x, y) in zip(epochs, points):
-        right.annotate(f"epoch {epoch}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    right.set_xlabel(f"energy spent so far (kJ, {result.final.energy_method})")
-    right.set_ylabel("loss reached")
-    for axis in (left, right):
-        axis.ticklabel_format(axis="y", useOffset=False)
-    fig.suptitle(config_id or str(result.adapter_dir.name), fontsize=10)
-    fig.tight_layout()
-    return fig
+    window against the loss it reached (the paper's Figure 3, for one config;
+    :func:`llm_energy.report.figures.epochs_figure`)."""
+    return figures.epochs_figure(result.epochs, config_id or str(result.adapter_dir.name))

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..items import QAItem, item_text
-from ..measure.meter import J_PER_KWH, EnergyMeter, is_estimate
+from ..measure.meter import EnergyMeter
 from ..methods.lora_training import load_adapter
 from ..methods.scoring import (
     ChoiceScores,
@@ -26,6 +26,7 @@ from ..methods.scoring import (
     task_result,
 )
 from ..models.loading import LoadedModel, load_model
+from ..report import figures
 from ..tables import store as results
 from ..tables.rows import record_config
 from .evaluation import ConfigRun, data_description, evaluate_config, load_task_sets
@@ -92,32 +93,7 @@ def answers(prepared: PreparedTask, scores: list[ChoiceScores], width: int = 70)
 
 def config_figure(run: ConfigRun) -> Figure:
     """This config's inference rows from the study's tables: energy per item for each task (hatched
-    where a component is estimated, not counted) and each metric with its 95% interval."""
-    from matplotlib.figure import Figure
-
-    energy = results.read_table(run.study_dir, "energy")
-    energy = energy[(energy["config_id"] == run.config_id) & (energy["phase"] == "inference")]
-    scores = results.read_table(run.study_dir, "scores")
-    scores = scores[scores["config_id"] == run.config_id]
-    fig = Figure(figsize=(9, 3.2))
-    left, right = fig.subplots(1, 2)
-    per_item_j = energy["energy_kwh"] / energy["n_items"] * J_PER_KWH
-    bars = left.bar(energy["task"], per_item_j, color="#4c72b0")
-    for bar, estimated in zip(bars, energy["estimated_components"].fillna("")):
-        if estimated:
-            bar.set_hatch("//")
-    methods = sorted(set(energy["energy_method"].dropna()))
-    left.set_ylabel("energy per item (J)")
-    left.set_title(f"gross energy, {', '.join(methods)}" + (" (hatched: estimated)" if any(is_estimate(m) for m in methods) else ""),
-                   fontsize=9)
-    labels = [f"{t}: {m}" for t, m in zip(scores["task"], scores["metric"])]
-    low = (scores["value"] - scores["ci_low"]).clip(lower=0)
-    high = (scores["ci_high"] - scores["value"]).clip(lower=0)
-    right.errorbar(scores["value"], labels, xerr=[low, high], fmt="o", color="#dd8452", capsize=4)
-    right.set_xlim(-0.05, 1.05)
-    right.invert_yaxis()
-    right.set_xlabel("score (95% bootstrap interval)")
-    right.tick_params(axis="y", labelsize=8)
-    fig.suptitle(run.config_id, fontsize=10)
-    fig.tight_layout()
-    return fig
+    where a component is estimated, not counted) and each metric with its 95% interval
+    (:func:`llm_energy.report.figures.config_figure`)."""
+    return figures.config_figure(results.read_table(run.study_dir, "energy"),
+                                 results.read_table(run.study_dir, "scores"), run.config_id)

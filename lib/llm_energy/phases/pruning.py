@@ -35,6 +35,7 @@ from ..methods.sparsify import (
     prune_model,
 )
 from ..models.loading import LoadedModel, load_model
+from ..report import figures
 from ..tables.rows import record_config, record_pruned_layers, record_setup_steps, record_training
 from .evaluation import ConfigRun, data_description, evaluate_config, full_split, training_splits
 
@@ -298,21 +299,8 @@ def evaluate_recovered(recovery: Recovery, meter: EnergyMeter, outcome: PruningR
 
 
 def layers_figure(outcome: PruningResult, config_id: str = "") -> Figure:
-    """Measured sparsity of every pruned layer against the target, in module order."""
-    from matplotlib.figure import Figure
-
-    names = [layer.name.removeprefix("model.").replace("layers.", "L").replace("self_attn.", "").replace("mlp.", "")
-             for layer in outcome.layers]
-    fig = Figure(figsize=(9, 3.2))
-    axis = fig.subplots()
-    axis.bar(range(len(names)), [layer.measured_sparsity for layer in outcome.layers], color="#8172b3")
-    axis.axhline(outcome.target_sparsity, color="black", linestyle="--", linewidth=1,
-                 label=f"target {outcome.target_sparsity:.2f}")
-    axis.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    axis.set_ylim(0, 1)
-    axis.set_ylabel("measured sparsity")
-    axis.legend(fontsize=8)
-    axis.set_title(f"{config_id or outcome.spec.label}: {outcome.measured_sparsity:.4f} overall"
-                   + ("" if outcome.verified_nm is None else f", N:M verified: {outcome.verified_nm}"), fontsize=9)
-    fig.tight_layout()
-    return fig
+    """Measured sparsity of every pruned layer against the target, in module order
+    (:func:`llm_energy.report.figures.layers_figure`)."""
+    title = (f"{config_id or outcome.spec.label}: {outcome.measured_sparsity:.4f} overall"
+             + ("" if outcome.verified_nm is None else f", N:M verified: {outcome.verified_nm}"))
+    return figures.layers_figure(outcome.layers, outcome.target_sparsity, title)

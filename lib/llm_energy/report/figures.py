@@ -17,6 +17,7 @@ import re
 import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -728,6 +729,79 @@ def fig8_lifecycle(lifecycle: pd.DataFrame, configs: Sequence[str], queries: Seq
         ax.set_title("break-even against the reference: ●; dashed: estimated energy", fontsize=9)
         _legend_outside(ax, "config")
     return _finish(fig, FIG8_TITLE, note)
+
+
+def config_figure(energy: pd.DataFrame, scores: pd.DataFrame, config_id: str) -> Figure:
+    """One config's inference rows (notebook 03): energy per item for each task (J; hatched where a
+    component is estimated, not counted) and each metric with its 95% interval; the estimate note as
+    every energy figure carries it."""
+    energy = energy[(energy["config_id"] == config_id) & (energy["phase"] == "inference")]
+    scores = scores[scores["config_id"] == config_id]
+    note = energy_note(component_methods(energy)) if len(energy) else None
+    with _style():
+        fig, axes = _new_figure(1, 2, height_in=3.6, note=note is not None)
+        left, right = axes[0]
+        per_item_j = energy["energy_kwh"].astype(float) / energy["n_items"].astype(float) * J_PER_KWH
+        bars = left.bar(energy["task"].astype(str), per_item_j, color="#4c72b0")
+        for bar, estimated in zip(bars, energy["estimated_components"].fillna("") if "estimated_components" in energy
+                                  else [""] * len(energy)):
+            if estimated:
+                bar.set_hatch("//")
+        left.set_ylabel("energy per item (J)")
+        left.set_title("gross energy per item" + (" (hatched: estimated)" if note else ""), fontsize=9)
+        labels = [f"{t}: {m}" for t, m in zip(scores["task"], scores["metric"])]
+        low = (scores["value"] - scores["ci_low"]).clip(lower=0)
+        high = (scores["ci_high"] - scores["value"]).clip(lower=0)
+        right.errorbar(scores["value"], labels, xerr=[low, high], fmt="o", color="#dd8452", capsize=4)
+        right.set_xlim(-0.05, 1.05)
+        right.invert_yaxis()
+        right.set_xlabel("score (95% bootstrap interval)")
+        right.tick_params(axis="y", labelsize=8)
+    return _finish(fig, config_id, note)
+
+
+def epochs_figure(epochs: Sequence[Any], title: str) -> Figure:
+    """One training run per epoch (notebook 02): training and validation loss, and the energy spent so
+    far against the loss reached (the paper's Figure 3 for one config); ``epochs`` are the run's
+    EpochRecords (epoch, train_loss, eval_loss, energy_kwh, energy_method)."""
+    numbers = [e.epoch for e in epochs]
+    note = energy_note([e.energy_method for e in epochs if e.energy_method != "none"] or [None])
+    with _style():
+        fig, axes = _new_figure(1, 2, height_in=3.6, note=note is not None)
+        left, right = axes[0]
+        left.plot(numbers, [e.train_loss for e in epochs], "o-", label="training")
+        left.plot(numbers, [e.eval_loss for e in epochs], "s--", label="validation")
+        left.set_xlabel("epoch")
+        left.set_ylabel("loss (nats per answer token)")
+        left.set_xticks(numbers)
+        left.legend(fontsize=8)
+        spent = np.cumsum([e.energy_kwh for e in epochs]) * J_PER_KWH / 1000
+        reached = [e.train_loss if np.isnan(e.eval_loss) else e.eval_loss for e in epochs]
+        right.plot(spent, reached, "o-", color="#55a868")
+        for epoch, x, y in zip(numbers, spent, reached):
+            right.annotate(f"epoch {epoch}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        right.set_xlabel("energy spent so far (kJ)")
+        right.set_ylabel("loss reached")
+        for axis in (left, right):
+            axis.ticklabel_format(axis="y", useOffset=False)
+    return _finish(fig, title, note)
+
+
+def layers_figure(layers: Sequence[Any], target_sparsity: float, title: str) -> Figure:
+    """Measured sparsity of every pruned layer against the target, in module order (notebook 04);
+    ``layers`` carry name and measured_sparsity."""
+    names = [layer.name.removeprefix("model.").replace("layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+             for layer in layers]
+    with _style():
+        fig, axes = _new_figure(1, 1, height_in=3.6)
+        axis = axes[0, 0]
+        axis.bar(range(len(names)), [layer.measured_sparsity for layer in layers], color="#8172b3")
+        axis.axhline(target_sparsity, color="black", linestyle="--", linewidth=1, label=f"target {target_sparsity:.2f}")
+        axis.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        axis.set_ylim(0, 1)
+        axis.set_ylabel("measured sparsity")
+        _legend_outside(axis)
+    return _finish(fig, title, None)
 
 
 def as_image(fig: Figure, dpi: int = 110) -> "object":
