@@ -43,21 +43,19 @@ def record_config(study_dir: Path, config_id: str, model: str, precision: str, s
     """The config's row in configs.csv: ok, skipped or failed, why, where its weights came from, the
     kernels a pruned config runs, the path its multiple-choice scoring took and the data it was
     scored on (synthetic data says so)."""
-    results.upsert_rows(study_dir, "configs", [{
-        "config_id": config_id, "model": model, "precision": precision, "adapter": adapter, "pruning": pruning,
-        "status": status, "reason": reason, "weights_origin": weights_origin, "kernel": kernel,
-        "kernel_note": kernel_note, "scoring_path": scoring_path, "data": data,
-    }])
+    results.upsert_rows(study_dir, "configs", results.as_rows(results.ConfigRow(
+        config_id=config_id, model=model, precision=precision, adapter=adapter, pruning=pruning, status=status,
+        reason=reason, weights_origin=weights_origin, scoring_path=scoring_path, kernel=kernel,
+        kernel_note=kernel_note, data=data)))
 
 
 def record_idle_baselines(study_dir: Path, config_id: str, phase: str, device: str,
                           *baselines: IdleBaseline | None) -> None:
     """The job's idle baselines (system, loaded), measured in its own process."""
-    results.upsert_rows(study_dir, "idle_baselines", [
-        {"config_id": config_id, "phase": phase, "kind": b.kind, "power_w": b.power_w, "duration_s": b.duration_s,
-         "method": b.method, "device": device}
-        for b in baselines if b is not None
-    ])
+    results.upsert_rows(study_dir, "idle_baselines", results.as_rows(*(
+        results.IdleRow(config_id=config_id, phase=phase, kind=b.kind, power_w=b.power_w, duration_s=b.duration_s,
+                        method=b.method, device=device)
+        for b in baselines if b is not None)))
 
 
 ENERGY_FIELDS = ("cpu_method", "gpu_method", "ram_method", "estimated_components", "energy_scope",
@@ -113,25 +111,23 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
     )
     mine = {"config_id": config.config_id, "task": result.task}
     results.upsert_rows(study_dir, "energy", results.energy_rows(row))
-    results.upsert_rows(study_dir, "scores", [
-        {"config_id": config.config_id, "task": result.task, "metric": metric, "value": value,
-         "ci_low": result.intervals[metric][0], "ci_high": result.intervals[metric][1], "n_items": result.n_items,
-         "data": source, "style": style, "fewshot": len(fewshot),
-         "fewshot_ids": " ".join(str(example.id) for example in fewshot)}
-        for metric, value in result.metrics.items()
-    ], replace_where=mine)
-    results.upsert_rows(study_dir, "item_scores", [
-        {"config_id": config.config_id, "task": result.task, "metric": metric, "item_id": item_id, "value": float(v)}
+    results.upsert_rows(study_dir, "scores", results.as_rows(*(
+        results.ScoreRow(config_id=config.config_id, task=result.task, metric=metric, value=value,
+                         ci_low=result.intervals[metric][0], ci_high=result.intervals[metric][1],
+                         n_items=result.n_items, data=source, style=style, fewshot=len(fewshot),
+                         fewshot_ids=" ".join(str(example.id) for example in fewshot))
+        for metric, value in result.metrics.items())), replace_where=mine)
+    results.upsert_rows(study_dir, "item_scores", results.as_rows(*(
+        results.ItemScoreRow(config_id=config.config_id, task=result.task, metric=metric, item_id=item_id,
+                             value=float(v))
         for metric, values in result.per_item.items()
-        for item_id, v in zip(result.item_ids, values)
-    ], replace_where=mine)
-    results.upsert_rows(study_dir, "energy_repeats", [
-        {"config_id": config.config_id, "phase": phase, "task": result.task, "repeat": i + 1,
-         "duration_s": r.duration_s, "energy_kwh": r.energy_kwh, "energy_net_kwh": r.energy_net_kwh,
-         "n_items": measurement.window_items[i] if measurement.unit == "chunk" else result.n_items,
-         "window_unit": measurement.unit, "task_items": result.n_items}
-        for i, r in enumerate(measurement.records)
-    ], replace_where={**mine, "phase": phase})
+        for item_id, v in zip(result.item_ids, values))), replace_where=mine)
+    results.upsert_rows(study_dir, "energy_repeats", results.as_rows(*(
+        results.WindowRow(config_id=config.config_id, phase=phase, task=result.task, repeat=i + 1,
+                          duration_s=r.duration_s, energy_kwh=r.energy_kwh, energy_net_kwh=r.energy_net_kwh,
+                          n_items=measurement.window_items[i] if measurement.unit == "chunk" else result.n_items,
+                          window_unit=measurement.unit, task_items=result.n_items)
+        for i, r in enumerate(measurement.records))), replace_where={**mine, "phase": phase})
 
 
 OUTPUT_TOKEN_BASIS = "whole window / new tokens (prefill not split)"
@@ -154,14 +150,13 @@ def record_setup_steps(study_dir: Path, config: ConfigIdentity, steps: Sequence[
                        device: str, notes: dict[str, str] | None = None) -> None:
     """What making a config cost, one row per measured setup step (setup_energy.csv): e.g. a pruned
     config's loading, Wanda calibration, pruning and re-quantization. A re-made config replaces its rows."""
-    rows = [{
-        "config_id": config.config_id, "step": name, "order": index, "model": config.model,
-        "precision": config.precision, "adapter": config.adapter, "pruning": config.pruning,
-        "duration_s": record.duration_s, "energy_kwh": record.energy_kwh, "energy_net_kwh": record.energy_net_kwh,
-        "emissions_kg": record.emissions_kg, "energy_method": record.energy_method, "device": device,
-        "net_at_or_below_idle": bool(record.energy_net_kwh <= 0), "note": (notes or {}).get(name, ""),
+    rows = results.as_rows(*(results.SetupRow(
+        config_id=config.config_id, step=name, order=index, model=config.model, precision=config.precision,
+        adapter=config.adapter, pruning=config.pruning, duration_s=record.duration_s, energy_kwh=record.energy_kwh,
+        energy_net_kwh=record.energy_net_kwh, emissions_kg=record.emissions_kg, energy_method=record.energy_method,
+        device=device, net_at_or_below_idle=bool(record.energy_net_kwh <= 0), note=(notes or {}).get(name, ""),
         **energy_fields(record),
-    } for index, (name, record) in enumerate(steps)]
+    ) for index, (name, record) in enumerate(steps)))
     if rows:
         results.upsert_rows(study_dir, "setup_energy", rows, replace_where={"config_id": config.config_id})
 
@@ -179,14 +174,14 @@ def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneRes
                     phase: str = "finetune") -> None:
     """Per-epoch rows into training.csv and one training energy row (all epochs) into energy.csv;
     ``phase`` is "finetune", or "recovery" for an adapter trained on a pruned model."""
-    rows = [{
-        "phase": phase, "config_id": config.config_id, "model": config.model, "precision": config.precision,
-        "adapter": config.adapter, "epoch": e.epoch, "train_loss": e.train_loss, "eval_loss": e.eval_loss,
-        "duration_s": e.duration_s, "energy_kwh": e.energy_kwh, "emissions_kg": e.emissions_kg,
-        "energy_method": e.energy_method, "n_examples": e.n_examples, "n_tokens": e.n_tokens,
-        "energy_net_kwh": e.record.energy_net_kwh if e.record is not None else None,
+    rows = results.as_rows(*(results.TrainingRow(
+        phase=phase, config_id=config.config_id, model=config.model, precision=config.precision,
+        adapter=config.adapter, epoch=e.epoch, train_loss=e.train_loss, eval_loss=e.eval_loss,
+        duration_s=e.duration_s, energy_kwh=e.energy_kwh, emissions_kg=e.emissions_kg,
+        energy_method=e.energy_method, n_examples=e.n_examples, n_tokens=e.n_tokens,
+        energy_net_kwh=e.record.energy_net_kwh if e.record is not None else None,
         **(energy_fields(e.record) if e.record is not None else dict.fromkeys(ENERGY_FIELDS)),
-    } for e in result.epochs]
+    ) for e in result.epochs))
     results.upsert_rows(study_dir, "training", rows, replace_where={"config_id": config.config_id})
     record = result.epochs[0].record
     net = math.fsum(e.record.energy_net_kwh for e in result.epochs) if record is not None else None

@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -87,6 +87,148 @@ class EnergyRow:
     output_token_basis: str | None = None
 
 
+def required_columns(row_type: type) -> list[str]:
+    """A row type's required columns: its fields without a default, in order."""
+    return [f.name for f in fields(row_type) if f.default is MISSING and f.default_factory is MISSING]
+
+
+def as_rows(*records: Any) -> list[dict[str, Any]]:
+    """Rows for :func:`upsert_rows` from typed rows (every field a column)."""
+    return [asdict(r) for r in records]
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """scores.csv: one metric of one task of one config, with its 95% bootstrap interval."""
+
+    config_id: str
+    task: str
+    metric: str
+    value: float
+    ci_low: float
+    ci_high: float
+    n_items: int
+    data: str = ""  # the data it was scored on (synthetic says so)
+    style: str = ""  # how it was scored (QA: cloze | options; RCA: labels; generation)
+    fewshot: int = 0  # worked examples shown before every item
+    fewshot_ids: str = ""
+
+
+@dataclass(frozen=True)
+class ItemScoreRow:
+    """item_scores.csv: one item's value of one metric (what the resampling and the paired tests use)."""
+
+    config_id: str
+    task: str
+    metric: str
+    item_id: str
+    value: float
+
+
+@dataclass(frozen=True)
+class WindowRow:
+    """energy_repeats.csv: one measured window of a config x phase x task."""
+
+    config_id: str
+    phase: str
+    task: str
+    repeat: int
+    duration_s: float
+    energy_kwh: float
+    energy_net_kwh: float
+    n_items: int  # the window's items (a chunk's, or every item for a full-pass repeat)
+    window_unit: str = "repeat"  # repeat | chunk
+    task_items: int | None = None  # the items the task scored in all
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    """training.csv: one epoch of a fine-tuning (or recovery) run."""
+
+    config_id: str
+    model: str
+    precision: str
+    adapter: str
+    epoch: int
+    train_loss: float
+    eval_loss: float
+    duration_s: float
+    energy_kwh: float
+    emissions_kg: float
+    cpu_method: str | None
+    gpu_method: str | None
+    ram_method: str | None
+    estimated_components: str | None
+    energy_scope: str | None
+    country_iso_code: str | None
+    carbon_intensity_g_per_kwh: float | None
+    phase: str = "finetune"  # finetune | recovery
+    energy_method: str | None = None
+    n_examples: int = 0
+    n_tokens: int = 0
+    energy_net_kwh: float | None = None
+
+
+@dataclass(frozen=True)
+class SetupRow:
+    """setup_energy.csv: one measured step that made a config (the pruning phase's load, calibration,
+    prune, quantize)."""
+
+    config_id: str
+    step: str
+    order: int
+    duration_s: float
+    energy_kwh: float
+    energy_net_kwh: float
+    emissions_kg: float
+    energy_method: str
+    model: str = ""
+    precision: str = ""
+    adapter: str = "none"
+    pruning: str = "none"
+    device: str = ""
+    net_at_or_below_idle: bool = False
+    note: str = ""
+    cpu_method: str | None = None
+    gpu_method: str | None = None
+    ram_method: str | None = None
+    estimated_components: str | None = None
+    energy_scope: str | None = None
+    country_iso_code: str | None = None
+    carbon_intensity_g_per_kwh: float | None = None
+
+
+@dataclass(frozen=True)
+class ConfigRow:
+    """configs.csv: every config, ok / skipped / failed, and what it is made of and runs."""
+
+    config_id: str
+    model: str
+    precision: str
+    adapter: str
+    pruning: str
+    status: str
+    reason: str
+    weights_origin: str
+    scoring_path: str
+    kernel: str = ""
+    kernel_note: str = ""
+    data: str = ""
+
+
+@dataclass(frozen=True)
+class IdleRow:
+    """idle_baselines.csv: a job's system or loaded idle power."""
+
+    config_id: str
+    phase: str
+    kind: str
+    power_w: float
+    duration_s: float
+    method: str
+    device: str
+
+
 ENERGY_ALL_COLUMNS: list[str] = [f.name for f in fields(EnergyRow)]
 # the columns every energy row must have (the rest may be empty for a training row)
 ENERGY_COLUMNS = ENERGY_ALL_COLUMNS[: ENERGY_ALL_COLUMNS.index("carbon_intensity_g_per_kwh") + 1]
@@ -97,13 +239,8 @@ def energy_rows(*rows: EnergyRow) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
 
 
-SCORES_COLUMNS = ["config_id", "task", "metric", "value", "ci_low", "ci_high", "n_items"]
-TRAINING_COLUMNS = [
-    "config_id", "model", "precision", "adapter", "epoch", "train_loss", "eval_loss", "duration_s",
-    "energy_kwh", "emissions_kg",
-    "cpu_method", "gpu_method", "ram_method", "estimated_components", "energy_scope", "country_iso_code",
-    "carbon_intensity_g_per_kwh",
-]
+SCORES_COLUMNS = required_columns(ScoreRow)
+TRAINING_COLUMNS = required_columns(TrainingRow)
 # ranking.csv: the arithmetic's columns (ranking_math.rank_configs), then how separable the top is
 # (rank.add_top_uncertainty: p_best, tied_with_top)
 RANKING_TABLE_COLUMNS = RANKING_COLUMNS + ["p_best", "tied_with_top"]
@@ -111,14 +248,11 @@ RANKING_TABLE_COLUMNS = RANKING_COLUMNS + ["p_best", "tied_with_top"]
 # table name -> (required columns in order, key columns that identify a row)
 TABLES: dict[str, tuple[list[str], list[str]]] = {
     "energy": (ENERGY_COLUMNS, ["config_id", "phase", "task"]),
-    "scores": (SCORES_COLUMNS, ["config_id", "task", "metric"]),
-    "training": (TRAINING_COLUMNS, ["config_id", "epoch"]),
+    "scores": (required_columns(ScoreRow), ["config_id", "task", "metric"]),
+    "training": (required_columns(TrainingRow), ["config_id", "epoch"]),
     "ranking": (RANKING_TABLE_COLUMNS, ["config_id", "w"]),
-    "item_scores": (["config_id", "task", "metric", "item_id", "value"], ["config_id", "task", "metric", "item_id"]),
-    "energy_repeats": (
-        ["config_id", "phase", "task", "repeat", "duration_s", "energy_kwh", "energy_net_kwh", "n_items"],
-        ["config_id", "phase", "task", "repeat"],
-    ),
+    "item_scores": (required_columns(ItemScoreRow), ["config_id", "task", "metric", "item_id"]),
+    "energy_repeats": (required_columns(WindowRow), ["config_id", "phase", "task", "repeat"]),
     "token_lengths": (["task", "dataset", "split", "item_id", "n_tokens", "tokenizer"], ["task", "dataset", "split", "item_id"]),
     "pruning_layers": (
         ["config_id", "pruning", "method", "sparsity_pattern", "target_sparsity", "layer", "out_features",
@@ -135,20 +269,10 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
          "dense_ms", "sparse_ms", "speedup"],
         ["config_id", "shape", "tokens"],
     ),
-    "idle_baselines": (
-        ["config_id", "phase", "kind", "power_w", "duration_s", "method", "device"],
-        ["config_id", "phase", "kind"],
-    ),
-    "configs": (
-        ["config_id", "model", "precision", "adapter", "pruning", "status", "reason", "weights_origin",
-         "scoring_path"],
-        ["config_id"],
-    ),
+    "idle_baselines": (required_columns(IdleRow), ["config_id", "phase", "kind"]),
+    "configs": (required_columns(ConfigRow), ["config_id"]),
     # what making a config cost, per measured setup step (the pruning phase: load, calibration, prune, quantize)
-    "setup_energy": (
-        ["config_id", "step", "order", "duration_s", "energy_kwh", "energy_net_kwh", "emissions_kg", "energy_method"],
-        ["config_id", "step"],
-    ),
+    "setup_energy": (required_columns(SetupRow), ["config_id", "step"]),
     # the ranking phase: every config's setup energy by step, energy per query, break-even against its reference
     "lifecycle": (
         ["config_id", "reference", "step", "source_config", "setup_kwh", "setup_net_kwh", "setup_g_co2e",
