@@ -46,12 +46,12 @@ def test_sigkill_midway_then_rerun_completes_without_duplicates(root, tmp_path):
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     energy = results.read_table(out, "energy")
     inference = energy[energy["phase"] == "inference"]
-    assert len(inference) == 6 * 3  # six precisions x rca, qa, rca_resolution
+    assert len(inference) == 7 * 3  # seven precisions x rca, qa, rca_resolution
     assert not inference.duplicated(["config_id", "phase", "task"]).any()
     for name in ("scores", "item_scores", "energy_repeats", "configs"):
         table = results.read_table(out, name)
         assert not table.duplicated(results.TABLES[name][1]).any(), name
-    assert len(results.read_table(out, "scores")) == 6 * 6
+    assert len(results.read_table(out, "scores")) == 7 * 6
     assert (out / "report.html").is_file()
     assert not list((out / "tables").glob("*.tmp"))
 
@@ -77,4 +77,4 @@ def test_local_cluster_gives_the_sequential_tables(root, tmp_path, smoke_study):
     a = a[a["phase"].isin(["idle", "inference"])][keys].sort_values(keys).reset_index(drop=True)
     b = base(out, "energy")[keys].sort_values(keys).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
-    assert len(results.read_table(out, "ranking")) == 6 * 11
+    assert len(results.read_table(out, "ranking")) == 7 * 11

@@ -10,7 +10,7 @@ import pytest
 from llm_energy.tables import store as results
 
 pytestmark = pytest.mark.slow
-PRECISIONS = ["fp32", "bf16", "fp16", "int8", "nf4", "fp4"]
+PRECISIONS = ["fp32", "bf16", "fp16", "int8", "w8a8", "nf4", "fp4"]
 
 
 def cli(*args, cwd=None):
@@ -91,9 +91,9 @@ def test_energy_rows_for_every_precision_and_task(smoke_run):
     generated = energy[energy["task"] == "rca_resolution"]
     assert (generated["n_generated_tokens"] == 2 * 8).all()  # 2 items x exactly 8 new tokens
     scores = results.read_table(out, "scores")
-    assert len(scores) == 12 * 6  # 6 precisions, 2 adapters, 2 pruned and 2 recovered configs; 6 metrics each
+    assert len(scores) == 13 * 6  # 7 precisions, 2 adapters, 2 pruned and 2 recovered configs; 6 metrics each
     ranking = results.read_table(out, "ranking")
-    assert len(ranking) == 12 * 11
+    assert len(ranking) == 13 * 11
     assert ranking["phi"].between(0, 1).all() and ranking["rho"].between(0, 1).all()
     for w, group in ranking.groupby("w"):
         ordered = group.sort_values("rank")

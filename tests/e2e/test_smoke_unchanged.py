@@ -26,6 +26,11 @@ item_scores holds other items and scores, intervals, n_tokens and ρ follow. (3)
 now run in one forward (equal to one item at a time within 1e-4, tests/unit/test_scoring.py).
 scores.csv gained `data` and `style`, configs.csv `data`, energy.csv `windows` and `window_unit`.
 
+Intended change of results, snapshot regenerated again (issue 27): the smoke study runs w8a8 too, the
+CPU-native 8-bit precision the default study uses. A run before the regeneration differed from the old
+snapshot only by the w8a8 config's rows (configs, energy, energy_repeats, item_scores, scores, ranking):
+every other row and value was identical.
+
 Floating-point results (scores, losses) are compared only on a machine like the one that wrote the
 snapshot (same torch, same vector ISA): another CPU rounds bf16 and fp16 matmuls differently. Elsewhere
 the test still compares every key, text column and integer count.
