@@ -147,7 +147,7 @@ def test_rerun_resumes_without_duplicates(smoke_run, root):
     before = results.read_table(out, "energy")
     proc = cli("run", str(root / "params" / "smoke.yaml"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "resumed (already done): 13" in proc.stdout
+    assert "resumed (already done): 14" in proc.stdout
     after = results.read_table(out, "energy")
     pd.testing.assert_frame_equal(before, after)
 
@@ -171,7 +171,7 @@ def test_every_evaluated_config_records_its_scoring_path(smoke_run):
     out, _ = smoke_run
     configs = results.read_table(out, "configs")
     ok = configs[configs["status"] == "ok"]
-    assert len(ok) == 12 and set(ok["scoring_path"]) <= {"packed", "shared_cache"}
+    assert len(ok) == 13 and set(ok["scoring_path"]) <= {"packed", "shared_cache"}
     # The tiny Llama (sdpa attention) passes the packed check at every precision.
     assert (ok["scoring_path"] == "packed").all()
 

@@ -28,7 +28,7 @@ def smoke_with_targets(root, tmp_path, targets: str):
 def test_expand_orders_jobs_and_passes_sections(root, tmp_path):
     jobs, skipped = runner.expand(load_study(smoke_with_targets(root, tmp_path, "null")), tmp_path, root / "params", "cpu")
     # pruning targets come from the inference ranking, so they are planned later by the runner
-    assert [j.phase for j in jobs] == ["data"] + ["finetune"] * 2 + ["inference"] * 6 + ["ranking"]
+    assert [j.phase for j in jobs] == ["data"] + ["finetune"] * 2 + ["inference"] * 7 + ["ranking"]
     assert [j.config_id for j in jobs if j.phase == "finetune"] == ["tiny-random-llama__fp32__lora",
                                                                     "tiny-random-llama__nf4__lora"]
     assert skipped == []
@@ -47,7 +47,7 @@ def test_unsupported_precision_is_skipped_with_reason(root, tmp_path, monkeypatc
     assert [s["config_id"] for s in skipped] == ["tiny-random-llama__nf4__lora", "tiny-random-llama__int8",
                                                  "tiny-random-llama__nf4"]
     assert all(s["reason"] == "bitsandbytes has no backend here" for s in skipped)
-    assert len([j for j in jobs if j.phase == "inference"]) == 4
+    assert len([j for j in jobs if j.phase == "inference"]) == 5
 
 
 def test_parameters_filtered_to_declared_ones(root):

@@ -94,7 +94,7 @@ def test_the_runner_skips_a_slow_precision_unless_it_already_ran(root, tmp_path)
     marker.write_text("{}")
     jobs, skipped = runner.expand(study, tmp_path, root / "params", "cpu", slow=slow)
     assert skipped == [] and "inference__tiny-random-llama__fp16" in [j.key for j in jobs]
-    assert runner.probed_precisions(study) == ["fp32", "bf16", "fp16", "int8", "nf4", "fp4"]
+    assert runner.probed_precisions(study) == ["fp32", "bf16", "fp16", "int8", "w8a8", "nf4", "fp4"]
 
 
 def test_the_default_study_skips_what_is_too_slow(root, tmp_path, monkeypatch):
