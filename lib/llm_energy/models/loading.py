@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import BITSANDBYTES_PRECISIONS, PRECISIONS, ModelSettings, TinyLlamaSettings, resolve_path
+from ..config import (
+    BITSANDBYTES_PRECISIONS,
+    GEMMA3,
+    PRECISIONS,
+    SMOLLM2,
+    TINY_LLAMA,
+    ModelSettings,
+    TinyLlamaSettings,
+    resolve_path,
+)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ORIGIN = (
@@ -195,7 +204,7 @@ def _dequantize_gguf(folder: Path, gguf: str, target: Path, origin: str) -> None
 def ensure_smollm2(cache: Path | None = None) -> Path:
     """The embedded SmolLM2 as a safetensors folder, dequantized on first use (~15-35 s), then cached."""
     cache = cache or cache_root()
-    return _atomic_dir(cache / "smollm2-135m-instruct",
+    return _atomic_dir(cache / SMOLLM2,
                        lambda target: _dequantize_gguf(smollm2_gguf_dir(), SMOLLM2_GGUF, target, SMOLLM2_ORIGIN))
 
 
@@ -208,7 +217,7 @@ def ensure_gemma3(cache: Path | None = None) -> Path:
         gguf = gemma3_gguf(cache)
         _dequantize_gguf(gguf.parent, gguf.name, target, GEMMA3_ORIGIN)
 
-    return _atomic_dir(cache / "gemma-3-270m", build)
+    return _atomic_dir(cache / GEMMA3, build)
 
 
 def ensure_tokenizer(cache: Path | None = None) -> Path:
@@ -265,11 +274,11 @@ def ensure_tiny_llama(settings: TinyLlamaSettings, cache: Path | None = None) ->
 
 def resolve_weights(spec: ModelSettings, base_dir: Path | None = None, cache: Path | None = None) -> tuple[str, str]:
     """(what to pass to from_pretrained, where the weights came from in words)."""
-    if spec.source == "builtin" and spec.name == "smollm2-135m-instruct":
+    if spec.source == "builtin" and spec.name == SMOLLM2:
         return str(ensure_smollm2(cache)), SMOLLM2_ORIGIN
-    if spec.source == "builtin" and spec.name == "gemma-3-270m":
+    if spec.source == "builtin" and spec.name == GEMMA3:
         return str(ensure_gemma3(cache)), GEMMA3_ORIGIN
-    if spec.source == "builtin" and spec.name == "tiny-random-llama":
+    if spec.source == "builtin" and spec.name == TINY_LLAMA:
         folder = ensure_tiny_llama(spec.tiny, cache)
         return str(folder), json.loads((folder / "ORIGIN.json").read_text())["origin"]
     if spec.source == "local":
@@ -404,7 +413,7 @@ def load_tokenizer(spec: ModelSettings, base_dir: Path | None = None, cache: Pat
     """The tokenizer of a model without loading its weights: (tokenizer, a name for figures)."""
     from transformers import AutoTokenizer
 
-    if spec.source == "builtin" and spec.name == "gemma-3-270m":
+    if spec.source == "builtin" and spec.name == GEMMA3:
         return AutoTokenizer.from_pretrained(ensure_gemma3(cache)), "Gemma 3 tokenizer"
     if spec.source == "builtin":  # SmolLM2 and the tiny random model share the SmolLM2 tokenizer
         return AutoTokenizer.from_pretrained(ensure_tokenizer(cache)), "SmolLM2-135M tokenizer"

@@ -21,7 +21,7 @@ import yaml
 from ..analysis import ranking_math as rank
 from ..analysis.lifecycle import amortized_energy_per_item, lifecycle_table
 from ..analysis.significance import MIN_VERDICT_ITEMS, holm
-from ..config import PHI_METHODS, PRECISIONS, RankingSettings, headline_metric
+from ..config import PHI_METHODS, PRECISIONS, TINY_LLAMA, RankingSettings, headline_metric
 from ..layout import StudyLayout, parent_config_id, project_root
 from ..measure.meter import J_PER_KWH, component_methods, describe_methods, is_estimate
 from ..tables import store as results
@@ -65,7 +65,7 @@ def example_study(folder: str | Path = "") -> Path:
     done = set(results.read_table(root, "energy")["config_id"].astype(str))
     for precision in EXAMPLE_PRECISIONS:
         run = ConfigRun.from_parameters(
-            study_dir=str(root), config_id="", model={"name": "tiny-random-llama"}, precision=precision, device="cpu",
+            study_dir=str(root), config_id="", model={"name": TINY_LLAMA}, precision=precision, device="cpu",
             tasks={"rca": {"max_items": 20}, "qa": {"max_items": 20}},
             energy={"idle_seconds": 0.5, "repeats": 2, "max_repeats": 2}, seed=0, base_dir="")
         if run.config_id in done:

@@ -14,13 +14,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ModelSettings, Study, load_study
+from ..config import BUILTIN_MODEL_PARAMETERS, TINY_LLAMA, ModelSettings, Study, load_study
 from ..layout import config_id_for
 from ..measure import throughput
 from .study import expand, probed_precisions, resolve_device
 
 # Parameter counts of the builtin models (the estimate's model size).
-KNOWN_PARAMETERS = {"smollm2-135m-instruct": 135e6, "gemma-3-270m": 270e6}
 TINY_VOCABULARY = 32_000  # tokenizer of the random tiny Llama, for its embedding size
 
 
@@ -50,9 +49,9 @@ class StudyPlan:
 def model_parameters(model: ModelSettings) -> float | None:
     """Approximate parameter count: builtin sizes, the tiny Llama's shape, or a size in the name
     or path ("...-360M", "1.7b"); None when unknown."""
-    if model.name in KNOWN_PARAMETERS:
-        return KNOWN_PARAMETERS[model.name]
-    if model.name == "tiny-random-llama":
+    if BUILTIN_MODEL_PARAMETERS.get(model.name):
+        return BUILTIN_MODEL_PARAMETERS[model.name]
+    if model.name == TINY_LLAMA:
         t = model.tiny
         per_layer = 4 * t.hidden_size**2 + 3 * t.hidden_size * t.intermediate_size
         return float(t.num_hidden_layers * per_layer + 2 * TINY_VOCABULARY * t.hidden_size)
