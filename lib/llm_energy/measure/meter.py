@@ -269,7 +269,7 @@ def windows_needed(pilot: Sequence[float], target_rsd: float, max_windows: int) 
     windows' values (sd / mean / sqrt(n) <= target_rsd), between the pilot's count and max_windows."""
     n = len(pilot)
     if n < 2 or max_windows <= n:
-        return max(n, min(max_windows, n))
+        return n
     mean = statistics.fmean(pilot)
     if mean <= 0 or target_rsd <= 0:
         return max_windows

@@ -777,26 +777,16 @@ def score_prepared(model: Any, tokenizer: Any, prepared: PreparedTask, progress:
 
 def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: int = 1000,
                 seed: int = 0) -> TaskResult:
-    """Metrics and bootstrap intervals from the scores (after the measured window)."""
+    """Metrics and bootstrap intervals from the scores (after the measured window): each task's per-item
+    0/1 metrics (averaged, with a bootstrap interval each), plus RCA's macro-F1 (a corpus statistic)."""
     data = prepared.data
-    n_tokens = sum(s.tokens_run for s in scores)
-    n_prompted = sum(s.n_tokens for s in scores)
+    extra_metrics: dict[str, float] = {}
+    extra_intervals: dict[str, tuple[float, float]] = {}
     if prepared.task == "qa" and prepared.style == "options":
         # one letter per choice: acc is the metric (a length normalisation would change nothing)
         predictions = [int(np.argmax(s.loglik)) for s in scores]
-        correct_a = np.array([float(p == item.answer) for p, item in zip(predictions, data.items)])
-        return TaskResult(
-            task="qa",
-            metrics={"acc": float(correct_a.mean())},
-            intervals={"acc": bootstrap_interval(correct_a, n_boot=n_boot, seed=seed)},
-            per_item={"acc": correct_a},
-            item_ids=tuple(i.id for i in data.items),
-            predictions=tuple(predictions),
-            n_items=len(data.items),
-            n_tokens=n_tokens,
-            n_tokens_prompted=n_prompted,
-        )
-    if prepared.task == "qa":
+        per_item = {"acc": np.array([float(p == item.answer) for p, item in zip(predictions, data.items)])}
+    elif prepared.task == "qa":
         correct, correct_norm, predictions = [], [], []
         for item, s in zip(data.items, scores):
             best = int(np.argmax(s.loglik))
@@ -806,35 +796,24 @@ def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: 
             correct_norm.append(float(best_norm == item.answer))
             predictions.append(best)
         per_item = {"acc": np.array(correct), "acc_norm": np.array(correct_norm)}
-        return TaskResult(
-            task="qa",
-            metrics={k: float(v.mean()) for k, v in per_item.items()},
-            intervals={k: bootstrap_interval(v, n_boot=n_boot, seed=seed) for k, v in per_item.items()},
-            per_item=per_item,
-            item_ids=tuple(i.id for i in data.items),
-            predictions=tuple(predictions),
-            n_items=len(data.items),
-            n_tokens=n_tokens,
-            n_tokens_prompted=n_prompted,
-        )
-    labels = list(prepared.labels)
-    predicted = [int(np.argmax(s.loglik / s.continuation_chars)) for s in scores]
-    gold = [labels.index(item.root_cause) for item in data.items]
-    gold_a, pred_a = np.array(gold), np.array(predicted)
-    correct_a = (gold_a == pred_a).astype(float)
+    else:
+        labels = list(prepared.labels)
+        predictions = [int(np.argmax(s.loglik / s.continuation_chars)) for s in scores]
+        gold_a, pred_a = np.array([labels.index(item.root_cause) for item in data.items]), np.array(predictions)
+        per_item = {"accuracy": (gold_a == pred_a).astype(float)}
+        extra_metrics["macro_f1"] = macro_f1(gold_a, pred_a, len(labels))
+        extra_intervals["macro_f1"] = _bootstrap_macro_f1(gold_a, pred_a, len(labels), min(n_boot, 500), seed)
     return TaskResult(
-        task="rca",
-        metrics={"accuracy": float(correct_a.mean()), "macro_f1": macro_f1(gold_a, pred_a, len(labels))},
-        intervals={
-            "accuracy": bootstrap_interval(correct_a, n_boot=n_boot, seed=seed),
-            "macro_f1": _bootstrap_macro_f1(gold_a, pred_a, len(labels), min(n_boot, 500), seed),
-        },
-        per_item={"accuracy": correct_a},
+        task=prepared.task,
+        metrics={**{k: float(v.mean()) for k, v in per_item.items()}, **extra_metrics},
+        intervals={**{k: bootstrap_interval(v, n_boot=n_boot, seed=seed) for k, v in per_item.items()},
+                   **extra_intervals},
+        per_item=per_item,
         item_ids=tuple(i.id for i in data.items),
-        predictions=tuple(predicted),
+        predictions=tuple(predictions),
         n_items=len(data.items),
-        n_tokens=n_tokens,
-        n_tokens_prompted=n_prompted,
+        n_tokens=sum(s.tokens_run for s in scores),
+        n_tokens_prompted=sum(s.n_tokens for s in scores),
     )
 
 

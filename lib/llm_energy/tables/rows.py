@@ -110,7 +110,7 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         **per_token,
     )
     mine = {"config_id": config.config_id, "task": result.task}
-    results.upsert_rows(study_dir, "energy", results.energy_rows(row))
+    results.upsert_rows(study_dir, "energy", results.as_rows(row))
     results.upsert_rows(study_dir, "scores", results.as_rows(*(
         results.ScoreRow(config_id=config.config_id, task=result.task, metric=metric, value=value,
                          ci_low=result.intervals[metric][0], ci_high=result.intervals[metric][1],
@@ -196,7 +196,7 @@ def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneRes
         net_at_or_below_idle=bool(net <= 0) if net is not None else None,
         **(energy_fields(record) if record is not None else {}),
     )
-    results.upsert_rows(study_dir, "energy", results.energy_rows(row))
+    results.upsert_rows(study_dir, "energy", results.as_rows(row))
 
 
 def record_pruned_layers(study_dir: Path, config_id: str, outcome: PruningResult,

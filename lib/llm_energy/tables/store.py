@@ -234,11 +234,6 @@ ENERGY_ALL_COLUMNS: list[str] = [f.name for f in fields(EnergyRow)]
 ENERGY_COLUMNS = ENERGY_ALL_COLUMNS[: ENERGY_ALL_COLUMNS.index("carbon_intensity_g_per_kwh") + 1]
 
 
-def energy_rows(*rows: EnergyRow) -> list[dict[str, Any]]:
-    """Rows for :func:`upsert_rows` from typed energy rows."""
-    return [asdict(r) for r in rows]
-
-
 SCORES_COLUMNS = required_columns(ScoreRow)
 TRAINING_COLUMNS = required_columns(TrainingRow)
 # ranking.csv: the arithmetic's columns (ranking_math.rank_configs), then how separable the top is
@@ -248,8 +243,8 @@ RANKING_TABLE_COLUMNS = RANKING_COLUMNS + ["p_best", "tied_with_top"]
 # table name -> (required columns in order, key columns that identify a row)
 TABLES: dict[str, tuple[list[str], list[str]]] = {
     "energy": (ENERGY_COLUMNS, ["config_id", "phase", "task"]),
-    "scores": (required_columns(ScoreRow), ["config_id", "task", "metric"]),
-    "training": (required_columns(TrainingRow), ["config_id", "epoch"]),
+    "scores": (SCORES_COLUMNS, ["config_id", "task", "metric"]),
+    "training": (TRAINING_COLUMNS, ["config_id", "epoch"]),
     "ranking": (RANKING_TABLE_COLUMNS, ["config_id", "w"]),
     "item_scores": (required_columns(ItemScoreRow), ["config_id", "task", "metric", "item_id"]),
     "energy_repeats": (required_columns(WindowRow), ["config_id", "phase", "task", "repeat"]),
