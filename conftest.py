@@ -5,6 +5,8 @@ import pytest
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: reads the smoke study (tools/parallel_tests.py runs these together)")
+    config.addinivalue_line("markers", "quiet: needs the machine to itself (tools/parallel_tests.py runs these "
+                            "alone, after both groups)")
 
 
 def pytest_itemcollected(item):

@@ -1,8 +1,10 @@
 """`make test` on both cores: two pytest processes side by side, then one closing line for both.
 
 The tests that read the smoke study (marked ``smoke`` by the root conftest.py) run in one process, so
-the study is built once; everything else runs in the other. Their outputs are printed one after the
-other when both are done, then the combined counts as `N passed, N failed, N skipped`.
+the study is built once; everything else runs in the other. Then the tests marked ``quiet`` (they
+measure whether a window was disturbed, so each group would be the other's co-tenant) run alone.
+Their outputs are printed one after the other when all are done, then the combined counts as
+`N passed, N failed, N skipped`.
 
     python tools/parallel_tests.py [-m EXPR] [--workers 1] [PYTEST ARGS...]
 
@@ -20,7 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = (("smoke study", "smoke"), ("everything else", "not smoke"))
+GROUPS = (("smoke study", "smoke and not quiet"), ("everything else", "not smoke and not quiet"))
+ALONE = ("alone, on a quiet machine", "quiet")
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)")
 
 
@@ -43,15 +46,19 @@ def main() -> int:
                                cwd=ROOT)
     start = time.perf_counter()
     base = Path(tempfile.mkdtemp(prefix="llm-energy-tests-"))
-    runs = []
-    for index, (name, group) in enumerate(GROUPS):
+    def launch(index: int, name: str, group: str) -> tuple[str, str, subprocess.Popen, Path, object]:
         expr = f"({group}) and ({args.expr})" if args.expr else group
         log = base / f"group{index}.log"
         handle = log.open("w")
         proc = subprocess.Popen([sys.executable, "-m", "pytest", "-m", expr, "--basetemp", str(base / f"tmp{index}"),
                                  "-p", "no:cacheprovider", *rest], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
-        runs.append((name, expr, proc, log, handle))
         print(f"pytest -m '{expr}' ({name}): running, output in {log}", flush=True)
+        return name, expr, proc, log, handle
+
+    runs = [launch(index, name, group) for index, (name, group) in enumerate(GROUPS)]
+    for run in runs:
+        run[2].wait()
+    runs.append(launch(len(GROUPS), *ALONE))  # after both groups: nothing else of ours runs beside them
     total: dict[str, int] = {}
     status = 0
     for name, expr, proc, log, handle in runs:
@@ -65,7 +72,7 @@ def main() -> int:
             status = status or code
     if not total.get("passed"):
         status = status or 5
-    print(f"both groups in {time.perf_counter() - start:.0f} s")
+    print(f"all groups in {time.perf_counter() - start:.0f} s")
     print(f"{total.get('passed', 0)} passed, {total.get('failed', 0) + total.get('error', 0)} failed, "
           f"{total.get('skipped', 0)} skipped")
     return status

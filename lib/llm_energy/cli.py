@@ -53,6 +53,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"results: {outcome.out_dir}")
     print(f"  jobs completed: {len(outcome.completed)}, resumed (already done): {len(outcome.resumed)}, "
           f"skipped: {len(outcome.skipped)}, failed: {len(outcome.failed)}")
+    if outcome.remeasured:
+        print(f"  measured again, whole, for contaminated windows: {', '.join(outcome.remeasured)}")
     for item in outcome.skipped:
         print(f"  skipped {item['config_id']}: {item['reason']}")
     for item in outcome.failed:

@@ -267,6 +267,18 @@ class EnergySettings(_Strict):
     windows: int | None = Field(None, ge=2)
     min_window_s: float = Field(0.25, ge=0)  # shorter workloads are repeated inside one window (NVML
     # counters update every ~20-100 ms; a window shorter than that would read as zero)
+    # Disturbed windows (measure/disturbance.py): read around every window unless false
+    detect_disturbance: bool = True
+    # a window whose machine-speed canary runs more than this much slower than at the job's or the
+    # study's start is "slowed" (0.15: 15% slower); also the rate-outlier tolerance between windows
+    canary_tolerance: float = Field(0.15, gt=0)
+    max_foreign_cpu_share: float = Field(0.10, gt=0, le=1)  # other processes' share of the machine's CPU time
+    max_steal_share: float = Field(0.05, gt=0, le=1)  # the hypervisor's steal time, share of CPU time
+    # remeasure: a contaminated window is measured again (up to max_repeats attempts), and a config
+    # left with flagged windows runs again, whole, at the end of the study; flag: kept with the flag
+    on_contaminated: Literal["remeasure", "flag"] = "remeasure"
+    # loaded idle power measured again after a job's windows: a change beyond this share is "idle_drift"
+    max_idle_drift: float = Field(0.10, gt=0)
 
     @field_validator("country_iso_code")
     @classmethod
@@ -336,6 +348,9 @@ class RankingSettings(_Strict):
     # setup / N + energy per query is shown, and the ranking at a chosen life (null: per query, the paper's)
     lifecycle_queries: tuple[float, ...] = (1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
     amortize_over: float | None = Field(None, gt=0)
+    # configs whose energy windows were disturbed (energy.csv contaminated_windows > 0, after any
+    # re-measure): ranked with a flag the report shows, or left out of the ranking (and listed)
+    contaminated: Literal["flag", "exclude"] = "flag"
 
     @field_validator("lifecycle_queries", mode="before")
     @classmethod

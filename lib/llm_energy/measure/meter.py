@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, T
 
 if TYPE_CHECKING:  # the settings are only annotations here: the meter's sources load without pydantic
     from ..config import EnergySettings
+    from .disturbance import DisturbanceMonitor
 
 logger = logging.getLogger(__name__)
 J_PER_KWH = 3.6e6
@@ -116,6 +117,14 @@ class EnergyRecord:
     scope: str = SCOPE_MACHINE  # what energy_kwh covers: the machine, or the job's GPUs only
     carbon_intensity_g_per_kwh: float = float("nan")
     country_iso_code: str = ""
+    # what the disturbance witnesses said about this window (measure/disturbance.py; NaN: not read)
+    canary_slowdown: float = float("nan")
+    foreign_cpu_share: float = float("nan")
+    steal_share: float = float("nan")
+    foreign_gpu_processes: int = 0
+    contaminated: bool = False
+    disturbance: str = ""  # the thresholds it passed, in words
+    attempts: int = 1  # windows measured for this one (more than 1: contaminated ones measured again)
 
     @property
     def energy_kwh(self) -> float:
@@ -168,6 +177,7 @@ class IdleBaseline:
     duration_s: float
     method: str
     kind: str = "system"
+    disturbance: str = ""  # the thresholds the idle window passed (empty: clean or not checked)
 
     def as_dict(self) -> dict[str, Any]:
         return {"idle_power_w": self.power_w, "idle_duration_s": self.duration_s, "idle_method": self.method,
@@ -200,6 +210,40 @@ class RepeatedMeasurement:
     # (Stein's two-stage design: the windows after them were added because of the pilot's spread, so
     # including them would bias the spread; 0: every window)
     pilot: int = 0
+    rate_tolerance: float = 0.15  # a window this much slower than the median window is a rate outlier
+
+    @property
+    def contaminated_windows(self) -> int:
+        """Windows kept with the contaminated flag (measured again up to the limit, or flag-only)."""
+        return sum(1 for r in self.records if r.contaminated)
+
+    @property
+    def remeasured_windows(self) -> int:
+        """Contaminated windows discarded and measured again."""
+        return sum(r.attempts - 1 for r in self.records)
+
+    def worst(self, attr: str) -> float:
+        """The largest value of a disturbance reading over the windows (NaN when none was read)."""
+        values = [float(getattr(r, attr)) for r in self.records]
+        values = [v for v in values if not math.isnan(v)]
+        return max(values) if values else float("nan")
+
+    def rate_vs_median(self) -> list[float]:
+        """Per window, its items per second over the median window's (1.0 with one window): chunks are
+        round-robin samples of the same items, so a window well below 1 ran on a slower machine."""
+        if self.windows < 2:
+            return [1.0] * self.windows
+        items = self.window_items if self.unit == "chunk" else (1,) * self.windows
+        rates = [n / r.duration_s if r.duration_s > 0 else float("nan") for n, r in zip(items, self.records)]
+        median = statistics.median([r for r in rates if not math.isnan(r)] or [float("nan")])
+        return [r / median if median and median > 0 else float("nan") for r in rates]
+
+    def rate_outliers(self) -> list[bool]:
+        """Windows whose rate is below the median's by more than ``rate_tolerance`` (three windows at
+        least: with two, neither is the outlier of the other)."""
+        if self.windows < 3:
+            return [False] * self.windows
+        return [bool(r < 1.0 / (1.0 + self.rate_tolerance)) for r in self.rate_vs_median()]
 
     @property
     def repeats(self) -> int:
@@ -540,6 +584,7 @@ class EnergyMeter:
         sleep: Callable[[float], None] = time.sleep,
         attribution: str = "machine",
         synchronize: Callable[[], None] | None = None,
+        monitor: DisturbanceMonitor | None = None,
     ):
         if attribution not in ("machine", "gpu_only"):
             raise ValueError(f"attribution must be 'machine' or 'gpu_only'; got {attribution!r}")
@@ -557,6 +602,8 @@ class EnergyMeter:
         self.idle_system: IdleBaseline | None = None
         self.idle_loaded: IdleBaseline | None = None
         self._intensity_g_per_kwh = settings.carbon_intensity_g_per_kwh
+        # reads machine speed, co-tenants and steal around every window (None: not checked)
+        self.monitor = monitor
 
     @property
     def available_methods(self) -> list[str]:
@@ -566,6 +613,8 @@ class EnergyMeter:
     def window(self, name: str) -> Iterator[WindowHandle]:
         handle = WindowHandle(name)
         self.synchronize()
+        # the witnesses' first reading (the canary's run among them) before the sources start
+        witnessed = self.monitor.begin() if self.monitor is not None else None
         for source in self.sources:
             source.begin(name)
         start = self.clock()
@@ -580,7 +629,17 @@ class EnergyMeter:
                     current = readings.get(component)
                     if current is None or method_priority(reading.method) < method_priority(current.method):
                         readings[component] = reading
-            handle.record = self._make_record(name, duration_s, readings)
+            record = self._make_record(name, duration_s, readings)
+            if witnessed is not None:
+                assert self.monitor is not None
+                found = self.monitor.end(witnessed)
+                record = replace(record, canary_slowdown=found.canary_slowdown,
+                                 foreign_cpu_share=found.foreign_cpu_share, steal_share=found.steal_share,
+                                 foreign_gpu_processes=found.foreign_gpu_processes,
+                                 contaminated=found.contaminated, disturbance=found.reasons)
+                if found.contaminated:
+                    logger.warning("window %s disturbed: %s", name, found.reasons)
+            handle.record = record
 
     def _make_record(self, name: str, duration_s: float, readings: dict[str, ComponentReading]) -> EnergyRecord:
         def kwh(component: str) -> float:
@@ -630,7 +689,8 @@ class EnergyMeter:
                 self.sleep(seconds)
             record = handle.record
             assert record is not None
-            baseline = IdleBaseline(record.power_w, record.duration_s, record.energy_method, kind)
+            baseline = IdleBaseline(record.power_w, record.duration_s, record.energy_method, kind,
+                                    disturbance=record.disturbance)
         if kind == "system":
             self.idle_system = baseline
             if self.idle_loaded is None:
@@ -639,6 +699,23 @@ class EnergyMeter:
             self.idle_loaded = baseline
             self.idle = baseline
         return baseline
+
+    def measure_idle_drift(self, seconds: float | None = None) -> tuple[IdleBaseline, float]:
+        """Loaded idle measured again after the job's windows (kind ``loaded_after``) and its drift,
+        (after - before) / before, against the loaded idle measured before them (NaN when there was
+        none or it read zero). Net energy keeps subtracting the one measured before."""
+        seconds = self.settings.idle_seconds if seconds is None else seconds
+        before = self.idle_loaded
+        if seconds <= 0:
+            return IdleBaseline(0.0, 0.0, "none", "loaded_after"), float("nan")
+        with self.window("idle:loaded_after") as handle:
+            self.sleep(seconds)
+        record = handle.record
+        assert record is not None
+        after = IdleBaseline(record.power_w, record.duration_s, record.energy_method, "loaded_after",
+                             disturbance=record.disturbance)
+        drift = (after.power_w - before.power_w) / before.power_w if before and before.power_w > 0 else float("nan")
+        return after, drift
 
     def use_idle_baseline(self, baseline: IdleBaseline) -> None:
         if baseline.kind == "loaded":
@@ -660,7 +737,7 @@ class EnergyMeter:
                 calls += 1
         record = handle.record
         assert record is not None
-        if calls > 1:
+        if calls > 1:  # the disturbance readings are the window's own and stay as they are
             record = replace(
                 record,
                 duration_s=record.duration_s / calls,
@@ -671,6 +748,24 @@ class EnergyMeter:
                 calls=calls,
             )
         return result, record
+
+    def measure_clean(self, fn: Callable[[], T], name: str) -> tuple[T, EnergyRecord]:
+        """One window (:meth:`measure`); a contaminated one is measured again, as a whole, while
+        ``energy.on_contaminated`` is ``remeasure`` and fewer than ``max_repeats`` attempts were made;
+        the last attempt is kept, with its flag when it was disturbed too (``attempts`` counts them)."""
+        remeasure = getattr(self.settings, "on_contaminated", "flag") == "remeasure"
+        attempts = 0
+        while True:
+            attempts += 1
+            result, record = self.measure(fn, name if attempts == 1 else f"{name}~{attempts}")
+            if not (record.contaminated and remeasure and attempts < self.settings.max_repeats):
+                return result, replace(record, attempts=attempts)
+            logger.warning("measuring %s again (attempt %d of at most %d): %s", name, attempts + 1,
+                           self.settings.max_repeats, record.disturbance)
+
+    @property
+    def _rate_tolerance(self) -> float:
+        return float(getattr(self.settings, "canary_tolerance", 0.15))
 
     def measure_repeated(self, fn: Callable[[], T], name: str, warmup: Callable[[], Any] | None = None) -> RepeatedMeasurement:
         """Full-pass windows in two stages (Stein's design): ``repeats`` pilot windows, then as many more
@@ -686,7 +781,7 @@ class EnergyMeter:
 
         def one() -> None:
             nonlocal first
-            result, record = self.measure(fn, f"{name}#{len(records) + 1}")
+            result, record = self.measure_clean(fn, f"{name}#{len(records) + 1}")
             if not records:
                 first = result
             records.append(record)
@@ -697,7 +792,7 @@ class EnergyMeter:
         for _ in range(windows_needed([r.energy_kwh for r in records], self.settings.target_rsd,
                                       self.settings.max_repeats) - len(records)):
             one()
-        return RepeatedMeasurement(tuple(records), first, pilot=pilot)
+        return RepeatedMeasurement(tuple(records), first, pilot=pilot, rate_tolerance=self._rate_tolerance)
 
     def measure_chunks(self, fns: list[Callable[[], T]], sizes: list[int], name: str,
                        warmup: Callable[[], Any] | None = None) -> RepeatedMeasurement:
@@ -709,10 +804,11 @@ class EnergyMeter:
         results: list[Any] = []
         records: list[EnergyRecord] = []
         for index, fn in enumerate(fns):
-            result, record = self.measure(fn, f"{name}@{index + 1}/{len(fns)}")
+            result, record = self.measure_clean(fn, f"{name}@{index + 1}/{len(fns)}")
             results.append(result)
             records.append(record)
-        return RepeatedMeasurement(tuple(records), results, unit="chunk", window_items=tuple(sizes))
+        return RepeatedMeasurement(tuple(records), results, unit="chunk", window_items=tuple(sizes),
+                                   rate_tolerance=self._rate_tolerance)
 
     def close(self) -> None:
         for source in self.sources:

@@ -26,6 +26,7 @@ from ..config import (
 from ..data.tasks import load_task_data, source_name
 from ..items import TaskData
 from ..layout import config_id_for, project_root, resolve_study_dir
+from ..measure.disturbance import DisturbanceMonitor, Thresholds, read_study_canary
 from ..measure.meter import EnergyMeter, IdleBaseline, RepeatedMeasurement, split_chunks
 from ..methods.generation import (
     Embedder,
@@ -102,9 +103,40 @@ def load_task_sets(tasks: TasksSettings, base_dir: Path) -> dict[str, TaskData]:
 
 
 def meter_for(run: ConfigRun, device: str) -> EnergyMeter:
-    """A meter for this job's device, attributing energy as the study decided (``auto``: machine)."""
+    """A meter for this job's device, attributing energy as the study decided (``auto``: machine),
+    with the disturbance witnesses around every window unless ``energy.detect_disturbance`` is false."""
     attribution = "machine" if run.energy.attribution == "auto" else run.energy.attribution
-    return EnergyMeter(run.energy, device, attribution=attribution)
+    return EnergyMeter(run.energy, device, attribution=attribution, monitor=disturbance_monitor(run, device))
+
+
+def disturbance_monitor(run: ConfigRun, device: str) -> DisturbanceMonitor | None:
+    """Machine speed against the job's and the study's start, co-tenants (and foreign GPU processes
+    on the job's GPUs), steal."""
+    if not run.energy.detect_disturbance:
+        return None
+    nvml, indices = None, []
+    if device.startswith("cuda"):
+        try:
+            import pynvml
+
+            from ..measure.meter import nvml_indices
+
+            pynvml.nvmlInit()
+            nvml, indices = pynvml, nvml_indices(device)
+        except Exception:  # noqa: BLE001  (no NVML: foreign GPU processes not read)
+            nvml, indices = None, []
+    return DisturbanceMonitor(Thresholds.from_settings(run.energy), device, nvml=nvml, gpu_indices=indices,
+                              study_canary_s=read_study_canary(run.study_dir))
+
+
+def record_idle_drift(run: ConfigRun, meter: EnergyMeter, phase: str, config_id: str | None = None) -> float:
+    """Loaded idle measured again after the job's windows; its drift against the loaded idle before
+    them goes to idle_baselines.csv (kind ``loaded_after``), flagged beyond ``energy.max_idle_drift``."""
+    after, drift = meter.measure_idle_drift()
+    if after.duration_s > 0:
+        record_idle_baselines(run.study_dir, config_id or run.config_id, phase, meter.device, after,
+                              drift=drift, max_drift=run.energy.max_idle_drift)
+    return drift
 
 
 def measure_system_idle(run: ConfigRun) -> IdleBaseline:
@@ -232,6 +264,7 @@ def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, pha
         result, measurement, output = measure_generation(loaded, task_sets["rca"], rca.generation, meter, run.seed)
         chat = "chat template" if uses_chat(rca.generation, loaded.tokenizer) else "plain prompt"
         record(result, measurement, task_sets["rca"].source, f"generation, {chat}", output.n_new_tokens)
+    record_idle_drift(run, meter, phase, identity.config_id)
     return summary
 
 

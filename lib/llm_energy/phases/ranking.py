@@ -23,6 +23,7 @@ from ..analysis.lifecycle import amortized_energy_per_item, lifecycle_table
 from ..analysis.significance import MIN_VERDICT_ITEMS, holm
 from ..config import PHI_METHODS, PRECISIONS, TINY_LLAMA, RankingSettings, headline_metric
 from ..layout import StudyLayout, parent_config_id, project_root
+from ..measure.hardware import SPEED_FLAGS, cpu_sentence, gpu_sentence, speed_sentence
 from ..measure.meter import J_PER_KWH, component_methods, describe_methods, is_estimate
 from ..tables import store as results
 
@@ -41,12 +42,15 @@ class RankingOutcome:
     top_by_phi: dict[str, list[tuple[str, float]]] | None = None  # phi choice -> tied-with-top set at w
     precision_lines: tuple[str, ...] = ()  # achieved 95% half-widths against the targets
     device_lines: tuple[str, ...] = ()  # each precision's measured throughput on the device, and skips
+    hardware_lines: tuple[str, ...] = ()  # the machine (CPU, speed-deciding flags, GPU) and where each job ran
     data_lines: tuple[str, ...] = ()  # what each task scored: data source (synthetic said so), style, items, skips
     scale_lines: tuple[str, ...] = ()  # observed ranges of φ and ρ and the weight energy effectively gets
     qa_style: str = "cloze"  # how QA was scored (its headline metric follows)
     lifecycle: pd.DataFrame | None = None  # lifecycle.csv: setup by step, per-query energy, break-even
     per_query_configs: pd.DataFrame | None = None  # config_energy rows before any amortisation
     token_energy: pd.DataFrame | None = None  # per config: J per input token and per output token
+    disturbance_lines: tuple[str, ...] = ()  # contaminated windows, re-measured jobs, rate outliers, idle drift
+    contaminated_excluded: tuple[str, ...] = ()  # left out under ranking.contaminated: exclude
 
 
 EXAMPLE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -85,6 +89,15 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
     configs = rank.config_energy(energy, settings.energy_basis)
     if configs.empty:
         raise ValueError(f"{results.table_path(study_dir, 'energy')} has no inference rows to rank")
+    flagged = contaminated_configs(energy)
+    excluded_disturbed: tuple[str, ...] = ()
+    if settings.contaminated == "exclude" and flagged:
+        excluded_disturbed = tuple(c for c in configs["config_id"].astype(str) if c in flagged)
+        configs = configs[~configs["config_id"].astype(str).isin(flagged)]
+        if configs.empty:
+            raise ValueError(f"every config has contaminated windows ({', '.join(excluded_disturbed)}) and "
+                             "ranking.contaminated is exclude: nothing left to rank; measure again on a quiet "
+                             "machine, or set ranking.contaminated: flag")
     per_query = configs
     lifecycle = lifecycle_table(configs, energy, results.read_table(study_dir, "setup_energy"),
                                 results.read_table(study_dir, "configs"), settings.energy_basis)
@@ -120,7 +133,94 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
                           precision_lines=tuple(precision_lines(scores, qa_style, configs["config_id"].tolist())),
                           scale_lines=tuple(scale_lines(result.table, result.settings)), qa_style=qa_style,
                           lifecycle=lifecycle, per_query_configs=per_query, token_energy=token_energy(energy),
-                          device_lines=tuple(device_lines(study_dir)), data_lines=tuple(data_lines(study_dir, scores)))
+                          device_lines=tuple(device_lines(study_dir)),
+                          hardware_lines=tuple(hardware_lines(study_dir)), data_lines=tuple(data_lines(study_dir, scores)),
+                          disturbance_lines=tuple(disturbance_lines(study_dir, energy, settings)),
+                          contaminated_excluded=excluded_disturbed)
+
+
+def contaminated_configs(energy: pd.DataFrame) -> set[str]:
+    """Configs with evaluation windows kept with the contaminated flag (after any re-measure)."""
+    if "contaminated_windows" not in energy.columns:
+        return set()
+    rows = energy[energy["phase"].isin(rank.EVALUATION_PHASES)]
+    counts = pd.to_numeric(rows["contaminated_windows"], errors="coerce").fillna(0)
+    return set(rows.loc[counts > 0, "config_id"].astype(str))
+
+
+def disturbance_lines(study_dir: str | Path, energy: pd.DataFrame, settings: RankingSettings) -> list[str]:
+    """The report's account of disturbed measurements: windows kept contaminated (counted, named,
+    why), windows measured again, jobs run again whole, rate outliers, and idle drift per job."""
+    if "contaminated_windows" not in energy.columns:
+        return ["Disturbance was not checked in this study (its tables predate the checks)."]
+    rows = energy[energy["phase"].isin(rank.EVALUATION_PHASES)].copy()
+    for column in ("contaminated_windows", "remeasured_windows", "rate_outlier_windows"):
+        rows[column] = pd.to_numeric(rows.get(column), errors="coerce").fillna(0).astype(int)
+    windows = pd.to_numeric(rows.get("windows"), errors="coerce").fillna(0).astype(int).sum()
+    lines = []
+    flagged = rows[rows["contaminated_windows"] > 0]
+    foreign = pd.to_numeric(rows.get("foreign_cpu_share"), errors="coerce")
+    slow = pd.to_numeric(rows.get("canary_slowdown"), errors="coerce")
+    if not windows or (foreign.isna().all() and slow.isna().all()):
+        return ["Disturbance was not checked (energy.detect_disturbance: false)."]
+    lines.append(f"{int(flagged['contaminated_windows'].sum())} of {windows} measured windows kept a contaminated "
+                 f"flag; {int(rows['remeasured_windows'].sum())} disturbed windows were discarded and measured again. "
+                 f"Worst over all windows: machine-speed canary {slow.max():.2f}x its speed at the start, other "
+                 f"processes {foreign.max():.0%} of the CPU time, hypervisor steal "
+                 f"{pd.to_numeric(rows.get('steal_share'), errors='coerce').max():.0%}.")
+    repeats = results.read_table(study_dir, "energy_repeats")
+    if len(flagged):
+        why = {}
+        if "disturbance" in repeats.columns:
+            bad = repeats[repeats["contaminated"].astype(str).str.lower() == "true"]
+            why = bad.groupby("config_id")["disturbance"].agg(lambda v: "; ".join(sorted({str(x) for x in v if str(x)})))
+        for config_id, group in flagged.groupby("config_id"):
+            lines.append(f"- **{config_id}**: {int(group['contaminated_windows'].sum())} contaminated window(s) in "
+                         f"{', '.join(group['task'].astype(str))}" + (f" ({why[config_id]})" if config_id in why else "")
+                         + ("; left out of the ranking (ranking.contaminated: exclude)"
+                            if settings.contaminated == "exclude" else "; ranked, with this flag"))
+    prov_path = StudyLayout(Path(study_dir)).provenance
+    remeasured = ((json.loads(prov_path.read_text()).get("jobs") or {}).get("remeasured") or {}) if prov_path.exists() else {}
+    if remeasured:
+        lines.append("Run again, whole, at the end of the study (every window replaced): "
+                     + ", ".join(f"{job} ({', '.join(configs)})" for job, configs in remeasured.items()) + ".")
+    outliers = rows[rows["rate_outlier_windows"] > 0]
+    if len(outliers):
+        lines.append("Windows well below their config's median items per second (shown, not re-measured: chunks "
+                     "differ in length): " + ", ".join(f"{r.config_id} {r.task} ({r.rate_outlier_windows})"
+                                                         for r in outliers.itertuples()) + ".")
+    idle = results.read_table(study_dir, "idle_baselines")
+    if "idle_drift" in idle.columns:
+        after = idle[idle["kind"] == "loaded_after"].copy()
+        after["idle_drift"] = pd.to_numeric(after["idle_drift"], errors="coerce")
+        drifted = after[after["drifted"].astype(str).str.lower() == "true"]
+        if len(after):
+            lines.append(f"Loaded idle power after each job's windows against before: largest change "
+                         f"{after['idle_drift'].abs().max():.0%} over {len(after)} jobs; "
+                         + (f"beyond energy.max_idle_drift in {', '.join(drifted['config_id'].astype(str))}."
+                            if len(drifted) else "none beyond energy.max_idle_drift."))
+    return lines
+
+
+def disturbance_table(study_dir: str | Path) -> pd.DataFrame:
+    """Per job (config x phase): its windows' worst foreign CPU share, canary slowdown and steal,
+    its contaminated and re-measured windows, and its loaded-idle drift."""
+    energy = results.read_table(study_dir, "energy")
+    if "contaminated_windows" not in energy.columns or energy.empty:
+        return pd.DataFrame()
+    rows = energy[energy["phase"].isin(rank.EVALUATION_PHASES)]
+    numeric = {c: pd.to_numeric(rows[c], errors="coerce") for c in
+               ("foreign_cpu_share", "canary_slowdown", "steal_share", "contaminated_windows", "remeasured_windows")}
+    table = pd.DataFrame({"config_id": rows["config_id"], "phase": rows["phase"], **numeric})
+    table = table.groupby(["config_id", "phase"], as_index=False).agg(
+        foreign_cpu_share=("foreign_cpu_share", "max"), canary_slowdown=("canary_slowdown", "max"),
+        steal_share=("steal_share", "max"), contaminated_windows=("contaminated_windows", "sum"),
+        remeasured_windows=("remeasured_windows", "sum"))
+    idle = results.read_table(study_dir, "idle_baselines")
+    if "idle_drift" in idle.columns:
+        after = idle[idle["kind"] == "loaded_after"][["config_id", "phase", "idle_drift", "drifted"]]
+        table = table.merge(after, on=["config_id", "phase"], how="left")
+    return table
 
 
 STYLE_WORDS = {
@@ -169,16 +269,20 @@ def data_lines(study_dir: str | Path, scores: pd.DataFrame) -> list[str]:
 
 
 def device_lines(study_dir: str | Path) -> list[str]:
-    """The runner's throughput probe from provenance.json: GFLOP/s per precision on the study's device
-    and the precisions skipped as too slow there (empty when the study has no probe)."""
+    """The runner's throughput probe from provenance.json: GFLOP/s per precision on the study's device,
+    then one line per precision: its speed against fp32 beside the CPU flags that decide it, and
+    whether it was skipped as too slow ("bf16 skipped: 25x slower than fp32 on this CPU, which has no
+    avx512_bf16 or amx_bf16"; empty when the study has no probe)."""
     path = StudyLayout(Path(study_dir)).provenance
-    probe = (json.loads(path.read_text()).get("throughput") or {}) if path.exists() else {}
+    prov = json.loads(path.read_text()) if path.exists() else {}
+    probe = prov.get("throughput") or {}
     precisions = probe.get("precisions") or {}
     if not precisions:
         return []
     parts = []
-    for precision, result in sorted(precisions.items(), key=lambda kv: (kv[0] not in PRECISIONS, PRECISIONS.index(kv[0])
-                                                                          if kv[0] in PRECISIONS else 0, kv[0])):
+    ordered = sorted(precisions.items(), key=lambda kv: (kv[0] not in PRECISIONS, PRECISIONS.index(kv[0])
+                                                         if kv[0] in PRECISIONS else 0, kv[0]))
+    for precision, result in ordered:
         rate = result.get("gflop_per_s")
         parts.append(f"{precision} {rate:.3g}" if rate else f"{precision} not measured ({result.get('reason', '')})")
     limit = (probe.get("device_limits") or {}).get("max_slowdown")
@@ -186,7 +290,84 @@ def device_lines(study_dir: str | Path) -> list[str]:
              + ", ".join(parts) + ". " + (f"A precision more than {limit:g}x slower than fp32 is skipped "
                                           "unless device_limits.always_run lists it." if limit else
                                           "device_limits.max_slowdown: null, so no precision was skipped for speed.")]
-    lines += [f"- skipped as too slow: {reason}" for reason in (probe.get("skipped_as_slow") or {}).values()]
+    skipped = probe.get("skipped_as_slow") or {}
+    flags = (prov.get("hardware") or {}).get("isa_flags")  # the runner's machine: where the probe ran
+    on_cpu = not str(probe.get("device", "cpu")).startswith("cuda")
+    reference = (precisions.get("fp32") or {}).get("gflop_per_s")
+    for precision, result in ordered:
+        rate = result.get("gflop_per_s")
+        if precision == "fp32" or not (rate and reference):
+            continue  # the reference itself, and a precision not measured (the line above says why)
+        lines.append("- " + speed_sentence(precision, reference / rate, flags, on_cpu=on_cpu,
+                                           skipped=precision in skipped) + ".")
+    return lines
+
+
+JOB_HARDWARE_COLUMNS = ("host", "cpu_model", "isa_flags", "cpu_cores", "governor", "cpu_mhz", "load_avg_1m",
+                        "gpu_name", "gpu_power_limit_w")
+
+
+def job_hardware(study_dir: str | Path) -> pd.DataFrame:
+    """Per job (config x phase), where it ran, from idle_baselines.csv (its loaded-idle row, else its
+    first): host, CPU model, speed-deciding flags, cores, governor, clock, the 1-minute load average
+    when its baselines were taken, GPU and power limit. Empty for tables written before these columns."""
+    idle = results.read_table(study_dir, "idle_baselines")
+    if idle.empty or "cpu_model" not in idle.columns:
+        return pd.DataFrame()
+    order = idle.assign(_later=idle["kind"].astype(str) != "loaded")
+    order = order.sort_values(["config_id", "phase", "_later"], kind="stable").drop_duplicates(["config_id", "phase"])
+    columns = [c for c in JOB_HARDWARE_COLUMNS if c in idle.columns]
+    return order[["config_id", "phase", *columns]].reset_index(drop=True)
+
+
+def _text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def hardware_lines(study_dir: str | Path) -> list[str]:
+    """The machine the runner and its throughput probe ran on (provenance.json "hardware": CPU, its
+    speed-deciding flags, governor, clock, load, memory; every GPU), then where the jobs ran
+    (idle_baselines.csv): one machine, or each machine with its jobs, and the load average each job
+    started its measurements under."""
+    path = StudyLayout(Path(study_dir)).provenance
+    hw = ((json.loads(path.read_text()).get("hardware") or {}) if path.exists() else {})
+    lines = []
+    if hw:
+        host = f" ({hw['host']})" if hw.get("host") else ""
+        lines.append(f"The runner's machine{host}, where the throughput probe ran: {cpu_sentence(hw)}")
+        lines += [f"- {gpu_sentence(g)}" for g in hw.get("gpus") or []]
+    jobs = job_hardware(study_dir)
+    if jobs.empty:
+        return lines
+    key = [c for c in ("host", "cpu_model", "isa_flags", "gpu_name", "gpu_power_limit_w") if c in jobs.columns]
+    machines = jobs.assign(**{c: jobs[c].map(_text) for c in key}).groupby(key, sort=True)
+    flags = hw.get("isa_flags") or {}
+    probe_flags = (";".join(f for f in SPEED_FLAGS if flags.get(f)) or "none") if flags else ""
+
+    def machine(values: tuple[Any, ...]) -> str:
+        m = dict(zip(key, values))
+        words = f"{m.get('host') or '?'}: {m.get('cpu_model') or '?'}, flags {m.get('isa_flags') or '?'}"
+        if m.get("gpu_name"):
+            words += f", GPU {m['gpu_name']}" + (f" at {float(m['gpu_power_limit_w']):g} W"
+                                                 if m.get("gpu_power_limit_w") else "")
+        if probe_flags and m.get("isa_flags") and m["isa_flags"] != probe_flags:
+            words += " (other flags than the probe's machine: its precisions' speeds may differ)"
+        return words
+
+    groups = list(machines)
+    if len(groups) == 1:
+        lines.append(f"All {len(jobs)} measured jobs ran on {machine(groups[0][0])} (tables/idle_baselines.csv).")
+    else:
+        lines.append(f"The {len(jobs)} measured jobs ran on {len(groups)} machines (tables/idle_baselines.csv):")
+        lines += [f"- {machine(values)}: " + ", ".join(f"{r.config_id} ({r.phase})" for r in group.itertuples())
+                  for values, group in groups]
+    load = pd.to_numeric(jobs.get("load_avg_1m"), errors="coerce")
+    if load.notna().any():
+        worst = jobs.loc[load.idxmax()]
+        lines.append(f"Load average (1 min) when each job's idle baselines were taken: {load.min():.2f} to "
+                     f"{load.max():.2f} (highest: {worst['config_id']}, {worst['phase']}"
+                     + (f", on {int(worst['cpu_cores'])} logical cores" if pd.notna(worst.get("cpu_cores")) else "")
+                     + ").")
     return lines
 
 
@@ -394,10 +575,17 @@ def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
     if outcome.precision_lines:
         lines += ["", ("**Precision of the scores.** Achieved 95% half-width of each task's headline accuracy "
                        "against its target:"), *outcome.precision_lines]
+    if outcome.hardware_lines:
+        lines += ["", "**Hardware.** " + outcome.hardware_lines[0], *outcome.hardware_lines[1:]]
     if outcome.device_lines:
         lines += ["", "**Precisions on this device.** " + outcome.device_lines[0], *outcome.device_lines[1:]]
     if outcome.result.excluded:
         lines.append(f"Excluded from the ranking (missing metrics): {', '.join(outcome.result.excluded)}.")
+    if outcome.contaminated_excluded:
+        lines.append("Excluded from the ranking (contaminated windows, ranking.contaminated: exclude): "
+                     f"{', '.join(outcome.contaminated_excluded)}.")
+    if outcome.disturbance_lines:
+        lines += ["", "**Disturbed measurements.** " + outcome.disturbance_lines[0], *outcome.disturbance_lines[1:]]
     if outcome.data_lines:
         lines += ["", "**What was scored.**", *outcome.data_lines]
     lines += ["", "**Energy method.** " + describe_methods(set(outcome.methods)) + "."]

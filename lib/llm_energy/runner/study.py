@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from ..analysis import ranking_math as rank
@@ -34,7 +35,7 @@ from ..config import (
     section_dict,
     study_hash,
 )
-from ..layout import StudyLayout, config_id_for, project_root
+from ..layout import RECOVERED_SUFFIX, StudyLayout, config_id_for, project_root
 from ..measure import throughput
 from ..tables import store as results
 from ..tables.rows import record_config
@@ -59,6 +60,7 @@ class StudyOutcome:
     skipped: list[dict[str, str]] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     report: Path | None = None
+    remeasured: list[str] = field(default_factory=list)  # jobs run again for contaminated windows
 
 
 def display_path(path: Path) -> str:
@@ -275,6 +277,7 @@ def _git(args: list[str]) -> str | None:
 def provenance(study: Study, device: str, params_path: Path) -> dict[str, Any]:
     import torch
 
+    from ..measure.hardware import describe_cpu, describe_gpus, provenance_fields
     from ..measure.meter import nvml_available, rapl_available
 
     versions = {}
@@ -283,14 +286,9 @@ def provenance(study: Study, device: str, params_path: Path) -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    # the machine the runner (and the throughput probe) ran on: CPU model and speed-deciding flags,
+    # cores, governor and clock, load average at the start, memory; every GPU NVML sees
+    machine = provenance_fields(describe_cpu(), describe_gpus())
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "study": study.study,
@@ -301,7 +299,7 @@ def provenance(study: Study, device: str, params_path: Path) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": versions,
-        "hardware": {"cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu, "device": device,
+        "hardware": {**machine, "gpu": gpu, "device": device,
                      "cuda": torch.version.cuda if torch.cuda.is_available() else None},
         "energy_methods_available": {
             "codecarbon": True, "rapl": rapl_available(), "nvml_counter": nvml_available() if gpu else False,
@@ -348,13 +346,15 @@ class _Run:
     def wants(self, phase: str) -> bool:
         return phase in self.study.phases and (not self.phases or phase in self.phases)
 
-    def run_stage(self, stage: list[Job]) -> None:
-        """Run jobs that do not depend on each other: here in turn, or spread over the cluster."""
+    def run_stage(self, stage: list[Job], again: bool = False) -> None:
+        """Run jobs that do not depend on each other: here in turn, or spread over the cluster
+        (``again``: even those finished before, as the re-measure stage does)."""
         todo = []
         for job in stage:
             if self.phases and job.phase not in self.phases:
                 self.bar.update()
-            elif self.resume and self.layout.done_marker(job.key).exists() and job.phase != "ranking":
+            elif (self.resume and not again and self.layout.done_marker(job.key).exists()
+                  and job.phase != "ranking"):
                 self.outcome.resumed.append(job.key)
                 self.bar.update()
             else:
@@ -413,6 +413,10 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this study may reach a hub
     prov = _write_parameters_and_provenance(study, layout, device, params_path)
     probe, slow = slow_precisions(study, device)  # before any job: each precision's speed on this device
+    if study.energy.detect_disturbance:  # the machine-speed canary every window is compared with
+        from ..measure.disturbance import make_canary, write_study_canary
+
+        write_study_canary(layout.root, make_canary(device)())
     prov["throughput"] = {"device": device, "precisions": {p: r.as_dict() for p, r in probe.items()},
                           "device_limits": study.device_limits.model_dump(mode="json"), "skipped_as_slow": slow}
     results.atomic_write_json(layout.provenance, prov)
@@ -429,6 +433,10 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     third = _top_k_pruning_stage(run, params_path.parent)  # ranks everything evaluated, adapters included
     run.bar.total += len(third)
     run.run_stage(third)
+    again = _remeasure_stage(run, first + second + third)
+    if again:
+        run.bar.total += len(again)
+        run.run_stage(again, again=True)
     run.save_failures()
     run.run_stage([j for j in jobs if j.phase == "ranking"])  # reads every table, so it runs last
     run.bar.close()
@@ -508,6 +516,47 @@ def _top_k_pruning_stage(run: _Run, base_dir: Path) -> list[Job]:
                                     run.layout.root)]
 
 
+def remeasure_candidates(energy: Any, jobs: list[Job]) -> dict[str, list[str]]:
+    """Jobs whose configs kept contaminated windows (energy.csv ``contaminated_windows`` > 0), each with
+    the configs that did: an inference job by its config, a pruning job by its pruned and recovered
+    configs."""
+    if energy is None or not len(energy) or "contaminated_windows" not in energy.columns:
+        return {}
+    flagged = energy[pd.to_numeric(energy["contaminated_windows"], errors="coerce").fillna(0) > 0]
+    configs = set(flagged["config_id"].astype(str))
+    out: dict[str, list[str]] = {}
+    for job in jobs:
+        if job.phase not in ("inference", "pruning") or not job.config_id:
+            continue
+        mine = {job.config_id, f"{job.config_id}__{RECOVERED_SUFFIX}"} if job.phase == "pruning" else {job.config_id}
+        hit = sorted(configs & mine)
+        if hit:
+            out[job.key] = hit
+    return out
+
+
+def _remeasure_stage(run: _Run, jobs: list[Job]) -> list[Job]:
+    """The re-measure stage (``energy.on_contaminated: remeasure``): each job whose configs kept
+    contaminated windows runs again, whole, once per study (state/remeasured.json remembers it, so a
+    resumed study does not run it a third time): all its windows are replaced, never a choice of the
+    clean repeat, which would bias the spread low; a disturbed stretch of minutes then does not land
+    on one config. What the second run measured stands, flags included."""
+    if run.study.energy.on_contaminated != "remeasure" or not run.study.energy.detect_disturbance:
+        return []
+    path = run.layout.state / "remeasured.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    candidates = remeasure_candidates(results.read_table(run.layout.root, "energy"), jobs)
+    todo = {key: configs for key, configs in candidates.items() if key not in done}
+    if not todo:
+        return []
+    log.warning("measuring again, whole, at the end of the study (contaminated windows): %s",
+                ", ".join(f"{k} ({', '.join(v)})" for k, v in todo.items()))
+    done.update(todo)
+    results.atomic_write_json(path, done)
+    run.outcome.remeasured.extend(todo)
+    return [job for job in jobs if job.key in todo]
+
+
 def _render_report_if_ranked(run: _Run) -> Path | None:
     ranking_nb = run.layout.executed_notebook("ranking", None)
     if run.wants("ranking") and ranking_nb.exists() and not any(f["job"] == "ranking" for f in run.failures):
@@ -521,8 +570,10 @@ def _finish_provenance(prov: dict[str, Any], layout: StudyLayout, run: _Run) -> 
     prov["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
     idle = results.read_table(layout.root, "idle_baselines")
     if len(idle):  # each job's own baselines, measured in its process: system and loaded idle
-        prov["idle_baselines"] = idle.to_dict(orient="records")
-    prov["jobs"] = {"completed": run.outcome.completed, "resumed": run.outcome.resumed,
+        prov["idle_baselines"] = idle.astype(object).where(idle.notna(), None).to_dict(orient="records")
+    remeasured = run.layout.state / "remeasured.json"
+    prov["jobs"] = {"remeasured": json.loads(remeasured.read_text()) if remeasured.exists() else {},
+                    "completed": run.outcome.completed, "resumed": run.outcome.resumed,
                     "failed": [f["job"] for f in run.failures], "skipped": run.outcome.skipped}
     results.atomic_write_json(layout.provenance, prov)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import CORRECTNESS_TASKS, headline_metric
+from ..measure.hardware import job_hardware
 from ..measure.meter import J_PER_KWH, EnergyRecord, IdleBaseline
 from . import store as results
 
@@ -50,11 +51,20 @@ def record_config(study_dir: Path, config_id: str, model: str, precision: str, s
 
 
 def record_idle_baselines(study_dir: Path, config_id: str, phase: str, device: str,
-                          *baselines: IdleBaseline | None) -> None:
-    """The job's idle baselines (system, loaded), measured in its own process."""
+                          *baselines: IdleBaseline | None, drift: float | None = None,
+                          max_drift: float | None = None) -> None:
+    """The job's idle baselines (system, loaded; loaded_after with its ``drift`` against loaded, and
+    ``drifted`` when it passes ``max_drift``), measured in its own process."""
+    def drifted(b: IdleBaseline) -> bool | None:
+        if b.kind != "loaded_after" or drift is None or max_drift is None or math.isnan(drift):
+            return None
+        return bool(abs(drift) > max_drift)
+
+    hardware = job_hardware(device)  # where this job runs (its node under SLURM), the load average now
     results.upsert_rows(study_dir, "idle_baselines", results.as_rows(*(
-        results.IdleRow(config_id=config_id, phase=phase, kind=b.kind, power_w=b.power_w, duration_s=b.duration_s,
-                        method=b.method, device=device)
+        results.IdleRow(**hardware, config_id=config_id, phase=phase, kind=b.kind, power_w=b.power_w, duration_s=b.duration_s,
+                        method=b.method, device=device, disturbance=b.disturbance,
+                        idle_drift=drift if b.kind == "loaded_after" else None, drifted=drifted(b))
         for b in baselines if b is not None)))
 
 
@@ -108,6 +118,11 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         compute_dtype=compute_dtype, memory_bytes=memory_bytes, n_generated_tokens=generated_tokens,
         energy_kwh_per_1k_generated_tokens=energy_kwh * 1000 / generated_tokens if generated_tokens else None,
         **per_token,
+        canary_slowdown=measurement.worst("canary_slowdown"), foreign_cpu_share=measurement.worst("foreign_cpu_share"),
+        steal_share=measurement.worst("steal_share"),
+        foreign_gpu_processes=max(r.foreign_gpu_processes for r in measurement.records),
+        contaminated=measurement.contaminated_windows > 0, contaminated_windows=measurement.contaminated_windows,
+        remeasured_windows=measurement.remeasured_windows, rate_outlier_windows=sum(measurement.rate_outliers()),
     )
     mine = {"config_id": config.config_id, "task": result.task}
     results.upsert_rows(study_dir, "energy", results.as_rows(row))
@@ -122,11 +137,16 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
                              value=float(v))
         for metric, values in result.per_item.items()
         for item_id, v in zip(result.item_ids, values))), replace_where=mine)
+    rates, outliers = measurement.rate_vs_median(), measurement.rate_outliers()
     results.upsert_rows(study_dir, "energy_repeats", results.as_rows(*(
         results.WindowRow(config_id=config.config_id, phase=phase, task=result.task, repeat=i + 1,
                           duration_s=r.duration_s, energy_kwh=r.energy_kwh, energy_net_kwh=r.energy_net_kwh,
                           n_items=measurement.window_items[i] if measurement.unit == "chunk" else result.n_items,
-                          window_unit=measurement.unit, task_items=result.n_items)
+                          window_unit=measurement.unit, task_items=result.n_items,
+                          canary_slowdown=r.canary_slowdown, foreign_cpu_share=r.foreign_cpu_share,
+                          steal_share=r.steal_share, foreign_gpu_processes=r.foreign_gpu_processes,
+                          contaminated=r.contaminated, disturbance=r.disturbance, attempts=r.attempts,
+                          rate_vs_median=rates[i], rate_outlier=outliers[i])
         for i, r in enumerate(measurement.records))), replace_where={**mine, "phase": phase})
 
 

@@ -85,6 +85,17 @@ class EnergyRow:
     j_per_output_token: float | None = None
     j_per_output_token_net: float | None = None
     output_token_basis: str | None = None
+    # disturbed windows (measure/disturbance.py): the kept windows' worst readings, how many kept
+    # windows carry the contaminated flag, how many were discarded and measured again, how many ran
+    # well below the median window's rate
+    canary_slowdown: float | None = None
+    foreign_cpu_share: float | None = None
+    steal_share: float | None = None
+    foreign_gpu_processes: int | None = None
+    contaminated: bool | None = None
+    contaminated_windows: int | None = None
+    remeasured_windows: int | None = None
+    rate_outlier_windows: int | None = None
 
 
 def required_columns(row_type: type) -> list[str]:
@@ -139,6 +150,18 @@ class WindowRow:
     n_items: int  # the window's items (a chunk's, or every item for a full-pass repeat)
     window_unit: str = "repeat"  # repeat | chunk
     task_items: int | None = None  # the items the task scored in all
+    # what the disturbance witnesses read around this window (NaN: not read), its flag and why,
+    # how many windows were measured for it (more than 1: contaminated ones measured again), and its
+    # items per second over the median window's
+    canary_slowdown: float | None = None
+    foreign_cpu_share: float | None = None
+    steal_share: float | None = None
+    foreign_gpu_processes: int | None = None
+    contaminated: bool | None = None
+    disturbance: str = ""
+    attempts: int = 1
+    rate_vs_median: float | None = None
+    rate_outlier: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -227,6 +250,22 @@ class IdleRow:
     duration_s: float
     method: str
     device: str
+    # where the job ran (measure/hardware.py), read when its baselines were recorded: a job on another
+    # node (SLURM) shows its own machine; isa_flags: the speed-deciding CPU flags present, ";"-joined
+    host: str | None = None
+    cpu_model: str | None = None
+    isa_flags: str | None = None
+    cpu_cores: int | None = None
+    governor: str | None = None
+    cpu_mhz: float | None = None
+    load_avg_1m: float | None = None
+    gpu_name: str | None = None
+    gpu_power_limit_w: float | None = None
+    disturbance: str = ""  # thresholds the idle window passed (measure/disturbance.py)
+    # loaded_after rows: (after - before) / before against the loaded idle before the job's windows,
+    # and whether that passes energy.max_idle_drift
+    idle_drift: float | None = None
+    drifted: bool | None = None
 
 
 ENERGY_ALL_COLUMNS: list[str] = [f.name for f in fields(EnergyRow)]

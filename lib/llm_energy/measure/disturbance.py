@@ -1,0 +1,272 @@
+"""Was a measured window disturbed? Three witnesses, read around every window.
+
+A shared machine (a lab server, a cluster node, a cloud VM with neighbours) can slow a job for
+minutes while per-process accounting sees nothing: the neighbour runs on the host's cores, outside
+this kernel. So each window gets three readings, none of which is trusted alone:
+
+- **Machine speed** (``canary_slowdown``): a fixed small workload (the throughput probe's fp32
+  matmul, [256 x 576] -> 1536, best of a few rounds, about 30 ms) timed just before and just after
+  the window, over the fastest of the same canary when the job started and when the study started
+  (on the same host). 1.0 = as fast as ever; 1.4 = 40% slower. It catches what no counter
+  attributes: a neighbour on the host's shared cores or memory, a lowered clock.
+- **Co-tenants** (``foreign_cpu_share``): the CPU time of every process that is not this job, its
+  children or the processes that launched it (papermill, the runner: the study's own harness), from
+  the kernel's per-process accounting (psutil), as a share of the machine's CPU time in the window.
+  On a GPU, ``foreign_gpu_processes``: other compute processes NVML lists on the job's GPUs.
+- **Hypervisor** (``steal_share``): the ``steal`` time of ``/proc/stat`` over the machine's CPU time
+  in the window (0 outside a VM).
+
+A window past any threshold (``energy.canary_tolerance``, ``energy.max_foreign_cpu_share``,
+``energy.max_steal_share``, any foreign GPU process) is ``contaminated``; :class:`..meter.EnergyMeter`
+measures it again (``energy.on_contaminated: remeasure``) or keeps it with the flag (``flag``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+CANARY_SHAPE = (256, 576, 1536)  # the throughput probe's shape (measure/throughput.PROBE_SHAPE)
+CANARY_CALLS = 4  # calls per round (about 10 ms a round at 190 GFLOP/s)
+CANARY_ROUNDS = 3  # the best round: a busy moment only ever slows a round down
+
+
+@dataclass(frozen=True)
+class Disturbance:
+    """What the three witnesses said about one window (NaN: not read)."""
+
+    canary_slowdown: float = math.nan
+    foreign_cpu_share: float = math.nan
+    steal_share: float = math.nan
+    foreign_gpu_processes: int = 0
+    contaminated: bool = False
+    reasons: str = ""  # e.g. "slowed 1.42x; foreign CPU 48%"
+
+
+CLEAN = Disturbance()
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    canary_tolerance: float = 0.15  # slower than 1 + this is "slowed"
+    max_foreign_cpu_share: float = 0.10
+    max_steal_share: float = 0.05
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Thresholds":
+        return cls(canary_tolerance=getattr(settings, "canary_tolerance", cls.canary_tolerance),
+                   max_foreign_cpu_share=getattr(settings, "max_foreign_cpu_share", cls.max_foreign_cpu_share),
+                   max_steal_share=getattr(settings, "max_steal_share", cls.max_steal_share))
+
+
+def judge(slowdown: float, foreign: float, steal: float, gpu_processes: int, thresholds: Thresholds) -> Disturbance:
+    """The window's flag and, in words, every threshold it passed."""
+    reasons = []
+    if not math.isnan(slowdown) and slowdown > 1.0 + thresholds.canary_tolerance:
+        reasons.append(f"slowed {slowdown:.2f}x")
+    if not math.isnan(foreign) and foreign > thresholds.max_foreign_cpu_share:
+        reasons.append(f"foreign CPU {foreign:.0%}")
+    if not math.isnan(steal) and steal > thresholds.max_steal_share:
+        reasons.append(f"steal {steal:.0%}")
+    if gpu_processes > 0:
+        reasons.append(f"{gpu_processes} foreign GPU process(es)")
+    return Disturbance(slowdown, foreign, steal, gpu_processes, bool(reasons), "; ".join(reasons))
+
+
+# --------------------------------------------------------------------------------------------------
+# The witnesses
+
+
+def make_canary(device: str = "cpu") -> Callable[[], float]:
+    """The machine-speed canary: seconds of one round of the probe's fp32 matmul (best of
+    CANARY_ROUNDS), on the job's device."""
+    import torch
+
+    m, k, n = CANARY_SHAPE
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        x = torch.randn(m, k, device=device)
+        weight = torch.randn(n, k, device=device)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+    def canary() -> float:
+        best = math.inf
+        with torch.inference_mode():
+            torch.nn.functional.linear(x, weight)  # warm caches
+            sync()
+            for _ in range(CANARY_ROUNDS):
+                start = time.perf_counter()
+                for _ in range(CANARY_CALLS):
+                    torch.nn.functional.linear(x, weight)
+                sync()
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    return canary
+
+
+def own_pids(pid: int | None = None) -> set[int]:
+    """This job: the process, its descendants, and its ancestors (the harness that launched it:
+    papermill, the runner, a Dask worker, slurmstepd)."""
+    import psutil
+
+    try:
+        me = psutil.Process(pid or os.getpid())
+    except psutil.Error:
+        return {pid or os.getpid()}
+    pids = {me.pid}
+    try:
+        pids.update(p.pid for p in me.children(recursive=True))
+    except psutil.Error:
+        pass
+    try:
+        pids.update(p.pid for p in me.parents())
+    except psutil.Error:
+        pass
+    return pids
+
+
+def process_cpu_seconds() -> dict[int, float]:
+    """CPU seconds (user + system) of every process the kernel lists."""
+    import psutil
+
+    out: dict[int, float] = {}
+    for proc in psutil.process_iter(["cpu_times"]):
+        times = proc.info.get("cpu_times")
+        if times is not None:
+            out[proc.pid] = float(times.user + times.system)
+    return out
+
+
+def read_proc_stat(path: Path = Path("/proc/stat")) -> tuple[float, float] | None:
+    """(steal, total) jiffies of the machine's aggregate ``cpu`` line; None where there is none."""
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("cpu "):
+                values = [float(v) for v in line.split()[1:]]
+                # user nice system idle iowait irq softirq steal [guest guest_nice: inside user/nice]
+                return (values[7] if len(values) > 7 else 0.0), sum(values[:8])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def foreign_gpu_processes(nvml: Any, indices: Iterable[int], mine: set[int]) -> int:
+    """Compute processes on the job's GPUs that are not the job's."""
+    count = 0
+    for index in indices:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle) or []:
+            if int(proc.pid) not in mine:
+                count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------------
+# The monitor
+
+
+@dataclass
+class _Start:
+    canary_s: float
+    cpu: dict[int, float]
+    stat: tuple[float, float] | None
+    clock: float
+
+
+class DisturbanceMonitor:
+    """Reads the three witnesses around a window: ``begin()`` before the meter starts its sources,
+    ``end(start)`` after they stop (so neither the canary nor the process scan is in the energy).
+
+    Every reader is injectable (tests plant a slow canary or a co-tenant). ``study_canary_s`` is the
+    canary's time when the study started, used only on the host that measured it."""
+
+    def __init__(self, thresholds: Thresholds, device: str = "cpu",
+                 canary: Callable[[], float] | None = None,
+                 cpu_seconds: Callable[[], dict[int, float]] = process_cpu_seconds,
+                 mine: Callable[[], set[int]] = own_pids,
+                 proc_stat: Callable[[], tuple[float, float] | None] = read_proc_stat,
+                 cpu_count: int | None = None,
+                 nvml: Any = None, gpu_indices: Iterable[int] = (),
+                 clock: Callable[[], float] = time.perf_counter,
+                 study_canary_s: float | None = None):
+        self.thresholds = thresholds
+        self.canary = canary if canary is not None else make_canary(device)
+        self.cpu_seconds, self.mine, self.proc_stat = cpu_seconds, mine, proc_stat
+        self.cpu_count = cpu_count or os.cpu_count() or 1
+        self.nvml, self.gpu_indices = nvml, list(gpu_indices)
+        self.clock = clock
+        self.job_canary_s = self.canary()
+        self.study_canary_s = study_canary_s
+
+    @property
+    def reference_s(self) -> float:
+        """The canary's fastest time at the job's or the study's start."""
+        candidates = [self.job_canary_s] + ([self.study_canary_s] if self.study_canary_s else [])
+        return min(c for c in candidates if c and c > 0)
+
+    def begin(self) -> _Start:
+        canary_s = self.canary()
+        return _Start(canary_s, self.cpu_seconds(), self.proc_stat(), self.clock())
+
+    def end(self, start: _Start) -> Disturbance:
+        wall = self.clock() - start.clock
+        cpu_after = self.cpu_seconds()
+        stat_after = self.proc_stat()
+        mine = self.mine()
+        foreign_s = 0.0
+        for pid, seconds in cpu_after.items():
+            if pid in mine:
+                continue
+            # a process born during the window: all its CPU time is the window's
+            foreign_s += max(0.0, seconds - start.cpu.get(pid, 0.0))
+        foreign = foreign_s / (wall * self.cpu_count) if wall > 0 else math.nan
+        steal = math.nan
+        if start.stat is not None and stat_after is not None:
+            total = stat_after[1] - start.stat[1]
+            steal = (stat_after[0] - start.stat[0]) / total if total > 0 else 0.0
+        gpu = 0
+        if self.nvml is not None and self.gpu_indices:
+            try:
+                gpu = foreign_gpu_processes(self.nvml, self.gpu_indices, mine)
+            except Exception:  # noqa: BLE001  (an NVML without process listing: not read)
+                gpu = 0
+        slowdown = max(start.canary_s, self.canary()) / self.reference_s
+        return judge(slowdown, min(foreign, 1.0), steal, gpu, self.thresholds)
+
+
+def study_canary_path(study_dir: Path) -> Path:
+    return Path(study_dir) / "state" / "canary.json"
+
+
+def write_study_canary(study_dir: Path, seconds: float) -> None:
+    """The canary's time at the study's start, with the host that measured it."""
+    import json
+
+    path = study_canary_path(study_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seconds": seconds, "host": socket.gethostname()}))
+
+
+def read_study_canary(study_dir: Path | None) -> float | None:
+    """The study's start canary when it was measured on this host; None otherwise."""
+    import json
+
+    if study_dir is None:
+        return None
+    try:
+        data = json.loads(study_canary_path(study_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("host") != socket.gethostname():
+        return None  # another node's speed says nothing about this one
+    seconds = data.get("seconds")
+    return float(seconds) if seconds else None

@@ -1,0 +1,286 @@
+"""Disturbed windows: machine-speed canary, co-tenants, steal, idle drift, the re-measure stage.
+
+The tests marked ``quiet`` plant a real CPU load beside a real window (and measure the same window
+alone), so they need the machine to themselves: tools/parallel_tests.py runs them after both groups,
+alone."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from llm_energy.config import EnergySettings
+from llm_energy.measure.disturbance import (
+    DisturbanceMonitor,
+    Thresholds,
+    judge,
+    own_pids,
+    read_proc_stat,
+    read_study_canary,
+    write_study_canary,
+)
+from llm_energy.measure.meter import ComponentReading, EnergyMeter, RepeatedMeasurement
+from llm_energy.runner.jobs import Job
+from llm_energy.runner.study import remeasure_candidates
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+@dataclass
+class PowerSource:
+    """A CPU estimate at a power the test sets, over the fake clock."""
+
+    clock: FakeClock
+    power_w: float = 10.0
+    name: str = "codecarbon"
+
+    def begin(self, window):
+        self.t0 = self.clock.now
+
+    def end(self):
+        return {"cpu": ComponentReading(self.power_w * (self.clock.now - self.t0), "codecarbon:cpu_load")}
+
+    def close(self):
+        pass
+
+
+def fake_monitor(clock, canary_times, foreign=None, steal=None, **kw):
+    """A monitor whose canary returns the given times in turn (the last one repeats), whose process
+    accounting and /proc/stat advance as the test says per window."""
+    times = list(canary_times)
+    state = {"cpu": 0.0, "steal": 0.0, "total": 0.0}
+
+    def canary():
+        return times.pop(0) if len(times) > 1 else times[0]
+
+    def cpu_seconds():
+        return {999_999: state["cpu"]}
+
+    def proc_stat():
+        return state["steal"], state["total"]
+
+    monitor = DisturbanceMonitor(Thresholds(), canary=canary, cpu_seconds=cpu_seconds, mine=lambda: {os.getpid()},
+                                 proc_stat=proc_stat, cpu_count=2, clock=clock, **kw)
+    return monitor, state
+
+
+def meter_with(clock, monitor, **settings):
+    values = dict(idle_seconds=1.0, repeats=1, max_repeats=3, carbon_intensity_g_per_kwh=100.0, min_window_s=0.0)
+    values.update(settings)
+    return EnergyMeter(EnergySettings(**values), device="cpu", sources=[PowerSource(clock)], clock=clock,
+                       sleep=clock.sleep, synchronize=lambda: None, monitor=monitor)
+
+
+def test_judge_names_every_threshold_passed():
+    clean = judge(1.05, 0.02, 0.0, 0, Thresholds())
+    assert not clean.contaminated and clean.reasons == ""
+    bad = judge(1.5, 0.4, 0.2, 1, Thresholds())
+    assert bad.contaminated
+    assert bad.reasons == "slowed 1.50x; foreign CPU 40%; steal 20%; 1 foreign GPU process(es)"
+
+
+def test_a_slowed_canary_marks_the_window_slowed_with_its_factor_and_flag_only_keeps_it():
+    clock = FakeClock()
+    # job start 10 ms; before the window 15 ms, after it 15 ms: 1.5x slower
+    monitor, _ = fake_monitor(clock, [0.010, 0.015, 0.015])
+    meter = meter_with(clock, monitor, on_contaminated="flag")
+    _, record = meter.measure_clean(lambda: clock.sleep(2.0), "w")
+    assert record.contaminated and record.attempts == 1
+    assert record.canary_slowdown == pytest.approx(1.5)
+    assert "slowed 1.50x" in record.disturbance
+
+
+def test_a_contaminated_window_is_measured_again_and_the_clean_one_kept():
+    clock = FakeClock()
+    # first attempt slowed (before 0.014, after 0.016), the second as fast as at the start
+    monitor, _ = fake_monitor(clock, [0.010, 0.014, 0.016, 0.010, 0.010])
+    meter = meter_with(clock, monitor, on_contaminated="remeasure")
+    _, record = meter.measure_clean(lambda: clock.sleep(2.0), "w")
+    assert not record.contaminated and record.attempts == 2
+    assert record.canary_slowdown == pytest.approx(1.0)
+
+
+def test_the_study_start_canary_is_the_reference_when_the_job_started_slow():
+    clock = FakeClock()
+    monitor, _ = fake_monitor(clock, [0.020, 0.020, 0.020], study_canary_s=0.010)
+    meter = meter_with(clock, monitor, on_contaminated="flag")
+    _, record = meter.measure_clean(lambda: clock.sleep(1.0), "w")
+    assert record.canary_slowdown == pytest.approx(2.0) and record.contaminated
+
+
+def test_foreign_cpu_share_and_steal_share_are_shares_of_the_machines_cpu_time():
+    clock = FakeClock()
+    monitor, state = fake_monitor(clock, [0.010])
+    meter = meter_with(clock, monitor, on_contaminated="flag")
+
+    def busy_neighbour():
+        clock.sleep(4.0)  # 4 s of wall time on 2 cores: 8 CPU-seconds
+        state["cpu"] += 2.0  # a foreign process ran 2 of them: 25%
+        state["steal"] += 40.0  # of 400 jiffies of the machine: 10%
+        state["total"] += 400.0
+
+    _, record = meter.measure_clean(busy_neighbour, "w")
+    assert record.foreign_cpu_share == pytest.approx(0.25)
+    assert record.steal_share == pytest.approx(0.10)
+    assert record.contaminated and "foreign CPU 25%" in record.disturbance and "steal 10%" in record.disturbance
+
+
+def test_foreign_gpu_processes_come_from_nvml_on_the_jobs_gpu():
+    class Nvml:
+        def nvmlDeviceGetHandleByIndex(self, i):
+            return i
+
+        def nvmlDeviceGetComputeRunningProcesses(self, handle):
+            return [SimpleNamespace(pid=os.getpid()), SimpleNamespace(pid=424242)] if handle == 1 else []
+
+    clock = FakeClock()
+    monitor, _ = fake_monitor(clock, [0.010], nvml=Nvml(), gpu_indices=[1])
+    _, record = meter_with(clock, monitor, on_contaminated="flag").measure_clean(lambda: clock.sleep(1.0), "w")
+    assert record.foreign_gpu_processes == 1 and record.contaminated
+
+
+def test_repeated_and_chunked_measurements_report_their_flags():
+    clock = FakeClock()
+    monitor, _ = fake_monitor(clock, [0.010])
+    meter = meter_with(clock, monitor, windows=3)
+    durations = iter([1.0, 1.0, 2.0])
+    measurement = meter.measure_chunks([lambda: clock.sleep(next(durations))] * 3, [4, 4, 4], "w")
+    assert measurement.contaminated_windows == 0 and measurement.remeasured_windows == 0
+    # the third window ran at half the others' rate: a rate outlier (evidence, not a re-measure)
+    assert measurement.rate_vs_median() == pytest.approx([1.0, 1.0, 0.5])
+    assert measurement.rate_outliers() == [False, False, True]
+    assert measurement.worst("canary_slowdown") == pytest.approx(1.0)
+
+
+def test_rate_outliers_need_three_windows():
+    records = tuple(SimpleNamespace(duration_s=d) for d in (1.0, 3.0))
+    assert RepeatedMeasurement(records, None, unit="chunk", window_items=(2, 2)).rate_outliers() == [False, False]
+
+
+def test_idle_drift_is_the_change_of_loaded_idle_after_the_windows():
+    clock = FakeClock()
+    meter = EnergyMeter(EnergySettings(idle_seconds=2.0, carbon_intensity_g_per_kwh=1.0), device="cpu",
+                        sources=[source := PowerSource(clock, power_w=10.0)], clock=clock, sleep=clock.sleep,
+                        synchronize=lambda: None)
+    meter.measure_idle_baseline(kind="loaded")
+    source.power_w = 12.5
+    after, drift = meter.measure_idle_drift()
+    assert after.kind == "loaded_after" and after.power_w == pytest.approx(12.5)
+    assert drift == pytest.approx(0.25)
+    assert meter.idle.power_w == pytest.approx(10.0)  # net energy keeps the baseline measured before
+
+
+def test_idle_drift_is_flagged_in_idle_baselines(tmp_path):
+    from llm_energy.measure.meter import IdleBaseline
+    from llm_energy.tables import store
+    from llm_energy.tables.rows import record_idle_baselines
+
+    record_idle_baselines(tmp_path, "c", "inference", "cpu", IdleBaseline(12.5, 2.0, "m", "loaded_after"),
+                          drift=0.25, max_drift=0.10)
+    record_idle_baselines(tmp_path, "d", "inference", "cpu", IdleBaseline(10.2, 2.0, "m", "loaded_after"),
+                          drift=0.02, max_drift=0.10)
+    rows = store.read_table(tmp_path, "idle_baselines").set_index("config_id")
+    assert bool(rows.loc["c", "drifted"]) and not bool(rows.loc["d", "drifted"])
+    assert rows.loc["c", "idle_drift"] == pytest.approx(0.25)
+
+
+def test_the_study_canary_counts_only_on_its_own_host(tmp_path, monkeypatch):
+    write_study_canary(tmp_path, 0.012)
+    assert read_study_canary(tmp_path) == pytest.approx(0.012)
+    monkeypatch.setattr("socket.gethostname", lambda: "another-node")
+    assert read_study_canary(tmp_path) is None
+
+
+def test_proc_stat_steal_is_read():
+    stat = read_proc_stat()
+    if stat is None:
+        pytest.skip("no /proc/stat here")
+    steal, total = stat
+    assert 0 <= steal <= total
+
+
+def test_remeasure_candidates_map_flagged_configs_to_their_jobs():
+    energy = pd.DataFrame({"config_id": ["a__fp32", "a__fp32", "a__bf16", "a__fp32__wanda", "a__fp32__wanda__recovered"],
+                           "task": ["rca", "qa", "rca", "rca", "rca"], "contaminated_windows": [0, 2, 0, 0, 1]})
+    jobs = [Job("inference", "a__fp32", {}), Job("inference", "a__bf16", {}), Job("pruning", "a__fp32__wanda", {}),
+            Job("finetune", "a__fp32", {})]
+    assert remeasure_candidates(energy, jobs) == {"inference__a__fp32": ["a__fp32"],
+                                                  "pruning__a__fp32__wanda": ["a__fp32__wanda__recovered"]}
+    assert remeasure_candidates(energy.drop(columns="contaminated_windows"), jobs) == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# A real co-tenant beside a real window
+
+
+SPIN = "import time\nend = time.time() + 60\nwhile time.time() < end:\n    pass\n"
+
+
+def start_cotenant():
+    """A process spinning one core that is not this job's: started through a shell that exits at once,
+    so the spinner is re-parented away from the test process (as another user's process would be)."""
+    out = subprocess.run(["sh", "-c", f'"{sys.executable}" -c "$0" >/dev/null 2>&1 & echo $!', SPIN],
+                         capture_output=True, text=True, check=True)
+    pid = int(out.stdout.strip())
+    time.sleep(0.3)
+    assert pid not in own_pids()
+    return pid
+
+
+def real_meter(**settings):
+    values = dict(repeats=1, max_repeats=2, carbon_intensity_g_per_kwh=100.0, min_window_s=0.0,
+                  on_contaminated="remeasure")
+    values.update(settings)
+    clock = FakeClock()
+    return EnergyMeter(EnergySettings(**values), device="cpu", sources=[PowerSource(clock)],
+                       synchronize=lambda: None, monitor=DisturbanceMonitor(Thresholds.from_settings(EnergySettings(**values))))
+
+
+def workload():
+    import torch
+
+    a = torch.randn(384, 384)
+    end = time.perf_counter() + 1.0
+    while time.perf_counter() < end:
+        a @ a
+
+
+@pytest.mark.quiet
+def test_a_window_beside_a_planted_cpu_load_is_contaminated_measured_again_and_flagged():
+    pid = start_cotenant()
+    try:
+        meter = real_meter()
+        measurement = meter.measure_repeated(workload, "beside-a-load")
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    record = measurement.records[0]
+    assert record.contaminated, record
+    assert record.foreign_cpu_share > 0.3  # one of two cores spun by the neighbour
+    assert record.attempts == 2 and measurement.remeasured_windows == 1  # measured again, then kept flagged
+    assert measurement.contaminated_windows == 1
+
+
+@pytest.mark.quiet
+def test_the_same_window_alone_is_clean():
+    meter = real_meter()
+    measurement = meter.measure_repeated(workload, "alone")
+    record = measurement.records[0]
+    assert not record.contaminated, record.disturbance
+    assert record.attempts == 1
+    assert record.foreign_cpu_share < 0.10 and not math.isnan(record.canary_slowdown)
