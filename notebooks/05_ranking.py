@@ -146,5 +146,12 @@ energy_view = tables["energy"].reindex(columns=[
     "energy_method", "estimated_components"])
 energy_view
 
+# %% [markdown]
+# Where each measured job ran (`tables/idle_baselines.csv`, read when its idle baselines were taken): host, CPU and the speed-deciding instruction flags it has, cores, frequency governor and clock, the 1-minute load average, GPU and its power limit. A job on another node (SLURM) shows its own machine; the machine the throughput probe ran on is in the summary's **Hardware** paragraph (`provenance.json`).
+
+# %% tags=["nbval-ignore-output"]
+job_hardware = rk.job_hardware(study_dir)
+job_hardware if not job_hardware.empty else "no per-job hardware columns (tables written before they existed)"
+
 # %% tags=["nbval-ignore-output"]
 tables["scores"].pivot_table(index="config_id", columns=["task", "metric"], values="value").round(3)
