@@ -342,7 +342,7 @@ def test_the_report_says_where_each_job_ran(tmp_path):
     one = tmp_path / "one"
     results.upsert_rows(one, "idle_baselines", [{**base, **zen3, "config_id": "a", "kind": "loaded",
                                                  "load_avg_1m": 0.2}])
-    assert rk.hardware_lines(one)[0] == ("All 1 measured jobs ran on node1: AMD EPYC 7763 64-Core Processor, flags "
+    assert rk.hardware_lines(one)[0] == ("The one measured job ran on node1: AMD EPYC 7763 64-Core Processor, flags "
                                          "avx2 (tables/idle_baselines.csv).")
     old = tmp_path / "old"  # tables written before the hardware columns
     results.upsert_rows(old, "idle_baselines", [{k: v for k, v in {**base, "config_id": "a", "kind": "loaded"}.items()

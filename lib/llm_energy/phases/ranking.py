@@ -356,7 +356,8 @@ def hardware_lines(study_dir: str | Path) -> list[str]:
 
     groups = list(machines)
     if len(groups) == 1:
-        lines.append(f"All {len(jobs)} measured jobs ran on {machine(groups[0][0])} (tables/idle_baselines.csv).")
+        lines.append(f"{'The one measured job' if len(jobs) == 1 else f'All {len(jobs)} measured jobs'} ran on "
+                     f"{machine(groups[0][0])} (tables/idle_baselines.csv).")
     else:
         lines.append(f"The {len(jobs)} measured jobs ran on {len(groups)} machines (tables/idle_baselines.csv):")
         lines += [f"- {machine(values)}: " + ", ".join(f"{r.config_id} ({r.phase})" for r in group.itertuples())
