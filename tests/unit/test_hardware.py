@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
 
 from llm_energy.measure import hardware as hw
@@ -297,9 +296,10 @@ def _provenance(study, flags: dict[str, bool] | None, skipped: dict[str, str], d
 
 
 def test_the_report_puts_the_probe_beside_the_flags(tmp_path):
+    from test_ranking_phase import summary, write_study
+
     from llm_energy.config import RankingSettings
     from llm_energy.phases import ranking as rk
-    from test_ranking_phase import summary, write_study
 
     study = write_study(tmp_path / "s", {"fp32": (0.8, 0.7), "w8a8": (0.6, 0.5)}, {"fp32": 2e-6, "w8a8": 1e-6})
     _provenance(study, hw.isa_flags(ZEN3), {"bf16": "bf16: 1.2 GFLOP/s vs 30 fp32 ..."})
