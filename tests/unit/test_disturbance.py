@@ -284,3 +284,34 @@ def test_the_same_window_alone_is_clean():
     assert not record.contaminated, record.disturbance
     assert record.attempts == 1
     assert record.foreign_cpu_share < 0.10 and not math.isnan(record.canary_slowdown)
+
+
+def test_the_remeasure_stage_runs_a_flagged_job_again_once_per_study(tmp_path):
+    from llm_energy.layout import StudyLayout
+    from llm_energy.runner.study import StudyOutcome, _remeasure_stage
+    from llm_energy.tables import store
+
+    layout = StudyLayout(tmp_path)
+    layout.state.mkdir(parents=True)
+    path = store.table_path(tmp_path, "energy")
+    path.parent.mkdir(parents=True)
+    pd.DataFrame({"config_id": ["m__fp32", "m__bf16"], "phase": "inference", "task": "qa",
+                  "contaminated_windows": [1, 0]}).to_csv(path, index=False)
+    energy = SimpleNamespace(on_contaminated="remeasure", detect_disturbance=True)
+    run = SimpleNamespace(study=SimpleNamespace(energy=energy), layout=layout, outcome=StudyOutcome(out_dir=tmp_path))
+    jobs = [Job("inference", "m__fp32", {}), Job("inference", "m__bf16", {})]
+    assert [j.key for j in _remeasure_stage(run, jobs)] == ["inference__m__fp32"]
+    assert run.outcome.remeasured == ["inference__m__fp32"]
+    assert _remeasure_stage(run, jobs) == []  # still flagged after its second run: it stands, flags included
+    energy.on_contaminated = "flag"
+    (layout.state / "remeasured.json").unlink()
+    assert _remeasure_stage(run, jobs) == []
+
+
+def test_ranking_excludes_contaminated_configs_when_asked():
+    from llm_energy.phases.ranking import contaminated_configs
+
+    energy = pd.DataFrame({"config_id": ["a", "a", "b"], "phase": ["inference", "inference", "inference"],
+                           "contaminated_windows": [0, 1, 0]})
+    assert contaminated_configs(energy) == {"a"}
+    assert contaminated_configs(energy.drop(columns="contaminated_windows")) == set()
