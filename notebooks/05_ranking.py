@@ -153,5 +153,12 @@ energy_view
 job_hardware = rk.job_hardware(study_dir)
 job_hardware if not job_hardware.empty else "no per-job hardware columns (tables written before they existed)"
 
+# %% [markdown]
+# Was each measured job disturbed? Per job: the worst share of the machine's CPU time other processes took in one of its windows, the worst machine-speed canary against the job's and the study's start (1.0 = as fast), the worst hypervisor steal, its windows kept contaminated and those measured again, and its loaded-idle drift (after its windows against before; `drifted` beyond `energy.max_idle_drift`).
+
+# %% tags=["nbval-ignore-output"]
+disturbance = rk.disturbance_table(study_dir)
+disturbance.round(3) if not disturbance.empty else "no disturbance readings (tables written before they existed)"
+
 # %% tags=["nbval-ignore-output"]
 tables["scores"].pivot_table(index="config_id", columns=["task", "metric"], values="value").round(3)
