@@ -16,11 +16,10 @@
 # %% [markdown]
 # # Energy-aware deployment study — report
 #
-# This report is the executed ranking notebook. It reads only the study's saved tables and ranks every
-# configuration, as Tran, Jaumard and Delgado (*Energy-Aware LLMs*, 2025) propose, by
-# **R = w·φ + (1−w)·ρ**: φ is energy efficiency and ρ mean task performance, both in [0, 1], and w the
-# weight a deployment gives to energy. R is shown over a sweep of w, with the Pareto front of energy
-# against quality, the stability of ranks under resampling, and the paper's figures.
+# Which model, precision and pruning to deploy, given what each costs in energy and gives in task
+# quality: every configuration ranked by **R = w·φ + (1−w)·ρ** (Tran, Jaumard and Delgado, *Energy-Aware
+# LLMs*, 2025; φ energy efficiency, ρ mean task performance, both in [0, 1], w the weight given to
+# energy). The answer first, then the evidence figure by figure, then the methods, then the tables.
 
 # %% tags=["parameters"]
 study_dir: str = ""  # a study folder with tables/ to rank; empty: a small example study built here (below)
@@ -34,7 +33,7 @@ from llm_energy import layout
 layout.refuse_study_parameters(globals(), "notebooks/05_ranking.ipynb")  # a whole study's file stops here: see `llm-energy params`
 
 # %%
-from IPython.display import Markdown, display
+from IPython.display import HTML, Markdown, display
 
 from llm_energy import config, layout
 from llm_energy.phases import ranking as rk
@@ -52,13 +51,16 @@ tables = rk.load_tables(study_dir)
 outcome = rk.rank_study(study_dir, settings)
 origin, skipped, failures = rk.config_notes(study_dir)
 
+# %% [markdown]
+# ## The answer
+
 # %% tags=["nbval-ignore-output"]
-display(Markdown(rk.summary_markdown(outcome, origin, skipped, failures,
-                                         finetune_lines=rk.finetune_effect(tables["scores"], tables["energy"]))))
+display(Markdown(rk.answer_markdown(outcome)))
 
 # %% [markdown]
-# ## Ranking across w
-# R for every configuration over the sweep of w, and the Pareto front of energy against quality at the chosen w (Figure 7).
+# ## The evidence
+# ### Figure 7 — ranking across w, and energy against quality
+# How to read it: (a) R of every configuration as the weight on energy w goes from 0 (quality only) to 1 (energy only); lines that cross swap places. (b) energy per item against ρ at the chosen w: the Pareto front joins the configurations no other beats on both; lower right is better (less energy, more quality).
 
 # %% tags=["nbval-ignore-output"]
 fig7 = plots.fig7_ranking(outcome.result.table, w=settings.w, energy_method=rk.figure_energy_method(outcome.methods))
@@ -66,36 +68,16 @@ plots.save_figure(fig7, study_dir / "figures", "fig7_ranking")
 plots.as_image(fig7)
 
 # %% tags=["nbval-ignore-output"]
-at_w = outcome.result.table[outcome.result.table["w"].round(6) == round(settings.w, 6)]
-at_w[["rank", "config_id", "R", "phi", "rho", "energy_kwh_per_item", "pareto"]].set_index("rank")
+display(HTML(rk.collapsible(rk.ranking_view(outcome.result.table, settings.w), f"Ranking at w = {settings.w:g}",
+                            open=True)))
+display(HTML(rk.collapsible(outcome.stability.assign(config_id=outcome.stability["config_id"].map(rk.pretty_config))
+                            if outcome.stability is not None else None,
+                            "Rank stability", "Share of bootstrap resamples (items and energy repeats) in which each "
+                            "configuration takes each rank.")))
 
 # %% [markdown]
-# Rank stability: share of bootstrap resamples (items and energy repeats) in which each configuration takes each rank.
-
-# %% tags=["nbval-ignore-output"]
-outcome.stability if outcome.stability is not None else "no per-item scores to resample"
-
-# %% [markdown]
-# ## Figure 1 — token lengths of the datasets
-
-# %% tags=["nbval-ignore-output"]
-fig1 = plots.fig1_token_lengths(tables["token_lengths"])
-plots.save_figure(fig1, study_dir / "figures", "fig1_token_lengths")
-plots.as_image(fig1)
-
-# %% [markdown]
-# ## Figure 3 — fine-tuning energy against training loss
-
-# %% tags=["nbval-ignore-output"]
-if rk.empty(tables["training"]):
-    display(Markdown("_The fine-tuning phase was not part of this study._"))
-else:
-    fig3 = plots.fig3_finetune_energy_loss(tables["training"], rk.figure_energy_method(outcome.methods) or "")
-    plots.save_figure(fig3, study_dir / "figures", "fig3_finetune_energy_loss")
-    display(plots.as_image(fig3))
-
-# %% [markdown]
-# ## Figure 4 — inference energy and carbon per precision
+# ### Figure 4 — inference energy and carbon per precision
+# How to read it: energy (top) and carbon (bottom) per item of every task, per precision, one panel per model; bars are means over the measured windows, whiskers their spread; a hatched or "estimated" note means CodeCarbon modelled the power rather than a counter measuring it.
 
 # %% tags=["nbval-ignore-output"]
 fig4 = plots.fig4_inference_energy_carbon(tables["energy"])
@@ -103,7 +85,8 @@ plots.save_figure(fig4, study_dir / "figures", "fig4_inference_energy_carbon")
 plots.as_image(fig4)
 
 # %% [markdown]
-# ## Figure 5 — impact of the quantization level on each task metric
+# ### Figure 5 — impact of the quantization level on each task metric
+# How to read it: each panel one task metric, each line one model across precisions (fp32 → 4-bit); the band is its 95% interval. A drop beyond the band is a loss of quality the data can see; the sentences below say which differences are beyond noise.
 
 # %% tags=["nbval-ignore-output"]
 fig5 = plots.fig5_quantization_impact(tables["scores"], tables["energy"])
@@ -112,7 +95,8 @@ display(plots.as_image(fig5))
 display(Markdown(rk.quality_changes(outcome, "quantization")))
 
 # %% [markdown]
-# ## Figure 6 — pruning
+# ### Figure 6 — pruning
+# How to read it: the pruned (and recovered) variants of each pruned configuration beside it unpruned: energy per item and the headline metric of each task. Pruning pays when energy falls and the metric does not fall beyond its interval.
 
 # %% tags=["nbval-ignore-output"]
 if not (tables["energy"]["phase"] == "pruning").any():
@@ -126,7 +110,7 @@ else:
     display(Markdown(rk.quality_changes(outcome, "pruning")))
 
 # %% [markdown]
-# ## What it costs over its life
+# ### What it costs over its life (Figure 8)
 # Making a variant costs energy once (fine-tuning, Wanda calibration, pruning, recovery fine-tuning); serving costs energy per query. The table gives each variant's setup energy, its energy per query, and after how many queries it pays for itself against its reference (its model at fp32, no adapter, no pruning), with its quality change beside it. Figure 8 draws setup + N × per query for the top set and the variants with a break-even count (fewest queries first), with their references: where a variant's line crosses below its reference's (●) it has paid for itself. To rank at a chosen life, set `amortize_over` in the parameters cell (e.g. `1e6`) and run the notebook again.
 
 # %% tags=["nbval-ignore-output"]
@@ -136,29 +120,54 @@ plots.save_figure(fig8, study_dir / "figures", "fig8_lifecycle")
 plots.as_image(fig8)
 
 # %% [markdown]
-# ## Tables
-# Energy per config, phase and task (gross, net of the idle baseline, its uncertainty and which estimator it is, whether net energy fell to idle or below, tokens as run and as prompted, method) and task scores with 95% bootstrap intervals.
+# ### Figure 1 — token lengths of the datasets
+# How to read it: how many tokens each task's items take under the model's tokenizer, per split; energy per item follows the tokens an item runs, so a task with longer items costs more per item at every precision.
 
 # %% tags=["nbval-ignore-output"]
-energy_view = tables["energy"].reindex(columns=[
-    "config_id", "phase", "task", "n_items", "n_tokens", "n_tokens_prompted", "duration_s", "energy_kwh",
-    "energy_net_kwh", "net_at_or_below_idle", "energy_kwh_std", "energy_std_estimator", "repeats", "emissions_kg",
-    "energy_method", "estimated_components"])
-energy_view
+fig1 = plots.fig1_token_lengths(tables["token_lengths"])
+plots.save_figure(fig1, study_dir / "figures", "fig1_token_lengths")
+plots.as_image(fig1)
 
 # %% [markdown]
-# Where each measured job ran (`tables/idle_baselines.csv`, read when its idle baselines were taken): host, CPU and the speed-deciding instruction flags it has, cores, frequency governor and clock, the 1-minute load average, GPU and its power limit. A job on another node (SLURM) shows its own machine; the machine the throughput probe ran on is in the summary's **Hardware** paragraph (`provenance.json`).
+# ### Figure 3 — fine-tuning energy against training loss
+# How to read it: per fine-tuned configuration, training and validation loss per epoch and the energy each epoch cost; a curve that flattens while energy keeps rising is where more epochs stop paying.
 
 # %% tags=["nbval-ignore-output"]
-job_hardware = rk.job_hardware(study_dir)
-job_hardware if not job_hardware.empty else "no per-job hardware columns (tables written before they existed)"
+if rk.empty(tables["training"]):
+    display(Markdown("_The fine-tuning phase was not part of this study._"))
+else:
+    fig3 = plots.fig3_finetune_energy_loss(tables["training"], rk.figure_energy_method(outcome.methods) or "")
+    plots.save_figure(fig3, study_dir / "figures", "fig3_finetune_energy_loss")
+    display(plots.as_image(fig3))
+
+# %% [markdown]
+# ## Methods
+# How the answer was reached: the formula and its scales, how stable the ranks are, how precise the scores are, the device and its hardware, disturbed measurements, the data, how energy was obtained (measured or estimated), where the weights came from, what was skipped or failed.
+
+# %% tags=["nbval-ignore-output"]
+display(Markdown(rk.methods_markdown(outcome, origin, skipped, failures,
+                                     finetune_lines=rk.finetune_effect(tables["scores"], tables["energy"]))))
+
+# %% [markdown]
+# ## Tables
+# Click a title to open its table. Every number is also in the study's `tables/` folder as CSV, in base units (kWh, s).
+
+# %% tags=["nbval-ignore-output"]
+display(HTML(rk.collapsible(rk.energy_view(tables["energy"]), "Energy per config, phase and task",
+                            "mWh per item gross and net of the job's loaded-idle power, its standard error, J per "
+                            "1k tokens as they ran, mg CO2e per item, windows and those kept contaminated, the "
+                            "method and which components it estimates.")))
+display(HTML(rk.collapsible(rk.scores_view(tables["scores"]), "Scores", "Every metric of every configuration; "
+                            "95% bootstrap intervals in tables/scores.csv.")))
+
+# %% [markdown]
+# Where each measured job ran (`tables/idle_baselines.csv`, read when its idle baselines were taken): host, CPU and the speed-deciding instruction flags it has, cores, frequency governor and clock, the 1-minute load average, GPU and its power limit. A job on another node (SLURM) shows its own machine; the machine the throughput probe ran on is in the Methods' **Hardware** paragraph (`provenance.json`).
+
+# %% tags=["nbval-ignore-output"]
+display(HTML(rk.collapsible(rk.job_hardware(study_dir), "Hardware per job")))
 
 # %% [markdown]
 # Was each measured job disturbed? Per job: the worst share of the machine's CPU time other processes took in one of its windows, the worst machine-speed canary against the job's and the study's start (1.0 = as fast), the worst hypervisor steal, its windows kept contaminated and those measured again, and its loaded-idle drift (after its windows against before; `drifted` beyond `energy.max_idle_drift`).
 
 # %% tags=["nbval-ignore-output"]
-disturbance = rk.disturbance_table(study_dir)
-disturbance.round(3) if not disturbance.empty else "no disturbance readings (tables written before they existed)"
-
-# %% tags=["nbval-ignore-output"]
-tables["scores"].pivot_table(index="config_id", columns=["task", "metric"], values="value").round(3)
+display(HTML(rk.collapsible(rk.disturbance_table(study_dir), "Disturbance per job")))

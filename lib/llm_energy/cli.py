@@ -73,6 +73,14 @@ def _report(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"report: {path}")
+    if args.pdf:
+        from .report.html import PdfUnavailable, render_pdf
+
+        try:
+            print(f"pdf: {render_pdf(path)}")
+        except PdfUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -174,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="re-render the ranking, figures and report.html from saved tables")
     report.add_argument("dir", type=Path, help="a study output folder")
+    report.add_argument("--pdf", action="store_true",
+                        help="also write report.pdf beside it (headless Chromium's print to PDF)")
     report.set_defaults(func=_report)
 
     plan = sub.add_parser("plan", help="the jobs, each precision's measured speed here, skips and estimated times")

@@ -210,3 +210,34 @@ def test_rankings_say_what_they_cannot_separate(smoke_run):
     html = (out / "report.html").read_text()
     assert ("No single best configuration at w = 0.5" in html) or ("Best at w = 0.5" in html)
     assert "Quantization against fp32, paired on the same items" in html
+
+
+def test_the_shared_report_opens_with_the_answer_and_leaks_nothing(smoke_run):
+    """Answer, then the evidence figure by figure, then methods, then tables; no warning, traceback or
+    local path anywhere in it (stderr kept in logs/report-warnings.log instead)."""
+    from llm_energy.report.html import leaks
+
+    out, _ = smoke_run
+    html = (out / "report.html").read_text()
+    assert leaks(html) == []
+    assert str(out) not in html
+    order = [html.index(marker) for marker in ("The answer", "The evidence", "Figure 7", "Figure 4", "Methods",
+                                               "Energy method", "Energy per config, phase and task")]
+    assert order == sorted(order), order
+    assert "How to read it" in html
+    assert "tiny-random-llama · fp32" in html  # config ids as model · precision · adapter · pruning
+
+
+def test_report_pdf_from_the_cli(smoke_run, tmp_path):
+    import shutil
+
+    from llm_energy import cli
+    from llm_energy.report.html import find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("no chromium on this machine (Debian package 'chromium'); .ci/run installs it")
+    out, _ = smoke_run
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    assert cli.main(["report", str(copy), "--pdf"]) == 0
+    assert (copy / "report.pdf").read_bytes()[:5] == b"%PDF-"

@@ -535,11 +535,51 @@ def _fmt_energy(kwh: float) -> str:
     return f"{wh:.3g} Wh" if wh >= 0.1 else f"{wh * 1000:.3g} mWh"
 
 
-def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], skipped: list[dict[str, str]],
-                     failures: list[dict[str, str]], k: int = 3, finetune_lines: list[str] | None = None) -> str:
-    """The written summary at the top of the report."""
+def pretty_config(config_id: str) -> str:
+    """A config id as a person reads it: model · precision · adapter · pruning (· recovered), the parts
+    of its grammar (layout.config_id_for) that are set."""
+    return " · ".join(part for part in str(config_id).split("__") if part)
+
+
+def _ordinal(n: int) -> str:
+    return {1: "the least", 2: "2nd least", 3: "3rd least"}.get(n, f"{n}th least")
+
+
+def reason_line(row: Any, at_w: pd.DataFrame) -> str:
+    """Why a config stands where it does, in one line: its R from φ and ρ, where its energy per item
+    and its ρ place it among the ranked configs."""
+    energies = at_w["energy_kwh_per_item"].astype(float)
+    rhos = at_w["rho"].astype(float)
+    energy_place = int((energies < float(row["energy_kwh_per_item"]) - 1e-18).sum()) + 1
+    rho_place = int((rhos > float(row["rho"]) + 1e-12).sum()) + 1
+    rho_words = "the best ρ" if rho_place == 1 else f"ρ {rhos.max() - float(row['rho']):.3f} below the best"
+    return (f"R = {row['R']:.3f} from φ = {row['phi']:.3f} ({_fmt_energy(row['energy_kwh_per_item'])} per item, "
+            f"{_ordinal(energy_place).replace('the least', 'the least energy')}"
+            + ("" if energy_place == 1 else " energy") + f" of {len(at_w)}) and ρ = {row['rho']:.3f} ({rho_words})")
+
+
+def answer_markdown(outcome: RankingOutcome, k: int = 3) -> str:
+    """The report's opening: the answer at the chosen w (the configs the data cannot separate from the
+    top, each with p_best and why), then the top k with their rank stability."""
+    table = outcome.result.table
+    at_w = table[np.isclose(table["w"], outcome.w)]
+    lines = [separability_sentence(outcome), ""]
+    tied = at_w[at_w["tied_with_top"].astype(bool)] if "tied_with_top" in at_w else at_w.iloc[:0]
+    if "p_best" in at_w and not at_w["p_best"].isna().all() and len(tied):
+        for _, row in tied.sort_values(["rank", "config_id"]).iterrows():
+            lines.append(f"- **{pretty_config(row['config_id'])}** — best in {row['p_best']:.0%} of resamples; "
+                         + reason_line(row, at_w) + ".")
+        lines.append("")
+    lines += _top_lines(outcome, k)
+    if outcome.contaminated_excluded:
+        lines += ["", "Left out of this ranking for disturbed measurements (ranking.contaminated: exclude): "
+                  + ", ".join(pretty_config(c) for c in outcome.contaminated_excluded) + "."]
+    return "\n".join(lines)
+
+
+def _top_lines(outcome: RankingOutcome, k: int) -> list[str]:
     top = rank.summarise_top(outcome.result, outcome.w, k=k)
-    lines = [f"### Top configurations at w = {outcome.w:g}", "", separability_sentence(outcome), ""]
+    lines = [f"### Top configurations at w = {outcome.w:g}", ""]
     stability = outcome.stability.set_index("config_id") if outcome.stability is not None else None
     for row in top:
         robust = ""
@@ -548,11 +588,26 @@ def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
             if not (isinstance(share, float) and math.isnan(share)):
                 robust = f"; holds rank {int(row['rank'])} in {share:.0%} of {len(outcome.stability) and 'bootstrap'} resamples"
         lines.append(
-            f"{int(row['rank'])}. **{row['config_id']}** — R = {row['R']:.3f} (φ = {row['phi']:.3f}, "
+            f"{int(row['rank'])}. **{pretty_config(row['config_id'])}** — R = {row['R']:.3f} (φ = {row['phi']:.3f}, "
             f"ρ = {row['rho']:.3f}, {_fmt_energy(row['energy_kwh_per_item'])} per item{robust})"
         )
-    lines.append("")
-    lines.append(f"**{rank.rho_formula(outcome.result.settings)}.**")
+    return lines
+
+
+def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], skipped: list[dict[str, str]],
+                     failures: list[dict[str, str]], k: int = 3, finetune_lines: list[str] | None = None) -> str:
+    """The answer, then the methods behind it (the report shows them apart: answer first, evidence,
+    methods)."""
+    return (answer_markdown(outcome, k) + "\n\n"
+            + methods_markdown(outcome, weights_origin, skipped, failures, finetune_lines))
+
+
+def methods_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], skipped: list[dict[str, str]],
+                     failures: list[dict[str, str]], finetune_lines: list[str] | None = None) -> str:
+    """How the answer was reached: the formula and its scales, stability, the precision of the scores,
+    the device and its hardware, disturbed measurements, the data, the energy method, where the weights
+    came from, what was skipped or failed."""
+    lines = [f"**{rank.rho_formula(outcome.result.settings)}.**"]
     lines.append(
         "ρ counts one headline metric per task unless ranking.metrics names others"
         + (" (each scaled min-max over the configs)." if outcome.result.settings.metric_scaling == "minmax"
@@ -620,9 +675,9 @@ def separability_sentence(outcome: RankingOutcome) -> str:
     share = f"{rank.TIED_WITH_TOP_SHARE:.0%}"
     if len(tied) == 1:
         row = tied.iloc[0]
-        return (f"**Best at w = {outcome.w:g}: {row['config_id']}**, best in {row['p_best']:.0%} of joint resamples of "
+        return (f"**Best at w = {outcome.w:g}: {pretty_config(row['config_id'])}**, best in {row['p_best']:.0%} of joint resamples of "
                 f"items and energy repeats; no other config is best in {share} or more of them.")
-    names = ", ".join(f"{r['config_id']} ({r['p_best']:.0%})" for _, r in tied.iterrows())
+    names = ", ".join(f"{pretty_config(r['config_id'])} ({r['p_best']:.0%})" for _, r in tied.iterrows())
     return (f"**No single best configuration at w = {outcome.w:g}.** The data cannot separate {len(tied)} configs: "
             f"{names}, each best in at least {share} of joint resamples of items and energy repeats (or first in "
             "the point ranking). More items, or more energy repeats, would be needed to tell them apart.")
@@ -969,3 +1024,67 @@ def lifecycle_markdown(outcome: RankingOutcome, focus: list[str] | None = None) 
                 cells.append("—" if pd.isna(gross) else f"{gross:.3g} / {net:.3g}")
             lines.append(f"| {row.config_id} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
+
+
+# --- tables a person reads (the report's Tables section) ------------------------------------------
+
+
+def energy_view(energy: pd.DataFrame) -> pd.DataFrame:
+    """energy.csv in units a person reads: per config (model · precision · adapter · pruning), phase and
+    task, mWh per item gross and net of loaded idle with its standard error, J per 1k tokens as run,
+    mg CO2e per item, seconds, windows (and those kept contaminated), the method and what is estimated."""
+    rows = energy[energy["phase"].isin(rank.EVALUATION_PHASES)].copy()
+    if rows.empty:
+        return pd.DataFrame()
+    items = pd.to_numeric(rows["n_items"], errors="coerce").clip(lower=1)
+    tokens = pd.to_numeric(rows["n_tokens"], errors="coerce").clip(lower=1)
+    kwh = pd.to_numeric(rows["energy_kwh"], errors="coerce")
+    view = pd.DataFrame({
+        "config": rows["config_id"].map(pretty_config), "phase": rows["phase"], "task": rows["task"],
+        "items": rows["n_items"], "tokens as run": rows["n_tokens"],
+        "mWh per item": kwh * 1e6 / items,
+        "± (s.e.)": pd.to_numeric(rows.get("energy_kwh_se"), errors="coerce") * 1e6 / items,
+        "net mWh per item": pd.to_numeric(rows["energy_net_kwh"], errors="coerce") * 1e6 / items,
+        "J per 1k tokens": kwh * 3.6e6 * 1000 / tokens,
+        "mg CO2e per item": pd.to_numeric(rows["emissions_kg"], errors="coerce") * 1e6 / items,
+        "seconds": pd.to_numeric(rows["duration_s"], errors="coerce"),
+        "windows": rows.get("windows"),
+        "contaminated": rows.get("contaminated_windows"),
+        "method": rows["energy_method"],
+        "estimated": rows.get("estimated_components"),
+    })
+    return view.reset_index(drop=True)
+
+
+def ranking_view(table: pd.DataFrame, w: float) -> pd.DataFrame:
+    """The ranking at w: rank, config, R, φ, ρ, mWh per item, on the Pareto front, p_best."""
+    at_w = table[np.isclose(table["w"], w)].sort_values(["rank", "config_id"])
+    view = pd.DataFrame({"rank": at_w["rank"], "config": at_w["config_id"].map(pretty_config),
+                         "R": at_w["R"], "φ": at_w["phi"], "ρ": at_w["rho"],
+                         "mWh per item": at_w["energy_kwh_per_item"].astype(float) * 1e6,
+                         "Pareto front": at_w["pareto"].map({True: "yes", False: ""})})
+    if "p_best" in at_w:
+        view["p_best"] = at_w["p_best"].map(lambda p: "" if pd.isna(p) else f"{p:.0%}")
+    return view.reset_index(drop=True)
+
+
+def scores_view(scores: pd.DataFrame) -> pd.DataFrame:
+    """Every metric of every config (rows: model · precision · adapter · pruning), three decimals."""
+    table = scores.assign(config=scores["config_id"].map(pretty_config))
+    return table.pivot_table(index="config", columns=["task", "metric"], values="value").round(3)
+
+
+def collapsible(frame: pd.DataFrame, title: str, note: str = "", open: bool = False, digits: int = 3) -> str:
+    """A table as HTML inside <details>, so a wide table does not push the report sideways: its title
+    always shown, the table when opened (``open``: shown from the start)."""
+    from html import escape
+
+    if frame is None or frame.empty:
+        return f"<p><em>{escape(title)}: nothing to show.</em></p>"
+    body = frame.to_html(index=isinstance(frame.index, pd.MultiIndex) or frame.index.name is not None,
+                         float_format=lambda v: f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}",
+                         na_rep="", border=0, classes="llm-energy-table")
+    summary = f"<summary><strong>{escape(title)}</strong> ({len(frame)} rows)</summary>"
+    text = f"<p>{escape(note)}</p>" if note else ""
+    return (f"<details{' open' if open else ''}>{summary}{text}"
+            f"<div style=\"overflow-x:auto\">{body}</div></details>")
