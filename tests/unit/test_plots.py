@@ -123,7 +123,8 @@ def all_figures(method: str = ESTIMATE) -> dict[str, Figure]:
 
 
 def _visible_axes(fig: Figure):
-    return [ax for ax in fig.axes if ax.get_visible()]
+    """The panels (not the axes that only hold a legend, drawn with the axis off)."""
+    return [ax for ax in fig.axes if ax.get_visible() and ax.axison]
 
 
 def _joined(fig: Figure) -> str:
@@ -149,7 +150,8 @@ def test_energy_note_lists_estimate_methods():
 
 
 def test_each_figure_has_expected_axes():
-    expected = {"fig1_token_lengths": 2, "fig3_finetune_energy_loss": 1, "fig4_inference_energy_carbon": 2,
+    # fig4: energy and carbon for each of the two models (one column of panels per model).
+    expected = {"fig1_token_lengths": 2, "fig3_finetune_energy_loss": 1, "fig4_inference_energy_carbon": 4,
                 "fig5_quantization_impact": 3, "fig6_pruning": 2, "fig7_ranking": 2}
     for name, fig in all_figures().items():
         assert isinstance(fig, Figure), name
@@ -211,10 +213,12 @@ def test_fig4_precisions_in_bit_order():
 def test_fig4_per_item_heights():
     energy = make_energy()
     fig = plots.fig4_inference_energy_carbon(energy)
-    ax = fig.axes[0]
+    energy_axes = fig.axes[:len(MODELS)]  # the first row: energy, one panel per model
+    unit = energy_axes[0].get_ylabel().split("(")[1].split("/")[0]
+    scale = {"Wh": 1, "mWh": 1e3, "µWh": 1e6}[unit]
     rows = energy[(energy["phase"] == "inference") & (energy["pruning"] == "none")]
-    expected = sorted(rows["energy_kwh"] * 1000 / rows["n_items"])
-    heights = sorted(p.get_height() for p in ax.patches)
+    expected = sorted(rows["energy_kwh"] * 1000 / rows["n_items"] * scale)
+    heights = sorted(p.get_height() for ax in energy_axes for p in ax.patches)
     assert np.allclose(heights, expected)
 
 
@@ -226,12 +230,13 @@ def test_precision_order_helper():
 
 def test_fig6_category_labels():
     fig = plots.fig6_pruning(make_scores(), make_energy())
-    labels = [t.get_text().replace("\n", " ") for t in fig.axes[0].get_xticklabels()]
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels == ["unpruned", "magnitude unstructured 50%", "wanda 2:4"]
 
 
 def test_fig6_shows_each_target_unpruned_pruned_recovered():
-    """A fine-tuned target: its unpruned config, each pruning, each followed by its recovered config."""
+    """A fine-tuned target: its unpruned config and each pruning on a line, the recovered config beside its
+    pruned twin (an open diamond)."""
     energy, scores = make_energy(), make_scores()
     base = energy[energy["config_id"] == "a_fp32"]
     rows, score_rows = [], []
@@ -245,9 +250,13 @@ def test_fig6_shows_each_target_unpruned_pruned_recovered():
     energy = pd.concat([energy, pd.DataFrame(rows)], ignore_index=True)
     scores = pd.concat([scores, pd.DataFrame(score_rows)], ignore_index=True)
     fig = plots.fig6_pruning(scores, energy)
-    labels = [t.get_text().replace("\n", " ") for t in fig.axes[0].get_xticklabels()]
-    lora = [label for label in labels if "lora" in label]
-    assert [label.split("lora ", 1)[1] for label in lora] == ["unpruned", "wanda 2:4", "wanda 2:4 + recovery"]
+    lora = [ax for ax in _visible_axes(fig) if "fp32 · lora" in ax.get_title().replace("\n", " ")]
+    assert len(lora) == 2  # (a) task performance, (b) inference energy
+    assert [t.get_text() for t in lora[0].get_yticklabels()] == ["unpruned", "wanda 2:4"]
+    for ax in lora:
+        recovered = [line for line in ax.get_lines() if line.get_marker() == "D" and line.get_markerfacecolor() == "white"]
+        assert recovered and all(np.allclose(line.get_ydata(), 1, atol=0.45) for line in recovered)
+    assert "pruned + recovery LoRA" in _joined(fig)
 
 
 def test_pruning_label():

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.transforms import ScaledTranslation
 
 from ..analysis.ranking_math import TIED_WITH_TOP_SHARE, pareto_optimal
 from ..config import PRECISION_BITS, PRECISIONS
@@ -197,13 +198,38 @@ def _style() -> Iterator[None]:
         yield
 
 
-def _new_figure(nrows: int = 1, ncols: int = 1, *, height_in: float | None = None, note: bool = False,
-                **kwargs: object) -> tuple[Figure, np.ndarray]:
+# The figure grows with its content, within these bounds (inches).
+_MIN_SIZE_IN = (6.0, 3.0)
+_MAX_SIZE_IN = (15.0, 30.0)
+
+
+def _note_chars(width_in: float) -> int:
+    """Characters of the 8.5 pt note that fit on one line of a figure ``width_in`` wide."""
+    return max(60, int(width_in * 14.5))
+
+
+def _note_height_in(note: str | None, width_in: float) -> float:
+    if not note:
+        return 0.0
+    return 0.2 + 0.16 * len(textwrap.wrap(note, _note_chars(width_in)))
+
+
+def _sized_figure(width_in: float, height_in: float, note: str | None | bool = None) -> Figure:
+    """A constrained-layout figure of about this size (clamped to the sane bounds), with a strip at the
+    bottom kept free for the energy-method note when there is one (fig.text is not laid out)."""
+    width = float(np.clip(width_in, _MIN_SIZE_IN[0], _MAX_SIZE_IN[0]))
+    strip = _note_height_in(note, width) if isinstance(note, str) else (0.4 if note else 0.0)
+    height = float(np.clip(height_in + strip, _MIN_SIZE_IN[1], _MAX_SIZE_IN[1]))
+    fig = Figure(figsize=(width, height), layout="constrained")
+    if strip:
+        fig.get_layout_engine().set(rect=(0, strip / height, 1, 1 - strip / height))
+    return fig
+
+
+def _new_figure(nrows: int = 1, ncols: int = 1, *, height_in: float | None = None, note: bool | str | None = False,
+                width_in: float | None = None, **kwargs: object) -> tuple[Figure, np.ndarray]:
     height = height_in if height_in is not None else FIGSIZE_IN[1]
-    fig = Figure(figsize=(FIGSIZE_IN[0], height), layout="constrained")
-    if note:
-        # Keep a strip at the bottom free for the energy-method note (fig.text is not laid out).
-        fig.get_layout_engine().set(rect=(0, 0.4 / height, 1, 1 - 0.4 / height))
+    fig = _sized_figure(width_in if width_in is not None else FIGSIZE_IN[0], height, note)
     axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
     return fig, axes
 
@@ -211,10 +237,69 @@ def _new_figure(nrows: int = 1, ncols: int = 1, *, height_in: float | None = Non
 def _finish(fig: Figure, title: str, note: str | None) -> Figure:
     fig.suptitle(title, fontsize=13, fontweight="bold")
     if note:
-        fig.text(0.5, 0.012, textwrap.fill(note, 150), ha="center", va="bottom", fontsize=8.5,
-                 color=_NOTE_COLOR,
+        fig.text(0.5, 0.012, textwrap.fill(note, _note_chars(fig.get_figwidth())), ha="center", va="bottom",
+                 fontsize=8.5, color=_NOTE_COLOR,
                  bbox={"boxstyle": "round,pad=0.3", "facecolor": "#fff4f4", "edgecolor": _NOTE_COLOR})
     return fig
+
+
+def _wrap(text: object, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters, at spaces and after underscores
+    ("rca_resolution" -> "rca_" / "resolution"); existing line breaks are kept."""
+    lines: list[str] = []
+    for line in str(text).split("\n"):
+        current = ""
+        for piece in re.findall(r"[^ _]+[ _]*|[ _]+", line):
+            if current and len((current + piece).rstrip()) > width:
+                lines.append(current.rstrip())
+                current = piece
+            else:
+                current += piece
+        lines.append(current.rstrip())
+    return "\n".join(lines)
+
+
+_UNIT_PREFIXES = (("", 1.0), ("m", 1e3), ("µ", 1e6), ("n", 1e9))
+
+
+def _unit_scale(values: Iterable[float], unit: str) -> tuple[float, str]:
+    """The factor and unit that put the largest of ``values`` (in ``unit``) between 1 and 1000, so axes
+    read "0.38 mWh" and not "0.000380" under a "1e-3" offset that collides with the axis label."""
+    finite = np.abs(np.asarray([v for v in values if v is not None], dtype=float))
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    if not finite.size:
+        return 1.0, unit
+    top = finite.max()
+    for prefix, factor in _UNIT_PREFIXES:
+        if top * factor >= 1:
+            return factor, prefix + unit
+    prefix, factor = _UNIT_PREFIXES[-1]
+    return factor, prefix + unit
+
+
+def config_label(config_id: object, drop_model: bool = False) -> str:
+    """A config id as words: "m__fp32__lora__wanda-2of4__recovered" -> "m · fp32 · lora · wanda 2:4 ·
+    recovered" (``drop_model``: without the model, for figures of one model)."""
+    parts = str(config_id).split("__")
+    words = [pruning_label(p) if "-" in p and i > 1 else p for i, p in enumerate(parts)]
+    if drop_model and len(words) > 1:
+        words = words[1:]
+    return " · ".join(words)
+
+
+def _legend_in(ax: Axes, handles: Sequence[object], labels: Sequence[str], *, title: str | None = None,
+               ncol: int = 1, loc: str = "upper center") -> None:
+    """A legend drawn in an axes of its own (axis off), e.g. a gridspec row under the panels: it takes
+    its own room in the layout and never covers a panel."""
+    ax.set_axis_off()
+    if handles:
+        ax.legend(handles, labels, title=title, loc=loc, ncol=ncol, fontsize=8, title_fontsize=8,
+                  frameon=False, borderaxespad=0.0)
+
+
+def _legend_rows_in(n_entries: int, ncol: int, title: bool = True) -> float:
+    """Height (inches) a legend of ``n_entries`` in ``ncol`` columns needs at 8 pt."""
+    return 0.1 + 0.19 * (int(np.ceil(n_entries / max(ncol, 1))) + (1 if title else 0))
 
 
 def _no_data_figure(title: str) -> Figure:
@@ -360,7 +445,7 @@ def fig1_token_lengths(token_lengths: pd.DataFrame) -> Figure:
         return _no_data_figure(FIG1_TITLE)
     tasks = sorted(df["task"].astype(str).unique())
     with _style():
-        fig, axes = _new_figure(1, len(tasks))
+        fig, axes = _new_figure(1, len(tasks), width_in=max(FIGSIZE_IN[0], 3.6 * len(tasks)))
         for ax, task in zip(axes[0], tasks):
             sub = df[df["task"].astype(str) == task]
             tokens = sub["n_tokens"].astype(float)
@@ -375,11 +460,14 @@ def fig1_token_lengths(token_lengths: pd.DataFrame) -> Figure:
             xlabel = "Tokens per item"
             if "tokenizer" in sub.columns and sub["tokenizer"].notna().any():
                 names = ", ".join(sorted(sub["tokenizer"].dropna().astype(str).unique()))
-                xlabel += f" (tokenizer: {names})"
+                xlabel += "\n" + _wrap(f"(tokenizer: {names})", 40)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("Items")
             # Below the panel: histograms fill the plot area, so any inside spot would hide bars.
-            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+            # Its top a fixed distance (inches) under the axes: clear of the tick labels and x label.
+            below = ScaledTranslation(0, -(0.3 + 0.18 * (xlabel.count("\n") + 1)), fig.dpi_scale_trans)
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=ax.transAxes + below,
+                      frameon=False)
     return _finish(fig, FIG1_TITLE, None)
 
 
@@ -453,28 +541,39 @@ def fig4_inference_energy_carbon(energy: pd.DataFrame) -> Figure:
     df = _per_item(df)
     precisions = precision_order(df["precision"])
     colors = _precision_colors(precisions)
-    several_models = df["model"].nunique() > 1
-    df["group"] = df["task"].astype(str)
-    if several_models:
-        df["group"] = df["group"] + "\n" + df["model"].map(_short_model)
-    groups = sorted(df["group"].unique())
-    # Repeated (group, precision) rows are averaged; spreads likewise, as a typical window spread.
-    agg = df.groupby(["group", "precision"])[["wh_per_item", "wh_per_item_std", "g_per_item",
-                                              "g_per_item_std"]].mean()
+    # One column of panels per model (facets, not a crowded "task / model" axis); rows: energy, carbon.
+    df["model_name"] = df["model"].map(_short_model)
+    models = sorted(df["model_name"].unique())
+    tasks = sorted(df["task"].astype(str).unique())
+    # Repeated (model, task, precision) rows are averaged; spreads likewise, as a typical window spread.
+    agg = df.groupby(["model_name", "task", "precision"])[["wh_per_item", "wh_per_item_std", "g_per_item",
+                                                           "g_per_item_std"]].mean()
     note = energy_note(component_methods(df))
-    panels = [("wh_per_item", "Energy per item (Wh/item, ± s.e.)", "(a) Energy"),
-              ("g_per_item", "Emissions per item (gCO2e/item, ± s.e.)", "(b) Carbon")]
+    e_scale, e_unit = _unit_scale(agg["wh_per_item"], "Wh")
+    g_scale, g_unit = _unit_scale(agg["g_per_item"], "g")
+    panels = [("wh_per_item", e_scale, f"Energy per item\n({e_unit}/item, ± s.e.)", "(a) Energy"),
+              ("g_per_item", g_scale, f"Emissions per item\n({g_unit}CO2e/item, ± s.e.)", "(b) Carbon")]
+    group_in = max(1.1, 0.16 * len(precisions) + 0.3)  # one task's cluster of bars
+    panel_in = max(2.6, 0.3 + group_in * len(tasks))
+    ncols = len(models)
     with _style():
-        fig, axes = _new_figure(1, 2, note=note is not None)
-        for ax, (column, ylabel, title) in zip(axes[0], panels):
-            values = agg[column].unstack("precision")
-            errors = agg[f"{column}_std"].unstack("precision")
-            _grouped_bars(ax, groups, precisions, values, errors, colors)
-            ax.set_ylabel(ylabel)
-            ax.set_xlabel("task / model" if several_models else "task")
-            ax.set_title(title)
+        fig = _sized_figure(1.2 + ncols * panel_in + 1.2, 0.7 + 2 * 2.7, note)
+        axes = fig.subplots(2, ncols, squeeze=False, sharey="row")
+        for row, (column, scale, ylabel, title) in enumerate(panels):
+            for col, model in enumerate(models):
+                ax = axes[row, col]
+                sub = agg.loc[model] * scale
+                values = sub[column].unstack("precision")
+                errors = sub[f"{column}_std"].unstack("precision")
+                _grouped_bars(ax, tasks, precisions, values, errors, colors)
+                ax.set_xticks(range(len(tasks)), [_wrap(t, max(6, int(group_in * 11))) for t in tasks], fontsize=9)
+                if col == 0:
+                    ax.set_ylabel(ylabel)
+                ax.set_title(_wrap(f"{title} — {model}", int(panel_in * 10)), fontsize=10)
+        for ax in axes[-1]:
+            ax.set_xlabel("task")
         handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, title="precision", loc="outside right upper", fontsize=8, title_fontsize=8,
+        fig.legend(handles, labels, title="precision", loc="outside right center", fontsize=8, title_fontsize=8,
                    frameon=False)
     return _finish(fig, FIG4_TITLE, note)
 
@@ -496,8 +595,12 @@ def fig5_quantization_impact(scores: pd.DataFrame, energy: pd.DataFrame) -> Figu
     ncols = min(len(panels), 3)
     nrows = int(np.ceil(len(panels) / ncols))
     x_of = {p: i for i, p in enumerate(precisions)}
+    panel_in = max(2.8, 0.6 + 0.4 * len(precisions))  # every precision name readable side by side
+    legend_in = 0.4 + 0.075 * max(len(_short_model(m)) for m in models)
+    names = task_labels(df)
     with _style():
-        fig, axes = _new_figure(nrows, ncols, height_in=0.9 + 3.6 * nrows)
+        fig = _sized_figure(0.6 + ncols * panel_in + legend_in, 0.7 + 3.3 * nrows)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
         for ax in axes.flat[len(panels):]:
             ax.set_visible(False)
         for ax, (task, metric) in zip(axes.flat, panels):
@@ -514,13 +617,19 @@ def fig5_quantization_impact(scores: pd.DataFrame, energy: pd.DataFrame) -> Figu
             # Names only: with bits added, six ticks per panel run into each other; the bits are in the label.
             ax.set_xticks(range(len(precisions)), precisions, fontsize=9)
             ax.set_xlim(-0.5, len(precisions) - 0.5)
-            ax.set_title(f"{task_labels(sub).get(str(task), task)}: {metric}")
+            # Two lines (the task and its data; the metric), each wrapped to the panel: titles of
+            # neighbouring panels never run into each other.
+            chars = int(panel_in * 11)
+            ax.set_title(_wrap(names.get(str(task), str(task)), chars) + "\n" + _wrap(str(metric), chars), fontsize=10)
             ax.set_ylabel(str(metric))
         bits = " > ".join(dict.fromkeys(f"{PRECISION_BITS[p]}" for p in precisions if p in PRECISION_BITS))
-        for ax in axes[-1]:
-            ax.set_xlabel(f"precision (bits: {bits})" if bits else "precision")
+        for col in range(ncols):
+            # The lowest visible panel of each column carries the x label.
+            shown = [axes[r, col] for r in range(nrows) if axes[r, col].get_visible()]
+            if shown:
+                shown[-1].set_xlabel(_wrap(f"precision (bits: {bits})" if bits else "precision", chars))
         handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, title="model", loc="outside right upper", fontsize=8, title_fontsize=8,
+        fig.legend(handles, labels, title="model", loc="outside right center", fontsize=8, title_fontsize=8,
                    frameon=False)
     return _finish(fig, FIG5_TITLE, None)
 
@@ -545,70 +654,114 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
     meta = meta.merge(targets, on=["model", "precision", "target_adapter"], how="inner")
     if meta.empty:
         return _no_data_figure(FIG6_TITLE)
-    meta["category"] = [("unpruned" if not r.pruned else pruning_label(r.pruning, r.sparsity_pattern, r.target_sparsity))
-                        + (" + recovery" if r.recovered else "") for r in meta.itertuples()]
-    target_names = (meta["model"].map(_short_model) + " " + meta["precision"].astype(str)
-                    + meta["target_adapter"].map(lambda a: "" if a == "none" else f" + {a}"))
-    single_target = target_names.nunique() == 1
-    if not single_target:
-        meta["category"] = target_names + "\n" + meta["category"]
-    # Per target: unpruned, then each pruning, each followed by its recovered config.
-    meta["order"] = meta["pruned"].astype(int) + meta["recovered"].astype(int)
-    meta["base_category"] = meta["category"].str.replace(" + recovery", "", regex=False)
-    meta = meta.sort_values(["model", "precision", "target_adapter", "pruned", "base_category", "order"])
-    categories = list(dict.fromkeys(meta["category"]))
+    meta["setting"] = ["unpruned" if not r.pruned else pruning_label(r.pruning, r.sparsity_pattern, r.target_sparsity)
+                       for r in meta.itertuples()]
+    meta["target"] = (meta["model"].map(_short_model) + " · " + meta["precision"].astype(str)
+                      + meta["target_adapter"].map(lambda a: "" if a == "none" else f" · {a}"))
+    meta = meta.sort_values(["model", "precision", "target_adapter", "pruned", "setting", "recovered"])
+    targets = list(dict.fromkeys(meta["target"]))
+    # One row of panels per target; in it one line per setting (unpruned, then each pruning), where a
+    # recovered config sits beside its pruned twin (open diamond) instead of taking a line of its own.
+    settings = {t: list(dict.fromkeys(meta.loc[meta["target"] == t, "setting"])) for t in targets}
+    keys = ["config_id", "target", "setting", "recovered"]
 
     sc = scores.drop(columns=[c for c in meta.columns if c != "config_id" and c in scores.columns])
-    sc = sc.merge(meta[["config_id", "category"]], on="config_id").dropna(subset=["value"])
+    sc = sc.merge(meta[keys], on="config_id").dropna(subset=["value"])
     names = task_labels(sc)
     sc["series"] = sc["task"].astype(str).map(lambda t: names.get(t, t)) + ": " + sc["metric"].astype(str)
-    sc["err_low"] = sc["value"] - sc["ci_low"]
-    sc["err_high"] = sc["ci_high"] - sc["value"]
 
     # Pruned configs are evaluated in the pruning phase, their unpruned twins in the inference phase.
     en = energy[energy["phase"].isin(["inference", "pruning"])]
-    en = _per_item(en.merge(meta[["config_id", "category"]], on="config_id"))
+    en = _per_item(en.merge(meta[keys], on="config_id"))
     if sc.empty and en.empty:
         return _no_data_figure(FIG6_TITLE)
     note = energy_note(component_methods(en)) if not en.empty else None
-    # Wrap each line of a label so neighbouring categories never run into each other.
-    labels = ["\n".join(textwrap.fill(line, 13) for line in c.split("\n")) for c in categories]
-    tick_size = 8 if len(categories) <= 4 else 7
+    e_scale, e_unit = _unit_scale(en["wh_per_item"], "Wh")
+    en["x"] = en["wh_per_item"] * e_scale
+    en["x_err"] = (en["wh_per_item_std"] * e_scale).fillna(0.0)
+    sc["x"] = sc["value"]
+    sc["x_low"] = (sc["value"] - sc["ci_low"]).clip(lower=0).fillna(0.0)
+    sc["x_high"] = (sc["ci_high"] - sc["value"]).clip(lower=0).fillna(0.0)
+    series = sorted(sc["series"].unique())
+    tasks = sorted(en["task"].astype(str).unique())
+    any_recovered = bool(meta["recovered"].any())
+
+    import seaborn as sns
+    from matplotlib.lines import Line2D
+
+    series_colors = dict(zip(series, sns.color_palette("colorblind", max(len(series), 1))))
+    task_colors = dict(zip(tasks, sns.color_palette("dark", max(len(tasks), 1))))
+    label_in = 0.35 + 0.07 * max(len(s) for t in targets for s in settings[t])
+    panel_in = 4.0
+    lines_in = max(0.28, 0.045 * max(len(series), len(tasks)))
+    row_in = [0.7 + lines_in * len(settings[t]) for t in targets]
+    series_chars = max([len(s) for s in series] or [10])
+    ncol_s = max(1, int(panel_in // (0.5 + 0.065 * series_chars)))
+    kinds = [Line2D([], [], marker="o", color="0.3", linestyle="none", label="unpruned / pruned")]
+    if any_recovered:
+        kinds.append(Line2D([], [], marker="D", color="0.3", markerfacecolor="white", linestyle="none",
+                            label="pruned + recovery LoRA"))
+    legend_in = max(_legend_rows_in(len(series), ncol_s), _legend_rows_in(len(tasks) + len(kinds), 1))
+    room = _MAX_SIZE_IN[1] - 1.1 - legend_in - _note_height_in(note, 12.0)
+    if sum(row_in) > room:  # many targets: the rows get tighter rather than the figure taller than the cap
+        row_in = [h * room / sum(row_in) for h in row_in]
+    height = 0.6 + sum(row_in) + 0.5 + legend_in
     with _style():
-        fig, axes = _new_figure(1, 2, note=note is not None)
-        ax_s, ax_e = axes[0]
-        series = sorted(sc["series"].unique())
-        values = sc.groupby(["category", "series"])["value"].mean().unstack("series")
-        _grouped_bars(ax_s, categories, series, values, None)
-        lows = sc.groupby(["category", "series"])["err_low"].mean().unstack("series")
-        highs = sc.groupby(["category", "series"])["err_high"].mean().unstack("series")
-        width = 0.8 / max(len(series), 1)
-        for i, name in enumerate(series):
-            if name not in values:
-                continue
-            x = np.arange(len(categories)) - 0.4 + width * (i + 0.5)
-            yerr = np.vstack([lows.reindex(index=categories)[name].to_numpy(dtype=float),
-                              highs.reindex(index=categories)[name].to_numpy(dtype=float)])
-            _errorbars(ax_s, x, values.reindex(index=categories)[name].to_numpy(dtype=float), yerr=yerr)
-        ax_s.set_title("(a) Task performance (CI)")
-        ax_s.set_ylabel("metric value")
-        tasks = sorted(en["task"].astype(str).unique())
-        agg = en.groupby(["category", "task"])[["wh_per_item", "wh_per_item_std"]].mean()
-        _grouped_bars(ax_e, categories, tasks, agg["wh_per_item"].unstack("task"),
-                      agg["wh_per_item_std"].unstack("task"))
-        ax_e.set_title("(b) Inference energy")
-        ax_e.set_ylabel("Energy per item (Wh/item, ± s.e.)")
-        for ax, title in ((ax_s, "task: metric"), (ax_e, "task")):
-            ax.set_xticks(range(len(categories)), labels, fontsize=tick_size,
-                          rotation=30 if len(categories) > 6 else 0, ha="right" if len(categories) > 6 else "center")
-            if single_target:
-                ax.set_xlabel(f"pruned config: {target_names.iloc[0]}", fontsize=9)
-            handles = ax.get_legend_handles_labels()[0]
-            if handles:
-                # Legend under the axes (below the category labels): it never covers a bar or a tick.
-                lines = max(label.count("\n") + 1 for label in labels) + (1 if single_target else 0)
-                ax.legend(title=title, fontsize=8, title_fontsize=8, loc="upper center", ncol=min(len(handles), 3),
-                          bbox_to_anchor=(0.5, -0.1 - 0.065 * lines), frameon=False)
+        fig = _sized_figure(label_in + 2 * panel_in + 0.9, height, note)
+        grid = fig.add_gridspec(len(targets) + 1, 2, height_ratios=[*row_in, legend_in])
+        first_e = None
+        for r, target in enumerate(targets):
+            ax_s = fig.add_subplot(grid[r, 0])
+            # One energy scale for every target, so rows compare at a glance.
+            ax_e = fig.add_subplot(grid[r, 1], sharey=ax_s, sharex=first_e)
+            first_e = first_e or ax_e
+            y_of = {s: i for i, s in enumerate(settings[target])}
+            panels = ((ax_s, sc, series, "series", series_colors), (ax_e, en, tasks, "task", task_colors))
+            for ax, table, names_, column, colors in panels:
+                rows = table[table["target"] == target]
+                band = 0.8 / max(len(names_), 1)
+                for j, name in enumerate(names_):
+                    part = rows[rows[column].astype(str) == name]
+                    for recovered, shift in ((False, -0.2), (True, 0.2)):
+                        sel = part[part["recovered"] == recovered]
+                        if column == "task":  # repeated rows of one config and task: averaged
+                            sel = sel.groupby("setting", as_index=False)[["x", "x_err"]].mean()
+                        else:
+                            sel = sel.groupby("setting", as_index=False)[["x", "x_low", "x_high"]].mean()
+                        if sel.empty:
+                            continue
+                        y = (sel["setting"].map(y_of).to_numpy(dtype=float) - 0.4 + band * (j + 0.5)
+                             + (shift * band if any_recovered else 0.0))
+                        xerr = (sel["x_err"].to_numpy() if column == "task"
+                                else np.vstack([sel["x_low"].to_numpy(), sel["x_high"].to_numpy()]))
+                        ax.errorbar(sel["x"].to_numpy(dtype=float), y, xerr=xerr, fmt="D" if recovered else "o",
+                                    color=colors[name], markerfacecolor="white" if recovered else colors[name],
+                                    markersize=4.5, elinewidth=1, capsize=2, zorder=3)
+            ax_s.set_yticks(range(len(settings[target])), settings[target], fontsize=9)
+            ax_s.set_ylim(len(settings[target]) - 0.5, -0.5)
+            ax_e.tick_params(axis="y", labelleft=False)
+            if sc["x"].between(0, 1).all():
+                ax_s.set_xlim(-0.03, 1.03)
+            positive = en.loc[en["x"] > 0, "x"]
+            if len(positive) and positive.max() / positive.min() > 30:
+                ax_e.set_xscale("log")
+                # Plain numbers at 1-2-5 steps; no minor labels (they run into each other).
+                ax_e.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax_e.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax_e.xaxis.set_minor_formatter(NullFormatter())
+            chars = int(panel_in * 13)
+            ax_s.set_title(_wrap(f"(a) task performance — {target}", chars), fontsize=10)
+            ax_e.set_title(_wrap(f"(b) inference energy — {target}", chars), fontsize=10)
+            if r == len(targets) - 1:
+                ax_s.set_xlabel("metric value (95% interval)")
+                ax_e.set_xlabel(f"energy per item ({e_unit}/item, ± s.e.)")
+        dot = {"marker": "o", "linestyle": "none"}
+        _legend_in(fig.add_subplot(grid[-1, 0]),
+                   [Line2D([], [], color=series_colors[s], **dot) for s in series], series,
+                   title="(a) task: metric", ncol=ncol_s)
+        _legend_in(fig.add_subplot(grid[-1, 1]),
+                   [Line2D([], [], color=task_colors[t], **dot) for t in tasks] + kinds,
+                   tasks + [k.get_label() for k in kinds], title="(b) task; marker")
     return _finish(fig, FIG6_TITLE, note)
 
 
@@ -637,56 +790,157 @@ def fig7_ranking(ranking: pd.DataFrame, w: float = 0.5, energy_method: str | Non
         front = pareto_mask(x, y)
     config_ids = [str(c) for c in at_w["config_id"]]
     optimal_ids = {c for c, f in zip(config_ids, front) if f}
+    one_model = "model" not in at_w.columns or at_w["model"].nunique() <= 1
+    label_of = {c: config_label(c, drop_model=one_model) for c in map(str, df["config_id"].unique())}
+    tied = np.zeros(len(at_w), dtype=bool)
+    has_p_best = "p_best" in at_w.columns and at_w["p_best"].notna().any()
+    if has_p_best:
+        tied = (_as_bool(at_w["tied_with_top"]).to_numpy() if "tied_with_top" in at_w.columns
+                else at_w["p_best"].fillna(0).to_numpy() >= TIED_WITH_TOP_SHARE)
+    # Which configs get a colour, a legend entry and a label: all of them when few; else the top set
+    # at w, then the Pareto front, then the best R, up to _MOST_NAMED.
+    by_r = list(at_w.sort_values("R", ascending=False)["config_id"].astype(str))
+    if len(by_r) <= _MOST_NAMED:
+        named = by_r
+    else:
+        first = [c for c, t in zip(config_ids, tied) if t] + [c for c in by_r if c in optimal_ids]
+        named = list(dict.fromkeys(first + by_r))[:max(_MOST_NAMED, len(set(first)))]
+    others = df["config_id"].astype(str).nunique() - len(named)
+    e_scale, e_unit = _unit_scale(x, "Wh")
+    x = x * e_scale
+    label_chars = max(len(label_of[c]) for c in named) + 2
+    panel_in = 4.6
+    ncol = max(1, min(3, int(2 * panel_in // (0.6 + 0.068 * label_chars))))
+    legend_in = max(_legend_rows_in(len(named) + (1 if others else 0), ncol), _legend_rows_in(3, 1))
     with _style():
-        fig, axes = _new_figure(1, 2, note=note is not None)
-        ax_r, ax_p = axes[0]
-        for config_id, rows in sorted(df.groupby("config_id"), key=lambda kv: str(kv[0])):
-            rows = rows.sort_values("w")
-            highlight = str(config_id) in optimal_ids
-            # The colour cycle repeats after 10; a new line style keeps configs 11+ distinguishable.
-            style = ["-", "--", ":", "-."][(len(ax_r.lines) // 10) % 4]
-            ax_r.plot(rows["w"].astype(float), rows["R"].astype(float), marker=".", linestyle=style,
-                      linewidth=2.2 if highlight else 1.2, label=str(config_id) + (" *" if highlight else ""))
+        fig = _sized_figure(2 * panel_in + 1.4, 0.7 + 3.8 + legend_in + 0.2, note)
+        grid = fig.add_gridspec(2, 2, height_ratios=[3.8, legend_in])
+        ax_r, ax_p = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+        import seaborn as sns
+
+        palette = sns.color_palette("tab10" if len(named) <= 10 else "tab20", len(named))
+        color_of = dict(zip(named, palette))
+        for config_id, rows in df.groupby(df["config_id"].astype(str)):
+            if config_id not in color_of:
+                ax_r.plot(rows.sort_values("w")["w"].astype(float), rows.sort_values("w")["R"].astype(float),
+                          color="0.8", linewidth=0.8, zorder=1)
+        for i, config_id in enumerate(named):
+            rows = df[df["config_id"].astype(str) == config_id].sort_values("w")
+            highlight = config_id in optimal_ids
+            ax_r.plot(rows["w"].astype(float), rows["R"].astype(float), marker=".", color=color_of[config_id],
+                      linestyle=["-", "--"][i // 10 % 2], linewidth=2.2 if highlight else 1.2, zorder=2,
+                      label=label_of[config_id] + (" *" if highlight else ""))
         ax_r.axvline(w_used, color="0.4", linestyle=":", linewidth=1)
         ax_r.set_xlabel("weight w")
         ax_r.set_ylabel("ranking score R")
-        ax_r.set_title("(a) R against w (* = Pareto-optimal)")
+        ax_r.set_title("(a) R against w (* = Pareto-optimal)", fontsize=10)
 
-        xerr = (at_w["energy_kwh_per_item_std"].astype(float).to_numpy() * 1000
+        xerr = (at_w["energy_kwh_per_item_std"].astype(float).to_numpy() * 1000 * e_scale
                 if "energy_kwh_per_item_std" in at_w.columns else None)
         yerr = None
         if {"rho_ci_low", "rho_ci_high"} <= set(at_w.columns):
             yerr = np.vstack([y - at_w["rho_ci_low"].astype(float).to_numpy(),
                               at_w["rho_ci_high"].astype(float).to_numpy() - y])
         if xerr is not None or yerr is not None:
-            _errorbars(ax_p, x, y, xerr=xerr, yerr=yerr, color="0.5")
+            _errorbars(ax_p, x, y, xerr=xerr, yerr=yerr, color="0.7")
         ax_p.scatter(x[~front], y[~front], color="0.55", s=30, zorder=3, label="dominated")
         ax_p.scatter(x[front], y[front], color=_PARETO_COLOR, s=55, zorder=4, label="Pareto-optimal")
         order = np.argsort(x[front])
         ax_p.step(x[front][order], y[front][order], where="post", color=_PARETO_COLOR, linewidth=1.5, zorder=3)
-        for cid, xi, yi in zip(np.array(config_ids)[front], x[front], y[front]):
-            ax_p.annotate(cid, (xi, yi), textcoords="offset points", xytext=(5, -10), fontsize=8,
-                          color=_PARETO_COLOR)
-        if "p_best" in at_w.columns and at_w["p_best"].notna().any():
+        if has_p_best:
             # Uncertainty of the top: the configs the resampling cannot separate, ringed, with how often
             # each comes out best.
-            tied = (_as_bool(at_w["tied_with_top"]).to_numpy() if "tied_with_top" in at_w.columns
-                    else at_w["p_best"].fillna(0).to_numpy() >= TIED_WITH_TOP_SHARE)
             ax_p.scatter(x[tied], y[tied], s=190, facecolors="none", edgecolors="black", linewidths=1.2, zorder=5,
                          label="cannot be separated from the top")
-            for xi, yi, p in zip(x[tied], y[tied], at_w["p_best"].to_numpy()[tied]):
-                if pd.notna(p):
-                    ax_p.annotate(f"best in {p:.0%}", (xi, yi), textcoords="offset points", xytext=(5, 6),
-                                  fontsize=7, color="black")
-        ax_p.set_xlabel("Energy per item (Wh/item, ± s.e.)")
-        # Tiny Wh values print as long decimals that collide; a few ticks in scientific notation.
+        ax_p.set_xlabel(f"Energy per item ({e_unit}/item, ± s.e.)")
         ax_p.xaxis.set_major_locator(MaxNLocator(nbins=5))
-        ax_p.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
         ax_p.set_ylabel("ρ (quality)")
-        ax_p.set_title(f"(b) Pareto front at w = {w_used:.2f}")
-        ax_p.legend(fontsize=8, loc="best")
-        _legend_outside(ax_r, title="config", ncol=2 if df["config_id"].nunique() > 16 else 1)
+        ax_p.set_title(f"(b) Pareto front at w = {w_used:.2f}", fontsize=10)
+        ax_p.margins(x=0.08, y=0.12)
+
+        handles, labels = ax_r.get_legend_handles_labels()
+        if others:
+            from matplotlib.lines import Line2D
+
+            handles.append(Line2D([], [], color="0.8", linewidth=0.8))
+            labels.append(f"{others} other configs")
+        legend_grid = grid[1, :].subgridspec(1, 2, width_ratios=[2, 1])
+        _legend_in(fig.add_subplot(legend_grid[0, 0]), handles, labels, title="(a) config", ncol=ncol)
+        point_handles, point_labels = ax_p.get_legend_handles_labels()
+        _legend_in(fig.add_subplot(legend_grid[0, 1]), point_handles, point_labels, title="(b) points")
+
+        # Labels: the Pareto front and the top set (with how often each comes out best), placed where
+        # they collide with nothing; one that finds no free spot is left out (the legend names it).
+        p_best = at_w["p_best"].to_numpy() if has_p_best else np.full(len(at_w), np.nan)
+        wanted = []
+        for i, config_id in enumerate(config_ids):
+            if front[i] or tied[i]:
+                text = label_of[config_id]
+                if tied[i] and pd.notna(p_best[i]):
+                    text += f" (best in {p_best[i]:.0%})"
+                wanted.append((0 if tied[i] else 1, -y[i], text, x[i], y[i],
+                               _PARETO_COLOR if front[i] else "black"))
+        _place_labels(fig, ax_p, [(t, xi, yi, c) for *_, t, xi, yi, c in sorted(wanted)], np.column_stack([x, y]))
     return _finish(fig, FIG7_TITLE, note)
+
+
+_MOST_NAMED = 10
+
+
+def _place_labels(fig: Figure, ax: Axes, labels: Sequence[tuple[str, float, float, object]],
+                  points: np.ndarray) -> list[str]:
+    """Annotate each (text, x, y, color) next to its point at the first of a ring of offsets where the
+    text stays inside the axes and overlaps no placed label and no other point; further rings get a
+    leader line. Returns the texts that found no place (not drawn)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not labels:
+        return []
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()  # fixes the layout: the labels are kept out of it (in_layout False)
+    renderer = fig.canvas.get_renderer()
+    shown = ax.transData.transform(points[np.isfinite(points).all(axis=1)])
+    placed: list[Any] = []
+    dropped: list[str] = []
+    directions = [(1, 0.3), (1, -1), (-1, 0.3), (-1, -1), (0, 1), (0, -1.6), (1, 1), (-1, 1)]
+    for text, xi, yi, color in labels:
+        anchor = ax.transData.transform((xi, yi))
+        ann = ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(0, 0), fontsize=7.5, color=color,
+                          zorder=6, annotation_clip=False)
+        ann.set_in_layout(False)
+        done = False
+        # First where it hides no other point; failing that, anywhere it hides no other label.
+        tries = [(strict, r, d) for strict in (True, False) for r in (1, 2, 3.5) for d in directions]
+        for strict, ring, (dx, dy) in tries:
+            ann.set_position((dx * 7 * ring, dy * 7 * ring))
+            ann.set_horizontalalignment("left" if dx > 0 else "right" if dx < 0 else "center")
+            ann.set_verticalalignment("center" if dy == 0.3 and dx else "bottom" if dy > 0 else "top")
+            box = ann.get_window_extent(renderer)
+            if not (ax.bbox.x0 < box.x0 and box.x1 < ax.bbox.x1 and ax.bbox.y0 < box.y0 and box.y1 < ax.bbox.y1):
+                continue
+            grown = box.expanded(1.0, 1.0).padded(2)
+            if any(grown.overlaps(other) for other in placed):
+                continue
+            near = shown[(np.abs(shown - anchor) > 0.5).any(axis=1)]  # every point but its own
+            if strict and len(near) and ((near[:, 0] > grown.x0 - 4) & (near[:, 0] < grown.x1 + 4)
+                              & (near[:, 1] > grown.y0 - 4) & (near[:, 1] < grown.y1 + 4)).any():
+                continue
+            if ring > 1:  # far from its point: the same label again, with a leader line
+                final = ax.annotate(text, (xi, yi), textcoords="offset points", xytext=ann.get_position(),
+                                    fontsize=7.5, color=color, zorder=6, annotation_clip=False,
+                                    ha=ann.get_horizontalalignment(), va=ann.get_verticalalignment(),
+                                    arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.6,
+                                                "shrinkA": 0, "shrinkB": 4})
+                final.set_in_layout(False)
+                ann.remove()
+            placed.append(grown)
+            done = True
+            break
+        if not done:
+            ann.remove()
+            dropped.append(text)
+    return dropped
 
 
 def fig8_lifecycle(lifecycle: pd.DataFrame, configs: Sequence[str], queries: Sequence[float],
