@@ -155,8 +155,10 @@ def energy_attribution(study: Study, cluster: str, device: str) -> str:
 
     Sequentially every job has the machine to itself: "machine". A local cluster with one worker per
     GPU runs measured jobs side by side on one node: their CPU and RAM are shared, so "gpu_only". On
-    SLURM a worker has its node to itself only with --exclusive. Measured jobs sharing a CPU device
-    cannot be told apart at all, so that is refused.
+    SLURM a worker has its node to itself only with --exclusive (or on an exclusive partition); this is
+    what the runner expects, and each job checks what its real SLURM job got before it is measured
+    (scale.job_attribution: OverSubscribe=NO, or the job is charged its GPUs only, or refused on a CPU).
+    Measured jobs sharing a CPU device cannot be told apart at all, so that is refused.
     """
     requested = study.energy.attribution
     shared = False
@@ -165,12 +167,15 @@ def energy_attribution(study: Study, cluster: str, device: str) -> str:
 
         shared = local_worker_count(study, device) > 1
     elif cluster == "slurm":
-        shared = "--exclusive" not in study.cluster.slurm.job_extra_directives
+        from .scale import exclusive_requested
+
+        shared = not exclusive_requested(study.cluster.slurm)
     if shared and not device.startswith("cuda"):
         raise StudyRunError(
             "measured CPU jobs would share a node (" + ("cluster.local_workers > 1" if cluster == "local" else
-            "SLURM without --exclusive in cluster.slurm.job_extra_directives") + "): their CPU energy cannot be "
-            "told apart. Use one worker, or give each SLURM worker its node (--exclusive).")
+            "SLURM without --exclusive in cluster.slurm.job_extra_directives, on a partition that is not "
+            "OverSubscribe=EXCLUSIVE") + "): their CPU energy cannot be told apart. Use one worker, or give each "
+            "SLURM worker its node (add --exclusive to cluster.slurm.job_extra_directives).")
     if requested == "machine" and shared:
         raise StudyRunError("energy.attribution: machine, but measured jobs share a node here: each job would be "
                             "charged the whole machine's CPU and RAM. Use attribution: auto or gpu_only.")
@@ -359,7 +364,9 @@ class _Run:
                 self.bar.update()
             else:
                 todo.append(job)
-        if self.cluster == "none" or len(todo) <= 1:
+        # On SLURM every job but the ranking (which reads the tables, here) runs in a SLURM job, even alone.
+        here = len(todo) <= 1 if self.cluster == "local" else all(job.phase == "ranking" for job in todo)
+        if self.cluster == "none" or here:
             finished = ((job, self._execute(job)) for job in todo)
         else:
             from .scale import run_on_cluster
@@ -387,7 +394,9 @@ class _Run:
             record_config(self.layout.root, job.config_id, job.parameters.get("model", {}).get("name", ""),
                           job.parameters.get("precision", ""), "failed", result["error"],
                           adapter=job.parameters.get("adapter_name", "none"),
-                          pruning=job.parameters.get("pruning_label", "none"))
+                          pruning=job.parameters.get("pruning_label", "none"),
+                          slurm_job_id=result.get("slurm_job_id", ""),
+                          slurm_oversubscribe=result.get("slurm_oversubscribe", ""))
 
     def add_failure(self, failure: dict[str, str]) -> None:
         self.failures.append(failure)
@@ -406,6 +415,8 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     params_path = Path(params_path).resolve()
     study, device, attribution = _validate(params_path, phases, cluster)  # raises before anything is written
     out_dir = study_out_dir(study, out)
+    if cluster == "slurm":
+        check_slurm_run(study, out_dir)
     prepare_out_dir(study, out_dir, resume, force)
     layout = StudyLayout(out_dir)
     layout.state.mkdir(parents=True, exist_ok=True)
@@ -467,7 +478,24 @@ def _validate(params_path: Path, phases: list[str] | None, cluster: str) -> tupl
         device = resolve_device(study)
     except PrecisionUnsupported as exc:  # e.g. device: cuda on a machine without a GPU
         raise StudyRunError(f"{params_path}: device: {exc}") from None
+    if cluster == "slurm":
+        from .scale import slurm_tools_problem
+
+        problem = slurm_tools_problem()  # dask-jobqueue and sbatch & co., before asking SLURM anything
+        if problem:
+            raise StudyRunError(problem)
     return study, device, energy_attribution(study, cluster, device)
+
+
+def check_slurm_run(study: Study, out_dir: Path) -> None:
+    """Before anything is written or submitted on SLURM: SLURM accepts the worker job cluster.slurm
+    describes (sbatch --test-only), and a node sees the output folder (a one-task srun), or
+    StudyRunError saying what to do."""
+    from .scale import out_dir_problem, worker_job_problem
+
+    problem = worker_job_problem(study.cluster.slurm) or out_dir_problem(study.cluster.slurm, out_dir)
+    if problem:
+        raise StudyRunError(problem)
 
 
 def _write_parameters_and_provenance(study: Study, layout: StudyLayout, device: str,
@@ -484,7 +512,8 @@ def _write_parameters_and_provenance(study: Study, layout: StudyLayout, device: 
 def _record_skipped(out_dir: Path, skipped: list[dict[str, str]]) -> None:
     for item in skipped:
         log.warning("skipping %s: %s", item["config_id"], item["reason"])
-        record_config(out_dir, item["config_id"], item["model"], item["precision"], "skipped", item["reason"])
+        record_config(out_dir, item["config_id"], item["model"], item["precision"], "skipped", item["reason"],
+                      slurm_job_id="", slurm_oversubscribe="")  # decided here, in no SLURM job
 
 
 def _second_stage(run: _Run, jobs: list[Job], first: list[Job], base_dir: Path) -> list[Job]:

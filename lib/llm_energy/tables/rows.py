@@ -9,6 +9,7 @@ itself, so the columns of a table are decided here and in ``results.TABLES`` onl
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +41,21 @@ class ConfigIdentity:
 
 def record_config(study_dir: Path, config_id: str, model: str, precision: str, status: str, reason: str = "",
                   weights_origin: str = "", adapter: str = "none", pruning: str = "none", kernel: str = "",
-                  kernel_note: str = "", scoring_path: str = "", data: str = "") -> None:
+                  kernel_note: str = "", scoring_path: str = "", data: str = "", slurm_job_id: str | None = None,
+                  slurm_oversubscribe: str | None = None) -> None:
     """The config's row in configs.csv: ok, skipped or failed, why, where its weights came from, the
     kernels a pruned config runs, the path its multiple-choice scoring took and the data it was
-    scored on (synthetic data says so)."""
+    scored on (synthetic data says so), and the SLURM job it ran in: by default this process's
+    (``SLURM_JOB_ID``, which a job's kernel inherits from its SLURM worker, and the OverSubscribe the
+    runner read there, ``LLM_ENERGY_SLURM_OVERSUBSCRIBE``), both empty when not under SLURM."""
+    if slurm_job_id is None:
+        slurm_job_id = os.environ.get("SLURM_JOB_ID", "")
+    if slurm_oversubscribe is None:
+        slurm_oversubscribe = os.environ.get("LLM_ENERGY_SLURM_OVERSUBSCRIBE", "") if slurm_job_id else ""
     results.upsert_rows(study_dir, "configs", results.as_rows(results.ConfigRow(
         config_id=config_id, model=model, precision=precision, adapter=adapter, pruning=pruning, status=status,
         reason=reason, weights_origin=weights_origin, scoring_path=scoring_path, kernel=kernel,
-        kernel_note=kernel_note, data=data)))
+        kernel_note=kernel_note, data=data, slurm_job_id=slurm_job_id, slurm_oversubscribe=slurm_oversubscribe)))
 
 
 def record_idle_baselines(study_dir: Path, config_id: str, phase: str, device: str,

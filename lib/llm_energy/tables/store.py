@@ -237,6 +237,10 @@ class ConfigRow:
     kernel: str = ""
     kernel_note: str = ""
     data: str = ""
+    # the SLURM job the config's job ran in (empty when not under SLURM), and what SLURM gave it:
+    # OverSubscribe=NO is a node of its own (the runner's energy attribution follows it)
+    slurm_job_id: str = ""
+    slurm_oversubscribe: str = ""
 
 
 @dataclass(frozen=True)
