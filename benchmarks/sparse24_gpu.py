@@ -221,7 +221,7 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
             return m.model(input_ids=ids, use_cache=False).last_hidden_state
 
     # Kernel-level table: why converting everything is slow.
-    token_counts = sorted({512, 2048, tokens, 4 * tokens})
+    token_counts = sorted(set(args.token_counts or [512, 2048, tokens, 4 * tokens]))
     plans = sparse.plan(model, token_counts, min_speedup=args.min_speedup, backend=dev.backend, timer=dev.timer)
     for p in plans:  # a shape that wins only above this prefill's token count would never run sparse here
         if p.convert and p.min_tokens > tokens:
@@ -326,6 +326,10 @@ def main(argv: list[str] | None = None, nvml_module: Any = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file, appended as results arrive")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new preset/dtype case after this many seconds (the last line still prints)")
+    parser.add_argument("--token-counts", type=lambda v: [int(t) for t in v.split(",") if t.strip()], default=None,
+                        help="comma-separated token counts of the kernel table (default: 512, 2048, the "
+                             "prefill's and 4x it)")
+    parser.add_argument("--fake-nvml", action="store_true", help="a stand-in NVML counter (rehearsal; no meaning)")
     parser.add_argument("--dry-run-cpu", action="store_true",
                         help="run every step on the CPU with a dense reference backend (tests the script, measures nothing)")
     args = parser.parse_args(argv)
@@ -359,6 +363,10 @@ def main(argv: list[str] | None = None, nvml_module: Any = None) -> int:
         log("sparse24_gpu: transformers is not installed")
         return 3
     log(" ".join(f"{k}={v}" for k, v in env.items() if k != "kind"))
+    if nvml_module is None and args.fake_nvml:
+        from llm_energy.measure.fake_nvml import FakeNvml
+
+        nvml_module = FakeNvml(power_w=100.0)
     if nvml_module is not None:
         nvml: Nvml | None = Nvml(nvml_module)
     else:

@@ -25,7 +25,7 @@ def pruned_weight(out_features, in_features, dtype=torch.float16):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [4096, 1000])  # 1000: padded to a multiple of 8
+@pytest.mark.parametrize("tokens", [4096, 1002])  # 1002 = 8 * 125 + 2: the padding branch runs
 def test_cusparselt_layer_matches_dense_and_runs_a_sparse_kernel(dtype, tokens):
     layer = pruned_weight(1024, 2048, dtype)
     converted = sparse.Sparse24Linear(layer, sparse.CusparseltBackend(), keep_dense=False)
@@ -34,6 +34,7 @@ def test_cusparselt_layer_matches_dense_and_runs_a_sparse_kernel(dtype, tokens):
         expected = F.linear(x, layer.weight)
         kernels = sparse.kernels_run(lambda: converted(x))
         got = converted(x)
+    assert tokens % sparse.TOKEN_MULTIPLE == 0 or converted.sparse_calls > 0  # padded, still sparse
     assert got.shape == expected.shape
     assert sparse.compare_outputs(expected, got)["rel_l2"] < 1e-2
     assert sparse.sparse_kernel_names(kernels), f"no sparse kernel among {list(kernels)[:8]}"

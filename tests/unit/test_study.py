@@ -153,17 +153,28 @@ def test_choosing_pruning_targets_does_not_write_the_ranking(root, tmp_path):
 
 
 def test_the_gpu_study_is_valid_and_refused_without_a_gpu(root, tmp_path):
-    """params/gpu.yaml validates here; running it on a machine without CUDA stops before writing."""
+    """params/gpu.yaml validates here (its random-weight model folder written as tools/gpu_check.sh
+    writes it, at the tiny shape); running it on a machine without CUDA stops before writing."""
     import torch
+    import yaml
 
-    study = load_study(root / "params" / "gpu.yaml")
-    assert study.device == "cuda" and set(study.precisions) == {"fp32", "bf16", "fp16", "int8", "nf4"}
+    from llm_energy.models.random_shapes import save_folder
+
+    raw = yaml.safe_load((root / "params" / "gpu.yaml").read_text())
+    assert raw["models"][0] == {"name": "smollm2-135m-random", "source": "local",
+                                "path": "../outputs/gpu-models/smollm2-135m-random"}
+    raw["models"][0]["path"] = str(save_folder("tiny", tmp_path / "model"))
+    params = tmp_path / "gpu.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    study = load_study(params)
+    assert study.device == "cuda" and study.precisions == ["fp32", "bf16", "fp16", "w8a8"]
     assert {m.pattern for m in study.pruning.methods} == {"2:4"} and study.pruning.sparse_kernels == "auto"
+    assert study.device_limits.max_slowdown is None
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the refusal cannot be shown here")
     out = tmp_path / "gpu"
     with pytest.raises(runner.StudyRunError, match="no CUDA GPU is visible"):
-        runner.run_study(root / "params" / "gpu.yaml", out=out)
+        runner.run_study(params, out=out)
     assert not out.exists()
 
 

@@ -6,6 +6,8 @@ Each component (CPU, GPU, RAM) states how it was obtained:
 
 - ``rapl``: the CPU package/DRAM energy counters in ``/sys/class/powercap`` (a measurement);
 - ``nvml_counter``: the GPU's total-energy counter read through NVML (a measurement);
+- ``nvml_power_integral``: the GPU's power readings through NVML, sampled and integrated (a measurement,
+  coarser: where the counter cannot be read);
 - ``codecarbon:<mode>``: CodeCarbon's figure; on a machine without RAPL its CPU power is an
   *estimate* from CPU load and a TDP guess (``codecarbon:cpu_load``) and RAM power is a model.
 
@@ -81,7 +83,7 @@ def component_methods(rows: Any) -> list[str]:
     return out
 
 
-HARDWARE_COUNTERS: tuple[str, ...] = ("nvml_counter", "rapl")  # the project's own counters
+HARDWARE_COUNTERS: tuple[str, ...] = ("nvml_counter", "nvml_power_integral", "rapl")  # the project's own readings
 SCOPE_MACHINE = "machine"
 SCOPE_GPU_ONLY = "gpu_only: shared node"
 
@@ -435,11 +437,23 @@ class RaplSource:
 
 
 class NvmlSource:
-    """The total-energy counter (mJ since driver load) of each visible GPU."""
+    """The total-energy counter (mJ since driver load) of each visible GPU.
+
+    The counter is test-read when the source is created: where it cannot be read (a board or driver
+    without it, NVML_ERROR_NOT_SUPPORTED), the source falls back to integrating the GPU's power
+    readings, sampled every ``sample_power_s`` (0.1 s unless given) by a thread during each window, and
+    ``method`` (also the ``gpu_method`` of every record) says ``nvml_power_integral``;
+    ``fallback_reason`` keeps why. When power cannot be read either, creating the source fails.
+
+    ``sample_power_s`` with a readable counter samples power too: each window then leaves both
+    readings, ``last_counter_j`` and ``last_power_integral_j`` (trapezoids over the samples, the
+    window's edges included), so they can be compared; the counter is the one reported."""
 
     name = "nvml_counter"
+    POWER_METHOD = "nvml_power_integral"
 
-    def __init__(self, nvml: Any = None, device_indices: list[int] | None = None):
+    def __init__(self, nvml: Any = None, device_indices: list[int] | None = None,
+                 sample_power_s: float | None = None):
         if nvml is None:
             import pynvml as nvml  # from nvidia-ml-py
         self.nvml = nvml
@@ -448,18 +462,79 @@ class NvmlSource:
         indices = device_indices if device_indices is not None else list(range(count))
         self.handles = [self.nvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
         self._start: list[int] = []
+        self.fallback_reason = ""
+        try:
+            self._read()
+            self.method = "nvml_counter"
+        except Exception as exc:  # noqa: BLE001  (pynvml raises its own NVMLError kinds)
+            self.fallback_reason = f"energy counter unreadable ({type(exc).__name__}: {exc})"
+            try:
+                self._power_w()
+            except Exception as power_exc:  # noqa: BLE001
+                raise RuntimeError(f"NVML: {self.fallback_reason}; power unreadable too "
+                                   f"({type(power_exc).__name__}: {power_exc})") from power_exc
+            self.method = self.POWER_METHOD
+            logger.warning("NVML %s: energy from sampled power instead (%s)", self.fallback_reason, self.POWER_METHOD)
+            sample_power_s = sample_power_s or 0.1
+        self.name = self.method
+        self.sample_power_s = sample_power_s
+        self._samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_counter_j = float("nan")
+        self.last_power_integral_j = float("nan")
 
     def _read(self) -> list[int]:
         return [self.nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles]
 
+    def _power_w(self) -> float:
+        return sum(self.nvml.nvmlDeviceGetPowerUsage(h) for h in self.handles) / 1e3  # mW
+
+    def _sample(self) -> None:
+        with contextlib.suppress(Exception):
+            self._samples.append((time.perf_counter(), self._power_w()))
+
+    def _run(self) -> None:
+        assert self.sample_power_s is not None
+        while not self._stop.wait(self.sample_power_s):
+            self._sample()
+
     def begin(self, window: str) -> None:
-        self._start = self._read()
+        if self.method == "nvml_counter":
+            self._start = self._read()
+        if self.sample_power_s:
+            self._samples = []
+            self._sample()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="nvml-power-sampler", daemon=True)
+            self._thread.start()
+
+    def _integral_j(self) -> float:
+        if self._thread is None:
+            return float("nan")
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        self._sample()
+        points = self._samples
+        if len(points) < 2:
+            return float("nan")
+        return sum((t1 - t0) * (p0 + p1) / 2 for (t0, p0), (t1, p1) in zip(points, points[1:]))
 
     def end(self) -> dict[str, ComponentReading]:
-        total_mj = sum(b - a for a, b in zip(self._start, self._read()))
-        return {"gpu": ComponentReading(total_mj / 1e3, "nvml_counter")}
+        counter_j = float("nan")
+        if self.method == "nvml_counter":
+            counter_j = sum(b - a for a, b in zip(self._start, self._read())) / 1e3
+        self.last_counter_j = counter_j
+        self.last_power_integral_j = self._integral_j()
+        energy_j = counter_j if self.method == "nvml_counter" else self.last_power_integral_j
+        return {"gpu": ComponentReading(energy_j, self.method)}
 
     def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
         with contextlib.suppress(Exception):
             self.nvml.nvmlShutdown()
 

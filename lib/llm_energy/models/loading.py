@@ -285,6 +285,8 @@ def resolve_weights(spec: ModelSettings, base_dir: Path | None = None, cache: Pa
         folder = resolve_path(spec.path or "", base_dir or Path.cwd())
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"model folder {folder} has no config.json (expected a Hugging Face model folder)")
+        if (folder / "ORIGIN.json").is_file():  # e.g. random weights of a real shape (models/random_shapes.py)
+            return str(folder), f"{json.loads((folder / 'ORIGIN.json').read_text())['origin']}; local folder {folder}"
         return str(folder), f"local folder {folder}"
     if spec.source == "hub":
         if os.environ.get("HF_HUB_OFFLINE") == "1":

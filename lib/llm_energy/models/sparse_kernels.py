@@ -38,7 +38,10 @@ import torch
 TOKEN_MULTIPLE = 8
 # Both weight dimensions must be multiples of this for fp16/bf16 2:4 compression.
 WEIGHT_MULTIPLE = 16
-SPARSE_KERNEL_PATTERN = re.compile(r"sparse|cusparselt|spmma|sp_gemm", re.IGNORECASE)
+# A sparse kernel's name, as the profiler reports it: cuSPARSELt's on Ampere ("sm80_xmma_sparse_gemm_...",
+# "..._sptensor16x8x32_...") and on Hopper (CUTLASS 3 style: "sm90_xmma_sparse_...", "..._sptensorop_...",
+# "..._spgemm_...", "gmma_sp..."), and PyTorch's own wrappers ("_cslt_sparse_mm", "cusparseLt").
+SPARSE_KERNEL_PATTERN = re.compile(r"sparse|cusparselt|cslt|spmma|sp_?gemm|sptensor|gmma_?sp|xmma_sp", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,9 +304,11 @@ def time_shape(weight: Any, tokens: int, backend: Any = None, iters: int = 20, w
     packed = backend.compress(weight)
     dense_s = timer(lambda: F.linear(x, weight, bias), iters, warmup)
     default_s = timer(lambda: backend.matmul(packed, x, bias, 0), iters, warmup)
+    # The search is an optimisation: whatever it raises (RuntimeError, NotImplementedError, an
+    # AcceleratorError on some builds), the default algorithm still runs.
     try:
         alg = backend.search(packed, x, bias)
-    except RuntimeError:  # the search is an optimisation; the default algorithm still runs
+    except Exception:  # noqa: BLE001
         alg = 0
     sparse_s = default_s if alg == 0 else timer(lambda: backend.matmul(packed, x, bias, alg), iters, warmup)
     if sparse_s > default_s:  # the search is a heuristic; keep what was measured faster
