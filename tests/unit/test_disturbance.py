@@ -315,3 +315,19 @@ def test_ranking_excludes_contaminated_configs_when_asked():
                            "contaminated_windows": [0, 1, 0]})
     assert contaminated_configs(energy) == {"a"}
     assert contaminated_configs(energy.drop(columns="contaminated_windows")) == set()
+
+
+def test_the_study_runner_on_this_host_is_not_a_cotenant(monkeypatch):
+    import socket
+
+    from llm_energy.measure.disturbance import RUNNER_ENV
+
+    pid = start_cotenant()  # stands for a runner that did not launch this job (a SLURM job's driver)
+    try:
+        assert pid not in own_pids()
+        monkeypatch.setenv(RUNNER_ENV, f"{socket.gethostname()}:{pid}")
+        assert pid in own_pids()
+        monkeypatch.setenv(RUNNER_ENV, f"another-node:{pid}")
+        assert pid not in own_pids()
+    finally:
+        os.kill(pid, signal.SIGKILL)

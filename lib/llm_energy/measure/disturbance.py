@@ -113,24 +113,40 @@ def make_canary(device: str = "cpu") -> Callable[[], float]:
     return canary
 
 
+RUNNER_ENV = "LLM_ENERGY_RUNNER"  # "host:pid" of the study's runner, set by `llm-energy run`
+
+
+def runner_pid() -> int | None:
+    """The study runner's process when it runs on this host (``LLM_ENERGY_RUNNER``): on SLURM the job
+    is not its child, yet its Dask scheduler is the study's own harness, not a co-tenant."""
+    host, _, pid = os.environ.get(RUNNER_ENV, "").rpartition(":")
+    return int(pid) if pid.isdigit() and host == socket.gethostname() else None
+
+
 def own_pids(pid: int | None = None) -> set[int]:
     """This job: the process, its descendants, and its ancestors (the harness that launched it:
-    papermill, the runner, a Dask worker, slurmstepd)."""
+    papermill, the runner, a Dask worker, slurmstepd), with the study's runner and its children when
+    it runs on this host but did not launch the job (a SLURM job)."""
     import psutil
 
-    try:
-        me = psutil.Process(pid or os.getpid())
-    except psutil.Error:
-        return {pid or os.getpid()}
-    pids = {me.pid}
-    try:
-        pids.update(p.pid for p in me.children(recursive=True))
-    except psutil.Error:
-        pass
-    try:
-        pids.update(p.pid for p in me.parents())
-    except psutil.Error:
-        pass
+    pids: set[int] = set()
+    roots = [pid or os.getpid()] + ([runner_pid()] if runner_pid() else [])
+    for index, root in enumerate(roots):
+        try:
+            proc = psutil.Process(root)
+        except psutil.Error:
+            pids.add(root)
+            continue
+        pids.add(proc.pid)
+        try:
+            pids.update(p.pid for p in proc.children(recursive=True))
+        except psutil.Error:
+            pass
+        if index == 0:
+            try:
+                pids.update(p.pid for p in proc.parents())
+            except psutil.Error:
+                pass
     return pids
 
 

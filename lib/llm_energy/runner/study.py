@@ -425,9 +425,13 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     prov = _write_parameters_and_provenance(study, layout, device, params_path)
     probe, slow = slow_precisions(study, device)  # before any job: each precision's speed on this device
     if study.energy.detect_disturbance:  # the machine-speed canary every window is compared with
-        from ..measure.disturbance import make_canary, write_study_canary
+        import socket
+
+        from ..measure.disturbance import RUNNER_ENV, make_canary, write_study_canary
 
         write_study_canary(layout.root, make_canary(device)())
+        # the runner (and its Dask scheduler) is the study's own harness: no window counts it as a co-tenant
+        os.environ[RUNNER_ENV] = f"{socket.gethostname()}:{os.getpid()}"
     prov["throughput"] = {"device": device, "precisions": {p: r.as_dict() for p, r in probe.items()},
                           "device_limits": study.device_limits.model_dump(mode="json"), "skipped_as_slow": slow}
     results.atomic_write_json(layout.provenance, prov)
