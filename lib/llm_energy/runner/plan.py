@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import BUILTIN_MODEL_PARAMETERS, TINY_LLAMA, ModelSettings, Study, load_study
 from ..layout import config_id_for
 from ..measure import throughput
-from .study import expand, probed_precisions, resolve_device
+from .study import STAGE, STAGES, expand, probed_precisions, resolve_device
 
 # Parameter counts of the builtin models (the estimate's model size).
 TINY_VOCABULARY = 32_000  # tokenizer of the random tiny Llama, for its embedding size
@@ -136,13 +136,15 @@ def _later_jobs(study: Study, slow: dict[str, str], skipped: list[dict[str, str]
                 config_id = config_id_for(model.name, precision, adapter="lora")
                 if config_id not in skipped_ids:
                     later.append(PlannedJob(f"inference__{config_id}", "inference", precision,
-                                            inference_s(model.name, precision), "after its fine-tuning"))
+                                            inference_s(model.name, precision),
+                                            f"stage '{STAGE['adapters'].name}': {STAGE['adapters'].known}"))
     if "pruning" in study.phases and study.pruning is not None and not study.pruning.targets:
         model = study.models[0].name
         for rank in range(1, study.pruning.top_k + 1):
             for method in study.pruning.methods:
                 later.append(PlannedJob(f"pruning__<top {rank}>__{method.label}", "pruning", "?",
-                                        inference_s(model, "fp32"), "target chosen by the ranking at run time; "
+                                        inference_s(model, "fp32"),
+                                        f"stage '{STAGE['top-k pruning'].name}': target {STAGE['top-k pruning'].known}; "
                                         "estimated at fp32"))
     return later
 
@@ -186,8 +188,11 @@ def format_plan(plan: StudyPlan) -> str:
         lines.append(f"  SKIPPED {item['config_id']}: {item['reason']}")
     if not plan.slow and not other:
         lines.append("  no precision skipped")
+    lines += ["", "Stages, in order (each after the ones before it):"]
+    lines += [f"  {i}. {stage.name}: {stage.runs} (known {stage.known})" for i, stage in enumerate(STAGES, 1)]
     lines += ["", ("Jobs, in run order, with an ESTIMATED time each (overhead + passes x items x seconds per "
-                   "item scaled from the probe; calibrated on one CPU, expect 2-3x either way):")]
+                   "item scaled from the probe; calibrated on one CPU, expect 2-3x either way; a re-measured "
+                   "job counts again):")]
     for job in plan.jobs:
         note = f"  ({job.note})" if job.note else ""
         lines.append(f"  {job.key:60s} {_duration(job.estimate_s):>10s}{note}")

@@ -63,6 +63,32 @@ class StudyOutcome:
     remeasured: list[str] = field(default_factory=list)  # jobs run again for contaminated windows
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a study's job graph: its jobs run side by side (or in turn), after every job of the
+    stages before it. ``known``: when its jobs become known."""
+
+    name: str
+    runs: str
+    known: str
+
+
+# The job graph's stages, in order: the one description that run_study follows, `llm-energy plan`
+# notes its later jobs with, and the README quotes.
+STAGES: tuple[Stage, ...] = (
+    Stage("first", "data; every fine-tuning; every inference config", "from the parameters"),
+    Stage("adapters", "inference of each adapter a fine-tuning saved; pruning of the named targets",
+          "after its fine-tuning (an adapter that was saved)"),
+    Stage("top-k pruning", "pruning (and recovery) of the ranking's top configs when no targets are named",
+          "from the ranking of everything evaluated so far, adapters included"),
+    Stage("re-measure", "each job whose windows stayed contaminated, again, whole (energy.on_contaminated: remeasure)",
+          "from energy.csv's contaminated_windows"),
+    Stage("ranking", "the ranking notebook over every table", "always last: it reads every table"),
+    Stage("report", "report.html from the executed ranking notebook", "after the ranking"),
+)
+STAGE = {stage.name: stage for stage in STAGES}
+
+
 def display_path(path: Path) -> str:
     """A path as a user types it: relative to the working directory when under it."""
     try:
@@ -440,6 +466,7 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     _record_skipped(out_dir, skipped)
     run = _Run(study, layout, device, resume, phases, cluster, skipped, attribution)
     run.bar = tqdm(total=len(jobs), desc=f"study {study.study}", unit="job")
+    # the stages of STAGES, in its order
     first = [j for j in jobs if j.phase in ("data", "finetune", "inference")]
     run.run_stage(first)
     second = _second_stage(run, jobs, first, params_path.parent)
