@@ -18,9 +18,11 @@ pytestmark = pytest.mark.slow
 
 JOB = "inference__tiny-random-llama__fp32"
 CONFIG = "tiny-random-llama__fp32"
-# Column names holding a time, an energy, or a method that depends on the machine's counters.
+# Column names holding a time, an energy, a method that depends on the machine's counters, or what the
+# disturbance witnesses read (machine speed, other processes, steal: the moment's, not the config's).
 VOLATILE = ("energy", "duration", "emissions", "idle", "power", "seconds", "memory", "method", "carbon",
-            "repeats", "calls", "j_per_")
+            "repeats", "calls", "j_per_", "canary", "foreign", "steal", "contaminated", "remeasured", "rate_",
+            "attempts", "disturbance")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

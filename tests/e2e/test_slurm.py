@@ -21,7 +21,7 @@ from slurm_node import SlurmNode, missing_reason
 
 from llm_energy.tables import store as results
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLED, KEPT = "tiny-random-llama__fp32", "tiny-copy__fp32"

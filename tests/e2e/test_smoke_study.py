@@ -74,7 +74,17 @@ def test_energy_rows_for_every_precision_and_task(smoke_run):
     idles = results.read_table(out, "idle_baselines")
     # each job's own baselines; a recovered config is measured in its pruning job, with that job's meter
     measured_ids = {c for c in energy.loc[energy["phase"] != "idle", "config_id"] if not c.endswith("__recovered")}
-    assert set(idles["config_id"]) == measured_ids and set(idles["kind"]) == {"system", "loaded"}
+    before = idles[idles["kind"].isin(["system", "loaded"])]
+    assert set(before["config_id"]) == measured_ids and set(idles["kind"]) == {"system", "loaded", "loaded_after"}
+    # loaded idle again after every evaluation's windows (a recovered config's too): its drift
+    after = idles[idles["kind"] == "loaded_after"]
+    evaluated = set(energy.loc[energy["phase"].isin(["inference", "pruning"]), "config_id"])
+    assert evaluated <= set(after["config_id"]) and after["idle_drift"].notna().all()
+    # every evaluation window was read by the disturbance witnesses (the tests run it beside another
+    # pytest process: flagged or not, each reading is there)
+    windows = results.read_table(out, "energy_repeats")
+    assert windows["canary_slowdown"].notna().all() and windows["foreign_cpu_share"].between(0, 1).all()
+    assert windows["attempts"].eq(1).all()  # smoke: on_contaminated is flag, nothing measured again
     for column in ("cpu_method", "gpu_method", "ram_method", "estimated_components", "energy_scope",
                    "country_iso_code", "carbon_intensity_g_per_kwh"):
         assert energy.loc[energy["phase"] != "idle", column].notna().all(), column
@@ -131,7 +141,8 @@ def test_provenance_and_resolved_parameters(smoke_run):
     out, _ = smoke_run
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["packages"]["torch"] and prov["params_hash"] and prov["finished_at"]
-    assert {b["kind"] for b in prov["idle_baselines"]} == {"system", "loaded"}
+    assert {b["kind"] for b in prov["idle_baselines"]} == {"system", "loaded", "loaded_after"}
+    assert (out / "state" / "canary.json").is_file()  # the machine-speed canary at the study's start
     assert prov["energy_methods_available"]["codecarbon"] is True
 
 
@@ -228,16 +239,16 @@ def test_the_shared_report_opens_with_the_answer_and_leaks_nothing(smoke_run):
     assert "tiny-random-llama · fp32" in html  # config ids as model · precision · adapter · pruning
 
 
-def test_report_pdf_from_the_cli(smoke_run, tmp_path):
+def test_the_smoke_report_prints_to_pdf(smoke_run, tmp_path):
+    """What `llm-energy report DIR --pdf` does after rendering (tests/unit/test_report_sharing.py checks
+    the flag's wiring and the message without Chromium)."""
     import shutil
 
-    from llm_energy import cli
-    from llm_energy.report.html import find_chromium
+    from llm_energy.report.html import find_chromium, render_pdf
 
     if find_chromium() is None:
         pytest.skip("no chromium on this machine (Debian package 'chromium'); .ci/run installs it")
     out, _ = smoke_run
-    copy = tmp_path / "study"
-    shutil.copytree(out, copy)
-    assert cli.main(["report", str(copy), "--pdf"]) == 0
-    assert (copy / "report.pdf").read_bytes()[:5] == b"%PDF-"
+    shutil.copy(out / "report.html", tmp_path / "report.html")
+    pdf = render_pdf(tmp_path / "report.html")
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 100_000  # the figures are in it

@@ -87,3 +87,22 @@ def test_tables_show_units_a_person_reads():
     html = rk.collapsible(view, "Energy")
     assert html.startswith("<details>") and "<summary><strong>Energy</strong> (1 rows)</summary>" in html
     assert "0.000" not in html  # no six-decimal kWh
+
+
+def test_report_cli_pdf_flag_writes_the_pdf_or_says_why(tmp_path, monkeypatch, capsys):
+    from llm_energy import cli
+    from llm_energy.runner import study
+
+    (tmp_path / "report.html").write_text("<html><body>answer</body></html>")
+    monkeypatch.setattr(study, "render_report", lambda d: tmp_path / "report.html")
+    printed = []
+    monkeypatch.setattr(report_html, "render_pdf", lambda html: printed.append(html) or tmp_path / "report.pdf")
+    assert cli.main(["report", str(tmp_path), "--pdf"]) == 0 and printed == [tmp_path / "report.html"]
+    assert "pdf: " in capsys.readouterr().out
+
+    def unavailable(html):
+        raise report_html.PdfUnavailable("--pdf needs Chromium ... apt install chromium")
+
+    monkeypatch.setattr(report_html, "render_pdf", unavailable)
+    assert cli.main(["report", str(tmp_path), "--pdf"]) == 2
+    assert "apt install chromium" in capsys.readouterr().err
