@@ -116,12 +116,30 @@ def test_a_contaminated_window_is_measured_again_and_the_clean_one_kept():
     assert record.canary_slowdown == pytest.approx(1.0)
 
 
-def test_the_study_start_canary_is_the_reference_when_the_job_started_slow():
+def test_a_job_that_started_in_a_slow_stretch_is_caught_against_the_study_start():
     clock = FakeClock()
     monitor, _ = fake_monitor(clock, [0.020, 0.020, 0.020], study_canary_s=0.010)
     meter = meter_with(clock, monitor, on_contaminated="flag")
     _, record = meter.measure_clean(lambda: clock.sleep(1.0), "w")
-    assert record.canary_slowdown == pytest.approx(2.0) and record.contaminated
+    assert record.canary_slowdown == pytest.approx(1.0)  # as fast as when its meter opened...
+    assert record.canary_vs_study == pytest.approx(2.0)  # ...but twice as slow as at the study's start
+    assert record.contaminated and "against the study's start" in record.disturbance
+
+
+def test_against_the_study_start_the_tolerance_is_twice_as_wide():
+    clock = FakeClock()
+    # 1.25x the runner's canary: what a process holding a model reads on a quiet machine
+    monitor, _ = fake_monitor(clock, [0.0125], study_canary_s=0.010)
+    _, record = meter_with(clock, monitor, on_contaminated="flag").measure_clean(lambda: clock.sleep(1.0), "w")
+    assert record.canary_vs_study == pytest.approx(1.25) and not record.contaminated
+
+
+def test_a_blip_at_one_edge_of_the_window_is_not_a_slowdown():
+    clock = FakeClock()
+    # before: as fast as at the start; after: a thread waking up, 3x slower for one reading
+    monitor, _ = fake_monitor(clock, [0.010, 0.010, 0.030, 0.010])
+    _, record = meter_with(clock, monitor, on_contaminated="flag").measure_clean(lambda: clock.sleep(1.0), "w")
+    assert record.canary_slowdown == pytest.approx(1.0) and not record.contaminated
 
 
 def test_foreign_cpu_share_and_steal_share_are_shares_of_the_machines_cpu_time():

@@ -121,6 +121,7 @@ class EnergyRecord:
     country_iso_code: str = ""
     # what the disturbance witnesses said about this window (measure/disturbance.py; NaN: not read)
     canary_slowdown: float = float("nan")
+    canary_vs_study: float = float("nan")
     foreign_cpu_share: float = float("nan")
     steal_share: float = float("nan")
     foreign_gpu_processes: int = 0
@@ -708,7 +709,7 @@ class EnergyMeter:
             if witnessed is not None:
                 assert self.monitor is not None
                 found = self.monitor.end(witnessed)
-                record = replace(record, canary_slowdown=found.canary_slowdown,
+                record = replace(record, canary_slowdown=found.canary_slowdown, canary_vs_study=found.canary_vs_study,
                                  foreign_cpu_share=found.foreign_cpu_share, steal_share=found.steal_share,
                                  foreign_gpu_processes=found.foreign_gpu_processes,
                                  contaminated=found.contaminated, disturbance=found.reasons)

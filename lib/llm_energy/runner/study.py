@@ -453,9 +453,9 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     if study.energy.detect_disturbance:  # the machine-speed canary every window is compared with
         import socket
 
-        from ..measure.disturbance import RUNNER_ENV, make_canary, write_study_canary
+        from ..measure.disturbance import REFERENCE_ROUNDS, RUNNER_ENV, make_canary, write_study_canary
 
-        write_study_canary(layout.root, make_canary(device)())
+        write_study_canary(layout.root, make_canary(device)(REFERENCE_ROUNDS))
         # the runner (and its Dask scheduler) is the study's own harness: no window counts it as a co-tenant
         os.environ[RUNNER_ENV] = f"{socket.gethostname()}:{os.getpid()}"
     prov["throughput"] = {"device": device, "precisions": {p: r.as_dict() for p, r in probe.items()},

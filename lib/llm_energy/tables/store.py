@@ -89,6 +89,7 @@ class EnergyRow:
     # windows carry the contaminated flag, how many were discarded and measured again, how many ran
     # well below the median window's rate
     canary_slowdown: float | None = None
+    canary_vs_study: float | None = None
     foreign_cpu_share: float | None = None
     steal_share: float | None = None
     foreign_gpu_processes: int | None = None
@@ -154,6 +155,7 @@ class WindowRow:
     # how many windows were measured for it (more than 1: contaminated ones measured again), and its
     # items per second over the median window's
     canary_slowdown: float | None = None
+    canary_vs_study: float | None = None
     foreign_cpu_share: float | None = None
     steal_share: float | None = None
     foreign_gpu_processes: int | None = None
