@@ -61,7 +61,7 @@ CLEAN = Disturbance()
 
 @dataclass(frozen=True)
 class Thresholds:
-    canary_tolerance: float = 0.15  # slower than 1 + this is "slowed"
+    canary_tolerance: float = 0.35  # slower than 1 + this is "slowed" (config.EnergySettings says why)
     max_foreign_cpu_share: float = 0.10
     max_steal_share: float = 0.05
 

@@ -213,7 +213,7 @@ class RepeatedMeasurement:
     # (Stein's two-stage design: the windows after them were added because of the pilot's spread, so
     # including them would bias the spread; 0: every window)
     pilot: int = 0
-    rate_tolerance: float = 0.15  # a window this much slower than the median window is a rate outlier
+    rate_tolerance: float = 0.35  # a window this much slower than the median window is a rate outlier
 
     @property
     def contaminated_windows(self) -> int:
@@ -841,7 +841,7 @@ class EnergyMeter:
 
     @property
     def _rate_tolerance(self) -> float:
-        return float(getattr(self.settings, "canary_tolerance", 0.15))
+        return float(getattr(self.settings, "canary_tolerance", 0.35))
 
     def measure_repeated(self, fn: Callable[[], T], name: str, warmup: Callable[[], Any] | None = None) -> RepeatedMeasurement:
         """Full-pass windows in two stages (Stein's design): ``repeats`` pilot windows, then as many more
