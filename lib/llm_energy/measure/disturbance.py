@@ -11,10 +11,10 @@ this kernel. So each window gets three readings, none of which is trusted alone:
   when the job's meter opened, with its model in memory: ``canary_slowdown`` (1.0 = as fast; 1.4 = 40%
   slower; "slowed" beyond ``energy.canary_tolerance``). And over the canary when the study started, in
   the runner on the same host: ``canary_vs_study``, which catches a job that started inside a slow
-  stretch; "slowed" only beyond twice the tolerance, because a process holding a model runs the
-  canary up to about 25% slower than the runner did before any model was loaded (measured on a quiet
-  2-core AMD EPYC VM: 1.21-1.36x in an nf4 SmolLM2 job). It catches what no counter attributes: a
-  neighbour on the host's shared cores or memory, a lowered clock.
+  stretch (same tolerance). It catches what no counter attributes: a neighbour on the host's shared
+  cores or memory, a lowered clock. On a quiet 2-core AMD EPYC VM a default study's bf16 job read
+  1.16-1.22x against the study's start in every window, and the same job run again alone an hour
+  later took 16% less energy on QA: the canary had seen the slow stretch.
 - **Co-tenants** (``foreign_cpu_share``): the CPU time of every process that is not this job, its
   children or the processes that launched it (papermill, the runner: the study's own harness), from
   the kernel's per-process accounting (psutil), as a share of the machine's CPU time in the window.
@@ -61,7 +61,7 @@ CLEAN = Disturbance()
 
 @dataclass(frozen=True)
 class Thresholds:
-    canary_tolerance: float = 0.35  # slower than 1 + this is "slowed" (config.EnergySettings says why)
+    canary_tolerance: float = 0.15  # slower than 1 + this is "slowed"
     max_foreign_cpu_share: float = 0.10
     max_steal_share: float = 0.05
 
@@ -78,7 +78,7 @@ def judge(slowdown: float, foreign: float, steal: float, gpu_processes: int, thr
     reasons = []
     if not math.isnan(slowdown) and slowdown > 1.0 + thresholds.canary_tolerance:
         reasons.append(f"slowed {slowdown:.2f}x")
-    elif not math.isnan(vs_study) and vs_study > 1.0 + 2 * thresholds.canary_tolerance:
+    elif not math.isnan(vs_study) and vs_study > 1.0 + thresholds.canary_tolerance:
         reasons.append(f"slowed {vs_study:.2f}x against the study's start")
     if not math.isnan(foreign) and foreign > thresholds.max_foreign_cpu_share:
         reasons.append(f"foreign CPU {foreign:.0%}")

@@ -213,7 +213,7 @@ class RepeatedMeasurement:
     # (Stein's two-stage design: the windows after them were added because of the pilot's spread, so
     # including them would bias the spread; 0: every window)
     pilot: int = 0
-    rate_tolerance: float = 0.35  # a window this much slower than the median window is a rate outlier
+    rate_tolerance: float = 0.15  # a window this much slower than the median window is a rate outlier
 
     @property
     def contaminated_windows(self) -> int:
@@ -827,21 +827,23 @@ class EnergyMeter:
 
     def measure_clean(self, fn: Callable[[], T], name: str) -> tuple[T, EnergyRecord]:
         """One window (:meth:`measure`); a contaminated one is measured again, as a whole, while
-        ``energy.on_contaminated`` is ``remeasure`` and fewer than ``max_repeats`` attempts were made;
+        ``energy.on_contaminated`` is ``remeasure`` and fewer than ``window_attempts`` (at most
+        ``max_repeats``) attempts were made;
         the last attempt is kept, with its flag when it was disturbed too (``attempts`` counts them)."""
         remeasure = getattr(self.settings, "on_contaminated", "flag") == "remeasure"
+        limit = min(self.settings.max_repeats, getattr(self.settings, "window_attempts", self.settings.max_repeats))
         attempts = 0
         while True:
             attempts += 1
             result, record = self.measure(fn, name if attempts == 1 else f"{name}~{attempts}")
-            if not (record.contaminated and remeasure and attempts < self.settings.max_repeats):
+            if not (record.contaminated and remeasure and attempts < limit):
                 return result, replace(record, attempts=attempts)
-            logger.warning("measuring %s again (attempt %d of at most %d): %s", name, attempts + 1,
-                           self.settings.max_repeats, record.disturbance)
+            logger.warning("measuring %s again (attempt %d of at most %d): %s", name, attempts + 1, limit,
+                           record.disturbance)
 
     @property
     def _rate_tolerance(self) -> float:
-        return float(getattr(self.settings, "canary_tolerance", 0.35))
+        return float(getattr(self.settings, "canary_tolerance", 0.15))
 
     def measure_repeated(self, fn: Callable[[], T], name: str, warmup: Callable[[], Any] | None = None) -> RepeatedMeasurement:
         """Full-pass windows in two stages (Stein's design): ``repeats`` pilot windows, then as many more
