@@ -13,6 +13,7 @@ comes from an estimate (e.g. CodeCarbon's CPU-load x TDP model) rather than a me
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import textwrap
 from collections.abc import Iterable, Iterator, Sequence
@@ -1032,8 +1033,11 @@ def epochs_figure(epochs: Sequence[Any], title: str) -> Figure:
         spent = np.cumsum([e.energy_kwh for e in epochs]) * J_PER_KWH / 1000
         reached = [e.train_loss if np.isnan(e.eval_loss) else e.eval_loss for e in epochs]
         right.plot(spent, reached, "o-", color="#55a868")
-        for epoch, x, y in zip(numbers, spent, reached):
-            right.annotate(f"epoch {epoch}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        # every epoch labelled up to 6; beyond, the first, the last and every k-th, so labels never crowd
+        step = 1 if len(numbers) <= 6 else math.ceil(len(numbers) / 5)
+        for index, (epoch, x, y) in enumerate(zip(numbers, spent, reached)):
+            if index % step == 0 or index == len(numbers) - 1:
+                right.annotate(f"epoch {epoch}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         right.set_xlabel("energy spent so far (kJ)")
         right.set_ylabel("loss reached")
         for axis in (left, right):
