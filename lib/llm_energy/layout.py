@@ -51,6 +51,32 @@ def config_id_for(model: str, precision: str, adapter: str = "none", pruning: st
 # a recovered config's id: its pruned config's id + "__recovered"
 RECOVERED_SUFFIX = "recovered"
 
+# the pruning labels the runner writes into config ids: "magnitude-unstructured-50", "wanda-2of4"
+_RUNNER_PRUNING = r"([a-z_]+)-(?:unstructured-([\d.]+)|(\d+)of(\d+))"
+
+
+def pruning_words(label: str) -> str | None:
+    """A runner pruning label as words ("wanda 2:4", "magnitude unstructured 50%"); None for any other."""
+    import re
+
+    found = re.fullmatch(_RUNNER_PRUNING, label)
+    if not found:
+        return None
+    method, percent, kept, group = found.groups()
+    return f"{method} {kept}:{group}" if kept else f"{method} unstructured {percent}%"
+
+
+def config_words(config_id: object, drop_model: bool = False) -> str:
+    """A config id as a person reads it, the parts of its grammar (:func:`config_id_for`) that are set:
+    "m__fp32__lora__wanda-2of4__recovered" -> "m · fp32 · lora · wanda 2:4 · recovered" (``drop_model``:
+    without the model, for a figure of one model). The one wording of config ids in the report, its
+    tables and its figures."""
+    parts = [p for p in str(config_id).split("__") if p]
+    words = [(pruning_words(p) or p) if i > 1 else p for i, p in enumerate(parts)]
+    if drop_model and len(words) > 1:
+        words = words[1:]
+    return " · ".join(words)
+
 
 def parent_config_id(config_id: str, adapter: str = "none", pruning: str = "none") -> str | None:
     """The config a config was made from, by the grammar of :func:`config_id_for`: a recovered config's

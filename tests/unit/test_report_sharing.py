@@ -69,7 +69,7 @@ def test_pdf_is_printed_by_headless_chromium(tmp_path):
 
 def test_config_ids_read_as_model_precision_adapter_pruning():
     assert rk.pretty_config("smollm2-135m-instruct__fp32__lora__wanda-2of4__recovered") == \
-        "smollm2-135m-instruct · fp32 · lora · wanda-2of4 · recovered"
+        "smollm2-135m-instruct · fp32 · lora · wanda 2:4 · recovered"
     assert rk.pretty_config("gemma-3-270m__bf16") == "gemma-3-270m · bf16"
 
 

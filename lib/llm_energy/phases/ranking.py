@@ -22,7 +22,7 @@ from ..analysis import ranking_math as rank
 from ..analysis.lifecycle import amortized_energy_per_item, lifecycle_table
 from ..analysis.significance import MIN_VERDICT_ITEMS, holm
 from ..config import PHI_METHODS, PRECISIONS, TINY_LLAMA, RankingSettings, headline_metric
-from ..layout import StudyLayout, parent_config_id, project_root
+from ..layout import StudyLayout, config_words, parent_config_id, project_root
 from ..measure.hardware import SPEED_FLAGS, cpu_sentence, gpu_sentence, speed_sentence
 from ..measure.meter import J_PER_KWH, component_methods, describe_methods, is_estimate
 from ..tables import store as results
@@ -535,10 +535,7 @@ def _fmt_energy(kwh: float) -> str:
     return f"{wh:.3g} Wh" if wh >= 0.1 else f"{wh * 1000:.3g} mWh"
 
 
-def pretty_config(config_id: str) -> str:
-    """A config id as a person reads it: model · precision · adapter · pruning (· recovered), the parts
-    of its grammar (layout.config_id_for) that are set."""
-    return " · ".join(part for part in str(config_id).split("__") if part)
+pretty_config = config_words  # model · precision · adapter · pruning (· recovered): layout.config_words
 
 
 def _ordinal(n: int) -> str:

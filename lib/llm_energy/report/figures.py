@@ -29,6 +29,7 @@ from matplotlib.transforms import ScaledTranslation
 
 from ..analysis.ranking_math import TIED_WITH_TOP_SHARE, pareto_optimal
 from ..config import PRECISION_BITS, PRECISIONS
+from ..layout import config_words, pruning_words
 from ..measure.meter import J_PER_KWH, component_methods, is_estimate
 
 PRECISION_ORDER: tuple[str, ...] = PRECISIONS
@@ -152,10 +153,9 @@ def pruning_label(pruning: object, pattern: object = None, sparsity: object = No
     if _is_none(pd.Series([pruning])).iloc[0]:
         return "none"
     label = str(pruning)
-    runner = re.fullmatch(r"([a-z_]+)-(?:unstructured-([\d.]+)|(\d+)of(\d+))", label)
-    if runner:  # the runner's labels: "magnitude-unstructured-50", "wanda-2of4"
-        method, percent, kept, group = runner.groups()
-        return f"{method} {kept}:{group}" if kept else f"{method} unstructured {percent}%"
+    runner = pruning_words(label)  # the runner's labels: "magnitude-unstructured-50", "wanda-2of4"
+    if runner:
+        return runner
     if "-" in label:  # some other label with its own spelling: shown as it is
         return label
     has_pattern = not _is_none(pd.Series([pattern])).iloc[0]
@@ -278,14 +278,7 @@ def _unit_scale(values: Iterable[float], unit: str) -> tuple[float, str]:
     return factor, prefix + unit
 
 
-def config_label(config_id: object, drop_model: bool = False) -> str:
-    """A config id as words: "m__fp32__lora__wanda-2of4__recovered" -> "m · fp32 · lora · wanda 2:4 ·
-    recovered" (``drop_model``: without the model, for figures of one model)."""
-    parts = str(config_id).split("__")
-    words = [pruning_label(p) if "-" in p and i > 1 else p for i, p in enumerate(parts)]
-    if drop_model and len(words) > 1:
-        words = words[1:]
-    return " · ".join(words)
+config_label = config_words  # a config id as words (layout.config_words: the one wording)
 
 
 def _legend_in(ax: Axes, handles: Sequence[object], labels: Sequence[str], *, title: str | None = None,
