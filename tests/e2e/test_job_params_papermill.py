@@ -22,7 +22,8 @@ CONFIG = "tiny-random-llama__fp32"
 # disturbance witnesses read (machine speed, other processes, steal: the moment's, not the config's).
 VOLATILE = ("energy", "duration", "emissions", "idle", "power", "seconds", "memory", "method", "carbon",
             "repeats", "calls", "j_per_", "canary", "foreign", "steal", "contaminated", "remeasured", "rate_",
-            "attempts", "disturbance")
+            "attempts", "disturbance",
+            "gflop_per_s", "limit_", "probe_")  # achieved rates; the runner's probe, or the job's own alone
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

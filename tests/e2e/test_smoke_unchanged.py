@@ -57,7 +57,7 @@ TABLES = ("configs", "energy", "energy_repeats", "item_scores", "pruning_layers"
           "token_lengths", "training")
 # Column names holding a measurement of time or energy, or a method that depends on the machine's counters.
 VOLATILE_MARKERS = ("energy", "duration", "emissions", "idle", "power", "seconds", "_ms", "speedup", "memory",
-                    "method", "j_per_")
+                    "method", "j_per_", "gflop_per_s", "limit_", "probe_")
 # ranking.csv columns computed from energy.
 ENERGY_DERIVED = {"ranking": ("phi", "R", "rank", "pareto", "p_best", "tied_with_top")}
 KEYS = {

@@ -214,6 +214,9 @@ class RepeatedMeasurement:
     # including them would bias the spread; 0: every window)
     pilot: int = 0
     rate_tolerance: float = 0.15  # a window this much slower than the median window is a rate outlier
+    # the useful GFLOP each window ran (measure/flops.py), as the caller counted it from the tokens; empty
+    # when not counted. With it, each window's achieved rate beside the device's probed limit.
+    window_gflop: tuple[float, ...] = ()
 
     @property
     def contaminated_windows(self) -> int:
@@ -247,6 +250,12 @@ class RepeatedMeasurement:
         if self.windows < 3:
             return [False] * self.windows
         return [bool(r < 1.0 / (1.0 + self.rate_tolerance)) for r in self.rate_vs_median()]
+
+    def gflop(self) -> float:
+        """The workload's useful GFLOP, as :meth:`total` adds up (NaN when not counted)."""
+        if len(self.window_gflop) != len(self.records):
+            return float("nan")
+        return math.fsum(self.window_gflop) if self.unit == "chunk" else statistics.fmean(self.window_gflop)
 
     @property
     def repeats(self) -> int:

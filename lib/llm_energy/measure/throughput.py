@@ -147,6 +147,30 @@ def probe_precision(precision: str, device: str, shape: tuple[int, int, int] = P
     return PrecisionThroughput(precision, device, None, 0, 0.0, "", f"unknown precision {precision!r}")
 
 
+@dataclass(frozen=True)
+class ProbeRate:
+    """The probed matmul rate a measured window is set beside (its ``limit_share``) and where it came
+    from; gflop_per_s is None when there is none (``source`` says why)."""
+
+    gflop_per_s: float | None
+    source: str  # "study probe" | "probed in this job (no study probe)" | "not probed: <why>"
+
+    def share(self, achieved_gflop_per_s: float | None) -> float | None:
+        """Achieved over probed: how near the workload ran to this device's matmul rate."""
+        if not self.gflop_per_s or achieved_gflop_per_s is None or math.isnan(achieved_gflop_per_s):
+            return None
+        return achieved_gflop_per_s / self.gflop_per_s
+
+
+def study_probe_rate(probe: Mapping[str, Any], precision: str, device: str) -> ProbeRate | None:
+    """A precision's rate in a study's stored probe (provenance.json "throughput"), or None when the
+    probe is missing, measured another device or did not measure that precision."""
+    if str(probe.get("device", "")) != device:
+        return None
+    rate = ((probe.get("precisions") or {}).get(precision) or {}).get("gflop_per_s")
+    return ProbeRate(float(rate), "study probe") if rate else None
+
+
 def probe_device(precisions: Iterable[str], device: str, min_time_s: float = 0.25) -> dict[str, PrecisionThroughput]:
     """Every requested precision's throughput, fp32 (the reference) always included."""
     import torch

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..config import GenerationSpec
 from ..items import RCAItem, label_text
+from ..measure.flops import forward_gflop
 from .scoring import TaskResult, bootstrap_interval
 
 DEFAULT_RESOLUTION_PROMPT = "Network fault ticket:\n{ticket}\nRoot cause: {cause}.\nResolution:"
@@ -151,6 +152,19 @@ def generate_encoded(model: Any, encoded: EncodedPrompts) -> list[Any]:
             raise RuntimeError("an item generated an end-of-sequence token before new_tokens were reached")
         out_tokens.append(new)
     return out_tokens
+
+
+def generation_gflop(model_config: Any, encoded: EncodedPrompts) -> float:
+    """The useful GFLOP of generating ``encoded``'s batches: each prompt's own tokens (padding left
+    out) once, causally, then every generated token but the last fed back, each attending to its
+    prompt and the tokens before it; the vocabulary projection once per generated token."""
+    contexts = []
+    for _, mask in encoded.batches:
+        for prompt in (int(n) for n in mask.sum(dim=1)):
+            contexts.append(np.arange(1, prompt + encoded.new_tokens, dtype=np.int64))
+    flat = np.concatenate(contexts) if contexts else np.zeros(0, dtype=np.int64)
+    logits = len(contexts) * encoded.new_tokens
+    return forward_gflop(model_config, len(flat), logits, flat)
 
 
 def decode_generations(tokenizer: Any, encoded: EncodedPrompts, new_tokens: Sequence[Any]) -> GenerationOutput:

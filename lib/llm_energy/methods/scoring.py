@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..items import QAItem, RCAItem, TaskData, label_text
+from ..measure.flops import forward_gflop
 
 DEFAULT_QA_PROMPT = "Question: {question}\nAnswer:"
 # qa.style options: the lettered choices in the prompt, the answer letter scored (lm-evaluation-
@@ -256,6 +257,30 @@ def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
 
 
 Encoded = tuple[list[int], list[list[int]]]  # context tokens, each continuation's tokens
+
+
+def request_contexts(request: EncodedRequest, skip: int = 0) -> np.ndarray:
+    """Per token a request runs, the key positions it attends to (itself included), as
+    :func:`~llm_energy.measure.flops.forward_gflop` takes them: its context from token ``skip`` on
+    (the first ``skip`` ran before it, as a shared prefix's cache it still attends to), then every
+    continuation but its last token, each after the whole context and its own earlier tokens."""
+    n_ctx = len(request.context)
+    parts = [np.arange(skip + 1, n_ctx + 1)]
+    parts += [np.arange(n_ctx + 1, n_ctx + len(cont)) for cont in request.continuations]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def scoring_gflop(model_config: Any, requests: Sequence[EncodedRequest],
+                  scores: Sequence[ChoiceScores]) -> float:
+    """The useful GFLOP of scoring ``requests`` as they ran (``scores``, from the same call or calls):
+    each item's tokens as it ran them (a shared prefix once, on the first item of its call), and the
+    vocabulary projection at every scored continuation token, whichever layout (packed or shared
+    cache) ran them. Computed after a window, from the tokens alone."""
+    contexts = [request_contexts(r, s.n_tokens - s.tokens_run) for r, s in zip(requests, scores)]
+    logits = sum(len(cont) for r in requests for cont in r.continuations)
+    tokens = sum(len(c) for c in contexts)
+    return forward_gflop(model_config, tokens, logits, np.concatenate(contexts) if contexts else None)
+
 
 
 # Leading tokens shared by every request of a call (few-shot examples) run once per call, as a

@@ -7,7 +7,12 @@ The phase modules (:mod:`~llm_energy.phases.finetune`, :mod:`~llm_energy.phases.
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,19 +30,21 @@ from ..config import (
 )
 from ..data.tasks import load_task_data, source_name
 from ..items import TaskData
-from ..layout import config_id_for, project_root, resolve_study_dir
+from ..layout import StudyLayout, config_id_for, project_root, resolve_study_dir
 from ..measure.disturbance import DisturbanceMonitor, Thresholds, read_study_canary
 from ..measure.meter import EnergyMeter, IdleBaseline, RepeatedMeasurement, split_chunks
+from ..measure.throughput import ProbeRate, probe_precision, study_probe_rate
 from ..methods.generation import (
     Embedder,
     GenerationOutput,
     decode_generations,
     encode_prompts,
     generate_encoded,
+    generation_gflop,
     score_resolutions,
     uses_chat,
 )
-from ..methods.scoring import TaskResult, prepare_task, score_prepared, task_result
+from ..methods.scoring import TaskResult, prepare_task, score_prepared, scoring_gflop, task_result
 from ..models.loading import LoadedModel
 from ..tables.rows import ConfigIdentity, record_idle_baselines, record_task
 
@@ -172,6 +179,45 @@ def open_meter(run: ConfigRun, device: str, system_idle: IdleBaseline | None = N
     return meter
 
 
+log = logging.getLogger(__name__)
+
+
+def counted_gflop(count: Callable[[], float]) -> float:
+    """A window's useful GFLOP (measure/flops.py), or NaN for a model whose configuration does not
+    describe a Llama-like decoder (its rows then leave gflop, gflop_per_s and limit_share empty)."""
+    try:
+        return count()
+    except (AttributeError, TypeError, ValueError) as exc:
+        log.warning("useful FLOPs not counted for this model (%s: %s): gflop and limit_share stay empty",
+                    type(exc).__name__, exc)
+        return math.nan
+
+
+def probe_rate(run: ConfigRun, precision: str | None = None) -> ProbeRate:
+    """The matmul rate a job's windows are set beside (``limit_share``): the study's throughput
+    probe for its precision (provenance.json, measured by the runner before the first job), or, for
+    a notebook run alone (no study probe), this precision probed here, briefly (about half a second),
+    before any window. The runner's probe ran on the runner's machine: a job elsewhere (SLURM) is set
+    beside that machine's rate."""
+    precision = precision or run.precision
+    provenance = StudyLayout(run.study_dir).provenance
+    if provenance.exists():
+        probe = json.loads(provenance.read_text()).get("throughput") or {}
+        rate = study_probe_rate(probe, precision, run.device)
+        if rate is not None:
+            return rate
+    result = _job_probe(precision, run.device)
+    if result.gflop_per_s is None:
+        return ProbeRate(None, f"not probed: {result.reason}")
+    return ProbeRate(result.gflop_per_s, "probed in this job (no study probe)")
+
+
+@functools.lru_cache(maxsize=None)
+def _job_probe(precision: str, device: str) -> Any:
+    """Once per precision and device in a process (a pruning job evaluates two configs)."""
+    return probe_precision(precision, device)
+
+
 def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMeter,
                  prompt: str | None = None, seed: int = 0, style: str = "cloze") -> tuple[TaskResult, RepeatedMeasurement]:
     """Score a task inside repeated measured windows (after a short unmeasured warm-up). The items are
@@ -194,12 +240,17 @@ def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMe
             for chunk, chunk_scores in zip(chunks, measurement.result):
                 for index, score in zip(chunk, chunk_scores):
                     scores[index] = score
-            return task_result(prepared, scores, seed=seed), measurement
+            work = [counted_gflop(lambda p=part, r=result: scoring_gflop(loaded.model.config, p.encoded, r))
+                    for part, result in zip(parts, measurement.result)]
+            return task_result(prepared, scores, seed=seed), replace(measurement, window_gflop=tuple(work))
         measurement = meter.measure_repeated(
             lambda: score_prepared(loaded.model, loaded.tokenizer, prepared),
             name=f"inference:{task}",
             warmup=lambda: score_prepared(loaded.model, loaded.tokenizer, warm),
         )
+    # every repeat runs the whole pass; the scores are the first's
+    work = counted_gflop(lambda: scoring_gflop(loaded.model.config, prepared.encoded, measurement.result))
+    measurement = replace(measurement, window_gflop=(work,) * measurement.windows)
     return task_result(prepared, measurement.result, seed=seed), measurement
 
 
@@ -228,6 +279,7 @@ def measure_generation(loaded: LoadedModel, data: TaskData, params: GenerationPa
             for index, batch_output in zip(group, generated):
                 outputs[index] = batch_output
         output = decode_generations(loaded.tokenizer, encoded, outputs)
+        work = tuple(counted_gflop(lambda p=part: generation_gflop(loaded.model.config, p)) for part in parts)
     else:
         measurement = meter.measure_repeated(
             lambda: generate_encoded(loaded.model, encoded),
@@ -235,6 +287,8 @@ def measure_generation(loaded: LoadedModel, data: TaskData, params: GenerationPa
             warmup=lambda: generate_encoded(loaded.model, warm),
         )
         output = decode_generations(loaded.tokenizer, encoded, measurement.result)
+        work = (counted_gflop(lambda: generation_gflop(loaded.model.config, encoded)),) * measurement.windows
+    measurement = replace(measurement, window_gflop=work)
     result = score_resolutions(items, output, Embedder(), seed=seed)
     return result, measurement, output
 
@@ -245,13 +299,14 @@ def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, pha
     the same steps for base, fine-tuned and pruned configs so their rows compare."""
     summary = []
     identity = run.identity(adapter, pruning)
+    limit = probe_rate(run)  # before any window
 
     def record(result: TaskResult, measurement: RepeatedMeasurement, source: str, style: str,
                generated_tokens: int = 0, fewshot: tuple[Any, ...] = ()) -> None:
         record_task(run.study_dir, identity, phase, result, measurement, loaded.device, loaded.compute_dtype,
                     loaded.memory_bytes, generated_tokens=generated_tokens, sparsity=sparsity,
                     idle_system_power_w=meter.idle_system.power_w if meter.idle_system else None,
-                    source=source, style=style, fewshot=fewshot)
+                    source=source, style=style, fewshot=fewshot, limit=limit)
         summary.append(summary_row(result, measurement))
 
     task_sets = load_task_sets(run.tasks, run.base_dir)

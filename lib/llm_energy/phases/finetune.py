@@ -17,7 +17,7 @@ from ..methods.lora_training import FinetuneResult, finetune
 from ..models.loading import LoadedModel
 from ..report import figures
 from ..tables.rows import record_training
-from .evaluation import ConfigRun, record_idle_drift, training_splits
+from .evaluation import ConfigRun, probe_rate, record_idle_drift, training_splits
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,9 +42,11 @@ def splits(run: ConfigRun, params: FinetuneParams) -> tuple[TaskData, TaskData]:
 def train(run: ConfigRun, params: FinetuneParams, loaded: LoadedModel, meter: EnergyMeter, train_split: TaskData,
           validation_split: TaskData) -> FinetuneResult:
     """Train and save the adapter under the study's adapters/<config id>/, then write its epochs."""
+    limit = probe_rate(run)  # before the windows (a notebook run alone probes its precision here)
     result = finetune(loaded, train_split.items, validation_split.items, params, meter,
                       StudyLayout(run.study_dir).adapter(run.config_id), label_set=train_split.labels)
-    record_training(run.study_dir, run.identity(adapter=ADAPTER_NAME), result, loaded.device, params.task)
+    record_training(run.study_dir, run.identity(adapter=ADAPTER_NAME), result, loaded.device, params.task,
+                    limit=limit)
     record_idle_drift(run, meter, "finetune")  # loaded idle again, after the epochs: did it drift?
     return result
 

@@ -37,7 +37,7 @@ from ..methods.sparsify import (
 from ..models.loading import LoadedModel, load_model
 from ..report import figures
 from ..tables.rows import record_config, record_pruned_layers, record_setup_steps, record_training
-from .evaluation import ConfigRun, data_description, evaluate_config, full_split, training_splits
+from .evaluation import ConfigRun, data_description, evaluate_config, full_split, probe_rate, training_splits
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -270,10 +270,12 @@ def recover(run: ConfigRun, pruned: PrunedModel, settings: RecoverySettings, met
         return None
     spec = settings.spec(run.seed)
     train, valid = training_splits(run, spec.task)
+    limit = probe_rate(run)
     result = finetune(pruned.loaded, train.items, valid.items, spec, meter,
                       StudyLayout(run.study_dir).adapter(recovered.config_id), label_set=train.labels)
     identity = recovered.identity(adapter=recovered_adapter(adapter), pruning=pruned.outcome.spec.label)
-    record_training(run.study_dir, identity, result, pruned.loaded.device, spec.task, phase="recovery")
+    record_training(run.study_dir, identity, result, pruned.loaded.device, spec.task, phase="recovery",
+                    limit=limit)
     checks = check_pruned(result.model, pruned.outcome)
     moved = [c.name for c, layer in zip(checks, pruned.outcome.layers)
              if abs(c.measured_sparsity - layer.measured_sparsity) > 1e-9 or c.verified_nm is False]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import CORRECTNESS_TASKS, headline_metric
 from ..measure.hardware import job_hardware
 from ..measure.meter import J_PER_KWH, EnergyRecord, IdleBaseline
+from ..measure.throughput import ProbeRate
 from . import store as results
 
 if TYPE_CHECKING:
@@ -93,11 +94,12 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
                 measurement: RepeatedMeasurement, device: str, compute_dtype: str, memory_bytes: int,
                 generated_tokens: int = 0, sparsity: PruningResult | None = None,
                 idle_system_power_w: float | None = None, source: str = "", style: str = "",
-                fewshot: Sequence[Any] = ()) -> None:
+                fewshot: Sequence[Any] = (), limit: ProbeRate | None = None) -> None:
     """One task's energy row, its scores, its per-item scores and its per-window energy. ``fewshot``:
-    the worked examples every item was shown (scores.csv: how many, and their ids). A re-measured
-    config x phase x task replaces all its rows in every one of these tables (fewer items or windows
-    than before leave no stale rows behind)."""
+    the worked examples every item was shown (scores.csv: how many, and their ids). ``limit``: the
+    probed rate the windows' achieved GFLOP/s is set beside (``measurement.window_gflop``). A
+    re-measured config x phase x task replaces all its rows in every one of these tables (fewer items
+    or windows than before leave no stale rows behind)."""
     first = measurement.records[0]
     energy_kwh = measurement.total("energy_kwh")
     energy_net_kwh = measurement.total("energy_net_kwh")
@@ -132,8 +134,10 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         foreign_gpu_processes=max(r.foreign_gpu_processes for r in measurement.records),
         contaminated=measurement.contaminated_windows > 0, contaminated_windows=measurement.contaminated_windows,
         remeasured_windows=measurement.remeasured_windows, rate_outlier_windows=sum(measurement.rate_outliers()),
+        **limit_fields(measurement.gflop(), measurement.total("duration_s"), limit),
     )
     mine = {"config_id": config.config_id, "task": result.task}
+    window_gflop = measurement.window_gflop if len(measurement.window_gflop) == measurement.windows else None
     results.upsert_rows(study_dir, "energy", results.as_rows(row))
     results.upsert_rows(study_dir, "scores", results.as_rows(*(
         results.ScoreRow(config_id=config.config_id, task=result.task, metric=metric, value=value,
@@ -156,8 +160,29 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
                           foreign_cpu_share=r.foreign_cpu_share,
                           steal_share=r.steal_share, foreign_gpu_processes=r.foreign_gpu_processes,
                           contaminated=r.contaminated, disturbance=r.disturbance, attempts=r.attempts,
-                          rate_vs_median=rates[i], rate_outlier=outliers[i])
+                          rate_vs_median=rates[i], rate_outlier=outliers[i],
+                          **window_limit(window_gflop[i] if window_gflop else None, r.duration_s, limit))
         for i, r in enumerate(measurement.records))), replace_where={**mine, "phase": phase})
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def window_limit(gflop: float | None, duration_s: float, limit: ProbeRate | None) -> dict[str, Any]:
+    """gflop, gflop_per_s and limit_share of one window (or a whole workload); empty when the work was
+    not counted, limit_share empty without a probed rate."""
+    gflop = _finite(gflop)
+    rate = gflop / duration_s if gflop is not None and duration_s and duration_s > 0 else None
+    share = limit.share(rate) if limit is not None else None
+    return {"gflop": gflop, "gflop_per_s": rate, "limit_share": share}
+
+
+def limit_fields(gflop: float | None, duration_s: float, limit: ProbeRate | None) -> dict[str, Any]:
+    """An energy row's limit columns: its window columns, the probe's rate and whose probe it was."""
+    return {**window_limit(gflop, duration_s, limit),
+            "probe_gflop_per_s": limit.gflop_per_s if limit is not None else None,
+            "limit_basis": limit.source if limit is not None else None}
 
 
 OUTPUT_TOKEN_BASIS = "whole window / new tokens (prefill not split)"
@@ -201,15 +226,17 @@ def energy_per_correct(energy_kwh: float, result: TaskResult, style: str = "cloz
 
 
 def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneResult, device: str, task: str,
-                    phase: str = "finetune") -> None:
+                    phase: str = "finetune", limit: ProbeRate | None = None) -> None:
     """Per-epoch rows into training.csv and one training energy row (all epochs) into energy.csv;
-    ``phase`` is "finetune", or "recovery" for an adapter trained on a pruned model."""
+    ``phase`` is "finetune", or "recovery" for an adapter trained on a pruned model. ``limit``: the
+    probed rate the epochs' achieved GFLOP/s (forward and backward) is set beside."""
     rows = results.as_rows(*(results.TrainingRow(
         phase=phase, config_id=config.config_id, model=config.model, precision=config.precision,
         adapter=config.adapter, epoch=e.epoch, train_loss=e.train_loss, eval_loss=e.eval_loss,
         duration_s=e.duration_s, energy_kwh=e.energy_kwh, emissions_kg=e.emissions_kg,
         energy_method=e.energy_method, n_examples=e.n_examples, n_tokens=e.n_tokens,
         energy_net_kwh=e.record.energy_net_kwh if e.record is not None else None,
+        gflop=_finite(e.gflop), gflop_per_s=window_limit(e.gflop, e.duration_s, None)["gflop_per_s"],
         **(energy_fields(e.record) if e.record is not None else dict.fromkeys(ENERGY_FIELDS)),
     ) for e in result.epochs))
     results.upsert_rows(study_dir, "training", rows, replace_where={"config_id": config.config_id})
@@ -225,6 +252,8 @@ def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneRes
         device=device, repeats=1, energy_kwh_std=math.nan, energy_net_kwh=net,
         net_at_or_below_idle=bool(net <= 0) if net is not None else None,
         **(energy_fields(record) if record is not None else {}),
+        **limit_fields(math.fsum(e.gflop for e in result.epochs), sum(e.duration_s for e in result.epochs),
+                       limit),
     )
     results.upsert_rows(study_dir, "energy", results.as_rows(row))
 

@@ -97,6 +97,14 @@ class EnergyRow:
     contaminated_windows: int | None = None
     remeasured_windows: int | None = None
     rate_outlier_windows: int | None = None
+    # how near the device's limit the work ran (measure/flops.py, measure/throughput.py): the useful
+    # GFLOP of the tokens as they ran (training: forward and backward), over duration_s, and that rate
+    # over the throughput probe's for this precision (probe_gflop_per_s; limit_basis: whose probe)
+    gflop: float | None = None
+    gflop_per_s: float | None = None
+    limit_share: float | None = None
+    probe_gflop_per_s: float | None = None
+    limit_basis: str | None = None
 
 
 def required_columns(row_type: type) -> list[str]:
@@ -164,6 +172,9 @@ class WindowRow:
     attempts: int = 1
     rate_vs_median: float | None = None
     rate_outlier: bool | None = None
+    gflop: float | None = None  # the window's useful work, its rate and that rate over the probe's
+    gflop_per_s: float | None = None
+    limit_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +203,8 @@ class TrainingRow:
     n_examples: int = 0
     n_tokens: int = 0
     energy_net_kwh: float | None = None
+    gflop: float | None = None  # the epoch's useful work, forward and backward (lora_training.training_gflop)
+    gflop_per_s: float | None = None
 
 
 @dataclass(frozen=True)
