@@ -10,7 +10,10 @@ Reads only the study folder:
 
     python benchmarks/study_profile.py outputs/default
 
-Last line: outside_measured_share=<share of job wall time outside measured model windows>
+Then each precision's limit_share (the median over the study's inference windows of the achieved
+GFLOP/s over the throughput probe's; analysis/limits.py), the worst inference job's seconds outside
+measured and idle windows, and as the last line:
+outside_measured_share=<share of job wall time outside measured model windows>
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
 
+from llm_energy.analysis.limits import precision_limits
 from llm_energy.layout import StudyLayout
 
 
@@ -96,6 +100,20 @@ def main() -> None:
             study_s = (pd.Timestamp(data["finished_at"]) - pd.Timestamp(data["started_at"])).total_seconds()
             print(f"\nstudy wall {study_s:.0f} s; jobs {total_wall:.0f} s; runner outside jobs (probe, "
                   f"validation, report) {study_s - total_wall:.0f} s")
+    layout = StudyLayout(args.study_dir.resolve())
+    limits = precision_limits(_table(layout, "energy"), _table(layout, "energy_repeats"))
+    if limits.empty:
+        print("limit_share: not recorded (energy_repeats.csv has no gflop_per_s: a study from before "
+              "issue 29)")
+    for row in limits.itertuples():
+        print(f"limit_share[{row.precision}]={row.limit_share:.3f} (median of {row.windows} inference "
+              f"windows: {row.gflop_per_s:.1f} GFLOP/s against the probe's {row.probe_gflop_per_s:.1f}; "
+              f"scoring "
+              f"{row.scoring_limit_share:.3f}, generation {row.generation_limit_share:.3f})")
+    inference = jobs[jobs["phase"] == "inference"]
+    if not inference.empty:
+        worst = inference.loc[inference["outside_measured_s"].idxmax()]
+        print(f"worst_inference_outside_s={worst['outside_measured_s']:.1f} ({worst['job']})")
     share = jobs["outside_measured_s"].sum() / total_wall
     print(f"measured model windows {jobs['measured_model_s'].sum():.0f} s, idle windows "
           f"{jobs['idle_windows_s'].sum():.0f} s, kernel start {jobs['kernel_start_s'].sum():.0f} s")

@@ -150,11 +150,49 @@ def test_a_job_reads_the_study_probe_and_probes_itself_only_without_one(tmp_path
     from llm_energy.phases.evaluation import ConfigRun, probe_rate
 
     run = ConfigRun.from_parameters(
-        study_dir=str(tmp_path), config_id="", model={"name": "tiny-random-llama"}, precision="fp32", device="cpu",
-        tasks={}, energy={}, seed=0, base_dir="")
+        study_dir=str(tmp_path), config_id="", model={"name": "tiny-random-llama"}, precision="fp32",
+        device="cpu", tasks={}, energy={}, seed=0, base_dir="")
     alone = probe_rate(run)
     assert alone.source == "probed in this job (no study probe)" and alone.gflop_per_s > 0
     probe = {"device": "cpu", "precisions": {"fp32": {"gflop_per_s": 123.0}, "nf4": {"gflop_per_s": None}}}
     StudyLayout(tmp_path).provenance.write_text(json.dumps({"throughput": probe}))
     assert probe_rate(run) == ProbeRate(123.0, "study probe")
     assert study_probe_rate(probe, "nf4", "cpu") is None and study_probe_rate(probe, "fp32", "cuda") is None
+
+
+def _windows_study(tmp_path):
+    """Two configs: fp32 (scoring windows at 0.4-0.6 of its probe, one generation window at 0.1) and a
+    bf16 adapter whose fine-tuning windows are not inference."""
+    energy = [{"config_id": "m__fp32", "phase": "inference", "task": t, "precision": "fp32",
+               "probe_gflop_per_s": 100.0} for t in ("rca", "rca_resolution")]
+    energy.append({"config_id": "m__bf16__lora", "phase": "finetune", "task": "rca", "precision": "bf16",
+                   "probe_gflop_per_s": 300.0})
+    repeats = [{"config_id": "m__fp32", "phase": "inference", "task": "rca", "repeat": k,
+                "gflop_per_s": 100.0 * s, "limit_share": s} for k, s in enumerate((0.4, 0.5, 0.6), 1)]
+    repeats.append({"config_id": "m__fp32", "phase": "inference", "task": "rca_resolution", "repeat": 1,
+                    "gflop_per_s": 10.0, "limit_share": 0.1})
+    repeats.append({"config_id": "m__bf16__lora", "phase": "finetune", "task": "rca", "repeat": 1,
+                    "gflop_per_s": 90.0, "limit_share": 0.3})
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    import pandas as pd
+
+    pd.DataFrame(energy).to_csv(tables / "energy.csv", index=False)
+    pd.DataFrame(repeats).to_csv(tables / "energy_repeats.csv", index=False)
+    return pd.DataFrame(energy), pd.DataFrame(repeats)
+
+
+def test_each_precision_gets_the_median_of_its_inference_windows(tmp_path):
+    from llm_energy.analysis.limits import precision_limits
+    from llm_energy.phases.ranking import achieved_sentence
+
+    energy, repeats = _windows_study(tmp_path)
+    limits = precision_limits(energy, repeats).set_index("precision")
+    assert list(limits.index) == ["fp32"]  # the bf16 windows are fine-tuning, not inference
+    row = limits.loc["fp32"]
+    assert row["windows"] == 4 and row["limit_share"] == pytest.approx(0.45)
+    assert row["scoring_limit_share"] == pytest.approx(0.5)
+    assert row["generation_limit_share"] == pytest.approx(0.1)
+    assert row["gflop_per_s"] == pytest.approx(45.0) and row["probe_gflop_per_s"] == 100.0
+    assert "fp32 45 GFLOP/s, 0.45 of its probe (scoring 0.50, generation 0.10)" in achieved_sentence(tmp_path)
+    assert precision_limits(energy, repeats.drop(columns=["gflop_per_s"])).empty  # a study from before

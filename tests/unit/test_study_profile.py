@@ -42,3 +42,25 @@ def test_profile_splits_each_job_into_measured_idle_and_outside(profiler, tmp_pa
     monkeypatch.setattr("sys.argv", ["study_profile.py", str(tmp_path)])
     profiler.main()
     assert capsys.readouterr().out.strip().endswith(f"outside_measured_share={(7 + 5 + 5) / 35:.3f}")
+
+
+def test_profile_prints_each_precisions_limit_share_and_the_worst_inference_job(profiler, tmp_path, capsys,
+                                                                                 monkeypatch):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "tables").mkdir()
+    for config, seconds in (("m__fp32", 30.0), ("m__nf4", 50.0)):
+        (tmp_path / "state" / f"inference__{config}.done").write_text(json.dumps({"seconds": seconds}))
+    energy = pd.DataFrame([{"config_id": c, "phase": "inference", "task": "rca", "precision": p,
+                            "probe_gflop_per_s": 100.0} for c, p in (("m__fp32", "fp32"), ("m__nf4", "nf4"))])
+    energy.to_csv(tmp_path / "tables" / "energy.csv", index=False)
+    pd.DataFrame([{"config_id": c, "phase": "inference", "task": "rca", "repeat": r, "duration_s": 10.0,
+                   "gflop_per_s": 100.0 * s, "limit_share": s}
+                  for c, shares in (("m__fp32", (0.6, 0.8)), ("m__nf4", (0.2, 0.3)))
+                  for r, s in enumerate(shares, 1)]
+                 ).to_csv(tmp_path / "tables" / "energy_repeats.csv", index=False)
+    monkeypatch.setattr("sys.argv", ["study_profile.py", str(tmp_path)])
+    profiler.main()
+    out = capsys.readouterr().out
+    assert "limit_share[fp32]=0.700" in out and "limit_share[nf4]=0.250" in out
+    assert "worst_inference_outside_s=30.0 (inference__m__nf4)" in out  # 50 s less two 10 s windows
+    assert out.strip().endswith(f"outside_measured_share={(10 + 30) / 80:.3f}")

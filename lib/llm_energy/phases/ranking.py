@@ -20,6 +20,7 @@ import yaml
 
 from ..analysis import ranking_math as rank
 from ..analysis.lifecycle import amortized_energy_per_item, lifecycle_table
+from ..analysis.limits import precision_limits
 from ..analysis.significance import MIN_VERDICT_ITEMS, holm
 from ..config import PHI_METHODS, PRECISIONS, TINY_LLAMA, RankingSettings, headline_metric
 from ..layout import StudyLayout, config_words, parent_config_id, project_root
@@ -286,10 +287,11 @@ def device_lines(study_dir: str | Path) -> list[str]:
         rate = result.get("gflop_per_s")
         parts.append(f"{precision} {rate:.3g}" if rate else f"{precision} not measured ({result.get('reason', '')})")
     limit = (probe.get("device_limits") or {}).get("max_slowdown")
+    skips = (f"A precision more than {limit:g}x slower than fp32 is skipped unless device_limits.always_run "
+             "lists it." if limit else "device_limits.max_slowdown: null, so no precision was skipped for "
+             "speed.")
     lines = [f"Matmul throughput measured before the first job on {probe.get('device', '?')} (GFLOP/s): "
-             + ", ".join(parts) + ". " + (f"A precision more than {limit:g}x slower than fp32 is skipped "
-                                          "unless device_limits.always_run lists it." if limit else
-                                          "device_limits.max_slowdown: null, so no precision was skipped for speed.")]
+             + ", ".join(parts) + ". " + skips + achieved_sentence(study_dir)]
     skipped = probe.get("skipped_as_slow") or {}
     flags = (prov.get("hardware") or {}).get("isa_flags")  # the runner's machine: where the probe ran
     on_cpu = not str(probe.get("device", "cpu")).startswith("cuda")
@@ -301,6 +303,28 @@ def device_lines(study_dir: str | Path) -> list[str]:
         lines.append("- " + speed_sentence(precision, reference / rate, flags, on_cpu=on_cpu,
                                            skipped=precision in skipped) + ".")
     return lines
+
+
+def achieved_sentence(study_dir: str | Path) -> str:
+    """What the study's inference windows achieved per precision, beside the probe (analysis/limits.py):
+    the median GFLOP/s of the useful work and its share of the probe's rate, scoring and generation
+    apart; empty for a study whose windows do not carry their work."""
+    limits = precision_limits(results.read_table(study_dir, "energy"),
+                              results.read_table(study_dir, "energy_repeats"))
+    if limits.empty:
+        return ""
+    order = {p: i for i, p in enumerate(PRECISIONS)}
+    limits = limits.sort_values("precision", key=lambda s: s.map(lambda p: order.get(p, len(order))))
+
+    def share(value: float) -> str:
+        return "n/a" if pd.isna(value) else f"{value:.2f}"
+
+    parts = [f"{row.precision} {row.gflop_per_s:.3g} GFLOP/s, {share(row.limit_share)} of its probe "
+             f"(scoring {share(row.scoring_limit_share)}, generation {share(row.generation_limit_share)})"
+             for row in limits.itertuples()]
+    return (" Achieved in the study's inference windows (median over windows of the useful work: 2 x the "
+            "decoder's weights per token run, attention, logits where scored; limit_share in energy.csv): "
+            + "; ".join(parts) + ".")
 
 
 JOB_HARDWARE_COLUMNS = ("host", "cpu_model", "isa_flags", "cpu_cores", "governor", "cpu_mhz", "load_avg_1m",
