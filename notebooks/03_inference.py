@@ -99,10 +99,12 @@ for item in look.data.items[:2]:
 
 # %% [markdown]
 # How multiple-choice items are scored on this model (packed, or through a shared cache), chosen
-# before anything is measured, and written with the config's row.
+# before anything is measured, and written with the config's row. Within a study the first job on
+# these model files, precision and adapter runs the layout checks; later ones reuse its verdict
+# (`state/reuse/`), as they reuse the tokenised items.
 
 # %% tags=["nbval-ignore-output"]
-scoring_path = inference.prepare(run, loaded, adapter_name)
+scoring_path = inference.prepare(run, loaded, adapter_name, adapter_dir=adapter)
 print("scoring path:", scoring_path.name, "-", scoring_path.reason)
 
 # %% [markdown]

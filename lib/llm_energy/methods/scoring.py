@@ -251,9 +251,15 @@ def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
         totals += _score_rows(model, tokenizer, rows[start : start + PACK_ROWS], prefix)
     return [
         ChoiceScores(loglik=np.array(t, dtype=float), continuation_chars=np.array(r.continuation_chars, dtype=float),
-                     n_tokens=r.n_tokens, n_tokens_run=r.n_tokens - (shared if index else 0))
-        for index, (t, r) in enumerate(zip(totals, encoded))
+                     n_tokens=r.n_tokens, n_tokens_run=r.n_tokens - skip)
+        for t, r, skip in zip(totals, encoded, prefix_skips(len(encoded), shared))
     ]
+
+
+def prefix_skips(n_requests: int, shared: int) -> list[int]:
+    """Per request of one call, the leading tokens it does not run itself: the shared prefix runs
+    once, counted on the call's first request."""
+    return [shared if index else 0 for index in range(n_requests)]
 
 
 Encoded = tuple[list[int], list[list[int]]]  # context tokens, each continuation's tokens
@@ -276,7 +282,19 @@ def scoring_gflop(model_config: Any, requests: Sequence[EncodedRequest],
     each item's tokens as it ran them (a shared prefix once, on the first item of its call), and the
     vocabulary projection at every scored continuation token, whichever layout (packed or shared
     cache) ran them. Computed after a window, from the tokens alone."""
-    contexts = [request_contexts(r, s.n_tokens - s.tokens_run) for r, s in zip(requests, scores)]
+    return _requests_gflop(model_config, requests, [s.n_tokens - s.tokens_run for s in scores])
+
+
+def call_gflop(model_config: Any, requests: Sequence[EncodedRequest], shares_prefix: bool = True) -> float:
+    """The useful GFLOP one scoring call on ``requests`` will run, before it runs (``llm-energy plan``):
+    their shared prefix once when the model shares prefixes (checked per model when scoring starts),
+    else every request whole."""
+    shared = shared_prefix_length(requests) if shares_prefix else 0
+    return _requests_gflop(model_config, requests, prefix_skips(len(requests), shared))
+
+
+def _requests_gflop(model_config: Any, requests: Sequence[EncodedRequest], skips: Sequence[int]) -> float:
+    contexts = [request_contexts(r, skip) for r, skip in zip(requests, skips)]
     logits = sum(len(cont) for r in requests for cont in r.continuations)
     tokens = sum(len(c) for c in contexts)
     return forward_gflop(model_config, tokens, logits, np.concatenate(contexts) if contexts else None)
@@ -423,6 +441,26 @@ def _choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
     if state:
         return ScoringPath("packed", "one forward per group of items, verified against the shared cache")
     return ScoringPath("shared_cache", "the packed forward failed its check on this model (see the log)")
+
+
+def scoring_decisions(model: Any) -> dict[str, bool | None]:
+    """What :func:`choose_scoring_path` decided on this model: packed forward allowed, shared few-shot
+    prefix allowed (None: not decided yet). A later job of the study on the same model files,
+    precision and device takes them over with :func:`adopt_scoring_decisions` (phases/reuse.py)."""
+    return {"packed": _packed_supported(model, 0), "prefix": _prefix_state(model)}
+
+
+def adopt_scoring_decisions(model: Any, decisions: dict[str, bool | None]) -> None:
+    """Take over the decisions :func:`choose_scoring_path` reached on an identical model, so no
+    layout probe runs on this one (a missing decision is left to be verified on first use)."""
+    for table, name in ((_PACKED_VERIFIED, "packed"), (_PREFIX_VERIFIED, "prefix")):
+        value = decisions.get(name)
+        if value is None:
+            continue
+        try:
+            table[model] = bool(value)
+        except TypeError:  # not weak-referenceable: left undecided
+            pass
 
 
 def _prefix_state(model: Any) -> bool | None:

@@ -44,9 +44,17 @@ from ..methods.generation import (
     score_resolutions,
     uses_chat,
 )
-from ..methods.scoring import TaskResult, prepare_task, score_prepared, scoring_gflop, task_result
+from ..methods.scoring import (
+    PreparedTask,
+    TaskResult,
+    prepare_task,
+    score_prepared,
+    scoring_gflop,
+    task_result,
+)
 from ..models.loading import LoadedModel
 from ..tables.rows import ConfigIdentity, record_idle_baselines, record_task
+from . import reuse
 
 
 @dataclass(frozen=True)
@@ -219,10 +227,12 @@ def _job_probe(precision: str, device: str) -> Any:
 
 
 def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMeter,
-                 prompt: str | None = None, seed: int = 0, style: str = "cloze") -> tuple[TaskResult, RepeatedMeasurement]:
+                 prompt: str | None = None, seed: int = 0, style: str = "cloze",
+                 prepared: PreparedTask | None = None) -> tuple[TaskResult, RepeatedMeasurement]:
     """Score a task inside repeated measured windows (after a short unmeasured warm-up). The items are
-    tokenised before the windows and the metrics computed after: a window holds forward passes only."""
-    prepared = prepare_task(task, loaded.tokenizer, data, prompt, style)
+    tokenised before the windows (or were, by an earlier job: ``prepared``) and the metrics computed
+    after: a window holds forward passes only."""
+    prepared = prepared or prepare_task(task, loaded.tokenizer, data, prompt, style)
     warm = replace(prepared, encoded=prepared.encoded[:2])
     with warnings.catch_warnings():
         # bitsandbytes warns on every int8 matmul that inputs are cast; once is enough for the log.
@@ -312,7 +322,9 @@ def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, pha
     task_sets = load_task_sets(run.tasks, run.base_dir)
     for name, task_data in task_sets.items():
         settings = run.tasks.enabled()[name]
-        record(*measure_task(loaded, name, task_data, meter, settings.prompt, run.seed, settings.style),
+        prepared = reuse.prepared_task(run.study_dir, loaded, run.model, run.base_dir, name, task_data,
+                                       settings.prompt, settings.style)
+        record(*measure_task(loaded, name, task_data, meter, settings.prompt, run.seed, settings.style, prepared),
                task_data.source, scoring_style(name, settings.style), fewshot=task_data.fewshot)
     rca = run.tasks.rca
     if rca is not None and rca.generation is not None and "rca" in task_sets:

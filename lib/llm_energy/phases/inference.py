@@ -20,7 +20,6 @@ from ..methods.scoring import (
     ChoiceScores,
     PreparedTask,
     ScoringPath,
-    choose_scoring_path,
     prepare_task,
     score_prepared,
     task_result,
@@ -29,6 +28,7 @@ from ..models.loading import LoadedModel, load_model
 from ..report import figures
 from ..tables import store as results
 from ..tables.rows import record_config
+from . import reuse
 from .evaluation import ConfigRun, data_description, evaluate_config, load_task_sets
 
 if TYPE_CHECKING:
@@ -45,10 +45,12 @@ def load(run: ConfigRun, adapter_dir: str = "") -> LoadedModel:
     return loaded
 
 
-def prepare(run: ConfigRun, loaded: LoadedModel, adapter: str = "none") -> ScoringPath:
+def prepare(run: ConfigRun, loaded: LoadedModel, adapter: str = "none", adapter_dir: str = "") -> ScoringPath:
     """Choose the scoring path before any measured window and write the config's row (status ok,
-    where its weights came from, the scoring path)."""
-    path = choose_scoring_path(loaded.model, loaded.tokenizer)
+    where its weights came from, the scoring path). An earlier job of the study on the same model
+    files, precision, device and adapter (``adapter_dir``) has chosen it already: its verdict is
+    taken over and no layout probe runs (:mod:`llm_energy.phases.reuse`)."""
+    path, _ = reuse.scoring_path(run.study_dir, loaded, run.model, run.base_dir, adapter_dir)
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
                   weights_origin=loaded.weights_origin, adapter=adapter, scoring_path=path.name,
                   data=data_description(run.tasks, run.base_dir))
