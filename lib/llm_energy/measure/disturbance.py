@@ -7,8 +7,9 @@ this kernel. So each window gets three readings, none of which is trusted alone:
 - **Machine speed** (``canary_slowdown``, ``canary_vs_study``): a fixed small workload (the throughput
   probe's fp32 matmul, [256 x 576] -> 1536, best of five rounds, about 60 ms) timed just before and
   just after the window. The faster of the two (a slowdown that lasts through the window shows in
-  both; a blip at one edge, such as a thread waking after an idle window, in one) over the same canary
-  when the job's meter opened, with its model in memory: ``canary_slowdown`` (1.0 = as fast; 1.4 = 40%
+  both; a blip at one edge, such as a thread waking after an idle window, in one; back-to-back
+  windows share the reading between them) over the same canary when the job's first meter opened
+  (its system-idle one): ``canary_slowdown`` (1.0 = as fast; 1.4 = 40%
   slower; "slowed" beyond ``energy.canary_tolerance``). And over the canary when the study started, in
   the runner on the same host: ``canary_vs_study``, which catches a job that started inside a slow
   stretch (same tolerance). It catches what no counter attributes: a neighbour on the host's shared
@@ -41,6 +42,12 @@ CANARY_SHAPE = (256, 576, 1536)  # the throughput probe's shape (measure/through
 CANARY_CALLS = 4  # calls per round (about 10 ms a round at 190 GFLOP/s)
 CANARY_ROUNDS = 5  # the best round: a busy moment only ever slows a round down
 REFERENCE_ROUNDS = 10  # the job's reference, read once: more rounds, a steadier minimum
+# A window that opens this soon after the previous one closed takes that window's closing canary as
+# its opening one (back-to-back windows: the machine's speed read 0.1 s apart is the same reading).
+ADJACENT_S = 0.5
+# The job's reference per device, read by the job's first monitor: its system-idle meter and its
+# main meter compare against one speed, and the reference is not paid twice.
+_JOB_REFERENCE: dict[str, float] = {}
 
 
 @dataclass(frozen=True)
@@ -232,14 +239,24 @@ class DisturbanceMonitor:
         self.cpu_count = cpu_count or os.cpu_count() or 1
         self.nvml, self.gpu_indices = nvml, list(gpu_indices)
         self.clock = clock
-        try:
-            self.job_canary_s = self.canary(REFERENCE_ROUNDS)
-        except TypeError:  # a canary that takes no rounds (tests)
-            self.job_canary_s = self.canary()
+        if canary is None and device in _JOB_REFERENCE:
+            self.job_canary_s = _JOB_REFERENCE[device]
+        else:
+            try:
+                self.job_canary_s = self.canary(REFERENCE_ROUNDS)
+            except TypeError:  # a canary that takes no rounds (tests)
+                self.job_canary_s = self.canary()
+            if canary is None:
+                _JOB_REFERENCE[device] = self.job_canary_s
         self.study_canary_s = study_canary_s
+        self._last_end: tuple[float, float] | None = None  # (clock, canary seconds) of the last end()
 
     def begin(self) -> _Start:
-        canary_s = self.canary()
+        last = self._last_end
+        if last is not None and self.clock() - last[0] <= ADJACENT_S:
+            canary_s = last[1]  # the previous window closed just now: its closing canary is this one's opening
+        else:
+            canary_s = self.canary()
         return _Start(canary_s, self.cpu_seconds(), self.proc_stat(), self.clock())
 
     def end(self, start: _Start) -> Disturbance:
@@ -264,7 +281,9 @@ class DisturbanceMonitor:
                 gpu = foreign_gpu_processes(self.nvml, self.gpu_indices, mine)
             except Exception:  # noqa: BLE001  (an NVML without process listing: not read)
                 gpu = 0
-        fastest = min(start.canary_s, self.canary())
+        closing = self.canary()
+        self._last_end = (self.clock(), closing)
+        fastest = min(start.canary_s, closing)
         vs_study = fastest / self.study_canary_s if self.study_canary_s else math.nan
         return judge(fastest / self.job_canary_s, min(foreign, 1.0), steal, gpu, self.thresholds, vs_study)
 
