@@ -94,3 +94,74 @@ def test_w8a8_is_an_inference_precision_only():
     with pytest.raises(Exception, match="w8a8 is an inference precision"):
         study_from_dict({**base, "phases": ["data", "finetune", "inference", "ranking"],
                          "finetune": {"precisions": ["w8a8"]}})
+
+
+def test_every_nonzero_row_reaches_code_127_and_none_goes_beyond():
+    """No clamp is needed: |x| / (max|x| / 127) rounds to at most 127 for any row."""
+    torch.manual_seed(2)
+    x = torch.randn(4000, 96) * torch.logspace(-30, 30, 4000)[:, None]
+    q, _ = quant8.quantize_rows(x)
+    assert q.abs().amax(dim=-1).eq(127).all()
+    assert q.to(torch.int16).abs().max() <= 127
+
+
+def _tiny_llama(layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=200)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_siblings_share_one_quantized_input_and_give_the_outputs_of_each_layer_alone():
+    import copy
+
+    model = _tiny_llama()
+    quant8.quantize_model(model)
+    alone = copy.deepcopy(model)
+    for layer in alone.modules():
+        if isinstance(layer, quant8.W8A8Linear):
+            layer.shared_input = None
+    attention = model.model.layers[0].self_attn
+    group = attention.q_proj.shared_input
+    assert group is not None and group is attention.k_proj.shared_input is attention.v_proj.shared_input
+    assert model.model.layers[0].mlp.gate_proj.shared_input is model.model.layers[0].mlp.up_proj.shared_input
+    assert model.model.layers[0].mlp.down_proj.shared_input is None and attention.o_proj.shared_input is None
+    # the layers' weights are views into the group's stacked matrix: one copy in memory
+    assert attention.k_proj.weight_int8.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+    calls = []
+    real = quant8._int_matmul
+    ids = torch.randint(0, 200, (3, 17))
+    with torch.inference_mode():
+        quant8._int_matmul = lambda xq, wq: (calls.append(wq.shape[0]), real(xq, wq))[1]
+        try:
+            shared = model(input_ids=ids).logits
+        finally:
+            quant8._int_matmul = real
+        expected = alone(input_ids=ids).logits
+    assert torch.equal(shared, expected)  # bit-identical: integer products are exact
+    assert calls == [64 + 2 * 32, 64, 2 * 96, 64] * 2  # q|k|v, o, gate|up, down per layer
+    assert group._input is None and group._acc is None  # nothing held once every sibling took its part
+
+
+def test_a_replaced_weight_or_autograd_makes_each_sibling_run_alone():
+    model = _tiny_llama(layers=1)
+    quant8.quantize_model(model)
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        before = attention.k_proj(x)
+    assert attention.k_proj.shared_input.ready()
+    with torch.no_grad():
+        attention.k_proj.weight_int8 = attention.k_proj.weight_int8.clone().neg_()
+    assert not attention.k_proj.shared_input.ready()
+    with torch.inference_mode():
+        after = attention.k_proj(x)
+    # the new (negated) weight is used: the output is the old one negated, up to its bias (none here)
+    assert torch.equal(after, -before)
+    fresh = _tiny_llama(layers=1)
+    quant8.quantize_model(fresh)
+    with torch.enable_grad():  # with autograd on, each layer runs alone: no product is held between calls
+        fresh.model.layers[0].self_attn.q_proj(x)
+    assert fresh.model.layers[0].self_attn.q_proj.shared_input._input is None
