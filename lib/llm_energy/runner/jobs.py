@@ -6,12 +6,14 @@ jobs through :func:`execute_job`, which never raises: one failing config must no
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import QUICK_EXIT_ENV
 from ..layout import NOTEBOOKS, StudyLayout, notebooks_dir
 
 # The kernel's own log at ERROR: its start-up warning about TCP transport without encryption (the
@@ -65,6 +67,8 @@ def run_job(job: Job, out_dir: Path) -> None:
     executed = layout.executed_notebook(job.phase, job.config_id)
     executed.parent.mkdir(parents=True, exist_ok=True)
     layout.logs.mkdir(parents=True, exist_ok=True)
+    # the kernel skips the interpreter's teardown once its cells are done (llm_energy.QUICK_EXIT_ENV)
+    os.environ[QUICK_EXIT_ENV] = "1"
     with open(layout.log(job.key), "w") as stdout:
         papermill.execute_notebook(
             str(notebook), str(executed), parameters=notebook_parameters(job),
