@@ -39,11 +39,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .runner.plan import check_budget
     from .runner.study import StudyRunError, run_study
 
     try:
         outcome = run_study(args.params, out=args.out, resume=not args.no_resume, force=args.force,
-                            phases=args.phases, cluster=args.cluster)
+                            phases=args.phases, cluster=args.cluster, before_jobs=check_budget)
     except StudyValidationError as err:
         _print_problems(args.params, err, "; nothing was run")
         return 2

@@ -764,6 +764,14 @@ class DeviceLimits(_Strict):
     always_run: list[Precision] = []  # precisions run however slow they are here
 
 
+class PlanSettings(_Strict):
+    """The time a study should take on the machine that runs it. ``llm-energy plan`` estimates it and,
+    over budget, says what would fit (fewer items, windows or precisions) and the half-widths that
+    leaves; ``llm-energy run`` warns before starting, and runs anyway. No result depends on it."""
+
+    budget_minutes: float | None = Field(20.0, gt=0)  # minutes of wall time; null = no budget
+
+
 class Study(_Strict):
     """A whole study: models x precisions, tasks, measurement and ranking."""
 
@@ -781,6 +789,7 @@ class Study(_Strict):
     pruning: PruningParams | None = None  # needed when phases include pruning
     cluster: ClusterSettings = ClusterSettings()  # used only with --cluster local|slurm
     device_limits: DeviceLimits = DeviceLimits()  # skip precisions this device runs far slower than fp32
+    plan: PlanSettings = PlanSettings()  # the time budget `llm-energy plan` and `run` check estimates against
 
     @model_validator(mode="after")
     def _phase_sections(self) -> "Study":
@@ -989,8 +998,13 @@ def section_dict(section: BaseModel) -> dict[str, Any]:
     return section.model_dump(mode="json", by_alias=True)
 
 
+# Sections that change no result: a study resumed with another of them continues its own results.
+UNHASHED_SECTIONS: tuple[str, ...] = ("plan",)
+
+
 def study_hash(study: Study) -> str:
-    payload = json.dumps(resolved_dict(study), sort_keys=True).encode()
+    payload = json.dumps({k: v for k, v in resolved_dict(study).items() if k not in UNHASHED_SECTIONS},
+                         sort_keys=True).encode()
     return hashlib.sha256(payload).hexdigest()[:16]
 
 

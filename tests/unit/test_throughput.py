@@ -131,24 +131,3 @@ def test_plan_prints_jobs_probe_skips_and_estimates(root, tmp_path, monkeypatch,
     assert "inference__tiny-random-llama__fp32 " in out and "inference__tiny-random-llama__bf16 " not in out
     assert "ESTIMATED time each" in out and "Estimated total: ~" in out
     assert not (tmp_path / "outputs").exists()  # a plan writes nothing
-
-
-def test_estimates_scale_with_items_passes_and_throughput():
-    one = throughput.estimate_job_s(135e6, {"rca": 10}, 1, 10.0, overhead_s=0.0)
-    assert one == pytest.approx(10 * 2 * 135e6 * throughput.TOKENS_PER_ITEM["rca"] / 10e9)
-    assert throughput.estimate_job_s(135e6, {"rca": 20}, 2, 10.0, overhead_s=5.0) == pytest.approx(5 + 4 * one)
-    assert throughput.estimate_job_s(135e6, {"rca": 10}, 1, 20.0, overhead_s=0.0) == pytest.approx(one / 2)
-    import math
-
-    assert math.isnan(throughput.estimate_job_s(None, {"rca": 10}, 1, 10.0))
-    assert math.isnan(throughput.estimate_job_s(135e6, {"rca": 10}, 1, None))
-
-
-def test_model_parameters_from_known_names_and_sizes():
-    from llm_energy.config import ModelSettings
-    from llm_energy.runner.plan import model_parameters
-
-    assert model_parameters(ModelSettings(name="gemma-3-270m")) == 270e6
-    assert model_parameters(ModelSettings(name="mine", source="local", path="/m/SmolLM2-1.7B")) == 1.7e9
-    assert model_parameters(ModelSettings(name="mine", source="local", path="/m/x")) is None
-    assert 4e6 < model_parameters(ModelSettings(name="tiny-random-llama")) < 5e6

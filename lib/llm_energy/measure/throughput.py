@@ -216,29 +216,3 @@ def slow_precisions(probe: Mapping[str, PrecisionThroughput], limits: DeviceLimi
             f"{limits.max_slowdown:g}; to run it anyway list it in device_limits.always_run or set "
             "max_slowdown: null (`llm-energy plan` estimates its time)")
     return skipped
-
-
-# --- time estimates (llm-energy plan) -----------------------------------------------------------
-
-# Token-equivalents one item costs at the probe's matmul rate (2 FLOPs per parameter each): scored
-# items (the prompt is shared by its continuations), one generated resolution, one training example
-# (forward and backward). Calibrated on the default study on the development machine (README: fp32
-# inference 68 s, fp32 fine-tuning 108 s); expect the estimate to be off by up to 2-3x elsewhere.
-TOKENS_PER_ITEM = {"rca": 15, "qa": 9, "rca_resolution": 45, "train": 45}
-# Per job: a fresh kernel, imports, model load, idle baselines, table writes.
-JOB_OVERHEAD_S = 25.0
-
-
-def seconds_per_item(n_params: float, task: str, gflop_per_s: float) -> float:
-    """Estimated seconds for one item of a task (or "train" for one training example)."""
-    return 2.0 * n_params * TOKENS_PER_ITEM[task] / (gflop_per_s * 1e9)
-
-
-def estimate_job_s(n_params: float | None, items: Mapping[str, int], passes: int, gflop_per_s: float | None,
-                   overhead_s: float = JOB_OVERHEAD_S) -> float:
-    """A job's estimated wall time: fixed overhead plus passes x items x seconds per item. NaN when
-    the model size or the precision's throughput is unknown."""
-    if n_params is None or not gflop_per_s:
-        return math.nan
-    work = sum(n * seconds_per_item(n_params, task, gflop_per_s) for task, n in items.items())
-    return overhead_s + passes * work

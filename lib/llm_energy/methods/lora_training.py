@@ -107,6 +107,12 @@ def _sample(items: Sequence[Any], limit: int | None, seed: int) -> list[Any]:
     return [items[i] for i in keep]
 
 
+def sampled_examples(items: Sequence[Any], tokenizer: Any, spec: FinetuneSpec, limit: int | None,
+                     label_set: Sequence[str] = ()) -> list[TrainingExample]:
+    """The seeded sample of ``items`` (at most ``limit``) a run trains or evaluates on, tokenized."""
+    return build_examples(_sample(items, limit, spec.seed), tokenizer, spec, label_set)
+
+
 def _prompt_and_answer(item: Any, task: str, label_list: str, labels: Sequence[str]) -> tuple[str, str]:
     if task == "rca":
         if not isinstance(item, RCAItem):
@@ -403,12 +409,10 @@ def finetune(
     import torch
 
     _check_precision(loaded.precision)
-    train = _sample(train_items, spec.max_train_items, spec.seed)
-    if not train:
+    if not train_items:
         raise ValueError(f"no training items for task {spec.task!r}: the training split is empty")
-    train_examples = build_examples(train, loaded.tokenizer, spec, label_set)
-    eval_sample = _sample(eval_items, spec.max_eval_items, spec.seed)
-    eval_examples = build_examples(eval_sample, loaded.tokenizer, spec, label_set)
+    train_examples = sampled_examples(train_items, loaded.tokenizer, spec, spec.max_train_items, label_set)
+    eval_examples = sampled_examples(eval_items, loaded.tokenizer, spec, spec.max_eval_items, label_set)
     pad_id = _pad_id(loaded.tokenizer)
 
     model = _wrap_with_lora(loaded, spec)

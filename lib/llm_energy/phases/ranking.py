@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from ..analysis import ranking_math as rank
+from ..analysis.halfwidths import HALF_WIDTH_TARGETS, items_for_half_width, wilson_half_width
 from ..analysis.lifecycle import amortized_energy_per_item, lifecycle_table
 from ..analysis.limits import precision_limits
 from ..analysis.significance import MIN_VERDICT_ITEMS, holm
@@ -447,24 +448,6 @@ def phi_choice_markdown(top_by_phi: dict[str, list[tuple[str, float]]] | None, c
             parts.append(f"only under {b}: {', '.join(only_b)}")
         lines.append("The top set depends on the φ choice (" + "; ".join(parts) + ").")
     return "\n".join(lines)
-
-
-# Targets of the scoring's precision: the 95% half-width each task's headline accuracy should reach.
-HALF_WIDTH_TARGETS: dict[str, float] = {"qa": 0.07, "rca": 0.09}
-Z_95 = 1.959963984540054
-
-
-def wilson_half_width(p: float, n: int, z: float = Z_95) -> float:
-    """Half the width of the Wilson score interval of a proportion p observed on n items."""
-    if n <= 0:
-        return float("nan")
-    denominator = 1 + z * z / n
-    return z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-
-
-def items_for_half_width(half_width: float, z: float = Z_95) -> int:
-    """Items needed for a half-width at worst (p = 0.5), normal approximation."""
-    return math.ceil(z * z * 0.25 / (half_width * half_width))
 
 
 def precision_lines(scores: pd.DataFrame, qa_style: str, config_ids: list[str] | None = None,

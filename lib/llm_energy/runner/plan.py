@@ -2,25 +2,31 @@
 
 The jobs the runner would expand, each precision's measured matmul throughput on this device (the
 same probe the runner takes before its first job), the precisions skipped as too slow and why, and an
-ESTIMATED time per job: a fixed per-job overhead plus passes x items x seconds per item, the seconds
-per item scaled from the probe's fp32-relative throughput and the model's parameter count
-(:mod:`llm_energy.measure.throughput`). It is a planning aid, calibrated on one machine, not a measurement.
+ESTIMATED time per job built from the work each job will compute (its data tokenised, the FLOPs its
+windows will record) and what a finished study measured (:mod:`llm_energy.runner.estimate`). When the
+total passes ``plan.budget_minutes`` it says what would fit (fewer items, precisions or windows) and
+the 95% half-widths that leaves. It is a planning aid, not a measurement.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import re
-from dataclasses import dataclass
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..config import BUILTIN_MODEL_PARAMETERS, TINY_LLAMA, ModelSettings, Study, load_study
+from ..config import Study, load_study
 from ..layout import config_id_for
 from ..measure import throughput
+from .checks import with_context_exclusions
+from .estimate import BudgetOption, Calibration, Estimate, Estimator, fit_budget, packaged_calibration
 from .study import STAGE, STAGES, expand, probed_precisions, resolve_device
+from .workload import StudyWork, study_work
 
-# Parameter counts of the builtin models (the estimate's model size).
-TINY_VOCABULARY = 32_000  # tokenizer of the random tiny Llama, for its embedding size
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,8 +34,13 @@ class PlannedJob:
     key: str
     phase: str
     precision: str
-    estimate_s: float  # NaN when unknown
+    model: str
+    estimate: Estimate
     note: str = ""
+
+    @property
+    def estimate_s(self) -> float:
+        return self.estimate.seconds
 
 
 @dataclass(frozen=True)
@@ -40,93 +51,78 @@ class StudyPlan:
     slow: dict[str, str]  # precision -> why the study skips it here
     jobs: list[PlannedJob]
     skipped: list[dict[str, str]]  # configs the runner would skip, with the reason
+    calibration: Calibration
+    work: StudyWork
+    runner_s: float = 0.0  # the runner outside its jobs (probe, validation, report)
+    worst_case_remeasure_s: float = 0.0
+    options: list[BudgetOption] = field(default_factory=list)  # what fits the budget, when over it
 
     @property
     def total_s(self) -> float:
-        return sum(j.estimate_s for j in self.jobs if not math.isnan(j.estimate_s))
+        return sum(j.estimate_s for j in self.jobs if not math.isnan(j.estimate_s)) + self.runner_s
+
+    @property
+    def budget_s(self) -> float | None:
+        minutes = self.study.plan.budget_minutes
+        return minutes * 60.0 if minutes is not None else None
+
+    @property
+    def over_budget(self) -> bool:
+        return self.budget_s is not None and self.total_s > self.budget_s
 
 
-def model_parameters(model: ModelSettings) -> float | None:
-    """Approximate parameter count: builtin sizes, the tiny Llama's shape, or a size in the name
-    or path ("...-360M", "1.7b"); None when unknown."""
-    if BUILTIN_MODEL_PARAMETERS.get(model.name):
-        return BUILTIN_MODEL_PARAMETERS[model.name]
-    if model.name == TINY_LLAMA:
-        t = model.tiny
-        per_layer = 4 * t.hidden_size**2 + 3 * t.hidden_size * t.intermediate_size
-        return float(t.num_hidden_layers * per_layer + 2 * TINY_VOCABULARY * t.hidden_size)
-    for text in (model.name, model.path or ""):
-        found = re.search(r"(\d+(?:\.\d+)?)\s*([mMbB])(?![a-zA-Z])", text)
-        if found:
-            return float(found.group(1)) * (1e6 if found.group(2).lower() == "m" else 1e9)
-    return None
-
-
-def _items(study: Study) -> tuple[dict[str, int], str]:
-    """Items scored per task in one pass, and a note for tasks whose count is only known at run time."""
-    items, unknown = {}, []
-    for name, task in study.tasks.enabled().items():
-        if task.max_items is None:
-            unknown.append(name)
-        else:
-            items[name] = task.max_items
-        if task.generation is not None and task.generation.max_items:
-            items["rca_resolution"] = min(task.generation.max_items, task.max_items or task.generation.max_items)
-    note = f"items of {', '.join(unknown)} not counted (max_items: null, known once the data is read)" if unknown else ""
-    return items, note
-
-
-def _passes(study: Study) -> float:
-    """Measured passes over the items: the minimum repeats, plus the warm-up (two items)."""
-    return study.energy.repeats + (0.05 if study.energy.warmup else 0.0)
-
-
-def plan_study(params_path: str | Path) -> StudyPlan:
-    """Expand the study as the runner would (nothing is written), with the probe and estimates."""
+def plan_study(params_path: str | Path, calibration: Calibration | None = None,
+               probe: Mapping[str, throughput.PrecisionThroughput] | None = None) -> StudyPlan:
+    """Expand the study as the runner would (nothing is written), with the probe and estimates.
+    ``probe``: a throughput probe already taken (the runner's); else it is measured here."""
     params_path = Path(params_path).resolve()
     study = load_study(params_path)
+    study, _ = with_context_exclusions(study, params_path.parent)
     device = resolve_device(study)
-    probe = throughput.probe_device(probed_precisions(study), device)
+    probe = dict(probe) if probe is not None else throughput.probe_device(probed_precisions(study), device)
+    return plan_from_probe(study, params_path.parent, device, probe, calibration)
+
+
+def plan_from_probe(study: Study, base_dir: Path, device: str,
+                    probe: Mapping[str, throughput.PrecisionThroughput],
+                    calibration: Calibration | None = None) -> StudyPlan:
+    """The plan of a validated study (context exclusions applied) with a probe in hand."""
+    probe = dict(probe)
+    calibration = calibration or packaged_calibration()
     slow = throughput.slow_precisions(probe, study.device_limits)
     out_dir = Path.cwd() / "outputs" / study.study
-    jobs, skipped = expand(study, out_dir, params_path.parent, device, "machine", slow)
-    items, items_note = _items(study)
-    rate = {p: r.gflop_per_s for p, r in probe.items()}
-    sizes = {m.name: model_parameters(m) for m in study.models}
-
-    def inference_s(model: str, precision: str) -> float:
-        return throughput.estimate_job_s(sizes.get(model), items, _passes(study), rate.get(precision))
-
-    def training_s(model: str, precision: str, spec_items: int | None, epochs: int) -> float:
-        if spec_items is None:
-            return math.nan
-        return throughput.estimate_job_s(sizes.get(model), {"train": spec_items}, epochs, rate.get(precision))
-
+    jobs, skipped = expand(study, out_dir, base_dir, device, "machine", slow)
+    work = study_work(study, base_dir)
+    estimator = Estimator(study, work, {p: r.gflop_per_s for p, r in probe.items()}, calibration)
+    unknown_note = {name: f"not estimated: {why}" for name, why in work.unknown.items()}
     planned: list[PlannedJob] = []
     for job in jobs:
         precision = str(job.parameters.get("precision", ""))
         model = (job.parameters.get("model") or {}).get("name", "")
-        note = ""
-        if job.phase == "inference":
-            estimate, note = inference_s(model, precision), items_note
-        elif job.phase == "finetune" and study.finetune is not None:
-            estimate = training_s(model, precision, study.finetune.max_train_items, study.finetune.epochs)
-            note = "" if study.finetune.max_train_items else "max_train_items: null, not estimated"
-        elif job.phase == "pruning" and study.pruning is not None:
-            estimate = inference_s(model, precision)
-            recover = study.pruning.recover
-            if recover is not None:
-                estimate += training_s(model, precision, recover.max_train_items, recover.epochs) + inference_s(model, precision)
-        else:  # data, ranking: no model work
-            estimate = throughput.JOB_OVERHEAD_S
-        planned.append(PlannedJob(job.key, job.phase, precision, estimate, note))
-    planned += _later_jobs(study, slow, skipped, inference_s)
-    return StudyPlan(study=study, device=device, probe=probe, slow=slow, jobs=planned, skipped=skipped)
+        method = (job.parameters.get("pruning") or {}).get("method", "")
+        note = unknown_note.get(model, "") if job.phase in ("inference", "finetune", "pruning") else ""
+        planned.append(PlannedJob(job.key, job.phase, precision, model,
+                                  estimator.job(job.phase, model, precision, method), note))
+    # adapters and top-k pruning join the study once their inputs exist; the ranking stays last
+    later = _later_jobs(study, skipped, estimator, unknown_note)
+    ranking = [j for j in planned if j.phase == "ranking"]
+    planned = [j for j in planned if j.phase != "ranking"] + later + ranking
+    plan = StudyPlan(study=study, device=device, probe=probe, slow=slow, jobs=planned, skipped=skipped,
+                     calibration=calibration, work=work, runner_s=calibration.runner_s,
+                     worst_case_remeasure_s=estimator.worst_case_remeasure_s(
+                         [(j.phase, j.estimate_s) for j in planned]))
+    if plan.over_budget:
+        assert plan.budget_s is not None
+        options = fit_budget(study, calibration, [(j.phase, j.precision, j.estimate) for j in planned],
+                             plan.runner_s, plan.budget_s)
+        plan = StudyPlan(**{**plan.__dict__, "options": options})
+    return plan
 
 
-def _later_jobs(study: Study, slow: dict[str, str], skipped: list[dict[str, str]], inference_s) -> list[PlannedJob]:
+def _later_jobs(study: Study, skipped: list[dict[str, str]], estimator: Estimator,
+                unknown_note: dict[str, str]) -> list[PlannedJob]:
     """Jobs the runner adds once their inputs exist: each saved adapter evaluated, and pruning of the
-    ranking's top configs when no targets are named (estimated at fp32: the target is not known yet)."""
+    ranking's top configs when no targets are named (their precision is the ranking's to pick)."""
     later = []
     skipped_ids = {s["config_id"] for s in skipped}
     if "finetune" in study.phases and study.finetune is not None and "inference" in study.phases:
@@ -135,17 +131,18 @@ def _later_jobs(study: Study, slow: dict[str, str], skipped: list[dict[str, str]
             for precision in study.finetune.precisions:
                 config_id = config_id_for(model.name, precision, adapter="lora")
                 if config_id not in skipped_ids:
-                    later.append(PlannedJob(f"inference__{config_id}", "inference", precision,
-                                            inference_s(model.name, precision),
-                                            f"stage '{STAGE['adapters'].name}': {STAGE['adapters'].known}"))
+                    stage = STAGE["adapters"]
+                    note = unknown_note.get(model.name) or f"stage '{stage.name}': {stage.known}"
+                    later.append(PlannedJob(f"inference__{config_id}", "inference", precision, model.name,
+                                            estimator.job("inference", model.name, precision), note))
     if "pruning" in study.phases and study.pruning is not None and not study.pruning.targets:
         model = study.models[0].name
         for rank in range(1, study.pruning.top_k + 1):
             for method in study.pruning.methods:
-                later.append(PlannedJob(f"pruning__<top {rank}>__{method.label}", "pruning", "?",
-                                        inference_s(model, "fp32"),
-                                        f"stage '{STAGE['top-k pruning'].name}': target {STAGE['top-k pruning'].known}; "
-                                        "estimated at fp32"))
+                later.append(PlannedJob(f"pruning__<top {rank}>__{method.label}", "pruning", "?", model,
+                                        estimator.job("pruning", model, "?", method.method),
+                                        f"stage '{STAGE['top-k pruning'].name}': target "
+                                        f"{STAGE['top-k pruning'].known}"))
     return later
 
 
@@ -155,8 +152,44 @@ def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"~{seconds:.0f} s"
     if seconds < 5400:
-        return f"~{seconds / 60:.0f} min"
+        return f"~{seconds / 60:.1f} min"
     return f"~{seconds / 3600:.1f} h"
+
+
+def _percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"±{100 * value:.1f}%"
+
+
+def budget_lines(plan: StudyPlan) -> list[str]:
+    """The budget check: within it, or over it with what would fit and the half-widths that leaves."""
+    if plan.budget_s is None:
+        return ["plan.budget_minutes: null — no time budget."]
+    minutes = plan.study.plan.budget_minutes
+    if not plan.over_budget:
+        return [f"Within plan.budget_minutes ({minutes:g} min)."]
+    lines = [f"OVER plan.budget_minutes ({minutes:g} min) by {_duration(plan.total_s - plan.budget_s)}. "
+             "What would fit (ESTIMATED; 95% half-widths: accuracy at p = 0.5 for the items, energy from the "
+             f"windows' spread in {plan.calibration.source}):"]
+    for option in plan.options:
+        fits = "fits" if option.total_s <= plan.budget_s else "still over"
+        accuracy = ", ".join(f"{task} ±{hw:.3f}" for task, hw in option.accuracy_half_width.items())
+        energy = ", ".join(f"{task} {_percent(hw)}" for task, hw in option.energy_half_width.items())
+        lines.append(f"  - {option.change}: {_duration(option.total_s)} ({fits}); accuracy {accuracy}; "
+                     f"energy {energy}")
+    if not plan.options:
+        lines.append("  - nothing the plan can change brings it under the budget: fewer models, or a faster "
+                     "machine")
+    return lines
+
+
+def budget_warning(plan: StudyPlan) -> str | None:
+    """What ``llm-energy run`` says before starting when the estimate passes the budget (it runs anyway)."""
+    if not plan.over_budget:
+        return None
+    head = (f"warning: study '{plan.study.study}' is ESTIMATED at {_duration(plan.total_s)} on this machine, "
+            f"over plan.budget_minutes ({plan.study.plan.budget_minutes:g} min); running it anyway.")
+    tail = "  (`llm-energy plan` shows the estimate per job; set plan.budget_minutes to silence this.)"
+    return "\n".join([head, *budget_lines(plan)[1:], tail])
 
 
 def format_plan(plan: StudyPlan) -> str:
@@ -173,7 +206,8 @@ def format_plan(plan: StudyPlan) -> str:
         factor = throughput.slowdown(plan.probe, precision)
         relative = ""
         if factor and precision != throughput.REFERENCE and ref:
-            relative = f" ({factor:.1f}x slower than fp32)" if factor >= 1 else f" ({1 / factor:.1f}x faster than fp32)"
+            relative = (f" ({factor:.1f}x slower than fp32)" if factor >= 1
+                        else f" ({1 / factor:.1f}x faster than fp32)")
         lines.append(f"  {precision:5s} {result.gflop_per_s:8.2f} GFLOP/s{relative}  [{result.method}]")
     lines.append("")
     if limits.max_slowdown is None:
@@ -190,14 +224,59 @@ def format_plan(plan: StudyPlan) -> str:
         lines.append("  no precision skipped")
     lines += ["", "Stages, in order (each after the ones before it):"]
     lines += [f"  {i}. {stage.name}: {stage.runs} (known {stage.known})" for i, stage in enumerate(STAGES, 1)]
-    lines += ["", ("Jobs, in run order, with an ESTIMATED time each (overhead + passes x items x seconds per "
-                   "item scaled from the probe; calibrated on one CPU, expect 2-3x either way; a re-measured "
-                   "job counts again):")]
+    lines += ["", *_work_lines(plan), "",
+              ("Jobs, in run order, with an ESTIMATED time each: the work over each precision's probed rate "
+               "times the efficiency it reached, plus a fixed overhead per job and its idle baselines, as "
+               f"measured in {plan.calibration.source} (fp32 probe "
+               f"{plan.calibration.reference_gflop_per_s:.0f} GFLOP/s there); a re-measured job counts "
+               "again:")]
     for job in plan.jobs:
-        note = f"  ({job.note})" if job.note else ""
+        notes = [job.note] if job.note else []
+        notes += list(job.estimate.notes)
+        note = f"  ({'; '.join(n for n in notes if n)})" if notes else ""
         lines.append(f"  {job.key:60s} {_duration(job.estimate_s):>10s}{note}")
+    lines.append(f"  {'runner (probe, validation, report)':60s} {_duration(plan.runner_s):>10s}")
     unknown = sum(1 for j in plan.jobs if math.isnan(j.estimate_s))
     lines += ["", f"Estimated total: {_duration(plan.total_s)}"
               + (f" plus {unknown} job(s) not estimated" if unknown else "")
-              + f" (models: {', '.join(f'{m.name} ~{(model_parameters(m) or math.nan) / 1e6:.0f}M parameters' for m in study.models)})."]
+              + (f"; on a disturbed machine up to {_duration(plan.worst_case_remeasure_s)} more (windows and "
+                 "jobs measured again)" if plan.worst_case_remeasure_s else "") + "."]
+    lines += budget_lines(plan)
     return "\n".join(lines)
+
+
+def _work_lines(plan: StudyPlan) -> list[str]:
+    """Per model: its size and the useful work of one config's evaluation, from the tokenised data."""
+    lines = ["Work per config (useful GFLOP, from the study's data tokenised by each model; "
+             "measure/flops.py):"]
+    for model in plan.work.models.values():
+        tasks = ", ".join(f"{t.task} {t.items} items {t.gflop:.0f}" for t in model.tasks.values())
+        train = (f"; fine-tuning {model.finetune.examples} examples x {model.finetune.epochs} epochs "
+                 f"{model.finetune.epoch_gflop * model.finetune.epochs:.0f}" if model.finetune else "")
+        lines.append(f"  {model.name} ({model.megaparameters:.0f}M weights): {tasks}{train}")
+    for name, why in plan.work.unknown.items():
+        lines.append(f"  {name}: not counted ({why})")
+    return lines
+
+
+def check_budget(study: Study, base_dir: Path, device: str,
+                 probe: Mapping[str, throughput.PrecisionThroughput]) -> dict[str, Any]:
+    """The plan's estimate of the study, with the probe just taken; over plan.budget_minutes it warns
+    on standard error, with what would fit, and the study runs anyway. Never raises: a study runs
+    whether or not it could be estimated. Returns what provenance.json keeps of it."""
+    try:
+        plan = plan_from_probe(study, base_dir, device, probe)
+    except Exception as exc:  # noqa: BLE001  (an estimate is advice; the study runs without it)
+        log.warning("the plan's estimate failed (%s: %s); running the study without a time check",
+                    type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    warning = budget_warning(plan)
+    if warning:
+        print(warning, file=sys.stderr)
+
+    def seconds(value: float) -> float | None:
+        return None if math.isnan(value) else round(value, 1)
+
+    return {"estimated_s": seconds(plan.total_s), "budget_minutes": study.plan.budget_minutes,
+            "over_budget": plan.over_budget, "calibration": plan.calibration.source,
+            "jobs": {j.key: seconds(j.estimate_s) for j in plan.jobs}}

@@ -16,7 +16,7 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -434,8 +434,12 @@ class _Run:
 
 
 def run_study(params_path: str | Path, out: str | Path | None = None, resume: bool = True, force: bool = False,
-              phases: list[str] | None = None, cluster: str = "none") -> StudyOutcome:
-    """Validate, then run every job of the study; return what completed, resumed, was skipped or failed."""
+              phases: list[str] | None = None, cluster: str = "none",
+              before_jobs: Callable[[Study, Path, str, dict[str, Any]], dict[str, Any]] | None = None,
+              ) -> StudyOutcome:
+    """Validate, then run every job of the study; return what completed, resumed, was skipped or failed.
+    ``before_jobs(study, base_dir, device, probe)``: called once the throughput probe is taken, before
+    the first job; what it returns is kept in provenance.json under "plan"."""
     from tqdm.auto import tqdm
 
     params_path = Path(params_path).resolve()
@@ -460,6 +464,8 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
         os.environ[RUNNER_ENV] = f"{socket.gethostname()}:{os.getpid()}"
     prov["throughput"] = {"device": device, "precisions": {p: r.as_dict() for p, r in probe.items()},
                           "device_limits": study.device_limits.model_dump(mode="json"), "skipped_as_slow": slow}
+    if before_jobs is not None:  # e.g. the plan's time check (cli: runner.plan.check_budget)
+        prov["plan"] = before_jobs(study, params_path.parent, device, probe)
     results.atomic_write_json(layout.provenance, prov)
 
     jobs, skipped = expand(study, out_dir, params_path.parent, device, attribution, slow)
