@@ -103,7 +103,8 @@ def test_the_work_is_counted_from_the_tokenised_data(recorded_plan):
 def test_over_budget_the_plan_says_what_fits_and_the_half_widths(recorded_plan):
     study = recorded_plan.study.model_copy(update={"plan": PlanSettings(budget_minutes=12)})
     jobs = [(j.phase, j.precision, j.estimate) for j in recorded_plan.jobs]
-    options = fit_budget(study, recorded_plan.calibration, jobs, recorded_plan.runner_s, 12 * 60)
+    options = fit_budget(study, recorded_plan.calibration, jobs, recorded_plan.runner_s, 12 * 60,
+                         {"rca": 120, "qa": 200})
     plan = replace(recorded_plan, study=study, options=options)
     assert plan.over_budget
     items = next(o for o in options if o.change.startswith("items "))

@@ -224,22 +224,32 @@ class BudgetOption:
     energy_half_width: dict[str, float]
 
 
-def half_widths(study: Study, calibration: Calibration, scale: float = 1.0,
+def scored_items(work: StudyWork) -> dict[str, int]:
+    """Items each accuracy task scores, as read from its data (the fewest over the models)."""
+    items: dict[str, int] = {}
+    for model in work.models.values():
+        for task in model.tasks.values():
+            if task.kind == "scoring":
+                items[task.task] = min(items.get(task.task, task.items), task.items)
+    return items
+
+
+def half_widths(study: Study, calibration: Calibration, items: dict[str, int], scale: float = 1.0,
                 windows: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
-    """The 95% half-widths a study's scoring reaches with its items scaled by ``scale`` (accuracy at
-    p = 0.5) and its energy with ``windows`` windows (default: the study's)."""
-    accuracy = {name: accuracy_half_width(max(1, int(s.max_items * scale)) if s.max_items else 0)
-                for name, s in study.tasks.enabled().items()}
+    """The 95% half-widths a study's scoring reaches with its ``items`` (per task) scaled by ``scale``
+    (accuracy at p = 0.5) and its energy with ``windows`` windows (default: the study's)."""
+    accuracy = {task: accuracy_half_width(max(1, int(n * scale))) for task, n in items.items()}
     w = windows or study.energy.windows or max(1, min(study.energy.repeats, study.energy.max_repeats))
     energy = {task: energy_half_width(spread, w) for task, spread in calibration.energy_spread.items()}
     return accuracy, energy
 
 
 def fit_budget(study: Study, calibration: Calibration, jobs: list[tuple[str, str, Estimate]],
-               runner_s: float, budget_s: float) -> list[BudgetOption]:
-    """Ways to bring the estimate under ``budget_s`` (``jobs``: phase, precision, estimate of each job):
-    fewer items (every scored task scaled alike), fewer precisions (the slowest first; fp32, the
-    reference, stays), both, and what fewer windows would do."""
+               runner_s: float, budget_s: float, items_now: dict[str, int]) -> list[BudgetOption]:
+    """Ways to bring the estimate under ``budget_s`` (``jobs``: phase, precision, estimate of each job;
+    ``items_now``: items each accuracy task scores): fewer items (every scored task scaled alike),
+    fewer precisions (the slowest first; fp32, the reference, stays), both, and what fewer windows
+    would do."""
     known = [(phase, p, e) for phase, p, e in jobs if not math.isnan(e.seconds)]
     fixed = sum(e.fixed_s + e.training_s for _, _, e in known) + runner_s
     items = sum(e.item_s for _, _, e in known)
@@ -249,12 +259,12 @@ def fit_budget(study: Study, calibration: Calibration, jobs: list[tuple[str, str
         if item_s <= 0 or fixed_s >= budget_s:
             return None
         scale = min(1.0, (budget_s - fixed_s) / item_s)
-        counts = {n: int(s.max_items * scale) for n, s in study.tasks.enabled().items() if s.max_items}
+        counts = {task: int(n * scale) for task, n in items_now.items()}
         if not counts or min(counts.values()) < 1:
             return None
-        accuracy, energy = half_widths(study, calibration, scale)
-        change = prefix + "items " + ", ".join(f"{n} {s.max_items} -> {counts[n]}" for n, s in
-                                               study.tasks.enabled().items() if n in counts)
+        accuracy, energy = half_widths(study, calibration, items_now, scale)
+        change = prefix + "items " + ", ".join(f"{task} {n} -> {counts[task]}"
+                                               for task, n in items_now.items())
         return BudgetOption(change, fixed_s + scale * item_s, accuracy, energy)
 
     option = items_option(fixed, items, "")
@@ -273,7 +283,7 @@ def fit_budget(study: Study, calibration: Calibration, jobs: list[tuple[str, str
         dropped.append(precision)
         total -= seconds
     if dropped:
-        accuracy, energy = half_widths(study, calibration)
+        accuracy, energy = half_widths(study, calibration, items_now)
         options.append(BudgetOption(f"precisions without {', '.join(dropped)}", total, accuracy, energy))
         if total > budget_s:
             rest = [(ph, p, e) for ph, p, e in known if p not in dropped]
@@ -283,13 +293,13 @@ def fit_budget(study: Study, calibration: Calibration, jobs: list[tuple[str, str
             if both is not None:
                 options.append(both)
     if study.energy.windows and study.energy.windows > 2:
-        accuracy, energy = half_widths(study, calibration, windows=2)
+        accuracy, energy = half_widths(study, calibration, items_now, windows=2)
         options.append(BudgetOption(f"windows {study.energy.windows} -> 2 (each item is still scored once: "
                                     "saves only the windows' own starts and stops, not modelled)",
                                     fixed + items, accuracy, energy))
     elif not study.energy.windows and study.energy.repeats > 2:
         share = 2 / study.energy.repeats
-        accuracy, energy = half_widths(study, calibration, windows=2)
+        accuracy, energy = half_widths(study, calibration, items_now, windows=2)
         options.append(BudgetOption(f"repeats {study.energy.repeats} -> 2", fixed + share * items, accuracy,
                                     energy))
     return options

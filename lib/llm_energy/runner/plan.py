@@ -22,7 +22,15 @@ from ..config import Study, load_study
 from ..layout import config_id_for
 from ..measure import throughput
 from .checks import with_context_exclusions
-from .estimate import BudgetOption, Calibration, Estimate, Estimator, fit_budget, packaged_calibration
+from .estimate import (
+    BudgetOption,
+    Calibration,
+    Estimate,
+    Estimator,
+    fit_budget,
+    packaged_calibration,
+    scored_items,
+)
 from .study import STAGE, STAGES, expand, probed_precisions, resolve_device
 from .workload import StudyWork, study_work
 
@@ -114,7 +122,7 @@ def plan_from_probe(study: Study, base_dir: Path, device: str,
     if plan.over_budget:
         assert plan.budget_s is not None
         options = fit_budget(study, calibration, [(j.phase, j.precision, j.estimate) for j in planned],
-                             plan.runner_s, plan.budget_s)
+                             plan.runner_s, plan.budget_s, scored_items(work))
         plan = StudyPlan(**{**plan.__dict__, "options": options})
     return plan
 
@@ -176,9 +184,8 @@ def budget_lines(plan: StudyPlan) -> list[str]:
         energy = ", ".join(f"{task} {_percent(hw)}" for task, hw in option.energy_half_width.items())
         lines.append(f"  - {option.change}: {_duration(option.total_s)} ({fits}); accuracy {accuracy}; "
                      f"energy {energy}")
-    if not plan.options:
-        lines.append("  - nothing the plan can change brings it under the budget: fewer models, or a faster "
-                     "machine")
+    if not any(option.total_s <= plan.budget_s for option in plan.options):
+        lines.append("  - none of these fits: fewer models, less fine-tuning or pruning, or a faster machine")
     return lines
 
 
