@@ -11,6 +11,7 @@ from llm_energy.measure.meter import ComponentReading, EnergyMeter
 from llm_energy.methods.lora_training import (
     ADAPTER_FILE,
     IGNORE_INDEX,
+    _contiguous_head_input,
     build_examples,
     finetune,
     load_adapter,
@@ -18,6 +19,7 @@ from llm_energy.methods.lora_training import (
 )
 from llm_energy.methods.scoring import DEFAULT_RCA_PROMPT, encode_pair, score_continuations
 from llm_energy.models.loading import load_model
+from llm_energy.models.quant8 import W8A8Linear
 
 TINY = ModelSettings(name="tiny-random-llama")
 OVERFIT = dict(learning_rate=5e-3, epochs=2, batch_size=8, max_length=256, dropout=0.0)
@@ -117,7 +119,7 @@ def test_eval_loss_is_the_scored_loglikelihood(rca, tiny_model):
     assert mean_answer_nll(tiny_model.model, examples, pad, batch_size=3) == pytest.approx(nll / n_tokens, rel=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8", "nf4"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "w8a8", "int8", "nf4"])
 def test_lora_overfits_saves_and_reloads(precision, rca, tmp_path):
     items, labels = rca
     loaded = load_model(TINY, precision)
@@ -149,12 +151,35 @@ def test_lora_overfits_saves_and_reloads(precision, rca, tmp_path):
     assert "Lora" not in repr(result)  # the model stays out of the repr
 
     assert second.eval_loss < first.eval_loss < base_loss
+    if precision == "w8a8":  # the adapter sits on the int8 layers, which gave their input gradients
+        q_proj = result.model.get_base_model().model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj.base_layer, W8A8Linear)
 
     # In another process: a fresh base model plus the saved adapter scores like the trained one.
     reloaded = load_adapter(load_model(TINY, precision), result.adapter_dir)
     reloaded_loss = mean_answer_nll(reloaded, examples, pad)
     assert reloaded_loss == pytest.approx(mean_answer_nll(result.model, examples, pad), rel=1e-5)
     assert reloaded_loss == pytest.approx(second.eval_loss, rel=1e-3)
+
+
+def test_the_output_projection_reads_a_contiguous_input_while_training(tiny_model):
+    """Logits at the last positions only are a strided slice of the hidden states; torch's matmul then
+    copies the vocabulary projection once per example when autograd needs the slice."""
+    import torch
+
+    seen = []
+    head = tiny_model.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _module, args, _out: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, 100, (2, 7))
+    try:
+        tiny_model.model(input_ids=ids, logits_to_keep=3)
+        with _contiguous_head_input(tiny_model.model):
+            with_hook = tiny_model.model(input_ids=ids, logits_to_keep=3).logits
+        without = tiny_model.model(input_ids=ids, logits_to_keep=3).logits
+    finally:
+        hook.remove()
+    assert seen == [False, True, False]  # the pre-hook is removed on leaving
+    assert torch.equal(with_hook, without)
 
 
 def test_without_meter_energy_is_missing_and_runs_are_seeded(rca, tmp_path):

@@ -86,14 +86,17 @@ def test_the_probe_measures_w8a8():
     assert result.gflop_per_s and result.gflop_per_s > 0 and "W8A8Linear" in result.method
 
 
-def test_w8a8_is_an_inference_precision_only():
+def test_w8a8_is_an_inference_and_a_fine_tuning_precision():
     base = {"study": "s", "models": [{"name": "tiny-random-llama"}], "precisions": ["fp32", "w8a8"],
             "tasks": {"rca": {"data": "synthetic"}}}
     study = study_from_dict(base)
     assert study.precisions == ["fp32", "w8a8"]
-    with pytest.raises(Exception, match="w8a8 is an inference precision"):
+    tuned = study_from_dict({**base, "phases": ["data", "finetune", "inference", "ranking"],
+                             "finetune": {"precisions": ["w8a8"]}})
+    assert tuned.finetune is not None and tuned.finetune.precisions == ["w8a8"]
+    with pytest.raises(Exception, match="fp4 is not a fine-tuning precision.*w8a8, int8 or nf4"):
         study_from_dict({**base, "phases": ["data", "finetune", "inference", "ranking"],
-                         "finetune": {"precisions": ["w8a8"]}})
+                         "finetune": {"precisions": ["fp4"]}})
 
 
 def test_every_nonzero_row_reaches_code_127_and_none_goes_beyond():

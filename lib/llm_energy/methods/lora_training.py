@@ -5,11 +5,14 @@ answer read as words (RCA: ``DEFAULT_RCA_PROMPT`` + ``" " + label_text(root_caus
 ``DEFAULT_QA_PROMPT`` + ``" " + correct choice``), tokenized the way :mod:`llm_energy.methods.scoring`
 tokenizes a context and its continuation, with the loss on the answer tokens only.
 
-Precisions: fp32, bf16, fp16 train plain LoRA on the dense model; int8 (LLM.int8) and nf4 (QLoRA)
-go through ``peft.prepare_model_for_kbit_training`` first (no gradient checkpointing). fp4 is not
-fine-tuned. int8 and nf4 also train on CPU with bitsandbytes 0.50, whose CPU backend has the
-backward of the int8 and 4-bit matmuls; on AVX512-BF16 CPUs its packed 4-bit inference layout
-has none, so it is switched off while training (:func:`set_cpu_4bit_packing`).
+Precisions: fp32, bf16, fp16 train plain LoRA on the dense model (the adapter's weights and its
+optimizer state stay fp32: peft keeps adapters fp32 on a half-precision base); int8 (LLM.int8) and
+nf4 (QLoRA) go through ``peft.prepare_model_for_kbit_training`` first (no gradient checkpointing);
+w8a8 trains LoRA on this package's int8 layers, whose backward gives the input gradient as an int8
+product (:class:`llm_energy.models.quant8.W8A8LinearFunction`). fp4 is not fine-tuned. int8 and nf4
+also train on CPU with bitsandbytes 0.50, whose CPU backend has the backward of the int8 and 4-bit
+matmuls; on AVX512-BF16 CPUs its packed 4-bit inference layout has none, so it is switched off
+while training (:func:`set_cpu_4bit_packing`).
 
 Fine-tuning injects LoRA layers into ``loaded.model`` in place: score the base model before, or
 load a fresh one for a baseline.
@@ -23,7 +26,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..config import FinetuneSpec
 from ..items import QAItem, RCAItem, label_text
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
     from ..measure.meter import EnergyMeter
     from ..models.loading import LoadedModel
 
-FINETUNE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4")
+FINETUNE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "w8a8", "int8", "nf4")
 KBIT_PRECISIONS: tuple[str, ...] = ("int8", "nf4")
 ADAPTER_FILE = "adapter_model.safetensors"
 IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt and padding positions)
@@ -230,11 +233,14 @@ def mean_answer_nll(model: Any, examples: Sequence[TrainingExample], pad_token_i
 
 
 def linear_module_names(model: Any) -> list[str]:
-    """Leaf names of the model's linear layers (bitsandbytes layers subclass nn.Linear)."""
+    """Leaf names of the model's linear layers (bitsandbytes layers subclass nn.Linear; W8A8 layers
+    stand in for them)."""
     import torch
 
+    from ..models.quant8 import W8A8Linear
+
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if name and isinstance(module, torch.nn.Linear)})
+                   if name and isinstance(module, (torch.nn.Linear, W8A8Linear))})
 
 
 def _check_target_modules(model: Any, target_modules: Sequence[str]) -> None:
@@ -294,6 +300,63 @@ def _check_precision(precision: str) -> None:
         )
 
 
+def _lora_config_for(model: Any, config: Any) -> Any:
+    """``config`` able to put LoRA on the model's W8A8 layers too: peft wraps only the layer types it
+    knows, and takes others through its custom-module mapping (``LoraConfig._register_custom_module``,
+    documented as experimental); peft's own ``lora.Linear`` wraps a W8A8 layer as it is, since it only
+    calls the base layer and reads its in_features and out_features."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from ..models.quant8 import W8A8Linear
+
+    if any(isinstance(m, W8A8Linear) for m in model.modules()):
+        config._register_custom_module({W8A8Linear: LoraLinear})
+    return config
+
+
+@contextlib.contextmanager
+def _w8a8_weights_shown(model: Any) -> Iterator[None]:
+    """While peft puts adapters on the model: each W8A8 layer shows its int8 weight as ``weight``.
+    peft places a new adapter on its base layer's device (and dtype, unless an integer one), read
+    from the base's ``weight`` or else its first parameter, and a W8A8 layer without a bias has
+    neither (its weight is the buffer ``weight_int8``)."""
+    import warnings
+
+    from ..models.quant8 import W8A8Linear
+
+    layers = [m for m in model.modules() if isinstance(m, W8A8Linear) and "weight" not in vars(m)]
+    for layer in layers:
+        layer.weight = layer.weight_int8
+    try:
+        with warnings.catch_warnings():  # peft warns of each layer type it does not know; this one is handled
+            warnings.filterwarnings("ignore", message=r"Unsupported layer type .*W8A8Linear")
+            yield
+    finally:
+        for layer in layers:
+            del layer.weight
+
+
+@contextlib.contextmanager
+def _contiguous_head_input(model: Any) -> Iterator[None]:
+    """While training: the output projection gets its input as a contiguous tensor.
+
+    The model computes logits at the last positions only (``logits_to_keep``), a strided slice of
+    the hidden states. torch's matmul folds a [batch, positions, hidden] input into one matrix
+    product only when it can do so without copying an input that autograd needs; else it runs a
+    batched product with the weight expanded to every row of the batch, i.e. a copy of the
+    vocabulary projection per example (8 x 49152 x 576 for SmolLM2 at batch 8, forward and
+    backward), which was 13% of a bf16 training step on a 2-core CPU. A contiguous slice folds."""
+    head = model.get_output_embeddings()
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _wrap_with_lora(loaded: LoadedModel, spec: FinetuneSpec) -> Any:
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -317,7 +380,8 @@ def _wrap_with_lora(loaded: LoadedModel, spec: FinetuneSpec) -> Any:
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(spec.seed)  # LoRA A matrices are initialised from the global generator
-    return get_peft_model(model, config)
+    with _w8a8_weights_shown(model):
+        return get_peft_model(model, _lora_config_for(model, config))
 
 
 def _bitsandbytes_operation(exc: BaseException) -> str | None:
@@ -408,6 +472,8 @@ def finetune(
     """
     import torch
 
+    from ..models.quant8 import count_parameters
+
     _check_precision(loaded.precision)
     if not train_items:
         raise ValueError(f"no training items for task {spec.task!r}: the training split is empty")
@@ -419,6 +485,24 @@ def finetune(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate)
     order = random.Random(spec.seed)
+    with _contiguous_head_input(model):
+        records = _train_epochs(loaded, model, optimizer, train_examples, eval_examples, spec, pad_id, order,
+                                meter, progress)
+    model.eval()
+    if loaded.precision == "nf4":
+        set_cpu_4bit_packing(model, enabled=True)  # back to bitsandbytes' inference default
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    n_trainable, n_total = model.get_nb_trainable_parameters()
+    n_total += count_parameters(model) - sum(p.numel() for p in model.parameters())  # W8A8's int8 weights
+    return FinetuneResult(tuple(records), out_dir, int(n_trainable), int(n_total), model)
+
+
+def _train_epochs(loaded: LoadedModel, model: Any, optimizer: Any, train_examples: list[TrainingExample],
+                  eval_examples: list[TrainingExample], spec: FinetuneSpec, pad_id: int, order: random.Random,
+                  meter: EnergyMeter | None, progress: bool) -> list[EpochRecord]:
+    """Every epoch: its training in one energy window, then the eval loss outside it."""
     records = []
     for epoch in range(1, spec.epochs + 1):
         shuffled = list(train_examples)
@@ -452,14 +536,7 @@ def finetune(
             gflop=training_gflop(loaded.model.config, shuffled),
             record=record,
         ))
-    model.eval()
-    if loaded.precision == "nf4":
-        set_cpu_4bit_packing(model, enabled=True)  # back to bitsandbytes' inference default
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    n_trainable, n_total = model.get_nb_trainable_parameters()
-    return FinetuneResult(tuple(records), out_dir, int(n_trainable), int(n_total), model)
+    return records
 
 
 def load_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> Any:
@@ -471,6 +548,10 @@ def load_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> Any:
         raise FileNotFoundError(f"{adapter_dir} holds no {ADAPTER_FILE} (expected a folder written by finetune)")
     if isinstance(loaded.model, PeftModel):
         raise ValueError(f"{loaded.name} at {loaded.precision} already carries an adapter; load a fresh base model")
-    model = PeftModel.from_pretrained(loaded.model, adapter_dir)
+    from peft import LoraConfig
+
+    config = _lora_config_for(loaded.model, LoraConfig.from_pretrained(adapter_dir))
+    with _w8a8_weights_shown(loaded.model):
+        model = PeftModel.from_pretrained(loaded.model, adapter_dir, config=config)
     model.eval()
     return model
