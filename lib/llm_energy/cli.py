@@ -86,11 +86,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from .runner.estimate import calibrate
     from .runner.plan import format_plan, plan_study
     from .runner.study import StudyRunError
 
     try:
-        plan = plan_study(args.params)
+        calibration = calibrate(args.calibrate_from) if args.calibrate_from else None
+        plan = plan_study(args.params, calibration=calibration)
     except StudyValidationError as err:
         _print_problems(args.params, err)
         return 2
@@ -189,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="the jobs, each precision's measured speed here, skips and estimated times")
     plan.add_argument("params", type=Path, help="study parameters (YAML)")
+    plan.add_argument("--calibrate-from", type=Path, metavar="STUDY_DIR",
+                      help="calibrate the estimate on this finished study folder (e.g. one run on this "
+                           "machine or GPU) instead of the recorded default study the package ships")
     plan.set_defaults(func=_plan)
     _add_jobs_commands(sub)
     return parser

@@ -173,3 +173,16 @@ def test_llm_energy_run_checks_the_budget_before_its_jobs(monkeypatch, tmp_path)
     monkeypatch.setattr(runner, "run_study", run_study)
     assert cli.main(["run", str(PARAMS / "smoke.yaml"), "--out", str(tmp_path)]) == 0
     assert seen["before_jobs"] is check_budget
+
+
+def test_plan_calibrates_on_a_finished_study_when_asked(monkeypatch, capsys, tmp_path):
+    from llm_energy import cli
+    from llm_energy.measure import throughput
+
+    monkeypatch.setattr(throughput, "probe_device", lambda precisions, device, **_: {
+        p: PrecisionThroughput(p, device, 100.0, 1, 0.1, "fake") for p in ["fp32", *precisions]})
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["plan", str(PARAMS / "smoke.yaml"), "--calibrate-from", str(RECORDED)]) == 0
+    out = capsys.readouterr().out
+    assert "as measured in study 'default' finished 2026-12-05 on AMD EPYC, 2 cores" in out
+    assert "Estimated total: ~" in out and "plan.budget_minutes (20 min)" in out
