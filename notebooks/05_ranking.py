@@ -130,13 +130,15 @@ plots.as_image(fig1)
 
 # %% [markdown]
 # ### Figure 3 — fine-tuning energy against training loss
-# How to read it: per fine-tuned configuration, training and validation loss per epoch and the energy each epoch cost; a curve that flattens while energy keeps rising is where more epochs stop paying.
+# How to read it: per fine-tuned configuration, training and validation loss per epoch and the energy each epoch cost; a curve that flattens while energy keeps rising is where more epochs stop paying. A precision the study asked for that did not train here (skipped as too slow on this device, or failed) is listed in the legend with the reason.
 
 # %% tags=["nbval-ignore-output"]
-if rk.empty(tables["training"]):
+untrained = rk.not_trained(study_dir)  # fine-tuning configs skipped or failed, with why: Figure 3 says so
+if rk.empty(tables["training"]) and not untrained:
     display(Markdown("_The fine-tuning phase was not part of this study._"))
 else:
-    fig3 = plots.fig3_finetune_energy_loss(tables["training"], rk.figure_energy_method(outcome.methods) or "")
+    fig3 = plots.fig3_finetune_energy_loss(tables["training"], rk.figure_energy_method(outcome.methods) or "",
+                                           not_trained=untrained)
     plots.save_figure(fig3, study_dir / "figures", "fig3_finetune_energy_loss")
     display(plots.as_image(fig3))
 

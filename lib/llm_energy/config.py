@@ -756,10 +756,16 @@ class DeviceLimits(_Strict):
     """Precisions too slow on the study's device to be worth running by default. Before any job starts
     the runner measures each precision's matmul throughput there (llm_energy.measure.throughput) and skips, with
     the measured reason in configs.csv, a precision more than max_slowdown times slower than fp32. A
-    precision asked for explicitly runs anyway: listed in always_run, or every one with max_slowdown: null."""
+    precision asked for explicitly runs anyway: listed in always_run, or every one with max_slowdown: null.
+    Fine-tuning has its own limit, measured on a frozen layer's forward and input backward (what LoRA
+    runs): a training job costs several inference jobs, and one at a precision this device has no
+    fast kernel for (bf16 without native bf16, 8-bit without int8 dot products) would take the time of
+    the rest of the study."""
 
     max_slowdown: float | None = Field(8.0, gt=1)  # times slower than fp32 on this device; null = never skip
-    always_run: list[Precision] = []  # precisions run however slow they are here
+    max_training_slowdown: float | None = Field(1.5, gt=0)  # fine-tuning: times slower than fp32 training;
+    # null = never skip
+    always_run: list[Precision] = []  # precisions run however slow they are here (inference and fine-tuning)
 
 
 class PlanSettings(_Strict):

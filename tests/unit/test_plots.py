@@ -189,6 +189,37 @@ def test_fig8_draws_cumulative_energy_and_marks_the_break_even():
     assert any("not a measurement" in t.get_text() for t in fig.texts)  # the estimate drawn as one
 
 
+def test_fig3_lists_each_width_that_did_not_train_with_its_reason(tmp_path):
+    from llm_energy.phases import ranking as rk
+    from llm_energy.report.layout_check import layout_problems
+    from llm_energy.tables.rows import record_config
+
+    reason = ("bf16 training (forward + input backward): 30 GFLOP/s vs 40 fp32 on this CPU (no native kernel for "
+              "it here), 1.3x slower, over device_limits.max_training_slowdown 1.2")
+    record_config(tmp_path, "model-a__bf16__lora", MODELS[0], "bf16", "skipped",
+                  reason + "; to run it anyway list it in device_limits.always_run", adapter="lora")
+    record_config(tmp_path, "model-a__w8a8__lora", MODELS[0], "w8a8", "failed", "RuntimeError: boom\nTraceback",
+                  adapter="lora")
+    record_config(tmp_path, "model-a__fp16", MODELS[0], "fp16", "skipped", "too slow")  # no adapter: not Figure 3's
+    record_config(tmp_path, "model-a__nf4__lora", MODELS[0], "nf4", "ok", adapter="lora")
+    missing = rk.not_trained(tmp_path)
+    assert missing == [{"model": MODELS[0], "precision": "bf16", "reason": reason},
+                       {"model": MODELS[0], "precision": "w8a8", "reason": "RuntimeError: boom"}]
+    fig = plots.fig3_finetune_energy_loss(make_training(), "rapl", not_trained=missing)
+    legend = " ".join(t.replace("\n", " ") for t in plots.figure_texts(fig))
+    assert "bf16: not trained — bf16 training" in legend and "max_training_slowdown 1.2" in legend
+    assert "w8a8: not trained — RuntimeError: boom" in legend and "Traceback" not in legend
+    assert len(fig.axes[0].get_legend().get_texts()) == len(PRECISIONS) + 2
+    assert not layout_problems(fig, "fig3 with missing widths")
+    # a width that did train is not listed, however configs.csv reads; nothing trained still draws the reasons
+    trained = plots.fig3_finetune_energy_loss(make_training(), "rapl",
+                                              not_trained=[{"model": MODELS[0], "precision": "nf4", "reason": "x"}])
+    assert len(trained.axes[0].get_legend().get_texts()) == len(PRECISIONS)
+    nothing = plots.fig3_finetune_energy_loss(make_training().iloc[:0], "rapl", not_trained=missing)
+    assert plots.NO_DATA_TEXT not in plots.figure_texts(nothing)
+    assert len(nothing.axes[0].get_legend().get_texts()) == 2
+
+
 def test_fig7_without_method_says_not_recorded():
     fig = plots.fig7_ranking(make_ranking())
     assert "not recorded" in _joined(fig)

@@ -131,3 +131,53 @@ def test_plan_prints_jobs_probe_skips_and_estimates(root, tmp_path, monkeypatch,
     assert "inference__tiny-random-llama__fp32 " in out and "inference__tiny-random-llama__bf16 " not in out
     assert "ESTIMATED time each" in out and "Estimated total: ~" in out
     assert not (tmp_path / "outputs").exists()  # a plan writes nothing
+
+
+# --- fine-tuning's own limit ----------------------------------------------------------------------
+
+
+def test_the_training_probe_times_forward_and_input_backward():
+    for precision in ("fp32", "w8a8"):
+        result = throughput.probe_precision(precision, "cpu", shape=SMALL, min_time_s=0.02, training=True)
+        assert result.gflop_per_s and result.gflop_per_s > 0, result.reason
+        assert result.method.endswith("[16x32] -> 48, forward + input backward"), result.method
+    assert throughput.TRAINING_PROBE_SHAPE[0] > throughput.PROBE_SHAPE[0]  # a training batch, not a scoring call
+
+
+def test_fine_tuning_skips_a_precision_over_its_own_limit_with_the_measured_reason():
+    probe = fake_probe({"fp32": 40.0, "bf16": 90.0, "w8a8": 70.0, "nf4": 30.0, "int8": 4.0})
+    skipped = throughput.slow_precisions(probe, DeviceLimits(), training=True)
+    assert list(skipped) == ["int8"]  # 10x; nf4 1.33x is within the default 1.5
+    assert skipped["int8"].startswith("int8 training (forward + input backward): 4 GFLOP/s vs 40 fp32 on this CPU, "
+                                      "10.0x slower, over device_limits.max_training_slowdown 1.5")
+    assert "max_training_slowdown: null" in skipped["int8"]
+    assert list(throughput.slow_precisions(probe, DeviceLimits(max_training_slowdown=1.2), training=True)) == ["nf4",
+                                                                                                          "int8"]
+    assert throughput.slow_precisions(probe, DeviceLimits(max_training_slowdown=None), training=True) == {}
+    assert throughput.slow_precisions(probe, DeviceLimits(always_run=["int8"]), training=True) == {}
+    assert list(throughput.slow_precisions(probe, DeviceLimits())) == ["int8"]  # inference: its own limit (8x)
+
+
+def test_the_runner_skips_fine_tuning_at_a_slow_precision_but_still_scores_it(root, tmp_path, monkeypatch):
+    from llm_energy.runner import study as runner
+
+    study = load_study(root / "params" / "default.yaml")
+    study = study.model_copy(update={"finetune": study.finetune.model_copy(update={"precisions": ["fp32", "bf16"]})})
+    seen = {}
+
+    def probe_device(precisions, device, **kwargs):
+        seen[kwargs.get("training", False)] = list(precisions)
+        return fake_probe({"fp32": 40.0, "bf16": 20.0})
+
+    monkeypatch.setattr(throughput, "probe_device", probe_device)
+    probe, slow_training = runner.slow_training_precisions(study, "cpu")
+    assert seen == {True: ["fp32", "bf16"]} and list(slow_training) == ["bf16"]
+    jobs, skipped = runner.expand(study, tmp_path, root / "params", "cpu", slow={}, slow_training=slow_training)
+    keys = [j.key for j in jobs]
+    assert "finetune__smollm2-135m-instruct__bf16__lora" not in keys
+    assert "finetune__smollm2-135m-instruct__fp32__lora" in keys and "inference__smollm2-135m-instruct__bf16" in keys
+    assert skipped == [{"config_id": "smollm2-135m-instruct__bf16__lora", "model": "smollm2-135m-instruct",
+                        "precision": "bf16", "reason": slow_training["bf16"]}]
+    assert "2.0x slower, over device_limits.max_training_slowdown 1.5" in slow_training["bf16"]
+    unlimited = study.model_copy(update={"device_limits": DeviceLimits(max_training_slowdown=None)})
+    assert runner.slow_training_precisions(unlimited, "cpu") == ({}, {})  # nothing probed without a limit

@@ -33,6 +33,10 @@ QUANTIZED = BITSANDBYTES_PRECISIONS
 REFERENCE = "fp32"
 # A small model's MLP projection (tokens x hidden -> intermediate; SmolLM2-135M: 576 -> 1536).
 PROBE_SHAPE = (256, 576, 1536)  # M, K, N
+# One LoRA step's frozen projection: a batch of 8 examples of ~190 tokens (the default study's RCA
+# prompts) through the same layer. At 256 tokens a 4-bit layer's per-call dequantization would weigh
+# several times what it weighs in training.
+TRAINING_PROBE_SHAPE = (1536, 576, 1536)  # M, K, N
 ROUNDS = 3  # the best of three rounds: other processes on a shared machine only ever slow a round down
 
 
@@ -92,33 +96,53 @@ def _quantized_linear(precision: str, k: int, n: int, device: str) -> Any:
     return layer.to(device)  # the weights are quantized when they reach the device
 
 
+def _time_layer(forward: Any, x: Any, device: str, flops: float, min_time_s: float,
+                training: bool) -> tuple[float, int, float]:
+    """_time_calls of ``forward(x)``: under inference_mode, as scoring runs a layer, or (``training``)
+    forward then the input's backward, as LoRA training runs a frozen layer (twice the FLOPs)."""
+    import torch
+
+    if not training:
+        with torch.inference_mode():  # as scoring runs (bitsandbytes 4-bit takes a faster CPU path there)
+            return _time_calls(lambda: forward(x), device, flops, min_time_s)
+    x = x.detach().requires_grad_()
+    grad = torch.randn_like(forward(x).detach())
+
+    def step() -> None:
+        x.grad = None
+        forward(x).backward(grad)
+
+    return _time_calls(step, device, 2.0 * flops, min_time_s)
+
+
 def probe_precision(precision: str, device: str, shape: tuple[int, int, int] = PROBE_SHAPE,
-                    min_time_s: float = 0.25) -> PrecisionThroughput:
+                    min_time_s: float = 0.25, training: bool = False) -> PrecisionThroughput:
     """Measure one precision's matmul throughput on the device (never raises for an unsupported
-    precision: the result says why it was not measured)."""
+    precision: the result says why it was not measured). ``training``: the layer frozen, forward and
+    the input's backward, as fine-tuning runs it (use TRAINING_PROBE_SHAPE)."""
     import torch
 
     m, k, n = shape
     flops = 2.0 * m * k * n
+    mode = ", forward + input backward" if training else ""
     if precision in DENSE_DTYPES:
         dtype = getattr(torch, DENSE_DTYPES[precision])
-        method = f"torch linear {DENSE_DTYPES[precision]} [{m}x{k}] -> {n}"
+        method = f"torch linear {DENSE_DTYPES[precision]} [{m}x{k}] -> {n}{mode}"
         try:
             x = torch.randn(m, k, device=device).to(dtype)
             # weight stored [out, in] as nn.Linear keeps it: on a CPU the kernel chosen depends on
             # that layout (fp16 a@b of row-major [in, out] can be ~10x slower than the model's path)
             weight = torch.randn(n, k, device=device).to(dtype)
-            with torch.inference_mode():  # as scoring runs (bitsandbytes 4-bit takes a faster CPU path there)
-                gflops, calls, seconds = _time_calls(lambda: torch.nn.functional.linear(x, weight), device, flops,
-                                                     min_time_s)
+            gflops, calls, seconds = _time_layer(lambda a: torch.nn.functional.linear(a, weight), x, device,
+                                                 flops, min_time_s, training)
         except Exception as exc:  # noqa: BLE001  (e.g. a dtype this device has no kernel for)
             return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"{type(exc).__name__}: {exc}")
         return PrecisionThroughput(precision, device, gflops, calls, seconds, method)
     if precision in QUANTIZED:
         kind = "Linear8bitLt" if precision == "int8" else f"Linear4bit {precision}"
-        method = f"bitsandbytes {kind} forward [{m}x{k}] -> {n}"
+        method = f"bitsandbytes {kind} forward [{m}x{k}] -> {n}{mode}"
         try:
-            layer = _quantized_linear(precision, k, n, device)
+            layer = _quantized_linear(precision, k, n, device).requires_grad_(False)
         except ImportError as exc:
             return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"bitsandbytes not importable: {exc}")
         except Exception as exc:  # noqa: BLE001  (a broken or backend-less build must not stop the study)
@@ -127,20 +151,18 @@ def probe_precision(precision: str, device: str, shape: tuple[int, int, int] = P
         gpu_dtype = torch.float16 if precision == "int8" else torch.bfloat16
         x = torch.randn(m, k, device=device).to(gpu_dtype if device.startswith("cuda") else torch.float32)
         try:
-            with torch.inference_mode():  # as scoring runs (bitsandbytes 4-bit takes a faster CPU path there)
-                gflops, calls, seconds = _time_calls(lambda: layer(x), device, flops, min_time_s)
+            gflops, calls, seconds = _time_layer(layer, x, device, flops, min_time_s, training)
         except Exception as exc:  # noqa: BLE001  (a layer that quantized but cannot run here)
             return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"{type(exc).__name__}: {exc}")
         return PrecisionThroughput(precision, device, gflops, calls, seconds, method)
     if precision == "w8a8":
-        method = f"llm_energy W8A8Linear forward [{m}x{k}] -> {n}"
+        method = f"llm_energy W8A8Linear forward [{m}x{k}] -> {n}{mode}"
         try:
             from ..models.quant8 import W8A8Linear
 
             layer = W8A8Linear.from_linear(torch.nn.Linear(k, n, bias=False).to(device))
             x = torch.randn(m, k, device=device)
-            with torch.inference_mode():
-                gflops, calls, seconds = _time_calls(lambda: layer(x), device, flops, min_time_s)
+            gflops, calls, seconds = _time_layer(layer, x, device, flops, min_time_s, training)
         except Exception as exc:  # noqa: BLE001  (no int8 matmul on this device)
             return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"{type(exc).__name__}: {exc}")
         return PrecisionThroughput(precision, device, gflops, calls, seconds, method)
@@ -171,14 +193,17 @@ def study_probe_rate(probe: Mapping[str, Any], precision: str, device: str) -> P
     return ProbeRate(float(rate), "study probe") if rate else None
 
 
-def probe_device(precisions: Iterable[str], device: str, min_time_s: float = 0.25) -> dict[str, PrecisionThroughput]:
-    """Every requested precision's throughput, fp32 (the reference) always included."""
+def probe_device(precisions: Iterable[str], device: str, min_time_s: float = 0.25,
+                 training: bool = False) -> dict[str, PrecisionThroughput]:
+    """Every requested precision's throughput, fp32 (the reference) always included; ``training``:
+    forward and input backward at TRAINING_PROBE_SHAPE (see probe_precision)."""
     import torch
 
     wanted = [REFERENCE] + [p for p in dict.fromkeys(precisions) if p != REFERENCE]
+    shape = TRAINING_PROBE_SHAPE if training else PROBE_SHAPE
     with torch.random.fork_rng(devices=[]):  # the study's own random streams stay untouched
         torch.manual_seed(0)
-        return {p: probe_precision(p, device, min_time_s=min_time_s) for p in wanted}
+        return {p: probe_precision(p, device, shape, min_time_s, training) for p in wanted}
 
 
 def slowdown(probe: Mapping[str, PrecisionThroughput], precision: str) -> float | None:
@@ -193,26 +218,31 @@ def device_words(device: str) -> str:
     return "this GPU" if device.startswith("cuda") else "this CPU"
 
 
-def slow_precisions(probe: Mapping[str, PrecisionThroughput], limits: DeviceLimits) -> dict[str, str]:
+def slow_precisions(probe: Mapping[str, PrecisionThroughput], limits: DeviceLimits,
+                    training: bool = False) -> dict[str, str]:
     """Precisions the study skips on this device, with the measured reason: more than
-    limits.max_slowdown times slower than fp32, unless max_slowdown is null or the precision is in
+    limits.max_slowdown times slower than fp32 (``training``: a training probe, see probe_device,
+    against limits.max_training_slowdown), unless that limit is null or the precision is in
     limits.always_run. fp32 itself, and precisions the probe could not measure, are never skipped
     here (whether they can run at all is the loader's question)."""
-    if limits.max_slowdown is None:
+    limit = limits.max_training_slowdown if training else limits.max_slowdown
+    if limit is None:
         return {}
+    name = "max_training_slowdown" if training else "max_slowdown"
+    what = " training (forward + input backward)" if training else ""
     skipped = {}
     ref = probe.get(REFERENCE)
     for precision, result in probe.items():
         if precision == REFERENCE or precision in limits.always_run:
             continue
         factor = slowdown(probe, precision)
-        if factor is None or factor <= limits.max_slowdown:
+        if factor is None or factor <= limit:
             continue
         assert ref is not None and ref.gflop_per_s and result.gflop_per_s
         native = " (no native kernel for it here)" if precision in DENSE_DTYPES else ""
         skipped[precision] = (
-            f"{precision}: {result.gflop_per_s:.3g} GFLOP/s vs {ref.gflop_per_s:.3g} fp32 on "
-            f"{device_words(result.device)}{native}, {factor:.1f}x slower, over device_limits.max_slowdown "
-            f"{limits.max_slowdown:g}; to run it anyway list it in device_limits.always_run or set "
-            "max_slowdown: null (`llm-energy plan` estimates its time)")
+            f"{precision}{what}: {result.gflop_per_s:.3g} GFLOP/s vs {ref.gflop_per_s:.3g} fp32 on "
+            f"{device_words(result.device)}{native}, {factor:.1f}x slower, over device_limits.{name} "
+            f"{limit:g}; to run it anyway list it in device_limits.always_run or set "
+            f"{name}: null (`llm-energy plan` estimates its time)")
     return skipped

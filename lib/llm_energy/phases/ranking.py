@@ -707,6 +707,23 @@ def finetune_effect(scores: pd.DataFrame, energy: pd.DataFrame, task: str = "rca
     return lines
 
 
+def not_trained(study_dir: str | Path) -> list[dict[str, str]]:
+    """The fine-tuning configs (LoRA on an unpruned model) that were skipped or failed, with why
+    (configs.csv): what Figure 3 would have drawn. A reason keeps its measured part, up to the advice
+    after its first semicolon, and its first line."""
+    configs = results.read_table(study_dir, "configs")
+    if configs.empty or not {"status", "adapter", "pruning"} <= set(configs.columns):
+        return []
+    rows = configs[configs["status"].isin(["skipped", "failed"]) & (configs["adapter"].astype(str) == "lora")
+                   & (configs["pruning"].astype(str) == "none")]
+
+    def why(row: Any) -> str:
+        text = str(row["reason"]).strip() if pd.notna(row["reason"]) else ""
+        return text.splitlines()[0].split("; ")[0] if text else str(row["status"])
+
+    return [{"model": str(r["model"]), "precision": str(r["precision"]), "reason": why(r)} for _, r in rows.iterrows()]
+
+
 def config_notes(study_dir: str | Path) -> tuple[dict[str, str], list[dict[str, str]], list[dict[str, str]]]:
     """Weights origin per model, skipped configs and failed jobs, from the run's tables."""
     configs = results.read_table(study_dir, "configs")

@@ -16,7 +16,7 @@ import contextlib
 import math
 import re
 import textwrap
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -466,26 +466,33 @@ def fig1_token_lengths(token_lengths: pd.DataFrame) -> Figure:
 
 
 def fig3_finetune_energy_loss(training: pd.DataFrame, energy_method: str, *,
-                              cumulative: bool = True) -> Figure:
+                              cumulative: bool = True, not_trained: Sequence[Mapping[str, str]] = ()) -> Figure:
     """Training loss against fine-tuning energy, one line per run (coloured by precision).
 
     ``energy_method`` comes from energy.csv (training.csv does not record it). With
     ``cumulative`` the x position of epoch k is the energy of epochs 1..k, so each line reads
     as "loss reached for energy spent"; spreads then add in quadrature, treating epochs as
-    independent windows.
+    independent windows. ``not_trained``: the study's fine-tuning configs that did not train
+    ({"model", "precision", "reason"} each, e.g. skipped as too slow here, or failed): listed in
+    the legend with their reason, so a missing width says why.
     """
-    if _carries_nothing(training):
+    if _carries_nothing(training) and not not_trained:
         return _no_data_figure(FIG3_TITLE)
+    if _carries_nothing(training):
+        training = pd.DataFrame(columns=["config_id", "model", "precision", "adapter", "epoch", "train_loss",
+                                         "energy_kwh"])
     _require(training, ["config_id", "model", "precision", "adapter", "epoch", "train_loss", "energy_kwh"],
              "training", "fig3_finetune_energy_loss")
     df = training.dropna(subset=["energy_kwh", "train_loss"])
     if "phase" in df.columns:  # recovery adapters trained on pruned models belong to Figure 6
         df = df[df["phase"].fillna("finetune") == "finetune"]
-    if df.empty:
+    trained = {(str(m), str(p)) for m, p in zip(df["model"], df["precision"])}
+    missing = [row for row in not_trained if (str(row["model"]), str(row["precision"])) not in trained]
+    if df.empty and not missing:
         return _no_data_figure(FIG3_TITLE)
-    precisions = precision_order(df["precision"])
+    precisions = precision_order(list(df["precision"]) + [row["precision"] for row in missing])
     colors = _precision_colors(precisions)
-    models = sorted(df["model"].astype(str).unique())
+    models = sorted(set(df["model"].astype(str)) | {str(row["model"]) for row in missing})
     adapters = sorted(df["adapter"].astype(str).unique())
     linestyles = ["-", "--", "-.", ":"]
     note = energy_note([energy_method])
@@ -516,6 +523,11 @@ def fig3_finetune_energy_loss(training: pd.DataFrame, energy_method: str, *,
             for epoch, x, y in zip(run["epoch"], kwh, loss):
                 ax.annotate(f"{epoch:g}" if isinstance(epoch, (int, float)) else str(epoch), (x, y),
                             textcoords="offset points", xytext=(5, 4), fontsize=8, color="0.25")
+        for row in sorted(missing, key=lambda r: (str(r["model"]), precisions.index(str(r["precision"])))):
+            label = str(row["precision"]) if len(models) == 1 else f"{_short_model(row['model'])} {row['precision']}"
+            # an empty handle in the precision's colour: the width the figure would have drawn, and why not
+            ax.plot([], [], color=colors[str(row["precision"])], linestyle=":", alpha=0.5,
+                    label=_wrap(f"{label}: not trained — {row['reason']}", 48))
         ax.set_xlabel("Cumulative fine-tuning energy (kWh)" if cumulative else "Fine-tuning energy per epoch (kWh)")
         ax.set_ylabel("Training loss")
         ax.set_title("Each marker is one epoch (number next to it)", fontsize=9)

@@ -31,7 +31,7 @@ from .estimate import (
     packaged_calibration,
     scored_items,
 )
-from .study import STAGE, STAGES, expand, probed_precisions, resolve_device
+from .study import STAGE, STAGES, expand, probed_precisions, resolve_device, slow_training_precisions
 from .workload import StudyWork, study_work
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class StudyPlan:
     runner_s: float = 0.0  # the runner outside its jobs (probe, validation, report)
     worst_case_remeasure_s: float = 0.0
     options: list[BudgetOption] = field(default_factory=list)  # what fits the budget, when over it
+    training_probe: dict[str, throughput.PrecisionThroughput] = field(default_factory=dict)  # fine-tuning's
 
     @property
     def total_s(self) -> float:
@@ -82,24 +83,32 @@ class StudyPlan:
 def plan_study(params_path: str | Path, calibration: Calibration | None = None,
                probe: Mapping[str, throughput.PrecisionThroughput] | None = None) -> StudyPlan:
     """Expand the study as the runner would (nothing is written), with the probe and estimates.
-    ``probe``: a throughput probe already taken (the runner's); else it is measured here."""
+    ``probe``: a throughput probe already taken (the runner's); else it is measured here, with the
+    training probe of the fine-tuning precisions."""
     params_path = Path(params_path).resolve()
     study = load_study(params_path)
     study, _ = with_context_exclusions(study, params_path.parent)
     device = resolve_device(study)
-    probe = dict(probe) if probe is not None else throughput.probe_device(probed_precisions(study), device)
-    return plan_from_probe(study, params_path.parent, device, probe, calibration)
+    training_probe = None
+    if probe is None:
+        probe = throughput.probe_device(probed_precisions(study), device)
+        training_probe, _ = slow_training_precisions(study, device)
+    return plan_from_probe(study, params_path.parent, device, probe, calibration, training_probe)
 
 
 def plan_from_probe(study: Study, base_dir: Path, device: str,
                     probe: Mapping[str, throughput.PrecisionThroughput],
-                    calibration: Calibration | None = None) -> StudyPlan:
-    """The plan of a validated study (context exclusions applied) with a probe in hand."""
+                    calibration: Calibration | None = None,
+                    training_probe: Mapping[str, throughput.PrecisionThroughput] | None = None) -> StudyPlan:
+    """The plan of a validated study (context exclusions applied) with a probe in hand; fine-tuning
+    precisions are held to device_limits.max_training_slowdown only with a ``training_probe``."""
     probe = dict(probe)
     calibration = calibration or packaged_calibration()
     slow = throughput.slow_precisions(probe, study.device_limits)
+    training_probe = dict(training_probe or {})
+    slow_training = throughput.slow_precisions(training_probe, study.device_limits, training=True)
     out_dir = Path.cwd() / "outputs" / study.study
-    jobs, skipped = expand(study, out_dir, base_dir, device, "machine", slow)
+    jobs, skipped = expand(study, out_dir, base_dir, device, "machine", slow, slow_training)
     work = study_work(study, base_dir)
     estimator = Estimator(study, work, {p: r.gflop_per_s for p, r in probe.items()}, calibration)
     unknown_note = {name: f"not estimated: {why}" for name, why in work.unknown.items()}
@@ -117,6 +126,7 @@ def plan_from_probe(study: Study, base_dir: Path, device: str,
     planned = [j for j in planned if j.phase != "ranking"] + later + ranking
     plan = StudyPlan(study=study, device=device, probe=probe, slow=slow, jobs=planned, skipped=skipped,
                      calibration=calibration, work=work, runner_s=calibration.runner_s,
+                     training_probe=training_probe,
                      worst_case_remeasure_s=estimator.worst_case_remeasure_s(
                          [(j.phase, j.estimate_s) for j in planned]))
     if plan.over_budget:
@@ -199,29 +209,41 @@ def budget_warning(plan: StudyPlan) -> str | None:
     return "\n".join([head, *budget_lines(plan)[1:], tail])
 
 
-def format_plan(plan: StudyPlan) -> str:
-    """The plan as text for the terminal."""
-    study, limits = plan.study, plan.study.device_limits
-    ref = plan.probe.get(throughput.REFERENCE)
-    lines = [f"study '{study.study}' on {plan.device}: {len(plan.jobs)} job(s)", "",
-             (f"Measured matmul throughput on {throughput.device_words(plan.device)} "
-              f"(best of {throughput.ROUNDS} short rounds; a shared machine reads lower):")]
-    for precision, result in plan.probe.items():
+def _probe_lines(probe: Mapping[str, throughput.PrecisionThroughput]) -> list[str]:
+    lines, ref = [], probe.get(throughput.REFERENCE)
+    for precision, result in probe.items():
         if result.gflop_per_s is None:
             lines.append(f"  {precision:5s} not measured: {result.reason}")
             continue
-        factor = throughput.slowdown(plan.probe, precision)
+        factor = throughput.slowdown(probe, precision)
         relative = ""
         if factor and precision != throughput.REFERENCE and ref:
             relative = (f" ({factor:.1f}x slower than fp32)" if factor >= 1
                         else f" ({1 / factor:.1f}x faster than fp32)")
         lines.append(f"  {precision:5s} {result.gflop_per_s:8.2f} GFLOP/s{relative}  [{result.method}]")
+    return lines
+
+
+def format_plan(plan: StudyPlan) -> str:
+    """The plan as text for the terminal."""
+    study, limits = plan.study, plan.study.device_limits
+    lines = [f"study '{study.study}' on {plan.device}: {len(plan.jobs)} job(s)", "",
+             (f"Measured matmul throughput on {throughput.device_words(plan.device)} "
+              f"(best of {throughput.ROUNDS} short rounds; a shared machine reads lower):")]
+    lines += _probe_lines(plan.probe)
+    if plan.training_probe:
+        lines += ["Fine-tuning's: a frozen layer's forward and input backward, as LoRA runs it:",
+                  *_probe_lines(plan.training_probe)]
     lines.append("")
     if limits.max_slowdown is None:
         lines.append("device_limits.max_slowdown: null — every precision runs, however slow.")
     else:
         lines.append(f"device_limits.max_slowdown: {limits.max_slowdown:g} (always_run: "
                      f"{', '.join(limits.always_run) or 'none'})")
+    if plan.training_probe:
+        limit = limits.max_training_slowdown
+        lines.append("device_limits.max_training_slowdown: "
+                     + (f"{limit:g}" if limit is not None else "null — every fine-tuning precision runs"))
     for precision, reason in plan.slow.items():
         lines.append(f"  SKIPPED {reason}")
     other = [s for s in plan.skipped if s["precision"] not in plan.slow]
@@ -266,13 +288,16 @@ def _work_lines(plan: StudyPlan) -> list[str]:
     return lines
 
 
-def check_budget(study: Study, base_dir: Path, device: str,
-                 probe: Mapping[str, throughput.PrecisionThroughput]) -> dict[str, Any]:
+Probe = Mapping[str, throughput.PrecisionThroughput]
+
+
+def check_budget(study: Study, base_dir: Path, device: str, probe: Probe,
+                 training_probe: Probe | None = None) -> dict[str, Any]:
     """The plan's estimate of the study, with the probe just taken; over plan.budget_minutes it warns
     on standard error, with what would fit, and the study runs anyway. Never raises: a study runs
     whether or not it could be estimated. Returns what provenance.json keeps of it."""
     try:
-        plan = plan_from_probe(study, base_dir, device, probe)
+        plan = plan_from_probe(study, base_dir, device, probe, training_probe=training_probe)
     except Exception as exc:  # noqa: BLE001  (an estimate is advice; the study runs without it)
         log.warning("the plan's estimate failed (%s: %s); running the study without a time check",
                     type(exc).__name__, exc)

@@ -104,12 +104,14 @@ def resolve_device(study: Study) -> str:
 
 
 def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
-           attribution: str = "machine", slow: Mapping[str, str] | None = None) -> tuple[list[Job], list[dict[str, str]]]:
+           attribution: str = "machine", slow: Mapping[str, str] | None = None,
+           slow_training: Mapping[str, str] | None = None) -> tuple[list[Job], list[dict[str, str]]]:
     """The jobs known before anything runs (data, fine-tuning, base inference, explicit pruning
     targets, ranking), in run order, and configs skipped because their precision cannot run here,
     or runs too slowly here (``slow``: precision -> measured reason, from :func:`slow_precisions`;
-    a config already finished in this folder is kept). Adapter evaluation and top-k pruning are
-    added by the runner once their inputs exist."""
+    fine-tuning also ``slow_training``, from :func:`slow_training_precisions`; a config already
+    finished in this folder is kept). Adapter evaluation and top-k pruning are added by the runner
+    once their inputs exist."""
     from ..models.loading import precision_support
 
     common = base_parameters(study, out_dir, base_dir, device, attribution)
@@ -120,9 +122,10 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
 
     def runnable(model: Any, precision: str, config_id: str, phase: str = "inference") -> bool:
         reason = precision_support(precision, device)
-        if (not reason and slow and precision in slow
+        too_slow = {**(slow or {}), **((slow_training or {}) if phase == "finetune" else {})}
+        if (not reason and precision in too_slow
                 and not StudyLayout(out_dir).done_marker(f"{phase}__{config_id}").exists()):
-            reason = slow[precision]
+            reason = too_slow[precision]
         if reason:
             skipped.append({"config_id": config_id, "model": model.name, "precision": precision, "reason": reason})
         return reason is None
@@ -167,6 +170,20 @@ def slow_precisions(study: Study, device: str) -> tuple[dict[str, throughput.Pre
     slow here (study.device_limits), with the measured reason."""
     probe = throughput.probe_device(probed_precisions(study), device)
     return probe, throughput.slow_precisions(probe, study.device_limits)
+
+
+def slow_training_precisions(study: Study, device: str) -> tuple[dict[str, throughput.PrecisionThroughput],
+                                                                  dict[str, str]]:
+    """The training probe (a frozen layer's forward and input backward, as LoRA runs it) of every
+    precision the study fine-tunes at, and those fine-tuning skips as too slow here
+    (study.device_limits.max_training_slowdown), with the measured reason; nothing without fine-tuning
+    or that limit."""
+    if "finetune" not in study.phases or study.finetune is None:
+        return {}, {}
+    if study.device_limits.max_training_slowdown is None:
+        return {}, {}
+    probe = throughput.probe_device(study.finetune.precisions, device, training=True)
+    return probe, throughput.slow_precisions(probe, study.device_limits, training=True)
 
 
 def base_parameters(study: Study, out_dir: Path, base_dir: Path, device: str,
@@ -435,11 +452,11 @@ class _Run:
 
 def run_study(params_path: str | Path, out: str | Path | None = None, resume: bool = True, force: bool = False,
               phases: list[str] | None = None, cluster: str = "none",
-              before_jobs: Callable[[Study, Path, str, dict[str, Any]], dict[str, Any]] | None = None,
+              before_jobs: Callable[..., dict[str, Any]] | None = None,
               ) -> StudyOutcome:
     """Validate, then run every job of the study; return what completed, resumed, was skipped or failed.
-    ``before_jobs(study, base_dir, device, probe)``: called once the throughput probe is taken, before
-    the first job; what it returns is kept in provenance.json under "plan"."""
+    ``before_jobs(study, base_dir, device, probe, training_probe)``: called once the throughput probes
+    are taken, before the first job; what it returns is kept in provenance.json under "plan"."""
     from tqdm.auto import tqdm
 
     params_path = Path(params_path).resolve()
@@ -454,6 +471,7 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this study may reach a hub
     prov = _write_parameters_and_provenance(study, layout, device, params_path)
     probe, slow = slow_precisions(study, device)  # before any job: each precision's speed on this device
+    training_probe, slow_training = slow_training_precisions(study, device)
     if study.energy.detect_disturbance:  # the machine-speed canary every window is compared with
         import socket
 
@@ -463,12 +481,15 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
         # the runner (and its Dask scheduler) is the study's own harness: no window counts it as a co-tenant
         os.environ[RUNNER_ENV] = f"{socket.gethostname()}:{os.getpid()}"
     prov["throughput"] = {"device": device, "precisions": {p: r.as_dict() for p, r in probe.items()},
-                          "device_limits": study.device_limits.model_dump(mode="json"), "skipped_as_slow": slow}
+                          "device_limits": study.device_limits.model_dump(mode="json"),
+                          "skipped_as_slow": slow,
+                          "training": {"precisions": {p: r.as_dict() for p, r in training_probe.items()},
+                                       "skipped_as_slow": slow_training}}
     if before_jobs is not None:  # e.g. the plan's time check (cli: runner.plan.check_budget)
-        prov["plan"] = before_jobs(study, params_path.parent, device, probe)
+        prov["plan"] = before_jobs(study, params_path.parent, device, probe, training_probe)
     results.atomic_write_json(layout.provenance, prov)
 
-    jobs, skipped = expand(study, out_dir, params_path.parent, device, attribution, slow)
+    jobs, skipped = expand(study, out_dir, params_path.parent, device, attribution, slow, slow_training)
     _record_skipped(out_dir, skipped)
     run = _Run(study, layout, device, resume, phases, cluster, skipped, attribution)
     run.bar = tqdm(total=len(jobs), desc=f"study {study.study}", unit="job")
