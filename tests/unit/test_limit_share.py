@@ -67,7 +67,10 @@ def test_the_forward_is_told_every_token_as_it_ran(tiny_model, monkeypatch):
     encoded, scores = _scored(tiny_model, requests)
     scoring.scoring_gflop(tiny_model.model.config, encoded, scores)
     assert seen["tokens"] == sum(s.tokens_run for s in scores) == len(seen["contexts"])
-    assert seen["logits"] == sum(len(c) for r in encoded for c in r.continuations)
+    # logits once per predicting position: the context's last (every continuation's first token), then
+    # each continuation's tokens but its last
+    assert seen["logits"] == sum(1 + sum(len(c) - 1 for c in r.continuations) for r in encoded)
+    assert seen["logits"] < sum(len(c) for r in encoded for c in r.continuations)
     longest = max(len(r.context) + max(len(c) for c in r.continuations) - 1 for r in encoded)
     assert seen["contexts"].min() >= 1 and seen["contexts"].max() == longest
 

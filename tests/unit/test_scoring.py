@@ -350,3 +350,77 @@ def test_both_qa_styles_on_the_tiny_model(tiny_model):
     assert a.n_items == b.n_items == 2
     with pytest.raises(ValueError, match=r"needs a prompt with a \{choices\} field"):
         prepare_task("qa", tok, data, prompt="Q: {question}\nA:", style="options")
+
+
+def test_forward_groups_put_similar_lengths_together_within_the_budget():
+    lengths = [30, 80, 10, 80, 55, 31, 10]
+    groups = scoring.forward_groups(lengths, 170)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every request once
+    assert groups == [[1, 3], [4, 5, 0], [2, 6]]  # longest first; ties keep the requests' order
+    assert all(len(g) * lengths[g[0]] <= 170 for g in groups)  # rows x the longest row
+    assert scoring.forward_groups([500, 20], 100) == [[0], [1]]  # a row longer than the budget runs alone
+    padded = sum(len(g) * lengths[g[0]] for g in groups)
+    assert padded - sum(lengths) == (55 - 31) + (55 - 30)  # padding only where lengths differ in a call
+
+
+def _gqa_reference(query, key, value, mask):
+    """Plain softmax attention over the keys given (heads repeated for grouped queries), in float64."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1).double(), value.repeat_interleave(groups, 1).double()
+    scores = query.double() @ key.transpose(-1, -2) / query.shape[-1] ** 0.5 + mask.double()
+    return (scores.softmax(-1) @ value).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_attention_to_a_prefix_apart_is_the_softmax_over_prefix_and_row(dtype, tol):
+    """Rows attending to a prefix's keys in one call and to their own in another, merged by log-sum-exp,
+    equal attention over the prefix and the row together (grouped queries: 6 query heads on 2 kv heads)."""
+    torch.manual_seed(0)
+    rows, heads, kv, width, prefix, size = 3, 6, 2, 7, 11, 16
+    query = torch.randn(rows, heads, width, size).to(dtype)
+    key, value = torch.randn(rows, kv, width, size).to(dtype), torch.randn(rows, kv, width, size).to(dtype)
+    prefix_key, prefix_value = torch.randn(1, kv, prefix, size).to(dtype), torch.randn(1, kv, prefix, size).to(dtype)
+    visible = torch.ones(width, width, dtype=torch.bool).tril().expand(rows, 1, width, width).clone()
+    visible[1, 0, 4:, :4] = False  # a second item in row 1 sees only itself
+    row_mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)
+
+    class Layer:
+        layer_idx = 1
+
+    states = {scoring.PREFIX_KWARG: [None, (prefix_key, prefix_value)]}
+    out, _ = scoring._prefix_attention(Layer(), query, key, value, row_mask.to(dtype), scaling=size ** -0.5, **states)
+    whole_key = torch.cat([prefix_key.expand(rows, -1, -1, -1), key], 2)
+    whole_value = torch.cat([prefix_value.expand(rows, -1, -1, -1), value], 2)
+    whole_mask = torch.cat([torch.zeros(rows, 1, width, prefix), row_mask], -1)
+    expected = _gqa_reference(query, whole_key, whole_value, whole_mask)
+    assert out.shape == (rows, width, heads, size) and out.dtype == dtype
+    assert torch.allclose(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_packed_rows_attend_to_a_prefix_held_once_and_take_one_logit_per_predicting_position(
+        tiny_model, fresh_verification, monkeypatch):
+    """On a CPU, rows after a shared prefix attend to its keys held once (no per-row copy of its cache),
+    and the vocabulary projection runs once per position that predicts a token: under the options
+    style one per item, whatever the number of lettered choices."""
+    from llm_energy.methods.scoring import prepare_task, request_texts, score_prepared
+
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    examples = tuple(QAItem(f"e{i}", f"Worked example {i}: which alarm follows a fibre cut on the backbone?",
+                            ("LOS", "AIS", "RDI", "BER"), i % 4) for i in range(3))
+    items = tuple(QAItem(f"q{i}", "Which alarm " + "really " * i + "comes first?", ("LOS", "AIS", "RDI", "BER"), 0)
+                  for i in range(5))
+    prepared = prepare_task("qa", tok, TaskData("qa", "x", "test", items, fewshot=examples), style="options")
+    scoring.choose_scoring_path(model, tok)
+    assert scoring._prefix_sharing_ok(model) and fresh_verification.get(model)
+    copies, attended, projected = [], [], []
+    monkeypatch.setattr(scoring._PrefixCache, "fresh", lambda self, n: copies.append(n))
+    real_attention, real_logits = scoring._prefix_attention, scoring._final_logits
+    monkeypatch.setattr(scoring, "_prefix_attention",
+                        lambda *a, **k: (attended.append(1), real_attention(*a, **k))[1])
+    monkeypatch.setattr(scoring, "_final_logits", lambda m, h: (projected.append(h.shape[0]), real_logits(m, h))[1])
+    got = score_prepared(model, tok, prepared)
+    assert copies == [] and len(attended) == model.config.num_hidden_layers
+    assert projected == [len(items)]  # one position per item, four letters scored from it
+    for (context, continuations), scores in zip(request_texts("qa", prepared.data, style="options"), got):
+        alone = score_continuations_unshared(model, tok, context, continuations).loglik
+        assert scores.loglik == pytest.approx(alone, abs=1e-4)

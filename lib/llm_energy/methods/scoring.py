@@ -12,10 +12,11 @@ log-likelihood, so that long label names are not penalised; metrics are ``accura
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -128,9 +129,6 @@ def _packed_eligible(model: Any) -> bool:
     return not getattr(config, "is_encoder_decoder", False)
 
 
-MIN_ROW_TOKENS = 64  # a packed row's budget is never cut below this to fit an attention window
-
-
 def _attention_window(model: Any) -> int | None:
     """The sliding attention window of a model that uses one, else None."""
     config = getattr(model, "config", None)
@@ -171,10 +169,11 @@ def _encode_item(tokenizer: Any, context: str, continuations: Sequence[str]) -> 
     return ctx, conts
 
 
-# Tokens packed into one forward call when several items are scored together (score_many): enough
-# to amortise a forward's fixed cost (reading every weight once), little enough that the attention
-# over the packed row, which the mask mostly discards, stays cheap.
-PACK_TOKENS = 256
+# Tokens (rows x the longest row, padding included) one packed forward call holds when several items
+# are scored together (score_many): matrix products of ~2k rows keep a CPU's vector units busy, while
+# the activations stay a few MB per layer. Each item is its own row, so its attention covers its own
+# tokens (and a shared prefix), not its neighbours' that a mask would discard.
+FORWARD_TOKENS = 2048
 
 
 def score_continuations(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> ChoiceScores:
@@ -192,12 +191,12 @@ def score_continuations(model: Any, tokenizer: Any, context: str, continuations:
 
 
 def score_many(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]],
-               max_tokens: int = PACK_TOKENS) -> list[ChoiceScores]:
+               max_tokens: int = FORWARD_TOKENS) -> list[ChoiceScores]:
     """``score_continuations`` of each (context, continuations) request, in order.
 
-    With the packed layout, consecutive requests share one forward call up to ``max_tokens`` tokens
-    (each request's tokens see only their own request's); the scores are those of one request at a
-    time up to rounding.
+    With the packed layout, requests share forward calls of up to ``max_tokens`` tokens (padding
+    included), one row each (a request's tokens see only its own); the scores are those of one
+    request at a time up to rounding.
     """
     return score_encoded(model, tokenizer, encode_requests(tokenizer, requests), max_tokens)
 
@@ -226,34 +225,37 @@ def encode_requests(tokenizer: Any, requests: Sequence[tuple[str, Sequence[str]]
 
 
 def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
-                  max_tokens: int = PACK_TOKENS) -> list[ChoiceScores]:
+                  max_tokens: int = FORWARD_TOKENS) -> list[ChoiceScores]:
     """Forward passes only: the log-likelihoods of already tokenised requests, packed where the
     chosen scoring path allows (it is chosen first if nobody has, see :func:`choose_scoring_path`):
-    consecutive requests share a row of up to ``max_tokens`` tokens, and up to PACK_ROWS rows one
-    forward call."""
+    each request is a row, and rows of similar length share a forward call of up to ``max_tokens``
+    tokens (:func:`forward_groups`)."""
     choose_scoring_path(model, tokenizer)  # a no-op once decided
     shared = shared_prefix_length(encoded) if _prefix_sharing_ok(model) else 0
     prefix = _PrefixCache.run(model, encoded[0].context[:shared]) if shared else None
-    window = _attention_window(model)
-    if shared and window and window - shared >= MIN_ROW_TOKENS:
-        max_tokens = min(max_tokens, window - shared)  # rows that fit the window stay packed
-    rows: list[list[Encoded]] = []
-    group: list[EncodedRequest] = []
-    for request in encoded:
-        if group and sum(r.n_tokens - shared for r in group) + request.n_tokens - shared > max_tokens:
-            rows.append([(r.context[shared:], r.continuations) for r in group])
-            group = []
-        group.append(request)
-    if group:
-        rows.append([(r.context[shared:], r.continuations) for r in group])
-    totals: list[list[float]] = []
-    for start in range(0, len(rows), PACK_ROWS):
-        totals += _score_rows(model, tokenizer, rows[start : start + PACK_ROWS], prefix)
+    totals: list[list[float]] = [[] for _ in encoded]
+    for group in forward_groups([r.n_tokens - shared for r in encoded], max_tokens):
+        rows = [[(encoded[i].context[shared:], encoded[i].continuations)] for i in group]
+        for i, scores in zip(group, _score_rows(model, tokenizer, rows, prefix)):
+            totals[i] = scores
     return [
         ChoiceScores(loglik=np.array(t, dtype=float), continuation_chars=np.array(r.continuation_chars, dtype=float),
                      n_tokens=r.n_tokens, n_tokens_run=r.n_tokens - skip)
         for t, r, skip in zip(totals, encoded, prefix_skips(len(encoded), shared))
     ]
+
+
+def forward_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Requests (by index) per forward call, each its own row: longest first, so that the rows of a
+    call, padded to its longest, waste little; a call takes rows while rows x its longest row stay
+    within ``max_tokens`` (always one at least). Ties keep the requests' order."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def prefix_skips(n_requests: int, shared: int) -> list[int]:
@@ -280,8 +282,8 @@ def scoring_gflop(model_config: Any, requests: Sequence[EncodedRequest],
                   scores: Sequence[ChoiceScores]) -> float:
     """The useful GFLOP of scoring ``requests`` as they ran (``scores``, from the same call or calls):
     each item's tokens as it ran them (a shared prefix once, on the first item of its call), and the
-    vocabulary projection at every scored continuation token, whichever layout (packed or shared
-    cache) ran them. Computed after a window, from the tokens alone."""
+    vocabulary projection once per position that predicts a scored token (:func:`logit_positions`),
+    whichever layout (packed or shared cache) ran them. Computed after a window, from the tokens alone."""
     return _requests_gflop(model_config, requests, [s.n_tokens - s.tokens_run for s in scores])
 
 
@@ -293,9 +295,15 @@ def call_gflop(model_config: Any, requests: Sequence[EncodedRequest], shares_pre
     return _requests_gflop(model_config, requests, prefix_skips(len(requests), shared))
 
 
+def logit_positions(request: EncodedRequest) -> int:
+    """Positions of a request whose vocabulary logits the scorer computes: the context's last (it
+    predicts every continuation's first token), then each continuation's own tokens but its last."""
+    return 1 + sum(len(cont) - 1 for cont in request.continuations)
+
+
 def _requests_gflop(model_config: Any, requests: Sequence[EncodedRequest], skips: Sequence[int]) -> float:
     contexts = [request_contexts(r, skip) for r, skip in zip(requests, skips)]
-    logits = sum(len(cont) for r in requests for cont in r.continuations)
+    logits = sum(logit_positions(r) for r in requests)
     tokens = sum(len(c) for c in contexts)
     return forward_gflop(model_config, tokens, logits, np.concatenate(contexts) if contexts else None)
 
@@ -343,10 +351,15 @@ class _PrefixCache:
         import torch
 
         device = next(model.parameters()).device
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        with torch.inference_mode():  # the decoder alone: no logit of the prefix is scored
+            out = model.get_decoder()(input_ids=torch.tensor([ids], device=device), use_cache=True)
         cache, kwarg = _output_cache(out)
         return cls(len(ids), cache, kwarg)
+
+    def layer_states(self) -> list[tuple[Any, Any]]:
+        """Per decoder layer, the prefix's (keys, values) as the cache holds them: [1, kv heads,
+        prefix, head size] each (what :func:`_prefix_attention` attends to)."""
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
 
     def fresh(self, batch: int) -> dict[str, Any]:
         """A copy for one forward call (a forward appends to the cache it is given), ``batch`` rows."""
@@ -569,9 +582,79 @@ def _packed_row(items: list[Encoded]) -> dict[str, Any]:
     return {"ids": ids, "positions": positions, "mask": mask, "predict_from": predict_from, "targets": targets}
 
 
-# Packed rows run together in one forward call (padded to the longest): larger matrix products keep
-# a CPU's vector units busy, while each row stays short enough that its mostly masked attention is cheap.
-PACK_ROWS = 8
+# The packed forward after a shared prefix, on a CPU: each row's tokens attend to the prefix's
+# keys and values, held once (not copied into every row's cache), in one attention call over all the
+# rows' queries, and to their own row's keys in a second; the two are merged by their log-sum-exps.
+PREFIX_ATTENTION = "llm_energy_prefix"  # the attention implementation's name while a packed forward runs
+PREFIX_KWARG = "llm_energy_prefix_states"  # the forward's keyword carrying the prefix's per-layer states
+
+
+def _split_prefix_attention(device: Any) -> bool:
+    """Whether packed rows after a prefix attend to it apart (:func:`_prefix_attention`): on a CPU,
+    whose flash attention kernel returns the log-sum-exps the merge needs."""
+    import torch
+
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _repeat_heads(states: Any, groups: int) -> Any:
+    """[b, kv heads, n, d] -> [b, kv heads x groups, n, d], each key/value head once per query head
+    that reads it (grouped-query attention)."""
+    if groups == 1:
+        return states
+    b, kv, n, d = states.shape
+    return states[:, :, None].expand(b, kv, groups, n, d).reshape(b, kv * groups, n, d)
+
+
+def _prefix_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                      scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """Attention of packed rows that continue a shared prefix (a transformers attention function).
+
+    ``query``, ``key``, ``value``: this forward's rows, [rows, heads, width, head size] (key and value
+    with the model's key/value heads); ``attention_mask``: additive, [rows, 1, width, width], within
+    rows only. The prefix's keys and values for this layer come in the forward's PREFIX_KWARG, once
+    for all rows. Every query attends to the prefix in one flash-attention call (the rows' queries
+    as one sequence: no mask, every token sees the whole prefix) and to its own row in another; the
+    two partial results are merged by their log-sum-exps, which is exactly the softmax over both
+    sets of keys (the scorer's path check compares it with the shared-cache computation)."""
+    import torch
+
+    if kwargs.get("softcap") is not None:
+        raise ValueError("the split prefix attention has no attention-logit soft-capping")
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    prefix_key, prefix_value = kwargs[PREFIX_KWARG][module.layer_idx]
+    rows, heads, width, size = query.shape
+    groups = heads // key.shape[1]
+    everyone = query.transpose(0, 1).reshape(1, heads, rows * width, size)
+    out_prefix, lse_prefix = flash(everyone, _repeat_heads(prefix_key, groups), _repeat_heads(prefix_value, groups),
+                                   scale=scaling)
+    out_prefix = out_prefix.reshape(heads, rows, width, size).transpose(0, 1)
+    lse_prefix = lse_prefix.reshape(heads, rows, width).transpose(0, 1)
+    out_rows, lse_rows = flash(query, _repeat_heads(key, groups), _repeat_heads(value, groups),
+                               attn_mask=attention_mask, scale=scaling)
+    lse = torch.logaddexp(lse_prefix, lse_rows)
+    out = out_prefix * (lse_prefix - lse).exp_().unsqueeze(-1) + out_rows * (lse_rows - lse).exp_().unsqueeze(-1)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _attention(model: Any, name: str | None) -> Iterator[None]:
+    """Within the block, the model's attention is the named implementation (None: unchanged)."""
+    if name is None:
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, _prefix_attention)  # idempotent: the same function under its name
+    configs = {id(c): c for c in (model.config, getattr(model.get_decoder(), "config", None)) if c is not None}
+    before = {key: c._attn_implementation for key, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = name
+        yield
+    finally:
+        for key, c in configs.items():
+            c._attn_implementation = before[key]
 
 
 def _final_logits(model: Any, hidden: Any) -> Any:
@@ -604,29 +687,38 @@ def _score_packed_rows(model: Any, rows: list[list[Encoded]],
     width = max(len(b["ids"]) for b in built)
     n = len(built)
     shift = prefix.length if prefix else 0
+    split = prefix is not None and _split_prefix_attention(device)
+    keys = 0 if split else shift  # the mask's prefix columns: none when the prefix is attended apart
     ids = torch.zeros((n, width), dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
-    mask = torch.zeros((n, width, shift + width), dtype=torch.bool)
-    mask[:, :, :shift] = True
-    mask[:, :, shift:] = torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros((n, width, keys + width), dtype=torch.bool)
+    mask[:, :, :keys] = True
+    mask[:, :, keys:] = torch.eye(width, dtype=torch.bool)
     for r, b in enumerate(built):
         length = len(b["ids"])
         ids[r, :length] = torch.tensor(b["ids"])
         positions[r, :length] = torch.tensor(b["positions"]) + shift
-        mask[r, :length, shift : shift + length] = b["mask"]
-    extra = prefix.fresh(n) if prefix else {"use_cache": False}
-    if model.config._attn_implementation == "eager":  # additive: 0 where attended, the minimum elsewhere
+        mask[r, :length, keys : keys + length] = b["mask"]
+    if prefix is None:
+        extra: dict[str, Any] = {"use_cache": False}
+    elif split:
+        extra = {"use_cache": False, PREFIX_KWARG: prefix.layer_states()}
+    else:
+        extra = prefix.fresh(n)
+    if split or model.config._attn_implementation == "eager":  # additive: 0 where attended, the minimum elsewhere
         dtype = _compute_dtype(model)
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
-    row_index = torch.tensor([r for r, b in enumerate(built) for _ in b["predict_from"]])
-    pos_index = torch.tensor([p for b in built for p in b["predict_from"]])
+    # logits once per position that predicts something: the options style's letters (and the first
+    # token of every continuation) are all predicted from the context's last position
+    flat = torch.tensor([r * width + p for r, b in enumerate(built) for p in b["predict_from"]])
+    where, which = torch.unique(flat, return_inverse=True)
     targets = torch.tensor([t for b in built for t in b["targets"]])
-    with torch.inference_mode():
+    with torch.inference_mode(), _attention(model, PREFIX_ATTENTION if split else None):
         hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
                                      position_ids=positions.to(device), **extra).last_hidden_state
-        picked_hidden = hidden[row_index.to(device), pos_index.to(device)]
+        picked_hidden = hidden.reshape(n * width, -1)[where.to(device)]
         logprobs = torch.log_softmax(_final_logits(model, picked_hidden).float(), dim=-1)
-        picked = logprobs[torch.arange(len(targets), device=logprobs.device), targets.to(logprobs.device)].cpu().tolist()
+        picked = logprobs[which.to(logprobs.device), targets.to(logprobs.device)].cpu().tolist()
     out, i = [], 0
     for items in rows:
         row_scores = []
