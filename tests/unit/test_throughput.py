@@ -86,7 +86,7 @@ def test_the_runner_skips_a_slow_precision_unless_it_already_ran(root, tmp_path)
     slow = {"fp16": "fp16: 1 GFLOP/s vs 30 fp32 on this CPU"}
     jobs, skipped = runner.expand(study, tmp_path, root / "params", "cpu", slow=slow)
     assert skipped == [{"config_id": "tiny-random-llama__fp16", "model": "tiny-random-llama", "precision": "fp16",
-                        "reason": "fp16: 1 GFLOP/s vs 30 fp32 on this CPU"}]
+                        "reason": "fp16: 1 GFLOP/s vs 30 fp32 on this CPU", "adapter": "none", "pruning": "none"}]
     assert "inference__tiny-random-llama__fp16" not in [j.key for j in jobs]
     # resuming a folder where it already finished keeps it (a noisy probe must not orphan results)
     marker = runner.StudyLayout(tmp_path).done_marker("inference__tiny-random-llama__fp16")
@@ -177,7 +177,12 @@ def test_the_runner_skips_fine_tuning_at_a_slow_precision_but_still_scores_it(ro
     assert "finetune__smollm2-135m-instruct__bf16__lora" not in keys
     assert "finetune__smollm2-135m-instruct__fp32__lora" in keys and "inference__smollm2-135m-instruct__bf16" in keys
     assert skipped == [{"config_id": "smollm2-135m-instruct__bf16__lora", "model": "smollm2-135m-instruct",
-                        "precision": "bf16", "reason": slow_training["bf16"]}]
+                        "precision": "bf16", "reason": slow_training["bf16"], "adapter": "lora", "pruning": "none"}]
     assert "2.0x slower, over device_limits.max_training_slowdown 1.5" in slow_training["bf16"]
+    from llm_energy.phases.ranking import not_trained
+
+    runner._record_skipped(tmp_path, skipped)  # configs.csv, as the runner writes it before the first job
+    assert not_trained(tmp_path) == [{"model": "smollm2-135m-instruct", "precision": "bf16",
+                                      "reason": slow_training["bf16"].split("; ")[0]}]  # what Figure 3 lists
     unlimited = study.model_copy(update={"device_limits": DeviceLimits(max_training_slowdown=None)})
     assert runner.slow_training_precisions(unlimited, "cpu") == ({}, {})  # nothing probed without a limit

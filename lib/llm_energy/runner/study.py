@@ -120,14 +120,16 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
     if "data" in study.phases:
         jobs.append(Job("data", None, {**common, "model": study.models[0].model_dump(mode="json")}))
 
-    def runnable(model: Any, precision: str, config_id: str, phase: str = "inference") -> bool:
+    def runnable(model: Any, precision: str, config_id: str, phase: str = "inference", adapter: str = "none",
+                 pruning: str = "none") -> bool:
         reason = precision_support(precision, device)
         too_slow = {**(slow or {}), **((slow_training or {}) if phase == "finetune" else {})}
         if (not reason and precision in too_slow
                 and not StudyLayout(out_dir).done_marker(f"{phase}__{config_id}").exists()):
             reason = too_slow[precision]
         if reason:
-            skipped.append({"config_id": config_id, "model": model.name, "precision": precision, "reason": reason})
+            skipped.append({"config_id": config_id, "model": model.name, "precision": precision, "reason": reason,
+                            "adapter": adapter, "pruning": pruning})
         return reason is None
 
     if "finetune" in study.phases and study.finetune is not None:
@@ -135,7 +137,7 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
         for model in [m for m in study.models if chosen is None or m.name in chosen]:
             for precision in study.finetune.precisions:
                 config_id = config_id_for(model.name, precision, adapter="lora")
-                if runnable(model, precision, config_id, "finetune"):
+                if runnable(model, precision, config_id, "finetune", adapter="lora"):
                     jobs.append(Job("finetune", config_id, {
                         **common, "config_id": config_id, "model": model.model_dump(mode="json"), "adapter_name": "lora",
                         "precision": precision, "finetune": section_dict(study.finetune)}))
@@ -149,7 +151,8 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
         models = {m.name: m for m in study.models}
         for target in study.pruning.parsed_targets():
             jobs += [j for j in pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target, out_dir)
-                     if runnable(models[target.model], target.precision, j.config_id or "", "pruning")]
+                     if runnable(models[target.model], target.precision, j.config_id or "", "pruning",
+                                 adapter=target.adapter, pruning=j.parameters["pruning_label"])]
     if "ranking" in study.phases:
         jobs.append(Job("ranking", None, {**common, "ranking": section_dict(study.ranking)}))
     return jobs, skipped
@@ -571,6 +574,7 @@ def _record_skipped(out_dir: Path, skipped: list[dict[str, str]]) -> None:
     for item in skipped:
         log.warning("skipping %s: %s", item["config_id"], item["reason"])
         record_config(out_dir, item["config_id"], item["model"], item["precision"], "skipped", item["reason"],
+                      adapter=item.get("adapter", "none"), pruning=item.get("pruning", "none"),
                       slurm_job_id="", slurm_oversubscribe="")  # decided here, in no SLURM job
 
 
