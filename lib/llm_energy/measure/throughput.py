@@ -91,9 +91,16 @@ def _quantized_linear(precision: str, k: int, n: int, device: str) -> Any:
         layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
     else:
         compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=compute, quant_type=precision)
+        # block scales kept in float32, as the loader keeps them (bnb_4bit_use_double_quant=False)
+        layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=compute, quant_type=precision,
+                                  compress_statistics=False)
     layer.load_state_dict(dense.state_dict())
-    return layer.to(device)  # the weights are quantized when they reach the device
+    layer = layer.to(device)  # the weights are quantized when they reach the device
+    if precision != "int8" and device == "cpu":
+        from ..models.fourbit import dequantize_per_call
+
+        dequantize_per_call(layer)  # the inference path a loaded 4-bit model takes on this CPU
+    return layer
 
 
 def _time_layer(forward: Any, x: Any, device: str, flops: float, min_time_s: float,
@@ -143,6 +150,8 @@ def probe_precision(precision: str, device: str, shape: tuple[int, int, int] = P
         method = f"bitsandbytes {kind} forward [{m}x{k}] -> {n}{mode}"
         try:
             layer = _quantized_linear(precision, k, n, device).requires_grad_(False)
+            if not training and type(layer.forward).__name__ == "DequantizedForward":
+                method += " (dequantized per call, bf16 GEMM)"
         except ImportError as exc:
             return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"bitsandbytes not importable: {exc}")
         except Exception as exc:  # noqa: BLE001  (a broken or backend-less build must not stop the study)

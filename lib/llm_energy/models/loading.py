@@ -390,9 +390,12 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     if quant is None:
         model = model.to(device)
-    from . import quant8
+    from . import fourbit, quant8
     if precision == "w8a8":
         quant8.quantize_model(model)
+    if precision in ("nf4", "fp4") and device == "cpu" and fourbit.dequantize_per_call(model):
+        compute = (f"{precision} weights, {fourbit.COMPUTE} compute at inference (dequantized per call; "
+                   "float32 in training)")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(weights, **({"revision": spec.revision} if spec.revision else {}))
     if tokenizer.pad_token_id is None:
