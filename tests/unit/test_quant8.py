@@ -112,8 +112,8 @@ def _tiny_llama(layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=200)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=200)
     return LlamaForCausalLM(config).eval()
 
 
@@ -132,7 +132,8 @@ def test_siblings_share_one_quantized_input_and_give_the_outputs_of_each_layer_a
     assert model.model.layers[0].mlp.gate_proj.shared_input is model.model.layers[0].mlp.up_proj.shared_input
     assert model.model.layers[0].mlp.down_proj.shared_input is None and attention.o_proj.shared_input is None
     # the layers' weights are views into the group's stacked matrix: one copy in memory
-    assert attention.k_proj.weight_int8.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+    storage = attention.k_proj.weight_int8.untyped_storage()
+    assert storage.data_ptr() == group.weight.untyped_storage().data_ptr()
     calls = []
     real = quant8._int_matmul
     ids = torch.randint(0, 200, (3, 17))

@@ -379,7 +379,8 @@ def test_attention_to_a_prefix_apart_is_the_softmax_over_prefix_and_row(dtype, t
     rows, heads, kv, width, prefix, size = 3, 6, 2, 7, 11, 16
     query = torch.randn(rows, heads, width, size).to(dtype)
     key, value = torch.randn(rows, kv, width, size).to(dtype), torch.randn(rows, kv, width, size).to(dtype)
-    prefix_key, prefix_value = torch.randn(1, kv, prefix, size).to(dtype), torch.randn(1, kv, prefix, size).to(dtype)
+    prefix_key = torch.randn(1, kv, prefix, size).to(dtype)
+    prefix_value = torch.randn(1, kv, prefix, size).to(dtype)
     visible = torch.ones(width, width, dtype=torch.bool).tril().expand(rows, 1, width, width).clone()
     visible[1, 0, 4:, :4] = False  # a second item in row 1 sees only itself
     row_mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)
@@ -388,7 +389,8 @@ def test_attention_to_a_prefix_apart_is_the_softmax_over_prefix_and_row(dtype, t
         layer_idx = 1
 
     states = {scoring.PREFIX_KWARG: [None, (prefix_key, prefix_value)]}
-    out, _ = scoring._prefix_attention(Layer(), query, key, value, row_mask.to(dtype), scaling=size ** -0.5, **states)
+    out, _ = scoring._prefix_attention(Layer(), query, key, value, row_mask.to(dtype), scaling=size ** -0.5,
+                                       **states)
     whole_key = torch.cat([prefix_key.expand(rows, -1, -1, -1), key], 2)
     whole_value = torch.cat([prefix_value.expand(rows, -1, -1, -1), value], 2)
     whole_mask = torch.cat([torch.zeros(rows, 1, width, prefix), row_mask], -1)
@@ -407,8 +409,8 @@ def test_packed_rows_attend_to_a_prefix_held_once_and_take_one_logit_per_predict
     model, tok = tiny_model.model, tiny_model.tokenizer
     examples = tuple(QAItem(f"e{i}", f"Worked example {i}: which alarm follows a fibre cut on the backbone?",
                             ("LOS", "AIS", "RDI", "BER"), i % 4) for i in range(3))
-    items = tuple(QAItem(f"q{i}", "Which alarm " + "really " * i + "comes first?", ("LOS", "AIS", "RDI", "BER"), 0)
-                  for i in range(5))
+    items = tuple(QAItem(f"q{i}", "Which alarm " + "really " * i + "comes first?",
+                         ("LOS", "AIS", "RDI", "BER"), 0) for i in range(5))
     prepared = prepare_task("qa", tok, TaskData("qa", "x", "test", items, fewshot=examples), style="options")
     scoring.choose_scoring_path(model, tok)
     assert scoring._prefix_sharing_ok(model) and fresh_verification.get(model)
@@ -417,7 +419,8 @@ def test_packed_rows_attend_to_a_prefix_held_once_and_take_one_logit_per_predict
     real_attention, real_logits = scoring._prefix_attention, scoring._final_logits
     monkeypatch.setattr(scoring, "_prefix_attention",
                         lambda *a, **k: (attended.append(1), real_attention(*a, **k))[1])
-    monkeypatch.setattr(scoring, "_final_logits", lambda m, h: (projected.append(h.shape[0]), real_logits(m, h))[1])
+    monkeypatch.setattr(scoring, "_final_logits",
+                        lambda m, h: (projected.append(h.shape[0]), real_logits(m, h))[1])
     got = score_prepared(model, tok, prepared)
     assert copies == [] and len(attended) == model.config.num_hidden_layers
     assert projected == [len(items)]  # one position per item, four letters scored from it

@@ -71,7 +71,8 @@ def forward_gflop(model_config: Any, tokens: int, logit_positions: int,
         if ctx.shape != (tokens,):
             raise ValueError(f"contexts must give one count per token ({tokens}); got shape {ctx.shape}")
     heads, _, head_dim = _heads(model_config)
-    attended = sum(int(np.minimum(ctx, w).sum()) if w else int(ctx.sum()) for w in _layer_windows(model_config))
+    attended = sum(int(np.minimum(ctx, w).sum()) if w else int(ctx.sum())
+                   for w in _layer_windows(model_config))
     flops = (2.0 * decoder_linear_parameters(model_config) * tokens
              + 4.0 * heads * head_dim * attended
              + 2.0 * int(model_config.hidden_size) * int(model_config.vocab_size) * logit_positions)

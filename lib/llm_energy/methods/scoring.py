@@ -606,8 +606,8 @@ def _repeat_heads(states: Any, groups: int) -> Any:
     return states[:, :, None].expand(b, kv, groups, n, d).reshape(b, kv * groups, n, d)
 
 
-def _prefix_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
-                      scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+def _prefix_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                      dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
     """Attention of packed rows that continue a shared prefix (a transformers attention function).
 
     ``query``, ``key``, ``value``: this forward's rows, [rows, heads, width, head size] (key and value
@@ -626,14 +626,15 @@ def _prefix_attention(module: Any, query: Any, key: Any, value: Any, attention_m
     rows, heads, width, size = query.shape
     groups = heads // key.shape[1]
     everyone = query.transpose(0, 1).reshape(1, heads, rows * width, size)
-    out_prefix, lse_prefix = flash(everyone, _repeat_heads(prefix_key, groups), _repeat_heads(prefix_value, groups),
-                                   scale=scaling)
+    out_prefix, lse_prefix = flash(everyone, _repeat_heads(prefix_key, groups),
+                                   _repeat_heads(prefix_value, groups), scale=scaling)
     out_prefix = out_prefix.reshape(heads, rows, width, size).transpose(0, 1)
     lse_prefix = lse_prefix.reshape(heads, rows, width).transpose(0, 1)
     out_rows, lse_rows = flash(query, _repeat_heads(key, groups), _repeat_heads(value, groups),
                                attn_mask=attention_mask, scale=scaling)
     lse = torch.logaddexp(lse_prefix, lse_rows)
-    out = out_prefix * (lse_prefix - lse).exp_().unsqueeze(-1) + out_rows * (lse_rows - lse).exp_().unsqueeze(-1)
+    out = (out_prefix * (lse_prefix - lse).exp_().unsqueeze(-1)
+           + out_rows * (lse_rows - lse).exp_().unsqueeze(-1))
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -646,7 +647,8 @@ def _attention(model: Any, name: str | None) -> Iterator[None]:
     from transformers import AttentionInterface
 
     AttentionInterface.register(name, _prefix_attention)  # idempotent: the same function under its name
-    configs = {id(c): c for c in (model.config, getattr(model.get_decoder(), "config", None)) if c is not None}
+    decoder_config = getattr(model.get_decoder(), "config", None)
+    configs = {id(c): c for c in (model.config, decoder_config) if c is not None}
     before = {key: c._attn_implementation for key, c in configs.items()}
     try:
         for c in configs.values():
@@ -705,7 +707,8 @@ def _score_packed_rows(model: Any, rows: list[list[Encoded]],
         extra = {"use_cache": False, PREFIX_KWARG: prefix.layer_states()}
     else:
         extra = prefix.fresh(n)
-    if split or model.config._attn_implementation == "eager":  # additive: 0 where attended, the minimum elsewhere
+    # additive for eager attention and the split prefix attention: 0 where attended, the minimum elsewhere
+    if split or model.config._attn_implementation == "eager":
         dtype = _compute_dtype(model)
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
     # logits once per position that predicts something: the options style's letters (and the first
