@@ -82,6 +82,22 @@ def test_nf4_qlora_target_round_trips_with_nm_exact(tmp_path, root):
     assert all(c.measured_sparsity >= 0.5 for c in checks)
 
 
+def test_a_w8a8_lora_target_is_merged_pruned_requantized_and_recovered_at_w8a8(tmp_path, root):
+    """An adapter trained on the int8 base: merged into the dequantized weights, pruned, quantized back
+    to w8a8 with its 2:4 pattern intact; a recovery LoRA then trains on the pruned int8 layers
+    (their input gradients in int8) and cannot move their zeros (the int8 weights get no gradient)."""
+    adapter = train_adapter("w8a8", tmp_path / "w8a8-lora")
+    run = make_run(tmp_path, root, "w8a8").with_config_id("tiny__w8a8__lora__magnitude-2of4")
+    pruned = pruning.prune(run, PruningSpec("magnitude", "2:4"), [], str(adapter))
+    assert pruned.loaded.precision == "w8a8"
+    assert "dequantized from w8a8" in pruned.loaded.weights_origin and "merged" in pruned.loaded.weights_origin
+    assert len(pruned.after_quantization) == 14 and all(c.verified_nm is True for c in pruned.after_quantization)
+    settings = RecoverySettings(epochs=1, learning_rate=5e-3, batch_size=4, max_train_items=8, max_eval_items=4)
+    recovery = pruning.recover(run, pruned, settings, None, adapter="lora")
+    assert recovery is not None and all(c.verified_nm is True for c in recovery.checks)
+    assert results.read_table(tmp_path, "training")["precision"].tolist() == ["w8a8"]
+
+
 def test_recovery_keeps_the_pruned_weights_and_records_its_epochs(tmp_path, root):
     run = make_run(tmp_path, root).with_config_id("tiny-random-llama__fp32__magnitude-2of4")
     pruned = pruning.prune(run, PruningSpec("magnitude", "2:4"), [])
