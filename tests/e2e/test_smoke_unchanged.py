@@ -31,6 +31,13 @@ CPU-native 8-bit precision the default study uses. A run before the regeneration
 snapshot only by the w8a8 config's rows (configs, energy, energy_repeats, item_scores, scores, ranking):
 every other row and value was identical.
 
+Intended change of results, snapshot regenerated again (issue 29): nf4 and fp4 at inference on a CPU
+with native bf16 dequantize each 4-bit weight to bf16 per call and run torch's bf16 GEMM
+(models/fourbit.py). energy.compute_dtype says so for the 4-bit configs, and the nf4 LoRA's eval_loss
+(computed through that inference path) moved by 1e-5 relative (10.821487 -> 10.821616 at epoch 2).
+Every score, per-item score, interval and token count was identical, the restructured scorer (one row
+per item, the few-shot prefix's keys held once) included.
+
 Floating-point results are compared exactly (1e-6) on a machine like the one that wrote the snapshot
 (same torch, same vector ISA). Another CPU rounds differently: fp32 in the order of its sums, bf16,
 fp16 and the 8- and 4-bit precisions by a rounding step, which on the tiny random model's near-tied
