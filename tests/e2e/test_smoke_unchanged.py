@@ -72,6 +72,10 @@ TABLES = ("configs", "energy", "energy_repeats", "item_scores", "pruning_layers"
 # Column names holding a measurement of time or energy, or a method that depends on the machine's counters.
 VOLATILE_MARKERS = ("energy", "duration", "emissions", "idle", "power", "seconds", "_ms", "speedup", "memory",
                     "method", "j_per_", "gflop_per_s", "limit_", "probe_")
+# Columns of the disturbance checks (issue 26): they describe the machine's state during the run (the
+# canary's speed, other processes' CPU time, steal, re-measured attempts), never what the study computed.
+DISTURBANCE_MARKERS = ("canary", "foreign_", "steal", "contaminated", "disturbance", "attempts", "rate_vs_median",
+                       "rate_outlier", "remeasured")
 # ranking.csv columns computed from energy.
 ENERGY_DERIVED = {"ranking": ("phi", "R", "rank", "pareto", "p_best", "tied_with_top")}
 KEYS = {
@@ -167,7 +171,8 @@ def normalise(study_dir: Path, name: str) -> pd.DataFrame:
         frame = frame[frame["phase"] != "idle"]
     if "config_id" in frame:  # recovered configs (pruning.recover) came after the snapshot
         frame = frame[~frame["config_id"].astype(str).str.endswith("__recovered")]
-    drop = [c for c in frame.columns if any(m in c for m in VOLATILE_MARKERS) or c in ENERGY_DERIVED.get(name, ())]
+    drop = [c for c in frame.columns if any(m in c for m in VOLATILE_MARKERS + DISTURBANCE_MARKERS)
+            or c in ENERGY_DERIVED.get(name, ())]
     frame = frame.drop(columns=drop)
     for column in frame.columns:
         if not pd.api.types.is_numeric_dtype(frame[column]) and not pd.api.types.is_bool_dtype(frame[column]):
