@@ -29,14 +29,14 @@ def main() -> None:
     from llm_energy.config import EnergySettings, ModelSettings, TaskSettings
     from llm_energy.data.tasks import load_task_data
     from llm_energy.measure.meter import EnergyMeter
-    from llm_energy.methods.scoring import evaluate
+    from llm_energy.methods.scoring import score_task
     from llm_energy.models.loading import load_model
 
     loaded = load_model(ModelSettings(name=args.model), "fp32")
     data = load_task_data("qa", TaskSettings(split="test", max_items=args.items))
 
     def workload() -> None:
-        evaluate("qa", loaded.model, loaded.tokenizer, data)
+        score_task("qa", loaded.model, loaded.tokenizer, data)
 
     workload()  # warm-up: first-call allocations are not the meter's cost
     meter = EnergyMeter(EnergySettings(measure_power_secs=1.0), device="cpu")

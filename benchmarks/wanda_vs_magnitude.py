@@ -61,7 +61,7 @@ def heldout_nll(model: Any, tokenizer: Any, texts: Sequence[str]) -> tuple[float
     return total_nll, total_tokens
 
 
-def evaluate(method: str, spec: PruningSpec | None, calibration: list[str], heldout: list[str]) -> Row:
+def prune_and_measure_nll(method: str, spec: PruningSpec | None, calibration: list[str], heldout: list[str]) -> Row:
     loaded = load_model(MODEL, "fp32")  # fresh dense weights for every method
     prune_s = 0.0
     if spec is not None:
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              seed=args.seed),
     }
     print(f"{MODEL.name} fp32, {len(calibration)} calibration texts (train), {len(heldout)} held-out texts (test)")
-    rows = {method: evaluate(method, spec, calibration, heldout) for method, spec in specs.items()}
+    rows = {method: prune_and_measure_nll(method, spec, calibration, heldout) for method, spec in specs.items()}
 
     header = f"{'method':<10} {'target':>7} {'measured':>9} {'prune_s':>8} {'mean_nll':>9} {'ppl':>10} {'tokens':>7} {'eval_s':>7}"
     print(header)

@@ -84,7 +84,7 @@ print(f"system idle: {system_idle.power_w:.2f} W ({system_idle.method})")
 
 # %% tags=["nbval-ignore-output"]
 loaded = inference.load(run, adapter)
-print(f"{loaded.n_parameters:,} parameters, {loaded.memory_bytes / 2**20:.0f} MiB, compute {loaded.compute_dtype}")
+print(f"{loaded.n_parameters:,} parameters, {loaded.memory_bytes / 2**20:.0f} MiB, compute {loaded.compute_description}")
 print("weights:", loaded.weights_origin)
 
 # %% [markdown]
@@ -120,7 +120,7 @@ with evaluation.open_meter(run, loaded.device, system_idle) as meter:
     print("sources:", meter.available_methods, "| loaded idle:", round(meter.idle.power_w, 2), "W,", meter.idle.method)
     with meter.window(f"look: {len(look.encoded)} {look.task} items") as window:
         look_scores = inference.score(loaded, look)
-    summary = inference.evaluate(run, loaded, meter, adapter=adapter_name)
+    summary = inference.measure_config_tasks(run, loaded, meter, adapter=adapter_name)
 
 # %% [markdown]
 # ## 6. Inspect the reading

@@ -110,12 +110,12 @@ plots.as_image(pr.layers_figure(outcome, run.config_id))
 
 # %% tags=["nbval-ignore-output"]
 with evaluation.open_meter(run, pruned.loaded.device, system_idle, phase="pruning") as meter:
-    summary = pr.evaluate(run, pruned.loaded, meter, outcome, adapter_name)
+    summary = pr.measure_pruned_config(run, pruned.loaded, meter, outcome, adapter_name)
     if recovery is not None:
         recovered = pr.recover(run, pruned, recovery, meter, adapter_name)  # None where LoRA cannot train
         if recovered is not None:
             summary += [{"config": "recovered", **row}
-                        for row in pr.evaluate_recovered(recovered, meter, outcome, adapter_name)]
+                        for row in pr.measure_recovered_config(recovered, meter, outcome, adapter_name)]
 
 # %% tags=["nbval-ignore-output"]
 import pandas as pd

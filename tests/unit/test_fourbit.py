@@ -88,7 +88,7 @@ def test_a_loaded_4bit_model_says_what_it_computes_in(monkeypatch):
     loaded = load_model(ModelSettings(name="tiny-random-llama"), "nf4")
     layers = [m for m in loaded.model.modules() if type(m).__name__ == "Linear4bit"]
     assert layers and all(isinstance(m.forward, fourbit.DequantizedForward) for m in layers)
-    assert loaded.compute_dtype.startswith("nf4 weights, bfloat16 compute at inference")
+    assert loaded.compute_description.startswith("nf4 weights, bfloat16 compute at inference")
     for layer in layers:  # at inference the dequantized path runs, never bitsandbytes' own
         layer.forward.own_forward = None
     ids = loaded.tokenizer("Site down after mains failure", return_tensors="pt")
@@ -96,4 +96,4 @@ def test_a_loaded_4bit_model_says_what_it_computes_in(monkeypatch):
         assert torch.isfinite(loaded.model(**ids).logits).all()
     monkeypatch.setattr(fourbit, "native_bf16_cpu", lambda: False)
     plain = load_model(ModelSettings(name="tiny-random-llama"), "nf4")
-    assert plain.compute_dtype == "nf4 weights, float32 compute"
+    assert plain.compute_description == "nf4 weights, float32 compute"

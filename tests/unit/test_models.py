@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from llm_energy.config import ModelSettings
-from llm_energy.models.loading import PrecisionUnsupported, load_model, precision_support, resolve_device
+from llm_energy.models.loading import (
+    DeviceUnavailable,
+    PrecisionUnsupported,
+    load_model,
+    precision_support,
+    resolve_device,
+)
 
 TINY = ModelSettings(name="tiny-random-llama")
 
@@ -40,8 +46,9 @@ def test_unknown_precision_and_missing_gpu():
         load_model(TINY, "int3")
     assert precision_support("fp32", "cpu") is None
     if not torch.cuda.is_available():
-        with pytest.raises(PrecisionUnsupported, match="no CUDA GPU is visible"):
+        with pytest.raises(DeviceUnavailable, match="no CUDA GPU is visible") as caught:
             resolve_device("cuda")
+        assert isinstance(caught.value, PrecisionUnsupported)  # the runner's except still skips it
 
 
 def test_local_folder_without_config(tmp_path):
@@ -114,7 +121,7 @@ def test_installed_gemma_parts_match_their_pinned_hashes():
 def test_gemma_loads_from_its_dequantized_cache_and_scores_with_bos():
     from llm_energy.config import TaskSettings
     from llm_energy.data.tasks import load_task_data
-    from llm_energy.methods.scoring import evaluate, special_prefix
+    from llm_energy.methods.scoring import score_task, special_prefix
 
     loaded = load_model(ModelSettings(name="gemma-3-270m"), "fp32")  # first use: assemble + dequantize (~1 min)
     assert 260e6 < loaded.n_parameters < 280e6 and "Gemma 3 270M" in loaded.weights_origin
@@ -123,5 +130,5 @@ def test_gemma_loads_from_its_dequantized_cache_and_scores_with_bos():
     assert not getattr(loaded.tokenizer, "chat_template", None)  # a base model: no chat template
     assert special_prefix(loaded.tokenizer) == [loaded.tokenizer.bos_token_id]
     data = load_task_data("qa", TaskSettings(max_items=4))
-    result = evaluate("qa", loaded.model, loaded.tokenizer, data, style="options")
+    result = score_task("qa", loaded.model, loaded.tokenizer, data, style="options")
     assert result.n_items == 4 and set(result.metrics) == {"acc"}

@@ -57,7 +57,7 @@ def test_a_model_at_w8a8_has_int8_layers_and_scores(tmp_path):
     assert isinstance(loaded.model.lm_head, torch.nn.Linear)  # the output projection stays fp32
     assert loaded.memory_bytes < fp32.memory_bytes
     assert loaded.n_parameters == fp32.n_parameters  # the int8 weights are counted as weights
-    assert "int8 activations (per token" in loaded.compute_dtype
+    assert "int8 activations (per token" in loaded.compute_description
     ids = loaded.tokenizer("Site down after mains failure", return_tensors="pt")
     with torch.inference_mode():
         logits = loaded.model(**ids).logits

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -987,11 +988,20 @@ def evaluate_rca(model: Any, tokenizer: Any, data: TaskData, prompt: str | None 
     return task_result(prepared, score_prepared(model, tokenizer, prepared, progress), n_boot, seed)
 
 
-def evaluate(task: str, model: Any, tokenizer: Any, data: TaskData, prompt: str | None = None,
-             progress: bool = False, seed: int = 0, style: str = "cloze") -> TaskResult:
-    """Score one task; the same function for every precision and model (prepare, score, metrics)."""
+def score_task(task: str, model: Any, tokenizer: Any, data: TaskData, prompt: str | None = None,
+               progress: bool = False, seed: int = 0, style: str = "cloze") -> TaskResult:
+    """Score one task, unmeasured; the same function for every precision and model (prepare,
+    score, metrics)."""
     prepared = prepare_task(task, tokenizer, data, prompt, style)
     return task_result(prepared, score_prepared(model, tokenizer, prepared, progress), seed=seed)
+
+
+def evaluate(task: str, model: Any, tokenizer: Any, data: TaskData, prompt: str | None = None,
+             progress: bool = False, seed: int = 0, style: str = "cloze") -> TaskResult:
+    """Deprecated alias of :func:`score_task`."""
+    warnings.warn("llm_energy.methods.scoring.evaluate is deprecated: use score_task",
+                  DeprecationWarning, stacklevel=2)
+    return score_task(task, model, tokenizer, data, prompt, progress, seed, style)
 
 
 def choice_letter(index: int) -> str:

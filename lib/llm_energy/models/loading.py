@@ -63,7 +63,13 @@ class ModelFileError(RuntimeError):
 
 
 class PrecisionUnsupported(RuntimeError):
-    """A precision cannot run on this device; the runner skips it and records the reason."""
+    """A config cannot run here (the precision on this device, or the device itself); the runner
+    skips it and records the reason."""
+
+
+class DeviceUnavailable(PrecisionUnsupported):
+    """The requested device is not on this machine (``cuda`` without a visible GPU), whatever the
+    precision. A subclass of :class:`PrecisionUnsupported`, so the runner skips it the same way."""
 
 
 def cache_root() -> Path:
@@ -81,8 +87,15 @@ class LoadedModel:
     weights_origin: str  # where the weights came from, in words (for the report)
     n_parameters: int
     memory_bytes: int
-    compute_dtype: str
+    # the weights' format and the dtype the matmuls run in, in words ("float32", "nf4 weights,
+    # bfloat16 compute at inference (dequantized per call; ...)"): not a torch dtype
+    compute_description: str
     load_s: float
+
+    @property
+    def compute_dtype(self) -> str:
+        """Deprecated name of :attr:`compute_description` (it holds words, not a dtype)."""
+        return self.compute_description
 
 
 def _atomic_dir(target: Path, build: Any) -> Path:
@@ -305,7 +318,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PrecisionUnsupported("device 'cuda' was requested but no CUDA GPU is visible")
+        raise DeviceUnavailable("device 'cuda' was requested but no CUDA GPU is visible")
     return device
 
 
@@ -331,6 +344,7 @@ def precision_support(precision: str, device: str) -> str | None:
 
 
 def _quantization(precision: str, device: str) -> tuple[Any, Any, str]:
+    """(torch dtype to load in, bitsandbytes config or None, the compute in words)."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -364,7 +378,8 @@ def load_model(
     base_dir: Path | None = None,
     cache: Path | None = None,
 ) -> LoadedModel:
-    """Load a model at a precision on a device; raise PrecisionUnsupported with the reason if it can't."""
+    """Load a model at a precision on a device; raise PrecisionUnsupported with the reason if it can't
+    (DeviceUnavailable, a subclass, when the device itself is missing)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
@@ -373,7 +388,7 @@ def load_model(
         raise PrecisionUnsupported(reason)
     start = time.perf_counter()
     weights, origin = resolve_weights(spec, base_dir, cache)
-    dtype, quant, compute = _quantization(precision, device)
+    dtype, quant, description = _quantization(precision, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if spec.source == "hub" and spec.revision:
         kwargs["revision"] = spec.revision
@@ -394,8 +409,8 @@ def load_model(
     if precision == "w8a8":
         quant8.quantize_model(model)
     if precision in ("nf4", "fp4") and device == "cpu" and fourbit.dequantize_per_call(model):
-        compute = (f"{precision} weights, {fourbit.COMPUTE} compute at inference (dequantized per call; "
-                   "float32 in training)")
+        description = (f"{precision} weights, {fourbit.COMPUTE} compute at inference (dequantized per call; "
+                       "float32 in training)")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(weights, **({"revision": spec.revision} if spec.revision else {}))
     if tokenizer.pad_token_id is None:
@@ -409,7 +424,7 @@ def load_model(
         weights_origin=origin,
         n_parameters=quant8.count_parameters(model),  # W8A8's int8 weights are buffers
         memory_bytes=int(model.get_memory_footprint()),
-        compute_dtype=compute,
+        compute_description=description,
         load_s=time.perf_counter() - start,
     )
 

@@ -2,7 +2,7 @@
 LoRA adapter from the fine-tuning phase, scored on every task inside measured energy windows.
 
 Steps, in the order the notebook runs them: :func:`load`, :func:`prepare` (scoring path chosen
-before anything is measured, config row written), then :func:`evaluate` with a meter from
+before anything is measured, config row written), then :func:`measure_config_tasks` with a meter from
 :func:`llm_energy.phases.evaluation.open_meter`. For a reader stepping through the notebook:
 :func:`first_items` and :func:`score` (a few items in one window by hand, written nowhere),
 :func:`answers` (what the model chose), :func:`config_figure` (this config's energy and scores).
@@ -10,6 +10,7 @@ before anything is measured, config row written), then :func:`evaluate` with a m
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +58,18 @@ def prepare(run: ConfigRun, loaded: LoadedModel, adapter: str = "none", adapter_
     return path
 
 
-def evaluate(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, adapter: str = "none") -> list[dict[str, Any]]:
+def measure_config_tasks(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter,
+                         adapter: str = "none") -> list[dict[str, Any]]:
     """Every task measured and written to the tables, as an inference-phase config."""
     return evaluate_config(run, loaded, meter, phase="inference", adapter=adapter)
+
+
+def evaluate(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter,
+             adapter: str = "none") -> list[dict[str, Any]]:
+    """Deprecated alias of :func:`measure_config_tasks` (the old name said nothing of the measuring)."""
+    warnings.warn("llm_energy.phases.inference.evaluate is deprecated: use measure_config_tasks",
+                  DeprecationWarning, stacklevel=2)
+    return measure_config_tasks(run, loaded, meter, adapter)
 
 
 def first_items(run: ConfigRun, loaded: LoadedModel, task: str | None = None, n: int = 4) -> PreparedTask:

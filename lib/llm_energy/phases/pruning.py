@@ -10,6 +10,7 @@ sparse kernel exists, so pruned models run dense there, and :func:`sparse_execut
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -233,11 +234,20 @@ def record(run: ConfigRun, pruned: PrunedModel, execution: SparseExecution, adap
     return path
 
 
-def evaluate(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, outcome: PruningResult,
-             adapter: str = "none") -> list[dict[str, Any]]:
-    """Every task measured and written to the tables exactly as the inference phase does."""
+def measure_pruned_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, outcome: PruningResult,
+                          adapter: str = "none") -> list[dict[str, Any]]:
+    """Every task of the pruned config measured and written to the tables exactly as the inference
+    phase does (phase ``pruning``, with the pruning label and the measured sparsity)."""
     return evaluate_config(run, loaded, meter, phase="pruning", adapter=adapter, pruning=outcome.spec.label,
                            sparsity=outcome)
+
+
+def evaluate(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, outcome: PruningResult,
+             adapter: str = "none") -> list[dict[str, Any]]:
+    """Deprecated alias of :func:`measure_pruned_config`."""
+    warnings.warn("llm_energy.phases.pruning.evaluate is deprecated: use measure_pruned_config",
+                  DeprecationWarning, stacklevel=2)
+    return measure_pruned_config(run, loaded, meter, outcome, adapter)
 
 
 
@@ -293,11 +303,19 @@ def recover(run: ConfigRun, pruned: PrunedModel, settings: RecoverySettings, met
     return Recovery(recovered, loaded, checks)
 
 
-def evaluate_recovered(recovery: Recovery, meter: EnergyMeter, outcome: PruningResult,
-                       adapter: str = "none") -> list[dict[str, Any]]:
+def measure_recovered_config(recovery: Recovery, meter: EnergyMeter, outcome: PruningResult,
+                             adapter: str = "none") -> list[dict[str, Any]]:
     """The recovered config measured and written like every pruned config."""
     return evaluate_config(recovery.run, recovery.loaded, meter, phase="pruning", adapter=recovered_adapter(adapter),
                            pruning=outcome.spec.label, sparsity=outcome)
+
+
+def evaluate_recovered(recovery: Recovery, meter: EnergyMeter, outcome: PruningResult,
+                       adapter: str = "none") -> list[dict[str, Any]]:
+    """Deprecated alias of :func:`measure_recovered_config`."""
+    warnings.warn("llm_energy.phases.pruning.evaluate_recovered is deprecated: use measure_recovered_config",
+                  DeprecationWarning, stacklevel=2)
+    return measure_recovered_config(recovery, meter, outcome, adapter)
 
 
 def layers_figure(outcome: PruningResult, config_id: str = "") -> Figure:

@@ -80,7 +80,7 @@ def example_study(folder: str | Path = "") -> Path:
         loaded = inference.load(run)
         inference.prepare(run, loaded)
         with open_meter(run, loaded.device, system_idle) as meter:
-            inference.evaluate(run, loaded, meter)
+            inference.measure_config_tasks(run, loaded, meter)
     return root
 
 

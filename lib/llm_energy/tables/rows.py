@@ -91,7 +91,7 @@ def energy_fields(record: EnergyRecord) -> dict[str, Any]:
 
 
 def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: TaskResult,
-                measurement: RepeatedMeasurement, device: str, compute_dtype: str, memory_bytes: int,
+                measurement: RepeatedMeasurement, device: str, compute_description: str, memory_bytes: int,
                 generated_tokens: int = 0, sparsity: PruningResult | None = None,
                 idle_system_power_w: float | None = None, source: str = "", style: str = "",
                 fewshot: Sequence[Any] = (), limit: ProbeRate | None = None) -> None:
@@ -125,7 +125,7 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         energy_kwh_per_item=energy_kwh / max(result.n_items, 1),
         energy_kwh_per_1k_tokens=energy_kwh * 1000 / max(result.n_tokens, 1),
         energy_kwh_per_correct=energy_per_correct(energy_kwh, result, style),
-        compute_dtype=compute_dtype, memory_bytes=memory_bytes, n_generated_tokens=generated_tokens,
+        compute_dtype=compute_description, memory_bytes=memory_bytes, n_generated_tokens=generated_tokens,
         energy_kwh_per_1k_generated_tokens=energy_kwh * 1000 / generated_tokens if generated_tokens else None,
         **per_token,
         canary_slowdown=measurement.worst("canary_slowdown"), canary_vs_study=measurement.worst("canary_vs_study"),

@@ -74,6 +74,7 @@ class EnergyRow:
     n_tokens_prompted: int | None = None  # tokens of every prompt as written (the shared prefix per item)
     energy_kwh_per_1k_tokens: float | None = None  # per 1k tokens as they ran (n_tokens)
     energy_kwh_per_correct: float | None = None  # per correct answer under the task's headline metric
+    # the compute in words (LoadedModel.compute_description), not a dtype; the column keeps its name
     compute_dtype: str | None = None
     memory_bytes: int | None = None
     n_generated_tokens: int | None = None
