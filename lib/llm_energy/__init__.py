@@ -18,7 +18,8 @@ from types import ModuleType
 # old flat module -> where it lives now
 MOVED: dict[str, str] = {
     "teleqna": "data.teleqna", "energy": "measure.meter", "throughput": "measure.throughput",
-    "results": "tables.store", "records": "tables.rows", "quant8": "models.quant8", "sparse": "models.sparse_kernels",
+    "results": "tables.store", "records": "tables.rows", "quant8": "models.quant8",
+    "sparse": "models.sparse_kernels",
     "scoring": "methods.scoring", "generation": "methods.generation", "prune": "methods.sparsify",
     "lora": "methods.lora_training", "significance": "analysis.significance", "rank": "analysis.ranking_math",
     "plots": "report.figures", "evaluation": "phases.evaluation", "finetune": "phases.finetune",

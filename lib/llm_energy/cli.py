@@ -34,7 +34,8 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"{args.params}: tasks.{task}: {n} record(s) too long for a model's context will be left out "
               "(invalid_records: skip; listed in tables/skipped_records.csv)")
     n_configs = len(study.models) * len(study.precisions)
-    print(f"{args.params}: valid — study '{study.study}', {n_configs} inference config(s), phases {', '.join(study.phases)}")
+    print(f"{args.params}: valid — study '{study.study}', {n_configs} inference config(s), phases "
+          f"{', '.join(study.phases)}")
     return 0
 
 
@@ -154,7 +155,8 @@ def _add_jobs_commands(sub: Any) -> None:
     """`jobs` and `params` on the parser's subcommands."""
     jobs = sub.add_parser("jobs", help="list the job ids of a study (phase__config), in run order")
     jobs.add_argument("params", type=Path, help="study parameters (YAML)")
-    jobs.add_argument("--out", type=Path, help="the run's output folder, as for run (default: outputs/<study>)")
+    jobs.add_argument("--out", type=Path, help="the run's output folder, as for run (default: "
+                                               "outputs/<study>)")
     jobs.set_defaults(func=_jobs)
 
     params = sub.add_parser("params", help="the papermill parameters of one job, for papermill -f")
@@ -162,7 +164,8 @@ def _add_jobs_commands(sub: Any) -> None:
     params.add_argument("--job", required=True, help="a job id from `llm-energy jobs`")
     params.add_argument("--out", type=Path, help="the run's output folder the job writes to, as for run "
                         "(default: outputs/<study>)")
-    params.add_argument("-o", "--output-file", type=Path, help="write the YAML here (default: standard output)")
+    params.add_argument("-o", "--output-file", type=Path,
+                        help="write the YAML here (default: standard output)")
     params.set_defaults(func=_params)
 
 
@@ -173,9 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a study: every phase notebook, executed with papermill")
     run.add_argument("params", type=Path, help="study parameters (YAML)")
     run.add_argument("--out", type=Path, help="output folder (default: outputs/<study>)")
-    run.add_argument("--no-resume", action="store_true", help="do not skip finished jobs (needs --force on a used folder)")
-    run.add_argument("--force", action="store_true", help="with --no-resume: delete the output folder's results first")
-    run.add_argument("--cluster", choices=["none", "local", "slurm"], default="none", help="where jobs run (default: sequentially here)")
+    run.add_argument("--no-resume", action="store_true",
+                     help="do not skip finished jobs (needs --force on a used folder)")
+    run.add_argument("--force", action="store_true",
+                     help="with --no-resume: delete the output folder's results first")
+    run.add_argument("--cluster", choices=["none", "local", "slurm"], default="none",
+                     help="where jobs run (default: sequentially here)")
     run.add_argument("--phases", nargs="+", help="run only these phases (data, inference, ranking)")
     run.set_defaults(func=_run)
 
@@ -189,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write report.pdf beside it (headless Chromium's print to PDF)")
     report.set_defaults(func=_report)
 
-    plan = sub.add_parser("plan", help="the jobs, each precision's measured speed here, skips and estimated times")
+    plan = sub.add_parser("plan", help="the jobs, each precision's measured speed here, skips and estimated "
+                                       "times")
     plan.add_argument("params", type=Path, help="study parameters (YAML)")
     plan.add_argument("--calibrate-from", type=Path, metavar="STUDY_DIR",
                       help="calibrate the estimate on this finished study folder (e.g. one run on this "

@@ -26,16 +26,18 @@ class StudyParametersGiven(ValueError):
     """A phase notebook was given a study's parameters file instead of one job's parameters."""
 
 
-def refuse_study_parameters(namespace: Mapping[str, Any], notebook: str = "notebooks/03_inference.ipynb") -> None:
+def refuse_study_parameters(namespace: Mapping[str, Any],
+                            notebook: str = "notebooks/03_inference.ipynb") -> None:
     """Stop a notebook that papermill gave a whole study file (``-f params/default.yaml``): its
     ``models`` and ``precisions`` match no parameter, so it would otherwise run its defaults."""
     given = [key for key in STUDY_ONLY_KEYS if key in namespace]
     if given:
         raise StudyParametersGiven(
-            f"these parameters describe a whole study (keys {', '.join(given)}), but a notebook runs one job of "
-            "a study. Write one job's parameters with `llm-energy params STUDY.yaml --job JOB_ID -o job.yaml` "
-            "(list the job ids with `llm-energy jobs STUDY.yaml`), then run "
-            f"`papermill {notebook} out.ipynb -f job.yaml`; or run the whole study with `llm-energy run STUDY.yaml`.")
+            f"these parameters describe a whole study (keys {', '.join(given)}), but a notebook runs one job "
+            "of a study. Write one job's parameters with `llm-energy params STUDY.yaml --job JOB_ID -o "
+            "job.yaml` (list the job ids with `llm-energy jobs STUDY.yaml`), then run "
+            f"`papermill {notebook} out.ipynb -f job.yaml`; or run the whole study with `llm-energy run "
+            "STUDY.yaml`.")
 
 
 def config_id_for(model: str, precision: str, adapter: str = "none", pruning: str = "none") -> str:

@@ -38,7 +38,8 @@ __all__ = [
 DEFAULT_LIFECYCLE_QUERIES: tuple[float, ...] = (1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
 LIFECYCLE_COLUMNS: tuple[str, ...] = (
     "config_id", "reference", "step", "source_config", "setup_kwh", "setup_net_kwh", "setup_g_co2e", "method",
-    "estimate", "shared_with", "per_query_j", "reference_per_query_j", "reference_setup_kwh", "break_even_queries",
+    "estimate", "shared_with", "per_query_j", "reference_per_query_j", "reference_setup_kwh",
+    "break_even_queries",
 )
 TRAINING_STEPS = {"finetune": "fine-tuning", "recovery": "recovery fine-tuning"}
 
@@ -80,9 +81,11 @@ def lineage(config_id: str, meta: dict[str, tuple[str, str]]) -> list[str]:
 
 def _step(step: str, source: str, rows: pd.DataFrame) -> SetupStep:
     methods = sorted({m for m in component_methods(rows) if m})
-    net = rows["energy_net_kwh"].astype(float) if "energy_net_kwh" in rows else pd.Series(float("nan"), index=rows.index)
+    net = (rows["energy_net_kwh"].astype(float) if "energy_net_kwh" in rows
+           else pd.Series(float("nan"), index=rows.index))
     return SetupStep(step=step, source_config=source, kwh=float(rows["energy_kwh"].astype(float).sum()),
-                     net_kwh=float(net.sum(min_count=1)), g_co2e=float(rows["emissions_kg"].astype(float).sum() * 1000),
+                     net_kwh=float(net.sum(min_count=1)),
+                     g_co2e=float(rows["emissions_kg"].astype(float).sum() * 1000),
                      method=";".join(methods), estimate=any(is_estimate(m) for m in methods) or not methods)
 
 
@@ -94,25 +97,30 @@ def setup_steps(config_id: str, energy: pd.DataFrame, setup_energy: pd.DataFrame
     for source in lineage(config_id, meta):
         adapter, pruning = meta.get(source, ("none", "none"))
         parent = parent_config_id(source, adapter, pruning)
-        training = energy[(energy["config_id"].astype(str) == source) & energy["phase"].isin(list(TRAINING_STEPS))]
+        training = energy[(energy["config_id"].astype(str) == source) & energy["phase"].isin(
+            list(TRAINING_STEPS))]
         for phase, rows in training.groupby("phase", sort=False):
             steps.append(_step(TRAINING_STEPS[str(phase)], source, rows))
-        made = setup_energy[setup_energy["config_id"].astype(str) == source] if not setup_energy.empty else setup_energy
+        made = (setup_energy[setup_energy["config_id"].astype(str) == source] if not setup_energy.empty
+                else setup_energy)
         if len(made):
             for _, row in made.sort_values("order").iterrows():
                 steps.append(_step(str(row["step"]), source, made[made["step"] == row["step"]]))
         recovered = parent is not None and source.endswith(f"__{RECOVERED_SUFFIX}")
         if recovered and training.empty:
-            unknown.append(f"the recovery fine-tuning of {source} was not measured (its job failed or was skipped)")
+            unknown.append(f"the recovery fine-tuning of {source} was not measured (its job failed or was "
+                           "skipped)")
         elif pruning != "none" and not recovered and not len(made):
-            unknown.append(f"the pruning setup of {source} was not measured (a study from before setup metering, "
-                           "or its job failed)")
+            unknown.append(f"the pruning setup of {source} was not measured (a study from before setup "
+                           "metering, or its job failed)")
         elif adapter != "none" and pruning == "none" and not recovered and training.empty:
-            unknown.append(f"the fine-tuning of {source}'s adapter was not measured (its job failed or was skipped)")
+            unknown.append(f"the fine-tuning of {source}'s adapter was not measured (its job failed or was "
+                           "skipped)")
     return steps, unknown
 
 
-def break_even(setup_j: float, per_query_j: float, reference_setup_j: float, reference_per_query_j: float) -> str:
+def break_even(setup_j: float, per_query_j: float, reference_setup_j: float,
+               reference_per_query_j: float) -> str:
     """The smallest number of queries N at which setup + N x per-query is at most the reference's:
     "immediately" (no more setup and no more per query), "never" (per query not lower, with more setup;
     or per query higher), else N."""
@@ -133,7 +141,8 @@ def lifecycle_table(configs: pd.DataFrame, energy: pd.DataFrame, setup_energy: p
     meta = _meta(configs_table if configs_table is not None else pd.DataFrame(), energy)
     for row in configs.itertuples():
         meta.setdefault(str(row.config_id), (str(row.adapter), str(row.pruning)))
-    per_query = {str(c): float(e) * J_PER_KWH for c, e in zip(configs["config_id"], configs["energy_kwh_per_item"])}
+    per_query = {str(c): float(e) * J_PER_KWH
+                 for c, e in zip(configs["config_id"], configs["energy_kwh_per_item"])}
     found = {str(c): setup_steps(str(c), energy, setup_energy, meta) for c in configs["config_id"]}
     users: dict[tuple[str, str], list[str]] = {}
     for config_id, (steps, _) in found.items():
@@ -151,7 +160,8 @@ def lifecycle_table(configs: pd.DataFrame, energy: pd.DataFrame, setup_energy: p
         has_reference = reference in per_query
         for s in steps:
             others = [c for c in users[(s.step, s.source_config)] if c != config_id]
-            rows.append({"config_id": config_id, "reference": reference if has_reference else "", "step": s.step,
+            rows.append({"config_id": config_id, "reference": reference if has_reference else "",
+                         "step": s.step,
                          "source_config": s.source_config, "setup_kwh": s.kwh, "setup_net_kwh": s.net_kwh,
                          "setup_g_co2e": s.g_co2e, "method": s.method, "estimate": s.estimate,
                          "shared_with": " ".join(sorted(others))})
@@ -190,5 +200,6 @@ def amortized_energy_per_item(configs: pd.DataFrame, lifecycle: pd.DataFrame, qu
     totals = lifecycle[lifecycle["step"] == "total"].set_index("config_id")
     setup = totals["setup_net_kwh" if basis == "net" else "setup_kwh"].astype(float)
     ids = configs["config_id"].astype(str)
-    return pd.Series(configs["energy_kwh_per_item"].astype(float).to_numpy() + ids.map(setup).fillna(0.0).to_numpy()
+    return pd.Series(configs["energy_kwh_per_item"].astype(float).to_numpy()
+                     + ids.map(setup).fillna(0.0).to_numpy()
                      / queries, index=configs.index)

@@ -90,7 +90,8 @@ SCORE_COLUMNS: tuple[str, ...] = ("config_id", "task", "metric", "value")
 ITEM_SCORE_COLUMNS: tuple[str, ...] = ("config_id", "task", "metric", "item_id", "value")
 ENERGY_REPEAT_COLUMNS: tuple[str, ...] = ("config_id", "repeat", "energy_kwh_per_item")
 # energy_repeats rows per task window (repeat_energy), what energy_draws resamples
-ENERGY_WINDOW_COLUMNS: tuple[str, ...] = ("config_id", "task", "repeat", "energy_kwh", "n_items", "window_unit", "task_items")
+ENERGY_WINDOW_COLUMNS: tuple[str, ...] = ("config_id", "task", "repeat", "energy_kwh", "n_items",
+                                          "window_unit", "task_items")
 # Phases whose energy rows are evaluations of a config (fine-tuning energy is reported apart).
 EVALUATION_PHASES: tuple[str, ...] = ("inference", "pruning")
 
@@ -157,7 +158,8 @@ def compute_rho(
     if settings.metric_scaling == "identity":
         _check_unit_interval(long[long["config_id"].isin(kept) & long["key"].isin(chosen)])
     values = wide.to_numpy(dtype=float)[np.newaxis, :, :]
-    rho = pd.Series(_rho_array(values, settings.metric_scaling, settings.rho_scale)[0], index=pd.Index(kept, name="config_id"), name="rho")
+    rho = pd.Series(_rho_array(values, settings.metric_scaling, settings.rho_scale)[0],
+                    index=pd.Index(kept, name="config_id"), name="rho")
     return rho, excluded
 
 
@@ -166,7 +168,8 @@ def headline_metrics(tasks: Sequence[str], qa_style: str = "cloze") -> tuple[str
     return tuple(f"{task}:{headline_metric(task, qa_style)}" for task in TASK_NAMES if task in set(tasks))
 
 
-def chosen_metrics(scores: pd.DataFrame, settings: RankingSettings, qa_style: str = "cloze") -> tuple[str, ...]:
+def chosen_metrics(scores: pd.DataFrame, settings: RankingSettings,
+                   qa_style: str = "cloze") -> tuple[str, ...]:
     """The metrics rho counts for these scores (a table with task and metric columns)."""
     return _chosen_metrics(_prepare_long_scores(scores, SCORE_COLUMNS, "scores"), settings, qa_style)
 
@@ -247,9 +250,10 @@ def config_energy(energy: pd.DataFrame, basis: str = "gross") -> pd.DataFrame:
         bad = sorted(set(rows.loc[~(net > 0), "config_id"].astype(str)))
         if bad:
             raise ValueError(
-                f"ranking.energy_basis: net, but rows of {', '.join(bad)} have net energy at or below zero (their "
-                "windows drew no more than the loaded-idle baseline; energy.csv's net_at_or_below_idle marks the "
-                "rows): a net ranking of them means nothing. Rank on energy_basis: gross, or measure longer windows.")
+                f"ranking.energy_basis: net, but rows of {', '.join(bad)} have net energy at or below zero "
+                "(their windows drew no more than the loaded-idle baseline; energy.csv's "
+                "net_at_or_below_idle marks the rows): a net ranking of them means nothing. Rank on "
+                "energy_basis: gross, or measure longer windows.")
         rows["energy_kwh"] = net
     # the uncertainty of each row's energy: its standard error where recorded, else its spread
     spread = rows["energy_kwh_std"].astype(float)
@@ -263,7 +267,8 @@ def config_energy(energy: pd.DataFrame, basis: str = "gross") -> pd.DataFrame:
         var=("var", "sum"),
     ).reset_index()
     # every component's method behind the config's totals (not only the first component's)
-    methods = {c: ";".join(sorted(set(m for m in component_methods(g) if m))) for c, g in rows.groupby("config_id", sort=False)}
+    methods = {c: ";".join(sorted(set(m for m in component_methods(g) if m)))
+               for c, g in rows.groupby("config_id", sort=False)}
     out["energy_method"] = out["config_id"].map(methods)
     out["energy_kwh_per_item"] = out["energy_kwh"] / out["n_items"]
     out["energy_kwh_per_item_std"] = np.sqrt(out["var"]) / out["n_items"]
@@ -278,11 +283,12 @@ def check_one_scope(rows: pd.DataFrame) -> None:
     scopes = rows["energy_scope"].astype(object).where(rows["energy_scope"].notna(), "").astype(str)
     if scopes.nunique() <= 1:
         return
-    detail = "; ".join(f"{scope or '(none recorded)'}: {', '.join(sorted(set(rows.loc[scopes == scope, 'config_id'].astype(str))))}"
+    detail = "; ".join(f"{scope or '(none recorded)'}: "
+                       f"{', '.join(sorted(set(rows.loc[scopes == scope, 'config_id'].astype(str))))}"
                        for scope in sorted(set(scopes)))
-    raise ValueError(f"energy.csv mixes energy scopes, which a ranking cannot compare ({detail}). Re-measure the "
-                     "configs of one scope under the other (rerun them with the same --cluster), or rank each "
-                     "scope's configs in a study of its own.")
+    raise ValueError(f"energy.csv mixes energy scopes, which a ranking cannot compare ({detail}). Re-measure "
+                     "the configs of one scope under the other (rerun them with the same --cluster), or rank "
+                     "each scope's configs in a study of its own.")
 
 
 def repeat_energy(repeats: pd.DataFrame, basis: str = "gross") -> pd.DataFrame:
@@ -301,7 +307,8 @@ def repeat_energy(repeats: pd.DataFrame, basis: str = "gross") -> pd.DataFrame:
         rows["task_items"] = np.nan
     chunk_total = rows.groupby(["config_id", "phase", "task"])["n_items"].transform("sum")
     derived = np.where(rows["window_unit"] == "chunk", chunk_total, rows["n_items"])
-    rows["task_items"] = rows["task_items"].astype(float).fillna(pd.Series(derived, index=rows.index).astype(float))
+    rows["task_items"] = rows["task_items"].astype(float).fillna(
+        pd.Series(derived, index=rows.index).astype(float))
     rows["task"] = rows["phase"].astype(str) + ":" + rows["task"].astype(str)
     return rows[list(ENERGY_WINDOW_COLUMNS)].reset_index(drop=True)
 
@@ -408,8 +415,8 @@ def rank_stability(
     Per-item scores must be complete: every compared config needs a value for every item of
     each chosen metric's task, and every chosen metric needs per-item scores: rho here is the
     point ranking's rho (same metrics, same scaling), so a metric without them (RCA macro-F1)
-    is refused with a ValueError instead of being silently dropped. Returns one row per config with columns config_id,
-    rank_1..rank_N (share of draws at each rank), modal_rank (lowest rank among equally
+    is refused with a ValueError instead of being silently dropped. Returns one row per config with columns
+    config_id, rank_1..rank_N (share of draws at each rank), modal_rank (lowest rank among equally
     frequent ones) and p_modal, sorted by modal_rank. Excluded configs are listed in
     ``result.attrs["excluded"]``.
     """
@@ -422,7 +429,8 @@ def rank_stability(
     n_boot = int(n_boot)
 
     table = _prepare_configs(configs)
-    items, kept, excluded, chosen = _prepare_items(scores_per_item, table["config_id"].tolist(), settings, qa_style)
+    items, kept, excluded, chosen = _prepare_items(scores_per_item, table["config_id"].tolist(), settings,
+                                                   qa_style)
 
     rng = np.random.default_rng(seed)
     metric_means = _bootstrap_metric_means(items, kept, chosen, n_boot, rng)
@@ -448,7 +456,8 @@ def rank_stability(
     # The same draws at every w of the grid: how often each config comes out best (ties share it).
     p_best = [{"config_id": c, "w": float(grid_w), "p_best": float(p)}
               for grid_w in settings.w_grid
-              for c, p in zip(kept, (_competition_ranks(grid_w * phi + (1.0 - grid_w) * rho) == 1).mean(axis=0))]
+              for c, p in zip(kept,
+                              (_competition_ranks(grid_w * phi + (1.0 - grid_w) * rho) == 1).mean(axis=0))]
     result.attrs["p_best"] = pd.DataFrame(p_best, columns=["config_id", "w", "p_best"])
     return result
 
@@ -462,7 +471,8 @@ def rho_from_items(scores_per_item: pd.DataFrame, settings: RankingSettings | No
     ids = _unique_ids(config_ids) if config_ids is not None else list(pd.unique(long["config_id"]))
     items, kept, _, chosen = _prepare_items(scores_per_item, ids, settings, qa_style)
     means = _metric_means(items, kept, chosen, lambda n: np.ones((1, n)))
-    return pd.Series(_rho_array(means, settings.metric_scaling, settings.rho_scale)[0], index=pd.Index(kept, name="config_id"), name="rho")
+    return pd.Series(_rho_array(means, settings.metric_scaling, settings.rho_scale)[0],
+                     index=pd.Index(kept, name="config_id"), name="rho")
 
 
 # A config best in at least this share of joint resamples cannot be separated from the top one.
@@ -480,7 +490,8 @@ def add_top_uncertainty(table: pd.DataFrame, p_best: pd.DataFrame | None,
         out["p_best"] = np.nan
     else:
         keyed = p_best.assign(w=p_best["w"].round(9)).set_index(["config_id", "w"])["p_best"]
-        out["p_best"] = [keyed.get((c, round(float(w), 9)), np.nan) for c, w in zip(out["config_id"], out["w"])]
+        out["p_best"] = [keyed.get((c, round(float(w), 9)), np.nan)
+                         for c, w in zip(out["config_id"], out["w"])]
     out["tied_with_top"] = (out["rank"] == 1) | (out["p_best"].fillna(0.0) >= share)
     return out
 
@@ -562,7 +573,8 @@ def _prepare_long_scores(scores: pd.DataFrame, columns: Sequence[str], name: str
     return long
 
 
-def _chosen_metrics(long: pd.DataFrame, settings: RankingSettings, qa_style: str = "cloze") -> tuple[str, ...]:
+def _chosen_metrics(long: pd.DataFrame, settings: RankingSettings,
+                    qa_style: str = "cloze") -> tuple[str, ...]:
     available = set(long["key"])
     if settings.metrics is None:
         if not available:
@@ -663,10 +675,10 @@ def _prepare_items(scores_per_item: pd.DataFrame, ids: list[str], settings: Rank
         lacking = [m for m in settings.metrics if m not in set(items["key"])]
         if lacking:
             raise ValueError(
-                f"rho counts {lacking}, which have no per-item scores to resample (a corpus-level metric such "
-                "as macro-F1 is not an average over items); resampling without them would rank by a different "
-                f"rho than the point ranking. Per-item metrics here: {sorted(set(items['key']))}. Choose those "
-                "in ranking.metrics, or set ranking.bootstrap: 0.")
+                f"rho counts {lacking}, which have no per-item scores to resample (a corpus-level metric "
+                "such as macro-F1 is not an average over items); resampling without them would rank by a "
+                f"different rho than the point ranking. Per-item metrics here: {sorted(set(items['key']))}. "
+                "Choose those in ranking.metrics, or set ranking.bootstrap: 0.")
     chosen = _chosen_metrics(items, settings, qa_style)
     items = items[items["key"].isin(chosen)]
 
@@ -764,9 +776,11 @@ def _bootstrap_energy(
     if "task" in energy_repeats.columns:  # per-task windows (repeat_energy): the point ranking's energy
         _require_columns(energy_repeats, ENERGY_WINDOW_COLUMNS, "energy_repeats")
         draws = energy_draws(energy_repeats, config_ids, n_boot, rng)
-        bad = [c for c, ok in zip(config_ids, np.isfinite(draws).all(axis=0) & (draws > 0).all(axis=0)) if not ok]
+        bad = [c for c, ok in zip(config_ids, np.isfinite(draws).all(axis=0) & (draws > 0).all(axis=0))
+               if not ok]
         if bad:
-            raise ValueError(f"energy_kwh_per_item must be finite and > 0 in every resample; bad for configs: {bad}")
+            raise ValueError("energy_kwh_per_item must be finite and > 0 in every resample; bad for "
+                             f"configs: {bad}")
         return draws
     _require_columns(energy_repeats, ENERGY_REPEAT_COLUMNS, "energy_repeats")
     repeats = energy_repeats[list(ENERGY_REPEAT_COLUMNS)].copy()
@@ -804,10 +818,10 @@ def paired_comparisons(item_scores: pd.DataFrame, n_boot: int = 2000, level: flo
 
     diff = mean(a) - mean(b) over the items both have; its interval is a paired bootstrap (the same
     resampled items for both configs). The p-value is McNemar's exact test for 0/1 metrics
-    (accuracies) and the paired sign-flip permutation test otherwise (:mod:`llm_energy.analysis.significance`).
-    ``p_adjusted`` and ``family`` stay empty here: the ranking phase fills them for the pairs the
-    report judges (Holm within each family). One row per unordered pair, ``config_a`` before
-    ``config_b`` in sorted order."""
+    (accuracies) and the paired sign-flip permutation test otherwise
+    (:mod:`llm_energy.analysis.significance`). ``p_adjusted`` and ``family`` stay empty here: the ranking
+    phase fills them for the pairs the report judges (Holm within each family). One row per unordered pair,
+    ``config_a`` before ``config_b`` in sorted order."""
     items = _prepare_long_scores(item_scores, ITEM_SCORE_COLUMNS, "item_scores")
     items = items[items["value"].notna()]
     rows = []
@@ -827,7 +841,8 @@ def paired_comparisons(item_scores: pd.DataFrame, n_boot: int = 2000, level: flo
                 d = va - vb
                 low, high = paired_interval(d, n_boot, level, rng)
                 p_value, test = paired_test(va, vb, n_perm=n_perm, seed=seed)
-                rows.append({"config_a": a, "config_b": b, "task": task, "metric": metric, "diff": float(d.mean()),
+                rows.append({"config_a": a, "config_b": b, "task": task, "metric": metric,
+                             "diff": float(d.mean()),
                              "ci_low": low, "ci_high": high, "p_value": p_value, "test": test, "n_items": n,
                              "family": "", "p_adjusted": np.nan})
     return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))

@@ -76,7 +76,8 @@ def task_file(task: str, settings: TaskSettings, base_dir: Path | None = None) -
 
 def source_name(task: str, settings: TaskSettings, base_dir: Path | None = None) -> str:
     """How tables name a task's data: "synthetic", "teleqna", or the file's path."""
-    return settings.data if settings.data in ("synthetic", "teleqna") else str(task_file(task, settings, base_dir))
+    return (settings.data if settings.data in ("synthetic", "teleqna")
+            else str(task_file(task, settings, base_dir)))
 
 
 def describe_source(source: str) -> str:
@@ -93,7 +94,8 @@ def _read_text(path: Path) -> str:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(path, f"is not valid UTF-8 text (byte {exc.start}): re-save it as UTF-8", line) from None
+        raise DataError(path, f"is not valid UTF-8 text (byte {exc.start}): re-save it as UTF-8",
+                        line) from None
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -192,7 +194,8 @@ def _detect_format(path: Path, declared: str) -> str:
         return "csv"
     if suffix in (".zip", ".json", ".txt"):
         return "teleqna"
-    raise DataError(path, f"cannot tell the format from the extension {suffix!r}; set format: jsonl, csv or teleqna")
+    raise DataError(path, f"cannot tell the format from the extension {suffix!r}; set format: jsonl, csv or "
+                          "teleqna")
 
 
 def _skip_or_raise(exc: DataError, task: str, record_id: str, settings: TaskSettings,
@@ -223,7 +226,8 @@ def _read_records_cached(task: str, path_text: str, _mtime: int, settings_json: 
             if isinstance(entry, DataError):
                 _skip_or_raise(entry, task, key, settings, skipped)
             elif entry.id in settings.exclude_records:
-                skipped.append(SkippedRecord(task, f"{path} [{key}]", None, key, "prompt", settings.exclude_records[entry.id]))
+                skipped.append(SkippedRecord(task, f"{path} [{key}]", None, key, "prompt",
+                                             settings.exclude_records[entry.id]))
             else:
                 entries.append((entry, None))
     else:
@@ -241,19 +245,23 @@ def _read_records_cached(task: str, path_text: str, _mtime: int, settings_json: 
             try:
                 item = make(record, path, line, f"{task}-{line}")
                 if label_set is not None and item.root_cause not in label_set:
-                    raise DataError(path, f"{item.root_cause!r} is not in the label set {sorted(label_set)}", line,
+                    raise DataError(path, f"{item.root_cause!r} is not in the label set {sorted(label_set)}",
+                                    line,
                                     "root_cause")
                 if item.id in seen:
-                    raise DataError(path, f"duplicate id {item.id!r} (first on line {seen[item.id]})", line, "id")
+                    raise DataError(path, f"duplicate id {item.id!r} (first on line {seen[item.id]})", line,
+                                    "id")
                 split = record.get("split") or None
                 if split is not None and split not in SPLITS:
-                    raise DataError(path, f"{split!r} is not a split; splits are {', '.join(SPLITS)}", line, "split")
+                    raise DataError(path, f"{split!r} is not a split; splits are {', '.join(SPLITS)}", line,
+                                    "split")
             except DataError as exc:
                 _skip_or_raise(exc, task, record_id, settings, skipped)
                 continue
             seen[item.id] = line
             if item.id in settings.exclude_records:
-                skipped.append(SkippedRecord(task, str(path), line, item.id, "prompt", settings.exclude_records[item.id]))
+                skipped.append(SkippedRecord(task, str(path), line, item.id, "prompt",
+                                             settings.exclude_records[item.id]))
                 continue
             entries.append((item, split))
     if not entries:
@@ -286,7 +294,8 @@ def assign_splits(items: Sequence[Any], fractions: tuple[float, float], seed: in
         n_train = round(len(ids) * fractions[0])
         n_valid = round(len(ids) * fractions[1])
         for rank, index in enumerate(order):
-            assignment[ids[index]] = "train" if rank < n_train else ("validation" if rank < n_train + n_valid else "test")
+            assignment[ids[index]] = ("train" if rank < n_train
+                                      else ("validation" if rank < n_train + n_valid else "test"))
     return assignment
 
 
@@ -324,8 +333,10 @@ def stratified_sample(items: Sequence[Any], n: int, seed: int) -> list[Any]:
     return [items[i] for i in sorted(keep)]
 
 
-def load_task_data(task: str, settings: TaskSettings, split: str | None = None, base_dir: Path | None = None) -> TaskData:
-    """Items of one task and split; ``max_items`` draws a seeded sample stratified by class (in file order)."""
+def load_task_data(task: str, settings: TaskSettings, split: str | None = None,
+                   base_dir: Path | None = None) -> TaskData:
+    """Items of one task and split; ``max_items`` draws a seeded sample stratified by class (in file
+    order)."""
     split = split or settings.split
     path = task_file(task, settings, base_dir)
     if not path.is_file():
@@ -379,7 +390,8 @@ def split_rows(task: str, settings: TaskSettings, base_dir: Path | None = None) 
     and whether the scored sample holds it."""
     records = read_records(task, task_file(task, settings, base_dir), settings)
     scored = {item.id for item in load_task_data(task, settings, base_dir=base_dir).items}
-    return [{"task": task, "source": records.source, "item_id": item.id, "class": class_of(item), "split": split,
+    return [{"task": task, "source": records.source, "item_id": item.id, "class": class_of(item),
+             "split": split,
              "assigned_by": how, "scored": item.id in scored}
             for item, split, how in split_entries(records, settings)]
 
@@ -403,9 +415,11 @@ def summarise(task_sets: dict[str, dict[str, TaskData]]) -> "Any":
                 key = item.root_cause if isinstance(item, RCAItem) else (item.category or "(none)")
                 classes[key] = classes.get(key, 0) + 1
             for cls, count in sorted(classes.items()):
-                rows.append({"task": task, "source": data.source, "split": split, "class": cls, "n_items": count})
+                rows.append({"task": task, "source": data.source, "split": split, "class": cls,
+                             "n_items": count})
     frame = pd.DataFrame(rows)
-    return frame.pivot_table(index=["task", "class"], columns="split", values="n_items", fill_value=0, aggfunc="sum")
+    return frame.pivot_table(index=["task", "class"], columns="split", values="n_items", fill_value=0,
+                             aggfunc="sum")
 
 
 def token_length_rows(tokenizer: Any, tokenizer_name: str, task: str, data: TaskData) -> list[dict[str, Any]]:

@@ -27,7 +27,8 @@ class FakeNvml:
     NVML_TEMPERATURE_GPU = NVML_TEMPERATURE_GPU
     NVMLError = NVMLError
 
-    def __init__(self, power_w: float = 100.0, counter: bool = True, name: str = "Fake GPU (dry run, no GPU)"):
+    def __init__(self, power_w: float = 100.0, counter: bool = True,
+                 name: str = "Fake GPU (dry run, no GPU)"):
         self.power_w = float(power_w)
         self.counter = counter
         self.name = name

@@ -72,7 +72,8 @@ class CpuDescription:
     memory_total_bytes: int | None
     memory_available_bytes: int | None
     kernel: str
-    virtualisation: str  # "hypervisor" (the CPU's hypervisor flag; with /sys/hypervisor/type when known), "none", "unknown"
+    # "hypervisor" (the CPU's hypervisor flag; with /sys/hypervisor/type when known), "none", "unknown"
+    virtualisation: str
 
     @property
     def present_flags(self) -> list[str]:
@@ -143,7 +144,8 @@ def _meminfo_bytes(text: str | None, key: str) -> int | None:
     return None
 
 
-def _load_avg(read: Reader, getloadavg: Callable[[], Sequence[float]] | None) -> tuple[float, float, float] | None:
+def _load_avg(read: Reader,
+              getloadavg: Callable[[], Sequence[float]] | None) -> tuple[float, float, float] | None:
     try:
         if getloadavg is not None:
             one, five, fifteen = getloadavg()
@@ -203,7 +205,8 @@ def describe_cpu(read: Reader = read_text, getloadavg: Callable[[], Sequence[flo
     meminfo = read(MEMINFO)
     return CpuDescription(
         model=model, vendor=vendor, isa_flags=flags, logical_cores=logical, physical_cores=physical,
-        governor=governor, mhz=round(mhz, 1) if mhz is not None else None, load_avg=_load_avg(read, getloadavg),
+        governor=governor, mhz=round(mhz, 1) if mhz is not None else None,
+        load_avg=_load_avg(read, getloadavg),
         memory_total_bytes=_meminfo_bytes(meminfo, "MemTotal"),
         memory_available_bytes=_meminfo_bytes(meminfo, "MemAvailable"),
         kernel=kernel if kernel is not None else platform.release(), virtualisation=virtualisation)
@@ -295,7 +298,8 @@ def provenance_fields(cpu: CpuDescription, gpus: Sequence[GpuDescription]) -> di
     """provenance.json's "hardware" keys beside the older cpu / cpu_count / gpu / device / cuda."""
     data = cpu.as_dict()
     return {
-        "host": platform.node(), "cpu": data.pop("model"), "cpu_count": data.pop("logical_cores"), "cpu_vendor": data.pop("vendor"),
+        "host": platform.node(), "cpu": data.pop("model"), "cpu_count": data.pop("logical_cores"),
+        "cpu_vendor": data.pop("vendor"),
         "cpu_mhz": data.pop("mhz"), **data, "speed_flags_present": cpu.present_flags,
         "gpus": [g.as_dict() for g in gpus],
     }
@@ -334,7 +338,8 @@ def _join(names: Sequence[str], word: str) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" {word} " + names[-1]
 
 
-def speed_sentence(precision: str, factor: float | None, flags: Mapping[str, bool] | None, on_cpu: bool = True,
+def speed_sentence(precision: str, factor: float | None, flags: Mapping[str, bool] | None,
+                   on_cpu: bool = True,
                    skipped: bool = False, reference: str = "fp32", reason: str = "") -> str:
     """One precision's measured speed beside the CPU flags that decide it, e.g. "bf16 skipped: 25x
     slower than fp32 on this CPU, which has no avx512_bf16 or amx_bf16". ``factor``: how many times
@@ -388,14 +393,17 @@ def cpu_sentence(hw: Mapping[str, Any]) -> str:
                      + (f", {hw['cpu_mhz']:.0f} MHz" if hw.get("cpu_mhz") else ""))
     load = hw.get("load_avg")
     if load:
-        parts.append(f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) at the start")
+        parts.append(f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) at the "
+                     "start")
     if hw.get("memory_total_bytes"):
-        parts.append(f"memory {_gib(hw.get('memory_total_bytes'))}, {_gib(hw.get('memory_available_bytes'))} available")
+        parts.append(f"memory {_gib(hw.get('memory_total_bytes'))}, {_gib(hw.get('memory_available_bytes'))} "
+                     "available")
     if hw.get("kernel"):
         parts.append(f"kernel {hw['kernel']}")
     virt = hw.get("virtualisation")
     if virt and virt.startswith("hypervisor"):
-        parts.append(f"a virtual machine ({virt} flag)" if virt == "hypervisor" else f"a virtual machine ({virt})")
+        parts.append(f"a virtual machine ({virt} flag)" if virt == "hypervisor"
+                     else f"a virtual machine ({virt})")
     elif virt == "none":
         parts.append("no hypervisor flag")
     return "; ".join(parts) + "."
@@ -410,9 +418,10 @@ def gpu_sentence(gpu: Mapping[str, Any]) -> str:
         return f"{now if now is not None else '?'}/{top if top is not None else '?'} MHz"
 
     power = gpu.get("power_limit_w")
-    return (f"GPU {gpu.get('index', '?')}: {gpu.get('name') or '?'}, driver {gpu.get('driver_version') or '?'}, "
-            f"power limit {f'{power:g} W' if power is not None else '?'}, "
-            f"SM clock {mhz(gpu.get('sm_clock_mhz'), gpu.get('max_sm_clock_mhz'))} (now/max), "
-            f"memory clock {mhz(gpu.get('memory_clock_mhz'), gpu.get('max_memory_clock_mhz'))}, "
-            f"persistence {on(gpu.get('persistence_mode'))}, MIG {on(gpu.get('mig_mode'))}, "
-            f"ECC {on(gpu.get('ecc_mode'))}.")
+    return (f"GPU {gpu.get('index', '?')}: {gpu.get('name') or '?'}, driver "
+            f"{gpu.get('driver_version') or '?'}, power limit "
+            f"{f'{power:g} W' if power is not None else '?'}, SM clock "
+            f"{mhz(gpu.get('sm_clock_mhz'), gpu.get('max_sm_clock_mhz'))} (now/max), memory clock "
+            f"{mhz(gpu.get('memory_clock_mhz'), gpu.get('max_memory_clock_mhz'))}, persistence "
+            f"{on(gpu.get('persistence_mode'))}, MIG {on(gpu.get('mig_mode'))}, ECC "
+            f"{on(gpu.get('ecc_mode'))}.")

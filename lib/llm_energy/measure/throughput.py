@@ -144,7 +144,8 @@ def probe_precision(precision: str, device: str, shape: tuple[int, int, int] = P
             gflops, calls, seconds = _time_layer(lambda a: torch.nn.functional.linear(a, weight), x, device,
                                                  flops, min_time_s, training)
         except Exception as exc:  # noqa: BLE001  (e.g. a dtype this device has no kernel for)
-            return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"{type(exc).__name__}: {exc}")
+            return PrecisionThroughput(precision, device, None, 0, 0.0, method,
+                                       f"{type(exc).__name__}: {exc}")
         return PrecisionThroughput(precision, device, gflops, calls, seconds, method)
     if precision in QUANTIZED:
         kind = "Linear8bitLt" if precision == "int8" else f"Linear4bit {precision}"
@@ -154,16 +155,20 @@ def probe_precision(precision: str, device: str, shape: tuple[int, int, int] = P
             if not training and type(layer.forward).__name__ == "DequantizedForward":
                 method += " (dequantized per call, bf16 GEMM)"
         except ImportError as exc:
-            return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"bitsandbytes not importable: {exc}")
+            return PrecisionThroughput(precision, device, None, 0, 0.0, method,
+                                       f"bitsandbytes not importable: {exc}")
         except Exception as exc:  # noqa: BLE001  (a broken or backend-less build must not stop the study)
-            return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"{type(exc).__name__}: {exc}")
-        # the input dtype a quantized model feeds these layers (models.py: fp16 for int8, bf16 for 4-bit on a GPU)
+            return PrecisionThroughput(precision, device, None, 0, 0.0, method,
+                                       f"{type(exc).__name__}: {exc}")
+        # the input dtype a quantized model feeds these layers (models.py: fp16 for int8, bf16 for 4-bit on a
+        # GPU)
         gpu_dtype = torch.float16 if precision == "int8" else torch.bfloat16
         x = torch.randn(m, k, device=device).to(gpu_dtype if device.startswith("cuda") else torch.float32)
         try:
             gflops, calls, seconds = _time_layer(layer, x, device, flops, min_time_s, training)
         except Exception as exc:  # noqa: BLE001  (a layer that quantized but cannot run here)
-            return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"{type(exc).__name__}: {exc}")
+            return PrecisionThroughput(precision, device, None, 0, 0.0, method,
+                                       f"{type(exc).__name__}: {exc}")
         return PrecisionThroughput(precision, device, gflops, calls, seconds, method)
     if precision == "w8a8":
         method = f"llm_energy W8A8Linear forward [{m}x{k}] -> {n}{mode}"
@@ -174,7 +179,8 @@ def probe_precision(precision: str, device: str, shape: tuple[int, int, int] = P
             x = torch.randn(m, k, device=device)
             gflops, calls, seconds = _time_layer(layer, x, device, flops, min_time_s, training)
         except Exception as exc:  # noqa: BLE001  (no int8 matmul on this device)
-            return PrecisionThroughput(precision, device, None, 0, 0.0, method, f"{type(exc).__name__}: {exc}")
+            return PrecisionThroughput(precision, device, None, 0, 0.0, method,
+                                       f"{type(exc).__name__}: {exc}")
         return PrecisionThroughput(precision, device, gflops, calls, seconds, method)
     return PrecisionThroughput(precision, device, None, 0, 0.0, "", f"unknown precision {precision!r}")
 
@@ -223,7 +229,8 @@ def probe_device(precisions: Iterable[str], device: str, min_time_s: float = 0.2
                 kept = best.get(p)
                 if kept is None or (result.gflop_per_s or 0.0) > (kept.gflop_per_s or 0.0):
                     best[p] = result
-            if all(best[p].gflop_per_s is None for p in wanted if p != REFERENCE) and best[REFERENCE].gflop_per_s:
+            if all(best[p].gflop_per_s is None for p in wanted
+                   if p != REFERENCE) and best[REFERENCE].gflop_per_s:
                 break  # nothing else measurable here: no point in passing again
     return best
 

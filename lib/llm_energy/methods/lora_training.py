@@ -77,7 +77,8 @@ class EpochRecord:
     n_examples: int  # training examples seen in the epoch
     n_tokens: int  # non-padding tokens fed to the model in the epoch (forward and backward)
     gflop: float = float("nan")  # the epoch's useful work (training_gflop); nan when not counted
-    record: Any = field(default=None, repr=False, compare=False)  # the epoch's EnergyRecord (None without a meter)
+    # the epoch's EnergyRecord (None without a meter)
+    record: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,10 @@ def _prompt_and_answer(item: Any, task: str, label_list: str, labels: Sequence[s
         if not isinstance(item, RCAItem):
             raise TypeError(f"task 'rca' expects RCAItem items, got {type(item).__name__}")
         if item.root_cause not in labels:
-            raise ValueError(f"item {item.id}: root cause {item.root_cause!r} is not in the label set {list(labels)}")
-        return DEFAULT_RCA_PROMPT.format(ticket=item.ticket, labels=label_list), " " + label_text(item.root_cause)
+            raise ValueError(f"item {item.id}: root cause {item.root_cause!r} is not in the label set "
+                             f"{list(labels)}")
+        return (DEFAULT_RCA_PROMPT.format(ticket=item.ticket, labels=label_list),
+                " " + label_text(item.root_cause))
     if not isinstance(item, QAItem):
         raise TypeError(f"task 'qa' expects QAItem items, got {type(item).__name__}")
     prompt = DEFAULT_QA_PROMPT.format(question=item.question, choices=choice_block(item.choices))
@@ -208,7 +211,8 @@ def _answer_nll(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
     return nll, int((targets != IGNORE_INDEX).sum())
 
 
-def mean_answer_nll(model: Any, examples: Sequence[TrainingExample], pad_token_id: int, batch_size: int = 8) -> float:
+def mean_answer_nll(model: Any, examples: Sequence[TrainingExample], pad_token_id: int,
+                    batch_size: int = 8) -> float:
     """Mean NLL per answer token (nats), no gradient; nan for no examples."""
     import torch
 
@@ -363,7 +367,8 @@ def _wrap_with_lora(loaded: LoadedModel, spec: FinetuneSpec) -> Any:
 
     model = loaded.model
     if isinstance(model, PeftModel):
-        raise ValueError(f"{loaded.name} at {loaded.precision} already carries a LoRA adapter; load a fresh base model")
+        raise ValueError(f"{loaded.name} at {loaded.precision} already carries a LoRA adapter; load a fresh "
+                         "base model")
     _check_target_modules(model, spec.target_modules)
     if loaded.precision == "nf4":
         set_cpu_4bit_packing(model, enabled=False)
@@ -545,9 +550,11 @@ def load_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> Any:
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_FILE).is_file():
-        raise FileNotFoundError(f"{adapter_dir} holds no {ADAPTER_FILE} (expected a folder written by finetune)")
+        raise FileNotFoundError(f"{adapter_dir} holds no {ADAPTER_FILE} (expected a folder written by "
+                                "finetune)")
     if isinstance(loaded.model, PeftModel):
-        raise ValueError(f"{loaded.name} at {loaded.precision} already carries an adapter; load a fresh base model")
+        raise ValueError(f"{loaded.name} at {loaded.precision} already carries an adapter; load a fresh base "
+                         "model")
     from peft import LoraConfig
 
     config = _lora_config_for(loaded.model, LoraConfig.from_pretrained(adapter_dir))

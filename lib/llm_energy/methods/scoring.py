@@ -158,7 +158,8 @@ def _first_token(tokenizer: Any) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def _encode_item(tokenizer: Any, context: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+def _encode_item(tokenizer: Any, context: str,
+                 continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
     pairs = [encode_pair(tokenizer, context, c) for c in continuations]
     ctx = pairs[0][0]
     conts = [cont for _, cont in pairs]
@@ -177,7 +178,8 @@ def _encode_item(tokenizer: Any, context: str, continuations: Sequence[str]) -> 
 FORWARD_TOKENS = 2048
 
 
-def score_continuations(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> ChoiceScores:
+def score_continuations(model: Any, tokenizer: Any, context: str,
+                        continuations: Sequence[str]) -> ChoiceScores:
     """Summed log-likelihood of each continuation after the context.
 
     The context and every continuation but its last token go through the model once, packed into
@@ -240,7 +242,8 @@ def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
         for i, scores in zip(group, _score_rows(model, tokenizer, rows, prefix)):
             totals[i] = scores
     return [
-        ChoiceScores(loglik=np.array(t, dtype=float), continuation_chars=np.array(r.continuation_chars, dtype=float),
+        ChoiceScores(loglik=np.array(t, dtype=float),
+                     continuation_chars=np.array(r.continuation_chars, dtype=float),
                      n_tokens=r.n_tokens, n_tokens_run=r.n_tokens - skip)
         for t, r, skip in zip(totals, encoded, prefix_skips(len(encoded), shared))
     ]
@@ -448,7 +451,8 @@ def _choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
             b = np.array(shared + shared + shared_short)
             diff = float(np.max(np.abs(a - b)))
             tol = _verify_tolerance(model) * max(1.0, float(np.max(np.abs(b))))
-            _mark_packed(model, diff <= tol, f"packed and shared-cache scores differ by {diff:.2e} > {tol:.2e}")
+            _mark_packed(model, diff <= tol, f"packed and shared-cache scores differ by {diff:.2e} > "
+                                             f"{tol:.2e}")
         state = _packed_supported(model, 0)
     if _prefix_state(model) is None:
         _verify_prefix_sharing(model, tokenizer, bool(state))
@@ -503,17 +507,20 @@ def _verify_prefix_sharing(model: Any, tokenizer: Any, packed: bool) -> None:
         prefix = _PrefixCache.run(model, ctx[:split])
         candidates = [[_score_with_shared_cache(model, tokenizer, rest, c, prefix) for rest, c in items]]
         if packed:
-            candidates.append([row[0] for row in _score_packed_rows(model, [[item] for item in items], prefix)])
+            candidates.append(
+                [row[0] for row in _score_packed_rows(model, [[item] for item in items], prefix)])
         b = np.array([v for scores in reference for v in scores])
         tol = _verify_tolerance(model) * max(1.0, float(np.max(np.abs(b))))
         for got in candidates:
             diff = float(np.max(np.abs(np.array([v for scores in got for v in scores]) - b)))
             if diff > tol:
-                ok, why = False, f"scores after a shared prefix differ from whole contexts by {diff:.2e} > {tol:.2e}"
+                ok, why = False, (f"scores after a shared prefix differ from whole contexts by {diff:.2e} > "
+                                  f"{tol:.2e}")
     except Exception as exc:  # noqa: BLE001  (a model whose cache cannot be copied or continued)
         ok, why = False, f"scoring after a shared prefix raised {type(exc).__name__}: {exc}"
     if not ok:
-        logger.warning("scoring: shared prefixes (few-shot examples) run with every item on this model: %s", why)
+        logger.warning("scoring: shared prefixes (few-shot examples) run with every item on this model: %s",
+                       why)
     try:
         _PREFIX_VERIFIED[model] = ok
     except TypeError:
@@ -580,7 +587,8 @@ def _packed_row(items: list[Encoded]) -> dict[str, Any]:
     seg, own = torch.tensor(segment), torch.tensor(owner)
     visible = (seg[:, None] == seg[None, :]) | (seg[None, :] == -1)
     mask = torch.ones(len(ids), len(ids), dtype=torch.bool).tril_() & visible & (own[:, None] == own[None, :])
-    return {"ids": ids, "positions": positions, "mask": mask, "predict_from": predict_from, "targets": targets}
+    return {"ids": ids, "positions": positions, "mask": mask, "predict_from": predict_from,
+            "targets": targets}
 
 
 # The packed forward after a shared prefix, on a CPU: each row's tokens attend to the prefix's
@@ -780,7 +788,8 @@ def _score_with_shared_cache(model: Any, tokenizer: Any, ctx: list[int], conts: 
     return totals
 
 
-def score_continuations_unshared(model: Any, tokenizer: Any, context: str, continuations: Sequence[str]) -> ChoiceScores:
+def score_continuations_unshared(model: Any, tokenizer: Any, context: str,
+                                 continuations: Sequence[str]) -> ChoiceScores:
     """The reference computation: context and continuation run together, once per continuation."""
     import torch
 
@@ -821,7 +830,8 @@ def bootstrap_interval(values: np.ndarray, statistic: Callable[[np.ndarray], flo
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(values), size=(n_boot, len(values)))
-    stats = np.array([statistic(values[d]) for d in draws]) if statistic is not np.mean else values[draws].mean(axis=1)
+    stats = (np.array([statistic(values[d]) for d in draws]) if statistic is not np.mean
+             else values[draws].mean(axis=1))
     alpha = (1 - level) / 2
     return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
 
@@ -840,7 +850,8 @@ def macro_f1(gold: Sequence[int], predicted: Sequence[int], n_labels: int) -> fl
     return float(np.mean(scores)) if scores else 0.0
 
 
-def _bootstrap_macro_f1(gold: np.ndarray, predicted: np.ndarray, n_labels: int, n_boot: int, seed: int) -> tuple[float, float]:
+def _bootstrap_macro_f1(gold: np.ndarray, predicted: np.ndarray, n_labels: int, n_boot: int,
+                        seed: int) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(gold), size=(n_boot, len(gold)))
     stats = np.array([macro_f1(gold[d], predicted[d], n_labels) for d in draws])
@@ -879,7 +890,8 @@ def request_texts(task: str, data: TaskData, prompt: str | None = None,
             raise ValueError(f"qa style must be one of {list(QA_STYLES)}; got {style!r}")
         prompt = prompt or (DEFAULT_QA_OPTIONS_PROMPT if style == "options" else DEFAULT_QA_PROMPT)
         if style == "options" and "{choices}" not in prompt:
-            raise ValueError("qa style 'options' needs a prompt with a {choices} field (where the lettered choices go)")
+            raise ValueError("qa style 'options' needs a prompt with a {choices} field (where the lettered "
+                             "choices go)")
         prefix = fewshot_prefix(data.fewshot, prompt, style)
         requests = []
         for item in data.items:
@@ -958,7 +970,8 @@ def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: 
     else:
         labels = list(prepared.labels)
         predictions = [int(np.argmax(s.loglik / s.continuation_chars)) for s in scores]
-        gold_a, pred_a = np.array([labels.index(item.root_cause) for item in data.items]), np.array(predictions)
+        gold_a, pred_a = np.array([labels.index(item.root_cause) for item in data.items]), np.array(
+            predictions)
         per_item = {"accuracy": (gold_a == pred_a).astype(float)}
         extra_metrics["macro_f1"] = macro_f1(gold_a, pred_a, len(labels))
         extra_intervals["macro_f1"] = _bootstrap_macro_f1(gold_a, pred_a, len(labels), min(n_boot, 500), seed)
@@ -977,7 +990,8 @@ def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: 
 
 
 def evaluate_qa(model: Any, tokenizer: Any, data: TaskData, prompt: str | None = None,
-                progress: bool = False, n_boot: int = 1000, seed: int = 0, style: str = "cloze") -> TaskResult:
+                progress: bool = False, n_boot: int = 1000, seed: int = 0,
+                style: str = "cloze") -> TaskResult:
     prepared = prepare_task("qa", tokenizer, data, prompt, style)
     return task_result(prepared, score_prepared(model, tokenizer, prepared, progress), n_boot, seed)
 

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 # bitsandbytes layers subclass nn.Linear, so they are recognised by class name (bitsandbytes itself
 # need not be importable to refuse them).
-QUANTIZED_LINEAR_CLASSES: tuple[str, ...] = ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4", "W8A8Linear")
+QUANTIZED_LINEAR_CLASSES: tuple[str, ...] = ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4",
+                                             "W8A8Linear")
 
 @dataclass(frozen=True)
 class LayerSparsity:
@@ -63,7 +64,8 @@ class PruningResult:
 
     spec: PruningSpec
     layers: tuple[LayerSparsity, ...]  # every pruned layer, in module order
-    verified_nm: bool | None  # True when every layer was checked to follow the N:M pattern; None if unstructured
+    # True when every layer was checked to follow the N:M pattern; None if unstructured
+    verified_nm: bool | None
     duration_s: float  # calibration and pruning, wall clock
     n_calibration_texts: int = 0  # texts run through the model (Wanda only)
     n_calibration_tokens: int = 0  # tokens over which the input norms were taken (Wanda only)
@@ -131,7 +133,8 @@ def _matching_modules(model: Any, include: Sequence[str]) -> list[tuple[str, Any
     if not isinstance(model, torch.nn.Module):
         hint = " (pass loaded.model, not the LoadedModel)" if hasattr(model, "model") else ""
         raise TypeError(f"expected a torch.nn.Module{hint}; got {type(model).__name__}")
-    found = [(name, module) for name, module in model.named_modules() if any(_matches(name, s) for s in include)]
+    found = [(name, module) for name, module in model.named_modules()
+             if any(_matches(name, s) for s in include)]
     unmatched = [s for s in include if not any(_matches(name, s) for name, _ in found)]
     if unmatched:
         examples = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:3]
@@ -154,16 +157,19 @@ def _layers_to_prune(model: Any, spec: PruningSpec) -> list[tuple[str, Any]]:
         )
     for name, module in layers:
         if not isinstance(module, torch.nn.Linear):
-            raise ValueError(f"{name} ({type(module).__name__}) is not a torch.nn.Linear; only Linear layers can be pruned")
+            raise ValueError(f"{name} ({type(module).__name__}) is not a torch.nn.Linear; only Linear layers "
+                             "can be pruned")
         if not module.weight.dtype.is_floating_point:
-            raise ValueError(f"{name} stores {module.weight.dtype} weights; pruning needs fp32, bf16 or fp16 weights")
+            raise ValueError(f"{name} stores {module.weight.dtype} weights; pruning needs fp32, bf16 or fp16 "
+                             "weights")
     nm = spec.nm
     if nm is not None:
         for name, module in layers:  # checked before anything is zeroed, so a refusal leaves the model intact
             if module.in_features % nm.group:
                 raise ValueError(
                     f"{name} has weight shape {tuple(module.weight.shape)} (out, in): its input dimension "
-                    f"{module.in_features} is not a multiple of M={nm.group} needed by pattern '{spec.pattern}'"
+                    f"{module.in_features} is not a multiple of M={nm.group} needed by pattern "
+                    f"'{spec.pattern}'"
                 )
     return layers
 
@@ -174,7 +180,8 @@ def _layers_to_prune(model: Any, spec: PruningSpec) -> list[tuple[str, Any]]:
 
 def _collect_input_sq_sums(model: Any, layers: list[tuple[str, Any]], tokenizer: Any, texts: Sequence[str],
                            max_tokens: int) -> tuple[dict[str, "torch.Tensor"], int]:
-    """Sum over all calibration tokens of x_j^2 for each input feature j of each layer, and the token count."""
+    """Sum over all calibration tokens of x_j^2 for each input feature j of each layer, and the token
+    count."""
     import torch
 
     # float64 sums over texts of any length: sqrt(sum) is the norm over all tokens at once.
@@ -223,8 +230,8 @@ def _calibration_subset(calibration: Sequence[str] | None, tokenizer: Any, spec:
         raise ValueError("calibration must be a sequence of non-empty texts (a list of str, not one str)")
     if len(calibration) < spec.calibration_samples:
         raise ValueError(
-            f"the spec asks for {spec.calibration_samples} calibration texts but {len(calibration)} were given "
-            "(give more texts or lower calibration_samples)"
+            f"the spec asks for {spec.calibration_samples} calibration texts but {len(calibration)} were "
+            "given (give more texts or lower calibration_samples)"
         )
     keep = sorted(random.Random(spec.seed).sample(range(len(calibration)), spec.calibration_samples))
     return [calibration[i] for i in keep]
@@ -277,7 +284,8 @@ def verify_nm(weight: "torch.Tensor", n: int, m: int) -> bool:
     if not 0 < n < m:
         raise ValueError(f"verify_nm needs 0 < n < m (n nonzeros allowed per group of m); got n={n}, m={m}")
     if weight.shape[1] % m:
-        raise ValueError(f"weight shape {tuple(weight.shape)}: input dimension {weight.shape[1]} is not a multiple of m={m}")
+        raise ValueError(f"weight shape {tuple(weight.shape)}: input dimension {weight.shape[1]} is not a "
+                         f"multiple of m={m}")
     zeros_per_group = (weight.reshape(weight.shape[0], -1, m) == 0).sum(dim=-1)
     return bool((zeros_per_group >= m - n).all())
 
@@ -288,7 +296,8 @@ def _dense_weight(module: Any) -> "torch.Tensor":
     if hasattr(module, "weight_int8"):  # W8A8: zero codes are exactly the zero weights
         return module.dequantized_weight()
     weight = module.weight
-    if any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__) and getattr(weight, "quant_state", None):
+    if any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__) and getattr(weight, "quant_state",
+                                                                                     None):
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(weight.data, weight.quant_state)
@@ -380,7 +389,8 @@ def prune_model(model: Any, spec: PruningSpec, calibration: Sequence[str] | None
         if spec.method == "wanda":
             texts = _calibration_subset(calibration, tokenizer, spec)
             with step("calibration"):
-                sq_sums, n_tokens = _collect_input_sq_sums(model, layers, tokenizer, texts, spec.calibration_max_tokens)
+                sq_sums, n_tokens = _collect_input_sq_sums(model, layers, tokenizer, texts,
+                                                           spec.calibration_max_tokens)
         with step("prune"):
             for name, module in layers:
                 keep = _keep_mask(_scores(module.weight, sq_sums.get(name)), spec)

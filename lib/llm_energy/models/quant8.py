@@ -18,8 +18,8 @@ median token 2.6) is rounded in steps of 3,000/127, so a last-bit difference of 
 another but equally exact order of float additions in a different batch layout, can flip a code and
 move a continuation's log-likelihood by a nat; near-tied choices then flip. Scores at w8a8 are
 therefore exact for the layout they ran in, and the scorer's layout checks run with activations
-unquantized (:func:`exact_activations`). The output projection (``lm_head``) stays fp32 by default, as in common W8A8
-recipes; embeddings and norms are untouched.
+unquantized (:func:`exact_activations`). The output projection (``lm_head``) stays fp32 by default, as in
+common W8A8 recipes; embeddings and norms are untouched.
 
 At inference, layers that read one input (attention's q, k and v; the MLP's gate and up) quantize it
 once and run one integer matmul over their stacked weights (:class:`SharedInput`); integer products
@@ -73,9 +73,11 @@ class W8A8Linear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_int8",
+                             torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
-        self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.bias = (torch.nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias
+                     else None)
         self.exact_activations = False  # see exact_activations()
         self.shared_input: SharedInput | None = None  # see share_inputs()
 
@@ -113,7 +115,8 @@ class W8A8Linear(torch.nn.Module):
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, w8a8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, w8a8")
 
 
 # Sibling projections that read one input in the decoder families this package scores (Llama, Mistral,
@@ -247,7 +250,8 @@ def quantize_model(model: torch.nn.Module, skip: Iterable[str] = ("lm_head",)) -
     :class:`W8A8Linear`, in place; returns how many were replaced (0 is an error: nothing was quantized)."""
     skip = tuple(skip)
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)]
+               if isinstance(module, torch.nn.Linear)
+               and not any(name == s or name.endswith("." + s) for s in skip)]
     if not targets:
         raise ValueError("w8a8: the model has no nn.Linear layer to quantize")
     for name, linear in targets:

@@ -31,12 +31,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                          num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
                          rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                         max_position_embeddings=131072,
                          rms_norm_eps=1e-5, rope_theta=500000.0,
                          rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                         tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001, pad_token_id=128001),
+                         tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+                         pad_token_id=128001),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=2048,
                  rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
@@ -81,7 +84,8 @@ def origin(preset: str, seed: int, n_parameters: int) -> str:
     return f"{preset} architecture, {RANDOM_NOTE} (seed {seed}, {n_parameters:,} parameters)"
 
 
-def save_folder(preset: str, out: Path, tokenizer: Path | None = None, seed: int = 0, dtype: str = "bfloat16") -> Path:
+def save_folder(preset: str, out: Path, tokenizer: Path | None = None, seed: int = 0,
+                dtype: str = "bfloat16") -> Path:
     """A Hugging Face model folder (config, safetensors, tokenizer files, ORIGIN.json) that
     ``source: local`` loads; weights saved at ``dtype`` (half the bytes; they are random anyway)."""
     import torch

@@ -41,7 +41,8 @@ WEIGHT_MULTIPLE = 16
 # A sparse kernel's name, as the profiler reports it: cuSPARSELt's on Ampere ("sm80_xmma_sparse_gemm_...",
 # "..._sptensor16x8x32_...") and on Hopper (CUTLASS 3 style: "sm90_xmma_sparse_...", "..._sptensorop_...",
 # "..._spgemm_...", "gmma_sp..."), and PyTorch's own wrappers ("_cslt_sparse_mm", "cusparseLt").
-SPARSE_KERNEL_PATTERN = re.compile(r"sparse|cusparselt|cslt|spmma|sp_?gemm|sptensor|gmma_?sp|xmma_sp", re.IGNORECASE)
+SPARSE_KERNEL_PATTERN = re.compile(r"sparse|cusparselt|cslt|spmma|sp_?gemm|sptensor|gmma_?sp|xmma_sp",
+                                   re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,8 +168,9 @@ class Sparse24Linear(torch.nn.Module):
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend.name}, "
-                f"alg_id={self.alg_id}, min_tokens={self.min_tokens}, dense_copy={self.weight is not None}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"backend={self.backend.name}, alg_id={self.alg_id}, min_tokens={self.min_tokens}, "
+                f"dense_copy={self.weight is not None}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,7 +261,8 @@ def plan_from_timings(groups: dict[tuple[int, int], list[str]], timings: Iterabl
             plans.append(ShapePlan(*shape, layers, False, 0, 0, best.speedup, reason, measured))
             continue
         alg = max(winning, key=lambda t: t.tokens).alg_id
-        reason = f"sparse {best.speedup:.2f}x faster at {best.tokens} tokens; sparse from {start.tokens} tokens up"
+        reason = (f"sparse {best.speedup:.2f}x faster at {best.tokens} tokens; sparse from {start.tokens} "
+                  "tokens up")
         plans.append(ShapePlan(*shape, layers, True, alg, start.tokens, best.speedup, reason, measured))
     return plans
 
@@ -292,7 +295,8 @@ def _cuda_time(fn: Callable[[], Any], iters: int, warmup: int) -> float:
 
 
 def time_shape(weight: Any, tokens: int, backend: Any = None, iters: int = 20, warmup: int = 5,
-               bias: Any = None, timer: Callable[[Callable[[], Any], int, int], float] = _cuda_time) -> ShapeTiming:
+               bias: Any = None, timer: Callable[[Callable[[], Any], int, int],
+                                                 float] = _cuda_time) -> ShapeTiming:
     """Time the dense GEMM and the sparse kernel (default and searched algorithm) for one weight."""
     import torch
     import torch.nn.functional as F
@@ -382,7 +386,8 @@ class Verification:
     reason: str
 
 
-def convert_and_verify(model: Any, plans: Sequence[ShapePlan], forward: Callable[[], Any], backend: Any = None,
+def convert_and_verify(model: Any, plans: Sequence[ShapePlan], forward: Callable[[], Any],
+                       backend: Any = None,
                        tolerance: float = 2e-2, check_kernels: bool = True) -> tuple[list[str], Verification]:
     """Apply ``plans``, run ``forward`` (a probe large enough for the sparse path) before and after,
     and keep the conversion only if the outputs match within ``tolerance`` (relative L2), the sparse
@@ -400,14 +405,16 @@ def convert_and_verify(model: Any, plans: Sequence[ShapePlan], forward: Callable
     seen = sparse_kernel_names(kernels)
     problems = []
     if not check["rel_l2"] <= tolerance:
-        problems.append(f"outputs differ from the dense model by {check['rel_l2']:.2e} (relative L2 > {tolerance:g})")
+        problems.append(f"outputs differ from the dense model by {check['rel_l2']:.2e} (relative L2 > "
+                        f"{tolerance:g})")
     if calls == 0:
         problems.append("the probe never reached the sparse path")
     if check_kernels and not seen:
         problems.append("the profiler saw no sparse kernel (top: " + ", ".join(list(kernels)[:3]) + ")")
     if problems:
         revert(model)
-        return [], Verification(False, check["rel_l2"], check["top1_agreement"], calls, seen, "; ".join(problems))
+        return [], Verification(False, check["rel_l2"], check["top1_agreement"], calls, seen,
+                                "; ".join(problems))
     return converted, Verification(True, check["rel_l2"], check["top1_agreement"], calls, seen,
                                    f"outputs match dense (relative L2 {check['rel_l2']:.1e}); "
                                    f"sparse kernel: {seen[0][:60] if seen else 'not checked'}")
@@ -464,8 +471,10 @@ def plan_rows(plans: Sequence[ShapePlan]) -> list[dict[str, Any]]:
     rows = []
     for p in plans:
         for t in p.timings:
-            rows.append({**p.row(), "tokens": t.tokens, "dense_ms": t.dense_s * 1e3, "sparse_ms": t.sparse_s * 1e3,
-                         "sparse_default_alg_ms": None if t.sparse_default_alg_s is None else t.sparse_default_alg_s * 1e3,
+            rows.append({**p.row(), "tokens": t.tokens, "dense_ms": t.dense_s * 1e3,
+                         "sparse_ms": t.sparse_s * 1e3,
+                         "sparse_default_alg_ms": None if t.sparse_default_alg_s is None
+                         else t.sparse_default_alg_s * 1e3,
                          "searched_alg_id": t.alg_id, "speedup": t.speedup})
         if not p.timings:
             rows.append({**p.row(), "tokens": None, "dense_ms": None, "sparse_ms": None,

@@ -1,8 +1,8 @@
 """The fine-tuning phase (notebook ``02_finetune``): a LoRA adapter trained at one precision on the
 task's training split, one measured energy window per epoch, saved for the inference phase.
 
-The training itself (LoRA, k-bit training, QLoRA) is :mod:`llm_energy.methods.lora_training`; this module reads the
-splits, puts the adapter where the study expects it and writes ``training.csv``.
+The training itself (LoRA, k-bit training, QLoRA) is :mod:`llm_energy.methods.lora_training`; this module
+reads the splits, puts the adapter where the study expects it and writes ``training.csv``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 ADAPTER_NAME = "lora"
 
 
-def parameters(run: ConfigRun, finetune_section: dict, config_id: str = "") -> tuple[ConfigRun, FinetuneParams]:
+def parameters(run: ConfigRun, finetune_section: dict,
+               config_id: str = "") -> tuple[ConfigRun, FinetuneParams]:
     """The notebook's `finetune` parameter validated, and the run's config id: ``config_id`` when the
     runner gave one, else <model>__<precision>__lora."""
     params = validate_section(FinetuneParams, finetune_section, "finetune")
@@ -39,7 +40,8 @@ def splits(run: ConfigRun, params: FinetuneParams) -> tuple[TaskData, TaskData]:
     return training_splits(run, params.task)
 
 
-def train(run: ConfigRun, params: FinetuneParams, loaded: LoadedModel, meter: EnergyMeter, train_split: TaskData,
+def train(run: ConfigRun, params: FinetuneParams, loaded: LoadedModel, meter: EnergyMeter,
+          train_split: TaskData,
           validation_split: TaskData) -> FinetuneResult:
     """Train and save the adapter under the study's adapters/<config id>/, then write its epochs."""
     limit = probe_rate(run)  # before the windows (a notebook run alone probes its precision here)

@@ -42,7 +42,8 @@ def load(run: ConfigRun, adapter_dir: str = "") -> LoadedModel:
     loaded = load_model(run.model, run.precision, run.device, base_dir=run.base_dir)
     if adapter_dir:
         model = load_adapter(loaded, adapter_dir)
-        loaded = replace(loaded, model=model, weights_origin=f"{loaded.weights_origin}; LoRA adapter {adapter_dir}")
+        loaded = replace(loaded, model=model,
+                         weights_origin=f"{loaded.weights_origin}; LoRA adapter {adapter_dir}")
     return loaded
 
 

@@ -3,8 +3,8 @@ sparsity next to the target, the kernels the pruned layers will run, then the sa
 measurement as the inference phase.
 
 The algorithms (magnitude, Wanda; unstructured, N:M) are :mod:`llm_energy.methods.sparsify`; the cuSPARSELt
-layers are :mod:`llm_energy.models.sparse_kernels`. Zeros save energy only where a kernel skips them: on a CPU no
-sparse kernel exists, so pruned models run dense there, and :func:`sparse_execution` says why.
+layers are :mod:`llm_energy.models.sparse_kernels`. Zeros save energy only where a kernel skips them: on a CPU
+no sparse kernel exists, so pruned models run dense there, and :func:`sparse_execution` says why.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def prune(run: ConfigRun, spec: PruningSpec, texts: list[str], adapter_dir: str 
             origin += f"; LoRA adapter {adapter_dir} merged"
     outcome = prune_model(dense.model, spec, calibration=texts, tokenizer=dense.tokenizer, step=step)
     if dense_precision == run.precision:
-        return PrunedModel(replace(dense, weights_origin=f"{origin}; pruned ({spec.label})"), outcome, [], setup)
+        return PrunedModel(replace(dense, weights_origin=f"{origin}; pruned ({spec.label})"), outcome, [],
+                           setup)
     # bitsandbytes (and w8a8) quantize at load time, so the pruned weights go through a folder first.
     with step("quantize"):
         folder = StudyLayout(run.study_dir).pruned_weights(run.config_id)
@@ -215,20 +216,24 @@ def sparse_execution(run: Any, loaded: LoadedModel, outcome: PruningResult, mode
             return SparseExecution("cusparselt", note, converted, rows)
         return SparseExecution("dense", f"sparse conversion refused, running dense: {check.reason}", [], rows)
     best = max((p.best_speedup for p in plans), default=0.0)
-    return SparseExecution("dense", f"no layer shape ran faster sparse on this GPU at {', '.join(map(str, token_counts))} "
-                                    f"tokens (best {best:.2f}x): all {total} layers run dense", [], rows)
+    return SparseExecution("dense", "no layer shape ran faster sparse on this GPU at "
+                                    f"{', '.join(map(str, token_counts))} tokens (best {best:.2f}x): all "
+                                    f"{total} layers run dense", [], rows)
 
 
-def record(run: ConfigRun, pruned: PrunedModel, execution: SparseExecution, adapter: str = "none") -> ScoringPath:
+def record(run: ConfigRun, pruned: PrunedModel, execution: SparseExecution,
+           adapter: str = "none") -> ScoringPath:
     """Per-layer sparsity rows (and the same layers after quantization) and the config's row: where its
     weights came from, which kernels it runs, and the scoring path (chosen here, before anything is
     measured)."""
-    record_pruned_layers(run.study_dir, run.config_id, pruned.outcome, execution.plan_rows, pruned.after_quantization)
+    record_pruned_layers(run.study_dir, run.config_id, pruned.outcome, execution.plan_rows,
+                         pruned.after_quantization)
     record_setup_steps(run.study_dir, run.identity(adapter, pruned.outcome.spec.label), pruned.setup,
                        pruned.loaded.device, notes=SETUP_STEPS)
     path = choose_scoring_path(pruned.loaded.model, pruned.loaded.tokenizer)
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
-                  weights_origin=pruned.loaded.weights_origin, adapter=adapter, pruning=pruned.outcome.spec.label,
+                  weights_origin=pruned.loaded.weights_origin, adapter=adapter,
+                  pruning=pruned.outcome.spec.label,
                   kernel=execution.kernel, kernel_note=execution.note, scoring_path=path.name,
                   data=data_description(run.tasks, run.base_dir))
     return path
@@ -290,7 +295,8 @@ def recover(run: ConfigRun, pruned: PrunedModel, settings: RecoverySettings, met
     moved = [c.name for c, layer in zip(checks, pruned.outcome.layers)
              if abs(c.measured_sparsity - layer.measured_sparsity) > 1e-9 or c.verified_nm is False]
     if moved:
-        raise RuntimeError(f"recovery training changed the pruned weights of {moved[:3]}: the mask must stay fixed")
+        raise RuntimeError(f"recovery training changed the pruned weights of {moved[:3]}: the mask must stay "
+                           "fixed")
     loaded = replace(pruned.loaded, model=result.model,
                      weights_origin=f"{pruned.loaded.weights_origin}; recovery LoRA adapter "
                                     f"({spec.epochs} epoch(s) on {spec.task} train, not merged)")
@@ -298,7 +304,8 @@ def recover(run: ConfigRun, pruned: PrunedModel, settings: RecoverySettings, met
     path = choose_scoring_path(loaded.model, loaded.tokenizer)
     record_config(run.study_dir, recovered.config_id, run.model.name, run.precision, "ok",
                   weights_origin=loaded.weights_origin, adapter=identity.adapter, pruning=identity.pruning,
-                  kernel="dense", kernel_note="the recovery adapter runs beside the pruned weights (not merged)",
+                  kernel="dense", kernel_note="the recovery adapter runs beside the pruned weights (not "
+                                              "merged)",
                   scoring_path=path.name, data=data_description(run.tasks, run.base_dir))
     return Recovery(recovered, loaded, checks)
 
@@ -306,7 +313,8 @@ def recover(run: ConfigRun, pruned: PrunedModel, settings: RecoverySettings, met
 def measure_recovered_config(recovery: Recovery, meter: EnergyMeter, outcome: PruningResult,
                              adapter: str = "none") -> list[dict[str, Any]]:
     """The recovered config measured and written like every pruned config."""
-    return evaluate_config(recovery.run, recovery.loaded, meter, phase="pruning", adapter=recovered_adapter(adapter),
+    return evaluate_config(recovery.run, recovery.loaded, meter, phase="pruning",
+                           adapter=recovered_adapter(adapter),
                            pruning=outcome.spec.label, sparsity=outcome)
 
 

@@ -44,14 +44,17 @@ class RankingOutcome:
     top_by_phi: dict[str, list[tuple[str, float]]] | None = None  # phi choice -> tied-with-top set at w
     precision_lines: tuple[str, ...] = ()  # achieved 95% half-widths against the targets
     device_lines: tuple[str, ...] = ()  # each precision's measured throughput on the device, and skips
-    hardware_lines: tuple[str, ...] = ()  # the machine (CPU, speed-deciding flags, GPU) and where each job ran
-    data_lines: tuple[str, ...] = ()  # what each task scored: data source (synthetic said so), style, items, skips
+    # the machine (CPU, speed-deciding flags, GPU) and where each job ran
+    hardware_lines: tuple[str, ...] = ()
+    # what each task scored: data source (synthetic said so), style, items, skips
+    data_lines: tuple[str, ...] = ()
     scale_lines: tuple[str, ...] = ()  # observed ranges of φ and ρ and the weight energy effectively gets
     qa_style: str = "cloze"  # how QA was scored (its headline metric follows)
     lifecycle: pd.DataFrame | None = None  # lifecycle.csv: setup by step, per-query energy, break-even
     per_query_configs: pd.DataFrame | None = None  # config_energy rows before any amortisation
     token_energy: pd.DataFrame | None = None  # per config: J per input token and per output token
-    disturbance_lines: tuple[str, ...] = ()  # contaminated windows, re-measured jobs, rate outliers, idle drift
+    # contaminated windows, re-measured jobs, rate outliers, idle drift
+    disturbance_lines: tuple[str, ...] = ()
     contaminated_excluded: tuple[str, ...] = ()  # left out under ranking.contaminated: exclude
 
 
@@ -98,15 +101,16 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
         configs = configs[~configs["config_id"].astype(str).isin(flagged)]
         if configs.empty:
             raise ValueError(f"every config has contaminated windows ({', '.join(excluded_disturbed)}) and "
-                             "ranking.contaminated is exclude: nothing left to rank; measure again on a quiet "
-                             "machine, or set ranking.contaminated: flag")
+                             "ranking.contaminated is exclude: nothing left to rank; measure again on a "
+                             "quiet machine, or set ranking.contaminated: flag")
     per_query = configs
     lifecycle = lifecycle_table(configs, energy, results.read_table(study_dir, "setup_energy"),
                                 results.read_table(study_dir, "configs"), settings.energy_basis)
     results.write_table(study_dir, "lifecycle", lifecycle)
     offset = None
     if settings.amortize_over:
-        amortized = amortized_energy_per_item(configs, lifecycle, settings.amortize_over, settings.energy_basis)
+        amortized = amortized_energy_per_item(configs, lifecycle, settings.amortize_over,
+                                              settings.energy_basis)
         offset = pd.Series((amortized - configs["energy_kwh_per_item"].astype(float)).to_numpy(),
                            index=configs["config_id"].astype(str))
         configs = configs.assign(energy_kwh_per_item=amortized)
@@ -114,13 +118,17 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
     result = rank.rank_evaluations(configs, scores, settings, qa_style)
     stability, used, note = _stability(study_dir, configs, result.settings, result, offset)
     p_best = stability.attrs.get("p_best") if stability is not None else None
-    result = rank.RankingResult(table=rank.add_top_uncertainty(result.table, p_best), excluded=result.excluded,
+    result = rank.RankingResult(table=rank.add_top_uncertainty(result.table, p_best),
+                                excluded=result.excluded,
                                 settings=result.settings)
     top_by_phi = {result.settings.phi_method: tied_at(result.table, result.settings.w)}
     for other in (m for m in PHI_METHODS if m != result.settings.phi_method):
-        alt = rank.rank_evaluations(configs, scores, result.settings.model_copy(update={"phi_method": other}), qa_style)
+        alt = rank.rank_evaluations(configs, scores, result.settings.model_copy(update={"phi_method": other}),
+                                    qa_style)
         alt_stability, _, _ = _stability(study_dir, configs, alt.settings, alt, offset)
-        alt_table = rank.add_top_uncertainty(alt.table, alt_stability.attrs.get("p_best") if alt_stability is not None else None)
+        alt_table = rank.add_top_uncertainty(alt.table,
+                                             alt_stability.attrs.get("p_best") if alt_stability is not None
+                                             else None)
         top_by_phi[other] = tied_at(alt_table, result.settings.w)
     results.write_table(study_dir, "ranking", result.table)
     items = results.read_table(study_dir, "item_scores")
@@ -130,13 +138,16 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
     measured = energy[energy["phase"].isin(rank.EVALUATION_PHASES + ("finetune", "recovery"))]
     methods = tuple(sorted({m for m in component_methods(measured) if m}))
     return RankingOutcome(result=result, configs=configs, stability=stability, stability_metrics=used,
-                          w=settings.w, methods=methods, energy_lines=tuple(energy_description(energy, settings)),
+                          w=settings.w, methods=methods,
+                          energy_lines=tuple(energy_description(energy, settings)),
                           comparisons=comparisons, stability_note=note, top_by_phi=top_by_phi,
-                          precision_lines=tuple(precision_lines(scores, qa_style, configs["config_id"].tolist())),
+                          precision_lines=tuple(
+                              precision_lines(scores, qa_style, configs["config_id"].tolist())),
                           scale_lines=tuple(scale_lines(result.table, result.settings)), qa_style=qa_style,
                           lifecycle=lifecycle, per_query_configs=per_query, token_energy=token_energy(energy),
                           device_lines=tuple(device_lines(study_dir)),
-                          hardware_lines=tuple(hardware_lines(study_dir)), data_lines=tuple(data_lines(study_dir, scores)),
+                          hardware_lines=tuple(hardware_lines(study_dir)),
+                          data_lines=tuple(data_lines(study_dir, scores)),
                           disturbance_lines=tuple(disturbance_lines(study_dir, energy, settings)),
                           contaminated_excluded=excluded_disturbed)
 
@@ -165,31 +176,37 @@ def disturbance_lines(study_dir: str | Path, energy: pd.DataFrame, settings: Ran
     slow = pd.to_numeric(rows.get("canary_slowdown"), errors="coerce")
     if not windows or (foreign.isna().all() and slow.isna().all()):
         return ["Disturbance was not checked (energy.detect_disturbance: false)."]
-    lines.append(f"{int(flagged['contaminated_windows'].sum())} of {windows} measured windows kept a contaminated "
-                 f"flag; {int(rows['remeasured_windows'].sum())} disturbed windows were discarded and measured again. "
-                 f"Worst over all windows: machine-speed canary {slow.max():.2f}x its speed at the start, other "
-                 f"processes {foreign.max():.0%} of the CPU time, hypervisor steal "
+    lines.append(f"{int(flagged['contaminated_windows'].sum())} of {windows} measured windows kept a "
+                 f"contaminated flag; {int(rows['remeasured_windows'].sum())} disturbed windows were "
+                 "discarded and measured again. Worst over all windows: machine-speed canary "
+                 f"{slow.max():.2f}x its speed at the start, other processes {foreign.max():.0%} of the CPU "
+                 "time, hypervisor steal "
                  f"{pd.to_numeric(rows.get('steal_share'), errors='coerce').max():.0%}.")
     repeats = results.read_table(study_dir, "energy_repeats")
     if len(flagged):
         why = {}
         if "disturbance" in repeats.columns:
             bad = repeats[repeats["contaminated"].astype(str).str.lower() == "true"]
-            why = bad.groupby("config_id")["disturbance"].agg(lambda v: "; ".join(sorted({str(x) for x in v if str(x)})))
+            why = bad.groupby("config_id")["disturbance"].agg(
+                lambda v: "; ".join(sorted({str(x) for x in v if str(x)})))
         for config_id, group in flagged.groupby("config_id"):
-            lines.append(f"- **{config_id}**: {int(group['contaminated_windows'].sum())} contaminated window(s) in "
-                         f"{', '.join(group['task'].astype(str))}" + (f" ({why[config_id]})" if config_id in why else "")
+            lines.append(f"- **{config_id}**: {int(group['contaminated_windows'].sum())} contaminated "
+                         f"window(s) in {', '.join(group['task'].astype(str))}"
+                         + (f" ({why[config_id]})" if config_id in why else "")
                          + ("; left out of the ranking (ranking.contaminated: exclude)"
                             if settings.contaminated == "exclude" else "; ranked, with this flag"))
     prov_path = StudyLayout(Path(study_dir)).provenance
-    remeasured = ((json.loads(prov_path.read_text()).get("jobs") or {}).get("remeasured") or {}) if prov_path.exists() else {}
+    remeasured = (((json.loads(prov_path.read_text()).get("jobs") or {}).get("remeasured") or {})
+                  if prov_path.exists() else {})
     if remeasured:
         lines.append("Run again, whole, at the end of the study (every window replaced): "
-                     + ", ".join(f"{job} ({', '.join(configs)})" for job, configs in remeasured.items()) + ".")
+                     + ", ".join(f"{job} ({', '.join(configs)})" for job, configs in remeasured.items())
+                     + ".")
     outliers = rows[rows["rate_outlier_windows"] > 0]
     if len(outliers):
-        lines.append("Windows well below their config's median items per second (shown, not re-measured: chunks "
-                     "differ in length): " + ", ".join(f"{r.config_id} {r.task} ({r.rate_outlier_windows})"
+        lines.append("Windows well below their config's median items per second (shown, not re-measured: "
+                     "chunks differ in length): "
+                     + ", ".join(f"{r.config_id} {r.task} ({r.rate_outlier_windows})"
                                                          for r in outliers.itertuples()) + ".")
     idle = results.read_table(study_dir, "idle_baselines")
     if "idle_drift" in idle.columns:
@@ -212,7 +229,8 @@ def disturbance_table(study_dir: str | Path) -> pd.DataFrame:
         return pd.DataFrame()
     rows = energy[energy["phase"].isin(rank.EVALUATION_PHASES)]
     numeric = {c: pd.to_numeric(rows[c], errors="coerce") for c in
-               ("foreign_cpu_share", "canary_slowdown", "steal_share", "contaminated_windows", "remeasured_windows")}
+               ("foreign_cpu_share", "canary_slowdown", "steal_share", "contaminated_windows",
+                "remeasured_windows")}
     table = pd.DataFrame({"config_id": rows["config_id"], "phase": rows["phase"], **numeric})
     table = table.groupby(["config_id", "phase"], as_index=False).agg(
         foreign_cpu_share=("foreign_cpu_share", "max"), canary_slowdown=("canary_slowdown", "max"),
@@ -251,21 +269,24 @@ def data_lines(study_dir: str | Path, scores: pd.DataFrame) -> list[str]:
         line += f"; {words}" if words else ""
         shots = sorted({int(k) for k in rows["fewshot"].dropna()}) if "fewshot" in rows else []
         if any(shots):
-            ids = sorted({str(i) for i in rows["fewshot_ids"].dropna() if str(i)}) if "fewshot_ids" in rows else []
-            line += (f"; {'/'.join(map(str, shots))} worked example(s) from the train split shown before every "
-                     "question" + (f" ({'; '.join(ids)})" if ids else ""))
+            ids = (sorted({str(i) for i in rows["fewshot_ids"].dropna() if str(i)}) if "fewshot_ids" in rows
+                   else [])
+            line += (f"; {'/'.join(map(str, shots))} worked example(s) from the train split shown before "
+                     "every question" + (f" ({'; '.join(ids)})" if ids else ""))
         line += f"; {', '.join(map(str, n_items))} items per config" if n_items else ""
         if not splits.empty and task in set(splits["task"]):
             mine = splits[splits["task"] == task]
             if set(mine["assigned_by"]) == {"assigned"}:
                 line += (f"; the file has no splits, so a seeded assignment stratified by class made them "
-                         f"({', '.join(f'{k} {v}' for k, v in mine['split'].value_counts().sort_index().items())}; "
+                         f"({', '.join(f'{k} {v}' for k, v in mine['split'].value_counts().sort_index().items())}; "  # noqa: E501
                          "tables/splits.csv), and only the test split is scored")
         if not skipped.empty and task in set(skipped["task"]):
             mine = skipped[skipped["task"] == task]
             reasons = mine["field"].fillna("").astype(str).value_counts()
-            line += (f"; {len(mine)} invalid record(s) left out before sampling (invalid_records: skip; by field: "
-                     + ", ".join(f"{k or '?'} {v}" for k, v in reasons.items()) + "; tables/skipped_records.csv)")
+            line += (f"; {len(mine)} invalid record(s) left out before sampling (invalid_records: skip; by "
+                     "field: "
+                     + ", ".join(f"{k or '?'} {v}" for k, v in reasons.items())
+                     + "; tables/skipped_records.csv)")
         lines.append(line + ".")
     return lines
 
@@ -286,7 +307,8 @@ def device_lines(study_dir: str | Path) -> list[str]:
                                                          if kv[0] in PRECISIONS else 0, kv[0]))
     for precision, result in ordered:
         rate = result.get("gflop_per_s")
-        parts.append(f"{precision} {rate:.3g}" if rate else f"{precision} not measured ({result.get('reason', '')})")
+        parts.append(f"{precision} {rate:.3g}" if rate
+                     else f"{precision} not measured ({result.get('reason', '')})")
     limit = (probe.get("device_limits") or {}).get("max_slowdown")
     skips = (f"A precision more than {limit:g}x slower than fp32 is skipped unless device_limits.always_run "
              "lists it." if limit else "device_limits.max_slowdown: null, so no precision was skipped for "
@@ -340,7 +362,8 @@ def job_hardware(study_dir: str | Path) -> pd.DataFrame:
     if idle.empty or "cpu_model" not in idle.columns:
         return pd.DataFrame()
     order = idle.assign(_later=idle["kind"].astype(str) != "loaded")
-    order = order.sort_values(["config_id", "phase", "_later"], kind="stable").drop_duplicates(["config_id", "phase"])
+    order = order.sort_values(["config_id", "phase", "_later"],
+                              kind="stable").drop_duplicates(["config_id", "phase"])
     columns = [c for c in JOB_HARDWARE_COLUMNS if c in idle.columns]
     return order[["config_id", "phase", *columns]].reset_index(drop=True)
 
@@ -364,7 +387,8 @@ def hardware_lines(study_dir: str | Path) -> list[str]:
     jobs = job_hardware(study_dir)
     if jobs.empty:
         return lines
-    key = [c for c in ("host", "cpu_model", "isa_flags", "gpu_name", "gpu_power_limit_w") if c in jobs.columns]
+    key = [c for c in ("host", "cpu_model", "isa_flags", "gpu_name", "gpu_power_limit_w")
+           if c in jobs.columns]
     machines = jobs.assign(**{c: jobs[c].map(_text) for c in key}).groupby(key, sort=True)
     flags = hw.get("isa_flags") or {}
     probe_flags = (";".join(f for f in SPEED_FLAGS if flags.get(f)) or "none") if flags else ""
@@ -381,18 +405,21 @@ def hardware_lines(study_dir: str | Path) -> list[str]:
 
     groups = list(machines)
     if len(groups) == 1:
-        lines.append(f"{'The one measured job' if len(jobs) == 1 else f'All {len(jobs)} measured jobs'} ran on "
-                     f"{machine(groups[0][0])} (tables/idle_baselines.csv).")
+        lines.append(f"{'The one measured job' if len(jobs) == 1 else f'All {len(jobs)} measured jobs'} ran "
+                     f"on {machine(groups[0][0])} (tables/idle_baselines.csv).")
     else:
-        lines.append(f"The {len(jobs)} measured jobs ran on {len(groups)} machines (tables/idle_baselines.csv):")
-        lines += [f"- {machine(values)}: " + ", ".join(f"{r.config_id} ({r.phase})" for r in group.itertuples())
+        lines.append(f"The {len(jobs)} measured jobs ran on {len(groups)} machines "
+                     "(tables/idle_baselines.csv):")
+        lines += [f"- {machine(values)}: "
+                  + ", ".join(f"{r.config_id} ({r.phase})" for r in group.itertuples())
                   for values, group in groups]
     load = pd.to_numeric(jobs.get("load_avg_1m"), errors="coerce")
     if load.notna().any():
         worst = jobs.loc[load.idxmax()]
         lines.append(f"Load average (1 min) when each job's idle baselines were taken: {load.min():.2f} to "
                      f"{load.max():.2f} (highest: {worst['config_id']}, {worst['phase']}"
-                     + (f", on {int(worst['cpu_cores'])} logical cores" if pd.notna(worst.get("cpu_cores")) else "")
+                     + (f", on {int(worst['cpu_cores'])} logical cores" if pd.notna(worst.get("cpu_cores"))
+                        else "")
                      + ").")
     return lines
 
@@ -431,7 +458,8 @@ def phi_choice_markdown(top_by_phi: dict[str, list[tuple[str, float]]] | None, c
              "| φ | tied with the top (p_best) |", "|---|---|"]
     for method in PHI_METHODS:
         if method in top_by_phi:
-            cell = ", ".join(f"{c} ({p:.0%})" if not math.isnan(p) else c for c, p in top_by_phi[method]) or "—"
+            cell = (", ".join(f"{c} ({p:.0%})" if not math.isnan(p) else c for c, p in top_by_phi[method])
+                    or "—")
             lines.append(f"| {method}{' (used)' if method == chosen else ''} | {cell} |")
     lines.append("")
     values = list(sets.values())
@@ -482,7 +510,8 @@ def energy_description(energy: pd.DataFrame, settings: RankingSettings) -> list[
     parts = []
     for component in ("cpu", "gpu", "ram"):
         column = f"{component}_method"
-        methods = sorted({str(m) for m in rows[column].dropna() if str(m) not in ("none", "")}) if column in rows else []
+        methods = (sorted({str(m) for m in rows[column].dropna() if str(m) not in ("none", "")})
+                   if column in rows else [])
         if not methods:
             continue
         words = ", ".join(f"{m} ({'ESTIMATE' if is_estimate(m) else 'measured'})" for m in methods)
@@ -493,12 +522,14 @@ def energy_description(energy: pd.DataFrame, settings: RankingSettings) -> list[
                         for c in str(value).split(";") if c})
     measured_gpu = "gpu_method" in rows and any(m == "nvml_counter" for m in rows["gpu_method"].dropna())
     if measured_gpu and estimated:
-        lines.append(f"The GPU energy is measured by its NVML counter, but {' and '.join(c.upper() for c in estimated)} "
-                     "energy in the totals is modelled, not measured.")
+        lines.append("The GPU energy is measured by its NVML counter, but "
+                     f"{' and '.join(c.upper() for c in estimated)} energy in the totals is modelled, not "
+                     "measured.")
     scopes = sorted({str(s) for s in rows.get("energy_scope", pd.Series(dtype=str)).dropna()})
     if any(s.startswith("gpu_only") for s in scopes):
-        lines.append("Some jobs shared their node with other measured jobs: their totals hold their GPUs only "
-                     "(energy_scope 'gpu_only: shared node'); CPU and RAM are recorded beside them, not charged.")
+        lines.append("Some jobs shared their node with other measured jobs: their totals hold their GPUs "
+                     "only (energy_scope 'gpu_only: shared node'); CPU and RAM are recorded beside them, not "
+                     "charged.")
     intensity = rows.get("carbon_intensity_g_per_kwh", pd.Series(dtype=float)).dropna()
     country = rows.get("country_iso_code", pd.Series(dtype=str)).dropna()
     if len(intensity):
@@ -506,7 +537,8 @@ def energy_description(energy: pd.DataFrame, settings: RankingSettings) -> list[
                      + (f" (grid of {country.iloc[0]})" if len(country) else "") + ".")
     lines.append(f"The ranking uses {settings.energy_basis} energy"
                  + (" (net of each job's loaded-idle power)." if settings.energy_basis == "net" else
-                    " (as measured, idle included); energy_net_kwh in energy.csv subtracts each job's loaded-idle power."))
+                    " (as measured, idle included); energy_net_kwh in energy.csv subtracts each job's "
+                    "loaded-idle power."))
     return lines
 
 
@@ -526,8 +558,8 @@ def _stability(study_dir: str | Path, configs: pd.DataFrame, settings: RankingSe
     lacking = [m for m in chosen if m not in per_item_pairs]
     if lacking:
         # Resampling the other metrics alone would rank by a different rho than the point ranking.
-        return None, (), (f"ρ counts {', '.join(lacking)}, which has no per-item scores to resample (a corpus-level "
-                          "metric); choose per-item metrics in ranking.metrics to estimate it")
+        return None, (), (f"ρ counts {', '.join(lacking)}, which has no per-item scores to resample (a "
+                          "corpus-level metric); choose per-item metrics in ranking.metrics to estimate it")
     sub = settings.model_copy(update={"metrics": chosen, "missing": "exclude"})
     keep = configs[~configs["config_id"].isin(result.excluded)]
     repeats = rank.repeat_energy(results.read_table(study_dir, "energy_repeats"), settings.energy_basis)
@@ -557,9 +589,10 @@ def reason_line(row: Any, at_w: pd.DataFrame) -> str:
     energy_place = int((energies < float(row["energy_kwh_per_item"]) - 1e-18).sum()) + 1
     rho_place = int((rhos > float(row["rho"]) + 1e-12).sum()) + 1
     rho_words = "the best ρ" if rho_place == 1 else f"ρ {rhos.max() - float(row['rho']):.3f} below the best"
-    return (f"R = {row['R']:.3f} from φ = {row['phi']:.3f} ({_fmt_energy(row['energy_kwh_per_item'])} per item, "
-            f"{_ordinal(energy_place).replace('the least', 'the least energy')}"
-            + ("" if energy_place == 1 else " energy") + f" of {len(at_w)}) and ρ = {row['rho']:.3f} ({rho_words})")
+    return (f"R = {row['R']:.3f} from φ = {row['phi']:.3f} ({_fmt_energy(row['energy_kwh_per_item'])} per "
+            f"item, {_ordinal(energy_place).replace('the least', 'the least energy')}"
+            + ("" if energy_place == 1 else " energy")
+            + f" of {len(at_w)}) and ρ = {row['rho']:.3f} ({rho_words})")
 
 
 def answer_markdown(outcome: RankingOutcome, k: int = 3) -> str:
@@ -571,7 +604,8 @@ def answer_markdown(outcome: RankingOutcome, k: int = 3) -> str:
     tied = at_w[at_w["tied_with_top"].astype(bool)] if "tied_with_top" in at_w else at_w.iloc[:0]
     if "p_best" in at_w and not at_w["p_best"].isna().all() and len(tied):
         for _, row in tied.sort_values(["rank", "config_id"]).iterrows():
-            lines.append(f"- **{pretty_config(row['config_id'])}** — best in {row['p_best']:.0%} of resamples; "
+            lines.append(f"- **{pretty_config(row['config_id'])}** — best in {row['p_best']:.0%} of "
+                         "resamples; "
                          + reason_line(row, at_w) + ".")
         lines.append("")
     lines += _top_lines(outcome, k)
@@ -590,16 +624,19 @@ def _top_lines(outcome: RankingOutcome, k: int) -> list[str]:
         if stability is not None and row["config_id"] in stability.index:
             share = stability.loc[row["config_id"]].get(f"rank_{int(row['rank'])}", float("nan"))
             if not (isinstance(share, float) and math.isnan(share)):
-                robust = f"; holds rank {int(row['rank'])} in {share:.0%} of {len(outcome.stability) and 'bootstrap'} resamples"
+                robust = (f"; holds rank {int(row['rank'])} in {share:.0%} of "
+                          f"{len(outcome.stability) and 'bootstrap'} resamples")
         lines.append(
-            f"{int(row['rank'])}. **{pretty_config(row['config_id'])}** — R = {row['R']:.3f} (φ = {row['phi']:.3f}, "
-            f"ρ = {row['rho']:.3f}, {_fmt_energy(row['energy_kwh_per_item'])} per item{robust})"
+            f"{int(row['rank'])}. **{pretty_config(row['config_id'])}** — R = {row['R']:.3f} (φ = "
+            f"{row['phi']:.3f}, ρ = {row['rho']:.3f}, {_fmt_energy(row['energy_kwh_per_item'])} per "
+            f"item{robust})"
         )
     return lines
 
 
 def summary_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], skipped: list[dict[str, str]],
-                     failures: list[dict[str, str]], k: int = 3, finetune_lines: list[str] | None = None) -> str:
+                     failures: list[dict[str, str]], k: int = 3,
+                     finetune_lines: list[str] | None = None) -> str:
     """The answer, then the methods behind it (the report shows them apart: answer first, evidence,
     methods)."""
     return (answer_markdown(outcome, k) + "\n\n"
@@ -620,21 +657,22 @@ def methods_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
         + (f", plus its setup energy (fine-tuning, pruning, recovery) amortised over a life of "
            f"{outcome.result.settings.amortize_over:g} queries (ranking.amortize_over)."
            if outcome.result.settings.amortize_over else
-           " (per query: setup energy is not counted, the paper's ranking; ranking.amortize_over: N counts it "
-           "over a life of N queries, see \"What it costs over its life\").")
+           " (per query: setup energy is not counted, the paper's ranking; ranking.amortize_over: N counts "
+           "it over a life of N queries, see \"What it costs over its life\").")
     )
     lines += list(outcome.scale_lines)
     if outcome.stability_metrics:
-        lines.append(f"Rank stability and p_best resample the items of {', '.join(outcome.stability_metrics)} "
-                     "(the same ρ as the point ranking) and the energy repeats.")
+        lines.append("Rank stability and p_best resample the items of "
+                     f"{', '.join(outcome.stability_metrics)} (the same ρ as the point ranking) and the "
+                     "energy repeats.")
     elif outcome.stability_note:
         lines.append(f"Rank stability was not estimated: {outcome.stability_note}.")
     phi_lines = phi_choice_markdown(outcome.top_by_phi, outcome.result.settings.phi_method, outcome.w)
     if phi_lines:
         lines += ["", phi_lines]
     if outcome.precision_lines:
-        lines += ["", ("**Precision of the scores.** Achieved 95% half-width of each task's headline accuracy "
-                       "against its target:"), *outcome.precision_lines]
+        lines += ["", ("**Precision of the scores.** Achieved 95% half-width of each task's headline "
+                       "accuracy against its target:"), *outcome.precision_lines]
     if outcome.hardware_lines:
         lines += ["", "**Hardware.** " + outcome.hardware_lines[0], *outcome.hardware_lines[1:]]
     if outcome.device_lines:
@@ -645,7 +683,8 @@ def methods_markdown(outcome: RankingOutcome, weights_origin: dict[str, str], sk
         lines.append("Excluded from the ranking (contaminated windows, ranking.contaminated: exclude): "
                      f"{', '.join(outcome.contaminated_excluded)}.")
     if outcome.disturbance_lines:
-        lines += ["", "**Disturbed measurements.** " + outcome.disturbance_lines[0], *outcome.disturbance_lines[1:]]
+        lines += ["", "**Disturbed measurements.** " + outcome.disturbance_lines[0],
+                  *outcome.disturbance_lines[1:]]
     if outcome.data_lines:
         lines += ["", "**What was scored.**", *outcome.data_lines]
     lines += ["", "**Energy method.** " + describe_methods(set(outcome.methods)) + "."]
@@ -679,17 +718,21 @@ def separability_sentence(outcome: RankingOutcome) -> str:
     share = f"{rank.TIED_WITH_TOP_SHARE:.0%}"
     if len(tied) == 1:
         row = tied.iloc[0]
-        return (f"**Best at w = {outcome.w:g}: {pretty_config(row['config_id'])}**, best in {row['p_best']:.0%} of joint resamples of "
-                f"items and energy repeats; no other config is best in {share} or more of them.")
+        return (f"**Best at w = {outcome.w:g}: {pretty_config(row['config_id'])}**, best in "
+                f"{row['p_best']:.0%} of joint resamples of items and energy repeats; no other config is "
+                f"best in {share} or more of them.")
     names = ", ".join(f"{pretty_config(r['config_id'])} ({r['p_best']:.0%})" for _, r in tied.iterrows())
-    return (f"**No single best configuration at w = {outcome.w:g}.** The data cannot separate {len(tied)} configs: "
-            f"{names}, each best in at least {share} of joint resamples of items and energy repeats (or first in "
-            "the point ranking). More items, or more energy repeats, would be needed to tell them apart.")
+    return (f"**No single best configuration at w = {outcome.w:g}.** The data cannot separate {len(tied)} "
+            f"configs: {names}, each best in at least {share} of joint resamples of items and energy repeats "
+            "(or first in the point ranking). More items, or more energy repeats, would be needed to tell "
+            "them apart.")
 
 
-def finetune_effect(scores: pd.DataFrame, energy: pd.DataFrame, task: str = "rca", metric: str = "accuracy") -> list[str]:
+def finetune_effect(scores: pd.DataFrame, energy: pd.DataFrame, task: str = "rca",
+                    metric: str = "accuracy") -> list[str]:
     """One sentence per fine-tuned config: does it beat its base model on the task, and by how much."""
-    meta = energy.drop_duplicates("config_id").set_index("config_id")[["model", "precision", "adapter", "pruning"]]
+    meta = energy.drop_duplicates("config_id").set_index(
+        "config_id")[["model", "precision", "adapter", "pruning"]]
     values = scores[(scores["task"] == task) & (scores["metric"] == metric)].set_index("config_id")
     lines = []
     for config_id, row in meta[(meta["adapter"] != "none") & (meta["pruning"] == "none")].iterrows():
@@ -721,7 +764,8 @@ def not_trained(study_dir: str | Path) -> list[dict[str, str]]:
         text = str(row["reason"]).strip() if pd.notna(row["reason"]) else ""
         return text.splitlines()[0].split("; ")[0] if text else str(row["status"])
 
-    return [{"model": str(r["model"]), "precision": str(r["precision"]), "reason": why(r)} for _, r in rows.iterrows()]
+    return [{"model": str(r["model"]), "precision": str(r["precision"]), "reason": why(r)}
+            for _, r in rows.iterrows()]
 
 
 def config_notes(study_dir: str | Path) -> tuple[dict[str, str], list[dict[str, str]], list[dict[str, str]]]:
@@ -766,7 +810,8 @@ def figure_energy_method(methods: tuple[str, ...]) -> str | None:
 
 
 def load_tables(study_dir: str | Path) -> dict[str, pd.DataFrame]:
-    return {name: results.read_table(study_dir, name) for name in ("energy", "scores", "training", "token_lengths")}
+    return {name: results.read_table(study_dir, name)
+            for name in ("energy", "scores", "training", "token_lengths")}
 
 
 def empty(frame: Any) -> bool:
@@ -786,7 +831,8 @@ def recovery_markdown(study_dir: str | Path, metrics: tuple[tuple[str, str], ...
         return ""
     values = scores.set_index(["config_id", "task", "metric"])["value"]
     lines = [("**Recovery fine-tuning.** A LoRA adapter trained on each pruned model (its pruned weights "
-             "unchanged): quality before pruning → pruned → recovered, and the energy the recovery training spent.")]
+             "unchanged): quality before pruning → pruned → recovered, and the energy the recovery training "
+             "spent.")]
     for _, row in training.sort_values("config_id").iterrows():
         recovered = str(row["config_id"])
         pruned = parent_config_id(recovered) or recovered
@@ -796,14 +842,16 @@ def recovery_markdown(study_dir: str | Path, metrics: tuple[tuple[str, str], ...
             got = [values.get((c, task, metric)) for c in (target, pruned, recovered)]
             if all(v is not None and not pd.isna(v) for v in got):
                 parts.append(f"{task} {metric} {got[0]:.3f} → {got[1]:.3f} → {got[2]:.3f}")
-        estimate = " (estimate)" if isinstance(row.get("estimated_components"), str) and row["estimated_components"] else ""
-        lines.append(f"- {pruned}: {'; '.join(parts) or 'no scores'}; recovery training {_fmt_energy(row['energy_kwh'])}"
-                     f"{estimate} over {int(row['n_items'])} examples")
+        estimate = (" (estimate)" if isinstance(row.get("estimated_components"), str)
+                    and row["estimated_components"] else "")
+        lines.append(f"- {pruned}: {'; '.join(parts) or 'no scores'}; recovery training "
+                     f"{_fmt_energy(row['energy_kwh'])}{estimate} over {int(row['n_items'])} examples")
     return "\n".join(lines)
 
 
 VERDICT_TASKS: tuple[str, ...] = ("rca", "qa", "rca_resolution")
-VERDICT_KINDS: dict[str, str] = {"quantization": "quantization verdicts", "pruning": "pruning and recovery verdicts"}
+VERDICT_KINDS: dict[str, str] = {"quantization": "quantization verdicts",
+                                 "pruning": "pruning and recovery verdicts"}
 
 
 def verdict_metrics(qa_style: str) -> tuple[tuple[str, str], ...]:
@@ -848,13 +896,16 @@ def adjust_comparisons(comparisons: pd.DataFrame, configs: pd.DataFrame, qa_styl
     out["p_adjusted"] = np.nan
     if out.empty:
         return out
-    key = {(a, b, t, m): i for i, (a, b, t, m) in enumerate(zip(out["config_a"], out["config_b"], out["task"], out["metric"]))}
+    key = {(a, b, t, m): i
+           for i, (a, b, t, m) in enumerate(zip(out["config_a"], out["config_b"], out["task"],
+                                                out["metric"]))}
     for kind in VERDICT_KINDS:
         pairs = judged_pairs(configs, kind)
         for task, metric in verdict_metrics(qa_style):
             rows = []
             for config_id, reference in pairs:
-                index = key.get((config_id, reference, task, metric), key.get((reference, config_id, task, metric)))
+                index = key.get((config_id, reference, task, metric),
+                                key.get((reference, config_id, task, metric)))
                 if index is not None and int(out.iloc[index]["n_items"]) >= MIN_VERDICT_ITEMS:
                     rows.append(out.index[index])
             if not rows:
@@ -877,13 +928,15 @@ def quality_changes(outcome: RankingOutcome, kind: str, alpha: float = 0.05) -> 
     if not pairs:
         return ""
     title = ("**Quantization against fp32, paired on the same items.**" if kind == "quantization" else
-             "**Pruning against its unpruned config (and recovery against its pruned one), paired on the same items.**")
+             "**Pruning against its unpruned config (and recovery against its pruned one), paired on the "
+             "same items.**")
     metrics = verdict_metrics(outcome.qa_style)
-    lines = [title + f" Each task is judged on its headline metric ({', '.join(f'{t} {m}' for t, m in metrics)}). "
-             f"A change is beyond noise when its p-value, Holm-adjusted over this paragraph's pairs for that metric "
-             f"(p_adj), is below {alpha:g}; the test is McNemar's exact test for accuracies and a paired sign-flip "
-             "permutation test otherwise, and the interval the paired-bootstrap 95% interval of the difference. "
-             f"A metric scored on fewer than {MIN_VERDICT_ITEMS} items gets no verdict."]
+    lines = [title + " Each task is judged on its headline metric "
+             f"({', '.join(f'{t} {m}' for t, m in metrics)}). A change is beyond noise when its p-value, "
+             f"Holm-adjusted over this paragraph's pairs for that metric (p_adj), is below {alpha:g}; the "
+             "test is McNemar's exact test for accuracies and a paired sign-flip permutation test otherwise, "
+             "and the interval the paired-bootstrap 95% interval of the difference. A metric scored on "
+             f"fewer than {MIN_VERDICT_ITEMS} items gets no verdict."]
     for config_id, reference in pairs:
         parts = []
         for task, metric in metrics:
@@ -916,13 +969,17 @@ def scale_lines(table: pd.DataFrame, settings: RankingSettings) -> list[str]:
     w = settings.w
     total = w * span_phi + (1 - w) * span_rho
     effective = w * span_phi / total if total > 0 else float("nan")
-    scale = ("ρ is min-max scaled over the configs (ranking.rho_scale: minmax)" if settings.rho_scale == "minmax"
-             else "ρ as observed (ranking.rho_scale: raw, the paper's definition; rho_scale: minmax scales it to [0, 1])")
-    return [f"Observed ranges at w = {w:g}: φ {phi.min():.3f}–{phi.max():.3f}, ρ {rho.min():.3f}–{rho.max():.3f} "
-            f"({scale}). Across these configs energy effectively weighs {effective:.0%} of R's spread "
-            f"(w·span φ / (w·span φ + (1−w)·span ρ)), quality {1 - effective:.0%}."
+    scale = ("ρ is min-max scaled over the configs (ranking.rho_scale: minmax)"
+             if settings.rho_scale == "minmax"
+             else "ρ as observed (ranking.rho_scale: raw, the paper's definition; rho_scale: minmax scales "
+                  "it to [0, 1])")
+    return [f"Observed ranges at w = {w:g}: φ {phi.min():.3f}–{phi.max():.3f}, ρ "
+            f"{rho.min():.3f}–{rho.max():.3f} ({scale}). Across these configs energy effectively weighs "
+            f"{effective:.0%} of R's spread (w·span φ / (w·span φ + (1−w)·span ρ)), quality "
+            f"{1 - effective:.0%}."
             if not math.isnan(effective) else
-            f"Observed ranges at w = {w:g}: φ {phi.min():.3f}–{phi.max():.3f}, ρ {rho.min():.3f}–{rho.max():.3f}."]
+            f"Observed ranges at w = {w:g}: φ {phi.min():.3f}–{phi.max():.3f}, ρ "
+            f"{rho.min():.3f}–{rho.max():.3f}."]
 
 
 def token_energy(energy: pd.DataFrame) -> pd.DataFrame:
@@ -931,7 +988,8 @@ def token_energy(energy: pd.DataFrame) -> pd.DataFrame:
     rows = energy[energy["phase"].isin(rank.EVALUATION_PHASES)].copy()
     out = []
     for config_id, group in rows.groupby("config_id", sort=True):
-        scoring = group[group.get("n_generated_tokens", pd.Series(0, index=group.index)).fillna(0).astype(float) == 0]
+        scoring = group[group.get("n_generated_tokens",
+                                  pd.Series(0, index=group.index)).fillna(0).astype(float) == 0]
         generation = group.drop(scoring.index)
         row = {"config_id": config_id}
         tokens = scoring["n_tokens"].astype(float).sum()
@@ -1010,13 +1068,15 @@ def lifecycle_markdown(outcome: RankingOutcome, focus: list[str] | None = None) 
     verdicts = lifecycle_verdicts(outcome)
     ids = focus or [c for c in totals.index if totals.loc[c, "break_even_queries"] != "reference"]
     lines = [("**Setup energy against energy per query.** Making a variant costs energy once (fine-tuning, "
-              "Wanda calibration, pruning, re-quantization, recovery fine-tuning: every measured step along its "
-              "lineage); serving costs energy per query (one scored item). Against its reference (its model at "
-              "fp32, no adapter, no pruning) a variant pays for itself after the break-even number of queries: "
-              "\"immediately\" when it costs no more setup and no more per query, \"never\" when its per-query "
-              "energy is not lower. A quality change marked beyond noise (McNemar's exact test, Holm over the "
-              "variants compared per metric) means the saving is bought with quality."), "",
-             "| config | setup | per query | break-even (queries) | quality vs reference |", "|---|---|---|---|---|"]
+              "Wanda calibration, pruning, re-quantization, recovery fine-tuning: every measured step along "
+              "its lineage); serving costs energy per query (one scored item). Against its reference (its "
+              "model at fp32, no adapter, no pruning) a variant pays for itself after the break-even number "
+              "of queries: \"immediately\" when it costs no more setup and no more per query, \"never\" when "
+              "its per-query energy is not lower. A quality change marked beyond noise (McNemar's exact "
+              "test, Holm over the variants compared per metric) means the saving is bought with quality."),
+             "",
+             "| config | setup | per query | break-even (queries) | quality vs reference |",
+             "|---|---|---|---|---|"]
     for config_id in ids:
         if config_id not in totals.index:
             continue
@@ -1034,9 +1094,9 @@ def lifecycle_markdown(outcome: RankingOutcome, focus: list[str] | None = None) 
                   + "; ".join(sorted({f"{r.step} of {r.source_config}" for r in shared.itertuples()})) + "."]
     tokens = outcome.token_energy
     if tokens is not None and len(tokens):
-        lines += ["", ("**Energy per token** (J; input tokens as they ran in the scoring windows, a shared few-shot "
-                       "prefix once; output tokens: a generation window's whole energy over its new tokens, prefill "
-                       "not split), gross / net of loaded idle:"), "",
+        lines += ["", ("**Energy per token** (J; input tokens as they ran in the scoring windows, a shared "
+                       "few-shot prefix once; output tokens: a generation window's whole energy over its new "
+                       "tokens, prefill not split), gross / net of loaded idle:"), "",
                   "| config | J per input token | J per output token |", "|---|---|---|"]
         for row in tokens.itertuples():
             cells = []

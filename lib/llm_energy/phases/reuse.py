@@ -109,7 +109,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def model_fingerprint(loaded: LoadedModel, spec: Any, base_dir: Path | None, adapter_dir: str = "") -> dict[str, Any] | None:
+def model_fingerprint(loaded: LoadedModel, spec: Any, base_dir: Path | None,
+                      adapter_dir: str = "") -> dict[str, Any] | None:
     """What the scoring path's verdict depends on, or None when the model cannot be fingerprinted."""
     weights, _ = resolve_weights(spec, base_dir)
     model_files = folder_fingerprint(weights)
@@ -118,7 +119,8 @@ def model_fingerprint(loaded: LoadedModel, spec: Any, base_dir: Path | None, ada
     adapter_files = folder_fingerprint(adapter_dir) if adapter_dir else {}
     if adapter_files is None:
         return None
-    return {"model": model_files, "adapter": adapter_files, "precision": loaded.precision, "device": loaded.device}
+    return {"model": model_files, "adapter": adapter_files, "precision": loaded.precision,
+            "device": loaded.device}
 
 
 def scoring_path(study_dir: Path, loaded: LoadedModel, spec: Any, base_dir: Path | None,

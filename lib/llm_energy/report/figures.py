@@ -170,7 +170,8 @@ def pruning_label(pruning: object, pattern: object = None, sparsity: object = No
 
 
 def pareto_mask(energy: Sequence[float], quality: Sequence[float]) -> np.ndarray:
-    """Pareto-optimal points for low energy and high quality (:func:`llm_energy.analysis.ranking_math.pareto_optimal`)."""
+    """Pareto-optimal points for low energy and high quality
+    (:func:`llm_energy.analysis.ranking_math.pareto_optimal`)."""
     return pareto_optimal(energy, quality)
 
 
@@ -227,7 +228,8 @@ def _sized_figure(width_in: float, height_in: float, note: str | None | bool = N
     return fig
 
 
-def _new_figure(nrows: int = 1, ncols: int = 1, *, height_in: float | None = None, note: bool | str | None = False,
+def _new_figure(nrows: int = 1, ncols: int = 1, *, height_in: float | None = None,
+                note: bool | str | None = False,
                 width_in: float | None = None, **kwargs: object) -> tuple[Figure, np.ndarray]:
     height = height_in if height_in is not None else FIGSIZE_IN[1]
     fig = _sized_figure(width_in if width_in is not None else FIGSIZE_IN[0], height, note)
@@ -335,7 +337,8 @@ def _grouped_bars(ax: Axes, groups: Sequence[str], series: Sequence[str], values
     width = 0.8 / max(len(series), 1)
     for i, name in enumerate(series):
         offsets = x - 0.4 + width * (i + 0.5)
-        heights = values.reindex(index=groups)[name].to_numpy(dtype=float) if name in values else np.full(len(groups), np.nan)
+        heights = (values.reindex(index=groups)[name].to_numpy(dtype=float) if name in values
+                   else np.full(len(groups), np.nan))
         color = None if colors is None else colors.get(name)
         ax.bar(offsets, np.nan_to_num(heights), width=width * 0.95, label=str(name), color=color, zorder=2)
         if errors is not None and name in errors:
@@ -365,7 +368,8 @@ def _per_item(energy: pd.DataFrame) -> pd.DataFrame:
     standard error of the row's energy in either window design; energy_kwh_std for older tables)."""
     out = energy.copy()
     n = out["n_items"].astype(float).where(out["n_items"].astype(float) > 0)
-    std_kwh = out["energy_kwh_std"].astype(float) if "energy_kwh_std" in out else pd.Series(np.nan, index=out.index)
+    std_kwh = (out["energy_kwh_std"].astype(float) if "energy_kwh_std" in out
+               else pd.Series(np.nan, index=out.index))
     if "energy_kwh_se" in out:
         std_kwh = out["energy_kwh_se"].astype(float).where(out["energy_kwh_se"].notna(), std_kwh)
     out["wh_per_item"] = out["energy_kwh"].astype(float) * 1000 / n
@@ -420,7 +424,8 @@ def task_labels(scores: pd.DataFrame) -> dict[str, str]:
     for task, rows in scores.groupby(scores["task"].astype(str)):
         source = str(rows["data"].dropna().iloc[0]) if "data" in rows and rows["data"].notna().any() else ""
         style = str(rows["style"].dropna().iloc[0]) if "style" in rows and rows["style"].notna().any() else ""
-        words = {"synthetic": "SYNTHETIC data", "teleqna": "TeleQnA"}.get(source, Path(source).name if source else "")
+        words = {"synthetic": "SYNTHETIC data", "teleqna": "TeleQnA"}.get(source,
+                                                                          Path(source).name if source else "")
         if task in ("rca", "rca_resolution") and source == "synthetic":
             words = "SYNTHETIC tickets"
         extra = ", ".join(x for x in (words, style if task == "qa" else "") if x)
@@ -460,13 +465,15 @@ def fig1_token_lengths(token_lengths: pd.DataFrame) -> Figure:
             # Below the panel: histograms fill the plot area, so any inside spot would hide bars.
             # Its top a fixed distance (inches) under the axes: clear of the tick labels and x label.
             below = ScaledTranslation(0, -(0.3 + 0.18 * (xlabel.count("\n") + 1)), fig.dpi_scale_trans)
-            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=ax.transAxes + below,
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0),
+                      bbox_transform=ax.transAxes + below,
                       frameon=False)
     return _finish(fig, FIG1_TITLE, None)
 
 
 def fig3_finetune_energy_loss(training: pd.DataFrame, energy_method: str, *,
-                              cumulative: bool = True, not_trained: Sequence[Mapping[str, str]] = ()) -> Figure:
+                              cumulative: bool = True,
+                              not_trained: Sequence[Mapping[str, str]] = ()) -> Figure:
     """Training loss against fine-tuning energy, one line per run (coloured by precision).
 
     ``energy_method`` comes from energy.csv (training.csv does not record it). With
@@ -500,7 +507,8 @@ def fig3_finetune_energy_loss(training: pd.DataFrame, energy_method: str, *,
         fig, axes = _new_figure(note=note is not None)
         ax = axes[0, 0]
         runs = sorted(df.groupby("config_id"),
-                      key=lambda kv: (str(kv[1]["model"].iloc[0]), precisions.index(str(kv[1]["precision"].iloc[0]))))
+                      key=lambda kv: (str(kv[1]["model"].iloc[0]),
+                                      precisions.index(str(kv[1]["precision"].iloc[0]))))
         for config_id, run in runs:
             run = run.sort_values("epoch")
             precision = str(run["precision"].iloc[0])
@@ -524,11 +532,13 @@ def fig3_finetune_energy_loss(training: pd.DataFrame, energy_method: str, *,
                 ax.annotate(f"{epoch:g}" if isinstance(epoch, (int, float)) else str(epoch), (x, y),
                             textcoords="offset points", xytext=(5, 4), fontsize=8, color="0.25")
         for row in sorted(missing, key=lambda r: (str(r["model"]), precisions.index(str(r["precision"])))):
-            label = str(row["precision"]) if len(models) == 1 else f"{_short_model(row['model'])} {row['precision']}"
+            label = (str(row["precision"]) if len(models) == 1
+                     else f"{_short_model(row['model'])} {row['precision']}")
             # an empty handle in the precision's colour: the width the figure would have drawn, and why not
             ax.plot([], [], color=colors[str(row["precision"])], linestyle=":", alpha=0.5,
                     label=_wrap(f"{label}: not trained — {row['reason']}", 48))
-        ax.set_xlabel("Cumulative fine-tuning energy (kWh)" if cumulative else "Fine-tuning energy per epoch (kWh)")
+        ax.set_xlabel("Cumulative fine-tuning energy (kWh)" if cumulative
+                      else "Fine-tuning energy per epoch (kWh)")
         ax.set_ylabel("Training loss")
         ax.set_title("Each marker is one epoch (number next to it)", fontsize=9)
         _legend_outside(ax, title="precision")
@@ -572,14 +582,16 @@ def fig4_inference_energy_carbon(energy: pd.DataFrame) -> Figure:
                 values = sub[column].unstack("precision")
                 errors = sub[f"{column}_std"].unstack("precision")
                 _grouped_bars(ax, tasks, precisions, values, errors, colors)
-                ax.set_xticks(range(len(tasks)), [_wrap(t, max(6, int(group_in * 11))) for t in tasks], fontsize=9)
+                ax.set_xticks(range(len(tasks)), [_wrap(t, max(6, int(group_in * 11))) for t in tasks],
+                              fontsize=9)
                 if col == 0:
                     ax.set_ylabel(ylabel)
                 ax.set_title(_wrap(f"{title} — {model}", int(panel_in * 10)), fontsize=10)
         for ax in axes[-1]:
             ax.set_xlabel("task")
         handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, title="precision", loc="outside right center", fontsize=8, title_fontsize=8,
+        fig.legend(handles, labels, title="precision", loc="outside right center", fontsize=8,
+                   title_fontsize=8,
                    frameon=False)
     return _finish(fig, FIG4_TITLE, note)
 
@@ -612,13 +624,15 @@ def fig5_quantization_impact(scores: pd.DataFrame, energy: pd.DataFrame) -> Figu
         for ax, (task, metric) in zip(axes.flat, panels):
             sub = df[(df["task"] == task) & (df["metric"] == metric)]
             for i, model in enumerate(models):
-                rows = sub[sub["model"].astype(str) == model].groupby("precision")[["value", "ci_low", "ci_high"]].mean()
+                rows = sub[sub["model"].astype(str) == model].groupby(
+                    "precision")[["value", "ci_low", "ci_high"]].mean()
                 rows = rows.reindex([p for p in precisions if p in rows.index])
                 # Dodge models sideways so their CI bars do not sit on top of each other.
                 x = np.array([x_of[p] for p in rows.index], dtype=float) + (i - (len(models) - 1) / 2) * 0.08
                 y = rows["value"].to_numpy(dtype=float)
                 line = ax.plot(x, y, marker="o", label=_short_model(model), zorder=2)[0]
-                yerr = np.vstack([y - rows["ci_low"].to_numpy(dtype=float), rows["ci_high"].to_numpy(dtype=float) - y])
+                yerr = np.vstack(
+                    [y - rows["ci_low"].to_numpy(dtype=float), rows["ci_high"].to_numpy(dtype=float) - y])
                 _errorbars(ax, x, y, yerr=yerr, color=line.get_color())
             # Names only: with bits added, six ticks per panel run into each other; the bits are in the label.
             ax.set_xticks(range(len(precisions)), precisions, fontsize=9)
@@ -626,7 +640,8 @@ def fig5_quantization_impact(scores: pd.DataFrame, energy: pd.DataFrame) -> Figu
             # Two lines (the task and its data; the metric), each wrapped to the panel: titles of
             # neighbouring panels never run into each other.
             chars = int(panel_in * 11)
-            ax.set_title(_wrap(names.get(str(task), str(task)), chars) + "\n" + _wrap(str(metric), chars), fontsize=10)
+            ax.set_title(_wrap(names.get(str(task), str(task)), chars) + "\n" + _wrap(str(metric), chars),
+                         fontsize=10)
             ax.set_ylabel(str(metric))
         bits = " > ".join(dict.fromkeys(f"{PRECISION_BITS[p]}" for p in precisions if p in PRECISION_BITS))
         for col in range(ncols):
@@ -660,7 +675,8 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
     meta = meta.merge(targets, on=["model", "precision", "target_adapter"], how="inner")
     if meta.empty:
         return _no_data_figure(FIG6_TITLE)
-    meta["setting"] = ["unpruned" if not r.pruned else pruning_label(r.pruning, r.sparsity_pattern, r.target_sparsity)
+    meta["setting"] = ["unpruned" if not r.pruned
+                       else pruning_label(r.pruning, r.sparsity_pattern, r.target_sparsity)
                        for r in meta.itertuples()]
     meta["target"] = (meta["model"].map(_short_model) + " · " + meta["precision"].astype(str)
                       + meta["target_adapter"].map(lambda a: "" if a == "none" else f" · {a}"))
@@ -740,8 +756,10 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
                              + (shift * band if any_recovered else 0.0))
                         xerr = (sel["x_err"].to_numpy() if column == "task"
                                 else np.vstack([sel["x_low"].to_numpy(), sel["x_high"].to_numpy()]))
-                        ax.errorbar(sel["x"].to_numpy(dtype=float), y, xerr=xerr, fmt="D" if recovered else "o",
-                                    color=colors[name], markerfacecolor="white" if recovered else colors[name],
+                        ax.errorbar(sel["x"].to_numpy(dtype=float), y, xerr=xerr,
+                                    fmt="D" if recovered else "o",
+                                    color=colors[name],
+                                    markerfacecolor="white" if recovered else colors[name],
                                     markersize=4.5, elinewidth=1, capsize=2, zorder=3)
             ax_s.set_yticks(range(len(settings[target])), settings[target], fontsize=9)
             ax_s.set_ylim(len(settings[target]) - 0.5, -0.5)
@@ -852,11 +870,13 @@ def fig7_ranking(ranking: pd.DataFrame, w: float = 0.5, energy_method: str | Non
         ax_p.scatter(x[~front], y[~front], color="0.55", s=30, zorder=3, label="dominated")
         ax_p.scatter(x[front], y[front], color=_PARETO_COLOR, s=55, zorder=4, label="Pareto-optimal")
         order = np.argsort(x[front])
-        ax_p.step(x[front][order], y[front][order], where="post", color=_PARETO_COLOR, linewidth=1.5, zorder=3)
+        ax_p.step(x[front][order], y[front][order], where="post", color=_PARETO_COLOR, linewidth=1.5,
+                  zorder=3)
         if has_p_best:
             # Uncertainty of the top: the configs the resampling cannot separate, ringed, with how often
             # each comes out best.
-            ax_p.scatter(x[tied], y[tied], s=190, facecolors="none", edgecolors="black", linewidths=1.2, zorder=5,
+            ax_p.scatter(x[tied], y[tied], s=190, facecolors="none", edgecolors="black", linewidths=1.2,
+                         zorder=5,
                          label="cannot be separated from the top")
         ax_p.set_xlabel(f"Energy per item ({e_unit}/item, ± s.e.)")
         ax_p.xaxis.set_major_locator(MaxNLocator(nbins=5))
@@ -886,7 +906,8 @@ def fig7_ranking(ranking: pd.DataFrame, w: float = 0.5, energy_method: str | Non
                     text += f" (best in {p_best[i]:.0%})"
                 wanted.append((0 if tied[i] else 1, -y[i], text, x[i], y[i],
                                _PARETO_COLOR if front[i] else "black"))
-        _place_labels(fig, ax_p, [(t, xi, yi, c) for *_, t, xi, yi, c in sorted(wanted)], np.column_stack([x, y]))
+        _place_labels(fig, ax_p, [(t, xi, yi, c) for *_, t, xi, yi, c in sorted(wanted)],
+                      np.column_stack([x, y]))
     return _finish(fig, FIG7_TITLE, note)
 
 
@@ -912,7 +933,8 @@ def _place_labels(fig: Figure, ax: Axes, labels: Sequence[tuple[str, float, floa
     directions = [(1, 0.3), (1, -1), (-1, 0.3), (-1, -1), (0, 1), (0, -1.6), (1, 1), (-1, 1)]
     for text, xi, yi, color in labels:
         anchor = ax.transData.transform((xi, yi))
-        ann = ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(0, 0), fontsize=7.5, color=color,
+        ann = ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(0, 0), fontsize=7.5,
+                          color=color,
                           zorder=6, annotation_clip=False)
         ann.set_in_layout(False)
         done = False
@@ -923,7 +945,8 @@ def _place_labels(fig: Figure, ax: Axes, labels: Sequence[tuple[str, float, floa
             ann.set_horizontalalignment("left" if dx > 0 else "right" if dx < 0 else "center")
             ann.set_verticalalignment("center" if dy == 0.3 and dx else "bottom" if dy > 0 else "top")
             box = ann.get_window_extent(renderer)
-            if not (ax.bbox.x0 < box.x0 and box.x1 < ax.bbox.x1 and ax.bbox.y0 < box.y0 and box.y1 < ax.bbox.y1):
+            if not (ax.bbox.x0 < box.x0 and box.x1 < ax.bbox.x1 and ax.bbox.y0 < box.y0
+                    and box.y1 < ax.bbox.y1):
                 continue
             grown = box.expanded(1.0, 1.0).padded(2)
             if any(grown.overlaps(other) for other in placed):
@@ -976,7 +999,8 @@ def fig8_lifecycle(lifecycle: pd.DataFrame, configs: Sequence[str], queries: Seq
             total = setup + grid * per_query
             estimate = bool(row["estimate"]) or (note is not None and "ESTIMATE" in note)
             line, = ax.plot(grid, total, linestyle="--" if estimate else "-", linewidth=1.6,
-                            label=config_id + (" (reference)" if row["break_even_queries"] == "reference" else ""))
+                            label=config_id
+                            + (" (reference)" if row["break_even_queries"] == "reference" else ""))
             verdict = str(row["break_even_queries"])
             if verdict.isdigit() and float(verdict) <= grid[-1]:
                 n = float(verdict)
@@ -1003,7 +1027,9 @@ def config_figure(energy: pd.DataFrame, scores: pd.DataFrame, config_id: str) ->
         left, right = axes[0]
         per_item_j = energy["energy_kwh"].astype(float) / energy["n_items"].astype(float) * J_PER_KWH
         bars = left.bar(energy["task"].astype(str), per_item_j, color="#4c72b0")
-        for bar, estimated in zip(bars, energy["estimated_components"].fillna("") if "estimated_components" in energy
+        for bar, estimated in zip(bars,
+                                  energy["estimated_components"].fillna("")
+                                  if "estimated_components" in energy
                                   else [""] * len(energy)):
             if estimated:
                 bar.set_hatch("//")
@@ -1042,7 +1068,8 @@ def epochs_figure(epochs: Sequence[Any], title: str) -> Figure:
         step = 1 if len(numbers) <= 6 else math.ceil(len(numbers) / 5)
         for index, (epoch, x, y) in enumerate(zip(numbers, spent, reached)):
             if index % step == 0 or index == len(numbers) - 1:
-                right.annotate(f"epoch {epoch}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                right.annotate(f"epoch {epoch}", (x, y), textcoords="offset points", xytext=(4, 4),
+                               fontsize=8)
         right.set_xlabel("energy spent so far (kJ)")
         right.set_ylabel("loss reached")
         for axis in (left, right):
@@ -1053,13 +1080,15 @@ def epochs_figure(epochs: Sequence[Any], title: str) -> Figure:
 def layers_figure(layers: Sequence[Any], target_sparsity: float, title: str) -> Figure:
     """Measured sparsity of every pruned layer against the target, in module order (notebook 04);
     ``layers`` carry name and measured_sparsity."""
-    names = [layer.name.removeprefix("model.").replace("layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+    names = [layer.name.removeprefix("model.").replace("layers.", "L").replace("self_attn.",
+                                                                               "").replace("mlp.", "")
              for layer in layers]
     with _style():
         fig, axes = _new_figure(1, 1, height_in=3.6)
         axis = axes[0, 0]
         axis.bar(range(len(names)), [layer.measured_sparsity for layer in layers], color="#8172b3")
-        axis.axhline(target_sparsity, color="black", linestyle="--", linewidth=1, label=f"target {target_sparsity:.2f}")
+        axis.axhline(target_sparsity, color="black", linestyle="--", linewidth=1,
+                     label=f"target {target_sparsity:.2f}")
         axis.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
         axis.set_ylim(0, 1)
         axis.set_ylabel("measured sparsity")

@@ -129,9 +129,10 @@ def render_pdf(html: str | Path, out_pdf: str | Path | None = None, timeout_s: f
     out_pdf = Path(out_pdf) if out_pdf else html.with_suffix(".pdf")
     chromium = find_chromium()
     if chromium is None:
-        raise PdfUnavailable("--pdf needs Chromium to print the report, and none is on the PATH (looked for chromium, "
-                             "chromium-browser, google-chrome). Install it (Debian/Ubuntu: apt install chromium), "
-                             f"or open {html.name} in a browser and print it to PDF there.")
+        raise PdfUnavailable("--pdf needs Chromium to print the report, and none is on the PATH (looked for "
+                             "chromium, chromium-browser, google-chrome). Install it (Debian/Ubuntu: apt "
+                             f"install chromium), or open {html.name} in a browser and print it to PDF "
+                             "there.")
     tmp = out_pdf.with_name(out_pdf.name + ".part")
     command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--no-pdf-header-footer",
@@ -140,6 +141,7 @@ def render_pdf(html: str | Path, out_pdf: str | Path | None = None, timeout_s: f
     if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
         tmp.unlink(missing_ok=True)
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise PdfUnavailable(f"Chromium could not print {html.name} (exit {proc.returncode}): " + " | ".join(tail))
+        raise PdfUnavailable(f"Chromium could not print {html.name} (exit {proc.returncode}): "
+                             + " | ".join(tail))
     tmp.replace(out_pdf)
     return out_pdf

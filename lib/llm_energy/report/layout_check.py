@@ -102,7 +102,8 @@ def _text_boxes(fig: Figure, renderer) -> list[_Box]:
         group += 1
         title = legend.get_title().get_text()
         entries = ", ".join(t.get_text() for t in legend.get_texts()[:3])
-        boxes.append(_Box("legend", _short(f"{title}: {entries}" if title else entries), legend.get_window_extent(renderer),
+        boxes.append(_Box("legend", _short(f"{title}: {entries}" if title else entries),
+                          legend.get_window_extent(renderer),
                           group))
     return boxes
 
@@ -134,7 +135,8 @@ def _data_points(ax: Axes, renderer) -> tuple[np.ndarray, list[Bbox]]:
     return xy[inside], [b for b in bars if b is not None]
 
 
-def layout_problems(fig: Figure, name: str = "figure", *, min_axes_px: tuple[float, float] = MIN_AXES_PX) -> list[str]:
+def layout_problems(fig: Figure, name: str = "figure", *,
+                    min_axes_px: tuple[float, float] = MIN_AXES_PX) -> list[str]:
     """What does not read in ``fig``, one sentence per problem naming ``name`` and the texts concerned."""
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
@@ -156,12 +158,15 @@ def layout_problems(fig: Figure, name: str = "figure", *, min_axes_px: tuple[flo
         if (b.x0 < canvas.x0 - _TOLERANCE_PX or b.y0 < canvas.y0 - _TOLERANCE_PX
                 or b.x1 > canvas.x1 + _TOLERANCE_PX or b.y1 > canvas.y1 + _TOLERANCE_PX):
             problems.append(f"{name}: {box.kind} {_short(box.text)!r} reaches outside the canvas "
-                            f"({b.x0:.0f},{b.y0:.0f})-({b.x1:.0f},{b.y1:.0f}) of {canvas.width:.0f}x{canvas.height:.0f} px")
+                            f"({b.x0:.0f},{b.y0:.0f})-({b.x1:.0f},{b.y1:.0f}) of "
+                            f"{canvas.width:.0f}x{canvas.height:.0f} px")
 
     if boxes:
         corners = np.array([[b.bbox.x0, b.bbox.y0, b.bbox.x1, b.bbox.y1] for b in boxes])
-        width = np.minimum(corners[:, None, 2], corners[None, :, 2]) - np.maximum(corners[:, None, 0], corners[None, :, 0])
-        height = np.minimum(corners[:, None, 3], corners[None, :, 3]) - np.maximum(corners[:, None, 1], corners[None, :, 1])
+        width = np.minimum(corners[:, None, 2], corners[None, :, 2]) - np.maximum(corners[:, None, 0],
+                                                                                  corners[None, :, 0])
+        height = np.minimum(corners[:, None, 3], corners[None, :, 3]) - np.maximum(corners[:, None, 1],
+                                                                                   corners[None, :, 1])
         clash = (width > _TOLERANCE_PX) & (height > _TOLERANCE_PX)
         for i, j in zip(*np.nonzero(np.triu(clash, k=1))):
             a, b = boxes[i], boxes[j]
@@ -175,11 +180,12 @@ def layout_problems(fig: Figure, name: str = "figure", *, min_axes_px: tuple[flo
         xy, bars = _data_points(ax, renderer)
         for legend in legends:
             lb = legend.bbox
-            covered = ((xy[:, 0] > lb.x0) & (xy[:, 0] < lb.x1) & (xy[:, 1] > lb.y0) & (xy[:, 1] < lb.y1)).sum()
+            covered = (
+                (xy[:, 0] > lb.x0) & (xy[:, 0] < lb.x1) & (xy[:, 1] > lb.y0) & (xy[:, 1] < lb.y1)).sum()
             hidden_bars = sum(_overlap(lb, bar) for bar in bars)
             if covered or hidden_bars:
-                problems.append(f"{name}: legend {legend.text!r} covers {covered} data point(s) and {hidden_bars} "
-                                f"bar(s) of {_axes_name(fig, ax)}")
+                problems.append(f"{name}: legend {legend.text!r} covers {covered} data point(s) and "
+                                f"{hidden_bars} bar(s) of {_axes_name(fig, ax)}")
     return problems
 
 

@@ -42,7 +42,8 @@ class ConfigIdentity:
 
 def record_config(study_dir: Path, config_id: str, model: str, precision: str, status: str, reason: str = "",
                   weights_origin: str = "", adapter: str = "none", pruning: str = "none", kernel: str = "",
-                  kernel_note: str = "", scoring_path: str = "", data: str = "", slurm_job_id: str | None = None,
+                  kernel_note: str = "", scoring_path: str = "", data: str = "",
+                  slurm_job_id: str | None = None,
                   slurm_oversubscribe: str | None = None) -> None:
     """The config's row in configs.csv: ok, skipped or failed, why, where its weights came from, the
     kernels a pruned config runs, the path its multiple-choice scoring took and the data it was
@@ -54,9 +55,11 @@ def record_config(study_dir: Path, config_id: str, model: str, precision: str, s
     if slurm_oversubscribe is None:
         slurm_oversubscribe = os.environ.get("LLM_ENERGY_SLURM_OVERSUBSCRIBE", "") if slurm_job_id else ""
     results.upsert_rows(study_dir, "configs", results.as_rows(results.ConfigRow(
-        config_id=config_id, model=model, precision=precision, adapter=adapter, pruning=pruning, status=status,
+        config_id=config_id, model=model, precision=precision, adapter=adapter, pruning=pruning,
+        status=status,
         reason=reason, weights_origin=weights_origin, scoring_path=scoring_path, kernel=kernel,
-        kernel_note=kernel_note, data=data, slurm_job_id=slurm_job_id, slurm_oversubscribe=slurm_oversubscribe)))
+        kernel_note=kernel_note, data=data, slurm_job_id=slurm_job_id,
+        slurm_oversubscribe=slurm_oversubscribe)))
 
 
 def record_idle_baselines(study_dir: Path, config_id: str, phase: str, device: str,
@@ -71,7 +74,8 @@ def record_idle_baselines(study_dir: Path, config_id: str, phase: str, device: s
 
     hardware = job_hardware(device)  # where this job runs (its node under SLURM), the load average now
     results.upsert_rows(study_dir, "idle_baselines", results.as_rows(*(
-        results.IdleRow(**hardware, config_id=config_id, phase=phase, kind=b.kind, power_w=b.power_w, duration_s=b.duration_s,
+        results.IdleRow(**hardware, config_id=config_id, phase=phase, kind=b.kind, power_w=b.power_w,
+                        duration_s=b.duration_s,
                         method=b.method, device=device, disturbance=b.disturbance,
                         idle_drift=drift if b.kind == "loaded_after" else None, drifted=drifted(b))
         for b in baselines if b is not None)))
@@ -86,7 +90,8 @@ def energy_fields(record: EnergyRecord) -> dict[str, Any]:
     return {
         "cpu_method": record.cpu_method, "gpu_method": record.gpu_method, "ram_method": record.ram_method,
         "estimated_components": record.estimated_components, "energy_scope": record.scope,
-        "country_iso_code": record.country_iso_code, "carbon_intensity_g_per_kwh": record.carbon_intensity_g_per_kwh,
+        "country_iso_code": record.country_iso_code,
+        "carbon_intensity_g_per_kwh": record.carbon_intensity_g_per_kwh,
     }
 
 
@@ -111,9 +116,11 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         target_sparsity=sparsity.target_sparsity if sparsity is not None else 0.0,
         measured_sparsity=sparsity.measured_sparsity if sparsity is not None else None,
         task=result.task, n_items=result.n_items, n_tokens=result.n_tokens,
-        n_tokens_prompted=result.n_tokens_prompted if result.n_tokens_prompted is not None else result.n_tokens,
+        n_tokens_prompted=result.n_tokens_prompted if result.n_tokens_prompted is not None
+        else result.n_tokens,
         duration_s=measurement.total("duration_s"), energy_kwh=energy_kwh, energy_net_kwh=energy_net_kwh,
-        cpu_energy_kwh=measurement.total("cpu_energy_kwh"), gpu_energy_kwh=measurement.total("gpu_energy_kwh"),
+        cpu_energy_kwh=measurement.total("cpu_energy_kwh"),
+        gpu_energy_kwh=measurement.total("gpu_energy_kwh"),
         ram_energy_kwh=measurement.total("ram_energy_kwh"), emissions_kg=measurement.total("emissions_kg"),
         energy_method=first.energy_method, device=device, repeats=measurement.repeats,
         energy_kwh_std=measurement.std("energy_kwh"), energy_std_estimator=measurement.std_estimator,
@@ -128,12 +135,15 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         compute_dtype=compute_description, memory_bytes=memory_bytes, n_generated_tokens=generated_tokens,
         energy_kwh_per_1k_generated_tokens=energy_kwh * 1000 / generated_tokens if generated_tokens else None,
         **per_token,
-        canary_slowdown=measurement.worst("canary_slowdown"), canary_vs_study=measurement.worst("canary_vs_study"),
+        canary_slowdown=measurement.worst("canary_slowdown"),
+        canary_vs_study=measurement.worst("canary_vs_study"),
         foreign_cpu_share=measurement.worst("foreign_cpu_share"),
         steal_share=measurement.worst("steal_share"),
         foreign_gpu_processes=max(r.foreign_gpu_processes for r in measurement.records),
-        contaminated=measurement.contaminated_windows > 0, contaminated_windows=measurement.contaminated_windows,
-        remeasured_windows=measurement.remeasured_windows, rate_outlier_windows=sum(measurement.rate_outliers()),
+        contaminated=measurement.contaminated_windows > 0,
+        contaminated_windows=measurement.contaminated_windows,
+        remeasured_windows=measurement.remeasured_windows,
+        rate_outlier_windows=sum(measurement.rate_outliers()),
         **limit_fields(measurement.gflop(), measurement.total("duration_s"), limit),
     )
     mine = {"config_id": config.config_id, "task": result.task}
@@ -154,7 +164,8 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
     results.upsert_rows(study_dir, "energy_repeats", results.as_rows(*(
         results.WindowRow(config_id=config.config_id, phase=phase, task=result.task, repeat=i + 1,
                           duration_s=r.duration_s, energy_kwh=r.energy_kwh, energy_net_kwh=r.energy_net_kwh,
-                          n_items=measurement.window_items[i] if measurement.unit == "chunk" else result.n_items,
+                          n_items=measurement.window_items[i] if measurement.unit == "chunk"
+                          else result.n_items,
                           window_unit=measurement.unit, task_items=result.n_items,
                           canary_slowdown=r.canary_slowdown, canary_vs_study=r.canary_vs_study,
                           foreign_cpu_share=r.foreign_cpu_share,
@@ -188,14 +199,16 @@ def limit_fields(gflop: float | None, duration_s: float, limit: ProbeRate | None
 OUTPUT_TOKEN_BASIS = "whole window / new tokens (prefill not split)"
 
 
-def token_energy(result: TaskResult, energy_kwh: float, energy_net_kwh: float, generated_tokens: int = 0) -> dict[str, Any]:
+def token_energy(result: TaskResult, energy_kwh: float, energy_net_kwh: float,
+                 generated_tokens: int = 0) -> dict[str, Any]:
     """Energy per token in the field's units, gross and net of loaded idle: for a scoring window J per
     input token (prefill: the tokens as they ran, a shared few-shot prefix once); for a generation window
     J per output token, the whole window's energy over the new tokens (its prompts' prefill is not
     measured apart, which ``output_token_basis`` says)."""
     joules, net_joules = energy_kwh * J_PER_KWH, energy_net_kwh * J_PER_KWH
     if generated_tokens:
-        return {"j_per_output_token": joules / generated_tokens, "j_per_output_token_net": net_joules / generated_tokens,
+        return {"j_per_output_token": joules / generated_tokens,
+                "j_per_output_token_net": net_joules / generated_tokens,
                 "output_token_basis": OUTPUT_TOKEN_BASIS}
     tokens = max(result.n_tokens, 1)
     return {"j_per_input_token": joules / tokens, "j_per_input_token_net": net_joules / tokens}
@@ -207,9 +220,12 @@ def record_setup_steps(study_dir: Path, config: ConfigIdentity, steps: Sequence[
     config's loading, Wanda calibration, pruning and re-quantization. A re-made config replaces its rows."""
     rows = results.as_rows(*(results.SetupRow(
         config_id=config.config_id, step=name, order=index, model=config.model, precision=config.precision,
-        adapter=config.adapter, pruning=config.pruning, duration_s=record.duration_s, energy_kwh=record.energy_kwh,
-        energy_net_kwh=record.energy_net_kwh, emissions_kg=record.emissions_kg, energy_method=record.energy_method,
-        device=device, net_at_or_below_idle=bool(record.energy_net_kwh <= 0), note=(notes or {}).get(name, ""),
+        adapter=config.adapter, pruning=config.pruning, duration_s=record.duration_s,
+        energy_kwh=record.energy_kwh,
+        energy_net_kwh=record.energy_net_kwh, emissions_kg=record.emissions_kg,
+        energy_method=record.energy_method,
+        device=device, net_at_or_below_idle=bool(record.energy_net_kwh <= 0),
+        note=(notes or {}).get(name, ""),
         **energy_fields(record),
     ) for index, (name, record) in enumerate(steps)))
     if rows:
@@ -247,7 +263,8 @@ def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneRes
         config_id=config.config_id, phase=phase, model=config.model, precision=config.precision,
         adapter=config.adapter, pruning=config.pruning, target_sparsity=0.0, task=task,
         n_items=sum(e.n_examples for e in result.epochs), n_tokens=n_tokens, n_tokens_prompted=n_tokens,
-        duration_s=sum(e.duration_s for e in result.epochs), energy_kwh=sum(e.energy_kwh for e in result.epochs),
+        duration_s=sum(e.duration_s for e in result.epochs),
+        energy_kwh=sum(e.energy_kwh for e in result.epochs),
         emissions_kg=sum(e.emissions_kg for e in result.epochs), energy_method=result.epochs[0].energy_method,
         device=device, repeats=1, energy_kwh_std=math.nan, energy_net_kwh=net,
         net_at_or_below_idle=bool(net <= 0) if net is not None else None,
@@ -259,7 +276,8 @@ def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneRes
 
 
 def record_pruned_layers(study_dir: Path, config_id: str, outcome: PruningResult,
-                         plan_rows: list[dict[str, Any]] | None = None, after: list[Any] | None = None) -> None:
+                         plan_rows: list[dict[str, Any]] | None = None,
+                         after: list[Any] | None = None) -> None:
     """Measured sparsity of every pruned layer (N:M verification as text), the same layers measured
     again after a round trip (quantization, or recovery training) when there was one, and the
     sparse-kernel plan."""

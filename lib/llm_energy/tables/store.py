@@ -307,7 +307,8 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
     "ranking": (RANKING_TABLE_COLUMNS, ["config_id", "w"]),
     "item_scores": (required_columns(ItemScoreRow), ["config_id", "task", "metric", "item_id"]),
     "energy_repeats": (required_columns(WindowRow), ["config_id", "phase", "task", "repeat"]),
-    "token_lengths": (["task", "dataset", "split", "item_id", "n_tokens", "tokenizer"], ["task", "dataset", "split", "item_id"]),
+    "token_lengths": (["task", "dataset", "split", "item_id", "n_tokens", "tokenizer"],
+                      ["task", "dataset", "split", "item_id"]),
     "pruning_layers": (
         ["config_id", "pruning", "method", "sparsity_pattern", "target_sparsity", "layer", "out_features",
          "in_features", "n_weights", "n_zero", "measured_sparsity", "verified_nm"],
@@ -319,15 +320,18 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
         ["config_a", "config_b", "task", "metric"],
     ),
     "sparse_plan": (
-        ["config_id", "shape", "layers", "convert", "alg_id", "min_tokens", "best_speedup", "reason", "tokens",
+        ["config_id", "shape", "layers", "convert", "alg_id", "min_tokens", "best_speedup", "reason",
+         "tokens",
          "dense_ms", "sparse_ms", "speedup"],
         ["config_id", "shape", "tokens"],
     ),
     "idle_baselines": (required_columns(IdleRow), ["config_id", "phase", "kind"]),
     "configs": (required_columns(ConfigRow), ["config_id"]),
-    # what making a config cost, per measured setup step (the pruning phase: load, calibration, prune, quantize)
+    # what making a config cost, per measured setup step (the pruning phase: load, calibration, prune,
+    # quantize)
     "setup_energy": (required_columns(SetupRow), ["config_id", "step"]),
-    # the ranking phase: every config's setup energy by step, energy per query, break-even against its reference
+    # the ranking phase: every config's setup energy by step, energy per query, break-even against its
+    # reference
     "lifecycle": (
         ["config_id", "reference", "step", "source_config", "setup_kwh", "setup_net_kwh", "setup_g_co2e",
          "method", "estimate", "per_query_j", "break_even_queries"],
@@ -336,7 +340,8 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
     # the data phase: every item's split (from the file, or the seeded assignment) and whether it is scored
     "splits": (["task", "source", "item_id", "class", "split", "assigned_by", "scored"], ["task", "item_id"]),
     # records that `invalid_records: skip` left out, with where and why
-    "skipped_records": (["task", "source", "file", "line", "record", "field", "reason"], ["task", "file", "record"]),
+    "skipped_records": (["task", "source", "file", "line", "record", "field", "reason"],
+                        ["task", "file", "record"]),
 }
 
 
@@ -407,7 +412,8 @@ def upsert_rows(study_dir: str | Path, name: str, rows: Iterable[Mapping[str, An
             old = old[~drop]
         if len(new):
             for key in keys:
-                new[key] = new[key].astype(str) if key in ("config_id", "item_id", "task", "metric") else new[key]
+                new[key] = (new[key].astype(str) if key in ("config_id", "item_id", "task", "metric")
+                            else new[key])
             if len(old):
                 merged_keys = new[keys].astype(str).agg("\x1f".join, axis=1)
                 old_keys = old[keys].astype(str).agg("\x1f".join, axis=1)
