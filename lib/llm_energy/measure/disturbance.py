@@ -45,6 +45,10 @@ REFERENCE_ROUNDS = 10  # the job's reference, read once: more rounds, a steadier
 # A window that opens this soon after the previous one closed takes that window's closing canary as
 # its opening one (back-to-back windows: the machine's speed read 0.1 s apart is the same reading).
 ADJACENT_S = 0.5
+# After a contaminated window, the machine is polled this often (a canary and the processes' CPU
+# time each time) until it is clean again, for at most ``energy.settle_s``, before the window is
+# measured again.
+SETTLE_POLL_S = 0.25
 # The job's reference per device, read by the job's first monitor: its system-idle meter and its
 # main meter compare against one speed, and the reference is not paid twice.
 _JOB_REFERENCE: dict[str, float] = {}
@@ -258,6 +262,37 @@ class DisturbanceMonitor:
         else:
             canary_s = self.canary()
         return _Start(canary_s, self.cpu_seconds(), self.proc_stat(), self.clock())
+
+    def wait_until_clear(self, timeout_s: float, sleep: Callable[[float], None] = time.sleep,
+                         poll_s: float = SETTLE_POLL_S) -> float | None:
+        """After a contaminated window, before it is measured again: poll the machine until the canary
+        is back within tolerance (against the job's and the study's start) and other processes and the
+        hypervisor are under their shares again, for at most ``timeout_s``. The seconds waited when it
+        cleared; None when it did not (a slow stretch lasting longer: measuring the window again inside
+        it would only repeat the flag)."""
+        began = self.clock()
+        tolerance = 1.0 + self.thresholds.canary_tolerance
+        while True:
+            cpu_before, stat_before, t0 = self.cpu_seconds(), self.proc_stat(), self.clock()
+            sleep(poll_s)
+            mine = self.mine()
+            wall = self.clock() - t0
+            cpu_after, stat_after = self.cpu_seconds(), self.proc_stat()
+            foreign_s = sum(max(0.0, seconds - cpu_before.get(pid, 0.0))
+                            for pid, seconds in cpu_after.items() if pid not in mine)
+            foreign = foreign_s / (wall * self.cpu_count) if wall > 0 else 0.0
+            steal = 0.0
+            if stat_before is not None and stat_after is not None and stat_after[1] > stat_before[1]:
+                steal = (stat_after[0] - stat_before[0]) / (stat_after[1] - stat_before[1])
+            canary_s = self.canary()
+            slow = canary_s / self.job_canary_s
+            vs_study = canary_s / self.study_canary_s if self.study_canary_s else 1.0
+            if (slow <= tolerance and vs_study <= tolerance and foreign <= self.thresholds.max_foreign_cpu_share
+                    and steal <= self.thresholds.max_steal_share):
+                self._last_end = (self.clock(), canary_s)
+                return self.clock() - began
+            if self.clock() - began >= timeout_s:
+                return None
 
     def end(self, start: _Start) -> Disturbance:
         wall = self.clock() - start.clock

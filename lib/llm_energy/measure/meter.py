@@ -689,6 +689,8 @@ class EnergyMeter:
         self._intensity_g_per_kwh = settings.carbon_intensity_g_per_kwh
         # reads machine speed, co-tenants and steal around every window (None: not checked)
         self.monitor = monitor
+        # a window was kept with its flag (on_contaminated: remeasure): the job runs again, whole
+        self.kept_flagged = False
 
     @property
     def available_methods(self) -> list[str]:
@@ -837,16 +839,34 @@ class EnergyMeter:
     def measure_clean(self, fn: Callable[[], T], name: str) -> tuple[T, EnergyRecord]:
         """One window (:meth:`measure`); a contaminated one is measured again, as a whole, while
         ``energy.on_contaminated`` is ``remeasure`` and fewer than ``window_attempts`` (at most
-        ``max_repeats``) attempts were made;
-        the last attempt is kept, with its flag when it was disturbed too (``attempts`` counts them)."""
+        ``max_repeats``) attempts were made, once the machine is clean again: the monitor polls it for
+        at most ``energy.settle_s`` first (a slow stretch that outlasts the wait would only flag the
+        next attempt too). The last attempt is kept, with its flag when it was disturbed too
+        (``attempts`` counts them).
+
+        Once a window of this meter is kept with its flag, the job will run again, whole, in the
+        study's re-measure stage (every window replaced), so later contaminated windows of the meter are
+        kept flagged at once: measuring them again now would be time spent on windows the re-measure
+        stage replaces."""
         remeasure = getattr(self.settings, "on_contaminated", "flag") == "remeasure"
         limit = min(self.settings.max_repeats, getattr(self.settings, "window_attempts", self.settings.max_repeats))
+        settle_s = float(getattr(self.settings, "settle_s", 0.0))
         attempts = 0
         while True:
             attempts += 1
             result, record = self.measure(fn, name if attempts == 1 else f"{name}~{attempts}")
-            if not (record.contaminated and remeasure and attempts < limit):
+            if not (record.contaminated and remeasure and attempts < limit and not self.kept_flagged):
+                if record.contaminated and remeasure:
+                    self.kept_flagged = True
                 return result, replace(record, attempts=attempts)
+            if self.monitor is not None and settle_s > 0:
+                waited = self.monitor.wait_until_clear(settle_s, sleep=self.sleep)
+                if waited is None:
+                    logger.warning("%s: the machine was still disturbed %.0f s after the window (%s): kept with "
+                                   "its flag; the job runs again in the study's re-measure stage", name, settle_s,
+                                   record.disturbance)
+                    self.kept_flagged = True
+                    return result, replace(record, attempts=attempts)
             logger.warning("measuring %s again (attempt %d of at most %d): %s", name, attempts + 1, limit,
                            record.disturbance)
 
