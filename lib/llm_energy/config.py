@@ -283,8 +283,8 @@ class EnergySettings(_Strict):
     # the study, is what gets a job out of it
     window_attempts: int = Field(2, ge=1)
     # before a contaminated window is measured again, the machine is polled (canary, other processes,
-    # steal) for at most this many seconds until it is clean; a stretch that lasts longer keeps the
-    # window flagged (the job then runs again in the re-measure stage); 0: measured again at once
+    # steal) for at most this many seconds until it is clean (after a wait that ran out, a job's later
+    # windows are measured again without one); 0: measured again at once
     settle_s: float = Field(4.0, ge=0)
     # loaded idle power measured again after a job's windows: a change beyond this share is "idle_drift"
     max_idle_drift: float = Field(0.10, gt=0)

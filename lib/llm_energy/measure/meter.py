@@ -729,8 +729,8 @@ class EnergyMeter:
         self._intensity_g_per_kwh = settings.carbon_intensity_g_per_kwh
         # reads machine speed, co-tenants and steal around every window (None: not checked)
         self.monitor = monitor
-        # a window was kept with its flag (on_contaminated: remeasure): the job runs again, whole
-        self.kept_flagged = False
+        # a wait for the machine to be clean ran out: later windows are measured again without waiting
+        self.long_stretch = False
 
     @property
     def available_methods(self) -> list[str]:
@@ -879,15 +879,11 @@ class EnergyMeter:
     def measure_clean(self, fn: Callable[[], T], name: str) -> tuple[T, EnergyRecord]:
         """One window (:meth:`measure`); a contaminated one is measured again, as a whole, while
         ``energy.on_contaminated`` is ``remeasure`` and fewer than ``window_attempts`` (at most
-        ``max_repeats``) attempts were made, once the machine is clean again: the monitor polls it for
-        at most ``energy.settle_s`` first (a slow stretch that outlasts the wait would only flag the
-        next attempt too). The last attempt is kept, with its flag when it was disturbed too
-        (``attempts`` counts them).
-
-        Once a window of this meter is kept with its flag, the job will run again, whole, in the
-        study's re-measure stage (every window replaced), so later contaminated windows of the meter are
-        kept flagged at once: measuring them again now would be time spent on windows the re-measure
-        stage replaces."""
+        ``max_repeats``) attempts were made. Before measuring again the monitor polls the machine for at
+        most ``energy.settle_s`` until it is clean (an attempt right after the window often lands in the
+        same slow stretch); once a wait ran out in this meter (a stretch lasting longer), later windows are
+        measured again without waiting. The last attempt is kept, with its flag when it was disturbed
+        too (``attempts`` counts them)."""
         remeasure = getattr(self.settings, "on_contaminated", "flag") == "remeasure"
         limit = min(self.settings.max_repeats, getattr(self.settings, "window_attempts", self.settings.max_repeats))
         settle_s = float(getattr(self.settings, "settle_s", 0.0))
@@ -895,18 +891,13 @@ class EnergyMeter:
         while True:
             attempts += 1
             result, record = self.measure(fn, name if attempts == 1 else f"{name}~{attempts}")
-            if not (record.contaminated and remeasure and attempts < limit and not self.kept_flagged):
-                if record.contaminated and remeasure:
-                    self.kept_flagged = True
+            if not (record.contaminated and remeasure and attempts < limit):
                 return result, replace(record, attempts=attempts)
-            if self.monitor is not None and settle_s > 0:
-                waited = self.monitor.wait_until_clear(settle_s, sleep=self.sleep)
-                if waited is None:
-                    logger.warning("%s: the machine was still disturbed %.0f s after the window (%s): kept with "
-                                   "its flag; the job runs again in the study's re-measure stage", name, settle_s,
-                                   record.disturbance)
-                    self.kept_flagged = True
-                    return result, replace(record, attempts=attempts)
+            if self.monitor is not None and settle_s > 0 and not self.long_stretch:
+                if self.monitor.wait_until_clear(settle_s, sleep=self.sleep) is None:
+                    self.long_stretch = True
+                    logger.warning("%s: the machine was still disturbed %.0f s after the window (%s); measured "
+                                   "again now, and later windows without waiting", name, settle_s, record.disturbance)
             logger.warning("measuring %s again (attempt %d of at most %d): %s", name, attempts + 1, limit,
                            record.disturbance)
 
