@@ -4,10 +4,12 @@ import pytest
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "smoke: reads the smoke study (tools/parallel_tests.py runs these together)")
-    config.addinivalue_line("markers", "slurm: runs studies on a real one-node SLURM (tests/e2e/test_slurm.py)")
-    config.addinivalue_line("markers", "quiet: needs the machine to itself (tools/parallel_tests.py runs these "
-                            "alone, after both groups)")
+    config.addinivalue_line("markers", "smoke: reads the smoke study (tools/parallel_tests.py runs these "
+                                       "together)")
+    config.addinivalue_line("markers", "slurm: runs studies on a real one-node SLURM "
+                                       "(tests/e2e/test_slurm.py)")
+    config.addinivalue_line("markers", "quiet: needs the machine to itself (tools/parallel_tests.py runs "
+                            "these alone, after both groups)")
 
 
 def pytest_itemcollected(item):

@@ -168,7 +168,8 @@ PartitionName=whole Nodes={self.name} OverSubscribe=EXCLUSIVE MaxTime=INFINITE S
         return found
 
     def running(self, name: str = "") -> list[str]:
-        return [j for j, f in self.jobs().items() if f.get("JobState") == "RUNNING" and (not name or f.get("JobName") == name)]
+        return [j for j, f in self.jobs().items() if f.get("JobState") == "RUNNING"
+                and (not name or f.get("JobName") == name)]
 
     def tail(self, lines: int = 40) -> str:
         parts = []
@@ -186,7 +187,8 @@ PartitionName=whole Nodes={self.name} OverSubscribe=EXCLUSIVE MaxTime=INFINITE S
             deadline = time.time() + 30
             while time.time() < deadline:
                 try:
-                    if not [j for j, f in self.jobs().items() if f.get("JobState") in ("RUNNING", "PENDING", "COMPLETING")]:
+                    if not [j for j, f in self.jobs().items()
+                            if f.get("JobState") in ("RUNNING", "PENDING", "COMPLETING")]:
                         break
                 except (RuntimeError, subprocess.TimeoutExpired):
                     break

@@ -27,7 +27,8 @@ VOLATILE = ("energy", "duration", "emissions", "idle", "power", "seconds", "memo
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "llm_energy.cli", *args], capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run([sys.executable, "-m", "llm_energy.cli", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -51,7 +52,8 @@ def test_papermill_with_the_params_file_reproduces_the_runners_rows(root, smoke_
     out, _ = smoke_study
     replay = tmp_path / "replay"
     job_file = tmp_path / "job.yaml"
-    cli("params", str(root / "params" / "smoke.yaml"), "--job", JOB, "--out", str(replay), "-o", str(job_file))
+    cli("params", str(root / "params" / "smoke.yaml"), "--job", JOB, "--out", str(replay), "-o",
+        str(job_file))
     proc = subprocess.run([sys.executable, "-m", "papermill", str(root / "notebooks" / "03_inference.ipynb"),
                            str(tmp_path / "out.ipynb"), "-f", str(job_file), "-k", "python3",
                            "--cwd", str(root / "notebooks"), "--no-progress-bar"],
@@ -62,7 +64,8 @@ def test_papermill_with_the_params_file_reproduces_the_runners_rows(root, smoke_
         theirs, mine = rows(out, table), rows(replay, table)
         assert len(mine) > 0, table
         # dtypes may differ where a column is empty here (e.g. sparsity_pattern: no pruned rows)
-        pd.testing.assert_frame_equal(mine, theirs, check_dtype=False, check_exact=False, rtol=1e-6, obj=table)
+        pd.testing.assert_frame_equal(mine, theirs, check_dtype=False, check_exact=False, rtol=1e-6,
+                                      obj=table)
 
 
 def test_runner_names_each_jobs_log_and_prints_no_kernel_warning(smoke_study):

@@ -29,7 +29,8 @@ def free_port() -> int:
 
 
 def get(port: int, token: str, path: str):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"token {token}"})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                     headers={"Authorization": f"token {token}"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -40,8 +41,8 @@ def test_make_lab_lists_notebooks_outputs_and_the_project_kernel(root, tmp_path)
     if make is None or not (venv / "bin" / "jupyter").exists():
         pytest.skip("needs GNU make and the venv's jupyter")
     port, token = free_port(), secrets.token_hex(16)
-    env = {**os.environ, "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    env = {**os.environ, "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
     log = tmp_path / "lab.log"
     lab_args = (f"--no-browser --ip=127.0.0.1 --port={port} --ServerApp.port_retries=0 "
                 f"--IdentityProvider.token={token}")
@@ -58,13 +59,15 @@ def test_make_lab_lists_notebooks_outputs_and_the_project_kernel(root, tmp_path)
                 get(port, token, "/api/status")
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.monotonic() < deadline, f"JupyterLab did not answer in 120 s:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, ("JupyterLab did not answer in 120 "
+                                                     f"s:\n{log.read_text()[-3000:]}")
                 time.sleep(1)
         top = {entry["name"]: entry["type"] for entry in get(port, token, "/api/contents/")["content"]}
         assert top.get("notebooks") == "directory" and top.get("outputs") == "directory", top
         notebooks = {entry["name"] for entry in get(port, token, "/api/contents/notebooks")["content"]}
         assert {"03_inference.ipynb", "03_inference.py"} <= notebooks
-        assert "README.md" in {entry["name"] for entry in get(port, token, "/api/contents/outputs")["content"]}
+        assert ("README.md"
+                in {entry["name"] for entry in get(port, token, "/api/contents/outputs")["content"]})
         specs = get(port, token, "/api/kernelspecs")["kernelspecs"]
         assert "llm-energy" in specs, sorted(specs)
         project = specs["llm-energy"]["spec"]

@@ -17,8 +17,8 @@ def open_report(html: Path, screenshot: Path | None = None):
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"],
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
         )
         page = browser.new_page()
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
@@ -27,7 +27,8 @@ def open_report(html: Path, screenshot: Path | None = None):
         page.route("http*://**", lambda route: route.abort())
         page.goto(html.as_uri(), wait_until="load")
         images = page.evaluate(
-            "Array.from(document.images).map(i => ({ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth}))"
+            "Array.from(document.images).map(i => ({ok: i.complete && i.naturalWidth > 0, w: "
+            "i.naturalWidth}))"
         )
         text = page.inner_text("body")
         if screenshot is not None:
@@ -37,7 +38,8 @@ def open_report(html: Path, screenshot: Path | None = None):
     return images, errors, text
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (Debian package 'chromium'); .ci/run installs it")
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (Debian package 'chromium'); "
+                                             ".ci/run installs it")
 def test_report_opens_offline_with_all_images(smoke_report, tmp_path):
     shot = tmp_path / "report.png"
     images, errors, text = open_report(smoke_report, screenshot=shot)

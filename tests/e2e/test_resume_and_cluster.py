@@ -19,9 +19,9 @@ PHASES = ["--phases", "data", "inference", "ranking"]
 
 
 def start_run(root, out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "llm_energy.cli", "run", str(root / "params" / "smoke.yaml"),
-                             "--out", str(out), *PHASES, *extra], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "llm_energy.cli", "run",
+                             str(root / "params" / "smoke.yaml"), "--out", str(out), *PHASES, *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def test_sigkill_midway_then_rerun_completes_without_duplicates(root, tmp_path):
@@ -41,8 +41,9 @@ def test_sigkill_midway_then_rerun_completes_without_duplicates(root, tmp_path):
     partial = results.read_table(out, "energy")
     assert len(partial) >= 2 * 2  # two configs x two tasks at least
 
-    rerun = subprocess.run([sys.executable, "-m", "llm_energy.cli", "run", str(root / "params" / "smoke.yaml"),
-                            "--out", str(out), *PHASES], capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run([sys.executable, "-m", "llm_energy.cli", "run",
+                            str(root / "params" / "smoke.yaml"), "--out", str(out), *PHASES],
+                           capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     energy = results.read_table(out, "energy")
     inference = energy[energy["phase"] == "inference"]

@@ -70,7 +70,8 @@ def study_file(tmp_path: Path, name: str, models: int = 1, phases: str = "[data,
     for key, value in slurm.items():
         cluster, n = re.subn(rf"^(\s+{key}:) [^#\n]*?(\s*#.*)?$", rf"\g<1> {value}\g<2>", cluster, flags=re.M)
         assert n == 1, key
-    copy = f"\n  - name: tiny-copy\n    source: local\n    path: {ensure_tiny_llama(TinyLlamaSettings())}" if models > 1 else ""
+    copy = ("\n  - name: tiny-copy\n    source: local\n    path: "
+            f"{ensure_tiny_llama(TinyLlamaSettings())}") if models > 1 else ""
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"""study: {name}
 phases: {phases}
@@ -88,8 +89,8 @@ ranking: {{bootstrap: 10}}
 
 def llm_energy(node: SlurmNode, params: Path, out: Path, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "llm_energy.cli", "run", str(params), "--out", str(out),
-                             "--cluster", "slurm"], env=node.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **popen)
+                             "--cluster", "slurm"], env=node.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def finish(proc: subprocess.Popen, node: SlurmNode, timeout: float = 600) -> str:
@@ -125,7 +126,8 @@ def test_exclusive_study_runs_each_job_in_slurm_survives_scancel_and_resumes(slu
     slurm.run(["scancel", killed[0]])
     output = finish(proc, slurm)
     assert proc.returncode == 1, output  # finished, with the killed job to report
-    assert f"FAILED inference__{KILLED}: WorkerLost: its worker's SLURM job {killed[0]} ended" in output, output
+    assert (f"FAILED inference__{KILLED}: WorkerLost: its worker's SLURM job {killed[0]} ended"
+            in output), output
 
     table = configs(out)
     assert table.loc[KILLED, "status"] == "failed" and table.loc[KILLED, "slurm_job_id"] == killed[0]
@@ -173,7 +175,8 @@ def test_without_exclusive_attribution_follows_the_real_job(slurm, tmp_path):
 
     # A partition with OverSubscribe=EXCLUSIVE gives every job its node without the directive: measured,
     # charged to the machine, because scontrol says so inside the job.
-    params = study_file(tmp_path, "slurm-whole", phases="[inference]", queue="whole", job_extra_directives="[]")
+    params = study_file(tmp_path, "slurm-whole", phases="[inference]", queue="whole",
+                        job_extra_directives="[]")
     proc = llm_energy(slurm, params, tmp_path / "whole")
     output = finish(proc, slurm)
     assert proc.returncode == 0, output + slurm.tail()
@@ -201,7 +204,8 @@ def test_refusals_against_the_real_slurm(slurm, tmp_path):
     # looks for a file written there, and the run is refused before anything else is written.
     hidden = slurm.node_local / "out"
     if not slurm.node_local_hidden:
-        pytest.skip("no private mount namespace for slurmd here (unshare --mount): no folder the node cannot see")
+        pytest.skip("no private mount namespace for slurmd here (unshare --mount): no folder the node cannot "
+                    "see")
     params = study_file(tmp_path, "slurm-refused")
     proc = llm_energy(slurm, params, hidden)
     output = finish(proc, slurm)

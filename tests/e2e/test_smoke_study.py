@@ -14,8 +14,8 @@ PRECISIONS = ["fp32", "bf16", "fp16", "int8", "w8a8", "nf4", "fp4"]
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "llm_energy.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=900)
+    return subprocess.run([sys.executable, "-m", "llm_energy.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,9 @@ def smoke_run(smoke_study):
 
 def test_outputs_follow_the_contract(smoke_run):
     out, _ = smoke_run
-    for name in ("params.resolved.yaml", "provenance.json", "report.html", "tables/energy.csv", "tables/scores.csv",
-                 "tables/ranking.csv", "tables/training.csv", "tables/pruning_layers.csv"):
+    for name in ("params.resolved.yaml", "provenance.json", "report.html", "tables/energy.csv",
+                 "tables/scores.csv", "tables/ranking.csv", "tables/training.csv",
+                 "tables/pruning_layers.csv"):
         assert (out / name).is_file(), name
     executed = sorted(p.name for p in (out / "notebooks").glob("*.ipynb"))
     expected = ["01_data__study.ipynb", "05_ranking__study.ipynb"]
@@ -45,7 +46,8 @@ def test_the_lifecycle_view_counts_every_setup_step(smoke_run):
     out, _ = smoke_run
     setup = results.read_table(out, "setup_energy")
     pruned = sorted({c for c in setup["config_id"]})
-    assert len(pruned) == 2 and {"load", "prune"} <= set(setup["step"]) and "calibration" in set(setup["step"])
+    assert (len(pruned) == 2 and {"load", "prune"} <= set(setup["step"])
+            and "calibration" in set(setup["step"]))
     lifecycle = results.read_table(out, "lifecycle")
     totals = lifecycle[lifecycle["step"] == "total"].set_index("config_id")
     assert totals.loc["tiny-random-llama__fp32", "break_even_queries"] == "reference"
@@ -73,9 +75,11 @@ def test_energy_rows_for_every_precision_and_task(smoke_run):
     assert (energy["phase"] == "idle").sum() == 0  # idle baselines are per job now: idle_baselines.csv
     idles = results.read_table(out, "idle_baselines")
     # each job's own baselines; a recovered config is measured in its pruning job, with that job's meter
-    measured_ids = {c for c in energy.loc[energy["phase"] != "idle", "config_id"] if not c.endswith("__recovered")}
+    measured_ids = {c for c in energy.loc[energy["phase"] != "idle", "config_id"]
+                    if not c.endswith("__recovered")}
     before = idles[idles["kind"].isin(["system", "loaded"])]
-    assert set(before["config_id"]) == measured_ids and set(idles["kind"]) == {"system", "loaded", "loaded_after"}
+    assert (set(before["config_id"]) == measured_ids
+            and set(idles["kind"]) == {"system", "loaded", "loaded_after"})
     # loaded idle again after every evaluation's windows (a recovered config's too): its drift
     after = idles[idles["kind"] == "loaded_after"]
     evaluated = set(energy.loc[energy["phase"].isin(["inference", "pruning"]), "config_id"])
@@ -193,7 +197,8 @@ def test_the_fine_tuned_target_is_pruned_then_recovered(smoke_run):
     configs = results.read_table(out, "configs").set_index("config_id")
     for label in ("magnitude-unstructured-50", "wanda-2of4"):
         pruned = configs.loc[f"tiny-random-llama__fp32__lora__{label}"]
-        assert pruned["status"] == "ok" and pruned["adapter"] == "lora" and "merged" in pruned["weights_origin"]
+        assert (pruned["status"] == "ok" and pruned["adapter"] == "lora"
+                and "merged" in pruned["weights_origin"])
         recovered = configs.loc[f"tiny-random-llama__fp32__lora__{label}__recovered"]
         assert recovered["status"] == "ok" and recovered["adapter"] == "lora+recovery"
     layers = results.read_table(out, "pruning_layers")
@@ -202,18 +207,22 @@ def test_the_fine_tuned_target_is_pruned_then_recovered(smoke_run):
     training = results.read_table(out, "training")
     assert set(training["phase"]) == {"finetune", "recovery"}
     scores = results.read_table(out, "scores")
-    assert {f"tiny-random-llama__fp32__lora__{label}{suffix}" for label in ("magnitude-unstructured-50", "wanda-2of4")
+    assert {f"tiny-random-llama__fp32__lora__{label}{suffix}"
+            for label in ("magnitude-unstructured-50", "wanda-2of4")
             for suffix in ("", "__recovered")} <= set(scores["config_id"])
     ranking = results.read_table(out, "ranking")
     assert ranking["config_id"].str.endswith("__recovered").sum() > 0  # ranked with every other config
 
 
 def test_rankings_say_what_they_cannot_separate(smoke_run):
-    """comparisons.csv (paired, same items) and ranking.csv's p_best / tied_with_top, and the report's headline."""
+    """comparisons.csv (paired, same items) and ranking.csv's p_best / tied_with_top, and the report's
+    headline."""
     out, _ = smoke_run
     comparisons = results.read_table(out, "comparisons")
-    assert set(comparisons.columns) >= {"config_a", "config_b", "task", "metric", "diff", "ci_low", "ci_high", "p_value"}
-    assert comparisons["p_value"].between(0, 1).all() and (comparisons["ci_low"] <= comparisons["ci_high"]).all()
+    assert (set(comparisons.columns)
+            >= {"config_a", "config_b", "task", "metric", "diff", "ci_low", "ci_high", "p_value"})
+    assert (comparisons["p_value"].between(0, 1).all()
+            and (comparisons["ci_low"] <= comparisons["ci_high"]).all())
     assert "mcnemar_exact" in set(comparisons["test"]) <= {"mcnemar_exact", "paired_bootstrap"}
     ranking = results.read_table(out, "ranking")
     at_w = ranking[ranking["w"] == 0.5]
@@ -232,8 +241,9 @@ def test_the_shared_report_opens_with_the_answer_and_leaks_nothing(smoke_run):
     html = (out / "report.html").read_text()
     assert leaks(html) == []
     assert str(out) not in html
-    order = [html.index(marker) for marker in ("The answer", "The evidence", "Figure 7", "Figure 4", "Methods",
-                                               "Energy method", "Energy per config, phase and task")]
+    order = [html.index(marker) for marker in ("The answer", "The evidence", "Figure 7", "Figure 4",
+                                               "Methods", "Energy method",
+                                               "Energy per config, phase and task")]
     assert order == sorted(order), order
     assert "How to read it" in html
     assert "tiny-random-llama · fp32" in html  # config ids as model · precision · adapter · pruning

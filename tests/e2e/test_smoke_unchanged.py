@@ -74,12 +74,13 @@ VOLATILE_MARKERS = ("energy", "duration", "emissions", "idle", "power", "seconds
                     "method", "j_per_", "gflop_per_s", "limit_", "probe_")
 # Columns of the disturbance checks (issue 26): they describe the machine's state during the run (the
 # canary's speed, other processes' CPU time, steal, re-measured attempts), never what the study computed.
-DISTURBANCE_MARKERS = ("canary", "foreign_", "steal", "contaminated", "disturbance", "attempts", "rate_vs_median",
-                       "rate_outlier", "remeasured")
+DISTURBANCE_MARKERS = ("canary", "foreign_", "steal", "contaminated", "disturbance", "attempts",
+                       "rate_vs_median", "rate_outlier", "remeasured")
 # ranking.csv columns computed from energy.
 ENERGY_DERIVED = {"ranking": ("phi", "R", "rank", "pareto", "p_best", "tied_with_top")}
 KEYS = {
-    "configs": ["config_id"], "energy": ["config_id", "phase", "task"], "energy_repeats": ["config_id", "phase", "task", "repeat"],
+    "configs": ["config_id"], "energy": ["config_id", "phase", "task"],
+    "energy_repeats": ["config_id", "phase", "task", "repeat"],
     "item_scores": ["config_id", "task", "metric", "item_id"], "pruning_layers": ["config_id", "layer"],
     "ranking": ["config_id", "w"], "scores": ["config_id", "task", "metric"],
     "token_lengths": ["task", "dataset", "split", "item_id"], "training": ["config_id", "epoch"],
@@ -135,8 +136,9 @@ def off_machine_problems(name: str, old: pd.DataFrame, new: pd.DataFrame, column
         for (cid, task, metric), group in old.groupby(["config_id", "task", "metric"], sort=False):
             n_differ = int(differs[group.index].sum())
             if n_differ > allowed_flips(cid, len(group)):
-                problems.append(f"item_scores: {cid} {task} {metric}: {n_differ} of {len(group)} items differ "
-                                f"(at most {allowed_flips(cid, len(group))} off the snapshot's machine)")
+                problems.append(f"item_scores: {cid} {task} {metric}: {n_differ} of {len(group)} items "
+                                f"differ (at most {allowed_flips(cid, len(group))} off the snapshot's "
+                                "machine)")
         return problems
     if name == "scores" and column in ("value", "ci_low", "ci_high"):
         n = old["n_items"].astype(float).clip(lower=1)
@@ -223,8 +225,9 @@ def compare(study_dir: Path) -> list[str]:
                     problems += off_machine_problems(name, old, new, column)
                     continue
                 if not np.allclose(a.astype(float), b.astype(float), rtol=1e-6, atol=1e-9, equal_nan=True):
-                    problems.append(f"{name}.{column}: values differ, e.g. {a[~np.isclose(a, b, equal_nan=True)].head(3).tolist()}"
-                                    f" -> {b[~np.isclose(a, b, equal_nan=True)].head(3).tolist()}")
+                    problems.append(f"{name}.{column}: values differ, e.g. "
+                                    f"{a[~np.isclose(a, b, equal_nan=True)].head(3).tolist()} -> "
+                                    f"{b[~np.isclose(a, b, equal_nan=True)].head(3).tolist()}")
             elif not a.astype(str).equals(b.astype(str)):
                 changed = a.astype(str) != b.astype(str)
                 problems.append(f"{name}.{column}: {int(changed.sum())} values differ, e.g. "

@@ -9,8 +9,8 @@ import pytest
 
 def test_study_file_given_to_a_notebook_stops_with_the_way_out(root, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "papermill", str(root / "notebooks" / "03_inference.ipynb"),
-                           str(tmp_path / "out.ipynb"), "-f", str(root / "params" / "smoke.yaml"), "-k", "python3",
-                           "--cwd", str(root / "notebooks"), "--no-progress-bar"],
+                           str(tmp_path / "out.ipynb"), "-f", str(root / "params" / "smoke.yaml"), "-k",
+                           "python3", "--cwd", str(root / "notebooks"), "--no-progress-bar"],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode != 0
     assert "StudyParametersGiven" in proc.stderr

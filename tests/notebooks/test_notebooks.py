@@ -58,7 +58,8 @@ def test_inference_notebook_records_energy_and_scores(root, study_dir, precision
     assert rows["energy_net_kwh"].to_numpy() == pytest.approx(expected_net.to_numpy(), rel=1e-6, abs=1e-12)
     scores = results.read_table(study_dir, "scores")
     mine = scores[scores["config_id"] == config_id]
-    assert set(zip(mine["task"], mine["metric"])) == {("rca", "accuracy"), ("rca", "macro_f1"), ("qa", "acc"), ("qa", "acc_norm")}
+    assert (set(zip(mine["task"], mine["metric"]))
+            == {("rca", "accuracy"), ("rca", "macro_f1"), ("qa", "acc"), ("qa", "acc_norm")})
     assert mine["value"].between(0, 1).all()
     assert (mine["ci_low"] <= mine["value"] + 1e-9).all() and (mine["value"] <= mine["ci_high"] + 1e-9).all()
 
@@ -70,9 +71,13 @@ def test_ranking_notebook_run_alone_ranks_a_study_it_builds_and_renders(root, st
     ranking = results.read_table(study_dir, "ranking")
     assert set(ranking["config_id"]) == {"tiny-random-llama__fp32", "tiny-random-llama__bf16"}
     assert len(ranking) == 2 * 11
-    assert (ranking["R"] - (ranking["w"] * ranking["phi"] + (1 - ranking["w"]) * ranking["rho"])).abs().max() < 1e-12
-    for name in ("fig4_inference_energy_carbon", "fig5_quantization_impact", "fig7_ranking", "fig8_lifecycle"):
-        assert (study_dir / "figures" / f"{name}.png").exists() and (study_dir / "figures" / f"{name}.pdf").exists()
+    assert (
+        ranking["R"] - (ranking["w"] * ranking["phi"]
+                        + (1 - ranking["w"]) * ranking["rho"])).abs().max() < 1e-12
+    for name in ("fig4_inference_energy_carbon", "fig5_quantization_impact", "fig7_ranking",
+                 "fig8_lifecycle"):
+        assert ((study_dir / "figures" / f"{name}.png").exists()
+                and (study_dir / "figures" / f"{name}.pdf").exists())
     lifecycle = results.read_table(study_dir, "lifecycle")
     totals = lifecycle[lifecycle["step"] == "total"].set_index("config_id")
     assert totals.loc["tiny-random-llama__fp32", "break_even_queries"] == "reference"

@@ -19,8 +19,10 @@ from llm_energy.report.figures import pareto_mask
 
 SMOKE = Path(__file__).resolve().parent / "fixtures" / "smoke_tables"
 METHOD = "codecarbon:cpu_load;codecarbon:ram_power_model"
-TASKS = {"rca": ("accuracy", "macro_f1"), "qa": ("acc", "acc_norm"), "rca_resolution": ("rouge_l", "embedding_similarity")}
-DATA = {"rca": ("synthetic", "labels"), "qa": ("teleqna", "options"), "rca_resolution": ("synthetic", "generation")}
+TASKS = {"rca": ("accuracy", "macro_f1"), "qa": ("acc", "acc_norm"),
+         "rca_resolution": ("rouge_l", "embedding_similarity")}
+DATA = {"rca": ("synthetic", "labels"), "qa": ("teleqna", "options"),
+        "rca_resolution": ("synthetic", "generation")}
 PAPER_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "w8a8", "nf4", "fp4")
 PAPER_METHODS = ("magnitude-unstructured-50", "magnitude-2of4", "magnitude-4of8", "wanda-unstructured-50",
                  "wanda-2of4", "wanda-4of8")
@@ -74,7 +76,8 @@ def study_tables(models: tuple[str, ...], precisions: tuple[str, ...], *,
         bits = _BITS.get(precision, 16)
         pattern, sparsity = _pattern(pruning) if pruning != "none" else (np.nan, 0.0)
         energy_factor = size * (0.35 + bits / 40) * (1 - 0.25 * sparsity)
-        quality_factor = (0.75 - 0.04 * (32 - bits) / 8 - 0.3 * sparsity * (0.4 if "recovery" in adapter else 1)
+        quality_factor = (
+            0.75 - 0.04 * (32 - bits) / 8 - 0.3 * sparsity * (0.4 if "recovery" in adapter else 1)
                           + (0.05 if "lora" in adapter else 0) + 0.05 * models.index(model))
         rng = _rng(config_id)
         kwh_items = []
@@ -84,17 +87,20 @@ def study_tables(models: tuple[str, ...], precisions: tuple[str, ...], *,
             kwh = 1e-5 * energy_factor * task_scale * rng.uniform(0.9, 1.1) * n_items
             se = kwh * rng.uniform(0.02, 0.08)
             energy_rows.append({
-                "config_id": config_id, "phase": phase, "model": model, "precision": precision, "adapter": adapter,
-                "pruning": pruning, "sparsity_pattern": pattern, "target_sparsity": sparsity,
-                "measured_sparsity": sparsity if pruning != "none" else np.nan, "task": task, "n_items": n_items,
-                "n_tokens": n_items * 120, "duration_s": 30.0, "energy_kwh": kwh, "energy_net_kwh": kwh * 0.6,
-                "emissions_kg": kwh * 0.056, "energy_method": "codecarbon:cpu_load", "device": "cpu", "repeats": 3,
+                "config_id": config_id, "phase": phase, "model": model, "precision": precision,
+                "adapter": adapter, "pruning": pruning, "sparsity_pattern": pattern,
+                "target_sparsity": sparsity, "measured_sparsity": sparsity if pruning != "none" else np.nan,
+                "task": task, "n_items": n_items, "n_tokens": n_items * 120, "duration_s": 30.0,
+                "energy_kwh": kwh, "energy_net_kwh": kwh * 0.6, "emissions_kg": kwh * 0.056,
+                "energy_method": "codecarbon:cpu_load", "device": "cpu", "repeats": 3,
                 "energy_kwh_std": se * np.sqrt(3), "energy_kwh_se": se, "cpu_method": "codecarbon:cpu_load",
-                "gpu_method": "none", "ram_method": "codecarbon:ram_power_model", "estimated_components": "cpu;ram"})
+                "gpu_method": "none", "ram_method": "codecarbon:ram_power_model",
+                "estimated_components": "cpu;ram"})
             kwh_items.append(kwh / n_items)
             source, style = DATA.get(task, ("synthetic", "labels"))
             for metric in metrics:
-                value = float(np.clip(quality_factor * rng.uniform(0.85, 1.05) - (0.3 if task == "qa" else 0), 0.01, 0.99))
+                value = float(np.clip(quality_factor * rng.uniform(0.85, 1.05) - (0.3 if task == "qa" else 0),
+                                      0.01, 0.99))
                 half = rng.uniform(0.03, 0.12)
                 score_rows.append({"config_id": config_id, "task": task, "metric": metric, "value": value,
                                    "ci_low": max(value - half, 0.0), "ci_high": min(value + half, 1.0),
@@ -108,7 +114,8 @@ def study_tables(models: tuple[str, ...], precisions: tuple[str, ...], *,
                     "epoch": epoch, "train_loss": 2.5 / epoch + 0.05 * (32 - bits) / 8 + rng.uniform(0, 0.05),
                     "eval_loss": 2.6 / epoch + 0.05 * (32 - bits) / 8, "duration_s": 100.0,
                     "energy_kwh": 0.002 * energy_factor * rng.uniform(0.9, 1.1), "energy_kwh_std": 0.0001,
-                    "phase": "recovery" if "recovery" in adapter else "finetune", "energy_method": "codecarbon:cpu_load"})
+                    "phase": "recovery" if "recovery" in adapter else "finetune",
+                    "energy_method": "codecarbon:cpu_load"})
 
     ids = [c[0] for c in configs]
     e = np.array([per_item[c] for c in ids])
@@ -127,17 +134,18 @@ def study_tables(models: tuple[str, ...], precisions: tuple[str, ...], *,
             _, model, precision, adapter, pruning, _ = configs[i]
             ranking_rows.append({
                 "config_id": config_id, "model": model, "precision": precision, "adapter": adapter,
-                "pruning": pruning, "energy_kwh_per_item": e[i], "phi": phi[i], "rho": rho[i], "w": w, "R": r[i],
-                "rank": rank[i], "p_best": p_best[i], "tied_with_top": p_best[i] >= 0.05, "pareto": front[i],
-                "energy_kwh_per_item_std": e[i] * 0.05, "energy_method": METHOD})
+                "pruning": pruning, "energy_kwh_per_item": e[i], "phi": phi[i], "rho": rho[i], "w": w,
+                "R": r[i], "rank": rank[i], "p_best": p_best[i], "tied_with_top": p_best[i] >= 0.05,
+                "pareto": front[i], "energy_kwh_per_item_std": e[i] * 0.05, "energy_method": METHOD})
 
     token_rows = []
     for task, (dataset, split, mean) in {"rca": ("synthetic", "test", 90), "qa": ("teleqna", "test", 400),
                                           "rca_resolution": ("synthetic", "test", 90)}.items():
         if task in tasks:
             for i, n in enumerate(_rng(task).normal(mean, mean / 4, 120).clip(5).astype(int)):
-                token_rows.append({"task": task, "dataset": dataset, "split": split, "item_id": i, "n_tokens": n,
-                                   "tokenizer": "SmolLM2-135M tokenizer"})
+                token_rows.append(
+                    {"task": task, "dataset": dataset, "split": split, "item_id": i, "n_tokens": n,
+                     "tokenizer": "SmolLM2-135M tokenizer"})
 
     lifecycle_rows = []
     for i, (config_id, model, precision, adapter, pruning, _) in enumerate(configs):
@@ -154,8 +162,8 @@ def study_tables(models: tuple[str, ...], precisions: tuple[str, ...], *,
         else:
             verdict = str(int(np.ceil(setup * 3.6e6 / (ref_query - per_query))))
         lifecycle_rows.append({"config_id": config_id, "reference": reference, "step": "total",
-                               "source_config": config_id, "setup_kwh": setup, "method": METHOD, "estimate": True,
-                               "per_query_j": per_query, "break_even_queries": verdict})
+                               "source_config": config_id, "setup_kwh": setup, "method": METHOD,
+                               "estimate": True, "per_query_j": per_query, "break_even_queries": verdict})
 
     return {"energy": pd.DataFrame(energy_rows), "scores": pd.DataFrame(score_rows),
             "ranking": pd.DataFrame(ranking_rows), "training": pd.DataFrame(training_rows),
@@ -179,7 +187,8 @@ def paper_study_tables() -> dict[str, pd.DataFrame]:
     6 pruning targets x 6 methods, each recovered."""
     models = ("smollm2-135m-instruct", "gemma-3-270m")
     finetune = tuple(itertools.product(models, ("fp32", "bf16", "int8", "nf4")))
-    targets = tuple((m, p, a) for m in models for p, a in (("fp32", "none"), ("bf16", "none"), ("fp32", "lora")))
+    targets = tuple((m, p, a) for m in models
+                    for p, a in (("fp32", "none"), ("bf16", "none"), ("fp32", "lora")))
     return study_tables(models, PAPER_PRECISIONS, finetune=finetune, prune_targets=targets,
                         prune_methods=PAPER_METHODS, recover=True)
 
@@ -192,13 +201,15 @@ def figure_calls(tables: dict[str, pd.DataFrame], w: float = 0.5) -> dict[str, o
     totals = lifecycle[lifecycle["step"] == "total"]
     ranked = tables["ranking"][np.isclose(tables["ranking"]["w"], w)].sort_values("R", ascending=False)
     top = list(ranked.loc[ranked["tied_with_top"].astype(bool), "config_id"])
-    counted = sorted((int(v), c) for c, v in zip(totals["config_id"], totals["break_even_queries"]) if str(v).isdigit())
+    counted = sorted((int(v), c) for c, v in zip(totals["config_id"], totals["break_even_queries"])
+                     if str(v).isdigit())
     fig8_configs = (top + [c for _, c in counted if c not in top])[:max(6, len(top))]
     return {
         "fig1_token_lengths": lambda: plots.fig1_token_lengths(tables["token_lengths"]),
         "fig3_finetune_energy_loss": lambda: plots.fig3_finetune_energy_loss(tables["training"], METHOD),
         "fig4_inference_energy_carbon": lambda: plots.fig4_inference_energy_carbon(tables["energy"]),
-        "fig5_quantization_impact": lambda: plots.fig5_quantization_impact(tables["scores"], tables["energy"]),
+        "fig5_quantization_impact": lambda: plots.fig5_quantization_impact(tables["scores"],
+                                                                           tables["energy"]),
         "fig6_pruning": lambda: plots.fig6_pruning(tables["scores"], tables["energy"]),
         "fig7_ranking": lambda: plots.fig7_ranking(tables["ranking"], w=w, energy_method=METHOD),
         "fig8_lifecycle": lambda: plots.fig8_lifecycle(lifecycle, fig8_configs, (1, 1e6)),

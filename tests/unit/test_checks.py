@@ -1,4 +1,5 @@
-"""`llm-energy validate` reads the data: bad records, empty or shared splits, prompts over a model's context."""
+"""`llm-energy validate` reads the data: bad records, empty or shared splits, prompts over a model's
+context."""
 
 import json
 import subprocess
@@ -18,7 +19,8 @@ def write_jsonl(path, records):
 def tickets(n, split=None, long_ticket=None):
     out = []
     for i in range(n):
-        record = {"id": f"t{i}", "ticket": f"alarm {i} on ring", "root_cause": ("fibre_cut", "power_failure")[i % 2]}
+        record = {"id": f"t{i}", "ticket": f"alarm {i} on ring",
+                  "root_cause": ("fibre_cut", "power_failure")[i % 2]}
         if split:
             record["split"] = split(i)
         out.append(record)
@@ -49,23 +51,28 @@ def test_every_malformed_record_is_listed_with_line_and_field(tmp_path):
 
 def test_training_on_the_scored_split_is_refused(tmp_path):
     path = write_jsonl(tmp_path / "rca.jsonl", tickets(40))
-    finetune = {"phases": ["data", "finetune", "inference", "ranking"], "finetune": {"task": "rca", "precisions": ["fp32"]}}
+    finetune = {"phases": ["data", "finetune", "inference", "ranking"],
+                "finetune": {"task": "rca", "precisions": ["fp32"]}}
     assert data_problems(study(tmp_path, {"data": str(path)}, **finetune), tmp_path) == []
     problems = data_problems(study(tmp_path, {"data": str(path), "split": "train"}, **finetune), tmp_path)
     assert len(problems) == 1 and problems[0].key == "tasks.rca (split)"
     assert "the scored split 'train' is the one fine-tuning trains on" in problems[0].message
     wanda = {"phases": ["data", "inference", "pruning", "ranking"],
-             "pruning": {"targets": ["tiny-random-llama__fp32"], "methods": [{"method": "wanda", "pattern": "2:4"}]}}
+             "pruning": {"targets": ["tiny-random-llama__fp32"],
+                         "methods": [{"method": "wanda", "pattern": "2:4"}]}}
     problems = data_problems(study(tmp_path, {"data": str(path), "split": "train"}, **wanda), tmp_path)
-    assert [p.message.split(":")[0] for p in problems] == ["the scored split 'train' is the one Wanda calibrates on"]
+    assert ([p.message.split(":")[0] for p in problems]
+            == ["the scored split 'train' is the one Wanda calibrates on"])
 
 
 def test_an_empty_split_that_the_study_needs(tmp_path):
     path = write_jsonl(tmp_path / "rca.jsonl", tickets(20, split=lambda i: "train" if i % 2 else "test"))
-    finetune = {"phases": ["data", "finetune", "inference", "ranking"], "finetune": {"task": "rca", "precisions": ["fp32"]}}
+    finetune = {"phases": ["data", "finetune", "inference", "ranking"],
+                "finetune": {"task": "rca", "precisions": ["fp32"]}}
     problems = data_problems(study(tmp_path, {"data": str(path)}, **finetune), tmp_path)
     assert [p.message for p in problems] == [
-        "split 'validation' is empty, but fine-tuning validates on it (check the file's split field or split_fractions)"]
+        "split 'validation' is empty, but fine-tuning validates on it (check the file's split field or "
+        "split_fractions)"]
 
 
 def test_a_prompt_longer_than_the_models_context(tmp_path):

@@ -53,7 +53,8 @@ def test_unknown_precision_is_refused(tmp_path):
 
 def test_missing_data_file_is_refused(tmp_path):
     path = write(tmp_path, MINIMAL + "tasks:\n  qa:\n    data: nowhere.jsonl\n")
-    with pytest.raises(StudyValidationError, match=r"tasks.qa.data: data file does not exist: .*nowhere.jsonl"):
+    with pytest.raises(StudyValidationError, match=r"tasks.qa.data: data file does not exist: "
+                                                   r".*nowhere.jsonl"):
         load_study(path)
 
 
@@ -95,7 +96,8 @@ def test_unknown_builtin_model(tmp_path):
 
 
 def test_local_model_folder_must_exist(tmp_path):
-    path = write(tmp_path, MINIMAL.replace("- name: tiny-random-llama", "- name: mine\n    source: local\n    path: no/such/dir"))
+    path = write(tmp_path, MINIMAL.replace("- name: tiny-random-llama",
+                                           "- name: mine\n    source: local\n    path: no/such/dir"))
     with pytest.raises(StudyValidationError, match="model folder does not exist"):
         load_study(path)
 

@@ -38,12 +38,15 @@ def test_qa_answers_as_index_letter_or_text(tmp_path):
 @pytest.mark.parametrize(
     "record, message",
     [
-        ({"question": "q", "choices": ["a", "b"], "answer": 2}, r"qa.jsonl:2: field 'answer' index 2 is out of range for 2 choices"),
+        ({"question": "q", "choices": ["a", "b"], "answer": 2},
+         r"qa.jsonl:2: field 'answer' index 2 is out of range for 2 choices"),
         ({"question": "  ", "choices": ["a", "b"], "answer": 0}, r"qa.jsonl:2: field 'question' is empty"),
-        ({"question": "q", "choices": ["a"], "answer": 0}, r"field 'choices' must be a list of at least 2 choices"),
+        ({"question": "q", "choices": ["a"], "answer": 0},
+         r"field 'choices' must be a list of at least 2 choices"),
         ({"question": "q", "choices": ["a", "a"], "answer": 0}, r"field 'choices' choices repeat"),
         ({"question": "q", "choices": ["a", "b"]}, r"field 'answer' is missing"),
-        ({"id": "q1", "question": "q", "choices": ["a", "b"], "answer": 0}, r"duplicate id 'q1' \(first on line 1\)"),
+        ({"id": "q1", "question": "q", "choices": ["a", "b"], "answer": 0},
+         r"duplicate id 'q1' \(first on line 1\)"),
     ],
 )
 def test_qa_errors_name_file_line_field(tmp_path, record, message):
@@ -69,7 +72,8 @@ def test_undecodable_text(tmp_path):
 def test_rca_csv_with_column_mapping(tmp_path):
     path = tmp_path / "tickets.csv"
     path.write_text("desc,cause,fix\nLOS on ring,fibre_cut,spliced\nmains off,power_failure,genset\n")
-    data = load_task_data("rca", TaskSettings(data=str(path), columns={"ticket": "desc", "root_cause": "cause",
+    data = load_task_data("rca", TaskSettings(data=str(path),
+                                              columns={"ticket": "desc", "root_cause": "cause",
                                                                         "resolution": "fix"}, **WHOLE))
     assert [i.root_cause for i in data.items] == ["fibre_cut", "power_failure"]
     assert data.labels == ("fibre_cut", "power_failure")
@@ -105,7 +109,8 @@ def test_builtin_data_has_splits_for_both_tasks():
 def test_rca_label_outside_label_set(tmp_path):
     path = write_jsonl(tmp_path / "rca.jsonl", [{"ticket": "LOS ring 4", "root_cause": "fibre_cut"},
                                                 {"ticket": "ghosts", "root_cause": "gremlins"}])
-    with pytest.raises(DataError, match=r"rca.jsonl:2: field 'root_cause' 'gremlins' is not in the label set \['fibre_cut', 'power_failure'\]"):
+    with pytest.raises(DataError, match=r"rca.jsonl:2: field 'root_cause' 'gremlins' is not in the label set "
+                                        r"\['fibre_cut', 'power_failure'\]"):
         load_task_data("rca", TaskSettings(data=str(path), labels=["fibre_cut", "power_failure"]))
     data = load_task_data("rca", TaskSettings(data=str(path), **WHOLE))
     assert data.labels == ("fibre_cut", "gremlins")
@@ -136,8 +141,10 @@ def test_file_without_splits_gets_disjoint_assigned_splits(tmp_path):
     splits = load_all_splits("rca", settings)
     ids = {name: {i.id for i in data.items} for name, data in splits.items()}
     assert set(ids) == {"train", "validation", "test"}
-    assert not (ids["train"] & ids["test"]) and not (ids["validation"] & ids["test"]) and not (ids["train"] & ids["validation"])
-    assert sum(len(v) for v in ids.values()) == 40 and len(ids["train"]) == 20 and len(ids["validation"]) == 10
+    assert (not (ids["train"] & ids["test"]) and not (ids["validation"] & ids["test"])
+            and not (ids["train"] & ids["validation"]))
+    assert (sum(len(v) for v in ids.values()) == 40 and len(ids["train"]) == 20
+            and len(ids["validation"]) == 10)
     scored = load_task_data("rca", settings.model_copy(update={"max_items": 4}))
     assert {i.id for i in scored.items} <= ids["test"]
     rows = split_rows("rca", settings.model_copy(update={"max_items": 4}))
@@ -166,8 +173,9 @@ def test_invalid_records_skip_lists_each_with_line_field_and_reason(tmp_path):
     data = load_task_data("qa", settings)
     assert [i.id for i in data.items] == [f"q{i}" for i in range(5)]
     rows = skipped_rows("qa", settings)
-    assert [(r["line"], r["record"], r["field"]) for r in rows] == [(3, "b1", "question"), (4, "b2", "choices"),
-                                                                    (5, "b3", "answer")]
+    assert ([(r["line"], r["record"], r["field"]) for r in rows]
+            == [(3, "b1", "question"), (4, "b2", "choices"),
+                (5, "b3", "answer")])
     assert "out of range" in rows[2]["reason"] and rows[0]["file"] == str(path)
 
 
@@ -194,6 +202,6 @@ def test_a_file_whose_every_record_is_invalid_says_why_for_the_first_ones(tmp_pa
                     '{"question": "q2", "choices": ["a", "a"], "answer": 0}\n'
                     '{"question": "q3", "choices": "ab", "answer": 0}\n')
     # Failed before: only "holds no valid records", with no line, field or reason.
-    with pytest.raises(DataError, match=r"all 3 were left out as invalid.*line 1 field 'answer': index 5 is out of "
-                                        r"range.*line 2 field 'choices'.*line 3 field 'choices'"):
+    with pytest.raises(DataError, match=r"all 3 were left out as invalid.*line 1 field 'answer': index 5 is "
+                                        r"out of range.*line 2 field 'choices'.*line 3 field 'choices'"):
         load_task_data("qa", TaskSettings(data=str(path), invalid_records="skip"))

@@ -98,7 +98,8 @@ def test_idle_baseline_gives_net_energy():
 
 def test_hardware_counter_replaces_estimate_of_same_component():
     clock = FakeClock()
-    meter = make_meter(clock, [FakeEstimate(clock), NvmlSource(nvml=FakeNvml(clock, power_w=50.0))], device="cpu")
+    meter = make_meter(clock, [FakeEstimate(clock), NvmlSource(nvml=FakeNvml(clock, power_w=50.0))],
+                       device="cpu")
     with meter.window("w") as handle:
         clock.sleep(2.0)
     r = handle.record
@@ -276,9 +277,10 @@ class SteppedRapl:
 
 def test_own_counters_beat_codecarbon_readings_per_component(tmp_path):
     clock = FakeClock()
-    probe = lambda tracker: {"cpu": "codecarbon:rapl", "gpu": "codecarbon:pynvml", "ram": "codecarbon:ram_power_model"}  # noqa: E731
-    codecarbon = CodeCarbonSource(SETTINGS, tracker_factory=lambda **kw: FakeTracker(clock, **kw), gpu_ids=[3],
-                                  probe=probe)
+    probe = lambda tracker: {"cpu": "codecarbon:rapl", "gpu": "codecarbon:pynvml",
+                             "ram": "codecarbon:ram_power_model"}  # noqa: E731
+    codecarbon = CodeCarbonSource(SETTINGS, tracker_factory=lambda **kw: FakeTracker(clock, **kw),
+                                  gpu_ids=[3], probe=probe)
     assert codecarbon.tracker.kwargs["gpu_ids"] == [3]  # CodeCarbon is told the job's GPU
     rapl_tree = SteppedRapl(tmp_path, max_range_uj=10**12)
     rapl = RaplSource(tmp_path, sample_s=None)
@@ -293,13 +295,16 @@ def test_own_counters_beat_codecarbon_readings_per_component(tmp_path):
     assert r.cpu_energy_kwh * 3.6e6 == pytest.approx(600.0)
     assert r.ram_energy_kwh * 3.6e6 == pytest.approx(30.0)
     assert r.estimated_components == ""
-    assert method_priority("nvml_counter") < method_priority("codecarbon:pynvml") < method_priority("codecarbon:cpu_load")
+    assert (method_priority("nvml_counter") < method_priority("codecarbon:pynvml")
+            < method_priority("codecarbon:cpu_load"))
 
 
 def test_codecarbon_gpu_figure_is_dropped_for_a_cpu_job():
     clock = FakeClock()
-    probe = lambda tracker: {"cpu": "codecarbon:cpu_load", "gpu": "codecarbon:pynvml", "ram": "codecarbon:ram_power_model"}  # noqa: E731
-    codecarbon = CodeCarbonSource(SETTINGS, tracker_factory=lambda **kw: FakeTracker(clock, **kw), probe=probe)
+    probe = lambda tracker: {"cpu": "codecarbon:cpu_load", "gpu": "codecarbon:pynvml",
+                             "ram": "codecarbon:ram_power_model"}  # noqa: E731
+    codecarbon = CodeCarbonSource(SETTINGS, tracker_factory=lambda **kw: FakeTracker(clock, **kw),
+                                  probe=probe)
     assert "gpu_ids" not in codecarbon.tracker.kwargs
     meter = make_meter(clock, [codecarbon])
     with meter.window("w") as handle:
@@ -313,8 +318,9 @@ def test_two_jobs_on_one_node_are_not_both_charged_the_machine(tmp_path):
     """Two GPU jobs side by side: each total is its own GPU; the shared CPU/RAM is recorded, not charged."""
     clock = FakeClock()
     rapl_tree = SteppedRapl(tmp_path, max_range_uj=10**12)
-    meters = [make_meter(clock, [RaplSource(tmp_path, sample_s=None), NvmlSource(nvml=FakeNvml(clock, power_w=w))],
-                         device=f"cuda:{i}") for i, w in enumerate((200.0, 100.0))]
+    meters = [
+        make_meter(clock, [RaplSource(tmp_path, sample_s=None), NvmlSource(nvml=FakeNvml(clock, power_w=w))],
+                   device=f"cuda:{i}") for i, w in enumerate((200.0, 100.0))]
     for meter in meters:
         meter.scope = SCOPE_GPU_ONLY
     with meters[0].window("a") as a, meters[1].window("b") as b:
@@ -419,8 +425,10 @@ def test_windows_hold_only_the_model_work(tiny_model, monkeypatch):
             return getattr(self.inner, name)
 
     real_bootstrap = scoring.bootstrap_interval
-    monkeypatch.setattr(scoring, "bootstrap_interval", lambda *a, **k: (log.append("bootstrap"), real_bootstrap(*a, **k))[1])
-    # the packed path runs the decoder (its vocabulary projection only where needed); the shared cache the whole model
+    monkeypatch.setattr(scoring, "bootstrap_interval", lambda *a,
+                        **k: (log.append("bootstrap"), real_bootstrap(*a, **k))[1])
+    # the packed path runs the decoder (its vocabulary projection only where needed); the shared cache the
+    # whole model
     handles = [module.register_forward_pre_hook(lambda *a: log.append("forward"))
                for module in (tiny_model.model, tiny_model.model.get_decoder())]
     try:
@@ -431,7 +439,8 @@ def test_windows_hold_only_the_model_work(tiny_model, monkeypatch):
             result, _ = evaluation.measure_task(loaded, task, data, RecordingMeter(log))
             inside = log[log.index("window:open") + 1 : log.index("window:close")]
             assert inside and set(inside) == {"forward"}, inside
-            assert "tokenize" in log[: log.index("window:open")] and "bootstrap" in log[log.index("window:close"):]
+            assert ("tokenize" in log[: log.index("window:open")]
+                    and "bootstrap" in log[log.index("window:close"):])
             assert result.n_items == 4
     finally:
         for handle in handles:
@@ -461,7 +470,7 @@ for message in messages:
             if line.strip().startswith(prefix):
                 said[component.lower()] = line.strip()[len(prefix):].strip().lower().replace(" ", "_")
 print(json.dumps({"probed": probed, "said": said}))
-"""
+"""  # noqa: E501
 
 
 def test_probe_agrees_with_what_codecarbon_says_it_uses():
@@ -489,10 +498,11 @@ def test_chunk_windows_score_every_item_once_with_the_same_results(tiny_model):
 
     clock = FakeClock()
     chunked = make_meter(clock, [NvmlSource(nvml=FakeNvml(clock, power_w=50.0))],
-                         EnergySettings(carbon_intensity_g_per_kwh=1.0, min_window_s=0.0, windows=3, warmup=False))
+                         EnergySettings(carbon_intensity_g_per_kwh=1.0, min_window_s=0.0, windows=3,
+                                        warmup=False))
     whole = make_meter(clock, [NvmlSource(nvml=FakeNvml(clock, power_w=50.0))],
-                       EnergySettings(carbon_intensity_g_per_kwh=1.0, min_window_s=0.0, repeats=1, max_repeats=1,
-                                      warmup=False))
+                       EnergySettings(carbon_intensity_g_per_kwh=1.0, min_window_s=0.0, repeats=1,
+                                      max_repeats=1, warmup=False))
     for task in ("qa", "rca"):
         data = load_task_data(task, TaskSettings(max_items=7))
         a, m = evaluation.measure_task(tiny_model, task, data, chunked)

@@ -32,4 +32,5 @@ def test_the_figures_use_the_same_rule_object():
 
 def test_all_counted_leaves_estimated_components_empty():
     assert estimated_components({"cpu": "rapl", "gpu": "nvml_counter", "ram": "rapl"}) == ""
-    assert estimated_components({"cpu": "codecarbon:cpu_load", "gpu": "none", "ram": "codecarbon:ram_power_model"}) == "cpu;ram"
+    assert estimated_components({"cpu": "codecarbon:cpu_load", "gpu": "none",
+                                 "ram": "codecarbon:ram_power_model"}) == "cpu;ram"

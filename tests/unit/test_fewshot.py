@@ -25,7 +25,9 @@ TELEQNA = dict(data="teleqna", invalid_records="skip", max_items=40, sample_seed
 def test_examples_come_from_the_train_split_seeded_and_never_scored():
     data = load_task_data("qa", TaskSettings(**TELEQNA, fewshot=5))
     assert len(data.fewshot) == 5
-    train_ids = {i.id for i in load_task_data("qa", TaskSettings(**{**TELEQNA, "max_items": None}, split="train")).items}
+    train_ids = {i.id for i in load_task_data("qa",
+                                              TaskSettings(**{**TELEQNA, "max_items": None},
+                                                           split="train")).items}
     assert {e.id for e in data.fewshot} <= train_ids
     assert not {e.id for e in data.fewshot} & {i.id for i in data.items}
     again = load_task_data("qa", TaskSettings(**TELEQNA, fewshot=5))
@@ -40,7 +42,8 @@ def test_the_prefix_shows_each_example_with_its_answer_then_a_blank_line():
     b = QAItem("b", "What does RRC stand for?", ("Radio Resource Control", "Random Radio Cell"), 0)
     options = fewshot_prefix([a, b], scoring.DEFAULT_QA_OPTIONS_PROMPT, "options")
     assert options == ("Question: Which node anchors the user plane?\nA. AMF\nB. UPF\nAnswer: B\n\n"
-                       "Question: What does RRC stand for?\nA. Radio Resource Control\nB. Random Radio Cell\nAnswer: A\n\n")
+                       "Question: What does RRC stand for?\nA. Radio Resource Control\nB. Random Radio "
+                       "Cell\nAnswer: A\n\n")
     cloze = fewshot_prefix([a], scoring.DEFAULT_QA_PROMPT, "cloze")
     assert cloze == "Question: Which node anchors the user plane?\nAnswer: UPF\n\n"
     scored = QAItem("q", "Which channel carries DCI?", ("PDCCH", "PDSCH"), 0)
@@ -59,7 +62,8 @@ def test_fewshot_is_refused_where_it_cannot_work(tmp_path):
     rows = [{"question": f"q{i}", "choices": ["a", "b"], "answer": 0, "split": "train" if i < 2 else "test"}
             for i in range(6)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match=r"field 'fewshot' fewshot 3 needs 3 items in split 'train'.*it has 2"):
+    with pytest.raises(DataError, match=r"field 'fewshot' fewshot 3 needs 3 items in split 'train'.*it has "
+                                        r"2"):
         load_task_data("qa", TaskSettings(data=str(path), fewshot=3))
 
 
@@ -67,7 +71,8 @@ def _requests(n=6):
     examples = tuple(QAItem(f"e{i}", f"Example question number {i} about alarms on site {i}?",
                             ("fibre cut", "power outage", "routing loop"), i % 3) for i in range(3))
     items = tuple(QAItem(f"q{i}", "Which fault explains " + "a lost link " * (1 + i) + "?",
-                         ("fibre cut", "power outage", "a misconfigured routing table"), i % 3) for i in range(n))
+                         ("fibre cut", "power outage", "a misconfigured routing table"), i % 3)
+                  for i in range(n))
     return TaskData("qa", "x", "test", items, fewshot=examples)
 
 
@@ -105,8 +110,9 @@ def test_a_prefix_path_that_disagrees_is_not_used(tiny_model, monkeypatch):
     prepared = prepare_task("qa", tok, _requests(), None, "options")
     got = score_encoded(model, tok, prepared.encoded)
     for (context, continuations), scores in zip(request_texts("qa", prepared.data, style="options"), got):
-        assert scores.loglik == pytest.approx(score_continuations_unshared(model, tok, context, continuations).loglik,
-                                              abs=1e-4)
+        assert (scores.loglik
+                == pytest.approx(score_continuations_unshared(model, tok, context, continuations).loglik,
+                                 abs=1e-4))
 
 
 def test_no_prefix_is_shared_below_the_minimum_or_for_one_request(tiny_model):

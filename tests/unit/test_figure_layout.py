@@ -36,7 +36,8 @@ def test_figure_is_legible(table_set, figure):
         problems = layout_problems(fig, f"{figure} [{table_set}]")
     assert isinstance(fig, Figure)
     assert not problems, "\n".join(problems)
-    if table_set in ("smoke", "paper100") and figure not in ("fig1_token_lengths", "fig3_finetune_energy_loss"):
+    if table_set in ("smoke", "paper100") and figure not in ("fig1_token_lengths",
+                                                             "fig3_finetune_energy_loss"):
         assert plots.NO_DATA_TEXT not in plots.figure_texts(fig), f"{figure} [{table_set}] drew no data"
 
 

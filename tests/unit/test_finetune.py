@@ -116,7 +116,8 @@ def test_eval_loss_is_the_scored_loglikelihood(rca, tiny_model):
     )
     n_tokens = sum(len(e.answer_ids) for e in examples)
     # Batched with left padding must equal the unpadded one-by-one scores.
-    assert mean_answer_nll(tiny_model.model, examples, pad, batch_size=3) == pytest.approx(nll / n_tokens, rel=1e-4)
+    assert (mean_answer_nll(tiny_model.model, examples, pad, batch_size=3)
+            == pytest.approx(nll / n_tokens, rel=1e-4))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "w8a8", "int8", "nf4"])
@@ -130,7 +131,8 @@ def test_lora_overfits_saves_and_reloads(precision, rca, tmp_path):
     # CPU inference kernel, which has no backward; fine-tuning must still learn afterwards.
     base_loss = mean_answer_nll(loaded.model, examples, pad)
     meter, source = fake_meter()
-    result = finetune(loaded, list(items) * 4, items, spec, meter, tmp_path / "adapter", labels, progress=False)
+    result = finetune(loaded, list(items) * 4, items, spec, meter, tmp_path / "adapter", labels,
+                      progress=False)
 
     first, second = result.epochs
     assert second.train_loss < first.train_loss
@@ -185,7 +187,8 @@ def test_the_output_projection_reads_a_contiguous_input_while_training(tiny_mode
 def test_without_meter_energy_is_missing_and_runs_are_seeded(rca, tmp_path):
     items, labels = rca
     spec = FinetuneSpec(**{**OVERFIT, "epochs": 1, "dropout": 0.05})
-    runs = [finetune(load_model(TINY, "fp32"), items, items, spec, None, tmp_path / f"run{i}", labels, progress=False)
+    runs = [finetune(load_model(TINY, "fp32"), items, items, spec, None, tmp_path / f"run{i}", labels,
+                     progress=False)
             for i in range(2)]
     (epoch,) = runs[0].epochs
     assert math.isnan(epoch.energy_kwh) and epoch.energy_method == "none" and epoch.duration_s > 0
@@ -202,7 +205,8 @@ def test_unknown_target_module_lists_the_linear_modules(rca, tmp_path):
     items, labels = rca
     loaded = load_model(TINY, "fp32")
     spec = FinetuneSpec(target_modules=("q_proj", "query_key_value"))
-    with pytest.raises(ValueError, match=r"\['query_key_value'\] not found.*linear modules are: .*k_proj.*q_proj"):
+    with pytest.raises(ValueError, match=r"\['query_key_value'\] not found.*linear modules are: "
+                                         r".*k_proj.*q_proj"):
         finetune(loaded, items, items, spec, None, tmp_path, labels)
     assert not any("lora" in name for name, _ in loaded.model.named_modules())  # left untouched
 
@@ -211,7 +215,8 @@ def test_max_length_shorter_than_an_example(rca, tiny_model, tmp_path):
     items, labels = rca
     n_prompt = build_examples(items[:1], tiny_model.tokenizer, FinetuneSpec(), labels)[0].n_prompt_tokens
     spec = FinetuneSpec(max_length=32)
-    with pytest.raises(ValueError, match=rf"item {items[0].id}: prompt is {n_prompt} tokens .* max_length=32"):
+    with pytest.raises(ValueError, match=rf"item {items[0].id}: prompt is {n_prompt} tokens .* "
+                                         r"max_length=32"):
         finetune(tiny_model, items, items, spec, None, tmp_path, labels)
 
 

@@ -21,10 +21,12 @@ from llm_energy.methods.generation import (
 
 ITEMS = (
     RCAItem(id="a", ticket="Site down.", root_cause="power_failure", resolution="Generator refuelled."),
-    RCAItem(id="b", ticket="Fibre alarm on the ring between SITE-1 and SITE-2 after road works; LOS on both ends, "
-                           "OTDR shows a break at 2.3 km, traffic rerouted over the microwave backup link.",
+    RCAItem(id="b", ticket="Fibre alarm on the ring between SITE-1 and SITE-2 after road works; LOS on both "
+                           "ends, OTDR shows a break at 2.3 km, traffic rerouted over the microwave backup "
+                           "link.",
             root_cause="fibre_cut", resolution="Fibre cut by road works, spliced at 2.3 km."),
-    RCAItem(id="c", ticket="Slow data every evening.", root_cause="congestion", resolution="Second carrier added."),
+    RCAItem(id="c", ticket="Slow data every evening.", root_cause="congestion",
+            resolution="Second carrier added."),
 )
 
 
@@ -66,7 +68,8 @@ def test_first_line_skips_leading_breaks():
 
 # --- spec ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs", [{"new_tokens": 0}, {"new_tokens": -3}, {"batch_size": 0}, {"max_items": 0}])
+@pytest.mark.parametrize("kwargs",
+                         [{"new_tokens": 0}, {"new_tokens": -3}, {"batch_size": 0}, {"max_items": 0}])
 def test_spec_rejects_non_positive(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         GenerationSpec(**kwargs)
@@ -91,7 +94,8 @@ def test_chat_prompt_uses_the_template(tiny_model):
 
     with pytest.raises(ValueError, match="chat template"):
         generation.build_prompt(ITEMS[0], spec, Plain())
-    out = generate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS, GenerationSpec(new_tokens=3, chat=True))
+    out = generate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS,
+                               GenerationSpec(new_tokens=3, chat=True))
     assert out.n_new_tokens == 9
 
 
@@ -115,7 +119,8 @@ def test_batched_generation_matches_one_by_one_and_repeats(tiny_model):
     spec = GenerationSpec(new_tokens=5, batch_size=3)
     batched = generate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS, spec)
     again = generate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS, spec)
-    single = generate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS, GenerationSpec(new_tokens=5, batch_size=1))
+    single = generate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS,
+                                  GenerationSpec(new_tokens=5, batch_size=1))
     assert batched == again
     assert batched.raw_texts == single.raw_texts  # left padding changes nothing
 
@@ -135,7 +140,8 @@ def test_length_holds_when_the_model_wants_to_stop(tiny_model):
         free = tiny_model.model.generate(**tiny_model.tokenizer(["Site down."], return_tensors="pt"),
                                          max_new_tokens=4, do_sample=False)
         assert free[0, -1].item() == eos  # the hook works: left alone, the model stops
-        out = generate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS, GenerationSpec(new_tokens=4))
+        out = generate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS,
+                                   GenerationSpec(new_tokens=4))
     finally:
         handle.remove()
     assert out.n_new_tokens == len(ITEMS) * 4
@@ -150,7 +156,8 @@ def test_a_short_generation_is_an_error(tiny_model, monkeypatch):
 
 
 def test_max_items_keeps_the_first(tiny_model):
-    out = generate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS, GenerationSpec(new_tokens=2, max_items=2))
+    out = generate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS,
+                               GenerationSpec(new_tokens=2, max_items=2))
     assert len(out.texts) == 2 and out.n_new_tokens == 4
 
 
@@ -176,7 +183,8 @@ def test_embeddings_are_unit_rows(embedder):
 def test_cosine_ranks_a_paraphrase_above_an_unrelated_sentence(embedder):
     same = embedder.cosine(["fibre cut repaired by splicing"], ["fibre cut repaired by splicing"])
     assert same[0] == pytest.approx(1.0, abs=1e-5)
-    pair = embedder.cosine(["fibre cut repaired by splicing"] * 2, ["the cut fibre was spliced", "battery alarm at the site"])
+    pair = embedder.cosine(["fibre cut repaired by splicing"] * 2,
+                           ["the cut fibre was spliced", "battery alarm at the site"])
     assert pair[0] > pair[1]
     with pytest.raises(ValueError, match="row by row"):
         embedder.cosine(["a"], ["a", "b"])
@@ -185,7 +193,8 @@ def test_cosine_ranks_a_paraphrase_above_an_unrelated_sentence(embedder):
 @needs_minilm
 def test_evaluate_resolutions_on_the_tiny_model(tiny_model, embedder):
     spec = GenerationSpec(new_tokens=4)
-    result, out = evaluate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS, spec, embedder, n_boot=50)
+    result, out = evaluate_resolutions(tiny_model.model, tiny_model.tokenizer, ITEMS, spec, embedder,
+                                       n_boot=50)
     assert result.task == "rca_resolution"
     assert set(result.metrics) == set(result.intervals) == {"rouge_l", "embedding_similarity"}
     assert result.item_ids == ("a", "b", "c") and result.n_items == 3 and result.predictions == ()
@@ -200,7 +209,8 @@ def test_evaluate_resolutions_on_the_tiny_model(tiny_model, embedder):
 def test_evaluate_resolutions_needs_references(tiny_model):
     items = ITEMS + (RCAItem(id="d", ticket="x", root_cause="congestion"),)
     with pytest.raises(ValueError, match="no reference resolution"):
-        evaluate_resolutions(tiny_model.model, tiny_model.tokenizer, items, GenerationSpec(new_tokens=2), embedder=None)
+        evaluate_resolutions(tiny_model.model, tiny_model.tokenizer, items, GenerationSpec(new_tokens=2),
+                             embedder=None)
 
 
 def test_missing_package_names_the_install(monkeypatch):

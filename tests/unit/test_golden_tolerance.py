@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("smoke_unchanged", ROOT / "tests" / "e2e" / "test_smoke_unchanged.py")
+spec = importlib.util.spec_from_file_location("smoke_unchanged",
+                                              ROOT / "tests" / "e2e" / "test_smoke_unchanged.py")
 golden = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = golden  # dataclasses look their module up while the class is built
 spec.loader.exec_module(golden)
@@ -23,7 +24,8 @@ def study(tmp_path, monkeypatch):
     tables.mkdir()
     for name in golden.TABLES:
         shutil.copy(golden.GOLDEN / f"{name}.csv", tables / f"{name}.csv")
-    monkeypatch.setattr(golden, "machine_signature", lambda: {"machine": "x86_64", "torch": "2.13.0", "isa": ["avx2"]})
+    monkeypatch.setattr(golden, "machine_signature",
+                        lambda: {"machine": "x86_64", "torch": "2.13.0", "isa": ["avx2"]})
     return tmp_path
 
 
@@ -35,7 +37,8 @@ def _edit(study: Path, name: str, edit) -> None:
 
 
 def _first(frame: pd.DataFrame, config_id: str, task: str, metric: str) -> pd.Index:
-    return frame.index[(frame["config_id"] == config_id) & (frame["task"] == task) & (frame["metric"] == metric)]
+    return frame.index[(frame["config_id"] == config_id) & (frame["task"] == task) & (frame["metric"]
+                                                                                      == metric)]
 
 
 def test_the_snapshot_matches_itself_off_its_machine(study):

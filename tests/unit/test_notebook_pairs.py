@@ -29,7 +29,8 @@ def disagreements(ipynb: Path, script: Path) -> list[str]:
     for index, (a, b) in enumerate(zip(left, right)):
         if a != b:
             what = "type" if a[0] != b[0] else ("tags" if a[2] != b[2] else "source")
-            problems.append(f"cell {index}: different {what} ({ipynb.name}: {a[1][:60]!r} | {script.name}: {b[1][:60]!r})")
+            problems.append(f"cell {index}: different {what} ({ipynb.name}: {a[1][:60]!r} | {script.name}: "
+                            f"{b[1][:60]!r})")
     return problems
 
 
@@ -43,17 +44,20 @@ def test_pair_is_declared_and_agrees(name):
     ipynb, script = NOTEBOOKS / f"{name}.ipynb", NOTEBOOKS / f"{name}.py"
     for path in (ipynb, script):
         formats = jupytext.read(path).metadata.get("jupytext", {}).get("formats", "")
-        assert set(formats.split(",")) == {"ipynb", "py:percent"}, f"{path.name}: jupytext formats {formats!r}"
+        assert (set(formats.split(","))
+                == {"ipynb", "py:percent"}), f"{path.name}: jupytext formats {formats!r}"
     problems = disagreements(ipynb, script)
     assert not problems, (f"{name}: the notebook and its script disagree; run "
-                          f"`jupytext --sync notebooks/{name}.ipynb` (the newer side wins):\n" + "\n".join(problems))
+                          f"`jupytext --sync notebooks/{name}.ipynb` (the newer side wins):\n"
+                          + "\n".join(problems))
 
 
 @pytest.mark.parametrize("name", PHASES)
 def test_notebook_is_committed_without_outputs_and_has_one_parameters_cell(name):
     raw = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())
     code = [c for c in raw["cells"] if c["cell_type"] == "code"]
-    assert all(not c["outputs"] and c["execution_count"] is None for c in code), f"{name}.ipynb carries outputs"
+    assert all(not c["outputs"] and c["execution_count"] is None
+               for c in code), f"{name}.ipynb carries outputs"
     for path in (NOTEBOOKS / f"{name}.ipynb", NOTEBOOKS / f"{name}.py"):
         tagged = [c for c in jupytext.read(path).cells if "parameters" in c.metadata.get("tags", [])]
         assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells tagged parameters"

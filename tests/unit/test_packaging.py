@@ -59,7 +59,8 @@ def test_environment_yml_and_constraints_pin_the_same_versions_within_the_floors
 
 def test_floors_are_what_the_code_needs(root):
     floors = {canonicalize_name(r.name): r.specifier for r in _requirements(root)}
-    assert not floors["bitsandbytes"].contains("0.49.2"), "CPU backward through k-bit layers needs bitsandbytes 0.50"
+    assert not floors["bitsandbytes"].contains(
+        "0.49.2"), "CPU backward through k-bit layers needs bitsandbytes 0.50"
     assert not floors["peft"].contains("0.17.1"), "peft before 0.18 does not import under transformers 5"
     assert floors["transformers"].contains("5.0.0") and not floors["transformers"].contains("4.57.0")
 
@@ -99,7 +100,8 @@ def test_torch_index_selects_the_wheel_source(root, tmp_path, monkeypatch):
     makefile = (root / "Makefile").read_text()
     assert "TORCH ?= torch==2.13.0" in makefile and "TORCH_INDEX ?= auto" in makefile
     assert 'tools/torch_index.py "auto"' in _torch_line(_dry_run(root, tmp_path))
-    mirror = _torch_line(_dry_run(root, tmp_path, "TORCH_INDEX=https://mirror.example/simple", "TORCH=torch==2.14.0"))
+    mirror = _torch_line(_dry_run(root, tmp_path, "TORCH_INDEX=https://mirror.example/simple",
+                                  "TORCH=torch==2.14.0"))
     assert 'tools/torch_index.py "https://mirror.example/simple"' in mirror and '"torch==2.14.0"' in mirror
     spec = importlib.util.spec_from_file_location("torch_index", root / "tools" / "torch_index.py")
     torch_index = importlib.util.module_from_spec(spec)
@@ -107,7 +109,8 @@ def test_torch_index_selects_the_wheel_source(root, tmp_path, monkeypatch):
     assert torch_index.choose("default")[0] == []  # pip's own configuration
     assert torch_index.choose("cpu")[0] == ["--index-url", "https://download.pytorch.org/whl/cpu"]
     assert torch_index.choose("cu128")[0] == ["--index-url", "https://download.pytorch.org/whl/cu128"]
-    assert torch_index.choose("https://mirror.example/simple")[0] == ["--index-url", "https://mirror.example/simple"]
+    assert (torch_index.choose("https://mirror.example/simple")[0]
+            == ["--index-url", "https://mirror.example/simple"])
     # auto: no nvidia-smi -> the CPU build; a driver's CUDA version -> the newest build it supports
     monkeypatch.setattr(torch_index, "driver_cuda", lambda: None)
     monkeypatch.setattr(torch_index, "reachable", lambda index: True)
@@ -131,7 +134,8 @@ def test_setup_shows_pip_progress_and_uses_the_constraints(root, tmp_path):
 def test_hub_access_is_not_switched_off_for_every_target(root):
     makefile = (root / "Makefile").read_text()
     assert not re.search(r"^export HF_HUB_OFFLINE", makefile, re.MULTILINE), \
-        "a study with source: hub must reach the hub under make; llm-energy run sets HF_HUB_OFFLINE itself otherwise"
+        ("a study with source: hub must reach the hub under make; llm-energy run sets HF_HUB_OFFLINE itself "
+         "otherwise")
 
 
 def test_ci_runs_make_test(root):

@@ -18,7 +18,8 @@ def test_the_paper_study_is_the_full_factorial(root, tmp_path):
     assert study.ranking.metrics is None and study.device_limits.max_slowdown == 8.0
 
     jobs, skipped = runner.expand(study, tmp_path, root / "params", "cpu")
-    by_phase = {phase: [j for j in jobs if j.phase == phase] for phase in ("finetune", "inference", "pruning")}
+    by_phase = {phase: [j for j in jobs if j.phase == phase]
+                for phase in ("finetune", "inference", "pruning")}
     assert len(by_phase["finetune"]) + len([s for s in skipped if s["config_id"].endswith("__lora")]) == 2 * 4
     assert len(by_phase["inference"]) + len([s for s in skipped if s["config_id"].count("__") == 1]) == 2 * 7
     assert len(by_phase["pruning"]) == 6 * 6  # six targets x six method-patterns

@@ -100,8 +100,8 @@ def make_ranking(with_pareto: bool = False) -> pd.DataFrame:
         model, precision = f"org/model-{cid[0]}", cid[2:]
         for w in (0.0, 0.25, 0.5, 0.75, 1.0):
             rows.append({"config_id": cid, "model": model, "precision": precision, "adapter": "none",
-                         "pruning": "none", "energy_kwh_per_item": wh / 1000, "phi": 1 - wh, "rho": rho, "w": w,
-                         "R": w * rho + (1 - w) * (1 - wh), "rank": 0, "rho_ci_low": rho - 0.03,
+                         "pruning": "none", "energy_kwh_per_item": wh / 1000, "phi": 1 - wh, "rho": rho,
+                         "w": w, "R": w * rho + (1 - w) * (1 - wh), "rank": 0, "rho_ci_low": rho - 0.03,
                          "rho_ci_high": rho + 0.03, "energy_kwh_per_item_std": wh / 1000 * 0.1})
     df = pd.DataFrame(rows)
     if with_pareto:
@@ -175,8 +175,8 @@ def test_estimate_note_is_a_figure_text():
 
 def test_fig8_draws_cumulative_energy_and_marks_the_break_even():
     lifecycle = pd.DataFrame([
-        {"config_id": "m__fp32", "reference": "m__fp32", "step": "total", "setup_kwh": 0.0, "per_query_j": 1.5,
-         "break_even_queries": "reference", "estimate": False, "method": "rapl"},
+        {"config_id": "m__fp32", "reference": "m__fp32", "step": "total", "setup_kwh": 0.0,
+         "per_query_j": 1.5, "break_even_queries": "reference", "estimate": False, "method": "rapl"},
         {"config_id": "m__fp32__lora", "reference": "m__fp32", "step": "total", "setup_kwh": 10 / 3.6e6,
          "per_query_j": 1.0, "break_even_queries": "20", "estimate": True, "method": ESTIMATE}])
     fig = plots.fig8_lifecycle(lifecycle, ["m__fp32__lora"], (1, 1e4))
@@ -194,13 +194,14 @@ def test_fig3_lists_each_width_that_did_not_train_with_its_reason(tmp_path):
     from llm_energy.report.layout_check import layout_problems
     from llm_energy.tables.rows import record_config
 
-    reason = ("bf16 training (forward + input backward): 30 GFLOP/s vs 40 fp32 on this CPU (no native kernel for "
-              "it here), 1.3x slower, over device_limits.max_training_slowdown 1.2")
+    reason = ("bf16 training (forward + input backward): 30 GFLOP/s vs 40 fp32 on this CPU (no native kernel "
+              "for it here), 1.3x slower, over device_limits.max_training_slowdown 1.2")
     record_config(tmp_path, "model-a__bf16__lora", MODELS[0], "bf16", "skipped",
                   reason + "; to run it anyway list it in device_limits.always_run", adapter="lora")
-    record_config(tmp_path, "model-a__w8a8__lora", MODELS[0], "w8a8", "failed", "RuntimeError: boom\nTraceback",
-                  adapter="lora")
-    record_config(tmp_path, "model-a__fp16", MODELS[0], "fp16", "skipped", "too slow")  # no adapter: not Figure 3's
+    record_config(tmp_path, "model-a__w8a8__lora", MODELS[0], "w8a8", "failed",
+                  "RuntimeError: boom\nTraceback", adapter="lora")
+    # no adapter: not Figure 3's
+    record_config(tmp_path, "model-a__fp16", MODELS[0], "fp16", "skipped", "too slow")
     record_config(tmp_path, "model-a__nf4__lora", MODELS[0], "nf4", "ok", adapter="lora")
     missing = rk.not_trained(tmp_path)
     assert missing == [{"model": MODELS[0], "precision": "bf16", "reason": reason},
@@ -213,7 +214,8 @@ def test_fig3_lists_each_width_that_did_not_train_with_its_reason(tmp_path):
     assert not layout_problems(fig, "fig3 with missing widths")
     # a width that did train is not listed, however configs.csv reads; nothing trained still draws the reasons
     trained = plots.fig3_finetune_energy_loss(make_training(), "rapl",
-                                              not_trained=[{"model": MODELS[0], "precision": "nf4", "reason": "x"}])
+                                              not_trained=[
+                                                  {"model": MODELS[0], "precision": "nf4", "reason": "x"}])
     assert len(trained.axes[0].get_legend().get_texts()) == len(PRECISIONS)
     nothing = plots.fig3_finetune_energy_loss(make_training().iloc[:0], "rapl", not_trained=missing)
     assert plots.NO_DATA_TEXT not in plots.figure_texts(nothing)
@@ -271,7 +273,8 @@ def test_fig6_shows_each_target_unpruned_pruned_recovered():
     energy, scores = make_energy(), make_scores()
     base = energy[energy["config_id"] == "a_fp32"]
     rows, score_rows = [], []
-    for config_id, adapter, pruning in (("a_fp32_lora", "lora", "none"), ("a_fp32_lora_w", "lora", "wanda-2of4"),
+    for config_id, adapter, pruning in (("a_fp32_lora", "lora", "none"),
+                                        ("a_fp32_lora_w", "lora", "wanda-2of4"),
                                         ("a_fp32_lora_w_rec", "lora+recovery", "wanda-2of4")):
         for _, row in base.iterrows():
             rows.append({**row.to_dict(), "config_id": config_id, "adapter": adapter, "pruning": pruning,
@@ -285,7 +288,8 @@ def test_fig6_shows_each_target_unpruned_pruned_recovered():
     assert len(lora) == 2  # (a) task performance, (b) inference energy
     assert [t.get_text() for t in lora[0].get_yticklabels()] == ["unpruned", "wanda 2:4"]
     for ax in lora:
-        recovered = [line for line in ax.get_lines() if line.get_marker() == "D" and line.get_markerfacecolor() == "white"]
+        recovered = [line for line in ax.get_lines() if line.get_marker() == "D"
+                     and line.get_markerfacecolor() == "white"]
         assert recovered and all(np.allclose(line.get_ydata(), 1, atol=0.45) for line in recovered)
     assert "pruned + recovery LoRA" in _joined(fig)
 
@@ -329,7 +333,8 @@ def test_fig1_mentions_tokenizer():
 
 @pytest.mark.parametrize("call,missing", [
     (lambda: plots.fig1_token_lengths(make_token_lengths().drop(columns=["n_tokens"])), "n_tokens"),
-    (lambda: plots.fig3_finetune_energy_loss(make_training().drop(columns=["train_loss"]), ESTIMATE), "train_loss"),
+    (lambda: plots.fig3_finetune_energy_loss(make_training().drop(columns=["train_loss"]), ESTIMATE),
+     "train_loss"),
     (lambda: plots.fig4_inference_energy_carbon(make_energy().drop(columns=["energy_method", "n_items"])),
      "energy_method"),
     (lambda: plots.fig5_quantization_impact(make_scores().drop(columns=["ci_low"]), make_energy()), "ci_low"),
@@ -394,7 +399,9 @@ def test_figures_name_synthetic_data_and_the_qa_style():
 
     scores = pd.DataFrame({"config_id": ["a", "a", "a"], "task": ["rca", "qa", "rca_resolution"],
                            "metric": ["accuracy", "acc", "rouge_l"], "value": [0.5, 0.3, 0.2],
-                           "data": ["synthetic", "teleqna", "synthetic"], "style": ["labels", "options", "generation"]})
+                           "data": ["synthetic", "teleqna", "synthetic"],
+                           "style": ["labels", "options", "generation"]})
     assert task_labels(scores) == {"rca": "rca (SYNTHETIC tickets)", "qa": "qa (TeleQnA, options)",
                                    "rca_resolution": "rca_resolution (SYNTHETIC tickets)"}
-    assert task_labels(scores.drop(columns=["data", "style"])) == {"rca": "rca", "qa": "qa", "rca_resolution": "rca_resolution"}
+    assert (task_labels(scores.drop(columns=["data", "style"]))
+            == {"rca": "rca", "qa": "qa", "rca_resolution": "rca_resolution"})

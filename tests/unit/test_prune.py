@@ -208,8 +208,10 @@ def test_wanda_norms_accumulate_over_texts_of_any_length():
         ({"method": "magnitude"}, r"unstructured pruning needs a sparsity"),
         ({"method": "magnitude", "sparsity": 1.0}, r"strictly between 0 and 1; got 1\.0"),
         ({"method": "magnitude", "sparsity": -0.1}, r"strictly between 0 and 1"),
-        ({"method": "sparsegpt", "sparsity": 0.5}, r"method must be one of magnitude, wanda; got 'sparsegpt'"),
-        ({"method": "wanda", "sparsity": 0.5, "calibration_samples": 0}, r"calibration_samples must be a positive"),
+        ({"method": "sparsegpt", "sparsity": 0.5}, r"method must be one of magnitude, wanda; got "
+                                                   r"'sparsegpt'"),
+        ({"method": "wanda", "sparsity": 0.5, "calibration_samples": 0},
+         r"calibration_samples must be a positive"),
         ({"method": "wanda", "sparsity": 0.5, "include": "q_proj"}, r"include must be a non-empty tuple"),
         ({"method": "wanda", "sparsity": 0.5, "include": ()}, r"include must be a non-empty tuple"),
     ],
@@ -238,7 +240,8 @@ def test_wanda_without_calibration_is_refused(tiny):
     with pytest.raises(ValueError, match="wanda needs calibration texts"):
         prune_model(tiny.model, PruningSpec("wanda", sparsity=0.5), calibration=["a ticket"])
     with pytest.raises(ValueError, match="asks for 64 calibration texts but 1 were given"):
-        prune_model(tiny.model, PruningSpec("wanda", sparsity=0.5), calibration=["a ticket"], tokenizer=tiny.tokenizer)
+        prune_model(tiny.model, PruningSpec("wanda", sparsity=0.5), calibration=["a ticket"],
+                    tokenizer=tiny.tokenizer)
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
 
 
@@ -326,4 +329,5 @@ def test_sparsity_survives_quantization_after_pruning(tiny, tmp_path):
     assert len(layers) == N_TINY_LAYERS
     # A zero stays zero in NF4; small weights may round to zero as well.
     assert all(layer.measured_sparsity >= 0.5 for layer in layers.values())
-    assert all(layer.shape == tuple(tiny.model.get_submodule(name).weight.shape) for name, layer in layers.items())
+    assert all(layer.shape == tuple(tiny.model.get_submodule(name).weight.shape)
+               for name, layer in layers.items())

@@ -21,12 +21,13 @@ from llm_energy.phases.evaluation import ConfigRun
 from llm_energy.tables import store as results
 
 TINY = ModelSettings(name="tiny-random-llama")
-QUICK = FinetuneSpec(epochs=1, learning_rate=5e-3, batch_size=4, max_train_items=8, max_eval_items=4, dropout=0.0)
+QUICK = FinetuneSpec(epochs=1, learning_rate=5e-3, batch_size=4, max_train_items=8, max_eval_items=4,
+                     dropout=0.0)
 
 
 def make_run(tmp_path, root, precision="fp32"):
-    return ConfigRun.from_parameters(study_dir=str(tmp_path), config_id="", model={"name": "tiny-random-llama"},
-                                     precision=precision, device="cpu",
+    return ConfigRun.from_parameters(study_dir=str(tmp_path), config_id="",
+                                     model={"name": "tiny-random-llama"}, precision=precision, device="cpu",
                                      tasks={"rca": {"max_items": 4}, "qa": {"max_items": 4}},
                                      energy={"idle_seconds": 0}, seed=0, base_dir=str(root))
 
@@ -75,7 +76,8 @@ def test_nf4_qlora_target_round_trips_with_nm_exact(tmp_path, root):
     texts = ["link down at the core router after a power cut"] * 4
     pruned = pruning.prune(run, PruningSpec("wanda", "2:4", calibration_samples=4), texts, str(adapter))
     assert pruned.loaded.precision == "nf4"
-    assert "dequantized from nf4" in pruned.loaded.weights_origin and "quantized to nf4" in pruned.loaded.weights_origin
+    assert ("dequantized from nf4" in pruned.loaded.weights_origin
+            and "quantized to nf4" in pruned.loaded.weights_origin)
     checks = pruned.after_quantization
     assert len(checks) == len(pruned.outcome.layers) == 14
     assert all(c.verified_nm is True for c in checks)  # 2:4 still exact in the nf4 weights
@@ -90,9 +92,12 @@ def test_a_w8a8_lora_target_is_merged_pruned_requantized_and_recovered_at_w8a8(t
     run = make_run(tmp_path, root, "w8a8").with_config_id("tiny__w8a8__lora__magnitude-2of4")
     pruned = pruning.prune(run, PruningSpec("magnitude", "2:4"), [], str(adapter))
     assert pruned.loaded.precision == "w8a8"
-    assert "dequantized from w8a8" in pruned.loaded.weights_origin and "merged" in pruned.loaded.weights_origin
-    assert len(pruned.after_quantization) == 14 and all(c.verified_nm is True for c in pruned.after_quantization)
-    settings = RecoverySettings(epochs=1, learning_rate=5e-3, batch_size=4, max_train_items=8, max_eval_items=4)
+    assert ("dequantized from w8a8" in pruned.loaded.weights_origin
+            and "merged" in pruned.loaded.weights_origin)
+    assert (len(pruned.after_quantization) == 14
+            and all(c.verified_nm is True for c in pruned.after_quantization))
+    settings = RecoverySettings(epochs=1, learning_rate=5e-3, batch_size=4, max_train_items=8,
+                                max_eval_items=4)
     recovery = pruning.recover(run, pruned, settings, None, adapter="lora")
     assert recovery is not None and all(c.verified_nm is True for c in recovery.checks)
     assert results.read_table(tmp_path, "training")["precision"].tolist() == ["w8a8"]
@@ -102,10 +107,12 @@ def test_recovery_keeps_the_pruned_weights_and_records_its_epochs(tmp_path, root
     run = make_run(tmp_path, root).with_config_id("tiny-random-llama__fp32__magnitude-2of4")
     pruned = pruning.prune(run, PruningSpec("magnitude", "2:4"), [])
     before = {layer.name: layer.measured_sparsity for layer in pruned.outcome.layers}
-    settings = RecoverySettings(epochs=1, learning_rate=5e-3, batch_size=4, max_train_items=8, max_eval_items=4)
+    settings = RecoverySettings(epochs=1, learning_rate=5e-3, batch_size=4, max_train_items=8,
+                                max_eval_items=4)
     recovery = pruning.recover(run, pruned, settings, None)
     assert recovery.run.config_id == "tiny-random-llama__fp32__magnitude-2of4__recovered"
-    assert [c.measured_sparsity for c in recovery.checks] == pytest.approx([before[c.name] for c in recovery.checks])
+    assert ([c.measured_sparsity for c in recovery.checks]
+            == pytest.approx([before[c.name] for c in recovery.checks]))
     assert all(c.verified_nm is True for c in recovery.checks)
     training = results.read_table(tmp_path, "training")
     assert list(training["phase"]) == ["recovery"] and training["config_id"].iloc[0] == recovery.run.config_id

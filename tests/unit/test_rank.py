@@ -477,7 +477,8 @@ def test_paired_sign_flip_test_sees_a_difference_on_the_same_items():
 def test_paired_comparisons_use_mcnemar_for_accuracies_and_only_shared_items():
     a = [1] * 8 + [0] * 2 + [1] * 10
     b = [0] * 8 + [1] * 2 + [1] * 10
-    rows = item_rows("A", "rca", "accuracy", a) + item_rows("B", "rca", "accuracy", b)[:-1]  # B misses the last item
+    # B misses the last item
+    rows = item_rows("A", "rca", "accuracy", a) + item_rows("B", "rca", "accuracy", b)[:-1]
     table = paired_comparisons(pd.DataFrame(rows), seed=0)
     (row,) = table.to_dict(orient="records")
     assert row["test"] == "mcnemar_exact" and row["n_items"] == 19
@@ -500,7 +501,8 @@ def test_p_best_and_tied_with_top_on_two_separable_and_two_inseparable_configs()
     stability = rank_stability(configs, items, None, settings, w=0.5, n_boot=400, seed=0)
     out = add_top_uncertainty(table, stability.attrs["p_best"]).set_index(["config_id", "w"])
     at = out.xs(0.5, level="w")
-    assert at.loc["A", "p_best"] + at.loc["B", "p_best"] >= 1.0  # one of them is best in every draw (ties share it)
+    # one of them is best in every draw (ties share it)
+    assert at.loc["A", "p_best"] + at.loc["B", "p_best"] >= 1.0
     assert at.loc["A", "p_best"] > 0.05 and at.loc["B", "p_best"] > 0.05
     assert at.loc["C", "p_best"] == 0 and at.loc["D", "p_best"] == 0
     assert set(at.index[at["tied_with_top"]]) == {"A", "B"}
@@ -509,7 +511,8 @@ def test_p_best_and_tied_with_top_on_two_separable_and_two_inseparable_configs()
 # --- one rho, stated: the headline metric per task, the same in the point ranking and the resampling ------
 
 
-def items_and_means(values: dict[str, dict[str, list[float]]], metric_of: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def items_and_means(values: dict[str, dict[str, list[float]]],
+                    metric_of: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-item rows and the scores table of their means (what scores.csv holds for accuracies)."""
     rows = [{"config_id": c, "task": t, "metric": metric_of[t], "item_id": f"i{i}", "value": float(v)}
             for c, tasks in values.items() for t, vs in tasks.items() for i, v in enumerate(vs)]
@@ -523,8 +526,9 @@ def test_default_rho_is_one_headline_metric_per_task_by_style() -> None:
 
     assert headline_metrics(["qa", "rca", "rca_resolution"]) == ("rca:accuracy", "qa:acc_norm")
     assert headline_metrics(["qa", "rca"], qa_style="options") == ("rca:accuracy", "qa:acc")
-    scores = make_scores({("A", "rca", "accuracy"): 0.5, ("A", "rca", "macro_f1"): 0.2, ("A", "qa", "acc"): 0.7,
-                          ("A", "qa", "acc_norm"): 0.9, ("A", "rca_resolution", "rouge_l"): 0.1})
+    scores = make_scores({("A", "rca", "accuracy"): 0.5, ("A", "rca", "macro_f1"): 0.2,
+                          ("A", "qa", "acc"): 0.7, ("A", "qa", "acc_norm"): 0.9,
+                          ("A", "rca_resolution", "rouge_l"): 0.1})
     assert chosen_metrics(scores, RankingSettings()) == ("rca:accuracy", "qa:acc_norm")
     assert chosen_metrics(scores, RankingSettings(), qa_style="options") == ("rca:accuracy", "qa:acc")
     # rho never counts a task twice: (0.5 + 0.9) / 2 for cloze, (0.5 + 0.7) / 2 for options
@@ -537,18 +541,21 @@ def test_default_rho_is_one_headline_metric_per_task_by_style() -> None:
 def test_override_replaces_the_headline_metrics() -> None:
     from llm_energy.analysis.ranking_math import rho_formula
 
-    scores = make_scores({("A", "rca", "accuracy"): 0.5, ("A", "rca", "macro_f1"): 0.2, ("A", "qa", "acc_norm"): 0.9})
+    scores = make_scores({("A", "rca", "accuracy"): 0.5, ("A", "rca", "macro_f1"): 0.2,
+                          ("A", "qa", "acc_norm"): 0.9})
     settings = RankingSettings(metrics=("rca:macro_f1",))
     result = rank_configs(make_configs({"A": 1.0}), scores, settings)
     assert result.table["rho"].iloc[0] == pytest.approx(0.2)
     assert result.settings.metrics == ("rca:macro_f1",)
     assert rho_formula(result.settings) == ("R = w·φ + (1−w)·ρ, ρ = rca:macro_f1, "
-                                            "φ = min-max of energy per item (Wh): (E_max − E)/(E_max − E_min)")
+                                            "φ = min-max of energy per item (Wh): (E_max − E)/(E_max − "
+                                            "E_min)")
 
 
 def test_headline_metric_absent_is_a_clear_error() -> None:
     scores = make_scores({("A", "rca", "accuracy"): 0.5, ("A", "qa", "acc"): 0.7})
-    with pytest.raises(ValueError, match=r"headline metrics \['qa:acc_norm'\] \(qa style 'cloze'\).*ranking.metrics"):
+    with pytest.raises(ValueError, match=r"headline metrics \['qa:acc_norm'\] \(qa style "
+                                         r"'cloze'\).*ranking.metrics"):
         compute_rho(scores, RankingSettings())
 
 
@@ -556,7 +563,8 @@ def test_rho_formula_names_the_metrics() -> None:
     from llm_energy.analysis.ranking_math import rho_formula
 
     settings = RankingSettings(metrics=("rca:accuracy", "qa:acc_norm"))
-    assert rho_formula(settings).startswith("R = w·φ + (1−w)·ρ, ρ = (rca:accuracy + qa:acc_norm)/2, φ = min-max")
+    assert rho_formula(settings).startswith("R = w·φ + (1−w)·ρ, ρ = (rca:accuracy + qa:acc_norm)/2, φ = "
+                                            "min-max")
     ratio = RankingSettings(metrics=("rca:accuracy", "qa:acc"), phi_method="ratio", metric_scaling="minmax")
     assert rho_formula(ratio) == ("R = w·φ + (1−w)·ρ, ρ = (minmax(rca:accuracy) + minmax(qa:acc))/2, "
                                   "φ = E_min/E of energy per item (Wh)")
@@ -568,7 +576,8 @@ def test_point_rho_equals_the_resampling_rho_on_the_observed_items(scaling: str,
     from llm_energy.analysis.ranking_math import rho_from_items
 
     rng = np.random.default_rng(5)
-    values = {c: {"rca": list(rng.integers(0, 2, 9)), "qa": list(rng.integers(0, 2, 7))} for c in ("A", "B", "C")}
+    values = {c: {"rca": list(rng.integers(0, 2, 9)), "qa": list(rng.integers(0, 2, 7))}
+              for c in ("A", "B", "C")}
     items_norm, scores_norm = items_and_means(values, {"rca": "accuracy", "qa": "acc_norm"})
     rng2 = np.random.default_rng(6)
     other = {c: {"qa": list(rng2.integers(0, 2, 7))} for c in values}

@@ -35,7 +35,8 @@ def test_sanitize_takes_stderr_out_and_makes_paths_relative(tmp_path):
 
 def test_leaks_finds_warnings_tracebacks_and_paths_but_not_urls_or_fractions():
     assert report_html.leaks("<p>setup / N and mWh/item, http://example.org/a/b, tables/energy.csv</p>") == []
-    found = report_html.leaks("<p>UserWarning: x</p><pre>Traceback (most recent call last)</pre><p>/tmp/a/b.py</p>")
+    found = report_html.leaks("<p>UserWarning: x</p><pre>Traceback (most recent call "
+                              "last)</pre><p>/tmp/a/b.py</p>")
     assert "UserWarning" in found and "Traceback (most recent call last)" in found and "/tmp/a/b.py" in found
 
 
@@ -59,7 +60,8 @@ def test_pdf_without_chromium_says_what_to_do(tmp_path, monkeypatch):
         report_html.render_pdf(tmp_path / "report.html")
 
 
-@pytest.mark.skipif(report_html.find_chromium() is None, reason="no chromium on this machine (.ci/run installs it)")
+@pytest.mark.skipif(report_html.find_chromium() is None,
+                    reason="no chromium on this machine (.ci/run installs it)")
 def test_pdf_is_printed_by_headless_chromium(tmp_path):
     (tmp_path / "report.html").write_text("<html><body><h1>The answer</h1><p>bf16</p></body></html>")
     pdf = report_html.render_pdf(tmp_path / "report.html")
@@ -77,8 +79,8 @@ def test_tables_show_units_a_person_reads():
     energy = pd.DataFrame({"config_id": ["m__fp32"], "phase": ["inference"], "task": ["qa"], "n_items": [200],
                            "n_tokens": [16000], "energy_kwh": [0.0002], "energy_net_kwh": [0.0001],
                            "energy_kwh_se": [0.00001], "emissions_kg": [0.00001], "duration_s": [20.0],
-                           "windows": [4], "contaminated_windows": [0], "energy_method": ["codecarbon:cpu_load"],
-                           "estimated_components": ["cpu;ram"]})
+                           "windows": [4], "contaminated_windows": [0],
+                           "energy_method": ["codecarbon:cpu_load"], "estimated_components": ["cpu;ram"]})
     view = rk.energy_view(energy)
     row = view.iloc[0]
     assert row["config"] == "m · fp32"
@@ -96,7 +98,8 @@ def test_report_cli_pdf_flag_writes_the_pdf_or_says_why(tmp_path, monkeypatch, c
     (tmp_path / "report.html").write_text("<html><body>answer</body></html>")
     monkeypatch.setattr(study, "render_report", lambda d: tmp_path / "report.html")
     printed = []
-    monkeypatch.setattr(report_html, "render_pdf", lambda html: printed.append(html) or tmp_path / "report.pdf")
+    monkeypatch.setattr(report_html, "render_pdf",
+                        lambda html: printed.append(html) or tmp_path / "report.pdf")
     assert cli.main(["report", str(tmp_path), "--pdf"]) == 0 and printed == [tmp_path / "report.html"]
     assert "pdf: " in capsys.readouterr().out
 

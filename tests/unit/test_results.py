@@ -28,7 +28,8 @@ def test_missing_required_column_is_refused_and_table_untouched(tmp_path):
     results.upsert_rows(tmp_path, "scores", [score_row("a", "acc", 0.1)])
     before = results.table_path(tmp_path, "scores").read_text()
     with pytest.raises(ValueError, match=r"lack required columns \['ci_low'"):
-        results.upsert_rows(tmp_path, "scores", [{"config_id": "b", "task": "qa", "metric": "acc", "value": 1}])
+        results.upsert_rows(tmp_path, "scores",
+                            [{"config_id": "b", "task": "qa", "metric": "acc", "value": 1}])
     assert results.table_path(tmp_path, "scores").read_text() == before
 
 

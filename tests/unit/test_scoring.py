@@ -132,7 +132,8 @@ def test_shared_context_matches_unshared_on_a_real_model(tiny_model):
 RCA_CONTEXT = "Network fault ticket:\nLOS on 6 sites of ring R4 at 02:14\nRoot cause:"
 PACKED_CASES = {
     # choices of different token lengths (one of them a single token)
-    "different_lengths": (RCA_CONTEXT, [" fibre cut", " power failure", " a", " congestion on the aggregation ring"]),
+    "different_lengths": (RCA_CONTEXT,
+                          [" fibre cut", " power failure", " a", " congestion on the aggregation ring"]),
     # every continuation a single token: only the context is fed
     "single_tokens": ("Q: which fails?\nA:", [" a", " b"]),
     "one_single_token": ("Q: which fails?\nA:", [" b"]),
@@ -237,7 +238,8 @@ def test_packed_matches_unshared_at_nf4(fresh_verification):
         context, continuations = PACKED_CASES[case]
         reference = score_continuations_unshared(model, tok, context, continuations)
         ctx, conts, fed = _fed_tokens(tok, context, continuations)
-        assert scoring._score_packed(model, [(ctx, conts)])[0] == pytest.approx(list(reference.loglik), abs=1e-3)
+        assert (scoring._score_packed(model, [(ctx, conts)])[0]
+                == pytest.approx(list(reference.loglik), abs=1e-3))
         scores = score_continuations(model, tok, context, continuations)
         assert scores.loglik == pytest.approx(reference.loglik, abs=1e-3)
         assert scores.n_tokens == fed
@@ -266,7 +268,8 @@ def test_packed_that_raises_falls_back_for_good(tiny_model, fresh_verification, 
         raise TypeError("unexpected keyword argument 'position_ids'")
 
     monkeypatch.setattr(scoring, "_score_packed_rows", refuse)  # what scoring calls, one or several rows
-    assert score_continuations(model, tok, context, continuations).loglik == pytest.approx(reference, abs=1e-4)
+    assert (score_continuations(model, tok, context, continuations).loglik
+            == pytest.approx(reference, abs=1e-4))
     assert fresh_verification[model] is False
     assert scoring._packed_supported(model, 10) is False
 
@@ -276,8 +279,10 @@ def test_packed_that_disagrees_is_not_used(tiny_model, fresh_verification, monke
     context, continuations = PACKED_CASES["different_lengths"]
     reference = score_continuations_unshared(model, tok, context, continuations).loglik
     real = scoring._score_packed
-    monkeypatch.setattr(scoring, "_score_packed", lambda m, items: [[x + 0.5 for x in t] for t in real(m, items)])
-    assert score_continuations(model, tok, context, continuations).loglik == pytest.approx(reference, abs=1e-4)
+    monkeypatch.setattr(scoring, "_score_packed", lambda m,
+                        items: [[x + 0.5 for x in t] for t in real(m, items)])
+    assert (score_continuations(model, tok, context, continuations).loglik
+            == pytest.approx(reference, abs=1e-4))
     assert fresh_verification[model] is False
 
 
@@ -293,7 +298,8 @@ def test_scoring_path_is_chosen_before_scoring_and_then_fixed(tiny_model, fresh_
     path = scoring.choose_scoring_path(model, tok)
     assert path.name == "packed" and fresh_verification.get(model) is True
     # Once chosen, scoring runs no check: no shared-cache pass, no second verification.
-    monkeypatch.setattr(scoring, "_score_with_shared_cache", lambda *a: pytest.fail("a check ran while scoring"))
+    monkeypatch.setattr(scoring, "_score_with_shared_cache",
+                        lambda *a: pytest.fail("a check ran while scoring"))
     context, continuations = PACKED_CASES["different_lengths"]
     score_many(model, tok, [(context, continuations)] * 3)
     assert scoring.choose_scoring_path(model, tok) == path
@@ -302,7 +308,8 @@ def test_scoring_path_is_chosen_before_scoring_and_then_fixed(tiny_model, fresh_
 def test_scoring_path_names_why_it_is_the_shared_cache(tiny_model, fresh_verification, monkeypatch):
     model, tok = tiny_model.model, tiny_model.tokenizer
     real = scoring._score_packed
-    monkeypatch.setattr(scoring, "_score_packed", lambda m, items: [[x + 0.5 for x in t] for t in real(m, items)])
+    monkeypatch.setattr(scoring, "_score_packed", lambda m,
+                        items: [[x + 0.5 for x in t] for t in real(m, items)])
     path = scoring.choose_scoring_path(model, tok)
     assert path.name == "shared_cache" and "failed its check" in path.reason
     monkeypatch.setattr(tiny_model.model.config, "_attn_implementation", "flash_attention_2")
@@ -312,7 +319,8 @@ def test_scoring_path_names_why_it_is_the_shared_cache(tiny_model, fresh_verific
 def test_several_packed_rows_in_one_forward_match_one_item_at_a_time(tiny_model, fresh_verification):
     """Rows of different lengths are padded into one forward; every score equals the item run alone."""
     model, tok = tiny_model.model, tiny_model.tokenizer
-    requests = [(f"Ticket {i}: " + "alarm " * (1 + 3 * i) + "\nRoot cause:", [" fibre cut", " power", " a routing loop"])
+    requests = [(f"Ticket {i}: " + "alarm " * (1 + 3 * i) + "\nRoot cause:",
+                 [" fibre cut", " power", " a routing loop"])
                 for i in range(7)]
     fresh_verification[model] = True
     calls = []

@@ -122,7 +122,8 @@ def test_attribution_follows_the_real_job():
 
 def test_a_worker_reads_its_slurm_job_before_measuring(tmp_path, monkeypatch):
     ran = []
-    monkeypatch.setattr(scale, "execute_job", lambda job, out: ran.append(job) or {"ok": True, "error": "", "seconds": 1.0})
+    monkeypatch.setattr(scale, "execute_job", lambda job,
+                        out: ran.append(job) or {"ok": True, "error": "", "seconds": 1.0})
     monkeypatch.setenv("SLURM_JOB_ID", "41")
     job = Job("inference", "m__fp32", {"device": "cpu", "energy": {"attribution": "auto"}})
 
@@ -145,7 +146,8 @@ def test_partition_oversubscribe_reads_the_default_partition(monkeypatch):
 
     lines = ("PartitionName=a Default=NO OverSubscribe=EXCLUSIVE State=UP\n"
              "PartitionName=b Default=YES OverSubscribe=NO State=UP\n")
-    monkeypatch.setattr(scale, "_run", lambda command, timeout: subprocess.CompletedProcess(command, 0, lines, ""))
+    monkeypatch.setattr(scale, "_run", lambda command,
+                        timeout: subprocess.CompletedProcess(command, 0, lines, ""))
     assert scale.partition_oversubscribe(None) == "NO"
     monkeypatch.setattr(scale, "_run", lambda command, timeout: subprocess.CompletedProcess(
         command, 0, lines.splitlines()[0], ""))

@@ -64,7 +64,8 @@ def test_layer_sees_the_padded_activation_and_drops_the_padding():
 
 
 def test_weight_dimensions_must_be_compressible():
-    with pytest.raises(ValueError, match="10x64 weight cannot be compressed 2:4: both dimensions must be multiples of 16"):
+    with pytest.raises(ValueError, match="10x64 weight cannot be compressed 2:4: both dimensions must be "
+                                         "multiples of 16"):
         sparse.Sparse24Linear(torch.nn.Linear(64, 10), sparse.ReferenceBackend())
 
 

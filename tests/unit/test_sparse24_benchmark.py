@@ -54,9 +54,9 @@ def test_unknown_preset_is_refused(bench):
 
 def test_budget_skips_the_cases_left_and_still_prints_the_summary(bench, tmp_path, capsys):
     out = tmp_path / "sparse24.jsonl"
-    rc = bench.main(["--dry-run-cpu", "--presets", "tiny", "--dtypes", "fp32,fp32", "--batch", "2", "--seq", "16",
-                     "--repeats", "1", "--min-seconds", "0.01", "--idle-seconds", "0", "--decode-tokens", "0",
-                     "--budget-s", "0", "--out", str(out)])
+    rc = bench.main(["--dry-run-cpu", "--presets", "tiny", "--dtypes", "fp32,fp32", "--batch", "2", "--seq",
+                     "16", "--repeats", "1", "--min-seconds", "0.01", "--idle-seconds", "0",
+                     "--decode-tokens", "0", "--budget-s", "0", "--out", str(out)])
     assert rc == 1  # nothing measured
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("prefill_speedup=nan")
     kinds = [json.loads(line)["kind"] for line in out.read_text().splitlines()]
@@ -93,10 +93,12 @@ def test_dry_run_energy_path_through_a_fake_nvml(bench, tmp_path, capsys):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records[0]["idle_power_w"] == pytest.approx(100.0, rel=0.05)
     prefill = records[-1]
-    assert prefill["loaded_idle_power_w"] == pytest.approx(100.0, rel=0.05)  # the model in memory, nothing running
+    # the model in memory, nothing running
+    assert prefill["loaded_idle_power_w"] == pytest.approx(100.0, rel=0.05)
     for kind in ("dense", "planned"):
         m = prefill[kind]
         assert m["energy_method"] == "nvml_counter"
         # 100 W at the measured throughput: mJ/token = 100 J/s * 1000 / (tokens/s), within timing noise.
         assert m["mj_per_token"] == pytest.approx(100.0 * 1000 / m["tokens_per_s"], rel=0.1)
-        assert m["mj_per_token_net"] == pytest.approx(0.0, abs=0.1 * m["mj_per_token"])  # all of it is "idle" power
+        # all of it is "idle" power
+        assert m["mj_per_token_net"] == pytest.approx(0.0, abs=0.1 * m["mj_per_token"])

@@ -1,7 +1,7 @@
 """2:4 sparse kernels on a CUDA GPU (skipped, with the reason, anywhere else).
 
-Imports nothing beyond torch, transformers and llm_energy.models.sparse_kernels/prune, so it runs on a bare GPU
-image from a checkout: ``PYTHONPATH=lib python3 -m pytest -o addopts="" tests/unit/test_sparse_gpu.py``
+Imports nothing beyond torch, transformers and llm_energy.models.sparse_kernels/prune, so it runs on a bare
+GPU image from a checkout: ``PYTHONPATH=lib python3 -m pytest -o addopts="" tests/unit/test_sparse_gpu.py``
 (tools/gpu_check.sh does exactly that).
 """
 
@@ -14,7 +14,8 @@ from llm_energy.methods.sparsify import prune_model
 from llm_energy.models import sparse_kernels as sparse
 
 REASON = sparse.support_reason("cuda" if torch.cuda.is_available() else "cpu", torch.float16)
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"needs 2:4 sparse kernels: {REASON}")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None,
+                                                  reason=f"needs 2:4 sparse kernels: {REASON}")]
 
 
 def pruned_weight(out_features, in_features, dtype=torch.float16):
@@ -48,8 +49,8 @@ def test_time_shape_measures_both_paths_on_the_gpu():
 def test_convert_and_verify_on_a_small_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=16,
-                         num_key_value_heads=4, vocab_size=1024)
+    config = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=4, vocab_size=1024)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).half().eval()
     prune_model(model, PruningSpec("magnitude", "2:4"))

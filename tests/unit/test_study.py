@@ -26,7 +26,8 @@ def smoke_with_targets(root, tmp_path, targets: str):
 
 
 def test_expand_orders_jobs_and_passes_sections(root, tmp_path):
-    jobs, skipped = runner.expand(load_study(smoke_with_targets(root, tmp_path, "null")), tmp_path, root / "params", "cpu")
+    jobs, skipped = runner.expand(load_study(smoke_with_targets(root, tmp_path, "null")), tmp_path,
+                                  root / "params", "cpu")
     # pruning targets come from the inference ranking, so they are planned later by the runner
     assert [j.phase for j in jobs] == ["data"] + ["finetune"] * 2 + ["inference"] * 7 + ["ranking"]
     assert [j.config_id for j in jobs if j.phase == "finetune"] == ["tiny-random-llama__fp32__lora",
@@ -64,7 +65,8 @@ def test_cuda_requested_without_gpu_fails_before_writing(root, tmp_path):
     params = tmp_path / "gpu.yaml"
     params.write_text((root / "params" / "smoke.yaml").read_text().replace("device: cpu", "device: cuda"))
     out = tmp_path / "out"
-    with pytest.raises(runner.StudyRunError, match="device: device 'cuda' was requested but no CUDA GPU is visible"):
+    with pytest.raises(runner.StudyRunError, match="device: device 'cuda' was requested but no CUDA GPU is "
+                                                   "visible"):
         runner.run_study(params, out=out)
     assert not out.exists()
 
@@ -198,9 +200,9 @@ def test_top_k_pruning_waits_for_the_adapters_and_can_prune_one(root, tmp_path, 
             for task, metric in (("rca", "accuracy"), ("qa", "acc_norm")):
                 row = {c: None for c in results.ENERGY_COLUMNS}
                 row.update(config_id=job.config_id, phase="inference", model="tiny-random-llama",
-                           precision=job.parameters["precision"], adapter=job.parameters.get("adapter_name", "none"),
-                           pruning="none", task=task, n_items=10, energy_kwh=1e-6, energy_kwh_std=0.0,
-                           energy_method="rapl")
+                           precision=job.parameters["precision"],
+                           adapter=job.parameters.get("adapter_name", "none"), pruning="none", task=task,
+                           n_items=10, energy_kwh=1e-6, energy_kwh_std=0.0, energy_method="rapl")
                 rows.append(row)
                 scores.append({"config_id": job.config_id, "task": task, "metric": metric,
                                "value": 0.9 if best else 0.3, "ci_low": 0.0, "ci_high": 1.0, "n_items": 10})

@@ -26,7 +26,8 @@ def test_profile_splits_each_job_into_measured_idle_and_outside(profiler, tmp_pa
     (state / f"finetune__{lora}.done").write_text(json.dumps({"seconds": 20.0}))
     (state / f"inference__{lora}.done").write_text(json.dumps({"seconds": 10.0}))
     (state / "ranking.done").write_text(json.dumps({"seconds": 5.0}))
-    cells = {"cells": [{"metadata": {"papermill": {"duration": 3.0}}}, {"metadata": {"papermill": {"duration": 1.5}}}]}
+    cells = {"cells": [{"metadata": {"papermill": {"duration": 3.0}}},
+                       {"metadata": {"papermill": {"duration": 1.5}}}]}
     (notebooks / "05_ranking__study.ipynb").write_text(json.dumps(cells))
     # one config id, two jobs: the rows' phase says which job measured them
     pd.DataFrame([{"config_id": lora, "phase": "inference", "task": "rca", "repeat": r, "duration_s": 2.0}
@@ -36,8 +37,10 @@ def test_profile_splits_each_job_into_measured_idle_and_outside(profiler, tmp_pa
     pd.DataFrame([{"config_id": lora, "phase": p, "kind": "loaded", "duration_s": 1.0}
                   for p in ("finetune", "inference")]).to_csv(tables / "idle_baselines.csv", index=False)
     jobs = profiler.profile(tmp_path).set_index("job")
-    assert jobs.loc[f"finetune__{lora}", ["measured_model_s", "idle_windows_s", "outside_measured_s"]].tolist() == [12.0, 1.0, 7.0]
-    assert jobs.loc[f"inference__{lora}", ["measured_model_s", "idle_windows_s", "outside_measured_s"]].tolist() == [4.0, 1.0, 5.0]
+    assert jobs.loc[f"finetune__{lora}",
+                    ["measured_model_s", "idle_windows_s", "outside_measured_s"]].tolist() == [12.0, 1.0, 7.0]
+    assert jobs.loc[f"inference__{lora}",
+                    ["measured_model_s", "idle_windows_s", "outside_measured_s"]].tolist() == [4.0, 1.0, 5.0]
     assert jobs.loc["ranking", "kernel_start_s"] == pytest.approx(0.5)
     monkeypatch.setattr("sys.argv", ["study_profile.py", str(tmp_path)])
     profiler.main()

@@ -28,20 +28,23 @@ def test_teleqna_answer_naming_a_missing_option(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"question 0": {"question": "q", "option 1": "a", "option 2": "b",
                                                "answer": "option 5: e"}}))
-    with pytest.raises(DataError, match=r"\[question 0\]: field 'answer' names option 5, which does not exist"):
+    with pytest.raises(DataError, match=r"\[question 0\]: field 'answer' names option 5, which does not "
+                                        r"exist"):
         load_task_data("qa", TaskSettings(data=str(path)))
 
 
 def test_teleqna_ships_in_the_package_with_its_licence_and_citation():
     folder = TELEQNA_ZIP.parent
     assert TELEQNA_ZIP.is_file() and (folder / "LICENSE").is_file() and (folder / "CITATION.txt").is_file()
-    assert "MIT License" in (folder / "LICENSE").read_text() and "2310.15051" in (folder / "CITATION.txt").read_text()
+    assert ("MIT License" in (folder / "LICENSE").read_text()
+            and "2310.15051" in (folder / "CITATION.txt").read_text())
     assert not list(folder.glob("*.txt*")) or [p.name for p in folder.glob("*.txt")] == ["CITATION.txt"]
 
 
 def test_packaged_teleqna_reads_with_its_public_password(root):
     # The published file has 17 questions whose choices repeat: refused by default, listed with skip.
-    with pytest.raises(DataError, match=r"TeleQnA.zip \[question 390\]: field 'options' the choice .* appears more than once"):
+    with pytest.raises(DataError, match=r"TeleQnA.zip \[question 390\]: field 'options' the choice .* "
+                                        r"appears more than once"):
         load_task_data("qa", TaskSettings(data="teleqna"))
     settings = TaskSettings(data="teleqna", invalid_records="skip")
     skipped = skipped_rows("qa", settings)

@@ -44,7 +44,8 @@ def test_one_headline_metric_per_task_and_style():
     assert headline_metric("qa", "options") == "acc" and headline_metric("qa", "cloze") == "acc_norm"
     assert headline_metric("rca", "labels") == "accuracy" and headline_metric("rca_resolution") == "rouge_l"
     assert not hasattr(rk, "HEADLINE_METRICS")  # the copy that disagreed is gone
-    assert rk.verdict_metrics("options") == (("rca", "accuracy"), ("qa", "acc"), ("rca_resolution", "rouge_l"))
+    assert (rk.verdict_metrics("options")
+            == (("rca", "accuracy"), ("qa", "acc"), ("rca_resolution", "rouge_l")))
 
 
 def _options_study(root, n_qa=40, n_rca=40):
@@ -92,7 +93,8 @@ def test_a_metric_on_too_few_items_gets_no_verdict(tmp_path):
     few.loc[few["task"] == "qa", "n_items"] = MIN_VERDICT_ITEMS - 1
     adjusted = rk.adjust_comparisons(few, outcome.configs, "options")
     assert adjusted.loc[adjusted["task"] == "qa", "p_adjusted"].isna().all()
-    text = rk.quality_changes(rk.RankingOutcome(**{**outcome.__dict__, "comparisons": adjusted}), "quantization")
+    text = rk.quality_changes(rk.RankingOutcome(**{**outcome.__dict__, "comparisons": adjusted}),
+                              "quantization")
     assert "qa acc" in text and "too few items to judge" in text
     assert "beyond noise" in text or "within noise" in text  # RCA (40 items) is still judged
 
@@ -113,7 +115,8 @@ def test_mcnemar_matches_scipy_binomtest_and_survives_thousands_of_discordant_pa
     b = np.array([0.0] * 700 + [1.0] * 700)
     assert mcnemar_exact(a, b) == 1.0
     # 700 only-a against 600 only-b
-    assert mcnemar_exact(a[:1300], b[:1300]) == pytest.approx(scipy_stats.binomtest(600, 1300).pvalue, rel=1e-9)
+    assert (mcnemar_exact(a[:1300], b[:1300])
+            == pytest.approx(scipy_stats.binomtest(600, 1300).pvalue, rel=1e-9))
 
 
 def test_sign_flip_test_matches_scipy_permutation_test():
@@ -124,8 +127,8 @@ def test_sign_flip_test_matches_scipy_permutation_test():
                                                 alternative="two-sided", n_resamples=np.inf).pvalue
         assert sign_flip_test(d) == pytest.approx(expected, rel=1e-9)
     d = rng.normal(0.02, 0.1, 200)  # Monte-Carlo: within its error of scipy's exact-in-the-limit answer
-    expected = scipy_stats.permutation_test((d,), np.mean, permutation_type="samples", alternative="two-sided",
-                                            n_resamples=50000, random_state=2).pvalue
+    expected = scipy_stats.permutation_test((d,), np.mean, permutation_type="samples",
+                                            alternative="two-sided", n_resamples=50000, random_state=2).pvalue
     assert sign_flip_test(d, n_perm=20000) == pytest.approx(expected, abs=0.02)
     # Failed before: the bootstrap p-value printed 0 when every difference had one sign.
     assert sign_flip_test(np.full(8, -0.1)) == pytest.approx(2 / 256)
@@ -136,7 +139,8 @@ def test_paired_interval_matches_scipy_bootstrap():
     rng = np.random.default_rng(3)
     d = rng.normal(0.1, 0.3, 150)
     low, high = paired_interval(d, n_boot=20000, rng=np.random.default_rng(0))
-    ref = scipy_stats.bootstrap((d,), np.mean, n_resamples=20000, method="percentile", random_state=0).confidence_interval
+    ref = scipy_stats.bootstrap((d,), np.mean, n_resamples=20000, method="percentile",
+                                random_state=0).confidence_interval
     assert low == pytest.approx(ref.low, abs=0.01) and high == pytest.approx(ref.high, abs=0.01)
 
 
@@ -147,7 +151,8 @@ def test_holm_matches_statsmodels():
         p = rng.random(m) ** 3
         assert holm(p) == pytest.approx(list(multipletests(p, method="holm")[1]))
     assert math.isnan(holm([0.01, float("nan"), 0.04])[1])
-    assert holm([0.01, float("nan"), 0.04])[::2] == pytest.approx(list(multipletests([0.01, 0.04], method="holm")[1]))
+    assert (holm([0.01, float("nan"), 0.04])[::2]
+            == pytest.approx(list(multipletests([0.01, 0.04], method="holm")[1])))
 
 
 def test_the_tests_keep_their_size_under_no_difference():
@@ -167,8 +172,8 @@ def test_two_thousand_qa_items_per_config_rank_without_error(tmp_path):
     n = 2000
     base = (rng.random(n) < 0.5).astype(float)
     other = np.where(rng.random(n) < 0.6, 1 - base, base)  # about 1,200 discordant pairs
-    study = write_study(tmp_path / "big", {"fp32": (0.8, 0.7), "bf16": (0.6, 0.5)}, {"fp32": 2e-6, "bf16": 1e-6},
-                        qa_style="options")
+    study = write_study(tmp_path / "big", {"fp32": (0.8, 0.7), "bf16": (0.6, 0.5)},
+                        {"fp32": 2e-6, "bf16": 1e-6}, qa_style="options")
     items = results.read_table(study, "item_scores")
     items = items[items["task"] != "qa"]
     rows = [{"config_id": c, "task": "qa", "metric": "acc", "item_id": f"q{i}", "value": float(v)}
@@ -188,9 +193,10 @@ def test_two_thousand_qa_items_per_config_rank_without_error(tmp_path):
 
 
 def _record(kwh: float, net: float | None = None, seconds: float = 1.0) -> EnergyRecord:
-    return EnergyRecord(name="w", duration_s=seconds, cpu_energy_kwh=kwh, gpu_energy_kwh=0.0, ram_energy_kwh=0.0,
-                        emissions_kg=kwh * 0.05, cpu_method="codecarbon:cpu_load", gpu_method="none",
-                        ram_method="none", idle_power_w=(kwh - (net if net is not None else kwh / 2)) * 3.6e6 / seconds)
+    return EnergyRecord(name="w", duration_s=seconds, cpu_energy_kwh=kwh, gpu_energy_kwh=0.0,
+                        ram_energy_kwh=0.0, emissions_kg=kwh * 0.05, cpu_method="codecarbon:cpu_load",
+                        gpu_method="none", ram_method="none",
+                        idle_power_w=(kwh - (net if net is not None else kwh / 2)) * 3.6e6 / seconds)
 
 
 def test_p_best_resamples_the_point_rankings_energy_per_item():
@@ -203,8 +209,9 @@ def test_p_best_resamples_the_point_rankings_energy_per_item():
         [{"config_id": "c", "phase": "inference", "task": "qa", "repeat": i + 1, "duration_s": 1.0,
           "energy_kwh": 1.0, "energy_net_kwh": 0.5, "n_items": 50, "window_unit": "chunk", "task_items": 200}
          for i in range(4)]
-        + [{"config_id": "c", "phase": "inference", "task": "rca_resolution", "repeat": i + 1, "duration_s": 1.0,
-            "energy_kwh": e, "energy_net_kwh": e / 2, "n_items": 8, "window_unit": "repeat", "task_items": 8}
+        + [{"config_id": "c", "phase": "inference", "task": "rca_resolution", "repeat": i + 1,
+            "duration_s": 1.0, "energy_kwh": e, "energy_net_kwh": e / 2, "n_items": 8,
+            "window_unit": "repeat", "task_items": 8}
            for i, e in enumerate((2.9, 3.1))])
     point = rank.config_energy(energy).set_index("config_id")["energy_kwh_per_item"]["c"]
     observed = rank.energy_draws(rank.repeat_energy(repeats), ["c"], n_boot=1)[0, 0]
@@ -220,7 +227,8 @@ def test_tokens_are_counted_as_they_ran_with_a_shared_prefix_once_per_call(tiny_
     prepared = scoring.prepare_task("qa", tiny_model.tokenizer, _requests(), None, "options")
     shared = scoring.shared_prefix_length(prepared.encoded)
     assert shared >= scoring.MIN_SHARED_PREFIX
-    result = scoring.task_result(prepared, scoring.score_prepared(tiny_model.model, tiny_model.tokenizer, prepared))
+    result = scoring.task_result(prepared,
+                                 scoring.score_prepared(tiny_model.model, tiny_model.tokenizer, prepared))
     prompted = sum(r.n_tokens for r in prepared.encoded)
     assert result.n_tokens_prompted == prompted
     # Failed before: the prefix was counted for every item although it ran once.
@@ -272,9 +280,11 @@ def _result(n: int, task: str = "rca") -> TaskResult:
 
 
 def test_a_remeasured_config_replaces_all_its_rows_and_net_at_or_below_idle_is_flagged(tmp_path):
-    four = RepeatedMeasurement(tuple(_record(1.0) for _ in range(4)), None, unit="chunk", window_items=(3, 3, 2, 2))
+    four = RepeatedMeasurement(tuple(_record(1.0) for _ in range(4)), None, unit="chunk",
+                               window_items=(3, 3, 2, 2))
     record_task(tmp_path, _identity(), "inference", _result(10), four, "cpu", "float32", 0)
-    two = RepeatedMeasurement(tuple(_record(1.0, net=-0.1) for _ in range(2)), None, unit="chunk", window_items=(3, 3))
+    two = RepeatedMeasurement(tuple(_record(1.0, net=-0.1) for _ in range(2)), None, unit="chunk",
+                              window_items=(3, 3))
     record_task(tmp_path, _identity(), "inference", _result(6), two, "cpu", "float32", 0)
     # Failed before: items 6-9 and windows 3-4 of the first run stayed behind for the resampling.
     assert len(results.read_table(tmp_path, "item_scores")) == 6
@@ -285,7 +295,8 @@ def test_a_remeasured_config_replaces_all_its_rows_and_net_at_or_below_idle_is_f
 
 
 def test_a_net_ranking_with_net_energy_at_or_below_zero_refuses_naming_the_configs():
-    energy = pd.DataFrame([energy_row("a", "rca", 1.0, 10), {**energy_row("b", "rca", 1.0, 10), "energy_net_kwh": -0.01}])
+    energy = pd.DataFrame([energy_row("a", "rca", 1.0, 10),
+                           {**energy_row("b", "rca", 1.0, 10), "energy_net_kwh": -0.01}])
     rank.config_energy(energy, "gross")  # gross is fine
     with pytest.raises(ValueError, match=r"rows of b have net energy at or below zero"):
         rank.config_energy(energy, "net")
@@ -302,10 +313,12 @@ def test_a_ranking_never_mixes_energy_scopes():
 
 
 def test_the_method_sentence_reads_every_component(tmp_path):
-    study = write_study(tmp_path / "s", {"fp32": (0.8, 0.7), "bf16": (0.6, 0.5)}, {"fp32": 2e-6, "bf16": 1e-6})
+    study = write_study(tmp_path / "s", {"fp32": (0.8, 0.7), "bf16": (0.6, 0.5)},
+                        {"fp32": 2e-6, "bf16": 1e-6})
     energy = results.read_table(study, "energy")
     energy["energy_method"] = "nvml_counter"
-    energy["gpu_method"], energy["cpu_method"], energy["ram_method"] = "nvml_counter", "codecarbon:cpu_load", "codecarbon:ram_power_model"
+    energy["gpu_method"], energy["cpu_method"], energy["ram_method"] = ("nvml_counter", "codecarbon:cpu_load",
+                                                                        "codecarbon:ram_power_model")
     results.write_table(study, "energy", energy)
     outcome = rk.rank_study(study, RankingSettings(bootstrap=0))
     # Failed before: only energy_method (the GPU's counter) was read: "measured by hardware counters".
@@ -315,7 +328,8 @@ def test_the_method_sentence_reads_every_component(tmp_path):
     assert "codecarbon:cpu_load" in rk.figure_energy_method(outcome.methods)
     ranked = results.read_table(study, "ranking")
     assert "codecarbon:cpu_load" in str(ranked["energy_method"].iloc[0])
-    assert component_methods(energy.head(1)) == ["codecarbon:cpu_load", "nvml_counter", "codecarbon:ram_power_model"]
+    assert (component_methods(energy.head(1))
+            == ["codecarbon:cpu_load", "nvml_counter", "codecarbon:ram_power_model"])
 
 
 class _FakeNvml:
@@ -343,7 +357,7 @@ def test_gpu_uuids_and_mig_slices_map_to_the_right_nvml_index(monkeypatch):
     assert nvml_indices("cuda:1") == [0]
 
 
-# --- the scales of phi and rho ---------------------------------------------------------------------------------
+# --- the scales of phi and rho ------------------------------------------------------------------------------
 
 
 def test_the_report_prints_both_ranges_and_energys_effective_weight_and_rho_scale_minmax(tmp_path):
