@@ -94,11 +94,13 @@ def settings() -> Any:
 
         return EnergySettings(measure_power_secs=0.5, idle_seconds=0, detect_disturbance=False)
     except Exception:  # noqa: BLE001  (no pydantic: the meter needs only these attributes)
-        return SimpleNamespace(country_iso_code="FRA", carbon_intensity_g_per_kwh=None, measure_power_secs=0.5,
-                               tracking_mode="machine", idle_seconds=0.0, min_window_s=0.0)
+        return SimpleNamespace(country_iso_code="FRA", carbon_intensity_g_per_kwh=None,
+                               measure_power_secs=0.5, tracking_mode="machine", idle_seconds=0.0,
+                               min_window_s=0.0)
 
 
-def make_meter(device: str, fake_nvml: bool, codecarbon: bool) -> tuple[Any, Recording, Recording | None, str]:
+def make_meter(device: str, fake_nvml: bool,
+               codecarbon: bool) -> tuple[Any, Recording, Recording | None, str]:
     from llm_energy.measure.meter import CodeCarbonSource, EnergyMeter, NvmlSource
 
     nvml_module = None
@@ -147,10 +149,12 @@ def window(meter: Any, nvml: Recording, cc: Recording | None, name: str, fn: Any
             "power_integral_j": integral_j, "codecarbon_over_counter": ratio(cc_j, counter_j),
             "integral_over_counter": ratio(integral_j, counter_j),
             "mj_per_token": reported_j * 1e3 / tokens, "mj_per_token_net": net_j * 1e3 / tokens,
-            "idle_power_w": idle_w, "power_w": reported_j / record.duration_s if record.duration_s else float("nan")}
+            "idle_power_w": idle_w,
+            "power_w": reported_j / record.duration_s if record.duration_s else float("nan")}
 
 
-def variant(master: Any, precision: str, device: str, prefill_tokens: int, probe: Any) -> tuple[Any, dict[str, Any]]:
+def variant(master: Any, precision: str, device: str, prefill_tokens: int,
+            probe: Any) -> tuple[Any, dict[str, Any]]:
     """The master fp32 model at one precision (a copy; the master stays)."""
     import torch
 
@@ -158,7 +162,8 @@ def variant(master: Any, precision: str, device: str, prefill_tokens: int, probe
     if precision == "fp32":
         return master, info
     if precision in ("bf16", "fp16"):
-        return copy.deepcopy(master).to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision])), info
+        return (copy.deepcopy(master).to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision])),
+                info)
     if precision == "w8a8":
         from llm_energy.models import quant8
 
@@ -180,7 +185,8 @@ def variant(master: Any, precision: str, device: str, prefill_tokens: int, probe
     plans = sparse.plan(model, [prefill_tokens], min_speedup=1.05, backend=backend, iters=10, warmup=3,
                         timer=None if gpu else sparse.wall_time)
     info["plan"] = sparse.plan_rows(plans)
-    converted, check = sparse.convert_and_verify(model, plans, lambda: probe(model), backend, check_kernels=gpu)
+    converted, check = sparse.convert_and_verify(model, plans, lambda: probe(model), backend,
+                                                 check_kernels=gpu)
     info.update(converted_layers=len(converted), candidate_layers=sum(len(p.layers) for p in plans),
                 check=check.reason, sparse_kernels=check.sparse_kernels[:5], verified=check.ok)
     return model, info
@@ -198,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="prefill windows per precision")
     parser.add_argument("--min-window-s", type=float, default=1.5)
     parser.add_argument("--idle-s", type=float, default=2.0)
-    parser.add_argument("--budget-s", type=float, default=None, help="start no new precision after this many s")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new precision after this many s")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--dry-run-cpu", action="store_true", help="on the CPU (no energy meaning)")
     parser.add_argument("--fake-nvml", action="store_true", help="a stand-in NVML (rehearsal)")
@@ -222,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in master.parameters())
     env = {"kind": "environment", "preset": args.preset, "parameters": n_params, "note": RANDOM_NOTE,
            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (dry run)",
-           "torch": torch.__version__, "nvml_method": nvml.source.method, "nvml_fallback": nvml.source.fallback_reason,
+           "torch": torch.__version__, "nvml_method": nvml.source.method,
+           "nvml_fallback": nvml.source.fallback_reason,
            "codecarbon": "none" if cc is None else json.dumps(cc.source.methods), "codecarbon_note": cc_note,
            "build_s": time.perf_counter() - t0, "prefill": [args.prefill_batch, args.prefill_seq],
            "decode": [args.decode_batch, args.decode_tokens]}
@@ -270,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             windows = [window(meter, nvml, cc, f"{precision}:prefill#{i + 1}", lambda: prefill(model),
                               args.min_window_s, prefill_tokens, idle_w) for i in range(args.repeats)]
             decode(model, 4)  # warm-up
-            windows.append(window(meter, nvml, cc, f"{precision}:decode", lambda: decode(model, args.decode_tokens),
-                                  0.0, decode_tokens, idle_w))
+            windows.append(window(meter, nvml, cc, f"{precision}:decode",
+                                  lambda: decode(model, args.decode_tokens), 0.0, decode_tokens, idle_w))
             pre = [w for w in windows if ":prefill" in w["window"]]
             row = {"kind": "precision", "precision": precision, "idle_power_w": idle_w, **info,
                    "prefill_mj_per_token": sorted(w["mj_per_token"] for w in pre)[len(pre) // 2],
@@ -284,11 +292,12 @@ def main(argv: list[str] | None = None) -> int:
             done[precision] = row
             emit(args.out, row)
             log(f"{precision:>9}: prefill {row['prefill_mj_per_token']:.3f} mJ/token "
-                f"(net {row['prefill_mj_per_token_net']:.3f}, {row['prefill_tokens_per_s']:,.0f} tokens/s); decode "
-                f"{row['decode_mj_per_token']:.2f} mJ/token (net {row['decode_mj_per_token_net']:.2f}, "
-                f"{row['decode_tokens_per_s']:,.0f} tokens/s); idle {idle_w:.0f} W; "
-                f"CodeCarbon/counter {windows[-1]['codecarbon_over_counter']:.3f}, integral/counter "
-                f"{windows[-1]['integral_over_counter']:.3f}" + (f"; 2:4 {info['converted_layers']}/"
+                f"(net {row['prefill_mj_per_token_net']:.3f}, {row['prefill_tokens_per_s']:,.0f} tokens/s); "
+                f"decode {row['decode_mj_per_token']:.2f} mJ/token (net "
+                f"{row['decode_mj_per_token_net']:.2f}, {row['decode_tokens_per_s']:,.0f} tokens/s); idle "
+                f"{idle_w:.0f} W; CodeCarbon/counter {windows[-1]['codecarbon_over_counter']:.3f}, "
+                f"integral/counter {windows[-1]['integral_over_counter']:.3f}"
+                + (f"; 2:4 {info['converted_layers']}/"
                                                                  f"{info['candidate_layers']} layers sparse"
                                                                  if "converted_layers" in info else ""))
             if model is not master:
@@ -300,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     meter.close()
     bf16 = done.get("bf16", {})
-    log(f"energy_per_token=done precisions={len(done)} prefill_mj_bf16={bf16.get('prefill_mj_per_token', float('nan')):.4f}"
-        f" decode_mj_bf16={bf16.get('decode_mj_per_token', float('nan')):.4f}")
+    log(f"energy_per_token=done precisions={len(done)} "
+        f"prefill_mj_bf16={bf16.get('prefill_mj_per_token', float('nan')):.4f} "
+        f"decode_mj_bf16={bf16.get('decode_mj_per_token', float('nan')):.4f}")
     return 0 if done else 1
 
 

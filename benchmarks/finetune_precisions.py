@@ -107,7 +107,8 @@ def train_once(model_settings: Any, precision: str, spec: Any, train: Any, valid
                sum(e.gflop for e in result.epochs))
 
 
-def profile(model_settings: Any, precision: str, spec: Any, train: Any, valid: Any, base_dir: Path, rows: int) -> str:
+def profile(model_settings: Any, precision: str, spec: Any, train: Any, valid: Any, base_dir: Path,
+            rows: int) -> str:
     import torch
 
     from llm_energy.methods.lora_training import finetune
@@ -116,19 +117,23 @@ def profile(model_settings: Any, precision: str, spec: Any, train: Any, valid: A
     loaded = load_model(model_settings, precision, "cpu", base_dir=base_dir)
     short = spec.model_copy(update={"epochs": 1, "max_train_items": 2 * spec.batch_size, "max_eval_items": 1})
     with tempfile.TemporaryDirectory() as folder, torch.profiler.profile(record_shapes=True) as prof:
-        finetune(loaded, train.items, valid.items, short, None, Path(folder), label_set=train.labels, progress=False)
+        finetune(loaded, train.items, valid.items, short, None, Path(folder), label_set=train.labels,
+                 progress=False)
     return prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows,
-                                                              max_name_column_width=40, max_shapes_column_width=70)
+                                                              max_name_column_width=40,
+                                                              max_shapes_column_width=70)
 
 
 def main(argv: list[str] | None = None) -> list[Run]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=ROOT / "params" / "default.yaml", help="a study file")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "w8a8", "nf4"])
-    parser.add_argument("--rounds", type=int, default=2, help="runs per precision (alternating); 0: profile only")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="runs per precision (alternating); 0: profile only")
     parser.add_argument("--max-foreign", type=float, default=0.10,
                         help="a run is quiet when other processes took at most this share of the CPU time")
-    parser.add_argument("--max-rounds", type=int, default=4, help="rounds at most, to get --rounds quiet ones")
+    parser.add_argument("--max-rounds", type=int, default=4,
+                        help="rounds at most, to get --rounds quiet ones")
     parser.add_argument("--profile", type=int, default=0, metavar="K", help="profile two steps, print K ops")
     args = parser.parse_args(argv)
 
@@ -137,9 +142,11 @@ def main(argv: list[str] | None = None) -> list[Run]:
     from llm_energy.measure.throughput import probe_precision
 
     model, spec, train, valid, base_dir = study_parts(args.params)
-    print(f"{cpu_model()}, {os.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{model.name}, task {spec.task}: {spec.max_train_items} training examples x {spec.epochs} epochs, batch "
-          f"{spec.batch_size}, LoRA r={spec.rank} on {', '.join(spec.target_modules)} ({args.params.name})")
+    print(f"{cpu_model()}, {os.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} "
+          "threads")
+    print(f"{model.name}, task {spec.task}: {spec.max_train_items} training examples x {spec.epochs} epochs, "
+          f"batch {spec.batch_size}, LoRA r={spec.rank} on {', '.join(spec.target_modules)} "
+          f"({args.params.name})")
     if args.profile:
         for precision in args.precisions:
             print(f"\n== {precision}: two training steps\n"
@@ -159,18 +166,19 @@ def main(argv: list[str] | None = None) -> list[Run]:
         quiet = [r for r in done if r.foreign <= args.max_foreign] or done
         best[precision] = min(quiet, key=lambda r: r.train_s)
     reference = best.get("fp32")
-    header = (f"{'precision':<9} {'train_s':>8} {'median_s':>8} {'vs_fp32':>7} {'foreign':>7} {'gflop_per_s':>11} "
-              f"{'probe':>7}  train_loss / eval_loss per epoch")
+    header = (f"{'precision':<9} {'train_s':>8} {'median_s':>8} {'vs_fp32':>7} {'foreign':>7} "
+              f"{'gflop_per_s':>11} {'probe':>7}  train_loss / eval_loss per epoch")
     print("\n" + header + "\n" + "-" * len(header))
     for precision, run in best.items():
         probe = probe_precision(precision, "cpu").gflop_per_s
         ratio = run.train_s / reference.train_s if reference else float("nan")
         losses = "  ".join(f"{t:.3f}/{e:.3f}" for t, e in zip(run.train_loss, run.eval_loss))
-        print(f"{precision:<9} {run.train_s:>8.1f} {statistics.median(r.train_s for r in runs[precision]):>8.1f} "
-              f"{ratio:>7.2f} {run.foreign:>7.2f} {run.gflop / run.train_s:>11.1f} {probe or float('nan'):>7.1f}  "
-              f"{losses}")
+        print(f"{precision:<9} {run.train_s:>8.1f} "
+              f"{statistics.median(r.train_s for r in runs[precision]):>8.1f} {ratio:>7.2f} "
+              f"{run.foreign:>7.2f} {run.gflop / run.train_s:>11.1f} {probe or float('nan'):>7.1f}  {losses}")
     slowest = max(run.train_s for run in best.values()) / reference.train_s if reference else float("nan")
-    print(" ".join(f"train_s_{p}={r.train_s:.1f}" for p, r in best.items()) + f" slowest_vs_fp32={slowest:.2f}")
+    print(" ".join(f"train_s_{p}={r.train_s:.1f}" for p, r in best.items())
+          + f" slowest_vs_fp32={slowest:.2f}")
     return list(best.values())
 
 

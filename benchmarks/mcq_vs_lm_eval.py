@@ -50,8 +50,10 @@ def load_questions(n_items: int, fewshot: int):
     from llm_energy.config import TaskSettings
     from llm_energy.data.tasks import load_task_data
 
-    settings = TaskSettings(data="teleqna", invalid_records="skip", max_items=n_items, sample_seed=0, fewshot=fewshot)
-    shots = f"; {fewshot} worked examples from the train split before each question" if fewshot else "; zero-shot"
+    settings = TaskSettings(data="teleqna", invalid_records="skip", max_items=n_items, sample_seed=0,
+                            fewshot=fewshot)
+    shots = (f"; {fewshot} worked examples from the train split before each question" if fewshot
+             else "; zero-shot")
     return load_task_data("qa", settings), f"TeleQnA (packaged), test split, stratified sample, seed 0{shots}"
 
 
@@ -125,8 +127,9 @@ def compare(model, tokenizer, data, style: str, batch_sizes, warmup: int) -> dic
     deltas = {"acc": ours.metrics["acc"] - float((pred == gold).mean())}
     if style == "cloze":
         deltas["acc_norm"] = ours.metrics["acc_norm"] - float((pred_norm == gold).mean())
-    return {"ours_s": ours_s, "lm_eval_s": best_s, "best_bs": best, "times": {b: r[0] for b, r in runs.items()},
-            "ours": ours.metrics, "deltas": deltas, "agree": int((pred == ours_pred).sum()), "n": len(items)}
+    return {"ours_s": ours_s, "lm_eval_s": best_s, "best_bs": best,
+            "times": {b: r[0] for b, r in runs.items()}, "ours": ours.metrics, "deltas": deltas,
+            "agree": int((pred == ours_pred).sum()), "n": len(items)}
 
 
 def main() -> None:
@@ -134,7 +137,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma-3-270m"])
     parser.add_argument("--styles", nargs="+", default=["cloze", "options"], choices=["cloze", "options"])
-    parser.add_argument("--fewshot", type=int, default=5, help="worked examples before each question (0: zero-shot)")
+    parser.add_argument("--fewshot", type=int, default=5,
+                        help="worked examples before each question (0: zero-shot)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up questions per scorer")
     parser.add_argument("--threads", type=int, default=1,
@@ -164,10 +168,11 @@ def main() -> None:
             deltas += [abs(d) for d in r["deltas"].values()]
             acc_norm = r["ours"].get("acc_norm")
             d_norm = r["deltas"].get("acc_norm")
-            print(f"{name:<24} {style:<8} {r['ours_s']:>7.2f} {r['lm_eval_s']:>9.2f} {r['best_bs']:>3} {speedup:>8.2f} "
-                  f"{r['ours']['acc']:>7.4f} {acc_norm if acc_norm is not None else float('nan'):>9.4f} "
-                  f"{r['deltas']['acc']:>+8.4f} {d_norm if d_norm is not None else float('nan'):>+10.4f} "
-                  f"{r['agree']:>5}/{r['n']:<5}", flush=True)
+            print(f"{name:<24} {style:<8} {r['ours_s']:>7.2f} {r['lm_eval_s']:>9.2f} {r['best_bs']:>3} "
+                  f"{speedup:>8.2f} {r['ours']['acc']:>7.4f} "
+                  f"{acc_norm if acc_norm is not None else float('nan'):>9.4f} {r['deltas']['acc']:>+8.4f} "
+                  f"{d_norm if d_norm is not None else float('nan'):>+10.4f} {r['agree']:>5}/{r['n']:<5}",
+                  flush=True)
     print(f"speedup={min(speedups):.2f} acc_delta={max(deltas):.4f}")
 
 

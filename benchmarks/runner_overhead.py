@@ -49,8 +49,8 @@ def run_direct(params: Path, out: Path) -> float:
     for job in jobs:
         notebook = notebooks_dir() / job.notebook
         papermill.execute_notebook(str(notebook), str(out / f"{job.key}.ipynb"),
-                                   parameters=filter_parameters(notebook, job.parameters), kernel_name="python3",
-                                   progress_bar=False, cwd=str(notebook.parent))
+                                   parameters=filter_parameters(notebook, job.parameters),
+                                   kernel_name="python3", progress_bar=False, cwd=str(notebook.parent))
     return time.perf_counter() - start
 
 
@@ -78,10 +78,12 @@ def main() -> None:
                 else:
                     out.mkdir()
                     direct_s.append(run_direct(args.params, out))
-                print(f"round {index + 1} {kind}: {(runner_s if kind == 'runner' else direct_s)[-1]:.1f}s", flush=True)
+                print(f"round {index + 1} {kind}: {(runner_s if kind == 'runner' else direct_s)[-1]:.1f}s",
+                      flush=True)
                 shutil.rmtree(out, ignore_errors=True)
     ratio = statistics.median(runner_s) / statistics.median(direct_s)
-    print(f"median runner {statistics.median(runner_s):.1f}s, direct papermill {statistics.median(direct_s):.1f}s")
+    print(f"median runner {statistics.median(runner_s):.1f}s, direct papermill "
+          f"{statistics.median(direct_s):.1f}s")
     print(f"runner_overhead_ratio={ratio:.3f}")
 
 

@@ -10,8 +10,8 @@ GPU machine) and each half precision, the script
 3. measures prefill (batch x seq tokens, ``use_cache=False``, logits of the last position only) for
    - ``dense``: the pruned weights through dense kernels (the baseline: same weights, same outputs),
    - ``naive``: every layer converted with ``torch.sparse.to_sparse_semi_structured``,
-   - ``planned``: ``llm_energy.models.sparse_kernels.plan`` + ``apply`` (only shapes that win, searched algorithm,
-     direct kernel calls, dense below the crossover token count);
+   - ``planned``: ``llm_energy.models.sparse_kernels.plan`` + ``apply`` (only shapes that win,
+     searched algorithm, direct kernel calls, dense below the crossover token count);
    throughput (tokens/s, CUDA-synchronised wall time) and energy per token from the NVML
    total-energy counter (gross and net of an idle baseline measured first), median and spread of
    ``--repeats`` windows of at least ``--min-seconds`` each;
@@ -23,7 +23,8 @@ GPU machine) and each half precision, the script
 
 Every result is appended to ``--out`` (JSON lines) as soon as it exists, so a run cut short keeps
 what it measured. The last line is machine-readable:
-``prefill_speedup=<planned/dense> energy_per_token_ratio=<planned/dense> preset=<p> dtype=<d> target_met=<bool>``
+``prefill_speedup=<planned/dense> energy_per_token_ratio=<planned/dense> preset=<p> dtype=<d>
+target_met=<bool>``
 (best preset and dtype by speedup; target: speedup >= 1.1 with lower energy per token).
 
     python benchmarks/sparse24_gpu.py [--presets llama-70b-slice,llama-1b] [--dtypes fp16]
@@ -222,7 +223,8 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
 
     # Kernel-level table: why converting everything is slow.
     token_counts = sorted(set(args.token_counts or [512, 2048, tokens, 4 * tokens]))
-    plans = sparse.plan(model, token_counts, min_speedup=args.min_speedup, backend=dev.backend, timer=dev.timer)
+    plans = sparse.plan(model, token_counts, min_speedup=args.min_speedup, backend=dev.backend,
+                        timer=dev.timer)
     for p in plans:  # a shape that wins only above this prefill's token count would never run sparse here
         if p.convert and p.min_tokens > tokens:
             p.convert = False
@@ -232,8 +234,8 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
     for p in plans:
         for t in p.timings:
             default = t.dense_s / t.sparse_default_alg_s if t.sparse_default_alg_s else float("nan")
-            log(f"{p.out_features:>6}x{p.in_features:<7} {len(p.layers):>6} {t.tokens:>7} {t.dense_s * 1e3:>9.3f} "
-                f"{default:>8.2f} {t.speedup:>8.2f} {t.alg_id}")
+            log(f"{p.out_features:>6}x{p.in_features:<7} {len(p.layers):>6} {t.tokens:>7} "
+                f"{t.dense_s * 1e3:>9.3f} {default:>8.2f} {t.speedup:>8.2f} {t.alg_id}")
         log(f"   -> {'convert' if p.convert else 'keep dense'}: {p.reason}")
     emit(out, {"kind": "kernels", "preset": preset, "dtype": dtype_name, "plan": sparse.plan_rows(plans)})
 
@@ -261,7 +263,8 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
                     layer = naive_model.get_submodule(name)
                     layer.weight = torch.nn.Parameter(to_sparse_semi_structured(layer.weight.detach()),
                                                       requires_grad=False)
-            naive = measure(lambda: prefill(naive_model), tokens, nvml, idle_w, args.repeats, args.min_seconds, dev)
+            naive = measure(lambda: prefill(naive_model), tokens, nvml, idle_w, args.repeats,
+                            args.min_seconds, dev)
             naive["rel_l2_hidden"] = sparse.compare_outputs(reference, hidden(naive_model))["rel_l2"]
             log(f"naive   : {naive['tokens_per_s']:,.0f} tokens/s, {fmt_mj(naive['mj_per_token'])}")
             del naive_model
@@ -289,17 +292,19 @@ def run_case(preset: str, dtype_name: str, args: argparse.Namespace, nvml: Nvml 
     record = {
         "kind": "prefill", "preset": preset, "dtype": dtype_name, "parameters": n_params,
         "system_idle_power_w": system_idle_w, "loaded_idle_power_w": loaded_idle_w,
-        "batch": args.batch, "seq": args.seq, "dense": dense, "naive": naive, "planned": planned, "decode": decode,
-        "converted_layers": len(converted), "candidate_layers": total, "rel_l2_hidden": check.rel_l2,
-        "sparse_calls": check.sparse_calls, "sparse_kernels": check.sparse_kernels[:5], "check": check.reason,
-        "verified": verified,
+        "batch": args.batch, "seq": args.seq, "dense": dense, "naive": naive, "planned": planned,
+        "decode": decode, "converted_layers": len(converted), "candidate_layers": total,
+        "rel_l2_hidden": check.rel_l2, "sparse_calls": check.sparse_calls,
+        "sparse_kernels": check.sparse_kernels[:5], "check": check.reason, "verified": verified,
         "prefill_speedup": speedup, "energy_per_token_ratio": energy_ratio,
-        "naive_speedup": naive["tokens_per_s"] / dense["tokens_per_s"] if naive and "tokens_per_s" in naive else None,
+        "naive_speedup": naive["tokens_per_s"] / dense["tokens_per_s"] if naive and "tokens_per_s" in naive
+        else None,
     }
     emit(out, record)
     log(f"preset={preset} dtype={dtype_name} prefill_speedup={speedup:.3f} naive_speedup="
-        f"{record['naive_speedup'] if record['naive_speedup'] is None else round(record['naive_speedup'], 3)} "
-        f"energy_per_token_ratio={energy_ratio if energy_ratio is None else round(energy_ratio, 3)} verified={verified}")
+        f"{record['naive_speedup'] if record['naive_speedup'] is None else round(record['naive_speedup'], 3)} "  # noqa: E501
+        f"energy_per_token_ratio={energy_ratio if energy_ratio is None else round(energy_ratio, 3)} "
+        f"verified={verified}")
     model = reference = None  # drop the references so empty_cache can free the memory
     if not dev.dry_run:
         torch.cuda.empty_cache()
@@ -316,29 +321,36 @@ def main(argv: list[str] | None = None, nvml_module: Any = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--min-seconds", type=float, default=2.0, help="minimum length of one measured window")
+    parser.add_argument("--min-seconds", type=float, default=2.0,
+                        help="minimum length of one measured window")
     parser.add_argument("--idle-seconds", type=float, default=5.0)
-    parser.add_argument("--min-speedup", type=float, default=1.05, help="convert a shape only above this kernel speedup")
-    parser.add_argument("--tolerance", type=float, default=2e-2, help="max relative L2 error of hidden states")
+    parser.add_argument("--min-speedup", type=float, default=1.05,
+                        help="convert a shape only above this kernel speedup")
+    parser.add_argument("--tolerance", type=float, default=2e-2,
+                        help="max relative L2 error of hidden states")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--decode-tokens", type=int, default=32, help="0 skips the decode comparison")
     parser.add_argument("--decode-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file, appended as results arrive")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no new preset/dtype case after this many seconds (the last line still prints)")
-    parser.add_argument("--token-counts", type=lambda v: [int(t) for t in v.split(",") if t.strip()], default=None,
-                        help="comma-separated token counts of the kernel table (default: 512, 2048, the "
-                             "prefill's and 4x it)")
-    parser.add_argument("--fake-nvml", action="store_true", help="a stand-in NVML counter (rehearsal; no meaning)")
+                        help="start no new preset/dtype case after this many seconds (the last line still "
+                             "prints)")
+    parser.add_argument("--token-counts", type=lambda v: [int(t) for t in v.split(",") if t.strip()],
+                        default=None, help="comma-separated token counts of the kernel table (default: 512, "
+                             "2048, the prefill's and 4x it)")
+    parser.add_argument("--fake-nvml", action="store_true",
+                        help="a stand-in NVML counter (rehearsal; no meaning)")
     parser.add_argument("--dry-run-cpu", action="store_true",
-                        help="run every step on the CPU with a dense reference backend (tests the script, measures nothing)")
+                        help="run every step on the CPU with a dense reference backend (tests the script, "
+                             "measures nothing)")
     args = parser.parse_args(argv)
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [p for p in presets if p not in PRESETS] + [d for d in dtypes if d not in DTYPES]
     if bad:
-        parser.error(f"unknown preset or dtype: {', '.join(bad)} (presets: {', '.join(PRESETS)}; dtypes: fp16, bf16)")
+        parser.error(f"unknown preset or dtype: {', '.join(bad)} (presets: {', '.join(PRESETS)}; dtypes: "
+                     "fp16, bf16)")
 
     import torch
 
@@ -346,7 +358,8 @@ def main(argv: list[str] | None = None, nvml_module: Any = None) -> int:
 
     dev = Device(args.dry_run_cpu)
     if dev.dry_run:
-        env = {"kind": "environment", "torch": torch.__version__, "device": "cpu (dry run: reference backend)"}
+        env = {"kind": "environment", "torch": torch.__version__,
+               "device": "cpu (dry run: reference backend)"}
     else:
         reasons = {d: sparse.support_reason("cuda", getattr(torch, DTYPES[d])) for d in dtypes}
         if any(reasons.values()):
@@ -373,7 +386,8 @@ def main(argv: list[str] | None = None, nvml_module: Any = None) -> int:
         nvml = None if dev.dry_run else try_nvml()
     idle_w = idle_power(nvml, args.idle_seconds, dev)
     env["idle_power_w"] = idle_w
-    log(f"idle power {idle_w:.1f} W over {args.idle_seconds:.0f} s (NVML counter)" if idle_w else "no idle baseline")
+    log(f"idle power {idle_w:.1f} W over {args.idle_seconds:.0f} s (NVML counter)" if idle_w
+        else "no idle baseline")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     emit(args.out, env)
@@ -400,7 +414,8 @@ def main(argv: list[str] | None = None, nvml_module: Any = None) -> int:
     ratio = best["energy_per_token_ratio"]
     met = best["prefill_speedup"] >= 1.1 and ratio is not None and ratio < 1.0 and best["verified"]
     log(f"prefill_speedup={best['prefill_speedup']:.3f} energy_per_token_ratio="
-        f"{'nan' if ratio is None else f'{ratio:.3f}'} preset={best['preset']} dtype={best['dtype']} target_met={met}")
+        f"{'nan' if ratio is None else f'{ratio:.3f}'} preset={best['preset']} dtype={best['dtype']} "
+        f"target_met={met}")
     return 0
 
 

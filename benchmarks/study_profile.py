@@ -60,7 +60,8 @@ def _seconds(table: pd.DataFrame, phase: str, config_id: str) -> float:
 def profile(study_dir: Path) -> pd.DataFrame:
     """One row per finished job: wall, in-kernel, measured model windows, idle windows, outside."""
     layout = StudyLayout(study_dir)
-    repeats, training, idle = _table(layout, "energy_repeats"), _table(layout, "training"), _table(layout, "idle_baselines")
+    repeats, training, idle = (_table(layout, "energy_repeats"), _table(layout, "training"),
+                               _table(layout, "idle_baselines"))
     rows = []
     for marker in sorted(layout.state.glob("*.done")):
         key = marker.stem
@@ -68,8 +69,10 @@ def profile(study_dir: Path) -> pd.DataFrame:
         wall = float(json.loads(marker.read_text() or "{}").get("seconds", float("nan")))
         measured = _seconds(repeats, phase, config_id) + _seconds(training, phase, config_id)
         idle_s = _seconds(idle, phase, config_id)
-        cells = _cells_s(layout.executed_notebook(phase, config_id or None)) if phase in ("data", "finetune", "inference",
-                                                                                            "pruning", "ranking") else None
+        cells = (_cells_s(layout.executed_notebook(phase, config_id or None))
+                 if phase in ("data", "finetune", "inference",
+                                                                                            "pruning",
+                              "ranking") else None)
         rows.append({"job": key, "phase": phase, "wall_s": wall, "in_kernel_s": cells,
                      "kernel_start_s": wall - cells if cells is not None else float("nan"),
                      "measured_model_s": measured, "idle_windows_s": idle_s,
@@ -87,7 +90,8 @@ def main() -> None:
     pd.set_option("display.width", 160)
     print("Per job (seconds):")
     print(jobs.round(1).to_string(index=False))
-    phases = jobs.groupby("phase", sort=False)[["wall_s", "kernel_start_s", "measured_model_s", "idle_windows_s",
+    phases = jobs.groupby("phase",
+                          sort=False)[["wall_s", "kernel_start_s", "measured_model_s", "idle_windows_s",
                                                   "outside_measured_s"]].sum()
     phases["outside_share"] = phases["outside_measured_s"] / phases["wall_s"]
     print("\nPer phase (seconds):")

