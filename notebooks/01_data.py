@@ -35,7 +35,8 @@ base_dir: str = ""  # folder relative data paths are read from; empty means the 
 # %%
 from llm_energy import layout
 
-layout.refuse_study_parameters(globals(), "notebooks/01_data.ipynb")  # a whole study's file stops here: see `llm-energy params`
+# a whole study's file stops here: see `llm-energy params`
+layout.refuse_study_parameters(globals(), "notebooks/01_data.ipynb")
 
 # %%
 from llm_energy import config, layout
@@ -53,7 +54,8 @@ task_settings = config.validate_section(config.TasksSettings, tasks, "tasks")
 # Every split of every task, read and validated record by record.
 
 # %%
-task_sets = {name: data.load_all_splits(name, settings, base) for name, settings in task_settings.enabled().items()}
+task_sets = {name: data.load_all_splits(name, settings, base)
+             for name, settings in task_settings.enabled().items()}
 data.summarise(task_sets)
 
 # %% [markdown]
@@ -66,9 +68,11 @@ data.summarise(task_sets)
 # %%
 skipped = []
 for name, settings in task_settings.enabled().items():  # each task's rows replace that task's old ones
-    results.upsert_rows(study_dir, "splits", data.split_rows(name, settings, base), replace_where={"task": name})
+    results.upsert_rows(study_dir, "splits", data.split_rows(name, settings, base),
+                        replace_where={"task": name})
     skipped += data.skipped_rows(name, settings, base)
-    results.upsert_rows(study_dir, "skipped_records", data.skipped_rows(name, settings, base), replace_where={"task": name})
+    results.upsert_rows(study_dir, "skipped_records", data.skipped_rows(name, settings, base),
+                        replace_where={"task": name})
 splits = results.read_table(study_dir, "splits")
 print({name: data.describe_source(data.source_name(name, settings, base))
        for name, settings in task_settings.enabled().items()})

@@ -35,14 +35,16 @@ precision: str = "fp32"  # fp32 | bf16 | fp16 | int8 | nf4
 device: str = "cpu"  # cpu | cuda
 tasks: dict = {"rca": {}, "qa": {}}  # the study's `tasks` section (data files)
 energy: dict = {"idle_seconds": 1.0}  # the study's `energy` section
-finetune: dict = {"epochs": 2, "max_train_items": 16, "max_eval_items": 8, "max_length": 320, "learning_rate": 0.001}  # `finetune` section
+finetune: dict = {"epochs": 2, "max_train_items": 16, "max_eval_items": 8, "max_length": 320,
+                  "learning_rate": 0.001}  # `finetune` section
 seed: int = 0
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 
 # %%
 from llm_energy import layout
 
-layout.refuse_study_parameters(globals(), "notebooks/02_finetune.ipynb")  # a whole study's file stops here: see `llm-energy params`
+# a whole study's file stops here: see `llm-energy params`
+layout.refuse_study_parameters(globals(), "notebooks/02_finetune.ipynb")
 
 # %%
 from llm_energy import items
@@ -79,7 +81,8 @@ system_idle = evaluation.measure_system_idle(run)
 loaded = models.load_model(run.model, run.precision, run.device, base_dir=run.base_dir)
 with evaluation.open_meter(run, loaded.device, system_idle, phase="finetune") as meter:
     result = ft.train(run, params, loaded, meter, train, valid)
-print(f"trainable {result.trainable_parameters:,} of {result.total_parameters:,} parameters; adapter in {result.adapter_dir}")
+print(f"trainable {result.trainable_parameters:,} of {result.total_parameters:,} parameters; adapter in "
+      f"{result.adapter_dir}")
 
 # %% [markdown]
 # ## Inspect the last epoch's reading

@@ -21,8 +21,9 @@
 # quality**, as in Tran, Jaumard and Delgado, *Energy-Aware LLMs: A step towards sustainable AI for
 # downstream applications* (2025). This notebook is the paper's inference measurement for **one
 # configuration**: the model at one precision (fp32, bf16/fp16, bitsandbytes int8 and nf4/fp4
-# quantization, or this package's CPU-native w8a8), optionally with a LoRA adapter from `02_finetune`. Lower precision shrinks memory
-# and may save energy per item; it may also cost accuracy. Both are measured here, on the same items:
+# quantization, or this package's CPU-native w8a8), optionally with a LoRA adapter from `02_finetune`. Lower
+# precision shrinks memory and may save energy per item; it may also cost accuracy. Both are measured here, on
+# the same items:
 #
 # * **energy** of the forward passes only (items are tokenised before a window opens, metrics computed
 #   after it closes), gross and net of the idle power, per component (CPU, GPU, RAM) with the method
@@ -42,8 +43,10 @@ config_id: str = ""  # row key in the tables; empty means <model>__<precision>
 model: dict = {"name": "tiny-random-llama"}  # a `models` entry: builtin name, or source local/hub + path
 precision: str = "fp32"  # fp32 | bf16 | fp16 | int8 | w8a8 | nf4 | fp4
 device: str = "cpu"  # cpu | cuda (the runner resolves auto)
-tasks: dict = {"rca": {"max_items": 6, "generation": {"new_tokens": 8, "max_items": 2}}, "qa": {"max_items": 6}}  # `tasks` section
-energy: dict = {"idle_seconds": 1.0, "repeats": 1, "max_repeats": 1, "measure_power_secs": 1.0}  # `energy` section
+tasks: dict = {"rca": {"max_items": 6, "generation": {"new_tokens": 8, "max_items": 2}},
+               "qa": {"max_items": 6}}  # `tasks` section
+energy: dict = {"idle_seconds": 1.0, "repeats": 1, "max_repeats": 1,
+                "measure_power_secs": 1.0}  # `energy` section
 seed: int = 0  # seed for sampling and bootstrap intervals
 base_dir: str = ""  # folder relative data paths are read from; empty means the project root
 adapter: str = ""  # LoRA adapter folder written by 02_finetune; empty means the base model
@@ -57,7 +60,8 @@ adapter_name: str = "none"  # how the adapter is named in the tables
 # %%
 from llm_energy import layout
 
-layout.refuse_study_parameters(globals(), "notebooks/03_inference.ipynb")  # a whole study's file stops here: see `llm-energy params`
+# a whole study's file stops here: see `llm-energy params`
+layout.refuse_study_parameters(globals(), "notebooks/03_inference.ipynb")
 
 # %%
 from llm_energy import items
@@ -84,7 +88,8 @@ print(f"system idle: {system_idle.power_w:.2f} W ({system_idle.method})")
 
 # %% tags=["nbval-ignore-output"]
 loaded = inference.load(run, adapter)
-print(f"{loaded.n_parameters:,} parameters, {loaded.memory_bytes / 2**20:.0f} MiB, compute {loaded.compute_description}")
+print(f"{loaded.n_parameters:,} parameters, {loaded.memory_bytes / 2**20:.0f} MiB, compute "
+      f"{loaded.compute_description}")
 print("weights:", loaded.weights_origin)
 
 # %% [markdown]
@@ -117,7 +122,8 @@ print("scoring path:", scoring_path.name, "-", scoring_path.reason)
 
 # %% tags=["nbval-ignore-output"]
 with evaluation.open_meter(run, loaded.device, system_idle) as meter:
-    print("sources:", meter.available_methods, "| loaded idle:", round(meter.idle.power_w, 2), "W,", meter.idle.method)
+    print("sources:", meter.available_methods, "| loaded idle:", round(meter.idle.power_w, 2), "W,",
+          meter.idle.method)
     with meter.window(f"look: {len(look.encoded)} {look.task} items") as window:
         look_scores = inference.score(loaded, look)
     summary = inference.measure_config_tasks(run, loaded, meter, adapter=adapter_name)

@@ -23,14 +23,15 @@
 
 # %% tags=["parameters"]
 study_dir: str = ""  # a study folder with tables/ to rank; empty: a small example study built here (below)
-example_dir: str = ""  # where that example study is built when study_dir is empty; empty: outputs/ranking-example
+example_dir: str = ""  # example study folder when study_dir is empty; empty: outputs/ranking-example
 ranking: dict = {}  # the study's `ranking` section (w, w_grid, phi, metrics, missing, bootstrap)
-amortize_over: float = 0  # > 0: rank at a life of this many queries (setup / N + per query); 0: the study's setting
+amortize_over: float = 0  # > 0: rank at a life of N queries (setup / N + per query); 0: the study's setting
 
 # %%
 from llm_energy import layout
 
-layout.refuse_study_parameters(globals(), "notebooks/05_ranking.ipynb")  # a whole study's file stops here: see `llm-energy params`
+# a whole study's file stops here: see `llm-energy params`
+layout.refuse_study_parameters(globals(), "notebooks/05_ranking.ipynb")
 
 # %%
 from IPython.display import HTML, Markdown, display
@@ -46,7 +47,9 @@ else:  # run alone: rank a small study of our own rather than whatever another n
     print(f"No study_dir given: ranking a small example study (tiny random Llama at "
           f"{' and '.join(rk.EXAMPLE_PRECISIONS)}, 20 items per task, measured here) in {study_dir}. "
           "Set study_dir to a study's output folder, e.g. outputs/default, to rank it.")
-settings = config.validate_section(config.RankingSettings, {**ranking, **({"amortize_over": amortize_over} if amortize_over else {})}, "ranking")
+settings = config.validate_section(config.RankingSettings,
+                                   {**ranking, **({"amortize_over": amortize_over} if amortize_over else {})},
+                                   "ranking")
 tables = rk.load_tables(study_dir)
 outcome = rk.rank_study(study_dir, settings)
 origin, skipped, failures = rk.config_notes(study_dir)
@@ -60,24 +63,29 @@ display(Markdown(rk.answer_markdown(outcome)))
 # %% [markdown]
 # ## The evidence
 # ### Figure 7 — ranking across w, and energy against quality
-# How to read it: (a) R of every configuration as the weight on energy w goes from 0 (quality only) to 1 (energy only); lines that cross swap places. (b) energy per item against ρ at the chosen w: the Pareto front joins the configurations no other beats on both; lower right is better (less energy, more quality).
+# How to read it: (a) R of every configuration as the weight on energy w goes from 0 (quality only) to 1
+# (energy only); lines that cross swap places. (b) energy per item against ρ at the chosen w: the Pareto front
+# joins the configurations no other beats on both; lower right is better (less energy, more quality).
 
 # %% tags=["nbval-ignore-output"]
-fig7 = plots.fig7_ranking(outcome.result.table, w=settings.w, energy_method=rk.figure_energy_method(outcome.methods))
+fig7 = plots.fig7_ranking(outcome.result.table, w=settings.w,
+                          energy_method=rk.figure_energy_method(outcome.methods))
 plots.save_figure(fig7, study_dir / "figures", "fig7_ranking")
 plots.as_image(fig7)
 
 # %% tags=["nbval-ignore-output"]
-display(HTML(rk.collapsible(rk.ranking_view(outcome.result.table, settings.w), f"Ranking at w = {settings.w:g}",
-                            open=True)))
+display(HTML(rk.collapsible(rk.ranking_view(outcome.result.table, settings.w),
+                            f"Ranking at w = {settings.w:g}", open=True)))
 display(HTML(rk.collapsible(outcome.stability.assign(config_id=outcome.stability["config_id"].map(rk.pretty_config))
                             if outcome.stability is not None else None,
-                            "Rank stability", "Share of bootstrap resamples (items and energy repeats) in which each "
-                            "configuration takes each rank.")))
+                            "Rank stability", "Share of bootstrap resamples (items and energy repeats) in "
+                            "which each configuration takes each rank.")))
 
 # %% [markdown]
 # ### Figure 4 — inference energy and carbon per precision
-# How to read it: energy (top) and carbon (bottom) per item of every task, per precision, one panel per model; bars are means over the measured windows, whiskers their spread; a hatched or "estimated" note means CodeCarbon modelled the power rather than a counter measuring it.
+# How to read it: energy (top) and carbon (bottom) per item of every task, per precision, one panel per model;
+# bars are means over the measured windows, whiskers their spread; a hatched or "estimated" note means
+# CodeCarbon modelled the power rather than a counter measuring it.
 
 # %% tags=["nbval-ignore-output"]
 fig4 = plots.fig4_inference_energy_carbon(tables["energy"])
@@ -86,7 +94,9 @@ plots.as_image(fig4)
 
 # %% [markdown]
 # ### Figure 5 — impact of the quantization level on each task metric
-# How to read it: each panel one task metric, each line one model across precisions (fp32 → 4-bit); the band is its 95% interval. A drop beyond the band is a loss of quality the data can see; the sentences below say which differences are beyond noise.
+# How to read it: each panel one task metric, each line one model across precisions (fp32 → 4-bit); the band
+# is its 95% interval. A drop beyond the band is a loss of quality the data can see; the sentences below say
+# which differences are beyond noise.
 
 # %% tags=["nbval-ignore-output"]
 fig5 = plots.fig5_quantization_impact(tables["scores"], tables["energy"])
@@ -96,7 +106,9 @@ display(Markdown(rk.quality_changes(outcome, "quantization")))
 
 # %% [markdown]
 # ### Figure 6 — pruning
-# How to read it: the pruned (and recovered) variants of each pruned configuration beside it unpruned: energy per item and the headline metric of each task. Pruning pays when energy falls and the metric does not fall beyond its interval.
+# How to read it: the pruned (and recovered) variants of each pruned configuration beside it unpruned: energy
+# per item and the headline metric of each task. Pruning pays when energy falls and the metric does not fall
+# beyond its interval.
 
 # %% tags=["nbval-ignore-output"]
 if not (tables["energy"]["phase"] == "pruning").any():
@@ -111,17 +123,25 @@ else:
 
 # %% [markdown]
 # ### What it costs over its life (Figure 8)
-# Making a variant costs energy once (fine-tuning, Wanda calibration, pruning, recovery fine-tuning); serving costs energy per query. The table gives each variant's setup energy, its energy per query, and after how many queries it pays for itself against its reference (its model at fp32, no adapter, no pruning), with its quality change beside it. Figure 8 draws setup + N × per query for the top set and the variants with a break-even count (fewest queries first), with their references: where a variant's line crosses below its reference's (●) it has paid for itself. To rank at a chosen life, set `amortize_over` in the parameters cell (e.g. `1e6`) and run the notebook again.
+# Making a variant costs energy once (fine-tuning, Wanda calibration, pruning, recovery fine-tuning); serving
+# costs energy per query. The table gives each variant's setup energy, its energy per query, and after how
+# many queries it pays for itself against its reference (its model at fp32, no adapter, no pruning), with its
+# quality change beside it. Figure 8 draws setup + N × per query for the top set and the variants with a
+# break-even count (fewest queries first), with their references: where a variant's line crosses below its
+# reference's (●) it has paid for itself. To rank at a chosen life, set `amortize_over` in the parameters cell
+# (e.g. `1e6`) and run the notebook again.
 
 # %% tags=["nbval-ignore-output"]
 display(Markdown(rk.lifecycle_markdown(outcome)))
-fig8 = plots.fig8_lifecycle(outcome.lifecycle, rk.lifecycle_figure_configs(outcome), settings.lifecycle_queries)
+fig8 = plots.fig8_lifecycle(outcome.lifecycle, rk.lifecycle_figure_configs(outcome),
+                            settings.lifecycle_queries)
 plots.save_figure(fig8, study_dir / "figures", "fig8_lifecycle")
 plots.as_image(fig8)
 
 # %% [markdown]
 # ### Figure 1 — token lengths of the datasets
-# How to read it: how many tokens each task's items take under the model's tokenizer, per split; energy per item follows the tokens an item runs, so a task with longer items costs more per item at every precision.
+# How to read it: how many tokens each task's items take under the model's tokenizer, per split; energy per
+# item follows the tokens an item runs, so a task with longer items costs more per item at every precision.
 
 # %% tags=["nbval-ignore-output"]
 fig1 = plots.fig1_token_lengths(tables["token_lengths"])
@@ -130,7 +150,10 @@ plots.as_image(fig1)
 
 # %% [markdown]
 # ### Figure 3 — fine-tuning energy against training loss
-# How to read it: per fine-tuned configuration, training and validation loss per epoch and the energy each epoch cost; a curve that flattens while energy keeps rising is where more epochs stop paying. A precision the study asked for that did not train here (skipped as too slow on this device, or failed) is listed in the legend with the reason.
+# How to read it: per fine-tuned configuration, training and validation loss per epoch and the energy each
+# epoch cost; a curve that flattens while energy keeps rising is where more epochs stop paying. A precision
+# the study asked for that did not train here (skipped as too slow on this device, or failed) is listed in the
+# legend with the reason.
 
 # %% tags=["nbval-ignore-output"]
 untrained = rk.not_trained(study_dir)  # fine-tuning configs skipped or failed, with why: Figure 3 says so
@@ -144,7 +167,9 @@ else:
 
 # %% [markdown]
 # ## Methods
-# How the answer was reached: the formula and its scales, how stable the ranks are, how precise the scores are, the device and its hardware, disturbed measurements, the data, how energy was obtained (measured or estimated), where the weights came from, what was skipped or failed.
+# How the answer was reached: the formula and its scales, how stable the ranks are, how precise the scores
+# are, the device and its hardware, disturbed measurements, the data, how energy was obtained (measured or
+# estimated), where the weights came from, what was skipped or failed.
 
 # %% tags=["nbval-ignore-output"]
 display(Markdown(rk.methods_markdown(outcome, origin, skipped, failures,
@@ -152,24 +177,32 @@ display(Markdown(rk.methods_markdown(outcome, origin, skipped, failures,
 
 # %% [markdown]
 # ## Tables
-# Click a title to open its table. Every number is also in the study's `tables/` folder as CSV, in base units (kWh, s).
+# Click a title to open its table. Every number is also in the study's `tables/` folder as CSV, in base units
+# (kWh, s).
 
 # %% tags=["nbval-ignore-output"]
 display(HTML(rk.collapsible(rk.energy_view(tables["energy"]), "Energy per config, phase and task",
-                            "mWh per item gross and net of the job's loaded-idle power, its standard error, J per "
-                            "1k tokens as they ran, mg CO2e per item, windows and those kept contaminated, the "
-                            "method and which components it estimates.")))
-display(HTML(rk.collapsible(rk.scores_view(tables["scores"]), "Scores", "Every metric of every configuration; "
-                            "95% bootstrap intervals in tables/scores.csv.")))
+                            "mWh per item gross and net of the job's loaded-idle power, its standard error, "
+                            "J per 1k tokens as they ran, mg CO2e per item, windows and those kept "
+                            "contaminated, the method and which components it estimates.")))
+display(
+    HTML(rk.collapsible(rk.scores_view(tables["scores"]), "Scores", "Every metric of every configuration; "
+                        "95% bootstrap intervals in tables/scores.csv.")))
 
 # %% [markdown]
-# Where each measured job ran (`tables/idle_baselines.csv`, read when its idle baselines were taken): host, CPU and the speed-deciding instruction flags it has, cores, frequency governor and clock, the 1-minute load average, GPU and its power limit. A job on another node (SLURM) shows its own machine; the machine the throughput probe ran on is in the Methods' **Hardware** paragraph (`provenance.json`).
+# Where each measured job ran (`tables/idle_baselines.csv`, read when its idle baselines were taken): host,
+# CPU and the speed-deciding instruction flags it has, cores, frequency governor and clock, the 1-minute load
+# average, GPU and its power limit. A job on another node (SLURM) shows its own machine; the machine the
+# throughput probe ran on is in the Methods' **Hardware** paragraph (`provenance.json`).
 
 # %% tags=["nbval-ignore-output"]
 display(HTML(rk.collapsible(rk.job_hardware(study_dir), "Hardware per job")))
 
 # %% [markdown]
-# Was each measured job disturbed? Per job: the worst share of the machine's CPU time other processes took in one of its windows, the worst machine-speed canary against the job's and the study's start (1.0 = as fast), the worst hypervisor steal, its windows kept contaminated and those measured again, and its loaded-idle drift (after its windows against before; `drifted` beyond `energy.max_idle_drift`).
+# Was each measured job disturbed? Per job: the worst share of the machine's CPU time other processes took in
+# one of its windows, the worst machine-speed canary against the job's and the study's start (1.0 = as fast),
+# the worst hypervisor steal, its windows kept contaminated and those measured again, and its loaded-idle
+# drift (after its windows against before; `drifted` beyond `energy.max_idle_drift`).
 
 # %% tags=["nbval-ignore-output"]
 display(HTML(rk.collapsible(rk.disturbance_table(study_dir), "Disturbance per job")))
