@@ -61,7 +61,7 @@ PYTEST_WORKERS ?= 2
 test: $(STAMP) lint
 	$(BIN)/python tools/parallel_tests.py --workers $(PYTEST_WORKERS)
 
-# pyflakes and import order ([tool.ruff] in pyproject.toml); `make test` runs it first.
+# pyflakes, import order and line length 110 ([tool.ruff] in pyproject.toml); `make test` runs it first.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

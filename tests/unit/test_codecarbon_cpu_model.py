@@ -15,7 +15,8 @@ MODULES = ("codecarbon.core.util", "codecarbon.core.cpu", "codecarbon.core.resou
 def test_codecarbon_reads_the_model_name_line(tmp_path, monkeypatch):
     pytest.importorskip("codecarbon")
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14 96-Core Processor\n")
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\n"
+                       "model name\t: AMD EPYC 9R14 96-Core Processor\n")
     for name in MODULES:  # restored after the test
         module = importlib.import_module(name)
         monkeypatch.setattr(module, "detect_cpu_model", module.detect_cpu_model)
