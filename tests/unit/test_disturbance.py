@@ -21,6 +21,7 @@ from llm_energy.measure.disturbance import (
     DisturbanceMonitor,
     Thresholds,
     judge,
+    make_canary,
     own_pids,
     read_proc_stat,
     read_study_canary,
@@ -401,3 +402,21 @@ def test_the_study_runner_on_this_host_is_not_a_cotenant(monkeypatch):
         assert pid not in own_pids()
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+def test_a_slowdown_only_the_jobs_precision_feels_flags_the_window():
+    clock = FakeClock()
+    # fp32 canary as fast as at the start; the w8a8 canary 1.5x slower at both edges of the window
+    w8a8 = iter([0.020, 0.030, 0.030])
+    monitor, _ = fake_monitor(clock, [0.010], precision="w8a8", precision_canary=lambda: next(w8a8))
+    meter = meter_with(clock, monitor, on_contaminated="flag")
+    _, record = meter.measure_clean(lambda: clock.sleep(1.0), "w")
+    assert record.contaminated and record.canary_slowdown == pytest.approx(1.5)
+    assert "slowed 1.50x" in record.disturbance
+
+
+def test_the_precision_canary_runs_that_precisions_kernel():
+    for precision in ("fp32", "bf16", "w8a8"):
+        canary = make_canary("cpu", precision)
+        assert canary is not None and 0 < canary(1) < 5.0, precision
+    assert make_canary("cpu", "int8") is None  # bitsandbytes int8: the fp32 canary alone

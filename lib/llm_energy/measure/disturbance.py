@@ -104,9 +104,16 @@ def judge(slowdown: float, foreign: float, steal: float, gpu_processes: int, thr
 # The witnesses
 
 
-def make_canary(device: str = "cpu") -> Callable[..., float]:
-    """The machine-speed canary: seconds of one round of the probe's fp32 matmul (best of ``rounds``,
-    default CANARY_ROUNDS, after two warm-up calls), on the job's device."""
+def make_canary(device: str = "cpu", precision: str = "fp32") -> Callable[..., float] | None:
+    """The machine-speed canary: seconds of one round of the probe's matmul (best of ``rounds``,
+    default CANARY_ROUNDS, after two warm-up calls), on the job's device, in the kernel a precision
+    runs: fp32 (the default; the study's start canary), bf16/fp16 (torch's linear in that dtype),
+    w8a8 (this package's W8A8Linear: the activation quantization and int8 matmul), nf4/fp4 on a CPU
+    with native bf16 (they run a bf16 GEMM there, models/fourbit.py). None for a precision without a
+    kernel of its own here (bitsandbytes int8; 4-bit elsewhere): its windows have the fp32 one only.
+
+    A slow stretch does not slow every kernel alike: on the 2-core AMD EPYC VM, in one stretch the fp32
+    canary read 1.17-1.22x, the w8a8 one 1.47-1.64x and the job's own w8a8 scoring 1.48-1.56x."""
     import torch
 
     m, k, n = CANARY_SHAPE
@@ -114,6 +121,27 @@ def make_canary(device: str = "cpu") -> Callable[..., float]:
         torch.manual_seed(0)
         x = torch.randn(m, k, device=device)
         weight = torch.randn(n, k, device=device)
+    if precision == "fp32":
+        def call() -> Any:
+            return torch.nn.functional.linear(x, weight)
+    elif precision in ("bf16", "fp16") or (precision in ("nf4", "fp4") and _four_bit_runs_bf16(device)):
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        x_low, weight_low = x.to(dtype), weight.to(dtype)
+
+        def call() -> Any:
+            return torch.nn.functional.linear(x_low, weight_low)
+    elif precision == "w8a8":
+        from ..models.quant8 import W8A8Linear
+
+        layer = torch.nn.Linear(k, n, bias=False, device=device)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        quantized = W8A8Linear.from_linear(layer)
+
+        def call() -> Any:
+            return quantized(x)
+    else:
+        return None
 
     def sync() -> None:
         if device.startswith("cuda"):
@@ -123,17 +151,28 @@ def make_canary(device: str = "cpu") -> Callable[..., float]:
         best = math.inf
         with torch.inference_mode():
             for _ in range(2):  # warm caches and wake the threads
-                torch.nn.functional.linear(x, weight)
+                call()
             sync()
             for _ in range(rounds):
                 start = time.perf_counter()
                 for _ in range(CANARY_CALLS):
-                    torch.nn.functional.linear(x, weight)
+                    call()
                 sync()
                 best = min(best, time.perf_counter() - start)
         return best
 
     return canary
+
+
+def _four_bit_runs_bf16(device: str) -> bool:
+    """Whether nf4/fp4 layers run a bf16 GEMM on this device (a CPU with native bf16)."""
+    if device.startswith("cuda"):
+        return False
+    try:
+        from ..models.fourbit import native_bf16_cpu
+    except ImportError:
+        return False
+    return bool(native_bf16_cpu())
 
 
 RUNNER_ENV = "LLM_ENERGY_RUNNER"  # "host:pid" of the study's runner, set by `llm-energy run`
@@ -219,14 +258,25 @@ class _Start:
     cpu: dict[int, float]
     stat: tuple[float, float] | None
     clock: float
+    precision_canary_s: float = math.nan  # the job's precision's canary (NaN: none)
+
+
+def _reference(canary: Callable[..., float]) -> float:
+    try:
+        return canary(REFERENCE_ROUNDS)
+    except TypeError:  # a canary that takes no rounds (tests)
+        return canary()
 
 
 class DisturbanceMonitor:
     """Reads the three witnesses around a window: ``begin()`` before the meter starts its sources,
     ``end(start)`` after they stop (so neither the canary nor the process scan is in the energy).
 
-    Every reader is injectable (tests plant a slow canary or a co-tenant). ``study_canary_s`` is the
-    canary's time when the study started, used only on the host that measured it."""
+    The machine's speed is read by the fp32 canary and, for a job at another precision, by a canary in
+    that precision's kernel too (:func:`make_canary`); ``canary_slowdown`` is the larger of the two
+    slowdowns. Every reader is injectable (tests plant a slow canary or a co-tenant).
+    ``study_canary_s`` is the fp32 canary's time when the study started, used only on the host that
+    measured it."""
 
     def __init__(self, thresholds: Thresholds, device: str = "cpu",
                  canary: Callable[[], float] | None = None,
@@ -236,37 +286,63 @@ class DisturbanceMonitor:
                  cpu_count: int | None = None,
                  nvml: Any = None, gpu_indices: Iterable[int] = (),
                  clock: Callable[[], float] = time.perf_counter,
-                 study_canary_s: float | None = None):
+                 study_canary_s: float | None = None,
+                 precision: str = "fp32",
+                 precision_canary: Callable[[], float] | None = None):
         self.thresholds = thresholds
+        real = canary is None
         self.canary = canary if canary is not None else make_canary(device)
+        if precision_canary is None and real and precision != "fp32":
+            precision_canary = make_canary(device, precision)
+        self.precision_canary = precision_canary
+        self.precision = precision
         self.cpu_seconds, self.mine, self.proc_stat = cpu_seconds, mine, proc_stat
         self.cpu_count = cpu_count or os.cpu_count() or 1
         self.nvml, self.gpu_indices = nvml, list(gpu_indices)
         self.clock = clock
-        if canary is None and device in _JOB_REFERENCE:
+        if real and device in _JOB_REFERENCE:
             self.job_canary_s = _JOB_REFERENCE[device]
         else:
-            try:
-                self.job_canary_s = self.canary(REFERENCE_ROUNDS)
-            except TypeError:  # a canary that takes no rounds (tests)
-                self.job_canary_s = self.canary()
-            if canary is None:
+            self.job_canary_s = _reference(self.canary)
+            if real:
                 _JOB_REFERENCE[device] = self.job_canary_s
+        self.job_precision_canary_s = math.nan
+        if self.precision_canary is not None:
+            key = f"{device}:{precision}"
+            if real and key in _JOB_REFERENCE:
+                self.job_precision_canary_s = _JOB_REFERENCE[key]
+            else:
+                self.job_precision_canary_s = _reference(self.precision_canary)
+                if real:
+                    _JOB_REFERENCE[key] = self.job_precision_canary_s
         self.study_canary_s = study_canary_s
-        self._last_end: tuple[float, float] | None = None  # (clock, canary seconds) of the last end()
+        # (clock, fp32 canary seconds, precision canary seconds) of the last end()
+        self._last_end: tuple[float, float, float] | None = None
+
+    def _read_canaries(self) -> tuple[float, float]:
+        precision_s = self.precision_canary() if self.precision_canary is not None else math.nan
+        return self.canary(), precision_s
+
+    def _slowdown(self, canary_s: float, precision_s: float) -> float:
+        """The larger of the fp32 canary's and the precision canary's slowdowns against the job's start."""
+        slowdown = canary_s / self.job_canary_s
+        if not math.isnan(precision_s) and self.job_precision_canary_s > 0:
+            slowdown = max(slowdown, precision_s / self.job_precision_canary_s)
+        return slowdown
 
     def begin(self) -> _Start:
         last = self._last_end
         if last is not None and self.clock() - last[0] <= ADJACENT_S:
-            canary_s = last[1]  # the previous window closed just now: its closing canary is this one's opening
+            # the previous window closed just now: its closing canaries are this one's opening ones
+            canary_s, precision_s = last[1], last[2]
         else:
-            canary_s = self.canary()
-        return _Start(canary_s, self.cpu_seconds(), self.proc_stat(), self.clock())
+            canary_s, precision_s = self._read_canaries()
+        return _Start(canary_s, self.cpu_seconds(), self.proc_stat(), self.clock(), precision_s)
 
     def wait_until_clear(self, timeout_s: float, sleep: Callable[[float], None] = time.sleep,
                          poll_s: float = SETTLE_POLL_S) -> float | None:
-        """After a contaminated window, before it is measured again: poll the machine until the canary
-        is back within tolerance (against the job's and the study's start) and other processes and the
+        """After a contaminated window, before it is measured again: poll the machine until the canaries
+        are back within tolerance (against the job's and the study's start) and other processes and the
         hypervisor are under their shares again, for at most ``timeout_s``. The seconds waited when it
         cleared; None when it did not (a slow stretch lasting longer: measuring the window again inside
         it would only repeat the flag)."""
@@ -284,12 +360,12 @@ class DisturbanceMonitor:
             steal = 0.0
             if stat_before is not None and stat_after is not None and stat_after[1] > stat_before[1]:
                 steal = (stat_after[0] - stat_before[0]) / (stat_after[1] - stat_before[1])
-            canary_s = self.canary()
-            slow = canary_s / self.job_canary_s
+            canary_s, precision_s = self._read_canaries()
+            slow = self._slowdown(canary_s, precision_s)
             vs_study = canary_s / self.study_canary_s if self.study_canary_s else 1.0
             if (slow <= tolerance and vs_study <= tolerance and foreign <= self.thresholds.max_foreign_cpu_share
                     and steal <= self.thresholds.max_steal_share):
-                self._last_end = (self.clock(), canary_s)
+                self._last_end = (self.clock(), canary_s, precision_s)
                 return self.clock() - began
             if self.clock() - began >= timeout_s:
                 return None
@@ -316,11 +392,14 @@ class DisturbanceMonitor:
                 gpu = foreign_gpu_processes(self.nvml, self.gpu_indices, mine)
             except Exception:  # noqa: BLE001  (an NVML without process listing: not read)
                 gpu = 0
-        closing = self.canary()
-        self._last_end = (self.clock(), closing)
+        closing, closing_precision = self._read_canaries()
+        self._last_end = (self.clock(), closing, closing_precision)
         fastest = min(start.canary_s, closing)
+        fastest_precision = (min(start.precision_canary_s, closing_precision)
+                             if not math.isnan(closing_precision) else math.nan)
         vs_study = fastest / self.study_canary_s if self.study_canary_s else math.nan
-        return judge(fastest / self.job_canary_s, min(foreign, 1.0), steal, gpu, self.thresholds, vs_study)
+        return judge(self._slowdown(fastest, fastest_precision), min(foreign, 1.0), steal, gpu, self.thresholds,
+                     vs_study)
 
 
 def study_canary_path(study_dir: Path) -> Path:

@@ -141,7 +141,7 @@ def disturbance_monitor(run: ConfigRun, device: str) -> DisturbanceMonitor | Non
         except Exception:  # noqa: BLE001  (no NVML: foreign GPU processes not read)
             nvml, indices = None, []
     return DisturbanceMonitor(Thresholds.from_settings(run.energy), device, nvml=nvml, gpu_indices=indices,
-                              study_canary_s=read_study_canary(run.study_dir))
+                              study_canary_s=read_study_canary(run.study_dir), precision=run.precision)
 
 
 def record_idle_drift(run: ConfigRun, meter: EnergyMeter, phase: str, config_id: str | None = None) -> float:
