@@ -19,13 +19,12 @@ from types import ModuleType
 MOVED: dict[str, str] = {
     "teleqna": "data.teleqna", "energy": "measure.meter", "throughput": "measure.throughput",
     "results": "tables.store", "records": "tables.rows", "quant8": "models.quant8",
-    "sparse": "models.sparse_kernels",
-    "scoring": "methods.scoring", "generation": "methods.generation", "prune": "methods.sparsify",
-    "lora": "methods.lora_training", "significance": "analysis.significance", "rank": "analysis.ranking_math",
-    "plots": "report.figures", "evaluation": "phases.evaluation", "finetune": "phases.finetune",
-    "inference": "phases.inference", "pruning": "phases.pruning", "ranking": "phases.ranking",
-    "jobs": "runner.jobs", "scale": "runner.scale", "study": "runner.study", "plan": "runner.plan",
-    "checks": "runner.checks",
+    "sparse": "models.sparse_kernels", "scoring": "methods.scoring", "generation": "methods.generation",
+    "prune": "methods.sparsify", "lora": "methods.lora_training", "significance": "analysis.significance",
+    "rank": "analysis.ranking_math", "plots": "report.figures", "evaluation": "phases.evaluation",
+    "finetune": "phases.finetune", "inference": "phases.inference", "pruning": "phases.pruning",
+    "ranking": "phases.ranking", "jobs": "runner.jobs", "scale": "runner.scale", "study": "runner.study",
+    "plan": "runner.plan", "checks": "runner.checks",
     # (data, models and report are folders now; each resolves its old module's names itself)
 }
 

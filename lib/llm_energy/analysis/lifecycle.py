@@ -85,8 +85,8 @@ def _step(step: str, source: str, rows: pd.DataFrame) -> SetupStep:
            else pd.Series(float("nan"), index=rows.index))
     return SetupStep(step=step, source_config=source, kwh=float(rows["energy_kwh"].astype(float).sum()),
                      net_kwh=float(net.sum(min_count=1)),
-                     g_co2e=float(rows["emissions_kg"].astype(float).sum() * 1000),
-                     method=";".join(methods), estimate=any(is_estimate(m) for m in methods) or not methods)
+                     g_co2e=float(rows["emissions_kg"].astype(float).sum() * 1000), method=";".join(methods),
+                     estimate=any(is_estimate(m) for m in methods) or not methods)
 
 
 def setup_steps(config_id: str, energy: pd.DataFrame, setup_energy: pd.DataFrame,
@@ -97,8 +97,8 @@ def setup_steps(config_id: str, energy: pd.DataFrame, setup_energy: pd.DataFrame
     for source in lineage(config_id, meta):
         adapter, pruning = meta.get(source, ("none", "none"))
         parent = parent_config_id(source, adapter, pruning)
-        training = energy[(energy["config_id"].astype(str) == source) & energy["phase"].isin(
-            list(TRAINING_STEPS))]
+        training = energy[(energy["config_id"].astype(str) == source)
+                          & energy["phase"].isin(list(TRAINING_STEPS))]
         for phase, rows in training.groupby("phase", sort=False):
             steps.append(_step(TRAINING_STEPS[str(phase)], source, rows))
         made = (setup_energy[setup_energy["config_id"].astype(str) == source] if not setup_energy.empty
@@ -161,10 +161,9 @@ def lifecycle_table(configs: pd.DataFrame, energy: pd.DataFrame, setup_energy: p
         for s in steps:
             others = [c for c in users[(s.step, s.source_config)] if c != config_id]
             rows.append({"config_id": config_id, "reference": reference if has_reference else "",
-                         "step": s.step,
-                         "source_config": s.source_config, "setup_kwh": s.kwh, "setup_net_kwh": s.net_kwh,
-                         "setup_g_co2e": s.g_co2e, "method": s.method, "estimate": s.estimate,
-                         "shared_with": " ".join(sorted(others))})
+                         "step": s.step, "source_config": s.source_config, "setup_kwh": s.kwh,
+                         "setup_net_kwh": s.net_kwh, "setup_g_co2e": s.g_co2e, "method": s.method,
+                         "estimate": s.estimate, "shared_with": " ".join(sorted(others))})
         if config_id == reference:
             verdict = "reference"
         elif unknown:

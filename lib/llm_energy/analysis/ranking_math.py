@@ -842,9 +842,8 @@ def paired_comparisons(item_scores: pd.DataFrame, n_boot: int = 2000, level: flo
                 low, high = paired_interval(d, n_boot, level, rng)
                 p_value, test = paired_test(va, vb, n_perm=n_perm, seed=seed)
                 rows.append({"config_a": a, "config_b": b, "task": task, "metric": metric,
-                             "diff": float(d.mean()),
-                             "ci_low": low, "ci_high": high, "p_value": p_value, "test": test, "n_items": n,
-                             "family": "", "p_adjusted": np.nan})
+                             "diff": float(d.mean()), "ci_low": low, "ci_high": high, "p_value": p_value,
+                             "test": test, "n_items": n, "family": "", "p_adjusted": np.nan})
     return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
 
 

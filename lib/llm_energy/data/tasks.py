@@ -246,8 +246,7 @@ def _read_records_cached(task: str, path_text: str, _mtime: int, settings_json: 
                 item = make(record, path, line, f"{task}-{line}")
                 if label_set is not None and item.root_cause not in label_set:
                     raise DataError(path, f"{item.root_cause!r} is not in the label set {sorted(label_set)}",
-                                    line,
-                                    "root_cause")
+                                    line, "root_cause")
                 if item.id in seen:
                     raise DataError(path, f"duplicate id {item.id!r} (first on line {seen[item.id]})", line,
                                     "id")
@@ -391,8 +390,7 @@ def split_rows(task: str, settings: TaskSettings, base_dir: Path | None = None) 
     records = read_records(task, task_file(task, settings, base_dir), settings)
     scored = {item.id for item in load_task_data(task, settings, base_dir=base_dir).items}
     return [{"task": task, "source": records.source, "item_id": item.id, "class": class_of(item),
-             "split": split,
-             "assigned_by": how, "scored": item.id in scored}
+             "split": split, "assigned_by": how, "scored": item.id in scored}
             for item, split, how in split_entries(records, settings)]
 
 

@@ -206,8 +206,7 @@ def describe_cpu(read: Reader = read_text, getloadavg: Callable[[], Sequence[flo
     return CpuDescription(
         model=model, vendor=vendor, isa_flags=flags, logical_cores=logical, physical_cores=physical,
         governor=governor, mhz=round(mhz, 1) if mhz is not None else None,
-        load_avg=_load_avg(read, getloadavg),
-        memory_total_bytes=_meminfo_bytes(meminfo, "MemTotal"),
+        load_avg=_load_avg(read, getloadavg), memory_total_bytes=_meminfo_bytes(meminfo, "MemTotal"),
         memory_available_bytes=_meminfo_bytes(meminfo, "MemAvailable"),
         kernel=kernel if kernel is not None else platform.release(), virtualisation=virtualisation)
 
@@ -299,9 +298,8 @@ def provenance_fields(cpu: CpuDescription, gpus: Sequence[GpuDescription]) -> di
     data = cpu.as_dict()
     return {
         "host": platform.node(), "cpu": data.pop("model"), "cpu_count": data.pop("logical_cores"),
-        "cpu_vendor": data.pop("vendor"),
-        "cpu_mhz": data.pop("mhz"), **data, "speed_flags_present": cpu.present_flags,
-        "gpus": [g.as_dict() for g in gpus],
+        "cpu_vendor": data.pop("vendor"), "cpu_mhz": data.pop("mhz"), **data,
+        "speed_flags_present": cpu.present_flags, "gpus": [g.as_dict() for g in gpus],
     }
 
 
@@ -339,8 +337,8 @@ def _join(names: Sequence[str], word: str) -> str:
 
 
 def speed_sentence(precision: str, factor: float | None, flags: Mapping[str, bool] | None,
-                   on_cpu: bool = True,
-                   skipped: bool = False, reference: str = "fp32", reason: str = "") -> str:
+                   on_cpu: bool = True, skipped: bool = False, reference: str = "fp32",
+                   reason: str = "") -> str:
     """One precision's measured speed beside the CPU flags that decide it, e.g. "bf16 skipped: 25x
     slower than fp32 on this CPU, which has no avx512_bf16 or amx_bf16". ``factor``: how many times
     slower than the reference it ran (None: not measured, ``reason`` says why); ``flags``: the CPU's

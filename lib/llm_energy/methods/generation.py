@@ -263,8 +263,8 @@ class Embedder:
         rows = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True,
-                                   truncation=True,
-                                   max_length=MINILM_MAX_TOKENS, return_tensors="pt").to(self.device)
+                                   truncation=True, max_length=MINILM_MAX_TOKENS,
+                                   return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 states = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)

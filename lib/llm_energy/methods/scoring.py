@@ -243,8 +243,8 @@ def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
             totals[i] = scores
     return [
         ChoiceScores(loglik=np.array(t, dtype=float),
-                     continuation_chars=np.array(r.continuation_chars, dtype=float),
-                     n_tokens=r.n_tokens, n_tokens_run=r.n_tokens - skip)
+                     continuation_chars=np.array(r.continuation_chars, dtype=float), n_tokens=r.n_tokens,
+                     n_tokens_run=r.n_tokens - skip)
         for t, r, skip in zip(totals, encoded, prefix_skips(len(encoded), shared))
     ]
 
@@ -970,8 +970,8 @@ def task_result(prepared: PreparedTask, scores: Sequence[ChoiceScores], n_boot: 
     else:
         labels = list(prepared.labels)
         predictions = [int(np.argmax(s.loglik / s.continuation_chars)) for s in scores]
-        gold_a, pred_a = np.array([labels.index(item.root_cause) for item in data.items]), np.array(
-            predictions)
+        gold_a, pred_a = (np.array([labels.index(item.root_cause) for item in data.items]),
+                          np.array(predictions))
         per_item = {"accuracy": (gold_a == pred_a).astype(float)}
         extra_metrics["macro_f1"] = macro_f1(gold_a, pred_a, len(labels))
         extra_intervals["macro_f1"] = _bootstrap_macro_f1(gold_a, pred_a, len(labels), min(n_boot, 500), seed)

@@ -387,8 +387,8 @@ class Verification:
 
 
 def convert_and_verify(model: Any, plans: Sequence[ShapePlan], forward: Callable[[], Any],
-                       backend: Any = None,
-                       tolerance: float = 2e-2, check_kernels: bool = True) -> tuple[list[str], Verification]:
+                       backend: Any = None, tolerance: float = 2e-2,
+                       check_kernels: bool = True) -> tuple[list[str], Verification]:
     """Apply ``plans``, run ``forward`` (a probe large enough for the sparse path) before and after,
     and keep the conversion only if the outputs match within ``tolerance`` (relative L2), the sparse
     path ran and (``check_kernels``, CUDA) the profiler saw a sparse kernel; otherwise revert to the
@@ -413,8 +413,8 @@ def convert_and_verify(model: Any, plans: Sequence[ShapePlan], forward: Callable
         problems.append("the profiler saw no sparse kernel (top: " + ", ".join(list(kernels)[:3]) + ")")
     if problems:
         revert(model)
-        return [], Verification(False, check["rel_l2"], check["top1_agreement"], calls, seen,
-                                "; ".join(problems))
+        return ([], Verification(False, check["rel_l2"], check["top1_agreement"], calls, seen,
+                                 "; ".join(problems)))
     return converted, Verification(True, check["rel_l2"], check["top1_agreement"], calls, seen,
                                    f"outputs match dense (relative L2 {check['rel_l2']:.1e}); "
                                    f"sparse kernel: {seen[0][:60] if seen else 'not checked'}")
@@ -474,8 +474,8 @@ def plan_rows(plans: Sequence[ShapePlan]) -> list[dict[str, Any]]:
             rows.append({**p.row(), "tokens": t.tokens, "dense_ms": t.dense_s * 1e3,
                          "sparse_ms": t.sparse_s * 1e3,
                          "sparse_default_alg_ms": None if t.sparse_default_alg_s is None
-                         else t.sparse_default_alg_s * 1e3,
-                         "searched_alg_id": t.alg_id, "speedup": t.speedup})
+                         else t.sparse_default_alg_s * 1e3, "searched_alg_id": t.alg_id,
+                         "speedup": t.speedup})
         if not p.timings:
             rows.append({**p.row(), "tokens": None, "dense_ms": None, "sparse_ms": None,
                          "sparse_default_alg_ms": None, "searched_alg_id": None, "speedup": None})

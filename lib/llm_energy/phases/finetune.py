@@ -41,8 +41,7 @@ def splits(run: ConfigRun, params: FinetuneParams) -> tuple[TaskData, TaskData]:
 
 
 def train(run: ConfigRun, params: FinetuneParams, loaded: LoadedModel, meter: EnergyMeter,
-          train_split: TaskData,
-          validation_split: TaskData) -> FinetuneResult:
+          train_split: TaskData, validation_split: TaskData) -> FinetuneResult:
     """Train and save the adapter under the study's adapters/<config id>/, then write its epochs."""
     limit = probe_rate(run)  # before the windows (a notebook run alone probes its precision here)
     result = finetune(loaded, train_split.items, validation_split.items, params, meter,

@@ -233,9 +233,8 @@ def record(run: ConfigRun, pruned: PrunedModel, execution: SparseExecution,
     path = choose_scoring_path(pruned.loaded.model, pruned.loaded.tokenizer)
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
                   weights_origin=pruned.loaded.weights_origin, adapter=adapter,
-                  pruning=pruned.outcome.spec.label,
-                  kernel=execution.kernel, kernel_note=execution.note, scoring_path=path.name,
-                  data=data_description(run.tasks, run.base_dir))
+                  pruning=pruned.outcome.spec.label, kernel=execution.kernel, kernel_note=execution.note,
+                  scoring_path=path.name, data=data_description(run.tasks, run.base_dir))
     return path
 
 
@@ -314,8 +313,7 @@ def measure_recovered_config(recovery: Recovery, meter: EnergyMeter, outcome: Pr
                              adapter: str = "none") -> list[dict[str, Any]]:
     """The recovered config measured and written like every pruned config."""
     return evaluate_config(recovery.run, recovery.loaded, meter, phase="pruning",
-                           adapter=recovered_adapter(adapter),
-                           pruning=outcome.spec.label, sparsity=outcome)
+                           adapter=recovered_adapter(adapter), pruning=outcome.spec.label, sparsity=outcome)
 
 
 def evaluate_recovered(recovery: Recovery, meter: EnergyMeter, outcome: PruningResult,

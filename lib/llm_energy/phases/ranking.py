@@ -119,8 +119,7 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
     stability, used, note = _stability(study_dir, configs, result.settings, result, offset)
     p_best = stability.attrs.get("p_best") if stability is not None else None
     result = rank.RankingResult(table=rank.add_top_uncertainty(result.table, p_best),
-                                excluded=result.excluded,
-                                settings=result.settings)
+                                excluded=result.excluded, settings=result.settings)
     top_by_phi = {result.settings.phi_method: tied_at(result.table, result.settings.w)}
     for other in (m for m in PHI_METHODS if m != result.settings.phi_method):
         alt = rank.rank_evaluations(configs, scores, result.settings.model_copy(update={"phi_method": other}),
@@ -139,8 +138,8 @@ def rank_study(study_dir: str | Path, settings: RankingSettings) -> RankingOutco
     methods = tuple(sorted({m for m in component_methods(measured) if m}))
     return RankingOutcome(result=result, configs=configs, stability=stability, stability_metrics=used,
                           w=settings.w, methods=methods,
-                          energy_lines=tuple(energy_description(energy, settings)),
-                          comparisons=comparisons, stability_note=note, top_by_phi=top_by_phi,
+                          energy_lines=tuple(energy_description(energy, settings)), comparisons=comparisons,
+                          stability_note=note, top_by_phi=top_by_phi,
                           precision_lines=tuple(
                               precision_lines(scores, qa_style, configs["config_id"].tolist())),
                           scale_lines=tuple(scale_lines(result.table, result.settings)), qa_style=qa_style,
@@ -1074,8 +1073,7 @@ def lifecycle_markdown(outcome: RankingOutcome, focus: list[str] | None = None) 
               "of queries: \"immediately\" when it costs no more setup and no more per query, \"never\" when "
               "its per-query energy is not lower. A quality change marked beyond noise (McNemar's exact "
               "test, Holm over the variants compared per metric) means the saving is bought with quality."),
-             "",
-             "| config | setup | per query | break-even (queries) | quality vs reference |",
+             "", "| config | setup | per query | break-even (queries) | quality vs reference |",
              "|---|---|---|---|---|"]
     for config_id in ids:
         if config_id not in totals.index:

@@ -229,8 +229,8 @@ def _sized_figure(width_in: float, height_in: float, note: str | None | bool = N
 
 
 def _new_figure(nrows: int = 1, ncols: int = 1, *, height_in: float | None = None,
-                note: bool | str | None = False,
-                width_in: float | None = None, **kwargs: object) -> tuple[Figure, np.ndarray]:
+                note: bool | str | None = False, width_in: float | None = None,
+                **kwargs: object) -> tuple[Figure, np.ndarray]:
     height = height_in if height_in is not None else FIGSIZE_IN[1]
     fig = _sized_figure(width_in if width_in is not None else FIGSIZE_IN[0], height, note)
     axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
@@ -466,8 +466,7 @@ def fig1_token_lengths(token_lengths: pd.DataFrame) -> Figure:
             # Its top a fixed distance (inches) under the axes: clear of the tick labels and x label.
             below = ScaledTranslation(0, -(0.3 + 0.18 * (xlabel.count("\n") + 1)), fig.dpi_scale_trans)
             ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0),
-                      bbox_transform=ax.transAxes + below,
-                      frameon=False)
+                      bbox_transform=ax.transAxes + below, frameon=False)
     return _finish(fig, FIG1_TITLE, None)
 
 
@@ -591,8 +590,7 @@ def fig4_inference_energy_carbon(energy: pd.DataFrame) -> Figure:
             ax.set_xlabel("task")
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, title="precision", loc="outside right center", fontsize=8,
-                   title_fontsize=8,
-                   frameon=False)
+                   title_fontsize=8, frameon=False)
     return _finish(fig, FIG4_TITLE, note)
 
 
@@ -624,8 +622,8 @@ def fig5_quantization_impact(scores: pd.DataFrame, energy: pd.DataFrame) -> Figu
         for ax, (task, metric) in zip(axes.flat, panels):
             sub = df[(df["task"] == task) & (df["metric"] == metric)]
             for i, model in enumerate(models):
-                rows = sub[sub["model"].astype(str) == model].groupby(
-                    "precision")[["value", "ci_low", "ci_high"]].mean()
+                rows = (sub[sub["model"].astype(str) == model]
+                        .groupby("precision")[["value", "ci_low", "ci_high"]].mean())
                 rows = rows.reindex([p for p in precisions if p in rows.index])
                 # Dodge models sideways so their CI bars do not sit on top of each other.
                 x = np.array([x_of[p] for p in rows.index], dtype=float) + (i - (len(models) - 1) / 2) * 0.08
@@ -757,10 +755,9 @@ def fig6_pruning(scores: pd.DataFrame, energy: pd.DataFrame) -> Figure:
                         xerr = (sel["x_err"].to_numpy() if column == "task"
                                 else np.vstack([sel["x_low"].to_numpy(), sel["x_high"].to_numpy()]))
                         ax.errorbar(sel["x"].to_numpy(dtype=float), y, xerr=xerr,
-                                    fmt="D" if recovered else "o",
-                                    color=colors[name],
-                                    markerfacecolor="white" if recovered else colors[name],
-                                    markersize=4.5, elinewidth=1, capsize=2, zorder=3)
+                                    fmt="D" if recovered else "o", color=colors[name],
+                                    markerfacecolor="white" if recovered else colors[name], markersize=4.5,
+                                    elinewidth=1, capsize=2, zorder=3)
             ax_s.set_yticks(range(len(settings[target])), settings[target], fontsize=9)
             ax_s.set_ylim(len(settings[target]) - 0.5, -0.5)
             ax_e.tick_params(axis="y", labelleft=False)
@@ -876,8 +873,7 @@ def fig7_ranking(ranking: pd.DataFrame, w: float = 0.5, energy_method: str | Non
             # Uncertainty of the top: the configs the resampling cannot separate, ringed, with how often
             # each comes out best.
             ax_p.scatter(x[tied], y[tied], s=190, facecolors="none", edgecolors="black", linewidths=1.2,
-                         zorder=5,
-                         label="cannot be separated from the top")
+                         zorder=5, label="cannot be separated from the top")
         ax_p.set_xlabel(f"Energy per item ({e_unit}/item, ± s.e.)")
         ax_p.xaxis.set_major_locator(MaxNLocator(nbins=5))
         ax_p.set_ylabel("ρ (quality)")
@@ -934,8 +930,7 @@ def _place_labels(fig: Figure, ax: Axes, labels: Sequence[tuple[str, float, floa
     for text, xi, yi, color in labels:
         anchor = ax.transData.transform((xi, yi))
         ann = ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(0, 0), fontsize=7.5,
-                          color=color,
-                          zorder=6, annotation_clip=False)
+                          color=color, zorder=6, annotation_clip=False)
         ann.set_in_layout(False)
         done = False
         # First where it hides no other point; failing that, anywhere it hides no other label.

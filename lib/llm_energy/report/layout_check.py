@@ -103,8 +103,7 @@ def _text_boxes(fig: Figure, renderer) -> list[_Box]:
         title = legend.get_title().get_text()
         entries = ", ".join(t.get_text() for t in legend.get_texts()[:3])
         boxes.append(_Box("legend", _short(f"{title}: {entries}" if title else entries),
-                          legend.get_window_extent(renderer),
-                          group))
+                          legend.get_window_extent(renderer), group))
     return boxes
 
 

@@ -43,8 +43,7 @@ class ConfigIdentity:
 def record_config(study_dir: Path, config_id: str, model: str, precision: str, status: str, reason: str = "",
                   weights_origin: str = "", adapter: str = "none", pruning: str = "none", kernel: str = "",
                   kernel_note: str = "", scoring_path: str = "", data: str = "",
-                  slurm_job_id: str | None = None,
-                  slurm_oversubscribe: str | None = None) -> None:
+                  slurm_job_id: str | None = None, slurm_oversubscribe: str | None = None) -> None:
     """The config's row in configs.csv: ok, skipped or failed, why, where its weights came from, the
     kernels a pruned config runs, the path its multiple-choice scoring took and the data it was
     scored on (synthetic data says so), and the SLURM job it ran in: by default this process's
@@ -56,8 +55,7 @@ def record_config(study_dir: Path, config_id: str, model: str, precision: str, s
         slurm_oversubscribe = os.environ.get("LLM_ENERGY_SLURM_OVERSUBSCRIBE", "") if slurm_job_id else ""
     results.upsert_rows(study_dir, "configs", results.as_rows(results.ConfigRow(
         config_id=config_id, model=model, precision=precision, adapter=adapter, pruning=pruning,
-        status=status,
-        reason=reason, weights_origin=weights_origin, scoring_path=scoring_path, kernel=kernel,
+        status=status, reason=reason, weights_origin=weights_origin, scoring_path=scoring_path, kernel=kernel,
         kernel_note=kernel_note, data=data, slurm_job_id=slurm_job_id,
         slurm_oversubscribe=slurm_oversubscribe)))
 
@@ -75,8 +73,7 @@ def record_idle_baselines(study_dir: Path, config_id: str, phase: str, device: s
     hardware = job_hardware(device)  # where this job runs (its node under SLURM), the load average now
     results.upsert_rows(study_dir, "idle_baselines", results.as_rows(*(
         results.IdleRow(**hardware, config_id=config_id, phase=phase, kind=b.kind, power_w=b.power_w,
-                        duration_s=b.duration_s,
-                        method=b.method, device=device, disturbance=b.disturbance,
+                        duration_s=b.duration_s, method=b.method, device=device, disturbance=b.disturbance,
                         idle_drift=drift if b.kind == "loaded_after" else None, drifted=drifted(b))
         for b in baselines if b is not None)))
 
@@ -117,16 +114,14 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         measured_sparsity=sparsity.measured_sparsity if sparsity is not None else None,
         task=result.task, n_items=result.n_items, n_tokens=result.n_tokens,
         n_tokens_prompted=result.n_tokens_prompted if result.n_tokens_prompted is not None
-        else result.n_tokens,
-        duration_s=measurement.total("duration_s"), energy_kwh=energy_kwh, energy_net_kwh=energy_net_kwh,
-        cpu_energy_kwh=measurement.total("cpu_energy_kwh"),
+        else result.n_tokens, duration_s=measurement.total("duration_s"), energy_kwh=energy_kwh,
+        energy_net_kwh=energy_net_kwh, cpu_energy_kwh=measurement.total("cpu_energy_kwh"),
         gpu_energy_kwh=measurement.total("gpu_energy_kwh"),
         ram_energy_kwh=measurement.total("ram_energy_kwh"), emissions_kg=measurement.total("emissions_kg"),
         energy_method=first.energy_method, device=device, repeats=measurement.repeats,
         energy_kwh_std=measurement.std("energy_kwh"), energy_std_estimator=measurement.std_estimator,
         energy_kwh_se=measurement.se("energy_kwh"), net_at_or_below_idle=bool(energy_net_kwh <= 0),
-        windows=measurement.windows, window_unit=measurement.unit,
-        **energy_fields(first),
+        windows=measurement.windows, window_unit=measurement.unit, **energy_fields(first),
         idle_power_w=first.idle_power_w, idle_loaded_power_w=first.idle_power_w,
         idle_system_power_w=idle_system_power_w, duration_s_std=measurement.std("duration_s"),
         energy_kwh_per_item=energy_kwh / max(result.n_items, 1),
@@ -165,8 +160,7 @@ def record_task(study_dir: Path, config: ConfigIdentity, phase: str, result: Tas
         results.WindowRow(config_id=config.config_id, phase=phase, task=result.task, repeat=i + 1,
                           duration_s=r.duration_s, energy_kwh=r.energy_kwh, energy_net_kwh=r.energy_net_kwh,
                           n_items=measurement.window_items[i] if measurement.unit == "chunk"
-                          else result.n_items,
-                          window_unit=measurement.unit, task_items=result.n_items,
+                          else result.n_items, window_unit=measurement.unit, task_items=result.n_items,
                           canary_slowdown=r.canary_slowdown, canary_vs_study=r.canary_vs_study,
                           foreign_cpu_share=r.foreign_cpu_share,
                           steal_share=r.steal_share, foreign_gpu_processes=r.foreign_gpu_processes,
@@ -221,11 +215,9 @@ def record_setup_steps(study_dir: Path, config: ConfigIdentity, steps: Sequence[
     rows = results.as_rows(*(results.SetupRow(
         config_id=config.config_id, step=name, order=index, model=config.model, precision=config.precision,
         adapter=config.adapter, pruning=config.pruning, duration_s=record.duration_s,
-        energy_kwh=record.energy_kwh,
-        energy_net_kwh=record.energy_net_kwh, emissions_kg=record.emissions_kg,
-        energy_method=record.energy_method,
-        device=device, net_at_or_below_idle=bool(record.energy_net_kwh <= 0),
-        note=(notes or {}).get(name, ""),
+        energy_kwh=record.energy_kwh, energy_net_kwh=record.energy_net_kwh, emissions_kg=record.emissions_kg,
+        energy_method=record.energy_method, device=device,
+        net_at_or_below_idle=bool(record.energy_net_kwh <= 0), note=(notes or {}).get(name, ""),
         **energy_fields(record),
     ) for index, (name, record) in enumerate(steps)))
     if rows:

@@ -321,8 +321,7 @@ TABLES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "sparse_plan": (
         ["config_id", "shape", "layers", "convert", "alg_id", "min_tokens", "best_speedup", "reason",
-         "tokens",
-         "dense_ms", "sparse_ms", "speedup"],
+         "tokens", "dense_ms", "sparse_ms", "speedup"],
         ["config_id", "shape", "tokens"],
     ),
     "idle_baselines": (required_columns(IdleRow), ["config_id", "phase", "kind"]),
