@@ -22,6 +22,8 @@ per precision:
 - ``limit_share`` = gflop_per_s / probe_gflop_per_s.
 
 With ``--profile K``: torch.profiler over one more scoring call per precision, its K costliest ops.
+Last line: ``limit_share_<precision>=<x> ...`` and ``nf4_speed_vs_fp32=<fp32 seconds / nf4 seconds>``.
+Results: ``benchmarks/results/2026-12-06-cpu-precision_limits.md``.
 
     .venv/bin/python benchmarks/precision_limits.py --model smollm2-135m-instruct \\
         --precisions fp32 bf16 w8a8 nf4 --items 200 --repeats 2
@@ -119,11 +121,12 @@ def wait_for_quiet(max_foreign: float, timeout_s: float = QUIET_WAIT_S) -> None:
         pass
 
 
-def quiet_passes(call: Callable[[], Any], wanted: int, max_passes: int, max_foreign: float) -> list[Pass]:
+def quiet_passes(call: Callable[[], Any], wanted: int, max_passes: int, max_foreign: float,
+                 wait_s: float = QUIET_WAIT_S) -> list[Pass]:
     """Passes until ``wanted`` of them were quiet (or ``max_passes`` ran): the quiet ones, else all."""
     passes: list[Pass] = []
     while len(passes) < max_passes and sum(p.foreign <= max_foreign for p in passes) < wanted:
-        wait_for_quiet(max_foreign)
+        wait_for_quiet(max_foreign, wait_s)
         passes.append(timed(call))
     quiet = [p for p in passes if p.foreign <= max_foreign]
     return quiet or passes
@@ -222,6 +225,11 @@ def main(argv: list[str] | None = None) -> list[PrecisionLimit]:
               f"{r.gflop:12.1f}  {r.gflop_per_s:12.1f}  {probe_rate}  {share}  {r.scoring_path:>12}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    summary = [f"limit_share_{r.precision}={r.limit_share:.3f}" for r in rows if r.limit_share is not None]
+    seconds = {r.precision: r.seconds for r in rows}
+    if "fp32" in seconds and "nf4" in seconds:
+        summary.append(f"nf4_speed_vs_fp32={seconds['fp32'] / seconds['nf4']:.2f}")
+    print(" ".join(summary))
     return rows
 
 
