@@ -313,7 +313,7 @@ def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, pha
 
     def record(result: TaskResult, measurement: RepeatedMeasurement, source: str, style: str,
                generated_tokens: int = 0, fewshot: tuple[Any, ...] = ()) -> None:
-        record_task(run.study_dir, identity, phase, result, measurement, loaded.device, loaded.compute_dtype,
+        record_task(run.study_dir, identity, phase, result, measurement, loaded.device, loaded.compute_description,
                     loaded.memory_bytes, generated_tokens=generated_tokens, sparsity=sparsity,
                     idle_system_power_w=meter.idle_system.power_w if meter.idle_system else None,
                     source=source, style=style, fewshot=fewshot, limit=limit)
