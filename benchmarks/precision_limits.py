@@ -171,8 +171,9 @@ def measure(model_name: str, precision: str, settings, data, windows: int, repea
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile_rows,
                                         max_name_column_width=48))
     achieved = gflop / best.wall_s
-    return PrecisionLimit(precision, best.wall_s, statistics.median(p.wall_s for p in passes), best.cpu_s / best.wall_s,
-                          best.foreign, tokens, gflop, achieved, rate, achieved / rate if rate else None, path.name)
+    return PrecisionLimit(precision, best.wall_s, statistics.median(p.wall_s for p in passes),
+                          best.cpu_s / best.wall_s, best.foreign, tokens, gflop, achieved, rate,
+                          achieved / rate if rate else None, path.name)
 
 
 def machine() -> str:
@@ -186,7 +187,8 @@ def machine() -> str:
         pass
     import torch
 
-    return f"{model or 'unknown CPU'}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return (f"{model or 'unknown CPU'}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)")
 
 
 def main(argv: list[str] | None = None) -> list[PrecisionLimit]:
@@ -194,14 +196,18 @@ def main(argv: list[str] | None = None) -> list[PrecisionLimit]:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a builtin model name")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "w8a8", "nf4"])
     parser.add_argument("--items", type=int, default=200, help="QA items scored (the default study: 200)")
-    parser.add_argument("--windows", type=int, default=4, help="scoring calls the items are split into (study: 4)")
-    parser.add_argument("--repeats", type=int, default=2, help="quiet passes over the items; the fastest is reported")
+    parser.add_argument("--windows", type=int, default=4,
+                        help="scoring calls the items are split into (study: 4)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="quiet passes over the items; the fastest is reported")
     parser.add_argument("--max-passes", type=int, default=6, help="passes at most, quiet or not")
     parser.add_argument("--max-foreign", type=float, default=0.10,
                         help="a pass is quiet when other processes took at most this share of the CPU time")
     parser.add_argument("--probe-s", type=float, default=0.5, help="seconds per throughput probe")
-    parser.add_argument("--params", type=Path, default=ROOT / "params" / "default.yaml", help="study file (its qa section)")
-    parser.add_argument("--profile", type=int, default=0, metavar="K", help="print the K costliest ops of one call")
+    parser.add_argument("--params", type=Path, default=ROOT / "params" / "default.yaml",
+                        help="study file (its qa section)")
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="print the K costliest ops of one call")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -214,14 +220,14 @@ def main(argv: list[str] | None = None) -> list[PrecisionLimit]:
     rows = [measure(args.model, p, settings, data, args.windows, args.repeats, args.probe_s, args.profile,
                     args.max_passes, args.max_foreign) for p in args.precisions]
     print(f"# load average after: {os.getloadavg()[0]:.2f}")
-    header = ("precision", "seconds", "median_s", "foreign", "cpu/wall", "tokens", "gflop", "gflop_per_s", "probe_gflop_per_s",
-              "limit_share", "path")
+    header = ("precision", "seconds", "median_s", "foreign", "cpu/wall", "tokens", "gflop", "gflop_per_s",
+              "probe_gflop_per_s", "limit_share", "path")
     print("  ".join(f"{h:>12}" for h in header))
     for r in rows:
         probe_rate = f"{r.probe_gflop_per_s:12.1f}" if r.probe_gflop_per_s else f"{'-':>12}"
         share = f"{r.limit_share:12.3f}" if r.limit_share is not None else f"{'-':>12}"
-        print(f"{r.precision:>12}  {r.seconds:12.2f}  {r.seconds_median:12.2f}  {r.foreign:12.2f}  {r.cpu_per_wall:12.2f}  "
-              f"{r.tokens:12d}  "
+        print(f"{r.precision:>12}  {r.seconds:12.2f}  {r.seconds_median:12.2f}  {r.foreign:12.2f}  "
+              f"{r.cpu_per_wall:12.2f}  {r.tokens:12d}  "
               f"{r.gflop:12.1f}  {r.gflop_per_s:12.1f}  {probe_rate}  {share}  {r.scoring_path:>12}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))

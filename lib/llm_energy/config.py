@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Precision = Literal["fp32", "bf16", "fp16", "int8", "w8a8", "nf4", "fp4"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "w8a8", "nf4", "fp4")
-PRECISION_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "w8a8": 8, "nf4": 4, "fp4": 4}
+PRECISION_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "w8a8": 8, "nf4": 4,
+                                  "fp4": 4}
 # torch dtypes; int8, nf4 and fp4 are bitsandbytes formats, w8a8 is this package's int8 (models/quant8.py)
 DENSE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 # the bitsandbytes formats (quantized at load by bitsandbytes; the one home of this set)
@@ -133,7 +134,8 @@ class GenerationSpec(_Strict):
             raise ValueError(f"prompt is not a valid format string ({exc}): {value!r}") from None
         unknown = names - set(RESOLUTION_PROMPT_FIELDS)
         if unknown:
-            raise ValueError(f"prompt names unknown field(s) {sorted(unknown)}; expected only {{ticket}} and {{cause}}")
+            raise ValueError(f"prompt names unknown field(s) {sorted(unknown)}; expected only {{ticket}} and "
+                             "{cause}")
         if "ticket" not in names:
             raise ValueError(f"prompt must contain {{ticket}}: {value!r}")
         return value
@@ -161,7 +163,8 @@ class TaskSettings(_Strict):
     columns: dict[str, str] = {}  # CSV column mapping: {our_name: their_name}
     password: str | None = None  # for an encrypted zip (TeleQnA's)
     sample_seed: int = 0  # seed of the max_items sample
-    labels: list[str] | None = None  # rca: the label set; a record outside it is an error (null = labels found)
+    # rca: the label set; a record outside it is an error (null = labels found)
+    labels: list[str] | None = None
     generation: GenerationParams | None = None  # rca only: also write resolutions (null = skip)
     # qa only: cloze scores each choice as a continuation of the question; options shows the lettered
     # choices in the prompt and scores the answer letter (as lm-evaluation-harness's MMLU-style tasks)
@@ -191,7 +194,8 @@ class TaskSettings(_Strict):
     def _fractions(cls, value: tuple[float, float]) -> tuple[float, float]:
         train, validation = value
         if train < 0 or validation < 0 or train + validation >= 1:
-            raise ValueError(f"split_fractions (train, validation) must be >= 0 and leave a test share; got {list(value)}")
+            raise ValueError("split_fractions (train, validation) must be >= 0 and leave a test share; got "
+                             f"{list(value)}")
         return value
 
 
@@ -231,12 +235,14 @@ class TasksSettings(_Strict):
         if self.rca is not None and self.rca.style != "cloze":
             raise ValueError("rca.style: the lettered-options style applies to the qa task only")
         if self.rca is not None and self.rca.fewshot:
-            raise ValueError("rca.fewshot: worked examples apply to the qa task only (RCA learns from fine-tuning)")
+            raise ValueError("rca.fewshot: worked examples apply to the qa task only (RCA learns from "
+                             "fine-tuning)")
         if self.qa is not None and self.qa.fewshot and self.qa.split == "train":
-            raise ValueError("qa.fewshot: the examples come from the train split, which is the scored split here; "
-                             "score another split (qa.split: test) or set fewshot: 0")
+            raise ValueError("qa.fewshot: the examples come from the train split, which is the scored split "
+                             "here; score another split (qa.split: test) or set fewshot: 0")
         if self.rca is not None and self.rca.data == "teleqna":
-            raise ValueError("rca.data: TeleQnA holds multiple-choice questions, not fault tickets (use it for qa)")
+            raise ValueError("rca.data: TeleQnA holds multiple-choice questions, not fault tickets (use it "
+                             "for qa)")
         return self
 
     def enabled(self) -> dict[str, TaskSettings]:
@@ -345,7 +351,8 @@ class RankingSettings(_Strict):
     # Written out rather than computed so that 0.3 is 0.3, not 0.30000000000000004.
     w_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # sweep in the report
     phi_method: str = Field("minmax", alias="phi")  # minmax of energy per item, or E_min/E
-    metrics: tuple[str, ...] | None = None  # "task:metric" pairs counted in rho; null = one headline metric per task
+    # "task:metric" pairs counted in rho; null = one headline metric per task
+    metrics: tuple[str, ...] | None = None
     metric_scaling: str = "identity"  # identity (metrics already in [0, 1]) | minmax
     missing: str = "error"  # a config lacking a metric: error, or exclude it
     bootstrap: int = Field(200, ge=0)  # resamples for rank stability
@@ -370,7 +377,8 @@ class RankingSettings(_Strict):
             raise ValueError(f"lifecycle_queries must be a list of query counts, got {values!r}") from None
         bad = [n for n in grid if not (math.isfinite(n) and n > 0)]
         if not grid or bad:
-            raise ValueError(f"every lifecycle_queries count must be a positive number of queries; got {list(grid)}")
+            raise ValueError("every lifecycle_queries count must be a positive number of queries; got "
+                             f"{list(grid)}")
         return tuple(sorted(set(grid)))
 
     @field_validator("w_grid", mode="before")
@@ -410,7 +418,8 @@ class RankingSettings(_Strict):
         if values is None:
             return None
         if isinstance(values, str):
-            raise ValueError(f"metrics must be a sequence of 'task:metric' strings, not one string: use [{values!r}]")
+            raise ValueError("metrics must be a sequence of 'task:metric' strings, not one string: use "
+                             f"[{values!r}]")
         metrics = tuple(values)
         if not metrics:
             raise ValueError("metrics must name at least one 'task:metric' pair, or be null")
@@ -435,7 +444,8 @@ FINETUNE_TASKS: tuple[str, ...] = ("rca", "qa")
 
 
 class FinetuneSpec(_Strict):
-    """LoRA hyper-parameters and the training schedule (what :func:`llm_energy.methods.lora_training.finetune` takes)."""
+    """LoRA hyper-parameters and the training schedule (what :func:`llm_energy.methods.lora_training.finetune`
+    takes)."""
 
     rank: int = 8  # LoRA rank r
     alpha: int = 16  # LoRA scaling numerator (the update is scaled by alpha / rank)
@@ -511,8 +521,8 @@ class FinetuneParams(FinetuneSpec):
     @classmethod
     def _no_fp4(cls, values: list[str]) -> list[str]:
         if "fp4" in values:
-            raise ValueError("fp4 is not a fine-tuning precision (QLoRA trains on nf4); use fp32, bf16, fp16, "
-                             "w8a8, int8 or nf4")
+            raise ValueError("fp4 is not a fine-tuning precision (QLoRA trains on nf4); use fp32, bf16, "
+                             "fp16, w8a8, int8 or nf4")
         if len(set(values)) != len(values):
             raise ValueError("precisions must not repeat")
         return values
@@ -522,7 +532,8 @@ class FinetuneParams(FinetuneSpec):
 # Pruning
 
 PRUNING_METHODS: tuple[str, ...] = ("magnitude", "wanda")
-DEFAULT_INCLUDE: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_INCLUDE: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                    "down_proj")
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -650,7 +661,8 @@ class PruningSpec(PruningMethod):
             )
         values = tuple(values)
         if not all(isinstance(s, str) and s.strip(".") for s in values):
-            raise ValueError(f"every include entry must be a module-name suffix such as 'q_proj'; got {values!r}")
+            raise ValueError("every include entry must be a module-name suffix such as 'q_proj'; got "
+                             f"{values!r}")
         return values
 
 
@@ -671,10 +683,11 @@ class RecoverySettings(_Strict):
 
     def spec(self, seed: int) -> FinetuneSpec:
         """The fine-tuning spec of a recovery run (no dropout: a short run on a fixed mask)."""
-        return FinetuneSpec(rank=self.rank, alpha=self.alpha, dropout=0.0, target_modules=tuple(self.target_modules),
-                            learning_rate=self.learning_rate, epochs=self.epochs, batch_size=self.batch_size,
-                            max_length=self.max_length, max_train_items=self.max_train_items,
-                            max_eval_items=self.max_eval_items, seed=seed, task=self.task)
+        return FinetuneSpec(rank=self.rank, alpha=self.alpha, dropout=0.0,
+                            target_modules=tuple(self.target_modules), learning_rate=self.learning_rate,
+                            epochs=self.epochs, batch_size=self.batch_size, max_length=self.max_length,
+                            max_train_items=self.max_train_items, max_eval_items=self.max_eval_items,
+                            seed=seed, task=self.task)
 
 
 @dataclass(frozen=True)
@@ -722,8 +735,8 @@ class PruningParams(_Strict):
         for value in values or []:
             target = PruningTarget.parse(value)
             if not target.model or target.precision not in PRECISIONS:
-                raise ValueError(f"target {value!r} must be 'model:precision' or a config id, with a precision in "
-                                 f"{', '.join(PRECISIONS)}")
+                raise ValueError(f"target {value!r} must be 'model:precision' or a config id, with a "
+                                 f"precision in {', '.join(PRECISIONS)}")
         return values
 
     def parsed_targets(self) -> list[PruningTarget]:
@@ -733,7 +746,8 @@ class PruningParams(_Strict):
         """The full spec of one of this section's methods (calibration and layers from the section)."""
         return PruningSpec(method=method.method, pattern=method.pattern, sparsity=method.sparsity,
                            calibration_samples=self.calibration_samples,
-                           calibration_max_tokens=self.calibration_max_tokens, include=tuple(self.include), seed=seed)
+                           calibration_max_tokens=self.calibration_max_tokens, include=tuple(self.include),
+                           seed=seed)
 
 
 class SlurmSettings(_Strict):
@@ -758,8 +772,8 @@ class ClusterSettings(_Strict):
 
 class DeviceLimits(_Strict):
     """Precisions too slow on the study's device to be worth running by default. Before any job starts
-    the runner measures each precision's matmul throughput there (llm_energy.measure.throughput) and skips, with
-    the measured reason in configs.csv, a precision more than max_slowdown times slower than fp32. A
+    the runner measures each precision's matmul throughput there (llm_energy.measure.throughput) and skips,
+    with the measured reason in configs.csv, a precision more than max_slowdown times slower than fp32. A
     precision asked for explicitly runs anyway: listed in always_run, or every one with max_slowdown: null.
     Fine-tuning has its own limit, measured on a frozen layer's forward and input backward (what LoRA
     runs): a training job costs several inference jobs, and one at a precision this device has no
@@ -813,7 +827,8 @@ class Study(_Strict):
             names = {m.name for m in self.models}
             for value, target in zip(self.pruning.targets, self.pruning.parsed_targets()):
                 if target.model not in names:
-                    raise ValueError(f"pruning target {value!r} names model {target.model!r}, which is not in models")
+                    raise ValueError(f"pruning target {value!r} names model {target.model!r}, which is not "
+                                     "in models")
                 if target.adapter == "none" and target.precision not in self.precisions:
                     raise ValueError(f"pruning target {value!r}: this study evaluates no {target.model} at "
                                      f"{target.precision} (precisions: {', '.join(self.precisions)})")
@@ -821,10 +836,13 @@ class Study(_Strict):
                                                      and target.precision in self.finetune.precisions
                                                      and (self.finetune.models is None
                                                           or target.model in self.finetune.models)):
-                    raise ValueError(f"pruning target {value!r}: no such config in this study, since no adapter is "
-                                     f"trained at {target.precision} (add phase finetune with that precision)")
-        if "pruning" in self.phases and not (self.pruning and self.pruning.targets) and "inference" not in self.phases:
-            raise ValueError("pruning without explicit targets ranks the inference phase's configs: add phase 'inference'")
+                    raise ValueError(f"pruning target {value!r}: no such config in this study, since no "
+                                     f"adapter is trained at {target.precision} (add phase finetune with "
+                                     "that precision)")
+        if ("pruning" in self.phases and not (self.pruning and self.pruning.targets)
+                and "inference" not in self.phases):
+            raise ValueError("pruning without explicit targets ranks the inference phase's configs: add "
+                             "phase 'inference'")
         return self
 
     @field_validator("study")
@@ -965,7 +983,8 @@ def load_study(path: str | Path, check_files: bool = True) -> Study:
     return study
 
 
-def _raw_file_problems(raw: dict[str, Any], file: str, root: yaml.Node | None, base_dir: Path) -> list[Problem]:
+def _raw_file_problems(raw: dict[str, Any], file: str, root: yaml.Node | None,
+                       base_dir: Path) -> list[Problem]:
     """Missing data files and model folders, found even when other keys are invalid."""
     problems = []
     tasks = raw.get("tasks")

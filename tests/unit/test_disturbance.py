@@ -76,13 +76,15 @@ def fake_monitor(clock, canary_times, foreign=None, steal=None, **kw):
     def proc_stat():
         return state["steal"], state["total"]
 
-    monitor = DisturbanceMonitor(Thresholds(), canary=canary, cpu_seconds=cpu_seconds, mine=lambda: {os.getpid()},
-                                 proc_stat=proc_stat, cpu_count=2, clock=clock, **kw)
+    monitor = DisturbanceMonitor(Thresholds(), canary=canary, cpu_seconds=cpu_seconds,
+                                 mine=lambda: {os.getpid()}, proc_stat=proc_stat, cpu_count=2, clock=clock,
+                                 **kw)
     return monitor, state
 
 
 def meter_with(clock, monitor, **settings):
-    values = dict(idle_seconds=1.0, repeats=1, max_repeats=3, carbon_intensity_g_per_kwh=100.0, min_window_s=0.0)
+    values = dict(idle_seconds=1.0, repeats=1, max_repeats=3, carbon_intensity_g_per_kwh=100.0,
+                  min_window_s=0.0)
     values.update(settings)
     return EnergyMeter(EnergySettings(**values), device="cpu", sources=[PowerSource(clock)], clock=clock,
                        sleep=clock.sleep, synchronize=lambda: None, monitor=monitor)
@@ -130,7 +132,8 @@ def test_a_job_that_started_in_a_slow_stretch_is_caught_against_the_study_start(
 def test_a_contaminated_window_is_measured_at_most_window_attempts_times():
     clock = FakeClock()
     monitor, _ = fake_monitor(clock, [0.010, 0.020])  # slowed 2x for good: a slow stretch
-    meter = meter_with(clock, monitor, on_contaminated="remeasure", max_repeats=5, window_attempts=2, settle_s=0)
+    meter = meter_with(clock, monitor, on_contaminated="remeasure", max_repeats=5, window_attempts=2,
+                       settle_s=0)
     _, record = meter.measure_clean(lambda: clock.sleep(1.0), "w")
     assert record.attempts == 2 and record.contaminated  # kept with its flag for the re-measure stage
 
@@ -150,11 +153,13 @@ def test_a_window_is_measured_again_only_once_the_machine_is_back_to_speed():
 def test_a_slow_stretch_that_outlasts_the_wait_is_measured_again_and_later_windows_do_not_wait():
     clock = FakeClock()
     monitor, _ = fake_monitor(clock, [0.010, 0.020])  # slowed 2x for good
-    meter = meter_with(clock, monitor, on_contaminated="remeasure", max_repeats=5, window_attempts=2, settle_s=2.0)
+    meter = meter_with(clock, monitor, on_contaminated="remeasure", max_repeats=5, window_attempts=2,
+                       settle_s=2.0)
     start = clock.now
     _, first = meter.measure_clean(lambda: clock.sleep(1.0), "w1")
     assert first.attempts == 2 and first.contaminated and meter.long_stretch
-    assert clock.now - start == pytest.approx(1.0 + 2.0 + 1.0)  # the window, the wait (8 polls), the window again
+    # the window, the wait (8 polls), the window again
+    assert clock.now - start == pytest.approx(1.0 + 2.0 + 1.0)
     start = clock.now
     _, second = meter.measure_clean(lambda: clock.sleep(1.0), "w2")
     assert second.attempts == 2 and second.contaminated and clock.now - start == pytest.approx(2.0)  # no wait
@@ -186,7 +191,8 @@ def test_a_blip_at_one_edge_of_the_window_is_not_a_slowdown():
     clock = FakeClock()
     # before: as fast as at the start; after: a thread waking up, 3x slower for one reading
     monitor, _ = fake_monitor(clock, [0.010, 0.010, 0.030, 0.010])
-    _, record = meter_with(clock, monitor, on_contaminated="flag").measure_clean(lambda: clock.sleep(1.0), "w")
+    _, record = meter_with(clock, monitor, on_contaminated="flag").measure_clean(
+        lambda: clock.sleep(1.0), "w")
     assert record.canary_slowdown == pytest.approx(1.0) and not record.contaminated
 
 
@@ -204,7 +210,8 @@ def test_foreign_cpu_share_and_steal_share_are_shares_of_the_machines_cpu_time()
     _, record = meter.measure_clean(busy_neighbour, "w")
     assert record.foreign_cpu_share == pytest.approx(0.25)
     assert record.steal_share == pytest.approx(0.10)
-    assert record.contaminated and "foreign CPU 25%" in record.disturbance and "steal 10%" in record.disturbance
+    assert (record.contaminated and "foreign CPU 25%" in record.disturbance
+            and "steal 10%" in record.disturbance)
 
 
 def test_foreign_gpu_processes_come_from_nvml_on_the_jobs_gpu():
@@ -217,7 +224,8 @@ def test_foreign_gpu_processes_come_from_nvml_on_the_jobs_gpu():
 
     clock = FakeClock()
     monitor, _ = fake_monitor(clock, [0.010], nvml=Nvml(), gpu_indices=[1])
-    _, record = meter_with(clock, monitor, on_contaminated="flag").measure_clean(lambda: clock.sleep(1.0), "w")
+    _, record = meter_with(clock, monitor, on_contaminated="flag").measure_clean(
+        lambda: clock.sleep(1.0), "w")
     assert record.foreign_gpu_processes == 1 and record.contaminated
 
 
@@ -236,7 +244,8 @@ def test_repeated_and_chunked_measurements_report_their_flags():
 
 def test_rate_outliers_need_three_windows():
     records = tuple(SimpleNamespace(duration_s=d) for d in (1.0, 3.0))
-    assert RepeatedMeasurement(records, None, unit="chunk", window_items=(2, 2)).rate_outliers() == [False, False]
+    assert (RepeatedMeasurement(records, None, unit="chunk", window_items=(2, 2)).rate_outliers()
+            == [False, False])
 
 
 def test_idle_drift_is_the_change_of_loaded_idle_after_the_windows():
@@ -282,10 +291,11 @@ def test_proc_stat_steal_is_read():
 
 
 def test_remeasure_candidates_map_flagged_configs_to_their_jobs():
-    energy = pd.DataFrame({"config_id": ["a__fp32", "a__fp32", "a__bf16", "a__fp32__wanda", "a__fp32__wanda__recovered"],
-                           "task": ["rca", "qa", "rca", "rca", "rca"], "contaminated_windows": [0, 2, 0, 0, 1]})
-    jobs = [Job("inference", "a__fp32", {}), Job("inference", "a__bf16", {}), Job("pruning", "a__fp32__wanda", {}),
-            Job("finetune", "a__fp32", {})]
+    energy = pd.DataFrame(
+        {"config_id": ["a__fp32", "a__fp32", "a__bf16", "a__fp32__wanda", "a__fp32__wanda__recovered"],
+         "task": ["rca", "qa", "rca", "rca", "rca"], "contaminated_windows": [0, 2, 0, 0, 1]})
+    jobs = [Job("inference", "a__fp32", {}), Job("inference", "a__bf16", {}),
+            Job("pruning", "a__fp32__wanda", {}), Job("finetune", "a__fp32", {})]
     assert remeasure_candidates(energy, jobs) == {"inference__a__fp32": ["a__fp32"],
                                                   "pruning__a__fp32__wanda": ["a__fp32__wanda__recovered"]}
     assert remeasure_candidates(energy.drop(columns="contaminated_windows"), jobs) == {}
@@ -318,7 +328,8 @@ def real_meter(**settings):
     values.update(settings)
     clock = FakeClock()
     return EnergyMeter(EnergySettings(**values), device="cpu", sources=[PowerSource(clock)],
-                       synchronize=lambda: None, monitor=DisturbanceMonitor(Thresholds.from_settings(EnergySettings(**values))))
+                       synchronize=lambda: None,
+                       monitor=DisturbanceMonitor(Thresholds.from_settings(EnergySettings(**values))))
 
 
 def workload():
@@ -334,7 +345,8 @@ def workload():
 def test_a_window_beside_a_planted_cpu_load_is_contaminated_measured_again_and_flagged():
     pid = start_cotenant()
     try:
-        meter = real_meter(settle_s=1.0)  # the neighbour stays: the wait runs out, the window is measured again
+        # the neighbour stays: the wait runs out, the window is measured again
+        meter = real_meter(settle_s=1.0)
         measurement = meter.measure_repeated(workload, "beside-a-load")
     finally:
         os.kill(pid, signal.SIGKILL)
@@ -369,7 +381,8 @@ def test_the_remeasure_stage_runs_a_flagged_job_again_once_per_study(tmp_path):
     pd.DataFrame({"config_id": ["m__fp32", "m__bf16"], "phase": "inference", "task": "qa",
                   "contaminated_windows": [1, 0]}).to_csv(path, index=False)
     energy = SimpleNamespace(on_contaminated="remeasure", detect_disturbance=True)
-    run = SimpleNamespace(study=SimpleNamespace(energy=energy), layout=layout, outcome=StudyOutcome(out_dir=tmp_path))
+    run = SimpleNamespace(study=SimpleNamespace(energy=energy), layout=layout,
+                          outcome=StudyOutcome(out_dir=tmp_path))
     jobs = [Job("inference", "m__fp32", {}), Job("inference", "m__bf16", {})]
     assert [j.key for j in _remeasure_stage(run, jobs)] == ["inference__m__fp32"]
     assert run.outcome.remeasured == ["inference__m__fp32"]

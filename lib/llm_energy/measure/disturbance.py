@@ -79,7 +79,8 @@ class Thresholds:
     @classmethod
     def from_settings(cls, settings: Any) -> "Thresholds":
         return cls(canary_tolerance=getattr(settings, "canary_tolerance", cls.canary_tolerance),
-                   max_foreign_cpu_share=getattr(settings, "max_foreign_cpu_share", cls.max_foreign_cpu_share),
+                   max_foreign_cpu_share=getattr(settings, "max_foreign_cpu_share",
+                                                 cls.max_foreign_cpu_share),
                    max_steal_share=getattr(settings, "max_steal_share", cls.max_steal_share))
 
 
@@ -363,7 +364,8 @@ class DisturbanceMonitor:
             canary_s, precision_s = self._read_canaries()
             slow = self._slowdown(canary_s, precision_s)
             vs_study = canary_s / self.study_canary_s if self.study_canary_s else 1.0
-            if (slow <= tolerance and vs_study <= tolerance and foreign <= self.thresholds.max_foreign_cpu_share
+            if (slow <= tolerance and vs_study <= tolerance
+                    and foreign <= self.thresholds.max_foreign_cpu_share
                     and steal <= self.thresholds.max_steal_share):
                 self._last_end = (self.clock(), canary_s, precision_s)
                 return self.clock() - began
@@ -398,8 +400,8 @@ class DisturbanceMonitor:
         fastest_precision = (min(start.precision_canary_s, closing_precision)
                              if not math.isnan(closing_precision) else math.nan)
         vs_study = fastest / self.study_canary_s if self.study_canary_s else math.nan
-        return judge(self._slowdown(fastest, fastest_precision), min(foreign, 1.0), steal, gpu, self.thresholds,
-                     vs_study)
+        return judge(self._slowdown(fastest, fastest_precision), min(foreign, 1.0), steal, gpu,
+                     self.thresholds, vs_study)
 
 
 def study_canary_path(study_dir: Path) -> Path:

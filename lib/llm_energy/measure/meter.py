@@ -83,7 +83,8 @@ def component_methods(rows: Any) -> list[str]:
     return out
 
 
-HARDWARE_COUNTERS: tuple[str, ...] = ("nvml_counter", "nvml_power_integral", "rapl")  # the project's own readings
+# the project's own readings
+HARDWARE_COUNTERS: tuple[str, ...] = ("nvml_counter", "nvml_power_integral", "rapl")
 SCOPE_MACHINE = "machine"
 SCOPE_GPU_ONLY = "gpu_only: shared node"
 
@@ -484,7 +485,8 @@ class NvmlSource:
                 raise RuntimeError(f"NVML: {self.fallback_reason}; power unreadable too "
                                    f"({type(power_exc).__name__}: {power_exc})") from power_exc
             self.method = self.POWER_METHOD
-            logger.warning("NVML %s: energy from sampled power instead (%s)", self.fallback_reason, self.POWER_METHOD)
+            logger.warning("NVML %s: energy from sampled power instead (%s)", self.fallback_reason,
+                           self.POWER_METHOD)
             sample_power_s = sample_power_s or 0.1
         self.name = self.method
         self.sample_power_s = sample_power_s
@@ -627,7 +629,8 @@ class CodeCarbonSource:
     name = "codecarbon"
 
     def __init__(self, settings: EnergySettings, tracker_factory: Callable[..., Any] | None = None,
-                 gpu_ids: list[int] | None = None, probe: Callable[[Any], dict[str, str]] = probe_codecarbon_methods):
+                 gpu_ids: list[int] | None = None,
+                 probe: Callable[[Any], dict[str, str]] = probe_codecarbon_methods):
         if tracker_factory is None:
             from codecarbon import OfflineEmissionsTracker as tracker_factory
 
@@ -714,7 +717,8 @@ class EnergyMeter:
         if attribution not in ("machine", "gpu_only"):
             raise ValueError(f"attribution must be 'machine' or 'gpu_only'; got {attribution!r}")
         if attribution == "gpu_only" and not device.startswith("cuda"):
-            raise ValueError("attribution 'gpu_only' needs a CUDA device: a CPU job's energy is all CPU and RAM")
+            raise ValueError("attribution 'gpu_only' needs a CUDA device: a CPU job's energy is all CPU and "
+                             "RAM")
         self.settings = settings
         self.device = device
         # Both edges of a window wait for the device's queued work (a no-op on the CPU).
@@ -760,7 +764,8 @@ class EnergyMeter:
             if witnessed is not None:
                 assert self.monitor is not None
                 found = self.monitor.end(witnessed)
-                record = replace(record, canary_slowdown=found.canary_slowdown, canary_vs_study=found.canary_vs_study,
+                record = replace(record, canary_slowdown=found.canary_slowdown,
+                                 canary_vs_study=found.canary_vs_study,
                                  foreign_cpu_share=found.foreign_cpu_share, steal_share=found.steal_share,
                                  foreign_gpu_processes=found.foreign_gpu_processes,
                                  contaminated=found.contaminated, disturbance=found.reasons)
@@ -768,7 +773,8 @@ class EnergyMeter:
                     logger.warning("window %s disturbed: %s", name, found.reasons)
             handle.record = record
 
-    def _make_record(self, name: str, duration_s: float, readings: dict[str, ComponentReading]) -> EnergyRecord:
+    def _make_record(self, name: str, duration_s: float,
+                     readings: dict[str, ComponentReading]) -> EnergyRecord:
         def kwh(component: str) -> float:
             return readings[component].energy_j / J_PER_KWH if component in readings else 0.0
 
@@ -841,7 +847,8 @@ class EnergyMeter:
         assert record is not None
         after = IdleBaseline(record.power_w, record.duration_s, record.energy_method, "loaded_after",
                              disturbance=record.disturbance)
-        drift = (after.power_w - before.power_w) / before.power_w if before and before.power_w > 0 else float("nan")
+        drift = ((after.power_w - before.power_w) / before.power_w if before and before.power_w > 0
+                 else float("nan"))
         return after, drift
 
     def use_idle_baseline(self, baseline: IdleBaseline) -> None:
@@ -885,7 +892,8 @@ class EnergyMeter:
         measured again without waiting. The last attempt is kept, with its flag when it was disturbed
         too (``attempts`` counts them)."""
         remeasure = getattr(self.settings, "on_contaminated", "flag") == "remeasure"
-        limit = min(self.settings.max_repeats, getattr(self.settings, "window_attempts", self.settings.max_repeats))
+        limit = min(self.settings.max_repeats,
+                    getattr(self.settings, "window_attempts", self.settings.max_repeats))
         settle_s = float(getattr(self.settings, "settle_s", 0.0))
         attempts = 0
         while True:
@@ -896,8 +904,9 @@ class EnergyMeter:
             if self.monitor is not None and settle_s > 0 and not self.long_stretch:
                 if self.monitor.wait_until_clear(settle_s, sleep=self.sleep) is None:
                     self.long_stretch = True
-                    logger.warning("%s: the machine was still disturbed %.0f s after the window (%s); measured "
-                                   "again now, and later windows without waiting", name, settle_s, record.disturbance)
+                    logger.warning("%s: the machine was still disturbed %.0f s after the window (%s); "
+                                   "measured again now, and later windows without waiting", name, settle_s,
+                                   record.disturbance)
             logger.warning("measuring %s again (attempt %d of at most %d): %s", name, attempts + 1, limit,
                            record.disturbance)
 
@@ -905,7 +914,8 @@ class EnergyMeter:
     def _rate_tolerance(self) -> float:
         return float(getattr(self.settings, "canary_tolerance", 0.15))
 
-    def measure_repeated(self, fn: Callable[[], T], name: str, warmup: Callable[[], Any] | None = None) -> RepeatedMeasurement:
+    def measure_repeated(self, fn: Callable[[], T], name: str,
+                         warmup: Callable[[], Any] | None = None) -> RepeatedMeasurement:
         """Full-pass windows in two stages (Stein's design): ``repeats`` pilot windows, then as many more
         as the pilot's spread says are needed for a relative standard error of ``target_rsd`` (at most
         ``max_repeats`` in all), decided once from the pilot. The energy is the mean of every window; the
@@ -984,7 +994,8 @@ def nvml_indices(device: str, nvml: Any = None) -> list[int]:
         return [cuda_index]
     ids = [v.strip() for v in visible.split(",") if v.strip()]
     if cuda_index >= len(ids):
-        raise ValueError(f"device {device} but CUDA_VISIBLE_DEVICES={visible!r} makes only {len(ids)} GPU(s) visible")
+        raise ValueError(f"device {device} but CUDA_VISIBLE_DEVICES={visible!r} makes only {len(ids)} GPU(s) "
+                         "visible")
     entry = ids[cuda_index]
     if entry.isdigit():
         return [int(entry)]
@@ -996,13 +1007,14 @@ def nvml_indices(device: str, nvml: Any = None) -> list[int]:
         if entry.startswith("MIG-"):
             parent = nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvml.nvmlDeviceGetHandleByUUID(entry))
             index = int(nvml.nvmlDeviceGetIndex(parent))
-            logger.warning("CUDA_VISIBLE_DEVICES names MIG slice %s of GPU %d: its NVML energy counter covers the "
-                           "whole GPU, every slice on it included", entry, index)
+            logger.warning("CUDA_VISIBLE_DEVICES names MIG slice %s of GPU %d: its NVML energy counter "
+                           "covers the whole GPU, every slice on it included", entry, index)
             return [index]
         return [int(nvml.nvmlDeviceGetIndex(nvml.nvmlDeviceGetHandleByUUID(entry)))]
     except Exception as exc:  # noqa: BLE001  (pynvml raises its own NVMLError kinds)
-        raise ValueError(f"CUDA_VISIBLE_DEVICES entry {entry!r} (for {device}) is no GPU or MIG UUID NVML knows "
-                         f"({type(exc).__name__}: {exc}); use the GPU's index or its UUID from nvidia-smi -L") from exc
+        raise ValueError(f"CUDA_VISIBLE_DEVICES entry {entry!r} (for {device}) is no GPU or MIG UUID NVML "
+                         f"knows ({type(exc).__name__}: {exc}); use the GPU's index or its UUID from "
+                         "nvidia-smi -L") from exc
 
 
 def rapl_available(root: Path = Path("/sys/class/powercap")) -> bool:

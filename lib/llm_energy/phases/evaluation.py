@@ -78,7 +78,8 @@ class ConfigRun:
         """From a notebook's parameters cell: each section validated by the study file's rules."""
         if precision not in PRECISIONS:
             raise StudyValidationError(
-                [Problem("notebook parameters", None, "precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")]
+                [Problem("notebook parameters", None, "precision",
+                         f"{precision!r} is not one of {', '.join(PRECISIONS)}")]
             )
         model_settings = validate_section(ModelSettings, model, "model")
         return cls(
@@ -102,7 +103,8 @@ class ConfigRun:
 
 def full_split(task: str, settings: TaskSettings, split: str, base_dir: Path) -> TaskData:
     """A whole split, ignoring the scoring sample size (training and calibration use their own)."""
-    return load_task_data(task, settings.model_copy(update={"max_items": None}), split=split, base_dir=base_dir)
+    return load_task_data(task, settings.model_copy(update={"max_items": None}), split=split,
+                          base_dir=base_dir)
 
 
 def training_splits(run: ConfigRun, task: str) -> tuple[TaskData, TaskData]:
@@ -114,7 +116,8 @@ def training_splits(run: ConfigRun, task: str) -> tuple[TaskData, TaskData]:
 
 def load_task_sets(tasks: TasksSettings, base_dir: Path) -> dict[str, TaskData]:
     """The scored items of every enabled task."""
-    return {name: load_task_data(name, settings, base_dir=base_dir) for name, settings in tasks.enabled().items()}
+    return {name: load_task_data(name, settings, base_dir=base_dir)
+            for name, settings in tasks.enabled().items()}
 
 
 def meter_for(run: ConfigRun, device: str) -> EnergyMeter:
@@ -271,7 +274,8 @@ def measure_generation(loaded: LoadedModel, data: TaskData, params: GenerationPa
     items = list(data.items)[: params.max_items] if params.max_items else list(data.items)
     missing = [item.id for item in items if not item.resolution.strip()]
     if missing:
-        raise ValueError(f"generation needs a reference 'resolution' on every rca item; missing on {missing[:3]}")
+        raise ValueError("generation needs a reference 'resolution' on every rca item; missing on "
+                         f"{missing[:3]}")
     encoded = encode_prompts(loaded.tokenizer, items, params)
     warm = encode_prompts(loaded.tokenizer, items[:1], params)
     windows = meter.settings.windows
@@ -304,7 +308,8 @@ def measure_generation(loaded: LoadedModel, data: TaskData, params: GenerationPa
 
 
 def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, phase: str = "inference",
-                    adapter: str = "none", pruning: str = "none", sparsity: Any = None) -> list[dict[str, Any]]:
+                    adapter: str = "none", pruning: str = "none",
+                    sparsity: Any = None) -> list[dict[str, Any]]:
     """Every task of the study (and RCA resolutions when asked), measured and written to the tables;
     the same steps for base, fine-tuned and pruned configs so their rows compare."""
     summary = []
@@ -313,8 +318,9 @@ def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, pha
 
     def record(result: TaskResult, measurement: RepeatedMeasurement, source: str, style: str,
                generated_tokens: int = 0, fewshot: tuple[Any, ...] = ()) -> None:
-        record_task(run.study_dir, identity, phase, result, measurement, loaded.device, loaded.compute_description,
-                    loaded.memory_bytes, generated_tokens=generated_tokens, sparsity=sparsity,
+        record_task(run.study_dir, identity, phase, result, measurement, loaded.device,
+                    loaded.compute_description, loaded.memory_bytes, generated_tokens=generated_tokens,
+                    sparsity=sparsity,
                     idle_system_power_w=meter.idle_system.power_w if meter.idle_system else None,
                     source=source, style=style, fewshot=fewshot, limit=limit)
         summary.append(summary_row(result, measurement))
@@ -324,11 +330,13 @@ def evaluate_config(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter, pha
         settings = run.tasks.enabled()[name]
         prepared = reuse.prepared_task(run.study_dir, loaded, run.model, run.base_dir, name, task_data,
                                        settings.prompt, settings.style)
-        record(*measure_task(loaded, name, task_data, meter, settings.prompt, run.seed, settings.style, prepared),
+        record(*measure_task(loaded, name, task_data, meter, settings.prompt, run.seed, settings.style,
+                             prepared),
                task_data.source, scoring_style(name, settings.style), fewshot=task_data.fewshot)
     rca = run.tasks.rca
     if rca is not None and rca.generation is not None and "rca" in task_sets:
-        result, measurement, output = measure_generation(loaded, task_sets["rca"], rca.generation, meter, run.seed)
+        result, measurement, output = measure_generation(loaded, task_sets["rca"], rca.generation, meter,
+                                                         run.seed)
         chat = "chat template" if uses_chat(rca.generation, loaded.tokenizer) else "plain prompt"
         record(result, measurement, task_sets["rca"].source, f"generation, {chat}", output.n_new_tokens)
     record_idle_drift(run, meter, phase, identity.config_id)

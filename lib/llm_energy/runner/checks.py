@@ -45,11 +45,13 @@ def split_uses(study: Study) -> dict[str, dict[str, str]]:
                 uses.setdefault(task, {}).setdefault("train", "Wanda calibrates on")
         if pruning.recover is not None:
             uses.setdefault(pruning.recover.task, {}).update(
-                {"train": "recovery fine-tuning trains on", "validation": "recovery fine-tuning validates on"})
+                {"train": "recovery fine-tuning trains on",
+                 "validation": "recovery fine-tuning validates on"})
     return uses
 
 
-def _record_problems(task: str, settings: TaskSettings, base_dir: Path) -> tuple[list[Problem], Records | None]:
+def _record_problems(task: str, settings: TaskSettings,
+                     base_dir: Path) -> tuple[list[Problem], Records | None]:
     path = task_file(task, settings, base_dir)
     if not path.is_file():
         return [Problem(str(path), None, _where(task, "data"), "data file does not exist")], None
@@ -63,17 +65,20 @@ def _record_problems(task: str, settings: TaskSettings, base_dir: Path) -> tuple
         for s in records.skipped:
             where = s.file if s.line is not None else f"{s.file} [{s.record}]"
             problems.append(Problem(where, s.line, _where(task, s.field),
-                                    f"{s.reason} (set tasks.{task}.invalid_records: skip to leave such records out)"))
+                                    f"{s.reason} (set tasks.{task}.invalid_records: skip to leave such "
+                                    "records out)"))
     return problems, records
 
 
-def _split_problems(task: str, settings: TaskSettings, records: Records, uses: dict[str, str]) -> list[Problem]:
+def _split_problems(task: str, settings: TaskSettings, records: Records,
+                    uses: dict[str, str]) -> list[Problem]:
     path = str(records.path)
     problems = []
     if settings.split in uses:
         problems.append(Problem(path, None, _where(task, "split"),
                                 f"the scored split {settings.split!r} is the one {uses[settings.split]}: "
-                                "training or calibrating on the scored items would inflate their scores; score 'test'"))
+                                "training or calibrating on the scored items would inflate their scores; "
+                                "score 'test'"))
     try:
         entries = split_entries(records, settings)
     except DataError as exc:
@@ -83,7 +88,8 @@ def _split_problems(task: str, settings: TaskSettings, records: Records, uses: d
         if size == 0:
             why = "it is scored" if name == settings.split else f"{uses[name]} it"
             problems.append(Problem(path, None, _where(task, "split"),
-                                    f"split {name!r} is empty, but {why} (check the file's split field or split_fractions)"))
+                                    f"split {name!r} is empty, but {why} (check the file's split field or "
+                                    "split_fractions)"))
     return problems
 
 
@@ -115,7 +121,8 @@ def _model_limits(study: Study, base_dir: Path) -> tuple[list[tuple[str, Any, in
     limits, problems = [], []
     for spec in study.models:
         if spec.source == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
-            log.info("validate: %s is a hub model and the hub is offline; its context length is not checked", spec.name)
+            log.info("validate: %s is a hub model and the hub is offline; its context length is not checked",
+                     spec.name)
             continue
         try:
             weights, _ = resolve_weights(spec, base_dir)
@@ -129,7 +136,8 @@ def _model_limits(study: Study, base_dir: Path) -> tuple[list[tuple[str, Any, in
     return limits, problems
 
 
-def over_context(task: str, settings: TaskSettings, data: Any, limits: list[tuple[str, Any, int]]) -> dict[str, str]:
+def over_context(task: str, settings: TaskSettings, data: Any,
+                 limits: list[tuple[str, Any, int]]) -> dict[str, str]:
     """{item id: why} for the items whose scored prompt with its longest continuation (or, for RCA
     resolutions, its generation prompt plus the new tokens) does not fit a model's context. Batched:
     fast enough for every record of a 10,000-question file."""
@@ -142,15 +150,18 @@ def over_context(task: str, settings: TaskSettings, data: Any, limits: list[tupl
     requests = request_texts(task, data, settings.prompt, settings.style)
     for name, tokenizer, context in limits:
         prefix = len(special_prefix(tokenizer))
-        ctx_lengths = [len(ids) for ids in tokenizer([c for c, _ in requests], add_special_tokens=False)["input_ids"]]
+        ctx_lengths = [len(ids) for ids in tokenizer([c for c, _ in requests],
+                                                     add_special_tokens=False)["input_ids"]]
         conts = sorted({c for _, cs in requests for c in cs})
-        cont_length = dict(zip(conts, (len(ids) for ids in tokenizer(conts, add_special_tokens=False)["input_ids"])))
+        cont_length = dict(
+            zip(conts, (len(ids) for ids in tokenizer(conts, add_special_tokens=False)["input_ids"])))
         for item, request, n_ctx in zip(data.items, requests, ctx_lengths):
             n = prefix + n_ctx + max(cont_length[c] for c in request[1])
             if n > context - _SEAM_MARGIN:
                 n = request_length(encode_requests(tokenizer, [request])[0])
             if n > context and item.id not in found:
-                found[item.id] = f"its prompt and longest choice are {n} tokens, over {name}'s context of {context}"
+                found[item.id] = (f"its prompt and longest choice are {n} tokens, over {name}'s context of "
+                                  f"{context}")
         generation = settings.generation if task == "rca" else None
         if generation is not None:
             chat = uses_chat(generation, tokenizer)
@@ -158,8 +169,8 @@ def over_context(task: str, settings: TaskSettings, data: Any, limits: list[tupl
             for item, ids in zip(data.items, tokenizer(prompts, add_special_tokens=not chat)["input_ids"]):
                 n = len(ids) + generation.new_tokens
                 if n > context and item.id not in found:
-                    found[item.id] = (f"its resolution prompt plus {generation.new_tokens} new tokens is {n} tokens, "
-                                      f"over {name}'s context of {context}")
+                    found[item.id] = (f"its resolution prompt plus {generation.new_tokens} new tokens is {n} "
+                                      f"tokens, over {name}'s context of {context}")
     return found
 
 
@@ -183,7 +194,8 @@ def with_context_exclusions(study: Study, base_dir: Path) -> tuple[Study, dict[s
         for split in everything.values():
             found.update(over_context(name, settings, split, limits))
         if found:
-            updates[name] = settings.model_copy(update={"exclude_records": {**settings.exclude_records, **found}})
+            updates[name] = settings.model_copy(
+                update={"exclude_records": {**settings.exclude_records, **found}})
             counts[name] = len(found)
     if not updates:
         return study, counts
@@ -198,8 +210,10 @@ def _length_problems(study: Study, base_dir: Path, scored: dict[str, Any]) -> li
         if settings.invalid_records == "skip":
             continue  # the runner leaves those out (with_context_exclusions)
         for item_id, why in over_context(task, settings, data, limits).items():
-            problems.append(Problem(str(task_file(task, settings, base_dir)), None, _where(task, f"item {item_id}"),
-                                    f"{why} (set tasks.{task}.invalid_records: skip to leave such records out)"))
+            problems.append(Problem(str(task_file(task, settings, base_dir)), None,
+                                    _where(task, f"item {item_id}"),
+                                    f"{why} (set tasks.{task}.invalid_records: skip to leave such records "
+                                    "out)"))
     return problems
 
 

@@ -1,7 +1,7 @@
 """One job of a study: a phase notebook run by papermill in a fresh kernel, alone or for one config.
 
-The runner (:mod:`llm_energy.runner.study`) and the cluster workers (:mod:`llm_energy.runner.scale`) both execute
-jobs through :func:`execute_job`, which never raises: one failing config must not stop a study.
+The runner (:mod:`llm_energy.runner.study`) and the cluster workers (:mod:`llm_energy.runner.scale`) both
+execute jobs through :func:`execute_job`, which never raises: one failing config must not stop a study.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from .. import QUICK_EXIT_ENV
 from ..layout import NOTEBOOKS, StudyLayout, notebooks_dir
 
 # The kernel's own log at ERROR: its start-up warning about TCP transport without encryption (the
-# kernel listens on 127.0.0.1 only) would otherwise be printed once per job. Cell output goes to the job's log.
+# kernel listens on 127.0.0.1 only) would otherwise be printed once per job. Cell output goes to the job's
+# log.
 KERNEL_ARGUMENTS = ["--log-level=ERROR"]
 
 
@@ -72,8 +73,8 @@ def run_job(job: Job, out_dir: Path) -> None:
     with open(layout.log(job.key), "w") as stdout:
         papermill.execute_notebook(
             str(notebook), str(executed), parameters=notebook_parameters(job),
-            kernel_name="python3", progress_bar=False, log_output=False, stdout_file=stdout, stderr_file=stdout,
-            cwd=str(notebook.parent), extra_arguments=KERNEL_ARGUMENTS,
+            kernel_name="python3", progress_bar=False, log_output=False, stdout_file=stdout,
+            stderr_file=stdout, cwd=str(notebook.parent), extra_arguments=KERNEL_ARGUMENTS,
         )
 
 
@@ -95,4 +96,5 @@ def short_error(exc: BaseException) -> str:
     if ename:
         return f"{ename}: {evalue}"
     lines = [line for line in text.splitlines() if line.strip()]
-    return f"{name}: {lines[-1] if lines else ''}" if lines else name + "\n" + "".join(traceback.format_exception_only(exc))
+    return (f"{name}: {lines[-1] if lines else ''}" if lines
+            else name + "\n" + "".join(traceback.format_exception_only(exc)))

@@ -92,15 +92,15 @@ def slurm_tools_problem() -> str | None:
     try:
         import dask_jobqueue  # noqa: F401
     except ImportError as exc:
-        return (f"--cluster slurm needs dask-jobqueue, which does not import here ({exc}). Install the project's "
-                "dependencies into this Python (`make setup`, or `pip install dask-jobqueue`), or run without "
-                "--cluster slurm.")
+        return (f"--cluster slurm needs dask-jobqueue, which does not import here ({exc}). Install the "
+                "project's dependencies into this Python (`make setup`, or `pip install dask-jobqueue`), or "
+                "run without --cluster slurm.")
     missing = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
     if missing:
         return (f"--cluster slurm needs SLURM's client commands, and {', '.join(missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} not on the PATH. Run from a login node of the cluster "
-                "(where `sbatch` works), or install them and the cluster's slurm.conf (Debian/Ubuntu: "
-                "`apt install slurm-client`; SLURM_CONF names another configuration file).")
+                f"{'is' if len(missing) == 1 else 'are'} not on the PATH. Run from a login node of the "
+                "cluster (where `sbatch` works), or install them and the cluster's slurm.conf "
+                "(Debian/Ubuntu: `apt install slurm-client`; SLURM_CONF names another configuration file).")
     return None
 
 
@@ -119,9 +119,9 @@ def worker_job_problem(settings: SlurmSettings) -> str | None:
         return "the SLURM controller did not answer `sbatch --test-only` within 60 s: is it up (`sinfo`)?"
     if proc.returncode != 0:
         said = " ".join((proc.stderr or proc.stdout).split())
-        return (f"SLURM would not run a worker job as cluster.slurm asks for it ({said}). Fix queue, account, "
-                "cores, memory, walltime or job_extra_directives so that they fit the partition's nodes "
-                "(`sinfo -N -l`, `scontrol show partition`).")
+        return (f"SLURM would not run a worker job as cluster.slurm asks for it ({said}). Fix queue, "
+                "account, cores, memory, walltime or job_extra_directives so that they fit the partition's "
+                "nodes (`sinfo -N -l`, `scontrol show partition`).")
     return None
 
 
@@ -153,15 +153,15 @@ def out_dir_problem(settings: SlurmSettings, out_dir: Path) -> str | None:
     where = f"partition {settings.queue}" if settings.queue else "the default partition"
     if proc is None or not re.search(r"^node=", proc.stdout, re.M):
         said = " ".join(((proc.stderr or proc.stdout) if proc is not None else "no answer").split())[-400:]
-        return (f"could not check that the nodes of {where} see the output folder {out_dir}: `srun` got no node "
-                f"within {NODE_CHECK_WAIT_S} s ({said}). Run again when a node is free, and check that "
+        return (f"could not check that the nodes of {where} see the output folder {out_dir}: `srun` got no "
+                f"node within {NODE_CHECK_WAIT_S} s ({said}). Run again when a node is free, and check that "
                 "`srun` works from here.")
     node = re.search(r"^node=(\S*)", proc.stdout, re.M).group(1)  # type: ignore[union-attr]
     if token not in proc.stdout:
-        return (f"the output folder {out_dir} is not visible from the cluster's nodes: node {node} of {where} "
-                f"does not see the file this machine wrote in {anchor}. Every job writes the study's tables "
-                "there: put --out on a filesystem the nodes share (the project or home space the cluster "
-                "mounts everywhere, not /tmp, /dev/shm or a local disk).")
+        return (f"the output folder {out_dir} is not visible from the cluster's nodes: node {node} of "
+                f"{where} does not see the file this machine wrote in {anchor}. Every job writes the study's "
+                "tables there: put --out on a filesystem the nodes share (the project or home space the "
+                "cluster mounts everywhere, not /tmp, /dev/shm or a local disk).")
     return None
 
 
@@ -181,7 +181,8 @@ def partition_oversubscribe(queue: str | None) -> str:
 def exclusive_requested(settings: SlurmSettings) -> bool:
     """Will every worker job get its node to itself: --exclusive among the directives, or an exclusive
     partition? (What the job really got is read again inside each job: :func:`job_attribution`.)"""
-    return "--exclusive" in settings.job_extra_directives or partition_oversubscribe(settings.queue) == "EXCLUSIVE"
+    return ("--exclusive" in settings.job_extra_directives
+            or partition_oversubscribe(settings.queue) == "EXCLUSIVE")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,7 +243,8 @@ def local_cluster(n_workers: int, gpus: bool) -> Any:
 
     workers = {}
     for index in range(n_workers):
-        options: dict[str, Any] = {"nthreads": 1, "resources": {f"{DEVICE_RESOURCE}{index}": 1}, "host": "127.0.0.1"}
+        options: dict[str, Any] = {"nthreads": 1, "resources": {f"{DEVICE_RESOURCE}{index}": 1},
+                                   "host": "127.0.0.1"}
         if gpus:
             # The job inside sees only its own GPU, so "cuda" and NVML both mean that one device.
             options["env"] = {"CUDA_VISIBLE_DEVICES": str(index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
@@ -256,7 +258,8 @@ def make_cluster(kind: str, study: Study, device: str, out_dir: Path) -> tuple[A
     """The cluster and its device slots: the resource each in-flight job takes (one per device)."""
     if kind == "local":
         n_workers = local_worker_count(study, device)
-        return local_cluster(n_workers, device.startswith("cuda")), [f"{DEVICE_RESOURCE}{i}" for i in range(n_workers)]
+        return (local_cluster(n_workers, device.startswith("cuda")),
+                [f"{DEVICE_RESOURCE}{i}" for i in range(n_workers)])
     if kind == "slurm":
         cluster = slurm_cluster(study.cluster.slurm, out_dir / "logs" / "slurm")
         cluster.scale(jobs=study.cluster.slurm.jobs)
@@ -276,11 +279,12 @@ def _lost_worker_result(exc: BaseException, slurm_ids: dict[str, str]) -> dict[s
     slurm_id = slurm_ids.get(name, "")
     where = f"its worker's SLURM job {slurm_id}" if slurm_id else f"its worker {name or '?'}"
     return {"ok": False, "seconds": 0.0, "slurm_job_id": slurm_id, "slurm_oversubscribe": "",
-            "error": (f"WorkerLost: {where} ended while the job ran (scancel, the job's walltime, memory or the "
-                      "node); nothing of it was kept. A rerun runs it again.")}
+            "error": (f"WorkerLost: {where} ended while the job ran (scancel, the job's walltime, memory or "
+                      "the node); nothing of it was kept. A rerun runs it again.")}
 
 
-def run_on_cluster(jobs: list[Job], out_dir: Path, kind: str, study: Study, device: str) -> Iterator[tuple[Job, dict[str, Any]]]:
+def run_on_cluster(jobs: list[Job], out_dir: Path, kind: str, study: Study,
+                   device: str) -> Iterator[tuple[Job, dict[str, Any]]]:
     """Submit jobs in order, at most one per device slot at a time, and yield (job, result) as each
     finishes. On SLURM, a worker job that ended is replaced while jobs are left."""
     import dask
@@ -313,7 +317,8 @@ def _run_in_slots(client: Any, cluster: Any, jobs: list[Job], slots: list[str], 
                                   key=f"llm-energy-{job.key}-{uuid.uuid4().hex[:8]}", pure=False,
                                   resources={slot: 1})] = (job, slot)
         if on_slurm:
-            slurm_ids.update({name: str(w.job_id) for name, w in cluster.workers.items() if getattr(w, "job_id", None)})
+            slurm_ids.update(
+                {name: str(w.job_id) for name, w in cluster.workers.items() if getattr(w, "job_id", None)})
         try:
             finished = list(wait(list(running), timeout=2, return_when="FIRST_COMPLETED").done)
         except TimeoutError:

@@ -81,7 +81,8 @@ STAGES: tuple[Stage, ...] = (
           "after its fine-tuning (an adapter that was saved)"),
     Stage("top-k pruning", "pruning (and recovery) of the ranking's top configs when no targets are named",
           "from the ranking of everything evaluated so far, adapters included"),
-    Stage("re-measure", "each job whose windows stayed contaminated, again, whole (energy.on_contaminated: remeasure)",
+    Stage("re-measure", "each job whose windows stayed contaminated, again, whole (energy.on_contaminated: "
+                        "remeasure)",
           "from energy.csv's contaminated_windows"),
     Stage("ranking", "the ranking notebook over every table", "always last: it reads every table"),
     Stage("report", "report.html from the executed ranking notebook", "after the ranking"),
@@ -128,8 +129,8 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
                 and not StudyLayout(out_dir).done_marker(f"{phase}__{config_id}").exists()):
             reason = too_slow[precision]
         if reason:
-            skipped.append({"config_id": config_id, "model": model.name, "precision": precision, "reason": reason,
-                            "adapter": adapter, "pruning": pruning})
+            skipped.append({"config_id": config_id, "model": model.name, "precision": precision,
+                            "reason": reason, "adapter": adapter, "pruning": pruning})
         return reason is None
 
     if "finetune" in study.phases and study.finetune is not None:
@@ -139,8 +140,9 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
                 config_id = config_id_for(model.name, precision, adapter="lora")
                 if runnable(model, precision, config_id, "finetune", adapter="lora"):
                     jobs.append(Job("finetune", config_id, {
-                        **common, "config_id": config_id, "model": model.model_dump(mode="json"), "adapter_name": "lora",
-                        "precision": precision, "finetune": section_dict(study.finetune)}))
+                        **common, "config_id": config_id, "model": model.model_dump(mode="json"),
+                        "adapter_name": "lora", "precision": precision,
+                        "finetune": section_dict(study.finetune)}))
     if "inference" in study.phases:
         for model in study.models:
             for precision in study.precisions:
@@ -150,7 +152,8 @@ def expand(study: Study, out_dir: Path, base_dir: Path, device: str,
     if "pruning" in study.phases and study.pruning is not None and study.pruning.targets:
         models = {m.name: m for m in study.models}
         for target in study.pruning.parsed_targets():
-            jobs += [j for j in pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target, out_dir)
+            jobs += [j for j in pruning_jobs(study, common, models[target.model].model_dump(mode="json"),
+                                             target, out_dir)
                      if runnable(models[target.model], target.precision, j.config_id or "", "pruning",
                                  adapter=target.adapter, pruning=j.parameters["pruning_label"])]
     if "ranking" in study.phases:
@@ -168,7 +171,8 @@ def probed_precisions(study: Study) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def slow_precisions(study: Study, device: str) -> tuple[dict[str, throughput.PrecisionThroughput], dict[str, str]]:
+def slow_precisions(study: Study,
+                    device: str) -> tuple[dict[str, throughput.PrecisionThroughput], dict[str, str]]:
     """The device throughput probe of every precision the study loads, and those it skips as too
     slow here (study.device_limits), with the measured reason."""
     probe = throughput.probe_device(probed_precisions(study), device)
@@ -220,11 +224,12 @@ def energy_attribution(study: Study, cluster: str, device: str) -> str:
         raise StudyRunError(
             "measured CPU jobs would share a node (" + ("cluster.local_workers > 1" if cluster == "local" else
             "SLURM without --exclusive in cluster.slurm.job_extra_directives, on a partition that is not "
-            "OverSubscribe=EXCLUSIVE") + "): their CPU energy cannot be told apart. Use one worker, or give each "
-            "SLURM worker its node (add --exclusive to cluster.slurm.job_extra_directives).")
+            "OverSubscribe=EXCLUSIVE") + "): their CPU energy cannot be told apart. Use one worker, or give "
+            "each SLURM worker its node (add --exclusive to cluster.slurm.job_extra_directives).")
     if requested == "machine" and shared:
-        raise StudyRunError("energy.attribution: machine, but measured jobs share a node here: each job would be "
-                            "charged the whole machine's CPU and RAM. Use attribution: auto or gpu_only.")
+        raise StudyRunError("energy.attribution: machine, but measured jobs share a node here: each job "
+                            "would be charged the whole machine's CPU and RAM. Use attribution: auto or "
+                            "gpu_only.")
     if requested == "auto":
         return "gpu_only" if shared else "machine"
     return requested
@@ -232,8 +237,9 @@ def energy_attribution(study: Study, cluster: str, device: str) -> str:
 
 def inference_job(common: dict[str, Any], model: dict[str, Any], precision: str, config_id: str,
                   adapter: str = "", adapter_name: str = "none") -> Job:
-    return Job("inference", config_id, {**common, "config_id": config_id, "model": model, "precision": precision,
-                                        "adapter": adapter, "adapter_name": adapter_name})
+    return Job("inference", config_id,
+               {**common, "config_id": config_id, "model": model, "precision": precision,
+                "adapter": adapter, "adapter_name": adapter_name})
 
 
 def pruning_jobs(study: Study, common: dict[str, Any], model: dict[str, Any], target: PruningTarget,
@@ -243,15 +249,17 @@ def pruning_jobs(study: Study, common: dict[str, Any], model: dict[str, Any], ta
     assert study.pruning is not None
     adapter_dir = ""
     if target.adapter != "none":
-        adapter_dir = str(StudyLayout(out_dir).adapter(config_id_for(model["name"], target.precision, adapter=target.adapter)))
+        adapter_dir = str(StudyLayout(out_dir).adapter(config_id_for(model["name"], target.precision,
+                                                                     adapter=target.adapter)))
     jobs = []
     for method in study.pruning.methods:
         spec = study.pruning.spec(method, study.seed)
         config_id = config_id_for(model["name"], target.precision, adapter=target.adapter, pruning=spec.label)
         jobs.append(Job("pruning", config_id, {
             **common, "config_id": config_id, "model": model, "precision": target.precision,
-            "pruning_label": spec.label, "pruning": section_dict(spec), "sparse_kernels": study.pruning.sparse_kernels,
-            "adapter": adapter_dir, "adapter_name": target.adapter,
+            "pruning_label": spec.label, "pruning": section_dict(spec),
+            "sparse_kernels": study.pruning.sparse_kernels, "adapter": adapter_dir,
+            "adapter_name": target.adapter,
             "recover": section_dict(study.pruning.recover) if study.pruning.recover is not None else {},
         }))
     return jobs
@@ -285,7 +293,8 @@ def planned_jobs(params_path: str | Path, out: str | Path | None = None) -> tupl
     common = base_parameters(study, out_dir, params_path.parent, device, attribution)
     first = [j for j in jobs if j.phase in ("data", "finetune", "inference")]
     adapters = [inference_job(common, j.parameters["model"], j.parameters["precision"], j.config_id or "",
-                              adapter=str(StudyLayout(out_dir).adapter(j.config_id or "")), adapter_name="lora")
+                              adapter=str(StudyLayout(out_dir).adapter(j.config_id or "")),
+                              adapter_name="lora")
                 for j in first if j.phase == "finetune"]
     pruning = [j for j in jobs if j.phase == "pruning"]
     note = ""
@@ -296,10 +305,12 @@ def planned_jobs(params_path: str | Path, out: str | Path | None = None) -> tupl
             targets = []
         models = {m.name: m for m in study.models}
         pruning = [job for target in targets
-                   for job in pruning_jobs(study, common, models[target.model].model_dump(mode="json"), target, out_dir)]
+                   for job in pruning_jobs(study, common, models[target.model].model_dump(mode="json"),
+                                           target, out_dir)]
         if not targets:
-            note = (f"pruning jobs (the top {study.pruning.top_k} configs of the ranking) are known once {out_dir} "
-                    "holds the evaluated configs: run the study (or its inference phase) there first")
+            note = (f"pruning jobs (the top {study.pruning.top_k} configs of the ranking) are known once "
+                    f"{out_dir} holds the evaluated configs: run the study (or its inference phase) there "
+                    "first")
     return first + adapters + pruning + [j for j in jobs if j.phase == "ranking"], note
 
 
@@ -311,10 +322,12 @@ def top_k_targets(study: Study, out_dir: Path) -> list[PruningTarget]:
     if configs.empty:
         raise ValueError(f"{results.table_path(out_dir, 'energy')} has no inference rows to rank")
     qa_style = study.tasks.qa.style if study.tasks.qa is not None else "cloze"
-    table = rank.rank_evaluations(configs, results.read_table(out_dir, "scores"), study.ranking, qa_style).table
+    table = rank.rank_evaluations(configs, results.read_table(out_dir, "scores"), study.ranking,
+                                  qa_style).table
     unpruned = table[table["pruning"] == "none"]
     at_w = unpruned[(unpruned["w"] - study.ranking.w).abs() < 1e-9].sort_values(["rank", "config_id"])
-    return [PruningTarget(row.model, row.precision, row.adapter) for row in at_w.head(study.pruning.top_k).itertuples()]
+    return [PruningTarget(row.model, row.precision, row.adapter)
+            for row in at_w.head(study.pruning.top_k).itertuples()]
 
 
 def _git(args: list[str]) -> str | None:
@@ -377,8 +390,9 @@ def prepare_out_dir(study: Study, out_dir: Path, resume: bool, force: bool) -> N
         previous_hash = (previous.get("_meta") or {}).get("params_hash")
         if previous_hash and previous_hash != study_hash(study):
             raise StudyRunError(
-                f"{out_dir} was written with different parameters (hash {previous_hash}, now {study_hash(study)}). "
-                "Resuming would mix results. Use --out NEW_FOLDER, or --no-resume --force to start afresh."
+                f"{out_dir} was written with different parameters (hash {previous_hash}, now "
+                f"{study_hash(study)}). Resuming would mix results. Use --out NEW_FOLDER, or --no-resume "
+                "--force to start afresh."
             )
 
 
@@ -391,7 +405,8 @@ class _Run:
         self.resume, self.phases, self.cluster = resume, phases, cluster
         self.outcome = StudyOutcome(out_dir=layout.root, skipped=skipped)
         failures = layout.failures
-        self.failures: list[dict[str, str]] = json.loads(failures.read_text()) if (resume and failures.exists()) else []
+        self.failures: list[dict[str, str]] = (json.loads(failures.read_text())
+                                               if (resume and failures.exists()) else [])
         self.bar: Any = None
 
     def wants(self, phase: str) -> bool:
@@ -453,8 +468,8 @@ class _Run:
         results.atomic_write_json(self.layout.failures, self.failures)
 
 
-def run_study(params_path: str | Path, out: str | Path | None = None, resume: bool = True, force: bool = False,
-              phases: list[str] | None = None, cluster: str = "none",
+def run_study(params_path: str | Path, out: str | Path | None = None, resume: bool = True,
+              force: bool = False, phases: list[str] | None = None, cluster: str = "none",
               before_jobs: Callable[..., dict[str, Any]] | None = None,
               ) -> StudyOutcome:
     """Validate, then run every job of the study; return what completed, resumed, was skipped or failed.
@@ -532,7 +547,8 @@ def _validate(params_path: Path, phases: list[str] | None, cluster: str) -> tupl
     if phases:
         unknown = [p for p in phases if p not in study.phases]
         if unknown:
-            raise StudyRunError(f"--phases {unknown} are not phases of this study ({', '.join(study.phases)})")
+            raise StudyRunError(f"--phases {unknown} are not phases of this study "
+                                f"({', '.join(study.phases)})")
     if cluster not in ("none", "local", "slurm"):
         raise StudyRunError(f"--cluster must be none, local or slurm; got {cluster!r}")
     try:
@@ -619,7 +635,8 @@ def remeasure_candidates(energy: Any, jobs: list[Job]) -> dict[str, list[str]]:
     for job in jobs:
         if job.phase not in ("inference", "pruning") or not job.config_id:
             continue
-        mine = {job.config_id, f"{job.config_id}__{RECOVERED_SUFFIX}"} if job.phase == "pruning" else {job.config_id}
+        mine = ({job.config_id, f"{job.config_id}__{RECOVERED_SUFFIX}"} if job.phase == "pruning"
+                else {job.config_id})
         hit = sorted(configs & mine)
         if hit:
             out[job.key] = hit
