@@ -433,3 +433,11 @@ def test_the_precision_canary_runs_that_precisions_kernel():
         canary = make_canary("cpu", precision)
         assert canary is not None and 0 < canary(1) < 5.0, precision
     assert make_canary("cpu", "int8") is None  # bitsandbytes int8: the fp32 canary alone
+
+
+def test_nf4_and_fp4_canaries_time_the_gemm_they_run():
+    from llm_energy.models.fourbit import native_bf16_cpu
+    from llm_energy.phases.evaluation import canary_precision
+
+    assert canary_precision("nf4", "cpu") == ("bf16" if native_bf16_cpu() else "nf4")
+    assert canary_precision("nf4", "cuda:0") == "nf4" and canary_precision("w8a8", "cpu") == "w8a8"

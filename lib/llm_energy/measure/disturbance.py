@@ -109,9 +109,9 @@ def make_canary(device: str = "cpu", precision: str = "fp32") -> Callable[..., f
     """The machine-speed canary: seconds of one round of the probe's matmul (best of ``rounds``,
     default CANARY_ROUNDS, after two warm-up calls), on the job's device, in the kernel a precision
     runs: fp32 (the default; the study's start canary), bf16/fp16 (torch's linear in that dtype),
-    w8a8 (this package's W8A8Linear: the activation quantization and int8 matmul), nf4/fp4 on a CPU
-    with native bf16 (they run a bf16 GEMM there, models/fourbit.py). None for a precision without a
-    kernel of its own here (bitsandbytes int8; 4-bit elsewhere): its windows have the fp32 one only.
+    w8a8 (this package's W8A8Linear: the activation quantization and int8 matmul). None for any other
+    precision (bitsandbytes int8 and 4-bit: the caller passes "bf16" for nf4/fp4 where they run a bf16
+    GEMM, phases/evaluation.canary_precision); their windows have the fp32 one only.
 
     A slow stretch does not slow every kernel alike: on the 2-core AMD EPYC VM, in one stretch the fp32
     canary read 1.17-1.22x, the w8a8 one 1.47-1.64x and the job's own w8a8 scoring 1.48-1.56x."""
@@ -125,7 +125,7 @@ def make_canary(device: str = "cpu", precision: str = "fp32") -> Callable[..., f
     if precision == "fp32":
         def call() -> Any:
             return torch.nn.functional.linear(x, weight)
-    elif precision in ("bf16", "fp16") or (precision in ("nf4", "fp4") and _four_bit_runs_bf16(device)):
+    elif precision in ("bf16", "fp16"):
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         x_low, weight_low = x.to(dtype), weight.to(dtype)
 
@@ -163,17 +163,6 @@ def make_canary(device: str = "cpu", precision: str = "fp32") -> Callable[..., f
         return best
 
     return canary
-
-
-def _four_bit_runs_bf16(device: str) -> bool:
-    """Whether nf4/fp4 layers run a bf16 GEMM on this device (a CPU with native bf16)."""
-    if device.startswith("cuda"):
-        return False
-    try:
-        from ..models.fourbit import native_bf16_cpu
-    except ImportError:
-        return False
-    return bool(native_bf16_cpu())
 
 
 RUNNER_ENV = "LLM_ENERGY_RUNNER"  # "host:pid" of the study's runner, set by `llm-energy run`

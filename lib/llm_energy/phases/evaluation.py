@@ -144,7 +144,18 @@ def disturbance_monitor(run: ConfigRun, device: str) -> DisturbanceMonitor | Non
         except Exception:  # noqa: BLE001  (no NVML: foreign GPU processes not read)
             nvml, indices = None, []
     return DisturbanceMonitor(Thresholds.from_settings(run.energy), device, nvml=nvml, gpu_indices=indices,
-                              study_canary_s=read_study_canary(run.study_dir), precision=run.precision)
+                              study_canary_s=read_study_canary(run.study_dir),
+                              precision=canary_precision(run.precision, device))
+
+
+def canary_precision(precision: str, device: str) -> str:
+    """The kernel a precision's canary times (measure/disturbance.make_canary): its own, except nf4/fp4
+    on a CPU with native bf16, which run a bf16 GEMM there (models/fourbit.py)."""
+    if precision in ("nf4", "fp4") and not device.startswith("cuda"):
+        from ..models.fourbit import native_bf16_cpu
+
+        return "bf16" if native_bf16_cpu() else precision
+    return precision
 
 
 def record_idle_drift(run: ConfigRun, meter: EnergyMeter, phase: str, config_id: str | None = None) -> float:
