@@ -8,6 +8,8 @@ def pytest_configure(config):
                                        "together)")
     config.addinivalue_line("markers", "slurm: runs studies on a real one-node SLURM "
                                        "(tests/e2e/test_slurm.py)")
+    config.addinivalue_line("markers", "beside_smoke: runs in the smoke study's process "
+                                       "(tools/parallel_tests.py), which would otherwise finish first")
     config.addinivalue_line("markers", "quiet: needs the machine to itself (tools/parallel_tests.py runs "
                             "these alone, after both groups)")
 

@@ -8,7 +8,8 @@ import pytest
 
 from llm_energy.tables import store as results
 
-pytestmark = pytest.mark.slow
+# beside_smoke: in make test's smoke-study process, which would otherwise finish first
+pytestmark = [pytest.mark.slow, pytest.mark.beside_smoke]
 
 
 def test_raising_config_leaves_others_complete(root, tmp_path):

@@ -18,15 +18,31 @@ pytestmark = pytest.mark.slow
 PHASES = ["--phases", "data", "inference", "ranking"]
 
 
-def start_run(root, out, *extra):
+# Four precisions of the smoke study's seven: two finish before the kill, two after the resume.
+PRECISIONS = ["fp32", "bf16", "w8a8", "nf4"]
+
+
+def four_precisions(root, tmp_path):
+    """params/smoke.yaml with four precisions (the study's data are builtin: no path to rebase)."""
+    import yaml
+
+    study = yaml.safe_load((root / "params" / "smoke.yaml").read_text())
+    study["precisions"] = PRECISIONS
+    path = tmp_path / "smoke-four.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def start_run(params, out, *extra):
     return subprocess.Popen([sys.executable, "-m", "llm_energy.cli", "run",
-                             str(root / "params" / "smoke.yaml"), "--out", str(out), *PHASES, *extra],
+                             str(params), "--out", str(out), *PHASES, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def test_sigkill_midway_then_rerun_completes_without_duplicates(root, tmp_path):
     out = tmp_path / "killed"
-    proc = start_run(root, out)
+    params = four_precisions(root, tmp_path)
+    proc = start_run(params, out)
     deadline = time.time() + 300
     while time.time() < deadline:
         done = list((out / "state").glob("inference__*.done")) if (out / "state").exists() else []
@@ -42,17 +58,17 @@ def test_sigkill_midway_then_rerun_completes_without_duplicates(root, tmp_path):
     assert len(partial) >= 2 * 2  # two configs x two tasks at least
 
     rerun = subprocess.run([sys.executable, "-m", "llm_energy.cli", "run",
-                            str(root / "params" / "smoke.yaml"), "--out", str(out), *PHASES],
+                            str(params), "--out", str(out), *PHASES],
                            capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     energy = results.read_table(out, "energy")
     inference = energy[energy["phase"] == "inference"]
-    assert len(inference) == 7 * 3  # seven precisions x rca, qa, rca_resolution
+    assert len(inference) == len(PRECISIONS) * 3  # each precision x rca, qa, rca_resolution
     assert not inference.duplicated(["config_id", "phase", "task"]).any()
     for name in ("scores", "item_scores", "energy_repeats", "configs"):
         table = results.read_table(out, name)
         assert not table.duplicated(results.TABLES[name][1]).any(), name
-    assert len(results.read_table(out, "scores")) == 7 * 6
+    assert len(results.read_table(out, "scores")) == len(PRECISIONS) * 6
     assert (out / "report.html").is_file()
     assert not list((out / "tables").glob("*.tmp"))
 
