@@ -103,9 +103,7 @@ def test_install_refuses_a_damaged_payload_by_step(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "install=failed steps=fake"
 
 
-# papermill end to end (~50 s); beside_smoke: in make test's smoke-study process, which finished first
-@pytest.mark.slow
-@pytest.mark.beside_smoke
+@pytest.mark.slow  # papermill end to end (~60 s); in make test's "everything else" group (no smoke, no quiet)
 def test_gpu_check_dry_run_passes_every_step_within_its_limits(tmp_path):
     """`bash tools/gpu_check.sh --dry-run`: steps a-e on the CPU, the result folder's layout checked."""
     results = tmp_path / "results"
