@@ -292,6 +292,10 @@ class EnergySettings(_Strict):
     # steal) for at most this many seconds until it is clean (after a wait that ran out, a job's later
     # windows are measured again without one); 0: measured again at once
     settle_s: float = Field(4.0, ge=0)
+    # seconds the runner runs the canaries back to back at the study's start before reading their times
+    # under sustained load, which windows are then compared with when slower than the job's own reference
+    # (a host's boost clock is not a disturbance; measure/disturbance.sustained_canaries); 0: not read
+    sustained_burn_s: float = Field(0.0, ge=0)
     # loaded idle power measured again after a job's windows: a change beyond this share is "idle_drift"
     max_idle_drift: float = Field(0.10, gt=0)
 

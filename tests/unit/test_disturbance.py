@@ -436,8 +436,32 @@ def test_the_precision_canary_runs_that_precisions_kernel():
 
 
 def test_nf4_and_fp4_canaries_time_the_gemm_they_run():
-    from llm_energy.models.fourbit import native_bf16_cpu
-    from llm_energy.phases.evaluation import canary_precision
+    from llm_energy.models.fourbit import canary_precision, native_bf16_cpu
 
     assert canary_precision("nf4", "cpu") == ("bf16" if native_bf16_cpu() else "nf4")
     assert canary_precision("nf4", "cuda:0") == "nf4" and canary_precision("w8a8", "cpu") == "w8a8"
+
+
+def test_windows_are_compared_with_the_machines_sustained_speed_not_its_boost():
+    clock = FakeClock()
+    # the job's reference read at a boosted 10 ms; under sustained load the study measured 12 ms
+    monitor, _ = fake_monitor(clock, [0.010, 0.0125, 0.0125], sustained={"fp32": 0.012})
+    meter = meter_with(clock, monitor, on_contaminated="flag")
+    _, record = meter.measure_clean(lambda: clock.sleep(1.0), "w")
+    assert not record.contaminated and record.canary_slowdown == pytest.approx(0.0125 / 0.012)
+    # a neighbour or a slow host still shows: 1.5x the sustained speed
+    monitor, _ = fake_monitor(clock, [0.010, 0.018, 0.018], sustained={"fp32": 0.012})
+    meter = meter_with(clock, monitor, on_contaminated="flag")
+    _, record = meter.measure_clean(lambda: clock.sleep(1.0), "w")
+    assert record.contaminated and record.canary_slowdown == pytest.approx(1.5)
+
+
+def test_the_study_records_each_kernels_sustained_canary_for_its_host(tmp_path, monkeypatch):
+    from llm_energy.measure.disturbance import read_sustained_canaries, sustained_canaries
+
+    times = sustained_canaries("cpu", ["w8a8", "bf16", "int8"], burn_s=0.05)
+    assert set(times) == {"fp32", "w8a8", "bf16"} and all(t > 0 for t in times.values())
+    write_study_canary(tmp_path, times["fp32"], times)
+    assert read_sustained_canaries(tmp_path) == pytest.approx(times)
+    monkeypatch.setattr("socket.gethostname", lambda: "another-node")
+    assert read_sustained_canaries(tmp_path) == {}

@@ -49,6 +49,9 @@ ADJACENT_S = 0.5
 # time each time) until it is clean again, for at most ``energy.settle_s``, before the window is
 # measured again.
 SETTLE_POLL_S = 0.25
+# Seconds the canaries run back to back before their sustained-load times are read (sustained_canaries;
+# a study sets its own: energy.sustained_burn_s).
+SUSTAINED_BURN_S = 24.0
 # The job's reference per device, read by the job's first monitor: its system-idle meter and its
 # main meter compare against one speed, and the reference is not paid twice.
 _JOB_REFERENCE: dict[str, float] = {}
@@ -278,7 +281,8 @@ class DisturbanceMonitor:
                  clock: Callable[[], float] = time.perf_counter,
                  study_canary_s: float | None = None,
                  precision: str = "fp32",
-                 precision_canary: Callable[[], float] | None = None):
+                 precision_canary: Callable[[], float] | None = None,
+                 sustained: dict[str, float] | None = None):
         self.thresholds = thresholds
         real = canary is None
         self.canary = canary if canary is not None else make_canary(device)
@@ -305,6 +309,13 @@ class DisturbanceMonitor:
                 self.job_precision_canary_s = _reference(self.precision_canary)
                 if real:
                     _JOB_REFERENCE[key] = self.job_precision_canary_s
+        # the machine's speed under sustained load (the study's start, same host): a window is compared
+        # with the slower of the job's reference and it, so the host's boost clock is not a disturbance
+        sustained = sustained or {}
+        if sustained.get("fp32"):
+            self.job_canary_s = max(self.job_canary_s, sustained["fp32"])
+        if self.precision_canary is not None and sustained.get(precision):
+            self.job_precision_canary_s = max(self.job_precision_canary_s, sustained[precision])
         self.study_canary_s = study_canary_s
         # (clock, fp32 canary seconds, precision canary seconds) of the last end()
         self._last_end: tuple[float, float, float] | None = None
@@ -397,13 +408,52 @@ def study_canary_path(study_dir: Path) -> Path:
     return Path(study_dir) / "state" / "canary.json"
 
 
-def write_study_canary(study_dir: Path, seconds: float) -> None:
-    """The canary's time at the study's start, with the host that measured it."""
+def sustained_canaries(device: str, kernels: Iterable[str], burn_s: float = SUSTAINED_BURN_S,
+                       clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Each canary kernel's time (best of REFERENCE_ROUNDS) once the machine has run them back to back
+    for ``burn_s``: its speed under sustained load, the state a study's windows run in. A VM or a
+    laptop can run faster for the first seconds of load (a boost clock the host takes away): on the
+    2-core AMD EPYC VM a canary run back to back read 0.99x for 4-22 s, then 1.18-1.21x until the
+    machine idled ~10 s. A job's own reference, read after its idle window, has the boosted clock;
+    its windows are compared with the slower of the two (:class:`DisturbanceMonitor`), so the machine's
+    own sustained clock is not a disturbance, and a neighbour or a slow host still is."""
+    canaries = {"fp32": make_canary(device)}
+    for kernel in kernels:
+        if kernel not in canaries:
+            made = make_canary(device, kernel)
+            if made is not None:
+                canaries[kernel] = made
+    start = clock()
+    while clock() - start < burn_s:
+        for canary in canaries.values():
+            canary(1)
+    return {kernel: canary(REFERENCE_ROUNDS) for kernel, canary in canaries.items()}
+
+
+def write_study_canary(study_dir: Path, seconds: float, sustained: dict[str, float] | None = None) -> None:
+    """The canary's time at the study's start, with the host that measured it, and each canary
+    kernel's time under sustained load (:func:`sustained_canaries`) when measured."""
     import json
 
     path = study_canary_path(study_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"seconds": seconds, "host": socket.gethostname()}))
+    record = {"seconds": seconds, "host": socket.gethostname(), "sustained": sustained or {}}
+    path.write_text(json.dumps(record))
+
+
+def read_sustained_canaries(study_dir: Path | None) -> dict[str, float]:
+    """The study's sustained-load canary times per kernel when measured on this host; empty otherwise."""
+    import json
+
+    if study_dir is None:
+        return {}
+    try:
+        data = json.loads(study_canary_path(study_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+    if data.get("host") != socket.gethostname():
+        return {}
+    return {str(k): float(v) for k, v in (data.get("sustained") or {}).items() if v}
 
 
 def read_study_canary(study_dir: Path | None) -> float | None:

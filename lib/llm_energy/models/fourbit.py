@@ -39,6 +39,14 @@ def native_bf16_cpu() -> bool:
     return any(flags.get(flag) for flag in FAST_FLAGS["bf16"])
 
 
+def canary_precision(precision: str, device: str) -> str:
+    """The kernel a precision's machine-speed canary times (measure/disturbance.make_canary): its own,
+    except nf4/fp4 on a CPU with native bf16, which run a bf16 GEMM there (dequantize_per_call)."""
+    if precision in ("nf4", "fp4") and not device.startswith("cuda"):
+        return "bf16" if native_bf16_cpu() else precision
+    return precision
+
+
 class DequantizedForward:
     """The forward a 4-bit layer takes at inference: its weight dequantized to bf16 by bitsandbytes'
     own dequantization op, then ``torch.nn.functional.linear`` in bf16; the output in the input's dtype.

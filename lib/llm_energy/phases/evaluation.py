@@ -31,7 +31,7 @@ from ..config import (
 from ..data.tasks import load_task_data, source_name
 from ..items import TaskData
 from ..layout import StudyLayout, config_id_for, project_root, resolve_study_dir
-from ..measure.disturbance import DisturbanceMonitor, Thresholds, read_study_canary
+from ..measure.disturbance import DisturbanceMonitor, Thresholds, read_study_canary, read_sustained_canaries
 from ..measure.meter import EnergyMeter, IdleBaseline, RepeatedMeasurement, split_chunks
 from ..measure.throughput import ProbeRate, probe_precision, study_probe_rate
 from ..methods.generation import (
@@ -52,6 +52,7 @@ from ..methods.scoring import (
     scoring_gflop,
     task_result,
 )
+from ..models.fourbit import canary_precision
 from ..models.loading import LoadedModel
 from ..tables.rows import ConfigIdentity, record_idle_baselines, record_task
 from . import reuse
@@ -145,17 +146,8 @@ def disturbance_monitor(run: ConfigRun, device: str) -> DisturbanceMonitor | Non
             nvml, indices = None, []
     return DisturbanceMonitor(Thresholds.from_settings(run.energy), device, nvml=nvml, gpu_indices=indices,
                               study_canary_s=read_study_canary(run.study_dir),
-                              precision=canary_precision(run.precision, device))
-
-
-def canary_precision(precision: str, device: str) -> str:
-    """The kernel a precision's canary times (measure/disturbance.make_canary): its own, except nf4/fp4
-    on a CPU with native bf16, which run a bf16 GEMM there (models/fourbit.py)."""
-    if precision in ("nf4", "fp4") and not device.startswith("cuda"):
-        from ..models.fourbit import native_bf16_cpu
-
-        return "bf16" if native_bf16_cpu() else precision
-    return precision
+                              precision=canary_precision(run.precision, device),
+                              sustained=read_sustained_canaries(run.study_dir))
 
 
 def record_idle_drift(run: ConfigRun, meter: EnergyMeter, phase: str, config_id: str | None = None) -> float:

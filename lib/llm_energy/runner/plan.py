@@ -125,7 +125,10 @@ def plan_from_probe(study: Study, base_dir: Path, device: str,
     ranking = [j for j in planned if j.phase == "ranking"]
     planned = [j for j in planned if j.phase != "ranking"] + later + ranking
     plan = StudyPlan(study=study, device=device, probe=probe, slow=slow, jobs=planned, skipped=skipped,
-                     calibration=calibration, work=work, runner_s=calibration.runner_s,
+                     calibration=calibration, work=work,
+                     # the runner's own time as recorded, plus the sustained canaries' burn if asked
+                     runner_s=calibration.runner_s + (study.energy.sustained_burn_s
+                                                      if study.energy.detect_disturbance else 0.0),
                      training_probe=training_probe,
                      worst_case_remeasure_s=estimator.worst_case_remeasure_s(
                          [(j.phase, j.estimate_s) for j in planned]))

@@ -493,9 +493,23 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     if study.energy.detect_disturbance:  # the machine-speed canary every window is compared with
         import socket
 
-        from ..measure.disturbance import REFERENCE_ROUNDS, RUNNER_ENV, make_canary, write_study_canary
+        from ..measure.disturbance import (
+            REFERENCE_ROUNDS,
+            RUNNER_ENV,
+            make_canary,
+            sustained_canaries,
+            write_study_canary,
+        )
+        from ..models.fourbit import canary_precision
 
-        write_study_canary(layout.root, make_canary(device)(REFERENCE_ROUNDS))
+        if study.energy.sustained_burn_s > 0:
+            trained = study.finetune.precisions if study.finetune is not None else []
+            kernels = {canary_precision(p, device) for p in [*study.precisions, *trained]}
+            sustained = sustained_canaries(device, sorted(kernels), burn_s=study.energy.sustained_burn_s)
+            # the study's start canary (canary_vs_study) is the fp32 one under sustained load too
+            write_study_canary(layout.root, sustained["fp32"], sustained)
+        else:
+            write_study_canary(layout.root, make_canary(device)(REFERENCE_ROUNDS))
         # the runner (and its Dask scheduler) is the study's own harness: no window counts it as a co-tenant
         os.environ[RUNNER_ENV] = f"{socket.gethostname()}:{os.getpid()}"
     prov["throughput"] = {"device": device, "precisions": {p: r.as_dict() for p, r in probe.items()},
