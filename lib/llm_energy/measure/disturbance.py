@@ -261,6 +261,17 @@ def _reference(canary: Callable[..., float]) -> float:
         return canary()
 
 
+def _job_reference(key: str, canary: Callable[..., float], real: bool) -> float:
+    """A canary's reference, read once per process and key for the real canaries (the job's system-idle
+    meter and its main meter compare against one speed); an injected canary is read every time."""
+    if real and key in _JOB_REFERENCE:
+        return _JOB_REFERENCE[key]
+    seconds = _reference(canary)
+    if real:
+        _JOB_REFERENCE[key] = seconds
+    return seconds
+
+
 class DisturbanceMonitor:
     """Reads the three witnesses around a window: ``begin()`` before the meter starts its sources,
     ``end(start)`` after they stop (so neither the canary nor the process scan is in the energy).
@@ -294,21 +305,9 @@ class DisturbanceMonitor:
         self.cpu_count = cpu_count or os.cpu_count() or 1
         self.nvml, self.gpu_indices = nvml, list(gpu_indices)
         self.clock = clock
-        if real and device in _JOB_REFERENCE:
-            self.job_canary_s = _JOB_REFERENCE[device]
-        else:
-            self.job_canary_s = _reference(self.canary)
-            if real:
-                _JOB_REFERENCE[device] = self.job_canary_s
-        self.job_precision_canary_s = math.nan
-        if self.precision_canary is not None:
-            key = f"{device}:{precision}"
-            if real and key in _JOB_REFERENCE:
-                self.job_precision_canary_s = _JOB_REFERENCE[key]
-            else:
-                self.job_precision_canary_s = _reference(self.precision_canary)
-                if real:
-                    _JOB_REFERENCE[key] = self.job_precision_canary_s
+        self.job_canary_s = _job_reference(device, self.canary, real)
+        self.job_precision_canary_s = (_job_reference(f"{device}:{precision}", self.precision_canary, real)
+                                       if self.precision_canary is not None else math.nan)
         # the machine's speed under sustained load (the study's start, same host): a window is compared
         # with the slower of the job's reference and it, so the host's boost clock is not a disturbance
         sustained = sustained or {}
