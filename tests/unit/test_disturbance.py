@@ -352,7 +352,9 @@ def test_a_window_beside_a_planted_cpu_load_is_contaminated_measured_again_and_f
         os.kill(pid, signal.SIGKILL)
     record = measurement.records[0]
     assert record.contaminated, record
-    assert record.foreign_cpu_share > 0.3  # one of two cores spun by the neighbour
+    # the neighbour spins one of two cores while the workload's two threads compete with it: its share
+    # was 0.29-0.5 of the machine's CPU time across runs, always well past the 0.10 threshold
+    assert record.foreign_cpu_share > 2 * meter.monitor.thresholds.max_foreign_cpu_share
     assert record.attempts == 2 and measurement.remeasured_windows == 1  # measured again, then kept flagged
     assert meter.long_stretch
     assert measurement.contaminated_windows == 1
