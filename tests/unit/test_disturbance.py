@@ -4,6 +4,7 @@ The tests marked ``quiet`` plant a real CPU load beside a real window (and measu
 alone), so they need the machine to themselves: tools/parallel_tests.py runs them after both groups,
 alone."""
 
+import json
 import math
 import os
 import signal
@@ -467,3 +468,25 @@ def test_the_study_records_each_kernels_sustained_canary_for_its_host(tmp_path, 
     assert read_sustained_canaries(tmp_path) == pytest.approx(times)
     monkeypatch.setattr("socket.gethostname", lambda: "another-node")
     assert read_sustained_canaries(tmp_path) == {}
+
+
+def test_a_job_run_again_keeps_its_first_runs_seconds_in_its_done_marker(tmp_path):
+    """The re-measure stage's second run replaces the done marker's seconds but keeps the first run's
+    (`earlier_runs_s`): the calibration leaves them out of the runner's own time. A job run again on a
+    later invocation (the ranking on every resume) keeps nothing from before."""
+    from llm_energy.layout import StudyLayout
+    from llm_energy.runner.study import StudyOutcome, _Run, done_seconds
+
+    layout = StudyLayout(tmp_path)
+    layout.state.mkdir(parents=True)
+    run = _Run.__new__(_Run)
+    run.layout, run.failures, run.outcome = layout, [], StudyOutcome(out_dir=tmp_path)
+    job = Job("inference", "m__fp32", {})
+    run.settle(job, {"ok": True, "error": "", "seconds": 80.0})
+    assert done_seconds(layout.done_marker(job.key)) == [80.0]
+    run.settle(job, {"ok": True, "error": "", "seconds": 70.0}, again=True)
+    assert json.loads(layout.done_marker(job.key).read_text()) == {"seconds": 70.0, "earlier_runs_s": [80.0]}
+    assert done_seconds(layout.done_marker(job.key)) == [80.0, 70.0]
+    run.settle(job, {"ok": True, "error": "", "seconds": 60.0})
+    assert done_seconds(layout.done_marker(job.key)) == [60.0]
+    assert done_seconds(layout.done_marker("missing")) == []

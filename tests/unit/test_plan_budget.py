@@ -4,8 +4,12 @@ plan.budget_minutes it says what would fit and the half-widths that leaves; `llm
 before starting and runs anyway.
 
 The recorded study is tests/unit/fixtures/default_study: the parameters, throughput probe, job wall
-times and window, epoch, idle and setup seconds of the default study run on 2026-12-05 on a 2-core AMD
-EPYC VM (outputs/default; its 1,039 s of study wall time), tables cut to the columns read here."""
+times and window, epoch, idle and setup seconds of the default study run on 2026-12-06 on a 2-core AMD
+EPYC VM (a fresh clone of 5b7d799, `make study`; 1,453 s of study wall time), tables cut to the columns
+read here. One job of it (Gemma 3 nf4 inference) was measured again whole at the end (a window flagged
+twice); its done marker keeps its first run's 102 s (`earlier_runs_s`, read off the run's progress bar,
+12:57 -> 14:39, as the runner now records it itself), which the calibration leaves out of the runner's
+own time."""
 
 from __future__ import annotations
 
@@ -74,10 +78,10 @@ def _flat(value, prefix: str = "") -> dict:
 def test_the_plan_estimates_the_recorded_study_within_20_percent(recorded_plan):
     prov = json.loads((RECORDED / "provenance.json").read_text())
     study_s = (pd.Timestamp(prov["finished_at"]) - pd.Timestamp(prov["started_at"])).total_seconds()
-    assert study_s == pytest.approx(1038.6, abs=0.1)
+    assert study_s == pytest.approx(1453.1, abs=0.1)
     assert recorded_plan.total_s == pytest.approx(study_s, rel=0.20)
     measured = measured_jobs(RECORDED)
-    assert len(recorded_plan.jobs) == len(measured)  # the same 16 jobs, the later stages included
+    assert len(recorded_plan.jobs) == len(measured)  # the same 20 jobs, the later stages included
     by_phase: dict[str, list[float]] = {}
     for job in recorded_plan.jobs:
         seen = _measured(job.key, measured)
@@ -120,7 +124,12 @@ def test_over_budget_the_plan_says_what_fits_and_the_half_widths(recorded_plan):
     text = "\n".join(budget_lines(plan))
     assert "OVER plan.budget_minutes (12 min)" in text and f"qa ±{accuracy_half_width(n_qa):.3f}" in text
     assert budget_warning(plan).startswith("warning: study 'default' is ESTIMATED at")
-    assert budget_warning(recorded_plan) is None  # 20 minutes: within
+    # the default study itself (~22.6 min estimated, 24.2 measured on this machine) is over its 20 minutes:
+    # said, not hidden; a 25-minute budget holds it
+    assert recorded_plan.over_budget and budget_warning(recorded_plan) is not None
+    roomy = replace(recorded_plan, study=recorded_plan.study.model_copy(
+        update={"plan": PlanSettings(budget_minutes=25)}), options=[])
+    assert not roomy.over_budget and budget_warning(roomy) is None
 
 
 def test_budget_minutes_is_validated_by_name(tmp_path):
@@ -184,5 +193,15 @@ def test_plan_calibrates_on_a_finished_study_when_asked(monkeypatch, capsys, tmp
     monkeypatch.chdir(tmp_path)
     assert cli.main(["plan", str(PARAMS / "smoke.yaml"), "--calibrate-from", str(RECORDED)]) == 0
     out = capsys.readouterr().out
-    assert "as measured in study 'default' finished 2026-12-05 on AMD EPYC, 2 cores" in out
+    assert "as measured in study 'default' finished 2026-12-06 on AMD EPYC, 2 cores" in out
     assert "Estimated total: ~" in out and "plan.budget_minutes (20 min)" in out
+
+
+def test_the_runners_own_time_leaves_out_a_job_measured_again_and_the_sustained_burn(recorded_plan):
+    """1,453 s of study: 1,316 s of jobs, the first run of the job measured again (102 s) and the 24 s of
+    sustained canaries are not the runner's; the plan adds back the burn its study asks for."""
+    calibration = calibrate(RECORDED, PARAMS)
+    jobs_s = sum(measured_jobs(RECORDED).values())
+    assert calibration.runner_s == pytest.approx(1453.06 - jobs_s - 102.0 - 24.0, abs=0.1)
+    assert 0 < calibration.runner_s < 30
+    assert recorded_plan.runner_s == pytest.approx(calibration.runner_s + 24.0)

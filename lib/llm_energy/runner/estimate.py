@@ -434,8 +434,13 @@ def calibrate(study_dir: str | Path, base_dir: Path | None = None) -> Calibratio
     started, finished = prov.get("started_at"), prov.get("finished_at")
     runner_s = 0.0
     if started and finished:
+        # the runner's own time: the study's wall time less its jobs' (earlier runs of a job measured
+        # again included: the plan does not foresee a re-measure) and less the sustained canaries' burn
+        # (the plan adds the burn its study asks for)
         study_s = (pd.Timestamp(finished) - pd.Timestamp(started)).total_seconds()
-        runner_s = max(0.0, study_s - sum(walls.values()))
+        earlier = sum(float(s) for m in layout.state.glob("*.done")
+                      for s in json.loads(m.read_text() or "{}").get("earlier_runs_s", []))
+        runner_s = max(0.0, study_s - sum(walls.values()) - earlier - study.energy.sustained_burn_s)
     cpu = (prov.get("hardware") or {}).get("cpu_model") or (prov.get("hardware") or {}).get("cpu") or "?"
     cores = (prov.get("hardware") or {}).get("cpu_count")
     return Calibration(

@@ -434,18 +434,24 @@ class _Run:
 
             finished = run_on_cluster(todo, self.layout.root, self.cluster, self.study, self.device)
         for job, result in finished:
-            self.settle(job, result)
+            self.settle(job, result, again)
             self.bar.update()
 
     def _execute(self, job: Job) -> dict[str, Any]:
         self.bar.set_postfix_str(f"{job.key} (log: {display_path(self.layout.log(job.key))})")
         return execute_job(job, self.layout.root)
 
-    def settle(self, job: Job, result: dict[str, Any]) -> None:
-        """A finished job leaves its done marker; a failed one its failure record and config row."""
+    def settle(self, job: Job, result: dict[str, Any], again: bool = False) -> None:
+        """A finished job leaves its done marker (a job run again in this study, ``again``, keeps its
+        earlier runs' seconds there); a failed one its failure record and config row."""
         self.failures = [f for f in self.failures if f["job"] != job.key]
         if result["ok"]:
-            self.layout.done_marker(job.key).write_text(json.dumps({"seconds": result["seconds"]}))
+            marker = self.layout.done_marker(job.key)
+            record: dict[str, Any] = {"seconds": result["seconds"]}
+            earlier = done_seconds(marker) if again else []
+            if earlier:  # run again by the re-measure stage: its first run's time stays on record
+                record["earlier_runs_s"] = earlier
+            marker.write_text(json.dumps(record))
             self.outcome.completed.append(job.key)
             return
         log.error("job %s failed: %s", job.key, result["error"])
@@ -655,6 +661,18 @@ def remeasure_candidates(energy: Any, jobs: list[Job]) -> dict[str, list[str]]:
         if hit:
             out[job.key] = hit
     return out
+
+
+def done_seconds(marker: Path) -> list[float]:
+    """Every run's wall seconds a job's done marker records, earlier runs first ([] without a marker)."""
+    if not marker.exists():
+        return []
+    try:
+        record = json.loads(marker.read_text() or "{}")
+    except json.JSONDecodeError:
+        return []
+    return [float(s) for s in record.get("earlier_runs_s", [])] + (
+        [float(record["seconds"])] if "seconds" in record else [])
 
 
 def _remeasure_stage(run: _Run, jobs: list[Job]) -> list[Job]:
