@@ -4,6 +4,7 @@ The tests marked ``quiet`` plant a real CPU load beside a real window (and measu
 alone), so they need the machine to themselves: tools/parallel_tests.py runs them after both groups,
 alone."""
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from llm_energy.config import EnergySettings
 from llm_energy.measure.disturbance import (
     DisturbanceMonitor,
     Thresholds,
+    foreign_cpu_seconds,
     judge,
     make_canary,
     own_pids,
@@ -333,11 +335,11 @@ def real_meter(**settings):
                        monitor=DisturbanceMonitor(Thresholds.from_settings(EnergySettings(**values))))
 
 
-def workload():
+def workload(seconds: float = 1.0):
     import torch
 
     a = torch.randn(384, 384)
-    end = time.perf_counter() + 1.0
+    end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         a @ a
 
@@ -457,6 +459,62 @@ def test_windows_are_compared_with_the_machines_sustained_speed_not_its_boost():
     meter = meter_with(clock, monitor, on_contaminated="flag")
     _, record = meter.measure_clean(lambda: clock.sleep(1.0), "w")
     assert record.contaminated and record.canary_slowdown == pytest.approx(1.5)
+
+
+def test_a_job_that_started_inside_a_disturbance_is_held_to_the_sustained_speed_not_its_own():
+    """Measured by hand: a neighbour spinning a core while a job started made its own reference 5x
+    slow, and with the slower-of-the-two rule its later windows read 0.19x: any slowdown under 5x hid.
+    A job reference beyond the tolerance of the sustained speed is a disturbed one: the sustained
+    speed is the reference."""
+    clock = FakeClock()
+    monitor, _ = fake_monitor(clock, [0.050, 0.020, 0.020], sustained={"fp32": 0.012})
+    assert monitor.job_reference_disturbed and monitor.job_canary_s == pytest.approx(0.012)
+    meter = meter_with(clock, monitor, on_contaminated="flag")
+    _, record = meter.measure_clean(lambda: clock.sleep(1.0), "w")
+    assert record.contaminated and record.canary_slowdown == pytest.approx(0.020 / 0.012)
+    # within the tolerance of the sustained speed, the slower of the two stands (the boost-clock rule)
+    monitor, _ = fake_monitor(clock, [0.013, 0.013], sustained={"fp32": 0.012})
+    assert not monitor.job_reference_disturbed and monitor.job_canary_s == pytest.approx(0.013)
+
+
+def test_foreign_cpu_counts_a_process_that_exited_in_between_from_the_machines_busy_time():
+    before, after, mine = {1: 10.0, 2: 5.0, 3: 7.0}, {1: 12.0, 2: 5.5}, {1}
+    # pid 3 left: without the machine's busy time only pid 2's half second is seen
+    assert foreign_cpu_seconds(before, after, mine) == pytest.approx(0.5)
+    # the machine was busy 4.0 s: 2.0 mine, 0.5 pid 2, 1.5 nobody alive accounts for (pid 3's)
+    assert foreign_cpu_seconds(before, after, mine, 100.0, 104.0) == pytest.approx(2.0)
+    # busy time that the living processes account for entirely adds nothing
+    assert foreign_cpu_seconds(before, after, mine, 100.0, 102.4) == pytest.approx(0.5)
+
+
+def spin_for(seconds: float) -> int:
+    """A neighbour that spins one core for ``seconds`` and exits, reaped at once by its own parent (a
+    shell not this job's, which then idles): once reaped, its CPU time is in no living process's own
+    times. Returns the shell's pid."""
+    code = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+    script = """sh -c '"$PYEXE" -c "$SPIN_CODE"; sleep 5' >/dev/null 2>&1 & echo $!"""
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYEXE": sys.executable, "SPIN_CODE": code})
+    pid = int(out.stdout.strip())
+    assert pid not in own_pids()
+    return pid
+
+
+@pytest.mark.quiet
+def test_a_cotenant_that_leaves_during_the_window_is_still_seen():
+    """A neighbour spinning a core that exits halfway through the window: its CPU time leaves the
+    per-process accounting with it, the machine's busy time keeps it."""
+    pid = spin_for(1.5)  # Python's start (~0.1 s), then 1.5 s of spinning: it leaves inside a 2 s window
+    time.sleep(0.2)
+    try:
+        meter = real_meter(on_contaminated="flag")
+        measurement = meter.measure_repeated(lambda: workload(2.0), "a-neighbour-leaves")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    record = measurement.records[0]
+    # (by the per-process accounting alone this window read 0.0% foreign: measured by hand)
+    assert record.contaminated and record.foreign_cpu_share > 0.10, record
 
 
 def test_the_study_records_each_kernels_sustained_canary_for_its_host(tmp_path, monkeypatch):

@@ -18,7 +18,10 @@ this kernel. So each window gets three readings, none of which is trusted alone:
   later took 16% less energy on QA: the canary had seen the slow stretch.
 - **Co-tenants** (``foreign_cpu_share``): the CPU time of every process that is not this job, its
   children or the processes that launched it (papermill, the runner: the study's own harness), from
-  the kernel's per-process accounting (psutil), as a share of the machine's CPU time in the window.
+  the kernel's per-process accounting (psutil), as a share of the machine's CPU time in the window;
+  plus the machine's user and system time (``/proc/stat``) that no process alive at the window's end
+  accounts for: a neighbour that left during the window (its time leaves the per-process accounting
+  with it; one spinning a core and exiting mid-window read 0.5% foreign without this).
   On a GPU, ``foreign_gpu_processes``: other compute processes NVML lists on the job's GPUs.
 - **Hypervisor** (``steal_share``): the ``steal`` time of ``/proc/stat`` over the machine's CPU time
   in the window (0 outside a VM).
@@ -230,6 +233,37 @@ def read_proc_stat(path: Path = Path("/proc/stat")) -> tuple[float, float] | Non
     return None
 
 
+def read_busy_seconds(path: Path = Path("/proc/stat")) -> float | None:
+    """The machine's user + nice + system CPU seconds (all CPUs) from ``/proc/stat``: what per-process
+    accounting also counts (irq, softirq, steal and guest time are left out); None where unreadable."""
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("cpu "):
+                values = [float(v) for v in line.split()[1:4]]
+                return sum(values) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def foreign_cpu_seconds(before: dict[int, float], after: dict[int, float], mine: set[int],
+                        busy_before: float | None = None, busy_after: float | None = None) -> float:
+    """Other processes' CPU seconds between two scans: each process not the job's that is alive at the
+    second (all its time for one born since), plus the machine's busy time that no living process
+    accounts for (a process that exited in between, the job's or not: none of the job's windows starts
+    one), when the machine's busy seconds are given."""
+    foreign = mine_s = 0.0
+    for pid, seconds in after.items():
+        delta = max(0.0, seconds - before.get(pid, 0.0))
+        if pid in mine:
+            mine_s += delta
+        else:
+            foreign += delta
+    if busy_before is not None and busy_after is not None:
+        foreign += max(0.0, (busy_after - busy_before) - mine_s - foreign)
+    return foreign
+
+
 def foreign_gpu_processes(nvml: Any, indices: Iterable[int], mine: set[int]) -> int:
     """Compute processes on the job's GPUs that are not the job's."""
     count = 0
@@ -252,6 +286,7 @@ class _Start:
     stat: tuple[float, float] | None
     clock: float
     precision_canary_s: float = math.nan  # the job's precision's canary (NaN: none)
+    busy: float | None = None  # the machine's busy CPU seconds (read_busy_seconds; None: not read)
 
 
 def _reference(canary: Callable[..., float]) -> float:
@@ -293,8 +328,14 @@ class DisturbanceMonitor:
                  study_canary_s: float | None = None,
                  precision: str = "fp32",
                  precision_canary: Callable[[], float] | None = None,
-                 sustained: dict[str, float] | None = None):
+                 sustained: dict[str, float] | None = None,
+                 machine_busy: Callable[[], float | None] | None = None):
         self.thresholds = thresholds
+        # the machine's busy seconds go with the real per-process accounting (a planted one has no
+        # machine behind it); an injected reader is used as given
+        if machine_busy is None and cpu_seconds is process_cpu_seconds:
+            machine_busy = read_busy_seconds
+        self.machine_busy: Callable[[], float | None] = machine_busy or (lambda: None)
         real = canary is None
         self.canary = canary if canary is not None else make_canary(device)
         if precision_canary is None and real and precision != "fp32":
@@ -311,13 +352,25 @@ class DisturbanceMonitor:
         # the machine's speed under sustained load (the study's start, same host): a window is compared
         # with the slower of the job's reference and it, so the host's boost clock is not a disturbance
         sustained = sustained or {}
+        self.job_reference_disturbed = False
         if sustained.get("fp32"):
-            self.job_canary_s = max(self.job_canary_s, sustained["fp32"])
+            self.job_canary_s = self._against_sustained(self.job_canary_s, sustained["fp32"])
         if self.precision_canary is not None and sustained.get(precision):
-            self.job_precision_canary_s = max(self.job_precision_canary_s, sustained[precision])
+            self.job_precision_canary_s = self._against_sustained(self.job_precision_canary_s,
+                                                                  sustained[precision])
         self.study_canary_s = study_canary_s
         # (clock, fp32 canary seconds, precision canary seconds) of the last end()
         self._last_end: tuple[float, float, float] | None = None
+
+    def _against_sustained(self, own: float, sustained: float) -> float:
+        """The job's reference given the machine's sustained speed: the slower of the two (the host's
+        boost clock is not a disturbance), unless the job's own reading is slower than the sustained
+        one beyond the tolerance: then the job started inside a disturbance (a neighbour at its start
+        read 5x), which must not become the speed its windows are held to, and the sustained speed is."""
+        if own > sustained * (1.0 + self.thresholds.canary_tolerance):
+            self.job_reference_disturbed = True
+            return sustained
+        return max(own, sustained)
 
     def _read_canaries(self) -> tuple[float, float]:
         precision_s = self.precision_canary() if self.precision_canary is not None else math.nan
@@ -337,7 +390,8 @@ class DisturbanceMonitor:
             canary_s, precision_s = last[1], last[2]
         else:
             canary_s, precision_s = self._read_canaries()
-        return _Start(canary_s, self.cpu_seconds(), self.proc_stat(), self.clock(), precision_s)
+        return _Start(canary_s, self.cpu_seconds(), self.proc_stat(), self.clock(), precision_s,
+                      self.machine_busy())
 
     def wait_until_clear(self, timeout_s: float, sleep: Callable[[float], None] = time.sleep,
                          poll_s: float = SETTLE_POLL_S) -> float | None:
@@ -350,12 +404,12 @@ class DisturbanceMonitor:
         tolerance = 1.0 + self.thresholds.canary_tolerance
         while True:
             cpu_before, stat_before, t0 = self.cpu_seconds(), self.proc_stat(), self.clock()
+            busy_before = self.machine_busy()
             sleep(poll_s)
             mine = self.mine()
             wall = self.clock() - t0
             cpu_after, stat_after = self.cpu_seconds(), self.proc_stat()
-            foreign_s = sum(max(0.0, seconds - cpu_before.get(pid, 0.0))
-                            for pid, seconds in cpu_after.items() if pid not in mine)
+            foreign_s = foreign_cpu_seconds(cpu_before, cpu_after, mine, busy_before, self.machine_busy())
             foreign = foreign_s / (wall * self.cpu_count) if wall > 0 else 0.0
             steal = 0.0
             if stat_before is not None and stat_after is not None and stat_after[1] > stat_before[1]:
@@ -374,14 +428,10 @@ class DisturbanceMonitor:
     def end(self, start: _Start) -> Disturbance:
         wall = self.clock() - start.clock
         cpu_after = self.cpu_seconds()
+        busy_after = self.machine_busy()
         stat_after = self.proc_stat()
         mine = self.mine()
-        foreign_s = 0.0
-        for pid, seconds in cpu_after.items():
-            if pid in mine:
-                continue
-            # a process born during the window: all its CPU time is the window's
-            foreign_s += max(0.0, seconds - start.cpu.get(pid, 0.0))
+        foreign_s = foreign_cpu_seconds(start.cpu, cpu_after, mine, start.busy, busy_after)
         foreign = foreign_s / (wall * self.cpu_count) if wall > 0 else math.nan
         steal = math.nan
         if start.stat is not None and stat_after is not None:
