@@ -447,9 +447,23 @@ def load_model(
     )
 
 
+# Tokenizers read by the plan and the runner's checks, one per model and process: the plan's context
+# check and its work count each read every model's tokenizer, 1.6 s apiece (Gemma 3's 262k-entry
+# vocabulary is most of it), and tests plan the same study many times. Callers only tokenise.
+_TOKENIZERS: dict[tuple[str, ...], tuple[Any, str]] = {}
+
+
 def load_tokenizer(spec: ModelSettings, base_dir: Path | None = None,
                    cache: Path | None = None) -> tuple[Any, str]:
-    """The tokenizer of a model without loading its weights: (tokenizer, a name for figures)."""
+    """The tokenizer of a model without loading its weights: (tokenizer, a name for figures); read once
+    per process and model (shared: tokenise with it, do not change it)."""
+    key = (spec.source, spec.name, str(spec.path), str(spec.revision), str(base_dir), str(cache))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _read_tokenizer(spec, base_dir, cache)
+    return _TOKENIZERS[key]
+
+
+def _read_tokenizer(spec: ModelSettings, base_dir: Path | None, cache: Path | None) -> tuple[Any, str]:
     from transformers import AutoTokenizer
 
     if spec.source == "builtin" and spec.name == GEMMA3:
