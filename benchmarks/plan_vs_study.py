@@ -32,9 +32,9 @@ from llm_energy.config import study_from_dict
 from llm_energy.layout import StudyLayout
 from llm_energy.measure import throughput
 from llm_energy.runner.checks import with_context_exclusions
-from llm_energy.runner.estimate import calibrate, measured_jobs, packaged_calibration
+from llm_energy.runner.estimate import calibrate, measured_jobs, packaged_calibration, rerun_seconds
 from llm_energy.runner.plan import plan_from_probe
-from llm_energy.runner.study import done_seconds, probed_precisions
+from llm_energy.runner.study import probed_precisions
 
 
 def main() -> None:
@@ -83,7 +83,7 @@ def main() -> None:
     study_s = math.nan
     if prov.get("started_at") and prov.get("finished_at"):
         study_s = (pd.Timestamp(prov["finished_at"]) - pd.Timestamp(prov["started_at"])).total_seconds()
-    again = sum(sum(done_seconds(m)[:-1]) for m in layout.state.glob("*.done"))
+    again = rerun_seconds(layout.root)
     print(f"\nestimated {plan.total_s:.0f} s (jobs {plan.total_s - plan.runner_s:.0f} s, "
           f"runner {plan.runner_s:.0f} s); "
           f"measured: study wall {study_s:.0f} s, jobs {sum(measured.values()):.0f} s"

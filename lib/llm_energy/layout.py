@@ -181,3 +181,17 @@ class StudyLayout:
     @property
     def provenance(self) -> Path:
         return self.root / "provenance.json"
+
+
+def done_seconds(marker: Path) -> list[float]:
+    """Every run's wall seconds a job's done marker (:meth:`StudyLayout.done_marker`) records, earlier
+    runs first (``earlier_runs_s``: a job the re-measure stage ran again), the last run last; [] without
+    a readable marker."""
+    import json
+
+    try:
+        record = json.loads(marker.read_text() or "{}")
+    except (OSError, ValueError):
+        return []
+    return [float(s) for s in record.get("earlier_runs_s", [])] + (
+        [float(record["seconds"])] if "seconds" in record else [])

@@ -532,8 +532,8 @@ def test_a_job_run_again_keeps_its_first_runs_seconds_in_its_done_marker(tmp_pat
     """The re-measure stage's second run replaces the done marker's seconds but keeps the first run's
     (`earlier_runs_s`): the calibration leaves them out of the runner's own time. A job run again on a
     later invocation (the ranking on every resume) keeps nothing from before."""
-    from llm_energy.layout import StudyLayout
-    from llm_energy.runner.study import StudyOutcome, _Run, done_seconds
+    from llm_energy.layout import StudyLayout, done_seconds
+    from llm_energy.runner.study import StudyOutcome, _Run
 
     layout = StudyLayout(tmp_path)
     layout.state.mkdir(parents=True)

@@ -33,6 +33,7 @@ measures it again (``energy.on_contaminated: remeasure``) or keeps it with the f
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -40,6 +41,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+log = logging.getLogger(__name__)
 
 CANARY_SHAPE = (256, 576, 1536)  # the throughput probe's shape (measure/throughput.PROBE_SHAPE)
 CANARY_CALLS = 4  # calls per round (about 10 ms a round at 190 GFLOP/s)
@@ -369,6 +372,9 @@ class DisturbanceMonitor:
         read 5x), which must not become the speed its windows are held to, and the sustained speed is."""
         if own > sustained * (1.0 + self.thresholds.canary_tolerance):
             self.job_reference_disturbed = True
+            log.warning("the job's canary read %.2fx the machine's sustained speed when it started: it "
+                        "started inside a disturbance; its windows are compared with the sustained speed",
+                        own / sustained)
             return sustained
         return max(own, sustained)
 

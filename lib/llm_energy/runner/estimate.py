@@ -35,6 +35,7 @@ import numpy as np
 
 from ..analysis.halfwidths import accuracy_half_width, energy_half_width
 from ..config import Study
+from ..layout import StudyLayout, done_seconds, project_root
 from ..measure.disturbance import CANARY_CALLS, CANARY_ROUNDS, CANARY_SHAPE, REFERENCE_ROUNDS
 from .workload import ModelWork, StudyWork
 
@@ -321,7 +322,6 @@ def calibrate(study_dir: str | Path, base_dir: Path | None = None) -> Calibratio
     import yaml
 
     from ..config import study_from_dict
-    from ..layout import StudyLayout, project_root
     from ..tables import store as results
     from .checks import with_context_exclusions
     from .workload import study_work
@@ -397,7 +397,7 @@ def calibrate(study_dir: str | Path, base_dir: Path | None = None) -> Calibratio
     walls = {}
     for marker in sorted(layout.state.glob("*.done")):
         phase, _, config = marker.stem.partition("__")
-        wall = float(json.loads(marker.read_text() or "{}").get("seconds", math.nan))
+        wall = (done_seconds(marker) or [math.nan])[-1]
         walls[marker.stem] = wall
         size = 0.0
         known = wall
@@ -438,9 +438,8 @@ def calibrate(study_dir: str | Path, base_dir: Path | None = None) -> Calibratio
         # again included: the plan does not foresee a re-measure) and less the sustained canaries' burn
         # (the plan adds the burn its study asks for)
         study_s = (pd.Timestamp(finished) - pd.Timestamp(started)).total_seconds()
-        earlier = sum(float(s) for m in layout.state.glob("*.done")
-                      for s in json.loads(m.read_text() or "{}").get("earlier_runs_s", []))
-        runner_s = max(0.0, study_s - sum(walls.values()) - earlier - study.energy.sustained_burn_s)
+        runner_s = max(0.0, study_s - sum(walls.values()) - rerun_seconds(layout.root)
+                       - study.energy.sustained_burn_s)
     cpu = (prov.get("hardware") or {}).get("cpu_model") or (prov.get("hardware") or {}).get("cpu") or "?"
     cores = (prov.get("hardware") or {}).get("cpu_count")
     return Calibration(
@@ -455,8 +454,12 @@ def calibrate(study_dir: str | Path, base_dir: Path | None = None) -> Calibratio
 
 def measured_jobs(study_dir: str | Path) -> dict[str, float]:
     """A finished study's jobs and their wall seconds (state/*.done), for setting an estimate beside."""
-    from ..layout import StudyLayout
-
     layout = StudyLayout(Path(study_dir).resolve())
-    return {m.stem: float(json.loads(m.read_text() or "{}").get("seconds", math.nan))
-            for m in sorted(layout.state.glob("*.done"))}
+    return {m.stem: (done_seconds(m) or [math.nan])[-1] for m in sorted(layout.state.glob("*.done"))}
+
+
+def rerun_seconds(study_dir: str | Path) -> float:
+    """The wall seconds of the earlier runs of jobs the re-measure stage ran again (no plan foresees
+    them): in the study's wall time, in no job's last run."""
+    layout = StudyLayout(Path(study_dir).resolve())
+    return sum(sum(done_seconds(m)[:-1]) for m in layout.state.glob("*.done"))

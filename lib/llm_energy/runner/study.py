@@ -35,7 +35,7 @@ from ..config import (
     section_dict,
     study_hash,
 )
-from ..layout import RECOVERED_SUFFIX, StudyLayout, config_id_for, project_root
+from ..layout import RECOVERED_SUFFIX, StudyLayout, config_id_for, done_seconds, project_root
 from ..measure import throughput
 from ..tables import store as results
 from ..tables.rows import record_config
@@ -661,18 +661,6 @@ def remeasure_candidates(energy: Any, jobs: list[Job]) -> dict[str, list[str]]:
         if hit:
             out[job.key] = hit
     return out
-
-
-def done_seconds(marker: Path) -> list[float]:
-    """Every run's wall seconds a job's done marker records, earlier runs first ([] without a marker)."""
-    if not marker.exists():
-        return []
-    try:
-        record = json.loads(marker.read_text() or "{}")
-    except json.JSONDecodeError:
-        return []
-    return [float(s) for s in record.get("earlier_runs_s", [])] + (
-        [float(record["seconds"])] if "seconds" in record else [])
 
 
 def _remeasure_stage(run: _Run, jobs: list[Job]) -> list[Job]:
