@@ -76,7 +76,9 @@ def _quick_exit() -> None:  # pragma: no cover  (the process ends here)
     os._exit(0)
 
 
-def _register_quick_exit() -> bool:
+def register_quick_exit() -> bool:
+    """In a job's kernel (the runner set QUICK_EXIT_ENV), end the process without teardown once its
+    cells are done; called on import, and by a warm kernel once it has the job's environment."""
     import os
 
     if os.environ.get(QUICK_EXIT_ENV) != "1" or "ipykernel" not in sys.modules:
@@ -87,4 +89,4 @@ def _register_quick_exit() -> bool:
     return True
 
 
-_register_quick_exit()
+register_quick_exit()

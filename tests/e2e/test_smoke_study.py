@@ -148,6 +148,10 @@ def test_provenance_and_resolved_parameters(smoke_run):
     assert {b["kind"] for b in prov["idle_baselines"]} == {"system", "loaded", "loaded_after"}
     assert (out / "state" / "canary.json").is_file()  # the machine-speed canary at the study's start
     assert prov["energy_methods_available"]["codecarbon"] is True
+    # every job's kernel was forked from the study's warm kernel server (imports done), none plain
+    warm = prov["warm_kernels"]
+    assert warm["used"] is True and warm["plain"] == 0, warm
+    assert warm["forked"] >= 14, warm
 
 
 def test_report_states_origin_and_estimates(smoke_run):

@@ -211,6 +211,7 @@ def test_top_k_pruning_waits_for_the_adapters_and_can_prune_one(root, tmp_path, 
         return {"ok": True, "error": "", "seconds": 0.0}
 
     monkeypatch.setattr(runner, "execute_job", fake_execute)
+    monkeypatch.setenv(runner.PLAIN_KERNELS_ENV, "1")  # faked jobs start no kernel: no warm server either
     runner.run_study(params, out=tmp_path / "out")
     pruning = [k for k in order if k.startswith("pruning__")]
     assert pruning == ["pruning__tiny-random-llama__nf4__lora__magnitude-unstructured-50",

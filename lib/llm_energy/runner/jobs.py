@@ -1,4 +1,5 @@
-"""One job of a study: a phase notebook run by papermill in a fresh kernel, alone or for one config.
+"""One job of a study: a phase notebook run by papermill in a fresh kernel, alone or for one config
+(forked, with its imports done, from the study's warm kernel server when one runs: runner.warm_kernels).
 
 The runner (:mod:`llm_energy.runner.study`) and the cluster workers (:mod:`llm_energy.runner.scale`) both
 execute jobs through :func:`execute_job`, which never raises: one failing config must not stop a study.
@@ -15,6 +16,7 @@ from typing import Any
 
 from .. import QUICK_EXIT_ENV
 from ..layout import NOTEBOOKS, StudyLayout, notebooks_dir
+from .warm_kernels import kernel_manager_class
 
 # The kernel's own log at ERROR: its start-up warning about TCP transport without encryption (the
 # kernel listens on 127.0.0.1 only) would otherwise be printed once per job. Cell output goes to the job's
@@ -70,11 +72,14 @@ def run_job(job: Job, out_dir: Path) -> None:
     layout.logs.mkdir(parents=True, exist_ok=True)
     # the kernel skips the interpreter's teardown once its cells are done (llm_energy.QUICK_EXIT_ENV)
     os.environ[QUICK_EXIT_ENV] = "1"
+    # forked from the study's warm kernel server when one runs on this host (runner.warm_kernels)
+    manager = kernel_manager_class()
     with open(layout.log(job.key), "w") as stdout:
         papermill.execute_notebook(
             str(notebook), str(executed), parameters=notebook_parameters(job),
             kernel_name="python3", progress_bar=False, log_output=False, stdout_file=stdout,
             stderr_file=stdout, cwd=str(notebook.parent), extra_arguments=KERNEL_ARGUMENTS,
+            **({"kernel_manager_class": manager} if manager is not None else {}),
         )
 
 

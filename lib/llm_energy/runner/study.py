@@ -41,6 +41,7 @@ from ..tables import store as results
 from ..tables.rows import record_config
 from .checks import data_problems, with_context_exclusions
 from .jobs import Job, execute_job, run_job
+from .warm_kernels import WarmKernels, kernel_modules
 
 log = logging.getLogger("llm_energy.runner.study")
 
@@ -408,6 +409,7 @@ class _Run:
         self.failures: list[dict[str, str]] = (json.loads(failures.read_text())
                                                if (resume and failures.exists()) else [])
         self.bar: Any = None
+        self.warm: WarmKernels | None = None  # started before the first job run here
 
     def wants(self, phase: str) -> bool:
         return phase in self.study.phases and (not self.phases or phase in self.phases)
@@ -438,6 +440,8 @@ class _Run:
             self.bar.update()
 
     def _execute(self, job: Job) -> dict[str, Any]:
+        if self.warm is not None:  # its imports before this job's kernel starts, never beside a window
+            self.warm.start()
         self.bar.set_postfix_str(f"{job.key} (log: {display_path(self.layout.log(job.key))})")
         return execute_job(job, self.layout.root)
 
@@ -493,64 +497,89 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
     layout.state.mkdir(parents=True, exist_ok=True)
     if not any(m.source == "hub" for m in study.models):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this study may reach a hub
-    prov = _write_parameters_and_provenance(study, layout, device, params_path)
-    probe, slow = slow_precisions(study, device)  # before any job: each precision's speed on this device
-    training_probe, slow_training = slow_training_precisions(study, device)
-    if study.energy.detect_disturbance:  # the machine-speed canary every window is compared with
-        import socket
+    warm = start_warm_kernels(study, device, cluster, params_path.parent)
+    try:
+        prov = _write_parameters_and_provenance(study, layout, device, params_path)
+        probe, slow = slow_precisions(study, device)  # before any job: each precision's speed on this device
+        training_probe, slow_training = slow_training_precisions(study, device)
+        if study.energy.detect_disturbance:  # the machine-speed canary every window is compared with
+            import socket
 
-        from ..measure.disturbance import (
-            REFERENCE_ROUNDS,
-            RUNNER_ENV,
-            make_canary,
-            sustained_canaries,
-            write_study_canary,
-        )
-        from ..models.fourbit import canary_precision
+            from ..measure.disturbance import (
+                REFERENCE_ROUNDS,
+                RUNNER_ENV,
+                make_canary,
+                sustained_canaries,
+                write_study_canary,
+            )
+            from ..models.fourbit import canary_precision
 
-        if study.energy.sustained_burn_s > 0:
-            trained = study.finetune.precisions if study.finetune is not None else []
-            kernels = {canary_precision(p, device) for p in [*study.precisions, *trained]}
-            sustained = sustained_canaries(device, sorted(kernels), burn_s=study.energy.sustained_burn_s)
-            # the study's start canary (canary_vs_study) is the fp32 one under sustained load too
-            write_study_canary(layout.root, sustained["fp32"], sustained)
-        else:
-            write_study_canary(layout.root, make_canary(device)(REFERENCE_ROUNDS))
-        # the runner (and its Dask scheduler) is the study's own harness: no window counts it as a co-tenant
-        os.environ[RUNNER_ENV] = f"{socket.gethostname()}:{os.getpid()}"
-    prov["throughput"] = {"device": device, "precisions": {p: r.as_dict() for p, r in probe.items()},
-                          "device_limits": study.device_limits.model_dump(mode="json"),
-                          "skipped_as_slow": slow,
-                          "training": {"precisions": {p: r.as_dict() for p, r in training_probe.items()},
-                                       "skipped_as_slow": slow_training}}
-    if before_jobs is not None:  # e.g. the plan's time check (cli: runner.plan.check_budget)
-        prov["plan"] = before_jobs(study, params_path.parent, device, probe, training_probe)
-    results.atomic_write_json(layout.provenance, prov)
+            if study.energy.sustained_burn_s > 0:
+                trained = study.finetune.precisions if study.finetune is not None else []
+                kernels = {canary_precision(p, device) for p in [*study.precisions, *trained]}
+                sustained = sustained_canaries(device, sorted(kernels), burn_s=study.energy.sustained_burn_s)
+                # the study's start canary (canary_vs_study) is the fp32 one under sustained load too
+                write_study_canary(layout.root, sustained["fp32"], sustained)
+            else:
+                write_study_canary(layout.root, make_canary(device)(REFERENCE_ROUNDS))
+            # the runner (and its Dask scheduler) is the study's own harness: no window counts it as a
+            # co-tenant
+            os.environ[RUNNER_ENV] = f"{socket.gethostname()}:{os.getpid()}"
+        prov["throughput"] = {"device": device, "precisions": {p: r.as_dict() for p, r in probe.items()},
+                              "device_limits": study.device_limits.model_dump(mode="json"),
+                              "skipped_as_slow": slow,
+                              "training": {"precisions": {p: r.as_dict() for p, r in training_probe.items()},
+                                           "skipped_as_slow": slow_training}}
+        if before_jobs is not None:  # e.g. the plan's time check (cli: runner.plan.check_budget)
+            prov["plan"] = before_jobs(study, params_path.parent, device, probe, training_probe)
+        results.atomic_write_json(layout.provenance, prov)
 
-    jobs, skipped = expand(study, out_dir, params_path.parent, device, attribution, slow, slow_training)
-    _record_skipped(out_dir, skipped)
-    run = _Run(study, layout, device, resume, phases, cluster, skipped, attribution)
-    run.bar = tqdm(total=len(jobs), desc=f"study {study.study}", unit="job")
-    # the stages of STAGES, in its order
-    first = [j for j in jobs if j.phase in ("data", "finetune", "inference")]
-    run.run_stage(first)
-    second = _second_stage(run, jobs, first, params_path.parent)
-    run.bar.total = len(jobs) + len(second) - sum(1 for j in jobs if j.phase == "pruning")
-    run.run_stage(second)
-    third = _top_k_pruning_stage(run, params_path.parent)  # ranks everything evaluated, adapters included
-    run.bar.total += len(third)
-    run.run_stage(third)
-    again = _remeasure_stage(run, first + second + third)
-    if again:
-        run.bar.total += len(again)
-        run.run_stage(again, again=True)
-    run.save_failures()
-    run.run_stage([j for j in jobs if j.phase == "ranking"])  # reads every table, so it runs last
-    run.bar.close()
-    run.save_failures()
-    run.outcome.report = _render_report_if_ranked(run)
-    _finish_provenance(prov, layout, run)
-    return run.outcome
+        jobs, skipped = expand(study, out_dir, params_path.parent, device, attribution, slow, slow_training)
+        _record_skipped(out_dir, skipped)
+        run = _Run(study, layout, device, resume, phases, cluster, skipped, attribution)
+        run.warm = warm
+        run.bar = tqdm(total=len(jobs), desc=f"study {study.study}", unit="job")
+        # the stages of STAGES, in its order
+        first = [j for j in jobs if j.phase in ("data", "finetune", "inference")]
+        run.run_stage(first)
+        second = _second_stage(run, jobs, first, params_path.parent)
+        run.bar.total = len(jobs) + len(second) - sum(1 for j in jobs if j.phase == "pruning")
+        run.run_stage(second)
+        third = _top_k_pruning_stage(run, params_path.parent)  # ranks everything evaluated, adapters included
+        run.bar.total += len(third)
+        run.run_stage(third)
+        again = _remeasure_stage(run, first + second + third)
+        if again:
+            run.bar.total += len(again)
+            run.run_stage(again, again=True)
+        run.save_failures()
+        run.run_stage([j for j in jobs if j.phase == "ranking"])  # reads every table, so it runs last
+        run.bar.close()
+        run.save_failures()
+        run.outcome.report = _render_report_if_ranked(run)
+        prov["warm_kernels"] = warm.summary()  # how many job kernels were forked, how many plain
+        _finish_provenance(prov, layout, run)
+        return run.outcome
+    finally:
+        warm.__exit__(None, None, None)
+
+
+PLAIN_KERNELS_ENV = "LLM_ENERGY_PLAIN_KERNELS"  # "1": every job starts a plain kernel (no warm server)
+
+
+def start_warm_kernels(study: Study, device: str, cluster: str, base_dir: Path) -> WarmKernels:
+    """This study's warm kernel server (runner.warm_kernels), started when the first job runs here, for
+    a CPU study whose jobs run in this process; a disabled one otherwise: jobs on a cluster (a Dask
+    worker's own thread settings, SLURM's jobs), CUDA, or LLM_ENERGY_PLAIN_KERNELS=1."""
+    from ..models.loading import model_type
+
+    types = [t for t in (model_type(m, base_dir.resolve()) for m in study.models) if t]
+    trained = study.finetune.precisions if study.finetune is not None else []
+    plain = os.environ.get(PLAIN_KERNELS_ENV) == "1"
+    why = ("plain kernels asked for (LLM_ENERGY_PLAIN_KERNELS=1)" if plain
+           else f"device {device}" if device != "cpu" else f"cluster {cluster}" if cluster != "none" else "")
+    return WarmKernels(lambda: kernel_modules(types, [*study.precisions, *trained]), enabled=not why,
+                       note=f"not used: {why}" if why else "")
 
 
 def _validate(params_path: Path, phases: list[str] | None, cluster: str) -> tuple[Study, str, str]:

@@ -1,0 +1,151 @@
+"""Warm kernels (runner.warm_kernels): a job's kernel forked from a server that has done the imports,
+with the job's environment, directory and streams; a plain kernel wherever that cannot be done; and no
+kernel left behind when its launcher dies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+import nbformat
+import psutil
+import pytest
+
+from llm_energy.runner import warm_kernels
+from llm_energy.runner.warm_kernels import WarmKernels, import_time_differences, kernel_manager_class
+
+PROBE = ("import json, os, sys\n"
+         "print(json.dumps({'pid': os.getpid(), 'ppid': os.getppid(), 'cwd': os.getcwd(), "
+         "'preloaded': 'llm_energy.layout' in sys.modules, 'marker': os.environ.get('WARM_TEST_MARKER')}))")
+
+
+def _notebook(path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(PROBE)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+def _run(tmp_path, cwd) -> dict:
+    import papermill
+
+    _notebook(tmp_path / "in.ipynb")
+    manager = kernel_manager_class()
+    papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                               progress_bar=False, cwd=str(cwd),
+                               **({"kernel_manager_class": manager} if manager else {}))
+    text = json.loads((tmp_path / "out.ipynb").read_text())["cells"][0]["outputs"][0]["text"]
+    return json.loads("".join(text) if isinstance(text, list) else text)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.delenv(warm_kernels.WARM_ENV, raising=False)
+    with WarmKernels(["llm_energy.layout"]) as warm:
+        assert warm.running, warm.note
+        yield warm
+    assert warm_kernels.WARM_ENV not in os.environ
+
+
+def test_a_job_kernel_is_forked_with_the_jobs_environment_and_directory(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("WARM_TEST_MARKER", "set after the server started")
+    seen = _run(tmp_path, tmp_path)
+    assert seen["ppid"] == server.process.pid  # a child of the server...
+    assert seen["preloaded"]  # ...that began with the server's imports done
+    assert seen["marker"] == "set after the server started"  # the launcher's environment, not the server's
+    assert server.served() == {"forked": 1, "plain": 0, "reasons": []}
+    assert os.path.realpath(seen["cwd"]) == os.path.realpath(tmp_path)
+
+
+def test_an_environment_read_at_import_time_gets_a_plain_kernel(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1" if os.environ.get("OMP_NUM_THREADS") != "1" else "2")
+    seen = _run(tmp_path, tmp_path)
+    assert seen["ppid"] != server.process.pid  # exec'd in place of the launcher, not forked
+    assert server.served()["plain"] == 1 and "OMP_NUM_THREADS" in server.served()["reasons"][0]
+    assert not seen["preloaded"]
+
+
+def test_without_a_server_jobs_use_plain_kernels(tmp_path, monkeypatch):
+    monkeypatch.delenv(warm_kernels.WARM_ENV, raising=False)
+    assert kernel_manager_class() is None
+    monkeypatch.setenv(warm_kernels.WARM_ENV, f"{socket.gethostname()}:{tmp_path / 'gone.sock'}")
+    assert kernel_manager_class() is None  # a socket that is not there
+    (tmp_path / "dead.sock").write_text("")  # a path that is no listening socket: the launcher falls back
+    monkeypatch.setenv(warm_kernels.WARM_ENV, f"{socket.gethostname()}:{tmp_path / 'dead.sock'}")
+    seen = _run(tmp_path, tmp_path)
+    assert seen["ppid"] == os.getpid()  # the launcher exec'd a plain kernel in its place
+    assert not seen["preloaded"]
+
+
+def test_a_kernel_dies_with_its_launcher_even_on_sigkill(server):
+    manager = kernel_manager_class()(kernel_name="python3")
+    asyncio.run(manager.start_kernel())
+    try:
+        launcher = manager.provisioner.process.pid
+        deadline = time.monotonic() + 30
+        kernels = []
+        while not kernels and time.monotonic() < deadline:
+            kernels = psutil.Process(server.process.pid).children()
+            time.sleep(0.1)
+        assert len(kernels) == 1, "the server forked no kernel"
+        kernel = kernels[0]
+        os.kill(launcher, signal.SIGKILL)
+        kernel.wait(timeout=10)  # raises psutil.TimeoutExpired if the kernel outlived its launcher
+        assert not kernel.is_running()
+    finally:
+        asyncio.run(manager.cleanup_resources())
+
+
+def test_the_launcher_exits_as_its_kernel_exited(server):
+    manager = kernel_manager_class()(kernel_name="python3")
+    asyncio.run(manager.start_kernel())
+    launcher = manager.provisioner.process
+    kernels = []
+    deadline = time.monotonic() + 30
+    while not kernels and time.monotonic() < deadline:
+        kernels = psutil.Process(server.process.pid).children()
+        time.sleep(0.1)
+    kernels[0].send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=10) == -signal.SIGTERM
+    asyncio.run(manager.cleanup_resources())
+
+
+def test_import_time_variables_are_compared_and_others_ignored():
+    reference = {"OMP_NUM_THREADS": "2", "HOME": "/root", "TORCHINDUCTOR_CACHE_DIR": "/tmp/a"}
+    assert import_time_differences({**reference, "HOME": "/x", "LLM_ENERGY_RUNNER": "h:1"}, reference) == []
+    assert import_time_differences({**reference, "TORCHINDUCTOR_CACHE_DIR": "/tmp/b"}, reference) == []
+    assert import_time_differences({**reference, "OMP_NUM_THREADS": "1"}, reference) == ["OMP_NUM_THREADS"]
+    assert import_time_differences({**reference, "HF_HUB_OFFLINE": "1"}, reference) == ["HF_HUB_OFFLINE"]
+
+
+def test_the_server_preloads_what_the_notebooks_import():
+    modules = warm_kernels.kernel_modules(["llama", "gemma3_text"], ["fp32", "nf4"])
+    for name in ("torch", "transformers.models.llama.modeling_llama",
+                 "transformers.models.gemma3.modeling_gemma3", "bitsandbytes", "llm_energy.phases.inference",
+                 "llm_energy.report.figures"):
+        assert name in modules
+    assert "bitsandbytes" not in warm_kernels.kernel_modules(["llama"], ["fp32", "w8a8"])
+    assert sys.executable  # the server runs the runner's interpreter
+
+
+def test_a_kernel_dies_with_the_server_as_a_plain_kernel_dies_with_its_runner(monkeypatch):
+    monkeypatch.delenv(warm_kernels.WARM_ENV, raising=False)
+    with WarmKernels(["llm_energy.layout"]) as warm:
+        manager = kernel_manager_class()(kernel_name="python3")
+        asyncio.run(manager.start_kernel())
+        try:
+            kernels = []
+            deadline = time.monotonic() + 30
+            while not kernels and time.monotonic() < deadline:
+                kernels = psutil.Process(warm.process.pid).children()
+                time.sleep(0.1)
+            warm.process.kill()  # as when the runner is killed: the server goes, SIGKILL and all
+            kernels[0].wait(timeout=10)
+            assert manager.provisioner.process.wait(timeout=10) is not None  # and the launcher follows
+        finally:
+            asyncio.run(manager.cleanup_resources())
