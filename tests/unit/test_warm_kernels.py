@@ -149,3 +149,20 @@ def test_a_kernel_dies_with_the_server_as_a_plain_kernel_dies_with_its_runner(mo
             assert manager.provisioner.process.wait(timeout=10) is not None  # and the launcher follows
         finally:
             asyncio.run(manager.cleanup_resources())
+
+
+def test_a_preloaded_tokenizer_is_taken_once_by_load_model(tmp_path):
+    from llm_energy.config import ModelSettings
+    from llm_energy.models import loading
+
+    spec = ModelSettings(name="tiny-random-llama")
+    folder = loading.weights_folder(spec)
+    assert loading.preload_tokenizer(folder)
+    preloaded = next(iter(loading._PRELOADED_TOKENIZERS.values()))
+    first = loading.load_model(spec, "fp32")
+    assert first.tokenizer is preloaded  # not read again from the folder
+    second = loading.load_model(spec, "fp32")
+    assert second.tokenizer is not preloaded  # taken once: a second load reads its own
+    assert second.tokenizer("a b").input_ids == first.tokenizer("a b").input_ids
+    assert not loading.preload_tokenizer(tmp_path / "missing")
+    assert "tokenizer:" + folder in warm_kernels.kernel_modules(["llama"], ["fp32"], [folder])

@@ -446,8 +446,10 @@ def load_model(
         description = (f"{precision} weights, {fourbit.COMPUTE} compute at inference (dequantized per call; "
                        "float32 in training)")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(weights,
-                                              **({"revision": spec.revision} if spec.revision else {}))
+    tokenizer = _PRELOADED_TOKENIZERS.pop(_tokenizer_key(weights), None)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(weights,
+                                                  **({"revision": spec.revision} if spec.revision else {}))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(
@@ -462,6 +464,48 @@ def load_model(
         compute_description=description,
         load_s=time.perf_counter() - start,
     )
+
+
+# Tokenizers a study's warm kernel server read before forking the job kernels (runner.warm_kernels):
+# Gemma 3's tokenizer takes 2.5-3.5 s to read (its 262k-entry vocabulary parsed as JSON), in every job.
+# A kernel takes its copy once (load_model pops it); the key holds the folder's tokenizer files' sizes
+# and modification times, so a tokenizer changed since is read again.
+_PRELOADED_TOKENIZERS: dict[tuple[Any, ...], Any] = {}
+
+
+def _tokenizer_key(folder: str) -> tuple[Any, ...]:
+    path = Path(folder)
+    if not path.is_dir():
+        return (folder,)
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
+                   if p.is_file() and ("token" in p.name or p.name.endswith((".model", ".txt", ".jinja"))))
+    return (str(path.resolve()), tuple(files))
+
+
+def preload_tokenizer(folder: str | Path) -> bool:
+    """Read a local model folder's tokenizer into this process for a later :func:`load_model` of that
+    folder (in a warm kernel server, before it forks); False when it cannot be read here."""
+    from transformers import AutoTokenizer
+
+    folder = str(folder)
+    if not Path(folder).is_dir():
+        return False
+    try:
+        _PRELOADED_TOKENIZERS[_tokenizer_key(folder)] = AutoTokenizer.from_pretrained(folder)
+    except Exception:  # noqa: BLE001  (whatever it is, the job reads the tokenizer itself and reports it)
+        return False
+    return True
+
+
+def weights_folder(spec: ModelSettings, base_dir: Path | None = None) -> str | None:
+    """The local folder load_model reads a model from (a built-in one prepared if it was not yet), or
+    None for a hub id."""
+    if spec.source == "hub":
+        return None
+    try:
+        return resolve_weights(spec, base_dir)[0]
+    except Exception:  # noqa: BLE001  (the job reports it)
+        return None
 
 
 # Tokenizers read by the plan and the runner's checks, one per model and process: the plan's context

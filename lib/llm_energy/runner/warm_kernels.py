@@ -56,6 +56,7 @@ WARM_ENV = "LLM_ENERGY_WARM_KERNELS"  # "host:socket" of this study's warm kerne
 LAUNCHER = Path(__file__).resolve().with_name("warm_launch.py")
 MESSAGE_BYTES = 1 << 20
 READY = "ready"
+TOKENIZER = "tokenizer:"  # an argument of the server naming a model folder whose tokenizer it reads
 READY_TIMEOUT_S = 180.0
 # Environment variables read when a module is imported (thread pools, CUDA, the hub and tokenizers'
 # settings, the interpreter's own): a kernel whose value differs from the server's is not forked.
@@ -93,7 +94,12 @@ def preload(modules: list[str]) -> list[str]:
 def serve(path: str, modules: list[str]) -> None:  # pragma: no cover  (a separate process: tests drive it)
     """Import ``modules``, then fork a kernel for every launcher that connects to ``path``, until the
     standard input closes."""
-    missing = preload(["ipykernel.kernelapp", *modules])
+    tokenizers = [m.removeprefix(TOKENIZER) for m in modules if m.startswith(TOKENIZER)]
+    missing = preload(["ipykernel.kernelapp", *(m for m in modules if not m.startswith(TOKENIZER))])
+    if tokenizers:
+        from ..models.loading import preload_tokenizer
+
+        missing += [f"tokenizer {t}" for t in tokenizers if not preload_tokenizer(t)]
     if threading.active_count() != 1:
         names = ", ".join(t.name for t in threading.enumerate())
         print(f"not serving: importing the modules started threads ({names})", flush=True)
@@ -279,9 +285,11 @@ def _watch_life_line(fd: int) -> None:  # pragma: no cover  (in the forked child
 # the runner's side
 
 
-def kernel_modules(model_types: list[str], precisions: list[str]) -> list[str]:
+def kernel_modules(model_types: list[str], precisions: list[str],
+                   folders: list[str] | None = None) -> list[str]:
     """What a job's kernel imports: torch, transformers' loading and the modeling module of each model
-    type, bitsandbytes for its precisions, pandas, and every module the phase notebooks import."""
+    type, bitsandbytes for its precisions, pandas, and every module the phase notebooks import; and the
+    tokenizers of the model ``folders`` it reads (``tokenizer:FOLDER``)."""
     modules = ["torch", "transformers", "pandas", "psutil", "codecarbon", "matplotlib"]
     try:
         from transformers.models.auto.configuration_auto import model_type_to_module_name
@@ -294,7 +302,7 @@ def kernel_modules(model_types: list[str], precisions: list[str]) -> list[str]:
                         f"transformers.models.{name}.modeling_{name}"]
     if any(p in ("int8", "nf4", "fp4") for p in precisions):
         modules.append("bitsandbytes")
-    return modules + notebook_imports()
+    return modules + notebook_imports() + [TOKENIZER + folder for folder in folders or []]
 
 
 def notebook_imports() -> list[str]:
