@@ -251,7 +251,14 @@ def local_cluster(n_workers: int, gpus: bool) -> Any:
         workers[f"{DEVICE_RESOURCE}{index}"] = {"cls": Nanny, "options": options}
     # Loopback only: a local cluster has no business listening on the machine's network.
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
-    return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=False)
+    # Dask's nannies set OMP_NUM_THREADS, MKL_NUM_THREADS and OPENBLAS_NUM_THREADS to 1 in their workers
+    # (distributed.nanny.pre-spawn-environ), and every job's kernel would inherit it: torch on one thread,
+    # a CPU job measured at half (or a quarter) of the cores the same job uses when run here. The workers
+    # keep the runner's environment instead.
+    import dask
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
+        return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=False)
 
 
 def make_cluster(kind: str, study: Study, device: str, out_dir: Path) -> tuple[Any, list[str]]:
