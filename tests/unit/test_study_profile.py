@@ -67,3 +67,26 @@ def test_profile_prints_each_precisions_limit_share_and_the_worst_inference_job(
     assert "limit_share[fp32]=0.700" in out and "limit_share[nf4]=0.250" in out
     assert "worst_inference_outside_s=30.0 (inference__m__nf4)" in out  # 50 s less two 10 s windows
     assert out.strip().endswith(f"outside_measured_share={(10 + 30) / 80:.3f}")
+
+
+def test_discarded_attempts_and_earlier_runs_are_told_apart_from_dead_time(profiler, tmp_path, capsys,
+                                                                            monkeypatch):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "tables").mkdir()
+    # a job run twice (the re-measure stage): 40 s first, 30 s the run kept
+    (tmp_path / "state" / "inference__m__fp32.done").write_text(json.dumps({"seconds": 30.0,
+                                                                            "earlier_runs_s": [40.0]}))
+    # two windows of 5 s, one of them measured twice (its first attempt discarded as contaminated)
+    pd.DataFrame([{"config_id": "m__fp32", "phase": "inference", "task": "qa", "repeat": r, "duration_s": 5.0,
+                   "attempts": a} for r, a in ((1, 2), (2, 1))]
+                 ).to_csv(tmp_path / "tables" / "energy_repeats.csv", index=False)
+    jobs = profiler.profile(tmp_path).set_index("job")
+    assert jobs.loc["inference__m__fp32", ["outside_measured_s", "remeasured_attempts_s", "earlier_runs_s"]
+                    ].tolist() == [20.0, 5.0, 40.0]
+    monkeypatch.setattr("sys.argv", ["study_profile.py", str(tmp_path)])
+    profiler.main()
+    out = capsys.readouterr().out
+    assert "discarded window attempts ~5 s (estimate), earlier runs of jobs measured again 40 s (1 jobs)" in out
+    assert f"outside_measured_share_without_discarded_attempts={15 / 30:.3f}" in out
+    assert "worst_inference_outside_without_discarded_attempts_s=15.0" in out
+    assert out.strip().endswith(f"outside_measured_share={20 / 30:.3f}")
