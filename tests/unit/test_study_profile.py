@@ -86,7 +86,8 @@ def test_discarded_attempts_and_earlier_runs_are_told_apart_from_dead_time(profi
     monkeypatch.setattr("sys.argv", ["study_profile.py", str(tmp_path)])
     profiler.main()
     out = capsys.readouterr().out
-    assert "discarded window attempts ~5 s (estimate), earlier runs of jobs measured again 40 s (1 jobs)" in out
+    assert ("discarded window attempts ~5 s (estimate), earlier runs of jobs measured again 40 s (1 jobs)"
+            in out)
     assert f"outside_measured_share_without_discarded_attempts={15 / 30:.3f}" in out
     assert "worst_inference_outside_without_discarded_attempts_s=15.0" in out
     assert out.strip().endswith(f"outside_measured_share={20 / 30:.3f}")
