@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # (with the real-SLURM studies beside the smoke study the groups took 719 and 697 s; without, 557 and 698;
 # on 2026-12-06, AMD EPYC, 532 and 739 s: the failing-config study, 64 s, moved beside the smoke study by
-# its marker `beside_smoke`, and the killed-and-resumed study cut from seven precisions to four)
+# its marker `beside_smoke`, and the killed-and-resumed study cut from seven precisions to four; with warm
+# kernels the smoke study's group took 457 s and the other 613 s: the GPU check's dry run, ~60 s, moved over)
 GROUPS = (("smoke study", "(smoke or beside_smoke) and not quiet"),
           ("everything else", "not smoke and not beside_smoke and not quiet"))
 ALONE = ("alone, on a quiet machine", "quiet")

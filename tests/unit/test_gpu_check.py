@@ -103,7 +103,10 @@ def test_install_refuses_a_damaged_payload_by_step(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "install=failed steps=fake"
 
 
-@pytest.mark.slow  # papermill end to end (~60 s); in make test's "everything else" group (no smoke, no quiet)
+# papermill end to end (~60 s); beside_smoke: in make test's smoke-study process, which (with warm kernels
+# since 2026-12-06) finished 156 s before "everything else" (457 s against 613 s)
+@pytest.mark.slow
+@pytest.mark.beside_smoke
 def test_gpu_check_dry_run_passes_every_step_within_its_limits(tmp_path):
     """`bash tools/gpu_check.sh --dry-run`: steps a-e on the CPU, the result folder's layout checked."""
     results = tmp_path / "results"
