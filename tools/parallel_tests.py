@@ -42,6 +42,32 @@ def counts(text: str) -> dict[str, int]:
     return found
 
 
+DURATIONS = ROOT / "tools" / "test_durations.json"  # seconds per test file in make test-fast, measured
+
+
+def split_files() -> list[list[str]]:
+    """The test files (and the notebooks folder, for nbval) in two halves of about equal duration: the
+    longest first, each to the lighter half, by the seconds tools/test_durations.json measured (a file
+    not in it counts one second per 2 kB)."""
+    import json
+
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+    def seconds(path: Path) -> float:
+        value = known.get(str(path.relative_to(ROOT)))
+        return float(value) if isinstance(value, (int, float)) else path.stat().st_size / 2000
+
+    files = sorted(ROOT.glob("tests/**/test_*.py"), key=lambda p: (-seconds(p), str(p)))
+    halves: list[list[str]] = [[], []]
+    load = [0.0, 0.0]
+    for path in files:
+        lighter = load.index(min(load))
+        halves[lighter].append(str(path.relative_to(ROOT)))
+        load[lighter] += seconds(path)
+    halves[load.index(min(load))].append("notebooks")
+    return halves
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-m", dest="expr", default="", help="marker expression both groups also satisfy")
@@ -53,17 +79,25 @@ def main() -> int:
                                cwd=ROOT)
     start = time.perf_counter()
     base = Path(tempfile.mkdtemp(prefix="llm-energy-tests-"))
-    def launch(index: int, name: str, group: str) -> tuple[str, str, subprocess.Popen, Path, object]:
+    def launch(index: int, name: str, group: str,
+               paths: list[str] | None = None) -> tuple[str, str, subprocess.Popen, Path, object]:
         expr = f"({group}) and ({args.expr})" if args.expr else group
         log = base / f"group{index}.log"
         handle = log.open("w")
         proc = subprocess.Popen([sys.executable, "-m", "pytest", "-m", expr, "--basetemp",
-                                 str(base / f"tmp{index}"), "-p", "no:cacheprovider", *rest], cwd=ROOT,
-                                stdout=handle, stderr=subprocess.STDOUT)
+                                 str(base / f"tmp{index}"), "-p", "no:cacheprovider", *(paths or []), *rest],
+                                cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
         print(f"pytest -m '{expr}' ({name}): running, output in {log}", flush=True)
         return name, expr, proc, log, handle
 
-    runs = [launch(index, name, group) for index, (name, group) in enumerate(GROUPS)]
+    if args.expr:
+        # a narrowed run (make test-fast: -m "not slow") selects no smoke test, so the marker groups would
+        # leave one core idle: the test files are split in two halves by size instead
+        halves = split_files()
+        runs = [launch(index, f"files, half {index + 1}", "not quiet", paths)
+                for index, paths in enumerate(halves)]
+    else:
+        runs = [launch(index, name, group) for index, (name, group) in enumerate(GROUPS)]
     for run in runs:
         run[2].wait()
     runs.append(launch(len(GROUPS), *ALONE))  # after both groups: nothing else of ours runs beside them
