@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 
 import nbformat
@@ -123,14 +122,20 @@ def test_import_time_variables_are_compared_and_others_ignored():
     assert import_time_differences({**reference, "HF_HUB_OFFLINE": "1"}, reference) == ["HF_HUB_OFFLINE"]
 
 
-def test_the_server_preloads_what_the_notebooks_import():
-    modules = warm_kernels.kernel_modules(["llama", "gemma3_text"], ["fp32", "nf4"])
+def test_the_server_preloads_what_the_notebooks_import(tmp_path):
+    folders = []
+    for model_type in ("llama", "gemma3_text"):  # each folder's type from its config.json
+        folder = tmp_path / model_type
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+        folders.append(str(folder))
+    modules = warm_kernels.kernel_modules(["fp32", "nf4"], folders)
     for name in ("torch", "transformers.models.llama.modeling_llama",
                  "transformers.models.gemma3.modeling_gemma3", "bitsandbytes", "llm_energy.phases.inference",
-                 "llm_energy.report.figures"):
+                 "llm_energy.report.figures", "tokenizer:" + folders[0]):
         assert name in modules
-    assert "bitsandbytes" not in warm_kernels.kernel_modules(["llama"], ["fp32", "w8a8"])
-    assert sys.executable  # the server runs the runner's interpreter
+    assert "bitsandbytes" not in warm_kernels.kernel_modules(["fp32", "w8a8"], folders)
+    assert not any("modeling" in m for m in warm_kernels.kernel_modules(["fp32"], [str(tmp_path / "none")]))
 
 
 def test_a_kernel_dies_with_the_server_as_a_plain_kernel_dies_with_its_runner(monkeypatch):
@@ -165,4 +170,4 @@ def test_a_preloaded_tokenizer_is_taken_once_by_load_model(tmp_path):
     assert second.tokenizer is not preloaded  # taken once: a second load reads its own
     assert second.tokenizer("a b").input_ids == first.tokenizer("a b").input_ids
     assert not loading.preload_tokenizer(tmp_path / "missing")
-    assert "tokenizer:" + folder in warm_kernels.kernel_modules(["llama"], ["fp32"], [folder])
+    assert "tokenizer:" + folder in warm_kernels.kernel_modules(["fp32"], [folder])

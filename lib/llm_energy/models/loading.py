@@ -326,23 +326,6 @@ def resolve_weights(spec: ModelSettings, base_dir: Path | None = None,
     raise ValueError(f"unknown model source {spec.source!r}")
 
 
-def model_type(spec: ModelSettings, base_dir: Path | None = None) -> str | None:
-    """The transformers model type of a model (``llama``, ``gemma3_text``) without loading or preparing
-    anything: known for the built-in models, read from a local folder's config.json; None for a hub id
-    or an unreadable folder."""
-    if spec.source == "builtin":
-        return "gemma3_text" if spec.name == GEMMA3 else "llama"
-    if spec.source == "local":
-        try:
-            folder = resolve_path(spec.path or "", base_dir or Path.cwd())
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            return None
-        value = config.get("model_type")
-        return value if isinstance(value, str) else None
-    return None
-
-
 def resolve_device(device: str) -> str:
     """'auto' becomes cuda when a GPU is visible, else cpu (recorded by the caller)."""
     import torch

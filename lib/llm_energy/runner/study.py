@@ -571,14 +571,13 @@ def start_warm_kernels(study: Study, device: str, cluster: str, base_dir: Path) 
     """This study's warm kernel server (runner.warm_kernels), started when the first job runs here, for
     a CPU study whose jobs run in this process; a disabled one otherwise: jobs on a cluster (a Dask
     worker's own thread settings, SLURM's jobs), CUDA, or LLM_ENERGY_PLAIN_KERNELS=1."""
-    from ..models.loading import model_type, weights_folder
+    from ..models.loading import weights_folder
 
-    types = [t for t in (model_type(m, base_dir.resolve()) for m in study.models) if t]
     trained = study.finetune.precisions if study.finetune is not None else []
 
     def modules() -> list[str]:  # when the first job runs (a built-in model's folder may be prepared)
         folders = [f for f in (weights_folder(m, base_dir.resolve()) for m in study.models) if f]
-        return kernel_modules(types, [*study.precisions, *trained], folders)
+        return kernel_modules([*study.precisions, *trained], folders)
 
     plain = os.environ.get(PLAIN_KERNELS_ENV) == "1"
     why = ("plain kernels asked for (LLM_ENERGY_PLAIN_KERNELS=1)" if plain

@@ -285,24 +285,29 @@ def _watch_life_line(fd: int) -> None:  # pragma: no cover  (in the forked child
 # the runner's side
 
 
-def kernel_modules(model_types: list[str], precisions: list[str],
-                   folders: list[str] | None = None) -> list[str]:
+def kernel_modules(precisions: list[str], folders: list[str]) -> list[str]:
     """What a job's kernel imports: torch, transformers' loading and the modeling module of each model
-    type, bitsandbytes for its precisions, pandas, and every module the phase notebooks import; and the
-    tokenizers of the model ``folders`` it reads (``tokenizer:FOLDER``)."""
+    folder's type (its config.json), bitsandbytes for its precisions, pandas, and every module the phase
+    notebooks import; and the tokenizers of the model ``folders`` (``tokenizer:FOLDER``)."""
     modules = ["torch", "transformers", "pandas", "psutil", "codecarbon", "matplotlib"]
-    try:
-        from transformers.models.auto.configuration_auto import model_type_to_module_name
-    except ImportError:  # pragma: no cover
-        model_type_to_module_name = None
-    for model_type in sorted(set(model_types)):
-        if model_type_to_module_name is not None:
-            name = model_type_to_module_name(model_type)
-            modules += [f"transformers.models.{name}.configuration_{name}",
-                        f"transformers.models.{name}.modeling_{name}"]
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    for model_type in sorted({t for t in map(_model_type, folders) if t}):
+        name = model_type_to_module_name(model_type)
+        modules += [f"transformers.models.{name}.configuration_{name}",
+                    f"transformers.models.{name}.modeling_{name}"]
     if any(p in ("int8", "nf4", "fp4") for p in precisions):
         modules.append("bitsandbytes")
-    return modules + notebook_imports() + [TOKENIZER + folder for folder in folders or []]
+    return modules + notebook_imports() + [TOKENIZER + folder for folder in folders]
+
+
+def _model_type(folder: str) -> str | None:
+    """A model folder's transformers model type (config.json's ``model_type``), or None."""
+    try:
+        value = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def notebook_imports() -> list[str]:
