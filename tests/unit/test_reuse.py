@@ -3,6 +3,7 @@ later jobs on the same model files, and recomputed whenever anything they depend
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,17 +49,40 @@ def test_the_first_job_checks_and_a_later_one_reuses(tmp_path, fresh_model, monk
     assert scoring.scoring_decisions(later.model) == decisions
 
 
-def test_another_precision_or_adapter_or_code_is_checked_again(tmp_path, fresh_model, monkeypatch):
+def test_another_precision_or_kernel_or_code_is_checked_again(tmp_path, fresh_model, monkeypatch):
     reuse.scoring_path(tmp_path, fresh_model, SPEC, None)
     bf16 = load_model(SPEC, "bf16")
     assert not reuse.scoring_path(tmp_path, bf16, SPEC, None)[1]
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text("{}")
-    assert not reuse.scoring_path(tmp_path, load_model(SPEC, "fp32"), SPEC, None, str(adapter))[1]
+    assert not reuse.scoring_path(tmp_path, load_model(SPEC, "fp32"), SPEC, None, kernel="2:4 sparse")[1]
     assert len(list((tmp_path / "state" / "reuse").glob("scoring_path-*.json"))) == 3
     monkeypatch.setattr(reuse, "library_hash", lambda: "an edited library")
     assert not reuse.scoring_path(tmp_path, load_model(SPEC, "fp32"), SPEC, None)[1]
+
+
+def test_a_fine_tuned_or_pruned_variant_takes_its_base_verdict(tmp_path, fresh_model, monkeypatch):
+    """The probes check code paths, not weight values: a LoRA-wrapped model and a model with zeroed
+    weights of the same architecture and precision reuse the base's verdict."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    path, _ = reuse.scoring_path(tmp_path, fresh_model, SPEC, None)
+    monkeypatch.setattr(reuse, "choose_scoring_path", lambda *a, **k: pytest.fail("probes ran again"))
+    lora = load_model(SPEC, "fp32")
+    wrapped = get_peft_model(lora.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora = replace(lora, model=wrapped)
+    again, reused = reuse.scoring_path(tmp_path, lora, SPEC, None)
+    assert reused and again.name == path.name
+    pruned = load_model(SPEC, "fp32")
+    with torch.no_grad():
+        for module in pruned.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight[:, ::2] = 0
+    assert reuse.scoring_path(tmp_path, pruned, SPEC, None)[1]
+    # and the scores the reused verdict gives are the probes' own on that model
+    monkeypatch.undo()
+    fresh_pruned = load_model(SPEC, "fp32")
+    fresh_pruned.model.load_state_dict(pruned.model.state_dict())
+    assert scoring.choose_scoring_path(fresh_pruned.model, fresh_pruned.tokenizer).name == path.name
 
 
 def test_a_damaged_record_is_ignored_and_rewritten(tmp_path, fresh_model):
@@ -93,3 +117,21 @@ def test_model_files_changing_invalidate(tmp_path):
     os.utime(folder / "weights.bin", ns=(1, 1))
     assert reuse.folder_fingerprint(folder) != before
     assert reuse.folder_fingerprint(Path("HuggingFaceTB/SmolLM2-135M")) is None  # a hub id: never reused
+
+
+def test_the_first_items_a_reader_looks_at_are_the_tokenised_task_cut(tmp_path, fresh_model):
+    """inference.first_items takes the study's tokenised requests (or makes them, for the job's windows
+    too) and cuts them: the same requests as tokenising the first items alone."""
+    from llm_energy.phases import inference
+    from llm_energy.phases.evaluation import ConfigRun, load_task_sets
+
+    run = ConfigRun.from_parameters(
+        study_dir=str(tmp_path), config_id="tiny__fp32", model={"name": "tiny-random-llama"},
+        precision="fp32", device="cpu", tasks={"rca": None, "qa": {"max_items": 6, "style": "options"}},
+        energy={}, seed=0, base_dir="")
+    look = inference.first_items(run, fresh_model, n=3)
+    data = load_task_sets(run.tasks, run.base_dir)["qa"]
+    few = replace(data, items=data.items[:3])
+    alone = scoring.prepare_task("qa", fresh_model.tokenizer, few, None, "options")
+    assert look.encoded == alone.encoded and look.data.items == few.items
+    assert list((tmp_path / "state" / "reuse").glob("tokens-*.pkl"))  # kept for the job's windows

@@ -244,15 +244,43 @@ def minilm_dir() -> Path:
     return folder
 
 
+# (folder, device) -> (tokenizer, model) read before a warm kernel server forks (preload_embedder)
+_PRELOADED_EMBEDDERS: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def _read_embedder(folder: Path, device: str) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).to(device).eval()
+
+
+def preload_embedder(folder: Path | None = None, device: str = "cpu") -> bool:
+    """Read MiniLM into this process for every later :class:`Embedder` (in a warm kernel server,
+    before it forks the jobs' kernels); False when it cannot be read here.
+
+    It is read on one thread: a process that forks after torch ran a parallel region has a stale
+    OpenMP thread team, and a forked kernel's first parallel operation would wait on it for ever."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder = Path(folder or minilm_dir())
+        _PRELOADED_EMBEDDERS[(str(folder.resolve()), device)] = _read_embedder(folder, device)
+    except Exception:  # noqa: BLE001  (whatever it is, the job reads MiniLM itself and reports it)
+        return False
+    finally:
+        torch.set_num_threads(threads)
+    return True
+
+
 class Embedder:
     """all-MiniLM-L6-v2 sentence embeddings: mean of token states over the mask, L2-normalised."""
 
     def __init__(self, model_dir: Path | None = None, device: str = "cpu", batch_size: int = 32):
-        from transformers import AutoModel, AutoTokenizer
-
-        folder = model_dir or minilm_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder).to(device).eval()
+        folder = Path(model_dir or minilm_dir())
+        preloaded = _PRELOADED_EMBEDDERS.get((str(folder.resolve()), device))
+        self.tokenizer, self.model = preloaded or _read_embedder(folder, device)
         self.device = device
         self.batch_size = batch_size
 

@@ -195,6 +195,8 @@ def open_meter(run: ConfigRun, device: str, system_idle: IdleBaseline | None = N
 
 log = logging.getLogger(__name__)
 
+WARMUP_NEW_TOKENS = 4  # tokens a generation warm-up writes (before the first window; never measured)
+
 
 def counted_gflop(count: Callable[[], float]) -> float:
     """A window's useful GFLOP (measure/flops.py), or NaN for a model whose configuration does not
@@ -280,7 +282,10 @@ def measure_generation(loaded: LoadedModel, data: TaskData, params: GenerationPa
         raise ValueError("generation needs a reference 'resolution' on every rca item; missing on "
                          f"{missing[:3]}")
     encoded = encode_prompts(loaded.tokenizer, items, params)
-    warm = encode_prompts(loaded.tokenizer, items[:1], params)
+    # the warm-up runs the prefill and a few decode steps (every kernel a window runs); the full
+    # length would only repeat the decode step, outside any window
+    warm = replace(encode_prompts(loaded.tokenizer, items[:1], params),
+                   new_tokens=min(WARMUP_NEW_TOKENS, params.new_tokens))
     windows = meter.settings.windows
     if windows and len(encoded.batches) > 1:
         # one window per group of whole batches (a batch is the unit generation runs at)

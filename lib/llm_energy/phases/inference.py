@@ -21,7 +21,6 @@ from ..methods.scoring import (
     ChoiceScores,
     PreparedTask,
     ScoringPath,
-    prepare_task,
     score_prepared,
     task_result,
 )
@@ -49,10 +48,11 @@ def load(run: ConfigRun, adapter_dir: str = "") -> LoadedModel:
 
 def prepare(run: ConfigRun, loaded: LoadedModel, adapter: str = "none", adapter_dir: str = "") -> ScoringPath:
     """Choose the scoring path before any measured window and write the config's row (status ok,
-    where its weights came from, the scoring path). An earlier job of the study on the same model
-    files, precision, device and adapter (``adapter_dir``) has chosen it already: its verdict is
-    taken over and no layout probe runs (:mod:`llm_energy.phases.reuse`)."""
-    path, _ = reuse.scoring_path(run.study_dir, loaded, run.model, run.base_dir, adapter_dir)
+    where its weights came from, the scoring path). An earlier job of the study on the same
+    architecture, precision and device (with or without an adapter) has chosen it already: its verdict
+    is taken over and no layout probe runs (:mod:`llm_energy.phases.reuse`). ``adapter_dir`` is
+    accepted for callers that pass it; the verdict does not depend on the adapter's weights."""
+    path, _ = reuse.scoring_path(run.study_dir, loaded, run.model, run.base_dir)
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
                   weights_origin=loaded.weights_origin, adapter=adapter, scoring_path=path.name,
                   data=data_description(run.tasks, run.base_dir))
@@ -75,13 +75,15 @@ def evaluate(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter,
 
 def first_items(run: ConfigRun, loaded: LoadedModel, task: str | None = None, n: int = 4) -> PreparedTask:
     """The first ``n`` scored items of a task (default: qa if the study scores it, else its first
-    task), tokenised now (outside any measured window), as the phase prepares them."""
+    task), tokenised as the phase prepares them, outside any measured window: the task's requests an
+    earlier job of the study tokenised (or tokenised now, for this job's windows too), cut to ``n``."""
     task_sets = load_task_sets(run.tasks, run.base_dir)
     task = task or ("qa" if "qa" in task_sets else next(iter(task_sets)))
     data = task_sets[task]
-    few = replace(data, items=tuple(data.items[:n]))
     settings = run.tasks.enabled()[task]
-    return prepare_task(task, loaded.tokenizer, few, settings.prompt, settings.style)
+    prepared = reuse.prepared_task(run.study_dir, loaded, run.model, run.base_dir, task, data,
+                                   settings.prompt, settings.style)
+    return replace(prepared, data=replace(data, items=tuple(data.items[:n])), encoded=prepared.encoded[:n])
 
 
 def score(loaded: LoadedModel, prepared: PreparedTask) -> list[ChoiceScores]:

@@ -25,7 +25,7 @@ from ..config import (
 from ..layout import RECOVERED_SUFFIX, StudyLayout, config_id_for
 from ..measure.meter import EnergyMeter, EnergyRecord
 from ..methods.lora_training import FINETUNE_PRECISIONS, finetune, load_adapter
-from ..methods.scoring import ScoringPath, choose_scoring_path
+from ..methods.scoring import ScoringPath
 from ..methods.sparsify import (
     LayerCheck,
     PruningResult,
@@ -38,6 +38,7 @@ from ..methods.sparsify import (
 from ..models.loading import LoadedModel, load_model
 from ..report import figures
 from ..tables.rows import record_config, record_pruned_layers, record_setup_steps, record_training
+from . import reuse
 from .evaluation import ConfigRun, data_description, evaluate_config, full_split, probe_rate, training_splits
 
 if TYPE_CHECKING:
@@ -230,7 +231,7 @@ def record(run: ConfigRun, pruned: PrunedModel, execution: SparseExecution,
                          pruned.after_quantization)
     record_setup_steps(run.study_dir, run.identity(adapter, pruned.outcome.spec.label), pruned.setup,
                        pruned.loaded.device, notes=SETUP_STEPS)
-    path = choose_scoring_path(pruned.loaded.model, pruned.loaded.tokenizer)
+    path, _ = reuse.scoring_path(run.study_dir, pruned.loaded, run.model, run.base_dir, execution.kernel)
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
                   weights_origin=pruned.loaded.weights_origin, adapter=adapter,
                   pruning=pruned.outcome.spec.label, kernel=execution.kernel, kernel_note=execution.note,
@@ -300,7 +301,7 @@ def recover(run: ConfigRun, pruned: PrunedModel, settings: RecoverySettings, met
                      weights_origin=f"{pruned.loaded.weights_origin}; recovery LoRA adapter "
                                     f"({spec.epochs} epoch(s) on {spec.task} train, not merged)")
     record_pruned_layers(run.study_dir, recovered.config_id, pruned.outcome, after=checks)
-    path = choose_scoring_path(loaded.model, loaded.tokenizer)
+    path, _ = reuse.scoring_path(run.study_dir, loaded, run.model, run.base_dir)
     record_config(run.study_dir, recovered.config_id, run.model.name, run.precision, "ok",
                   weights_origin=loaded.weights_origin, adapter=identity.adapter, pruning=identity.pruning,
                   kernel="dense", kernel_note="the recovery adapter runs beside the pruned weights (not "

@@ -5,16 +5,20 @@ cannot differ from one job to the next of the same study:
 
 - the **scoring path** (:func:`llm_energy.methods.scoring.choose_scoring_path`): layout probes that run
   the model a dozen times to check that the packed forward and the shared few-shot prefix give the
-  scores of the plain one. Their verdict depends on the model's files, its precision, the device, the
-  adapter and the code, so it is kept per (model, precision, device, adapter);
+  scores of the plain one. They check code paths (how the model's attention takes a ready 4D mask and
+  continues a cache, in the kernels of its precision), not weight values, so the verdict is kept per
+  (architecture, precision, device, kernels): the base model's, its fine-tuned variants' (a LoRA
+  adapter adds per-token matmuls beside the linear layers and passes the mask and the cache through
+  untouched) and its pruned variants' (the same layers, some weights zero) jobs share one;
 - the **tokenised requests** of every task (:func:`llm_energy.methods.scoring.prepare_task`): the same
   texts through the same tokenizer, whatever the precision, so they are kept per (tokenizer, texts).
 
 Both live in the study's ``state/reuse/`` folder, one file per key, the key a SHA-256 of everything
 the result depends on: this package's source (any edit of the library invalidates them), torch's,
-transformers' and bitsandbytes' versions, the model folder's files (names, sizes, modification
-times and ``config.json``), and for the scoring path the precision, device and the adapter's files.
-A model whose files cannot be fingerprinted (a hub id) is never reused. A notebook run alone has its
+transformers' and bitsandbytes' versions, and for the tokens the model folder's files (names, sizes,
+modification times and ``config.json``), for the scoring path its ``config.json`` (the architecture),
+the precision, the device and the kernels the linear layers run (dense, or a sparse kernel). A model
+without a local folder (a hub id) is never reused. A notebook run alone has its
 own study folder and computes them itself the first time. A damaged file is ignored and rewritten.
 """
 
@@ -109,34 +113,33 @@ def _write_atomic(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def model_fingerprint(loaded: LoadedModel, spec: Any, base_dir: Path | None,
-                      adapter_dir: str = "") -> dict[str, Any] | None:
-    """What the scoring path's verdict depends on, or None when the model cannot be fingerprinted."""
+def architecture_fingerprint(loaded: LoadedModel, spec: Any, base_dir: Path | None,
+                             kernel: str = "dense") -> dict[str, Any] | None:
+    """What the scoring path's verdict depends on, or None when the model has no local folder."""
     weights, _ = resolve_weights(spec, base_dir)
-    model_files = folder_fingerprint(weights)
-    if model_files is None:
+    config = Path(weights) / "config.json"
+    if not config.is_file():
         return None
-    adapter_files = folder_fingerprint(adapter_dir) if adapter_dir else {}
-    if adapter_files is None:
-        return None
-    return {"model": model_files, "adapter": adapter_files, "precision": loaded.precision,
-            "device": loaded.device}
+    return {"architecture": config.read_text(), "precision": loaded.precision, "device": loaded.device,
+            "kernel": kernel}
 
 
 def scoring_path(study_dir: Path, loaded: LoadedModel, spec: Any, base_dir: Path | None,
-                 adapter_dir: str = "") -> tuple[ScoringPath, bool]:
-    """The model's scoring path: a verdict an earlier job of the study reached on the same model,
-    precision, device and adapter (True: reused, no probe ran), else :func:`choose_scoring_path`
-    now, kept for the later jobs (False)."""
-    fingerprint = model_fingerprint(loaded, spec, base_dir, adapter_dir)
+                 kernel: str = "dense") -> tuple[ScoringPath, bool]:
+    """The model's scoring path: a verdict an earlier job of the study reached on the same
+    architecture, precision, device and kernels (True: reused, no probe ran), else
+    :func:`choose_scoring_path` now, kept for the later jobs (False). ``spec`` is the base model's
+    settings (a fine-tuned or pruned variant is checked as its base's architecture)."""
+    fingerprint = architecture_fingerprint(loaded, spec, base_dir, kernel)
     if fingerprint is None:
         return choose_scoring_path(loaded.model, loaded.tokenizer), False
     path = _path(Path(study_dir), "scoring_path", _key("scoring_path", fingerprint), ".json")
     try:
         saved = json.loads(path.read_text())
         adopt_scoring_decisions(loaded.model, saved["decisions"])
-        return ScoringPath(saved["name"], saved["reason"] + " (checked by an earlier job of this study, "
-                           f"reused from state/{FOLDER}/{path.name})"), True
+        reason = (saved["reason"] + " (checked by an earlier job of this study on this architecture and "
+                  f"precision, reused from state/{FOLDER}/{path.name})")
+        return ScoringPath(saved["name"], reason), True
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, TypeError) as exc:

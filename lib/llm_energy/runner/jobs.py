@@ -79,6 +79,9 @@ def run_job(job: Job, out_dir: Path) -> None:
             str(notebook), str(executed), parameters=notebook_parameters(job),
             kernel_name="python3", progress_bar=False, log_output=False, stdout_file=stdout,
             stderr_file=stdout, cwd=str(notebook.parent), extra_arguments=KERNEL_ARGUMENTS,
+            # once the last cell has answered, the kernel holds nothing to save (every table is written
+            # by its cell): it is killed, not asked to shut down and polled until it has (0.4-0.8 s a job)
+            shutdown_kernel="immediate",
             **({"kernel_manager_class": manager} if manager is not None else {}),
         )
 

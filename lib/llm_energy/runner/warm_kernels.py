@@ -57,6 +57,7 @@ LAUNCHER = Path(__file__).resolve().with_name("warm_launch.py")
 MESSAGE_BYTES = 1 << 20
 READY = "ready"
 TOKENIZER = "tokenizer:"  # an argument of the server naming a model folder whose tokenizer it reads
+EMBEDDER = "embedder:minilm"  # an argument of the server: read MiniLM (RCA resolutions' similarity)
 READY_TIMEOUT_S = 180.0
 # Environment variables read when a module is imported (thread pools, CUDA, the hub and tokenizers'
 # settings, the interpreter's own): a kernel whose value differs from the server's is not forked.
@@ -95,11 +96,16 @@ def serve(path: str, modules: list[str]) -> None:  # pragma: no cover  (a separa
     """Import ``modules``, then fork a kernel for every launcher that connects to ``path``, until the
     standard input closes."""
     tokenizers = [m.removeprefix(TOKENIZER) for m in modules if m.startswith(TOKENIZER)]
-    missing = preload(["ipykernel.kernelapp", *(m for m in modules if not m.startswith(TOKENIZER))])
+    missing = preload(["ipykernel.kernelapp",
+                       *(m for m in modules if not m.startswith(TOKENIZER) and m != EMBEDDER)])
     if tokenizers:
         from ..models.loading import preload_tokenizer
 
         missing += [f"tokenizer {t}" for t in tokenizers if not preload_tokenizer(t)]
+    if EMBEDDER in modules:
+        from ..methods.generation import preload_embedder
+
+        missing += [] if preload_embedder() else ["MiniLM"]
     if threading.active_count() != 1:
         names = ", ".join(t.name for t in threading.enumerate())
         print(f"not serving: importing the modules started threads ({names})", flush=True)
@@ -285,10 +291,11 @@ def _watch_life_line(fd: int) -> None:  # pragma: no cover  (in the forked child
 # the runner's side
 
 
-def kernel_modules(precisions: list[str], folders: list[str]) -> list[str]:
+def kernel_modules(precisions: list[str], folders: list[str], embedder: bool = False) -> list[str]:
     """What a job's kernel imports: torch, transformers' loading and the modeling module of each model
     folder's type (its config.json), bitsandbytes for its precisions, pandas, and every module the phase
-    notebooks import; and the tokenizers of the model ``folders`` (``tokenizer:FOLDER``)."""
+    notebooks import; and the tokenizers of the model ``folders`` (``tokenizer:FOLDER``), and MiniLM
+    when the study scores generated RCA resolutions (``embedder``)."""
     modules = ["torch", "transformers", "pandas", "psutil", "codecarbon", "matplotlib"]
     from transformers.models.auto.configuration_auto import model_type_to_module_name
 
@@ -298,7 +305,8 @@ def kernel_modules(precisions: list[str], folders: list[str]) -> list[str]:
                     f"transformers.models.{name}.modeling_{name}"]
     if any(p in ("int8", "nf4", "fp4") for p in precisions):
         modules.append("bitsandbytes")
-    return modules + notebook_imports() + [TOKENIZER + folder for folder in folders]
+    return (modules + notebook_imports() + [TOKENIZER + folder for folder in folders]
+            + ([EMBEDDER] if embedder else []))
 
 
 def _model_type(folder: str) -> str | None:
