@@ -6,7 +6,8 @@ Reads only the study folder:
 - ``notebooks/*.ipynb``: papermill's per-cell durations (their sum is the time inside the kernel, so
   wall − cells is kernel start and shutdown);
 - ``tables/energy_repeats.csv``: every measured inference/pruning window (a repeat over a task's items);
-  ``tables/training.csv``: every measured training epoch; ``tables/idle_baselines.csv``: the idle windows.
+  ``tables/training.csv``: every measured training epoch and its eval-loss window (``eval_duration_s``);
+  ``tables/idle_baselines.csv``: the idle windows.
 
     python benchmarks/study_profile.py outputs/default
 
@@ -45,7 +46,7 @@ def _cells_s(notebook: Path) -> float | None:
     return sum(float((c.get("metadata", {}).get("papermill") or {}).get("duration") or 0.0) for c in cells)
 
 
-def _seconds(table: pd.DataFrame, phase: str, config_id: str) -> float:
+def _seconds(table: pd.DataFrame, phase: str, config_id: str, column: str = "duration_s") -> float:
     """duration_s summed over a job's rows: its config (and, for pruning, the recovered config it also
     evaluates); a fine-tuned config id is shared by its fine-tuning and its inference job, so those
     two are told apart by the rows' phase."""
@@ -54,7 +55,7 @@ def _seconds(table: pd.DataFrame, phase: str, config_id: str) -> float:
     rows = table[table["config_id"].isin({config_id, f"{config_id}__recovered"})]
     if phase in ("finetune", "inference") and "phase" in rows:
         rows = rows[rows["phase"] == phase]
-    return float(rows["duration_s"].sum())
+    return float(rows[column].sum()) if column in rows else 0.0
 
 
 def _repeated_s(table: pd.DataFrame, phase: str, config_id: str) -> float:
@@ -81,7 +82,8 @@ def profile(study_dir: Path) -> pd.DataFrame:
         record = json.loads(marker.read_text() or "{}")
         wall = float(record.get("seconds", float("nan")))
         earlier = float(sum(record.get("earlier_runs_s", [])))
-        measured = _seconds(repeats, phase, config_id) + _seconds(training, phase, config_id)
+        measured = (_seconds(repeats, phase, config_id) + _seconds(training, phase, config_id)
+                    + _seconds(training, phase, config_id, "eval_duration_s"))
         idle_s = _seconds(idle, phase, config_id)
         cells = (_cells_s(layout.executed_notebook(phase, config_id or None))
                  if phase in ("data", "finetune", "inference",

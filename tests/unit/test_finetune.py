@@ -140,10 +140,10 @@ def test_lora_overfits_saves_and_reloads(precision, rca, tmp_path):
     assert (first.epoch, second.epoch) == (1, 2)
     assert first.n_examples == 32 and first.n_tokens > 32
 
-    # One window per epoch, and each epoch carries its window's numbers.
-    assert source.windows == ["finetune:epoch1", "finetune:epoch2"]
+    # One window per epoch and one for its eval loss after it; each epoch carries its windows' numbers.
+    assert source.windows == ["finetune:epoch1", "finetune:eval1", "finetune:epoch2", "finetune:eval2"]
     for epoch in result.epochs:
-        assert epoch.duration_s == pytest.approx(1.5)
+        assert epoch.duration_s == pytest.approx(1.5) and epoch.eval_record.duration_s == pytest.approx(1.5)
         assert epoch.energy_kwh == pytest.approx(15.0 / 3.6e6)
         assert epoch.emissions_kg == pytest.approx(epoch.energy_kwh * 0.1)
         assert epoch.energy_method == "codecarbon:cpu_load"

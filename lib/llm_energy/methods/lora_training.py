@@ -79,6 +79,8 @@ class EpochRecord:
     gflop: float = float("nan")  # the epoch's useful work (training_gflop); nan when not counted
     # the epoch's EnergyRecord (None without a meter)
     record: Any = field(default=None, repr=False, compare=False)
+    # the eval loss's own window after the epoch's (None without a meter or eval items)
+    eval_record: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -507,7 +509,8 @@ def finetune(
 def _train_epochs(loaded: LoadedModel, model: Any, optimizer: Any, train_examples: list[TrainingExample],
                   eval_examples: list[TrainingExample], spec: FinetuneSpec, pad_id: int, order: random.Random,
                   meter: EnergyMeter | None, progress: bool) -> list[EpochRecord]:
-    """Every epoch: its training in one energy window, then the eval loss outside it."""
+    """Every epoch: its training in one energy window, then the eval loss in another (what validating
+    costs is measured too, and kept apart from the epoch's training energy)."""
     records = []
     for epoch in range(1, spec.epochs + 1):
         shuffled = list(train_examples)
@@ -528,10 +531,17 @@ def _train_epochs(loaded: LoadedModel, model: Any, optimizer: Any, train_example
         if not math.isfinite(train_loss):
             raise RuntimeError(f"training loss became {train_loss} in epoch {epoch}; lower learning_rate "
                                f"(now {spec.learning_rate})")
+        eval_record = None
+        if meter is not None and eval_examples:
+            with meter.window(f"finetune:eval{epoch}") as eval_handle:
+                eval_loss = mean_answer_nll(model, eval_examples, pad_id, spec.batch_size)
+            eval_record = eval_handle.record
+        else:
+            eval_loss = mean_answer_nll(model, eval_examples, pad_id, spec.batch_size)
         records.append(EpochRecord(
             epoch=epoch,
             train_loss=train_loss,
-            eval_loss=mean_answer_nll(model, eval_examples, pad_id, spec.batch_size),
+            eval_loss=eval_loss,
             duration_s=duration_s,
             energy_kwh=record.energy_kwh if record is not None else float("nan"),
             emissions_kg=record.emissions_kg if record is not None else float("nan"),
@@ -540,6 +550,7 @@ def _train_epochs(loaded: LoadedModel, model: Any, optimizer: Any, train_example
             n_tokens=n_tokens,
             gflop=training_gflop(loaded.model.config, shuffled),
             record=record,
+            eval_record=eval_record,
         ))
     return records
 

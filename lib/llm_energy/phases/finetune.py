@@ -53,13 +53,19 @@ def train(run: ConfigRun, params: FinetuneParams, loaded: LoadedModel, meter: En
 
 
 def epochs_table(result: FinetuneResult) -> pd.DataFrame:
-    """One row per epoch: loss, time, energy and its method, examples and tokens (what training.csv holds)."""
+    """One row per epoch: loss, time, energy and its method, examples and tokens, and the eval loss's
+    own window (what training.csv holds)."""
     import dataclasses
 
     import pandas as pd
 
-    return pd.DataFrame([{f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "record"}
-                         for e in result.epochs])
+    rows = []
+    for e in result.epochs:
+        row = {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name not in ("record", "eval_record")}
+        if e.eval_record is not None:
+            row.update(eval_duration_s=e.eval_record.duration_s, eval_energy_kwh=e.eval_record.energy_kwh)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def epochs_figure(result: FinetuneResult, config_id: str = "") -> Figure:

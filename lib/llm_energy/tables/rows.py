@@ -245,6 +245,9 @@ def record_training(study_dir: Path, config: ConfigIdentity, result: FinetuneRes
         energy_method=e.energy_method, n_examples=e.n_examples, n_tokens=e.n_tokens,
         energy_net_kwh=e.record.energy_net_kwh if e.record is not None else None,
         gflop=_finite(e.gflop), gflop_per_s=window_limit(e.gflop, e.duration_s, None)["gflop_per_s"],
+        eval_duration_s=e.eval_record.duration_s if e.eval_record is not None else None,
+        eval_energy_kwh=e.eval_record.energy_kwh if e.eval_record is not None else None,
+        eval_energy_net_kwh=e.eval_record.energy_net_kwh if e.eval_record is not None else None,
         **(energy_fields(e.record) if e.record is not None else dict.fromkeys(ENERGY_FIELDS)),
     ) for e in result.epochs))
     results.upsert_rows(study_dir, "training", rows, replace_where={"config_id": config.config_id})

@@ -206,6 +206,10 @@ class TrainingRow:
     energy_net_kwh: float | None = None
     gflop: float | None = None  # the epoch's useful work, forward and backward (lora_training.training_gflop)
     gflop_per_s: float | None = None
+    # the eval loss after the epoch, computed in a window of its own (not in the epoch's duration_s)
+    eval_duration_s: float | None = None
+    eval_energy_kwh: float | None = None
+    eval_energy_net_kwh: float | None = None
 
 
 @dataclass(frozen=True)
