@@ -46,8 +46,8 @@ def test_profile_splits_each_job_into_measured_idle_and_outside(profiler, tmp_pa
     profiler.main()
     assert capsys.readouterr().out.strip().endswith(f"outside_measured_share={(7 + 5 + 5) / 35:.3f}")
     # an epoch's eval loss measured in its own window (training.csv's eval_duration_s) is measured too
-    pd.DataFrame([{"config_id": lora, "phase": "finetune", "epoch": e, "duration_s": 6.0, "eval_duration_s": 1.5}
-                  for e in (1, 2)]).to_csv(tables / "training.csv", index=False)
+    pd.DataFrame([{"config_id": lora, "phase": "finetune", "epoch": e, "duration_s": 6.0,
+                   "eval_duration_s": 1.5} for e in (1, 2)]).to_csv(tables / "training.csv", index=False)
     jobs = profiler.profile(tmp_path).set_index("job")
     assert jobs.loc[f"finetune__{lora}", ["measured_model_s", "outside_measured_s"]].tolist() == [15.0, 4.0]
 

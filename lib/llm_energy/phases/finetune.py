@@ -61,7 +61,8 @@ def epochs_table(result: FinetuneResult) -> pd.DataFrame:
 
     rows = []
     for e in result.epochs:
-        row = {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name not in ("record", "eval_record")}
+        row = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)
+               if f.name not in ("record", "eval_record")}
         if e.eval_record is not None:
             row.update(eval_duration_s=e.eval_record.duration_s, eval_energy_kwh=e.eval_record.energy_kwh)
         rows.append(row)
