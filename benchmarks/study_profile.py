@@ -7,7 +7,9 @@ Reads only the study folder:
   wall − cells is kernel start and shutdown);
 - ``tables/energy_repeats.csv``: every measured inference/pruning window (a repeat over a task's items);
   ``tables/training.csv``: every measured training epoch and its eval-loss window (``eval_duration_s``);
-  ``tables/idle_baselines.csv``: the idle windows.
+  ``tables/setup_energy.csv``: the measured windows that make a pruned config (loading, calibration,
+  pruning, re-quantization: what the lifecycle charges it); ``tables/idle_baselines.csv``: the idle
+  windows.
 
     python benchmarks/study_profile.py outputs/default
 
@@ -75,6 +77,7 @@ def profile(study_dir: Path) -> pd.DataFrame:
     layout = StudyLayout(study_dir)
     repeats, training, idle = (_table(layout, "energy_repeats"), _table(layout, "training"),
                                _table(layout, "idle_baselines"))
+    setup = _table(layout, "setup_energy")
     rows = []
     for marker in sorted(layout.state.glob("*.done")):
         key = marker.stem
@@ -85,14 +88,15 @@ def profile(study_dir: Path) -> pd.DataFrame:
         measured = (_seconds(repeats, phase, config_id) + _seconds(training, phase, config_id)
                     + _seconds(training, phase, config_id, "eval_duration_s"))
         idle_s = _seconds(idle, phase, config_id)
+        setup_s = _seconds(setup, phase, config_id)
         cells = (_cells_s(layout.executed_notebook(phase, config_id or None))
                  if phase in ("data", "finetune", "inference",
                                                                                             "pruning",
                               "ranking") else None)
         rows.append({"job": key, "phase": phase, "wall_s": wall, "in_kernel_s": cells,
                      "kernel_start_s": wall - cells if cells is not None else float("nan"),
-                     "measured_model_s": measured, "idle_windows_s": idle_s,
-                     "outside_measured_s": wall - measured - idle_s,
+                     "measured_model_s": measured, "setup_windows_s": setup_s, "idle_windows_s": idle_s,
+                     "outside_measured_s": wall - measured - setup_s - idle_s,
                      "remeasured_attempts_s": _repeated_s(repeats, phase, config_id),
                      "earlier_runs_s": earlier})
     return pd.DataFrame(rows)
@@ -109,8 +113,8 @@ def main() -> None:
     print("Per job (seconds):")
     print(jobs.round(1).to_string(index=False))
     phases = jobs.groupby("phase",
-                          sort=False)[["wall_s", "kernel_start_s", "measured_model_s", "idle_windows_s",
-                                                  "outside_measured_s"]].sum()
+                          sort=False)[["wall_s", "kernel_start_s", "measured_model_s", "setup_windows_s",
+                                                  "idle_windows_s", "outside_measured_s"]].sum()
     phases["outside_share"] = phases["outside_measured_s"] / phases["wall_s"]
     print("\nPer phase (seconds):")
     print(phases.round(2).to_string())
@@ -140,6 +144,9 @@ def main() -> None:
         print(f"worst_inference_outside_without_discarded_attempts_s={net.max():.1f} "
               f"({inference.loc[net.idxmax(), 'job']}; median of inference jobs {net.median():.1f})")
     share = jobs["outside_measured_s"].sum() / total_wall
+    print(f"setup windows {jobs['setup_windows_s'].sum():.0f} s (measured, setup_energy.csv); "
+          f"outside_measured_share_if_setup_windows_were_outside="
+          f"{(jobs['outside_measured_s'].sum() + jobs['setup_windows_s'].sum()) / total_wall:.3f}")
     print(f"measured model windows {jobs['measured_model_s'].sum():.0f} s, idle windows "
           f"{jobs['idle_windows_s'].sum():.0f} s, kernel start {jobs['kernel_start_s'].sum():.0f} s")
     # What a disturbed machine adds, apart from the dead time above: window attempts measured and then

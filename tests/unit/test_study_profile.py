@@ -50,6 +50,14 @@ def test_profile_splits_each_job_into_measured_idle_and_outside(profiler, tmp_pa
                    "eval_duration_s": 1.5} for e in (1, 2)]).to_csv(tables / "training.csv", index=False)
     jobs = profiler.profile(tmp_path).set_index("job")
     assert jobs.loc[f"finetune__{lora}", ["measured_model_s", "outside_measured_s"]].tolist() == [15.0, 4.0]
+    # a pruning job's setup steps (setup_energy.csv) are measured windows too
+    pruned = f"{lora}__wanda-2of4"
+    (state / f"pruning__{pruned}.done").write_text(json.dumps({"seconds": 30.0}))
+    steps = ("load", "calibration", "prune")
+    pd.DataFrame([{"config_id": pruned, "step": s, "duration_s": 4.0} for s in steps]).to_csv(
+        tables / "setup_energy.csv", index=False)
+    jobs = profiler.profile(tmp_path).set_index("job")
+    assert jobs.loc[f"pruning__{pruned}", ["setup_windows_s", "outside_measured_s"]].tolist() == [12.0, 18.0]
 
 
 def test_profile_prints_each_precisions_limit_share_and_the_worst_inference_job(profiler, tmp_path, capsys,
