@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -234,14 +235,38 @@ def _job_probe(precision: str, device: str) -> Any:
     return probe_precision(precision, device)
 
 
+# per model object, the (task, style) pairs it has just scored outside any table (a reader's look at a
+# few items, right before the phase's windows): their warm-up has run (mark_warm)
+_WARMED: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
+
+
+def mark_warm(model: Any, task: str, style: str) -> None:
+    """Items of ``task`` scored on ``model`` just now, unmeasured for the tables: the next
+    :func:`measure_task` of that task and style on it needs no warm-up of its own."""
+    try:
+        _WARMED.setdefault(model, set()).add((task, style))
+    except TypeError:  # not weak-referenceable: it warms up as usual
+        pass
+
+
+def _warmed(model: Any, task: str, style: str) -> bool:
+    try:
+        return (task, style) in _WARMED.get(model, set())
+    except TypeError:
+        return False
+
+
 def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMeter,
                  prompt: str | None = None, seed: int = 0, style: str = "cloze",
                  prepared: PreparedTask | None = None) -> tuple[TaskResult, RepeatedMeasurement]:
-    """Score a task inside repeated measured windows (after a short unmeasured warm-up). The items are
-    tokenised before the windows (or were, by an earlier job: ``prepared``) and the metrics computed
-    after: a window holds forward passes only."""
+    """Score a task inside repeated measured windows (after a short unmeasured warm-up, unless the
+    model has just scored items of the task: :func:`mark_warm`). The items are tokenised before the
+    windows (or were, by an earlier job: ``prepared``) and the metrics computed after: a window holds
+    forward passes only."""
     prepared = prepared or prepare_task(task, loaded.tokenizer, data, prompt, style)
     warm = replace(prepared, encoded=prepared.encoded[:2])
+    warmup: Callable[[], Any] | None = (None if _warmed(loaded.model, task, prepared.style)
+                                        else lambda: score_prepared(loaded.model, loaded.tokenizer, warm))
     with warnings.catch_warnings():
         # bitsandbytes warns on every int8 matmul that inputs are cast; once is enough for the log.
         warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
@@ -251,8 +276,7 @@ def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMe
             parts = [replace(prepared, encoded=tuple(prepared.encoded[i] for i in chunk)) for chunk in chunks]
             measurement = meter.measure_chunks(
                 [lambda part=part: score_prepared(loaded.model, loaded.tokenizer, part) for part in parts],
-                [len(chunk) for chunk in chunks], name=f"inference:{task}",
-                warmup=lambda: score_prepared(loaded.model, loaded.tokenizer, warm),
+                [len(chunk) for chunk in chunks], name=f"inference:{task}", warmup=warmup,
             )
             scores: list[Any] = [None] * len(prepared.encoded)
             for chunk, chunk_scores in zip(chunks, measurement.result):
@@ -263,8 +287,7 @@ def measure_task(loaded: LoadedModel, task: str, data: TaskData, meter: EnergyMe
             return task_result(prepared, scores, seed=seed), replace(measurement, window_gflop=tuple(work))
         measurement = meter.measure_repeated(
             lambda: score_prepared(loaded.model, loaded.tokenizer, prepared),
-            name=f"inference:{task}",
-            warmup=lambda: score_prepared(loaded.model, loaded.tokenizer, warm),
+            name=f"inference:{task}", warmup=warmup,
         )
     # every repeat runs the whole pass; the scores are the first's
     work = counted_gflop(lambda: scoring_gflop(loaded.model.config, prepared.encoded, measurement.result))

@@ -29,7 +29,7 @@ from ..report import figures
 from ..tables import store as results
 from ..tables.rows import record_config
 from . import reuse
-from .evaluation import ConfigRun, data_description, evaluate_config, load_task_sets
+from .evaluation import ConfigRun, data_description, evaluate_config, load_task_sets, mark_warm
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -87,8 +87,11 @@ def first_items(run: ConfigRun, loaded: LoadedModel, task: str | None = None, n:
 
 
 def score(loaded: LoadedModel, prepared: PreparedTask) -> list[ChoiceScores]:
-    """The forward passes over prepared items, and nothing else (what a measured window holds)."""
-    return score_prepared(loaded.model, loaded.tokenizer, prepared)
+    """The forward passes over prepared items, and nothing else (what a measured window holds). They
+    warm the model for the task: the phase's windows that follow skip their own warm-up."""
+    scores = score_prepared(loaded.model, loaded.tokenizer, prepared)
+    mark_warm(loaded.model, prepared.task, prepared.style)
+    return scores
 
 
 def answers(prepared: PreparedTask, scores: list[ChoiceScores], width: int = 70) -> pd.DataFrame:
