@@ -5,9 +5,9 @@ before starting and runs anyway.
 
 The recorded study is tests/unit/fixtures/default_study: the parameters, throughput probe, job wall
 times and window, epoch, idle and setup seconds of the default study run on 2026-12-06 on a 2-core AMD
-EPYC VM (a fresh clone of ab573af, with warm kernels, `make study`: 19 min 44 s; 1,173 s from the
-runner's start to its end, no window contaminated, no job measured again), tables cut to the columns
-read here. The calibration leaves the sustained canaries' burn and any job's earlier runs
+EPYC VM (a fresh clone of 59c3610, with warm kernels and the jobs' dead time cut, `make study`: 19 min
+46 s; 1,174 s from the runner's start to its end, no window contaminated, no job measured again), tables
+cut to the columns read here. The calibration leaves the sustained canaries' burn and any job's earlier runs
 (`earlier_runs_s` in its done marker) out of the runner's own time."""
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _flat(value, prefix: str = "") -> dict:
 def test_the_plan_estimates_the_recorded_study_within_20_percent(recorded_plan):
     prov = json.loads((RECORDED / "provenance.json").read_text())
     study_s = (pd.Timestamp(prov["finished_at"]) - pd.Timestamp(prov["started_at"])).total_seconds()
-    assert study_s == pytest.approx(1172.9, abs=0.1)  # 19 min 33 s (ab573af, warm kernels, AMD EPYC)
+    assert study_s == pytest.approx(1174.2, abs=0.1)  # 19 min 34 s (59c3610, warm kernels, AMD EPYC)
     assert recorded_plan.total_s == pytest.approx(study_s, rel=0.20)
     measured = measured_jobs(RECORDED)
     assert len(recorded_plan.jobs) == len(measured)  # the same 20 jobs, the later stages included
@@ -199,12 +199,12 @@ def test_plan_calibrates_on_a_finished_study_when_asked(monkeypatch, capsys, tmp
 
 
 def test_the_runners_own_time_leaves_out_a_job_measured_again_and_the_sustained_burn(recorded_plan, tmp_path):
-    """1,173 s of study: 1,134 s of jobs; the 24 s of sustained canaries are not the runner's (the plan
+    """1,174 s of study: 1,131 s of jobs; the 24 s of sustained canaries are not the runner's (the plan
     adds back the burn its study asks for), nor is a job's earlier run when the re-measure stage ran it
     again (shown on a copy of the recorded study with one job run twice, its first run 100 s)."""
     calibration = calibrate(RECORDED, PARAMS)
     jobs_s = sum(measured_jobs(RECORDED).values())
-    assert calibration.runner_s == pytest.approx(1172.89 - jobs_s - 24.0, abs=0.1)
+    assert calibration.runner_s == pytest.approx(1174.17 - jobs_s - 24.0, abs=0.1)
     assert 0 < calibration.runner_s < 30  # validation, probe, the warm kernel server's start, the report
     assert recorded_plan.runner_s == pytest.approx(calibration.runner_s + 24.0)
     again = tmp_path / "study"
