@@ -171,3 +171,35 @@ def test_a_preloaded_tokenizer_is_taken_once_by_load_model(tmp_path):
     assert second.tokenizer("a b").input_ids == first.tokenizer("a b").input_ids
     assert not loading.preload_tokenizer(tmp_path / "missing")
     assert "tokenizer:" + folder in warm_kernels.kernel_modules(["fp32"], [folder])
+
+
+def test_the_servers_task_records_are_the_kernels_cache(tmp_path, monkeypatch):
+    """A study's records (TeleQnA's zip decrypted, every record validated) read once by the server:
+    a forked kernel's load_task_data finds them in read_records' cache."""
+    import papermill
+
+    from llm_energy.config import TasksSettings
+
+    monkeypatch.delenv(warm_kernels.WARM_ENV, raising=False)
+    qa = {"data": "teleqna", "max_items": 20, "invalid_records": "skip"}
+    tasks = TasksSettings.model_validate({"qa": qa, "rca": {"max_items": 10}}).model_dump(mode="json")
+    data = {"tasks": tasks, "base_dir": str(tmp_path)}
+    code = ("import json\nfrom pathlib import Path\nfrom llm_energy.config import TasksSettings\n"
+            "from llm_energy.data import tasks\n"
+            "before = tasks._read_records_cached.cache_info()\n"
+            f"for name, s in TasksSettings.model_validate({tasks!r}).enabled().items():\n"
+            f"    tasks.load_task_data(name, s, base_dir=Path({str(tmp_path)!r}))\n"
+            "after = tasks._read_records_cached.cache_info()\n"
+            "print(json.dumps({'misses': after.misses - before.misses, 'hits': after.hits - before.hits}))")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(code)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(tmp_path / "in.ipynb"))
+    modules = [m for m in warm_kernels.kernel_modules([], [], data=data) if m.startswith(warm_kernels.DATA)]
+    with WarmKernels(["llm_energy.layout", *modules]) as warm:
+        assert warm.running and "not preloaded" not in warm.note, warm.note
+        papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"),
+                                   kernel_name="python3", progress_bar=False,
+                                   kernel_manager_class=kernel_manager_class())
+    text = json.loads((tmp_path / "out.ipynb").read_text())["cells"][0]["outputs"][0]["text"]
+    assert json.loads("".join(text) if isinstance(text, list) else text) == {"misses": 0, "hits": 2}

@@ -210,6 +210,22 @@ def read_records(task: str, path: Path, settings: TaskSettings) -> Records:
     return _read_records_cached(task, str(path), path.stat().st_mtime_ns, settings.model_dump_json())
 
 
+def preload_records(tasks: dict[str, Any], base_dir: str) -> list[str]:
+    """Read and validate every enabled task's records into this process (a warm kernel server, before
+    it forks the jobs' kernels, which then find them in :func:`read_records`' cache: TeleQnA's zip is
+    decrypted once a study, not once a job). ``tasks``: the study's ``tasks`` as jobs receive them.
+    Returns the tasks whose data could not be read here (each job reads them itself and reports)."""
+    from ..config import TasksSettings
+
+    missing = []
+    for name, settings in TasksSettings.model_validate(tasks).enabled().items():
+        try:
+            read_records(name, task_file(name, settings, Path(base_dir)), settings)
+        except Exception:  # noqa: BLE001  (whatever it is, the job meets it and says so)
+            missing.append(name)
+    return missing
+
+
 @functools.lru_cache(maxsize=16)
 def _read_records_cached(task: str, path_text: str, _mtime: int, settings_json: str) -> Records:
     path = Path(path_text)

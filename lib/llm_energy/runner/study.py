@@ -578,8 +578,9 @@ def start_warm_kernels(study: Study, device: str, cluster: str, base_dir: Path) 
     def modules() -> list[str]:  # when the first job runs (a built-in model's folder may be prepared)
         folders = [f for f in (weights_folder(m, base_dir.resolve()) for m in study.models) if f]
         rca = study.tasks.rca
+        data = {key: base_parameters(study, Path(), base_dir, device)[key] for key in ("tasks", "base_dir")}
         return kernel_modules([*study.precisions, *trained], folders,
-                              embedder=rca is not None and rca.generation is not None)
+                              embedder=rca is not None and rca.generation is not None, data=data)
 
     plain = os.environ.get(PLAIN_KERNELS_ENV) == "1"
     why = ("plain kernels asked for (LLM_ENERGY_PLAIN_KERNELS=1)" if plain

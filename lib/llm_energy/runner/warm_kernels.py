@@ -58,6 +58,7 @@ MESSAGE_BYTES = 1 << 20
 READY = "ready"
 TOKENIZER = "tokenizer:"  # an argument of the server naming a model folder whose tokenizer it reads
 EMBEDDER = "embedder:minilm"  # an argument of the server: read MiniLM (RCA resolutions' similarity)
+DATA = "data:"  # an argument of the server: the study's tasks and base folder (JSON), whose records it reads
 READY_TIMEOUT_S = 180.0
 # Environment variables read when a module is imported (thread pools, CUDA, the hub and tokenizers'
 # settings, the interpreter's own): a kernel whose value differs from the server's is not forked.
@@ -99,8 +100,13 @@ def serve(path: str, modules: list[str]) -> None:  # pragma: no cover  (a separa
     # the standard output carries the ready line to the runner: what the imports print (a progress
     # bar) goes to the standard error
     with contextlib.redirect_stdout(sys.stderr):
-        missing = preload(["ipykernel.kernelapp",
-                           *(m for m in modules if not m.startswith(TOKENIZER) and m != EMBEDDER)])
+        missing = preload(["ipykernel.kernelapp", *(m for m in modules if not m.startswith((TOKENIZER, DATA))
+                                                     and m != EMBEDDER)])
+        for data in (m.removeprefix(DATA) for m in modules if m.startswith(DATA)):
+            from ..data.tasks import preload_records
+
+            request = json.loads(data)
+            missing += [f"{task} records" for task in preload_records(request["tasks"], request["base_dir"])]
         if tokenizers:
             from ..models.loading import preload_tokenizer
 
@@ -294,11 +300,13 @@ def _watch_life_line(fd: int) -> None:  # pragma: no cover  (in the forked child
 # the runner's side
 
 
-def kernel_modules(precisions: list[str], folders: list[str], embedder: bool = False) -> list[str]:
+def kernel_modules(precisions: list[str], folders: list[str], embedder: bool = False,
+                   data: dict[str, Any] | None = None) -> list[str]:
     """What a job's kernel imports: torch, transformers' loading and the modeling module of each model
     folder's type (its config.json), bitsandbytes for its precisions, pandas, and every module the phase
-    notebooks import; and the tokenizers of the model ``folders`` (``tokenizer:FOLDER``), and MiniLM
-    when the study scores generated RCA resolutions (``embedder``)."""
+    notebooks import; and the tokenizers of the model ``folders`` (``tokenizer:FOLDER``), MiniLM
+    when the study scores generated RCA resolutions (``embedder``), and the task records of ``data``
+    (``{"tasks": ..., "base_dir": ...}`` as the jobs receive them)."""
     # seaborn (every job's figure; it imports statsmodels: 0.8 s) and peft (adapters) are imported lazily
     modules = ["torch", "transformers", "pandas", "psutil", "codecarbon", "matplotlib", "seaborn", "peft"]
     from transformers.models.auto.configuration_auto import model_type_to_module_name
@@ -310,7 +318,7 @@ def kernel_modules(precisions: list[str], folders: list[str], embedder: bool = F
     if any(p in ("int8", "nf4", "fp4") for p in precisions):
         modules.append("bitsandbytes")
     return (modules + notebook_imports() + [TOKENIZER + folder for folder in folders]
-            + ([EMBEDDER] if embedder else []))
+            + ([EMBEDDER] if embedder else []) + ([DATA + json.dumps(data)] if data else []))
 
 
 def _model_type(folder: str) -> str | None:
