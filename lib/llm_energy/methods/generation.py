@@ -22,6 +22,7 @@ the model's sentence-transformers configuration specifies).
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,8 +265,10 @@ def preload_embedder(folder: Path | None = None, device: str = "cpu") -> bool:
     from transformers.utils import logging as hf_logging
 
     threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    async_load = os.environ.get(HF_SYNC_LOAD_ENV)
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()  # a progress bar starts tqdm's monitor thread: no fork after it
+    os.environ[HF_SYNC_LOAD_ENV] = "1"  # transformers' loading pool ends its threads after it returns
     try:
         folder = Path(folder or minilm_dir())
         _PRELOADED_EMBEDDERS[(str(folder.resolve()), device)] = _read_embedder(folder, device)
@@ -275,7 +278,14 @@ def preload_embedder(folder: Path | None = None, device: str = "cpu") -> bool:
         torch.set_num_threads(threads)
         if bars:
             hf_logging.enable_progress_bar()
+        if async_load is None:
+            os.environ.pop(HF_SYNC_LOAD_ENV, None)
+        else:
+            os.environ[HF_SYNC_LOAD_ENV] = async_load
     return True
+
+
+HF_SYNC_LOAD_ENV = "HF_DEACTIVATE_ASYNC_LOAD"  # transformers 5: load the weights on this thread
 
 
 class Embedder:

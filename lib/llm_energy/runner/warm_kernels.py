@@ -60,6 +60,7 @@ TOKENIZER = "tokenizer:"  # an argument of the server naming a model folder whos
 EMBEDDER = "embedder:minilm"  # an argument of the server: read MiniLM (RCA resolutions' similarity)
 DATA = "data:"  # an argument of the server: the study's tasks and base folder (JSON), whose records it reads
 READY_TIMEOUT_S = 180.0
+THREADS_END_S = 2.0  # how long the server waits for the threads its imports left to end, each
 # Environment variables read when a module is imported (thread pools, CUDA, the hub and tokenizers'
 # settings, the interpreter's own): a kernel whose value differs from the server's is not forked.
 IMPORT_TIME_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "NUMEXPR_", "DNNL_", "ONEDNN_", "CUDA_",
@@ -115,6 +116,9 @@ def serve(path: str, modules: list[str]) -> None:  # pragma: no cover  (a separa
             from ..methods.generation import preload_embedder
 
             missing += [] if preload_embedder() else ["MiniLM"]
+    for thread in threading.enumerate():  # a pool shut down without waiting: its threads end shortly
+        if thread is not threading.current_thread():
+            thread.join(timeout=THREADS_END_S)
     if threading.active_count() != 1:
         names = ", ".join(t.name for t in threading.enumerate())
         print(f"not serving: importing the modules started threads ({names})", flush=True)
