@@ -221,7 +221,8 @@ def test_missing_package_names_the_install(monkeypatch):
 
 def test_a_preloaded_embedder_serves_a_process_forked_after_it():
     """What the warm kernel server does: read MiniLM, then fork; the child's Embedder takes the read
-    model (no second read) and its first parallel operation does not wait on a stale OpenMP team."""
+    model (no second read), its first parallel operation does not wait on a stale OpenMP team, and a
+    new thread of the child (transformers loads weights on a pool) finds a valid torch thread pool."""
     import subprocess
     import sys
 
@@ -230,15 +231,26 @@ import os, sys
 import numpy as np
 import torch
 from llm_energy.methods import generation
+threads = torch.get_num_threads()
 assert generation.preload_embedder()
 pid = os.fork()
 if pid == 0:
+    import threading
+    done = []
+    def work():  # what transformers' weight-loading threads do first in a job: copies to another dtype
+        done.append(float(torch.randn(1000, 1000).to(torch.bfloat16).float().sum()))
+    workers = [threading.Thread(target=work) for _ in range(8)]  # a pool's threads start at once
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
     embedder = generation.Embedder()
     preloaded = next(iter(generation._PRELOADED_EMBEDDERS.values()))
     assert embedder.model is preloaded[1]
     rows = embedder.encode(["a fibre cut on the backbone"] * 40)
     torch.randn(600, 600) @ torch.randn(600, 600)
-    os._exit(0 if rows.shape == (40, 384) and np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-4) else 3)
+    ok = rows.shape == (40, 384) and np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-4) and len(done) == 8
+    os._exit(0 if ok and torch.get_num_threads() == threads else 3)
 _, status = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(status))
 """

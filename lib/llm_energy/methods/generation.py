@@ -257,16 +257,21 @@ def _read_embedder(folder: Path, device: str) -> tuple[Any, Any]:
 
 def preload_embedder(folder: Path | None = None, device: str = "cpu") -> bool:
     """Read MiniLM into this process for every later :class:`Embedder` (in a warm kernel server,
-    before it forks the jobs' kernels); False when it cannot be read here.
+    before it forks the jobs' kernels); False when it cannot be read here, or not safely.
 
-    It is read on one thread: a process that forks after torch ran a parallel region has a stale
-    OpenMP thread team, and a forked kernel's first parallel operation would wait on it for ever."""
-    import torch
+    It is read with OpenMP held to one thread and on this thread: a process that forks after torch ran
+    a parallel region has a stale OpenMP thread team, and a forked kernel's first parallel operation
+    would wait on it for ever. OpenMP is held through its own library, not ``torch.set_num_threads``:
+    that one also sizes torch's thread pool, which every new thread of a forked child then finds
+    invalid (transformers' weight-loading threads failed with "Invalid thread pool!")."""
     from transformers.utils import logging as hf_logging
 
-    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    openmp = _openmp_library()
+    if openmp is None:  # no OpenMP runtime found in this process: not read here, the jobs read it
+        return False
+    threads, bars = openmp.omp_get_max_threads(), hf_logging.is_progress_bar_enabled()
     async_load = os.environ.get(HF_SYNC_LOAD_ENV)
-    torch.set_num_threads(1)
+    openmp.omp_set_num_threads(1)
     hf_logging.disable_progress_bar()  # a progress bar starts tqdm's monitor thread: no fork after it
     os.environ[HF_SYNC_LOAD_ENV] = "1"  # transformers' loading pool ends its threads after it returns
     try:
@@ -275,7 +280,7 @@ def preload_embedder(folder: Path | None = None, device: str = "cpu") -> bool:
     except Exception:  # noqa: BLE001  (whatever it is, the job reads MiniLM itself and reports it)
         return False
     finally:
-        torch.set_num_threads(threads)
+        openmp.omp_set_num_threads(threads)
         if bars:
             hf_logging.enable_progress_bar()
         if async_load is None:
@@ -283,6 +288,26 @@ def preload_embedder(folder: Path | None = None, device: str = "cpu") -> bool:
         else:
             os.environ[HF_SYNC_LOAD_ENV] = async_load
     return True
+
+
+def _openmp_library() -> Any:
+    """The OpenMP runtime torch loaded into this process (GNU, LLVM or Intel), or None."""
+    import ctypes
+
+    import torch  # noqa: F401  (loads its OpenMP runtime)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if line.strip().endswith(".so") or ".so." in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if Path(path).name.startswith(("libgomp", "libiomp", "libomp")):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                continue
+    return None
 
 
 HF_SYNC_LOAD_ENV = "HF_DEACTIVATE_ASYNC_LOAD"  # transformers 5: load the weights on this thread
