@@ -249,7 +249,8 @@ if pid == 0:
     assert embedder.model is preloaded[1]
     rows = embedder.encode(["a fibre cut on the backbone"] * 40)
     torch.randn(600, 600) @ torch.randn(600, 600)
-    ok = rows.shape == (40, 384) and np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-4) and len(done) == 8
+    unit = np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-4)
+    ok = rows.shape == (40, 384) and unit and len(done) == 8
     os._exit(0 if ok and torch.get_num_threads() == threads else 3)
 _, status = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(status))
