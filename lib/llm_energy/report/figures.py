@@ -1099,7 +1099,8 @@ def layers_figure(layers: Sequence[Any], target_sparsity: float, title: str) -> 
 
 def as_image(fig: Figure, dpi: int = 110) -> "object":
     """The figure as an inline PNG for notebooks and the HTML report (no pyplot state needed): the PNG
-    :func:`save_figure` wrote, scaled to ``dpi``, when it was saved, else drawn now."""
+    :func:`save_figure` wrote, scaled to ``dpi``, when it was saved (show a figure right after saving
+    it: a change made after the save is not seen), else drawn now."""
     import io
 
     from IPython.display import Image
