@@ -109,7 +109,7 @@ for item in look.data.items[:2]:
 # (`state/reuse/`), as they reuse the tokenised items.
 
 # %% tags=["nbval-ignore-output"]
-scoring_path = inference.prepare(run, loaded, adapter_name, adapter_dir=adapter)
+scoring_path = inference.prepare(run, loaded, adapter_name)
 print("scoring path:", scoring_path.name, "-", scoring_path.reason)
 
 # %% [markdown]

@@ -46,12 +46,12 @@ def load(run: ConfigRun, adapter_dir: str = "") -> LoadedModel:
     return loaded
 
 
-def prepare(run: ConfigRun, loaded: LoadedModel, adapter: str = "none", adapter_dir: str = "") -> ScoringPath:
+def prepare(run: ConfigRun, loaded: LoadedModel, adapter: str = "none") -> ScoringPath:
     """Choose the scoring path before any measured window and write the config's row (status ok,
     where its weights came from, the scoring path). An earlier job of the study on the same
     architecture, precision and device (with or without an adapter) has chosen it already: its verdict
-    is taken over and no layout probe runs (:mod:`llm_energy.phases.reuse`). ``adapter_dir`` is
-    accepted for callers that pass it; the verdict does not depend on the adapter's weights."""
+    is taken over and no layout probe runs (:mod:`llm_energy.phases.reuse`): the verdict does not
+    depend on an adapter's weights."""
     path, _ = reuse.scoring_path(run.study_dir, loaded, run.model, run.base_dir)
     record_config(run.study_dir, run.config_id, run.model.name, run.precision, "ok",
                   weights_origin=loaded.weights_origin, adapter=adapter, scoring_path=path.name,
