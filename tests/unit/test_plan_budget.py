@@ -58,6 +58,7 @@ def _measured(key: str, measured: dict[str, float]) -> float:
     return measured[key]
 
 
+@pytest.mark.slow  # over 5 s (a real model, a recorded study): make test-fast skips it, make test runs it
 def test_the_packaged_calibration_is_the_recorded_studys():
     """The calibration the package ships is what calibrate() reads from the recorded study (so each of
     its numbers traces back to a measurement)."""
@@ -75,6 +76,7 @@ def _flat(value, prefix: str = "") -> dict:
     return {prefix: value}
 
 
+@pytest.mark.slow  # over 5 s (a real model, a recorded study): make test-fast skips it, make test runs it
 def test_the_plan_estimates_the_recorded_study_within_20_percent(recorded_plan):
     prov = json.loads((RECORDED / "provenance.json").read_text())
     study_s = (pd.Timestamp(prov["finished_at"]) - pd.Timestamp(prov["started_at"])).total_seconds()
@@ -94,6 +96,7 @@ def test_the_plan_estimates_the_recorded_study_within_20_percent(recorded_plan):
         assert estimate == pytest.approx(seen, rel=0.25), phase
 
 
+@pytest.mark.slow  # over 5 s (a real model, a recorded study): make test-fast skips it, make test runs it
 def test_the_work_is_counted_from_the_tokenised_data(recorded_plan):
     smollm2 = recorded_plan.work.models["smollm2-135m-instruct"]
     qa, rca = smollm2.tasks["qa"], smollm2.tasks["rca"]
@@ -104,6 +107,7 @@ def test_the_work_is_counted_from_the_tokenised_data(recorded_plan):
     assert smollm2.finetune is not None and smollm2.finetune.examples == 48 and smollm2.finetune.epochs == 2
 
 
+@pytest.mark.slow  # over 5 s (a real model, a recorded study): make test-fast skips it, make test runs it
 def test_over_budget_the_plan_says_what_fits_and_the_half_widths(recorded_plan):
     study = recorded_plan.study.model_copy(update={"plan": PlanSettings(budget_minutes=12)})
     jobs = [(j.phase, j.precision, j.estimate) for j in recorded_plan.jobs]
@@ -185,6 +189,7 @@ def test_llm_energy_run_checks_the_budget_before_its_jobs(monkeypatch, tmp_path)
     assert seen["before_jobs"] is check_budget
 
 
+@pytest.mark.slow  # over 5 s (a real model, a recorded study): make test-fast skips it, make test runs it
 def test_plan_calibrates_on_a_finished_study_when_asked(monkeypatch, capsys, tmp_path):
     from llm_energy import cli
     from llm_energy.measure import throughput
@@ -198,6 +203,7 @@ def test_plan_calibrates_on_a_finished_study_when_asked(monkeypatch, capsys, tmp
     assert "Estimated total: ~" in out and "plan.budget_minutes (20 min)" in out
 
 
+@pytest.mark.slow  # over 5 s (a real model, a recorded study): make test-fast skips it, make test runs it
 def test_the_runners_own_time_leaves_out_a_job_measured_again_and_the_sustained_burn(recorded_plan, tmp_path):
     """1,174 s of study: 1,131 s of jobs; the 24 s of sustained canaries are not the runner's (the plan
     adds back the burn its study asks for), nor is a job's earlier run when the re-measure stage ran it

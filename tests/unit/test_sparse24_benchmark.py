@@ -18,6 +18,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow  # over 5 s (a real model, a recorded study): make test-fast skips it, make test runs it
 def test_dry_run_goes_through_every_step(bench, tmp_path, capsys):
     out = tmp_path / "sparse24.jsonl"
     rc = bench.main(["--dry-run-cpu", "--presets", "tiny", "--dtypes", "fp32", "--batch", "2", "--seq", "32",
