@@ -166,7 +166,7 @@ def test_packed_matches_unshared_reference(tiny_model, case):
     if case == "different_lengths":
         assert len({len(c) for c in conts}) >= 3 and min(len(c) for c in conts) == 1
     reference = score_continuations_unshared(model, tok, context, continuations)
-    packed = scoring._score_packed(model, [(ctx, conts)])[0]
+    packed = scoring._score_packed_rows(model, [[(ctx, conts)]])[0][0]
     assert packed == pytest.approx(list(reference.loglik), abs=1e-4)
     scores = score_continuations(model, tok, context, continuations)
     assert scores.loglik == pytest.approx(reference.loglik, abs=1e-4)
@@ -178,8 +178,8 @@ def test_packed_continuations_do_not_see_each_other(tiny_model):
     model, tok = tiny_model.model, tiny_model.tokenizer
     context, continuations = PACKED_CASES["different_lengths"]
     ctx, conts, _ = _fed_tokens(tok, context, continuations)
-    forward = scoring._score_packed(model, [(ctx, conts)])[0]
-    backward = scoring._score_packed(model, [(ctx, conts[::-1])])[0]
+    forward = scoring._score_packed_rows(model, [[(ctx, conts)]])[0][0]
+    backward = scoring._score_packed_rows(model, [[(ctx, conts[::-1])]])[0][0]
     assert backward[::-1] == pytest.approx(forward, abs=1e-5)
 
 
@@ -238,7 +238,7 @@ def test_packed_matches_unshared_at_nf4(fresh_verification):
         context, continuations = PACKED_CASES[case]
         reference = score_continuations_unshared(model, tok, context, continuations)
         ctx, conts, fed = _fed_tokens(tok, context, continuations)
-        assert (scoring._score_packed(model, [(ctx, conts)])[0]
+        assert (scoring._score_packed_rows(model, [[(ctx, conts)]])[0][0]
                 == pytest.approx(list(reference.loglik), abs=1e-3))
         scores = score_continuations(model, tok, context, continuations)
         assert scores.loglik == pytest.approx(reference.loglik, abs=1e-3)
@@ -252,7 +252,7 @@ def test_fallback_shared_cache_matches_unshared(tiny_model, case, monkeypatch):
     context, continuations = PACKED_CASES[case]
     reference = score_continuations_unshared(model, tok, context, continuations)
     monkeypatch.setattr(scoring, "_packed_supported", lambda model, length: False)
-    monkeypatch.setattr(scoring, "_score_packed", lambda *a: pytest.fail("packed path used"))
+    monkeypatch.setattr(scoring, "_score_packed_rows", lambda *a: pytest.fail("packed path used"))
     scores = score_continuations(model, tok, context, continuations)
     assert scores.loglik == pytest.approx(reference.loglik, abs=1e-4)
     assert scores.n_tokens == _fed_tokens(tok, context, continuations)[2]
@@ -278,9 +278,9 @@ def test_packed_that_disagrees_is_not_used(tiny_model, fresh_verification, monke
     model, tok = tiny_model.model, tiny_model.tokenizer
     context, continuations = PACKED_CASES["different_lengths"]
     reference = score_continuations_unshared(model, tok, context, continuations).loglik
-    real = scoring._score_packed
-    monkeypatch.setattr(scoring, "_score_packed", lambda m,
-                        items: [[x + 0.5 for x in t] for t in real(m, items)])
+    real = scoring._score_packed_rows
+    monkeypatch.setattr(scoring, "_score_packed_rows", lambda m, rows, prefix=None: [
+        [[x + 0.5 for x in t] for t in row] for row in real(m, rows, prefix)])
     assert (score_continuations(model, tok, context, continuations).loglik
             == pytest.approx(reference, abs=1e-4))
     assert fresh_verification[model] is False
@@ -307,9 +307,9 @@ def test_scoring_path_is_chosen_before_scoring_and_then_fixed(tiny_model, fresh_
 
 def test_scoring_path_names_why_it_is_the_shared_cache(tiny_model, fresh_verification, monkeypatch):
     model, tok = tiny_model.model, tiny_model.tokenizer
-    real = scoring._score_packed
-    monkeypatch.setattr(scoring, "_score_packed", lambda m,
-                        items: [[x + 0.5 for x in t] for t in real(m, items)])
+    real = scoring._score_packed_rows
+    monkeypatch.setattr(scoring, "_score_packed_rows", lambda m, rows, prefix=None: [
+        [[x + 0.5 for x in t] for t in row] for row in real(m, rows, prefix)])
     path = scoring.choose_scoring_path(model, tok)
     assert path.name == "shared_cache" and "failed its check" in path.reason
     monkeypatch.setattr(tiny_model.model.config, "_attn_implementation", "flash_attention_2")

@@ -435,28 +435,31 @@ def choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
 
 def _choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
     state = _packed_supported(model, 0)  # the decision already taken, if any (None: not yet)
-    whole: list[float] | None = None  # the probe's whole context scored plainly, once
+    # The probe's two items, each scored plainly once (through the shared cache): the whole context,
+    # and the same without two tokens after the split point (a row of another length, which both checks
+    # use). Every probe forward reads every weight (0.1-0.2 s for Gemma 3 at fp32): 11 forwards in all.
+    ctx, conts = _encode_item(tokenizer, _PROBE[0], _PROBE[1])
+    split = _probe_split(ctx)
+    short = (ctx[:split] + ctx[split + 2 :], conts[:2])
+    references: list[list[float]] | None = None
     if state is None:
-        ctx, conts = _encode_item(tokenizer, _PROBE[0], _PROBE[1])
-        shared = whole = _score_with_shared_cache(model, tokenizer, ctx, conts)
         try:
+            references = [_score_with_shared_cache(model, tokenizer, ctx, conts),
+                          _score_with_shared_cache(model, tokenizer, *short)]
             # two rows of different lengths in one forward: padding and the gathered logits are checked too
-            short = (ctx[-6:], conts[:2])
-            packed = _score_packed(model, [(ctx, conts)])[0]
             batched = _score_packed_rows(model, [[(ctx, conts)], [short]])
-            shared_short = _score_with_shared_cache(model, tokenizer, *short)
         except Exception as exc:  # noqa: BLE001
             _mark_packed(model, False, f"the packed forward raised {type(exc).__name__}: {exc}")
         else:
-            a = np.array(packed + batched[0][0] + batched[1][0])
-            b = np.array(shared + shared + shared_short)
+            a = np.array(batched[0][0] + batched[1][0])
+            b = np.array(references[0] + references[1])
             diff = float(np.max(np.abs(a - b)))
             tol = _verify_tolerance(model) * max(1.0, float(np.max(np.abs(b))))
             _mark_packed(model, diff <= tol, f"packed and shared-cache scores differ by {diff:.2e} > "
                                              f"{tol:.2e}")
         state = _packed_supported(model, 0)
     if _prefix_state(model) is None:
-        _verify_prefix_sharing(model, tokenizer, bool(state), whole)
+        _verify_prefix_sharing(model, tokenizer, bool(state), references)
     if state:
         return ScoringPath("packed", "one forward per group of items, verified against the shared cache")
     return ScoringPath("shared_cache", "the packed forward failed its check on this model (see the log)")
@@ -494,21 +497,25 @@ def _prefix_sharing_ok(model: Any) -> bool:
     return _prefix_state(model) is True
 
 
+def _probe_split(ctx: list[int]) -> int:
+    """Where the probe's context splits into a shared prefix and the rows that continue it."""
+    return max(1, len(ctx) - 8)
+
+
 def _verify_prefix_sharing(model: Any, tokenizer: Any, packed: bool,
-                           whole: list[float] | None = None) -> None:
+                           references: list[list[float]] | None = None) -> None:
     """Score the probe's items after a cache of their shared first tokens, through the shared-cache
     path and (when chosen) the packed one, against each whole context scored alone; share prefixes
-    on this model only when all agree. ``whole``: the probe's whole context already scored alone (the
-    first item's reference; each probe forward reads every weight, 0.1-0.2 s for Gemma 3 at fp32)."""
+    on this model only when all agree. ``references``: the two items' whole contexts already scored
+    alone by :func:`_choose_scoring_path` (else scored here)."""
     ctx, conts = _encode_item(tokenizer, _PROBE[0], _PROBE[1])
-    split = max(1, len(ctx) - 8)
+    split = _probe_split(ctx)
     rests = [ctx[split:], ctx[split + 2 :]]  # two rows of different lengths after one prefix
     items = [(rest, conts if k == 0 else conts[:2]) for k, rest in enumerate(rests)]
     ok, why = True, ""
     try:
-        reference = [whole if k == 0 and whole is not None
-                     else _score_with_shared_cache(model, tokenizer, ctx[:split] + rest, c)
-                     for k, (rest, c) in enumerate(items)]
+        reference = references or [_score_with_shared_cache(model, tokenizer, ctx[:split] + rest, c)
+                                   for rest, c in items]
         prefix = _PrefixCache.run(model, ctx[:split])
         candidates = [[_score_with_shared_cache(model, tokenizer, rest, c, prefix) for rest, c in items]]
         if packed:
@@ -747,11 +754,6 @@ def _score_packed_rows(model: Any, rows: list[list[Encoded]],
             row_scores.append(scores)
         out.append(row_scores)
     return out
-
-
-def _score_packed(model: Any, items: list[Encoded]) -> list[list[float]]:
-    """One forward for a few items packed into one row (see :func:`_score_packed_rows`)."""
-    return _score_packed_rows(model, [items])[0]
 
 
 def _score_with_shared_cache(model: Any, tokenizer: Any, ctx: list[int], conts: list[list[int]],
