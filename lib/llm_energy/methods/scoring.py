@@ -438,11 +438,11 @@ def _choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
     # The probe's two items, each scored plainly once (through the shared cache): the whole context,
     # and the same without two tokens after the split point (a row of another length, which both checks
     # use). Every probe forward reads every weight (0.1-0.2 s for Gemma 3 at fp32): 11 forwards in all.
-    ctx, conts = _encode_item(tokenizer, _PROBE[0], _PROBE[1])
-    split = _probe_split(ctx)
-    short = (ctx[:split] + ctx[split + 2 :], conts[:2])
     references: list[list[float]] | None = None
-    if state is None:
+    if state is None:  # (once decided, nothing here runs: this is called first in every scoring call)
+        ctx, conts = _encode_item(tokenizer, _PROBE[0], _PROBE[1])
+        split = _probe_split(ctx)
+        short = (ctx[:split] + ctx[split + 2 :], conts[:2])
         try:
             references = [_score_with_shared_cache(model, tokenizer, ctx, conts),
                           _score_with_shared_cache(model, tokenizer, *short)]
