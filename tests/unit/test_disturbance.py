@@ -528,6 +528,35 @@ def test_the_study_records_each_kernels_sustained_canary_for_its_host(tmp_path, 
     assert read_sustained_canaries(tmp_path) == {}
 
 
+def test_the_burn_outlasts_the_studys_own_work_beside_it(monkeypatch):
+    """The warm kernel server imports beside the burn: the burn lasts burn_s, and at least until the
+    server has settled, then AFTER_BUSY_S on its own, before the canaries are read."""
+    from llm_energy.measure import disturbance
+
+    now = [0.0]
+    rounds: list[tuple[float, int]] = []  # (time, rounds) of every canary call
+
+    def fake_canary(device, precision="fp32"):
+        def canary(rounds_: int = 1) -> float:
+            rounds.append((now[0], rounds_))
+            now[0] += 0.5
+            return 0.01
+        return canary
+
+    monkeypatch.setattr(disturbance, "make_canary", fake_canary)
+    disturbance.sustained_canaries("cpu", [], burn_s=10.0, clock=lambda: now[0])
+    assert max(t for t, r in rounds if r == 1) < 10.0 <= rounds[-1][0]  # burn_s alone, as before
+    rounds.clear()
+    now[0] = 0.0
+    disturbance.sustained_canaries("cpu", [], burn_s=10.0, clock=lambda: now[0], busy=lambda: now[0] < 3.0)
+    assert rounds[-1][0] >= 10.0 and max(t for t, r in rounds if r == 1) < 10.0  # busy ended early: burn_s
+    rounds.clear()
+    now[0] = 0.0
+    disturbance.sustained_canaries("cpu", [], burn_s=10.0, clock=lambda: now[0], busy=lambda: now[0] < 30.0)
+    assert rounds[-1][0] >= 30.0 + disturbance.AFTER_BUSY_S  # busy past burn_s: then AFTER_BUSY_S alone
+    assert rounds[-1][1] == disturbance.REFERENCE_ROUNDS
+
+
 def test_a_job_run_again_keeps_its_first_runs_seconds_in_its_done_marker(tmp_path):
     """The re-measure stage's second run replaces the done marker's seconds but keeps the first run's
     (`earlier_runs_s`): the calibration leaves them out of the runner's own time. A job run again on a

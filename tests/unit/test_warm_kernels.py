@@ -203,3 +203,42 @@ def test_the_servers_task_records_are_the_kernels_cache(tmp_path, monkeypatch):
                                    kernel_manager_class=kernel_manager_class())
     text = json.loads((tmp_path / "out.ipynb").read_text())["cells"][0]["outputs"][0]["text"]
     assert json.loads("".join(text) if isinstance(text, list) else text) == {"misses": 0, "hits": 2}
+
+
+def test_begin_does_not_wait_and_settled_reports_the_answer(monkeypatch):
+    """The runner begins the server before the study's sustained-load burn and polls it from the burn:
+    begin() returns at once, settled() is False until the server said ready, and only then do jobs
+    see it (WARM_ENV); start() afterwards returns at once."""
+    monkeypatch.delenv(warm_kernels.WARM_ENV, raising=False)
+    warm = WarmKernels(["llm_energy.layout"])
+    try:
+        started = time.perf_counter()
+        warm.begin()
+        assert time.perf_counter() - started < 1.0 and warm.process is not None
+        assert warm_kernels.WARM_ENV not in os.environ  # not yet: no job may be handed to it
+        polls = 0
+        while not warm.settled(0.05):
+            polls += 1
+        assert polls >= 1 and warm.running and warm.note.startswith(warm_kernels.READY), warm.note
+        assert warm_kernels.WARM_ENV in os.environ and warm.started_s > 0
+        warm.start()  # already settled: at once
+        assert warm.settled() and warm.running
+    finally:
+        warm.__exit__(None, None, None)
+    assert warm_kernels.WARM_ENV not in os.environ
+    never = WarmKernels(["llm_energy.layout"], enabled=False)
+    assert never.begin().settled() and not never.running
+
+
+def test_a_server_that_fails_settles_as_failed(monkeypatch):
+    monkeypatch.delenv(warm_kernels.WARM_ENV, raising=False)
+    monkeypatch.setattr(warm_kernels.sys, "executable", "/bin/false")  # exits without a word
+    warm = WarmKernels(["llm_energy.layout"])
+    try:
+        warm.begin()
+        while not warm.settled(0.05):
+            pass
+        assert not warm.running and warm_kernels.WARM_ENV not in os.environ
+        assert warm.note.startswith("no answer"), warm.note
+    finally:
+        warm.__exit__(None, None, None)

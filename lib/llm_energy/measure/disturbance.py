@@ -58,6 +58,7 @@ SETTLE_POLL_S = 0.25
 # Seconds the canaries run back to back before their sustained-load times are read (sustained_canaries;
 # a study sets its own: energy.sustained_burn_s).
 SUSTAINED_BURN_S = 24.0
+AFTER_BUSY_S = 6.0  # the burn's last seconds with nothing of the study's own beside it (sustained_canaries)
 # The job's reference per device, read by the job's first monitor: its system-idle meter and its
 # main meter compare against one speed, and the reference is not paid twice.
 _JOB_REFERENCE: dict[str, float] = {}
@@ -464,14 +465,19 @@ def study_canary_path(study_dir: Path) -> Path:
 
 
 def sustained_canaries(device: str, kernels: Iterable[str], burn_s: float = SUSTAINED_BURN_S,
-                       clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                       clock: Callable[[], float] = time.perf_counter,
+                       busy: Callable[[], bool] | None = None) -> dict[str, float]:
     """Each canary kernel's time (best of REFERENCE_ROUNDS) once the machine has run them back to back
     for ``burn_s``: its speed under sustained load, the state a study's windows run in. A VM or a
     laptop can run faster for the first seconds of load (a boost clock the host takes away): on the
     2-core AMD EPYC VM a canary run back to back read 0.99x for 4-22 s, then 1.18-1.21x until the
     machine idled ~10 s. A job's own reference, read after its idle window, has the boosted clock;
     its windows are compared with the slower of the two (:class:`DisturbanceMonitor`), so the machine's
-    own sustained clock is not a disturbance, and a neighbour or a slow host still is."""
+    own sustained clock is not a disturbance, and a neighbour or a slow host still is.
+
+    ``busy()``: True while other work of the study's own runs beside the burn (the warm kernel server's
+    imports, :meth:`..runner.warm_kernels.WarmKernels.begin`); the burn lasts at least until it is
+    False, then ``AFTER_BUSY_S`` more on its own, so the times read at its end see the machine alone."""
     canaries = {"fp32": make_canary(device)}
     for kernel in kernels:
         if kernel not in canaries:
@@ -479,7 +485,13 @@ def sustained_canaries(device: str, kernels: Iterable[str], burn_s: float = SUST
             if made is not None:
                 canaries[kernel] = made
     start = clock()
-    while clock() - start < burn_s:
+    alone_since = None if busy is not None else start
+    while True:
+        now = clock()
+        if alone_since is None and not busy():  # type: ignore[misc]
+            alone_since = now
+        if alone_since is not None and now - start >= burn_s and now - alone_since >= AFTER_BUSY_S:
+            break
         for canary in canaries.values():
             canary(1)
     return {kernel: canary(REFERENCE_ROUNDS) for kernel, canary in canaries.items()}

@@ -517,7 +517,10 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
             if study.energy.sustained_burn_s > 0:
                 trained = study.finetune.precisions if study.finetune is not None else []
                 kernels = {canary_precision(p, device) for p in [*study.precisions, *trained]}
-                sustained = sustained_canaries(device, sorted(kernels), burn_s=study.energy.sustained_burn_s)
+                # the warm kernel server's imports (~10 s) run beside the burn instead of after it
+                warm.begin()
+                sustained = sustained_canaries(device, sorted(kernels), burn_s=study.energy.sustained_burn_s,
+                                               busy=lambda: not warm.settled())
                 # the study's start canary (canary_vs_study) is the fp32 one under sustained load too
                 write_study_canary(layout.root, sustained["fp32"], sustained)
             else:

@@ -383,6 +383,9 @@ class WarmKernels:
         self.started_s = 0.0
         self.note = note
         self._tried = False
+        self._begun = 0.0
+        self._answered = False
+        self._path = ""
 
     def __enter__(self) -> "WarmKernels":
         self.start()
@@ -390,27 +393,48 @@ class WarmKernels:
 
     def start(self) -> "WarmKernels":
         """Start the server and wait until it is ready (once; later calls return at once)."""
+        self.begin()
+        while not self.settled(READY_TIMEOUT_S):
+            pass
+        return self
+
+    def begin(self) -> "WarmKernels":
+        """Start the server without waiting for it (once): its imports run beside what the runner does
+        next, which must not be a measurement (the study's sustained-load burn is not one: it runs
+        until :meth:`settled`, then on its own, before it reads the canaries)."""
         if self._tried or not self.enabled:
             return self
         self._tried = True
-        start = time.perf_counter()
+        self._begun = time.perf_counter()
         self.folder = tempfile.mkdtemp(prefix="llm-energy-kernels-")
-        path = os.path.join(self.folder, "kernels.sock")
+        self._path = os.path.join(self.folder, "kernels.sock")
         modules = self.modules() if callable(self.modules) else self.modules
-        self.process = subprocess.Popen([sys.executable, "-m", __name__, path, *modules],
+        self.process = subprocess.Popen([sys.executable, "-m", __name__, self._path, *modules],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return self
+
+    def settled(self, timeout_s: float = 0.0) -> bool:
+        """Whether the server's start-up is over: it said ready (jobs are handed to it from now on), it
+        failed or gave no answer in READY_TIMEOUT_S (reported; jobs use plain kernels), or it was never
+        begun. Waits up to ``timeout_s`` for its answer."""
+        if self._answered or not self._tried or self.process is None:
+            return True
         assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], READY_TIMEOUT_S)
+        left = READY_TIMEOUT_S - (time.perf_counter() - self._begun)
+        ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, min(timeout_s, left)))
+        if not ready and time.perf_counter() - self._begun < READY_TIMEOUT_S:
+            return False
         line = self.process.stdout.readline().strip() if ready else ""
-        self.started_s = time.perf_counter() - start
+        self._answered = True
+        self.started_s = time.perf_counter() - self._begun
         if not line.startswith(READY):
             self.note = line or f"no answer in {READY_TIMEOUT_S:.0f} s"
             log.warning("warm kernels not started (%s): each job starts a plain kernel", self.note)
             self._stop()
-            return self
+            return True
         self.note = line
-        os.environ[WARM_ENV] = f"{socket.gethostname()}:{path}"
-        return self
+        os.environ[WARM_ENV] = f"{socket.gethostname()}:{self._path}"
+        return True
 
     def summary(self) -> dict[str, Any]:
         """For provenance.json: whether it ran, its start-up seconds, and what it served."""
