@@ -7,6 +7,14 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if not os.environ.get("LLM_ENERGY_INPUTS_CACHE"):  # runner.inputs_cache: the tests' entries, not the user's
+    import atexit
+    import shutil
+    import tempfile
+
+    _INPUTS = tempfile.mkdtemp(prefix="llm-energy-inputs-")
+    os.environ["LLM_ENERGY_INPUTS_CACHE"] = _INPUTS
+    atexit.register(shutil.rmtree, _INPUTS, True)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"

@@ -507,15 +507,26 @@ def load_tokenizer(spec: ModelSettings, base_dir: Path | None = None,
     return _TOKENIZERS[key]
 
 
+def tokenizer_folder(spec: ModelSettings, base_dir: Path | None = None,
+                     cache: Path | None = None) -> Path | None:
+    """The local folder a model's tokenizer is read from (a built-in one prepared if it was not yet);
+    None for a hub id."""
+    if spec.source == "builtin" and spec.name == GEMMA3:
+        return ensure_gemma3(cache)
+    if spec.source == "builtin":  # SmolLM2 and the tiny random model share the SmolLM2 tokenizer
+        return ensure_tokenizer(cache)
+    if spec.source == "local":
+        return resolve_path(spec.path or "", base_dir or Path.cwd())
+    return None
+
+
 def _read_tokenizer(spec: ModelSettings, base_dir: Path | None, cache: Path | None) -> tuple[Any, str]:
     from transformers import AutoTokenizer
 
-    if spec.source == "builtin" and spec.name == GEMMA3:
-        return AutoTokenizer.from_pretrained(ensure_gemma3(cache)), "Gemma 3 tokenizer"
-    if spec.source == "builtin":  # SmolLM2 and the tiny random model share the SmolLM2 tokenizer
-        return AutoTokenizer.from_pretrained(ensure_tokenizer(cache)), "SmolLM2-135M tokenizer"
-    if spec.source == "local":
-        folder = resolve_path(spec.path or "", base_dir or Path.cwd())
-        return AutoTokenizer.from_pretrained(folder), f"tokenizer of {folder.name}"
-    kwargs = {"revision": spec.revision} if spec.revision else {}
-    return AutoTokenizer.from_pretrained(spec.path, **kwargs), f"tokenizer of {spec.path}"
+    folder = tokenizer_folder(spec, base_dir, cache)
+    if folder is None:
+        kwargs = {"revision": spec.revision} if spec.revision else {}
+        return AutoTokenizer.from_pretrained(spec.path, **kwargs), f"tokenizer of {spec.path}"
+    name = ("Gemma 3 tokenizer" if spec.source == "builtin" and spec.name == GEMMA3
+            else "SmolLM2-135M tokenizer" if spec.source == "builtin" else f"tokenizer of {folder.name}")
+    return AutoTokenizer.from_pretrained(folder), name

@@ -174,6 +174,31 @@ def over_context(task: str, settings: TaskSettings, data: Any,
     return found
 
 
+def records_over_context(study: Study, base_dir: Path,
+                         tasks: dict[str, TaskSettings]) -> dict[str, dict[str, str]]:
+    """{task: {record id: why}}: every record of ``tasks`` (all their splits) too long for one of the
+    study's models' context (:func:`over_context`); a task whose data cannot be read is left out
+    (validation reports it). Kept on disk for the next run of the same inputs (runner.inputs_cache:
+    it reads every model's tokenizer)."""
+    from .inputs_cache import cached, inputs_key
+
+    def compute() -> dict[str, dict[str, str]]:
+        limits, _ = _model_limits(study, base_dir)
+        out: dict[str, dict[str, str]] = {}
+        for name, settings in tasks.items():
+            try:
+                everything = load_all_splits(name, settings, base_dir)
+            except (DataError, OSError):
+                continue
+            found: dict[str, str] = {}
+            for split in everything.values():
+                found.update(over_context(name, settings, split, limits))
+            out[name] = found
+        return out
+
+    return cached("context", inputs_key(study, base_dir, "context", sorted(tasks)), compute)
+
+
 def with_context_exclusions(study: Study, base_dir: Path) -> tuple[Study, dict[str, int]]:
     """The study with, for every task under ``invalid_records: skip``, the records too long for one of
     its models' context added to ``exclude_records`` (so every job leaves out the same records before
@@ -182,18 +207,11 @@ def with_context_exclusions(study: Study, base_dir: Path) -> tuple[Study, dict[s
     tasks = {name: s for name, s in study.tasks.enabled().items() if s.invalid_records == "skip"}
     if not tasks:
         return study, {}
-    limits, _ = _model_limits(study, base_dir)
     updates: dict[str, TaskSettings] = {}
     counts: dict[str, int] = {}
-    for name, settings in tasks.items():
-        try:
-            everything = load_all_splits(name, settings, base_dir)
-        except (DataError, OSError):
-            continue
-        found: dict[str, str] = {}
-        for split in everything.values():
-            found.update(over_context(name, settings, split, limits))
+    for name, found in records_over_context(study, base_dir, tasks).items():
         if found:
+            settings = tasks[name]
             updates[name] = settings.model_copy(
                 update={"exclude_records": {**settings.exclude_records, **found}})
             counts[name] = len(found)
@@ -204,16 +222,20 @@ def with_context_exclusions(study: Study, base_dir: Path) -> tuple[Study, dict[s
 
 def _length_problems(study: Study, base_dir: Path, scored: dict[str, Any]) -> list[Problem]:
     """Under ``invalid_records: error``: every scored item too long for a model's context."""
-    limits, problems = _model_limits(study, base_dir)
+    tasks = {task: study.tasks.enabled()[task] for task in scored
+             if study.tasks.enabled()[task].invalid_records != "skip"}  # skip: with_context_exclusions
+    if not tasks:
+        return []
+    over = records_over_context(study, base_dir, tasks)
+    problems = []
     for task, data in scored.items():
-        settings = study.tasks.enabled()[task]
-        if settings.invalid_records == "skip":
-            continue  # the runner leaves those out (with_context_exclusions)
-        for item_id, why in over_context(task, settings, data, limits).items():
-            problems.append(Problem(str(task_file(task, settings, base_dir)), None,
-                                    _where(task, f"item {item_id}"),
-                                    f"{why} (set tasks.{task}.invalid_records: skip to leave such records "
-                                    "out)"))
+        found = over.get(task, {})
+        for item in data.items:
+            if item.id in found:
+                problems.append(Problem(str(task_file(task, tasks[task], base_dir)), None,
+                                        _where(task, f"item {item.id}"),
+                                        f"{found[item.id]} (set tasks.{task}.invalid_records: skip to leave "
+                                        "such records out)"))
     return problems
 
 

@@ -11,6 +11,7 @@ a model whose check fails at run time runs it with every item, and takes longer 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -169,9 +170,35 @@ def _calibration_texts(study: Study, base_dir: Path) -> int:
     return total
 
 
+def _work_as_json(work: StudyWork) -> dict[str, Any]:
+    return dataclasses.asdict(work)
+
+
+def _work_from_json(data: dict[str, Any]) -> StudyWork:
+    def training(value: dict[str, Any] | None) -> TrainingWork | None:
+        return TrainingWork(**value) if value is not None else None
+
+    models = {}
+    for name, model in data["models"].items():
+        tasks = {task: TaskWork(**{**value, "window_gflop": tuple(value["window_gflop"])})
+                 for task, value in model["tasks"].items()}
+        models[name] = ModelWork(**{**model, "tasks": tasks, "finetune": training(model["finetune"]),
+                                    "recovery": training(model["recovery"])})
+    return StudyWork(models=models, unknown=dict(data["unknown"]))
+
+
 def study_work(study: Study, base_dir: Path) -> StudyWork:
     """Every model's work in the study (a model whose files cannot be read offline is listed in
-    ``unknown`` with the reason)."""
+    ``unknown`` with the reason). Kept on disk for the next plan of the same inputs when every model
+    was counted (runner.inputs_cache: the count reads every model's tokenizer and tokenises every
+    scored item)."""
+    from .inputs_cache import cached, inputs_key
+
+    return cached("work", inputs_key(study, base_dir, "work"), lambda: _count_work(study, base_dir),
+                  dump=_work_as_json, load=_work_from_json, keep=lambda work: not work.unknown)
+
+
+def _count_work(study: Study, base_dir: Path) -> StudyWork:
     work = StudyWork()
     for spec in study.models:
         try:
