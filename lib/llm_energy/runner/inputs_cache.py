@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,21 +48,13 @@ def _stamps(folder: Path) -> list[tuple[str, int, int]]:
                   if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def inputs_key(study: Study, base_dir: Path, kind: str, extra: Any = None) -> str | None:
     """The key of ``kind`` computed from ``study`` (``extra``: anything else it depends on), or None
     when an input cannot be named here (a hub model, a missing file): not cached then."""
     from importlib.metadata import PackageNotFoundError, version
 
     from ..data.tasks import task_file
-    from ..models.loading import resolve_weights, tokenizer_folder
+    from ..models.loading import file_sha256, resolve_weights, tokenizer_folder
 
     try:
         models = []
@@ -73,7 +64,7 @@ def inputs_key(study: Study, base_dir: Path, kind: str, extra: Any = None) -> st
             weights = Path(resolve_weights(spec, base_dir)[0])
             tokenizer = tokenizer_folder(spec, base_dir)
             models.append([spec.name, _stamps(weights), _stamps(tokenizer) if tokenizer else None])
-        data = [[task, _file_digest(task_file(task, settings, base_dir))]
+        data = [[task, file_sha256(task_file(task, settings, base_dir))]
                 for task, settings in sorted(study.tasks.enabled().items())]
         transformers = version("transformers")
     except (OSError, RuntimeError, ValueError, PackageNotFoundError) as exc:
@@ -110,11 +101,10 @@ def cached(kind: str, key: str | None, compute: Callable[[], T], dump: Callable[
         log.warning("inputs cache: %s is unreadable (%s); computing it again", path, exc)
     value = compute()
     if keep(value):
+        from ..tables.store import atomic_write_json
+
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-                json.dump(dump(value), handle)
-            os.replace(handle.name, path)
+            atomic_write_json(path, dump(value))
         except OSError as exc:  # a read-only cache: the next run computes it again
             log.debug("inputs cache: %s not stored (%s)", path, exc)
     return value
