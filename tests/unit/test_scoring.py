@@ -379,10 +379,28 @@ def _gqa_reference(query, key, value, mask):
     return (scores.softmax(-1) @ value).transpose(1, 2)
 
 
+def test_pack_rows_fills_rows_as_long_as_the_longest_request():
+    lengths = [30, 80, 10, 80, 55, 31, 10, 25]
+    rows = scoring.pack_rows(lengths)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # every request once
+    assert rows == [[1], [3], [4, 7], [0, 2, 5], [6]]  # first fit, longest first; indices in order
+    assert all(sum(lengths[i] for i in row) <= 80 for row in rows)
+    assert sum(80 - sum(lengths[i] for i in row) for row in rows) < 80  # padding under one row
+    assert scoring.pack_rows([]) == []
+    # a sliding window less the prefix caps a row; a request longer than the cap has its own row
+    capped = scoring.pack_rows([60, 40, 30, 20], limit=50)
+    assert capped == [[0], [1], [2, 3]]
+    assert scoring.pack_rows([5, 5], limit=0) == [[0], [1]]
+
+
+@pytest.mark.parametrize("budget", [None, 1])  # 1 byte: one row per step and one query per slice
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_attention_to_a_prefix_apart_is_the_softmax_over_prefix_and_row(dtype, tol):
-    """Rows attending to a prefix's keys in one call and to their own in another, merged by log-sum-exp,
-    equal attention over the prefix and the row together (grouped queries: 6 query heads on 2 kv heads)."""
+def test_attention_to_a_prefix_apart_is_the_softmax_over_prefix_and_row(dtype, tol, budget, monkeypatch):
+    """Rows attending to a prefix's keys, held once, and to their own (masked) equal attention over the
+    prefix and the row together (grouped queries: 6 query heads on 2 kv heads), also when the scores
+    are taken a row or a query at a time."""
+    if budget is not None:
+        monkeypatch.setattr(scoring, "PREFIX_SCORES_BYTES", budget)
     torch.manual_seed(0)
     rows, heads, kv, width, prefix, size = 3, 6, 2, 7, 11, 16
     query = torch.randn(rows, heads, width, size).to(dtype)
@@ -432,6 +450,31 @@ def test_packed_rows_attend_to_a_prefix_held_once_and_take_one_logit_per_predict
     got = score_prepared(model, tok, prepared)
     assert copies == [] and len(attended) == model.config.num_hidden_layers
     assert projected == [len(items)]  # one position per item, four letters scored from it
+    for (context, continuations), scores in zip(request_texts("qa", prepared.data, style="options"), got):
+        alone = score_continuations_unshared(model, tok, context, continuations).loglik
+        assert scores.loglik == pytest.approx(alone, abs=1e-4)
+
+
+def test_short_items_share_a_row_and_score_as_they_would_alone(tiny_model, fresh_verification, monkeypatch):
+    """Items much shorter than the longest fill one packed row between them (after a shared prefix, on
+    a CPU); each still sees only its own tokens and the prefix: the scores are those of the item alone."""
+    from llm_energy.methods.scoring import prepare_task, request_texts, score_prepared
+
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    examples = tuple(QAItem(f"e{i}", f"Worked example {i}: which alarm follows a fibre cut?",
+                            ("LOS", "AIS", "RDI", "BER"), i % 4) for i in range(2))
+    letters = ("LOS", "AIS", "RDI", "BER")
+    items = (QAItem("long", "Which alarm " + "really " * 80 + "comes first?", letters, 0),
+             *(QAItem(f"q{i}", f"Alarm {i}?", letters, 1) for i in range(3)))
+    prepared = prepare_task("qa", tok, TaskData("qa", "x", "test", items, fewshot=examples), style="options")
+    scoring.choose_scoring_path(model, tok)
+    rows_seen = []
+    real_rows = scoring._score_packed_rows
+    monkeypatch.setattr(scoring, "_score_packed_rows",
+                        lambda m, rows, prefix=None: (rows_seen.append([len(r) for r in rows]),
+                                                      real_rows(m, rows, prefix))[1])
+    got = score_prepared(model, tok, prepared)
+    assert rows_seen == [[1, 3]]  # one forward: the long item alone, the three short ones in one row
     for (context, continuations), scores in zip(request_texts("qa", prepared.data, style="options"), got):
         alone = score_continuations_unshared(model, tok, context, continuations).loglik
         assert scores.loglik == pytest.approx(alone, abs=1e-4)

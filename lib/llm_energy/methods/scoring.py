@@ -173,8 +173,8 @@ def _encode_item(tokenizer: Any, context: str,
 
 # Tokens (rows x the longest row, padding included) one packed forward call holds when several items
 # are scored together (score_many): matrix products of ~2k rows keep a CPU's vector units busy, while
-# the activations stay a few MB per layer. Each item is its own row, so its attention covers its own
-# tokens (and a shared prefix), not its neighbours' that a mask would discard.
+# the activations stay a few MB per layer. Rows are as long as the call's longest item, short items
+# sharing one (pack_rows); a mask keeps each item's tokens to its own (and a shared prefix).
 FORWARD_TOKENS = 2048
 
 
@@ -198,8 +198,8 @@ def score_many(model: Any, tokenizer: Any, requests: Sequence[tuple[str, Sequenc
     """``score_continuations`` of each (context, continuations) request, in order.
 
     With the packed layout, requests share forward calls of up to ``max_tokens`` tokens (padding
-    included), one row each (a request's tokens see only its own); the scores are those of one
-    request at a time up to rounding.
+    included), short ones sharing a row (a request's tokens see only its own); the scores are those
+    of one request at a time up to rounding.
     """
     return score_encoded(model, tokenizer, encode_requests(tokenizer, requests), max_tokens)
 
@@ -231,15 +231,19 @@ def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
                   max_tokens: int = FORWARD_TOKENS) -> list[ChoiceScores]:
     """Forward passes only: the log-likelihoods of already tokenised requests, packed where the
     chosen scoring path allows (it is chosen first if nobody has, see :func:`choose_scoring_path`):
-    each request is a row, and rows of similar length share a forward call of up to ``max_tokens``
-    tokens (:func:`forward_groups`)."""
+    requests fill rows as long as the longest (:func:`pack_rows`), and rows share a forward call of
+    up to ``max_tokens`` tokens (:func:`forward_groups`)."""
     choose_scoring_path(model, tokenizer)  # a no-op once decided
     shared = shared_prefix_length(encoded) if _prefix_sharing_ok(model) else 0
     prefix = _PrefixCache.run(model, encoded[0].context[:shared]) if shared else None
     totals: list[list[float]] = [[] for _ in encoded]
-    for group in forward_groups([r.n_tokens - shared for r in encoded], max_tokens):
-        rows = [[(encoded[i].context[shared:], encoded[i].continuations)] for i in group]
-        for i, scores in zip(group, _score_rows(model, tokenizer, rows, prefix)):
+    lengths = [r.n_tokens - shared for r in encoded]
+    window = _attention_window(model)
+    rows = pack_rows(lengths, window - shared if window else None)
+    for group in forward_groups([sum(lengths[i] for i in row) for row in rows], max_tokens):
+        batch = [[(encoded[i].context[shared:], encoded[i].continuations) for i in rows[g]] for g in group]
+        order = [i for g in group for i in rows[g]]
+        for i, scores in zip(order, _score_rows(model, tokenizer, batch, prefix)):
             totals[i] = scores
     return [
         ChoiceScores(loglik=np.array(t, dtype=float),
@@ -247,6 +251,29 @@ def score_encoded(model: Any, tokenizer: Any, encoded: Sequence[EncodedRequest],
                      n_tokens_run=r.n_tokens - skip)
         for t, r, skip in zip(totals, encoded, prefix_skips(len(encoded), shared))
     ]
+
+
+def pack_rows(lengths: Sequence[int], limit: int | None = None) -> list[list[int]]:
+    """Requests (by index) per packed row: first fit, longest first, into rows as long as the longest
+    request (at most ``limit`` tokens when given: a sliding attention window less the shared prefix;
+    a request longer than that has a row of its own). A row's padding costs every layer's matrix
+    products as much as a token does, and its attention as much as a neighbour's masked tokens, so
+    filling it with short requests is work saved. Each row's requests keep their order of indices."""
+    if not lengths:
+        return []
+    width = max(lengths) if limit is None else min(max(lengths), max(limit, 1))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return [sorted(row) for row in rows]
 
 
 def forward_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -446,13 +473,14 @@ def _choose_scoring_path(model: Any, tokenizer: Any) -> ScoringPath:
         try:
             references = [_score_with_shared_cache(model, tokenizer, ctx, conts),
                           _score_with_shared_cache(model, tokenizer, *short)]
-            # two rows of different lengths in one forward: padding and the gathered logits are checked too
-            batched = _score_packed_rows(model, [[(ctx, conts)], [short]])
+            # two rows of different lengths in one forward, the first holding both items: padding, the
+            # items' mask within a row and the gathered logits are checked too
+            batched = _score_packed_rows(model, [[(ctx, conts), short], [short]])
         except Exception as exc:  # noqa: BLE001
             _mark_packed(model, False, f"the packed forward raised {type(exc).__name__}: {exc}")
         else:
-            a = np.array(batched[0][0] + batched[1][0])
-            b = np.array(references[0] + references[1])
+            a = np.array(batched[0][0] + batched[0][1] + batched[1][0])
+            b = np.array(references[0] + references[1] + references[1])
             diff = float(np.max(np.abs(a - b)))
             tol = _verify_tolerance(model) * max(1.0, float(np.max(np.abs(b))))
             _mark_packed(model, diff <= tol, f"packed and shared-cache scores differ by {diff:.2e} > "
@@ -518,9 +546,9 @@ def _verify_prefix_sharing(model: Any, tokenizer: Any, packed: bool,
                                    for rest, c in items]
         prefix = _PrefixCache.run(model, ctx[:split])
         candidates = [[_score_with_shared_cache(model, tokenizer, rest, c, prefix) for rest, c in items]]
-        if packed:
-            candidates.append(
-                [row[0] for row in _score_packed_rows(model, [[item] for item in items], prefix)])
+        if packed:  # a row holding both items, and a row of the second alone
+            both, alone = _score_packed_rows(model, [items, items[1:]], prefix)
+            candidates += [both, [both[0], alone[0]]]
         b = np.array([v for scores in reference for v in scores])
         tol = _verify_tolerance(model) * max(1.0, float(np.max(np.abs(b))))
         for got in candidates:
@@ -603,28 +631,20 @@ def _packed_row(items: list[Encoded]) -> dict[str, Any]:
             "targets": targets}
 
 
-# The packed forward after a shared prefix, on a CPU: each row's tokens attend to the prefix's
-# keys and values, held once (not copied into every row's cache), in one attention call over all the
-# rows' queries, and to their own row's keys in a second; the two are merged by their log-sum-exps.
+# The packed forward after a shared prefix, on a CPU: each row's queries attend to the prefix's keys
+# and values, held once (not copied into every row's cache), and to their own row's, in one softmax
+# per query over both (:func:`_prefix_attention`).
 PREFIX_ATTENTION = "llm_energy_prefix"  # the attention implementation's name while a packed forward runs
 PREFIX_KWARG = "llm_energy_prefix_states"  # the forward's keyword carrying the prefix's per-layer states
+# Most bytes of attention scores one step of _prefix_attention holds (fp32 or the compute dtype):
+# steps cover whole rows, or a row's queries in slices when a row alone would need more.
+PREFIX_SCORES_BYTES = 128 * 2**20
 
 
 def _split_prefix_attention(device: Any) -> bool:
-    """Whether packed rows after a prefix attend to it apart (:func:`_prefix_attention`): on a CPU,
-    whose flash attention kernel returns the log-sum-exps the merge needs."""
-    import torch
-
-    return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-
-
-def _repeat_heads(states: Any, groups: int) -> Any:
-    """[b, kv heads, n, d] -> [b, kv heads x groups, n, d], each key/value head once per query head
-    that reads it (grouped-query attention)."""
-    if groups == 1:
-        return states
-    b, kv, n, d = states.shape
-    return states[:, :, None].expand(b, kv, groups, n, d).reshape(b, kv * groups, n, d)
+    """Whether packed rows after a prefix attend to it apart (:func:`_prefix_attention`): on a CPU.
+    Elsewhere the prefix's cache is copied into every row and the model's own attention runs."""
+    return device.type == "cpu"
 
 
 def _prefix_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
@@ -634,29 +654,42 @@ def _prefix_attention(module: Any, query: Any, key: Any, value: Any, attention_m
     ``query``, ``key``, ``value``: this forward's rows, [rows, heads, width, head size] (key and value
     with the model's key/value heads); ``attention_mask``: additive, [rows, 1, width, width], within
     rows only. The prefix's keys and values for this layer come in the forward's PREFIX_KWARG, once
-    for all rows. Every query attends to the prefix in one flash-attention call (the rows' queries
-    as one sequence: no mask, every token sees the whole prefix) and to its own row in another; the
-    two partial results are merged by their log-sum-exps, which is exactly the softmax over both
-    sets of keys (the scorer's path check compares it with the shared-cache computation)."""
+    for all rows. Per row, the prefix's keys and the row's own are put side by side and every query
+    takes one softmax over both (the row's part masked): two batched matrix products per key/value
+    head, the query heads that share it stacked, so each product is large. On a 2-core CPU this runs
+    at 1.5-2x torch's flash attention kernel for these shapes (short rows, head size 64-256, a few
+    hundred prefix tokens; benchmarks/results/2026-12-06-cpu-precision_limits.md); the scorer's path
+    check compares it with the shared-cache computation on every model."""
     import torch
 
     if kwargs.get("softcap") is not None:
         raise ValueError("the split prefix attention has no attention-logit soft-capping")
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     prefix_key, prefix_value = kwargs[PREFIX_KWARG][module.layer_idx]
     rows, heads, width, size = query.shape
-    groups = heads // key.shape[1]
-    everyone = query.transpose(0, 1).reshape(1, heads, rows * width, size)
-    out_prefix, lse_prefix = flash(everyone, _repeat_heads(prefix_key, groups),
-                                   _repeat_heads(prefix_value, groups), scale=scaling)
-    out_prefix = out_prefix.reshape(heads, rows, width, size).transpose(0, 1)
-    lse_prefix = lse_prefix.reshape(heads, rows, width).transpose(0, 1)
-    out_rows, lse_rows = flash(query, _repeat_heads(key, groups), _repeat_heads(value, groups),
-                               attn_mask=attention_mask, scale=scaling)
-    lse = torch.logaddexp(lse_prefix, lse_rows)
-    out = (out_prefix * (lse_prefix - lse).exp_().unsqueeze(-1)
-           + out_rows * (lse_rows - lse).exp_().unsqueeze(-1))
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    kv = key.shape[1]
+    groups = heads // kv
+    n_prefix = prefix_key.shape[2]
+    scale = size**-0.5 if scaling is None else scaling
+    out = torch.empty((rows, width, heads, size), dtype=query.dtype, device=query.device)
+    per_query = heads * (n_prefix + width) * 4  # bytes of scores per query position
+    step = max(1, PREFIX_SCORES_BYTES // (per_query * width))  # whole rows per step
+    span = width if step > 1 else max(1, min(width, PREFIX_SCORES_BYTES // per_query))  # queries per step
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = r1 - r0
+        keys = torch.cat([prefix_key.expand(n, kv, n_prefix, size), key[r0:r1]], dim=2)
+        values = torch.cat([prefix_value.expand(n, kv, n_prefix, size), value[r0:r1]], dim=2)
+        for q0 in range(0, width, span):
+            q1 = min(width, q0 + span)
+            # [n, kv, groups x queries, size]: the query heads of one key/value head stacked
+            q = (query[r0:r1, :, q0:q1] * scale).reshape(n, kv, groups * (q1 - q0), size)
+            scores = torch.matmul(q, keys.transpose(-1, -2))
+            own = scores.view(n, kv, groups, q1 - q0, n_prefix + width)[..., n_prefix:]
+            own.add_(attention_mask[r0:r1, :, None, q0:q1])
+            probs = torch.softmax(scores, dim=-1)
+            o = torch.matmul(probs, values).view(n, heads, q1 - q0, size)
+            out[r0:r1, q0:q1] = o.transpose(1, 2)
+    return out, None
 
 
 @contextlib.contextmanager
