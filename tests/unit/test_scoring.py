@@ -425,6 +425,41 @@ def test_attention_to_a_prefix_apart_is_the_softmax_over_prefix_and_row(dtype, t
     assert torch.allclose(out.double(), expected, atol=tol, rtol=tol)
 
 
+def test_16_bit_scores_are_taken_less_the_first_keys_score_and_keep_their_digits():
+    """A first key every query scores high (an attention sink, scores near 40): 16-bit scores taken
+    plainly round by up to 0.125 and the output drifts; taken less each query's score against that
+    key, the output stays near the float64 softmax."""
+    torch.manual_seed(1)
+    rows, heads, kv, width, prefix, size = 2, 4, 2, 6, 9, 32
+    query = torch.randn(rows, heads, width, size)
+    query[..., 0] = 8.0
+    key, value = torch.randn(rows, kv, width, size), torch.randn(rows, kv, width, size)
+    prefix_key, prefix_value = torch.randn(1, kv, prefix, size), torch.randn(1, kv, prefix, size)
+    prefix_key[:, :, 0, 0] = 28.0  # the sink: a score of about 8 x 28 / sqrt(32) = 40 for every query
+    prefix_key[:, :, 1:, 0] = 27.5  # other prefix keys close behind it
+    visible = torch.ones(width, width, dtype=torch.bool).tril().expand(rows, 1, width, width)
+    row_mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)
+
+    class Layer:
+        layer_idx = 0
+
+    bf = torch.bfloat16
+    states = {scoring.PREFIX_KWARG: [(prefix_key.to(bf), prefix_value.to(bf))]}
+    q16, k16, v16 = query.to(bf), key.to(bf), value.to(bf)
+    out, _ = scoring._prefix_attention(Layer(), q16, k16, v16, row_mask.to(bf), scaling=size**-0.5, **states)
+    whole_key = torch.cat([prefix_key.to(bf).expand(rows, -1, -1, -1), k16], 2)
+    whole_value = torch.cat([prefix_value.to(bf).expand(rows, -1, -1, -1), v16], 2)
+    whole_mask = torch.cat([torch.zeros(rows, 1, width, prefix), row_mask], -1)
+    expected = _gqa_reference(q16, whole_key, whole_value, whole_mask)
+    groups = heads // kv
+    plain_scores = (q16 * size ** -0.5) @ whole_key.repeat_interleave(groups, 1).transpose(-1, -2)  # bf16 out
+    plain = ((plain_scores.double() + whole_mask.double()).softmax(-1)
+             @ whole_value.repeat_interleave(groups, 1).double()).transpose(1, 2)
+    centred_error = (out.double() - expected).abs().max().item()
+    plain_error = (plain - expected).abs().max().item()
+    assert centred_error < 0.03 < plain_error
+
+
 def test_packed_rows_attend_to_a_prefix_held_once_and_take_one_logit_per_predicting_position(
         tiny_model, fresh_verification, monkeypatch):
     """On a CPU, rows after a shared prefix attend to its keys held once (no per-row copy of its cache),
