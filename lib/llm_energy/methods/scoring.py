@@ -277,9 +277,9 @@ def pack_rows(lengths: Sequence[int], limit: int | None = None) -> list[list[int
 
 
 def forward_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Requests (by index) per forward call, each its own row: longest first, so that the rows of a
-    call, padded to its longest, waste little; a call takes rows while rows x its longest row stay
-    within ``max_tokens`` (always one at least). Ties keep the requests' order."""
+    """Rows (by index, of these ``lengths``: :func:`pack_rows`' rows) per forward call: longest first,
+    so that the rows of a call, padded to its longest, waste little; a call takes rows while rows x its
+    longest row stay within ``max_tokens`` (always one at least). Ties keep the rows' order."""
     groups: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
         if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
