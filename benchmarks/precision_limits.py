@@ -21,6 +21,12 @@ per precision:
   just after the precision's scoring (the fastest quiet one);
 - ``limit_share`` = gflop_per_s / probe_gflop_per_s.
 
+With ``--ceiling``: one more pass per precision with the scorer's attention function timed (the
+seconds inside it, its GFLOP from the same count), and the bound it puts on ``limit_share``
+(:func:`attention_ceiling`): every other op free, the linear layers exactly at the probe's rate, the
+attention as fast as it ran. A precision whose ceiling is under a target cannot reach the target
+without a faster attention, whatever its linear layers do.
+
 With ``--profile K``: torch.profiler over one more scoring call per precision, its K costliest ops.
 Last line: ``limit_share_<precision>=<x> ...`` and ``nf4_speed_vs_fp32=<fp32 seconds / nf4 seconds>``.
 Results: ``benchmarks/results/2026-12-06-cpu-precision_limits.md``.
@@ -61,6 +67,11 @@ class PrecisionLimit:
     probe_gflop_per_s: float | None
     limit_share: float | None
     scoring_path: str
+    # --ceiling: one more pass with the scorer's attention timed (None without it)
+    attention_gflop: float | None = None
+    attention_s: float | None = None  # seconds inside the attention function in that pass
+    ceiling_pass_s: float | None = None  # that pass's wall seconds
+    ceiling_share: float | None = None  # the bound on limit_share (see attention_ceiling)
 
 
 def qa_task(params: Path, items: int):
@@ -142,7 +153,7 @@ def probe(precision: str, min_time_s: float, max_foreign: float) -> float | None
 
 
 def measure(model_name: str, precision: str, settings, data, windows: int, repeats: int, probe_s: float,
-            profile_rows: int, max_passes: int, max_foreign: float) -> PrecisionLimit:
+            profile_rows: int, max_passes: int, max_foreign: float, ceiling: bool = False) -> PrecisionLimit:
     from llm_energy.config import ModelSettings
     from llm_energy.methods.scoring import choose_scoring_path, prepare_task, score_prepared, scoring_gflop
     from llm_energy.models.loading import load_model
@@ -171,9 +182,59 @@ def measure(model_name: str, precision: str, settings, data, windows: int, repea
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile_rows,
                                         max_name_column_width=48))
     achieved = gflop / best.wall_s
+    extra: dict[str, float | None] = {}
+    if ceiling:
+        attention_s, pass_s = timed_attention(loaded, parts)
+        attention = attention_gflop_of(loaded.model.config, parts, scores)
+        extra = {"attention_gflop": attention, "attention_s": attention_s, "ceiling_pass_s": pass_s,
+                 "ceiling_share": attention_ceiling(gflop, attention, attention_s, rate) if rate else None}
     return PrecisionLimit(precision, best.wall_s, statistics.median(p.wall_s for p in passes),
                           best.cpu_s / best.wall_s, best.foreign, tokens, gflop, achieved, rate,
-                          achieved / rate if rate else None, path.name)
+                          achieved / rate if rate else None, path.name, **extra)
+
+
+def attention_ceiling(gflop: float, attention_gflop: float, attention_s: float, probe_rate: float) -> float:
+    """The largest limit_share a scoring pass could reach with its attention taking ``attention_s`` and
+    everything else (``gflop - attention_gflop``: the linear layers and the vocabulary projection) running
+    at exactly the probe's rate with no other op costing anything: gflop / (that time) / probe_rate."""
+    bound_s = (gflop - attention_gflop) / probe_rate + attention_s
+    return gflop / bound_s / probe_rate
+
+
+def timed_attention(loaded, parts) -> tuple[float, float]:
+    """One pass over ``parts`` with the scorer's attention function (scoring._prefix_attention, which a
+    packed forward on a CPU runs) wrapped by a clock: (seconds inside it, the pass's wall seconds)."""
+    from llm_energy.methods import scoring
+
+    inner, spent = scoring._prefix_attention, [0.0]
+
+    def clocked(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    scoring._prefix_attention = clocked
+    try:
+        start = time.perf_counter()
+        for part in parts:
+            scoring.score_prepared(loaded.model, loaded.tokenizer, part)
+        wall = time.perf_counter() - start
+    finally:
+        scoring._prefix_attention = inner
+    return spent[0], wall
+
+
+def attention_gflop_of(config, parts, scores) -> float:
+    """The attention's share of scoring_gflop: the count less the same count with no key attended."""
+    from llm_energy.measure.flops import forward_gflop
+    from llm_energy.methods.scoring import logit_positions, scoring_gflop
+
+    total = sum(scoring_gflop(config, part.encoded, s) for part, s in zip(parts, scores))
+    tokens = sum(x.tokens_run for s in scores for x in s)
+    logits = sum(logit_positions(r) for part in parts for r in part.encoded)
+    return total - forward_gflop(config, tokens, logits, [0] * tokens)
 
 
 def machine() -> str:
@@ -208,6 +269,8 @@ def main(argv: list[str] | None = None) -> list[PrecisionLimit]:
                         help="study file (its qa section)")
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="print the K costliest ops of one call")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="one more pass with the attention timed, and the bound it puts on limit_share")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -218,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[PrecisionLimit]:
     print(f"# {args.model}, {len(data.items)} QA items ({settings.style}, {settings.fewshot}-shot) in "
           f"{args.windows} calls, best of {args.repeats}; load average before: {os.getloadavg()[0]:.2f}")
     rows = [measure(args.model, p, settings, data, args.windows, args.repeats, args.probe_s, args.profile,
-                    args.max_passes, args.max_foreign) for p in args.precisions]
+                    args.max_passes, args.max_foreign, args.ceiling) for p in args.precisions]
     print(f"# load average after: {os.getloadavg()[0]:.2f}")
     header = ("precision", "seconds", "median_s", "foreign", "cpu/wall", "tokens", "gflop", "gflop_per_s",
               "probe_gflop_per_s", "limit_share", "path")
@@ -229,12 +292,25 @@ def main(argv: list[str] | None = None) -> list[PrecisionLimit]:
         print(f"{r.precision:>12}  {r.seconds:12.2f}  {r.seconds_median:12.2f}  {r.foreign:12.2f}  "
               f"{r.cpu_per_wall:12.2f}  {r.tokens:12d}  "
               f"{r.gflop:12.1f}  {r.gflop_per_s:12.1f}  {probe_rate}  {share}  {r.scoring_path:>12}")
+    if args.ceiling:
+        print("\nattention timed in one more pass; ceiling = limit_share with every other op free and the "
+              "linear layers at the probe's rate")
+        print("  ".join(f"{h:>14}" for h in ("precision", "pass_s", "attention_s", "attention_share",
+                                               "attn_gflop", "attn_gflop_s", "ceiling_share")))
+        for r in rows:
+            if r.attention_s is None or r.ceiling_pass_s is None or r.attention_gflop is None:
+                continue
+            bound = f"{r.ceiling_share:14.3f}" if r.ceiling_share is not None else f"{'-':>14}"
+            print(f"{r.precision:>14}  {r.ceiling_pass_s:14.2f}  {r.attention_s:14.2f}  "
+                  f"{r.attention_s / r.ceiling_pass_s:14.3f}  {r.attention_gflop:14.1f}  "
+                  f"{r.attention_gflop / r.attention_s:14.1f}  {bound}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     summary = [f"limit_share_{r.precision}={r.limit_share:.3f}" for r in rows if r.limit_share is not None]
     seconds = {r.precision: r.seconds for r in rows}
     if "fp32" in seconds and "nf4" in seconds:
         summary.append(f"nf4_speed_vs_fp32={seconds['fp32'] / seconds['nf4']:.2f}")
+    summary += [f"ceiling_{r.precision}={r.ceiling_share:.3f}" for r in rows if r.ceiling_share is not None]
     print(" ".join(summary))
     return rows
 

@@ -636,9 +636,14 @@ def _packed_row(items: list[Encoded]) -> dict[str, Any]:
 # (:func:`_prefix_attention`; without a prefix, to their own row's alone).
 PREFIX_ATTENTION = "llm_energy_prefix"  # the attention implementation's name while a packed forward runs
 PREFIX_KWARG = "llm_energy_prefix_states"  # the forward's keyword carrying the prefix's per-layer states
-# Most bytes of attention scores one step of _prefix_attention holds (fp32 or the compute dtype):
-# steps cover whole rows, or a row's queries in slices when a row alone would need more.
-PREFIX_SCORES_BYTES = 128 * 2**20
+# Most bytes of attention scores one step of _prefix_attention holds (counted at 4 bytes a score):
+# steps cover whole rows, or a row's queries in slices when a row alone would need more. Small enough
+# that a step's scores stay in cache from their product through the mask, the softmax and the product
+# with the values: SmolLM2's QA calls (5-shot, 200 items in 4 calls) on the 2-core AVX-512 AMD kind spent
+# 7.1-7.8 s in attention at 128 MiB a step (every row of a call at once, ~33 MB of scores a layer) and
+# 5.3-5.4 s at 4-8 MiB (fp32; w8a8, whose attention is fp32 too, 7.3 -> 5.5 s; bf16 4.8 -> 3.3-3.8 s);
+# 1-2 MiB were slower again (more, smaller products); the scores are the same bit for bit.
+PREFIX_SCORES_BYTES = 4 * 2**20
 
 
 def _split_prefix_attention(model: Any, device: Any) -> bool:
@@ -658,7 +663,8 @@ def _prefix_attention(module: Any, query: Any, key: Any, value: Any, attention_m
     for all rows (None: no prefix, each row attends to its own keys alone, as masked).
     Per row, the prefix's keys and the row's own are put side by side and every query
     takes one softmax over both (the row's part masked): two batched matrix products per key/value
-    head, the query heads that share it stacked, so each product is large. On the 2-core AVX-512 AMD
+    head, the query heads that share it stacked, so each product is large, taken a few rows at a time
+    (PREFIX_SCORES_BYTES) so that the scores stay in cache between the steps. On the 2-core AVX-512 AMD
     kind one SmolLM2 layer (13 rows x 154 queries, 304 prefix keys) took 13.5 ms at bf16 and 21.4 ms at
     fp32 against 20.5 and 29.7 ms for torch's flash kernel called for the prefix and the row apart
     (benchmarks/results/2026-12-06-cpu-precision_limits.md); the scorer's path
