@@ -185,7 +185,7 @@ def measure(model_name: str, precision: str, settings, data, windows: int, repea
     extra: dict[str, float | None] = {}
     if ceiling:
         attention_s, pass_s = timed_attention(loaded, parts)
-        attention = attention_gflop_of(loaded.model.config, parts, scores)
+        attention = attention_gflop_of(loaded.model.config, parts, scores, gflop)
         extra = {"attention_gflop": attention, "attention_s": attention_s, "ceiling_pass_s": pass_s,
                  "ceiling_share": attention_ceiling(gflop, attention, attention_s, rate) if rate else None}
     return PrecisionLimit(precision, best.wall_s, statistics.median(p.wall_s for p in passes),
@@ -226,15 +226,15 @@ def timed_attention(loaded, parts) -> tuple[float, float]:
     return spent[0], wall
 
 
-def attention_gflop_of(config, parts, scores) -> float:
-    """The attention's share of scoring_gflop: the count less the same count with no key attended."""
+def attention_gflop_of(config, parts, scores, gflop: float) -> float:
+    """The attention's part of ``gflop`` (scoring_gflop of the pass): less the same count with no key
+    attended (the linear layers and the vocabulary projection alone)."""
     from llm_energy.measure.flops import forward_gflop
-    from llm_energy.methods.scoring import logit_positions, scoring_gflop
+    from llm_energy.methods.scoring import logit_positions
 
-    total = sum(scoring_gflop(config, part.encoded, s) for part, s in zip(parts, scores))
     tokens = sum(x.tokens_run for s in scores for x in s)
     logits = sum(logit_positions(r) for part in parts for r in part.encoded)
-    return total - forward_gflop(config, tokens, logits, [0] * tokens)
+    return gflop - forward_gflop(config, tokens, logits, [0] * tokens)
 
 
 def machine() -> str:

@@ -32,8 +32,7 @@ def test_ceiling_is_the_share_with_only_the_attention_and_the_linear_layers_at_t
     assert bench.attention_ceiling(100.0, 10.0, 2.0, 100.0) < bench.attention_ceiling(100.0, 10.0, 1.0, 100.0)
 
 
-def test_attention_is_timed_inside_a_real_pass_and_counted_from_the_tokens(bench, tiny_model, monkeypatch):
-    from llm_energy.measure.flops import forward_gflop
+def test_attention_is_timed_inside_a_real_pass_and_counted_from_the_tokens(bench, tiny_model):
     from llm_energy.methods import scoring
 
     settings, data = bench.qa_task(bench.ROOT / "params" / "default.yaml", 6)
@@ -47,13 +46,14 @@ def test_attention_is_timed_inside_a_real_pass_and_counted_from_the_tokens(bench
     assert 0.0 < attention_s < wall_s
     assert scoring._prefix_attention is inner  # put back
 
-    attention = bench.attention_gflop_of(tiny_model.model.config, parts, scores)
-    total = sum(scoring.scoring_gflop(tiny_model.model.config, p.encoded, s) for p, s in zip(parts, scores))
-    assert 0.0 < attention < total
-    # the count's attention term: 4 x heads x head size per attended key, the prefix's keys included
     config = tiny_model.model.config
-    heads, size = config.num_attention_heads, config.hidden_size // config.num_attention_heads
-    tokens = sum(x.tokens_run for s in scores for x in s)
-    logits = sum(scoring.logit_positions(r) for p in parts for r in p.encoded)
-    assert total - forward_gflop(config, tokens, logits, [0] * tokens) == pytest.approx(attention)
-    assert attention * 1e9 % (4 * heads * size) == pytest.approx(0.0, abs=1e-3)
+    total = sum(scoring.scoring_gflop(config, p.encoded, s) for p, s in zip(parts, scores))
+    attention = bench.attention_gflop_of(config, parts, scores, total)
+    # counted by hand: 4 x query heads x head size per attended key (each token's own item up to itself
+    # and, after a call's first item, the prefix the call shares), in every layer
+    heads = config.num_attention_heads
+    size = getattr(config, "head_dim", None) or config.hidden_size // heads
+    keys = sum(int(scoring.request_contexts(request, s.n_tokens - s.tokens_run).sum())
+               for part, part_scores in zip(parts, scores) for request, s in zip(part.encoded, part_scores))
+    assert attention == pytest.approx(4 * heads * size * config.num_hidden_layers * keys / 1e9)
+    assert 0.0 < attention < total
