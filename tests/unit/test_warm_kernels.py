@@ -242,3 +242,19 @@ def test_a_server_that_fails_settles_as_failed(monkeypatch):
         assert warm.note.startswith("no answer"), warm.note
     finally:
         warm.__exit__(None, None, None)
+
+
+def test_a_server_whose_runner_died_removes_its_socket_folder(monkeypatch):
+    """A killed runner cannot remove the server's folder (its ``finally`` never runs): the server, which
+    ends when its input closes, removes it itself, so no ``llm-energy-kernels-*`` folder is left."""
+    monkeypatch.delenv(warm_kernels.WARM_ENV, raising=False)
+    warm = WarmKernels(["llm_energy.layout"])
+    try:
+        warm.start()
+        assert warm.running and os.path.isdir(warm.folder), warm.note
+        folder = warm.folder
+        warm.process.stdin.close()  # what the runner's death does to the server, without its clean-up
+        warm.process.wait(timeout=30)
+        assert not os.path.exists(folder)
+    finally:
+        warm.__exit__(None, None, None)

@@ -512,8 +512,20 @@ def kernel_manager_class() -> type | None:
     return WarmKernelManager
 
 
+def _remove_own_folder(path: str) -> None:
+    """Remove the socket and the folder the runner made for it (``llm-energy-kernels-*``): the runner
+    removes them when it stops the server, but a runner that was killed cannot, and the server outlives
+    it only until it reads the end of its input."""
+    folder = os.path.dirname(path)
+    if os.path.basename(folder).startswith("llm-energy-kernels-"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    serve(sys.argv[1], sys.argv[2:])
+    try:
+        serve(sys.argv[1], sys.argv[2:])
+    finally:
+        _remove_own_folder(sys.argv[1])
     # done: its kernels have ended and it holds nothing to write; tearing down the interpreter (torch,
     # transformers, the tokenizers) would keep the runner waiting ~1.5 s for nothing
     sys.stdout.flush()
