@@ -48,3 +48,25 @@ def test_top_k_pruning_jobs_wait_for_the_ranking(root, tmp_path, capsys):
     captured = capsys.readouterr()
     assert not [line for line in captured.out.splitlines() if line.startswith("pruning__")]
     assert "pruning jobs (the top" in captured.err and "are known once" in captured.err
+
+
+def test_the_runner_imports_what_executing_a_job_needs_in_the_background():
+    """preload_job_machinery: papermill and the kernel manager imported in a thread (the runner starts it
+    beside its sustained-load burn, which waits for it), so the first job does not pay the imports.
+    In a fresh interpreter (this one has imported papermill already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\n"
+            "from llm_energy.runner.jobs import JOB_MACHINERY, preload_job_machinery\n"
+            "assert 'papermill' not in sys.modules\n"
+            "started = time.perf_counter()\n"
+            "thread = preload_job_machinery()\n"
+            "returned = time.perf_counter() - started\n"
+            "thread.join(120)\n"
+            "assert not thread.is_alive() and thread.daemon\n"
+            "missing = [m for m in JOB_MACHINERY if m not in sys.modules]\n"
+            "print(repr((returned, missing)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    returned, missing = eval(out.strip().splitlines()[-1])
+    assert missing == [] and returned < 0.5  # it did not wait for the imports

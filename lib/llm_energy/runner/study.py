@@ -40,7 +40,7 @@ from ..measure import throughput
 from ..tables import store as results
 from ..tables.rows import record_config
 from .checks import data_problems, with_context_exclusions
-from .jobs import Job, execute_job, run_job
+from .jobs import Job, execute_job, preload_job_machinery, run_job
 from .warm_kernels import WarmKernels, kernel_modules
 
 log = logging.getLogger("llm_energy.runner.study")
@@ -517,10 +517,13 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
             if study.energy.sustained_burn_s > 0:
                 trained = study.finetune.precisions if study.finetune is not None else []
                 kernels = {canary_precision(p, device) for p in [*study.precisions, *trained]}
-                # the warm kernel server's imports (~10 s) run beside the burn instead of after it
+                # the warm kernel server's imports (~10 s) and the runner's own for executing jobs (~1.5 s)
+                # run beside the burn instead of after it; the burn lasts until both are done
                 warm.begin()
+                importing = preload_job_machinery()
                 sustained = sustained_canaries(device, sorted(kernels), burn_s=study.energy.sustained_burn_s,
-                                               busy=lambda: not warm.settled())
+                                               busy=lambda: not warm.settled() or importing.is_alive())
+                importing.join()
                 # the study's start canary (canary_vs_study) is the fp32 one under sustained load too
                 write_study_canary(layout.root, sustained["fp32"], sustained)
             else:
