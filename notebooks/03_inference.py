@@ -98,8 +98,8 @@ print("weights:", loaded.weights_origin)
 # its choices; RCA: a fault ticket, scored against every root-cause label.
 
 # %%
-look = inference.first_items(run, loaded, n=4)  # QA when the study scores it, else RCA
-for item in look.data.items[:2]:
+look = inference.first_items(run, loaded, n=2)  # QA when the study scores it, else RCA
+for item in look.data.items:
     print(f"[{look.task} {item.id}]", items.item_text(item), "\n")
 
 # %% [markdown]

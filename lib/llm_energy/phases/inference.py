@@ -73,7 +73,7 @@ def evaluate(run: ConfigRun, loaded: LoadedModel, meter: EnergyMeter,
     return measure_config_tasks(run, loaded, meter, adapter)
 
 
-def first_items(run: ConfigRun, loaded: LoadedModel, task: str | None = None, n: int = 4) -> PreparedTask:
+def first_items(run: ConfigRun, loaded: LoadedModel, task: str | None = None, n: int = 2) -> PreparedTask:
     """The first ``n`` scored items of a task (default: qa if the study scores it, else its first
     task), tokenised as the phase prepares them, outside any measured window: the task's requests an
     earlier job of the study tokenised (or tokenised now, for this job's windows too), cut to ``n``."""
