@@ -5,9 +5,9 @@ before starting and runs anyway.
 
 The recorded study is tests/unit/fixtures/default_study: the parameters, throughput probe, job wall
 times and window, epoch, idle and setup seconds of the default study run on 2026-12-06 on a 2-core AMD
-EPYC VM (a fresh clone of 53116b3, with the packed scorer's filled rows and one-softmax attention, `make
-study`: 19 min 23 s; 1,149 s from the runner's start to its end, a few disturbed window attempts measured
-again within their jobs, no job measured again), tables
+EPYC VM (a fresh clone of 13cef17, with the scorer's attention a few rows at a time and the runner's
+imports beside its sustained-load burn, `make study`: 18 min 35 s; 1,102 s from the runner's start to its
+end, no window attempt discarded, no job measured again), tables
 cut to the columns read here. The calibration leaves the sustained canaries' burn and any job's earlier runs
 (`earlier_runs_s` in its done marker) out of the runner's own time."""
 
@@ -87,7 +87,7 @@ def _flat(value, prefix: str = "") -> dict:
 def test_the_plan_estimates_the_recorded_study_within_20_percent(recorded_plan):
     prov = json.loads((RECORDED / "provenance.json").read_text())
     study_s = (pd.Timestamp(prov["finished_at"]) - pd.Timestamp(prov["started_at"])).total_seconds()
-    assert study_s == pytest.approx(1149.2, abs=0.1)  # 19 min 9 s (53116b3, AMD EPYC)
+    assert study_s == pytest.approx(1102.1, abs=0.1)  # 18 min 22 s (13cef17, AMD EPYC)
     assert recorded_plan.total_s == pytest.approx(study_s, rel=0.20)
     measured = measured_jobs(RECORDED)
     assert len(recorded_plan.jobs) == len(measured)  # the same 20 jobs, the later stages included
@@ -212,12 +212,12 @@ def test_plan_calibrates_on_a_finished_study_when_asked(monkeypatch, capsys, tmp
 
 @pytest.mark.slow  # over 5 s (a real model, a recorded study): make test-fast skips it, make test runs it
 def test_the_runners_own_time_leaves_out_a_job_measured_again_and_the_sustained_burn(recorded_plan, tmp_path):
-    """1,149 s of study: 1,114 s of jobs; the 24 s of sustained canaries are not the runner's (the plan
+    """1,102 s of study: 1,064 s of jobs; the 24 s of sustained canaries are not the runner's (the plan
     adds back the burn its study asks for), nor is a job's earlier run when the re-measure stage ran it
     again (shown on a copy of the recorded study with one job run twice, its first run 100 s)."""
     calibration = calibrate(RECORDED, PARAMS)
     jobs_s = sum(measured_jobs(RECORDED).values())
-    assert calibration.runner_s == pytest.approx(1149.21 - jobs_s - 24.0, abs=0.1)
+    assert calibration.runner_s == pytest.approx(1102.06 - jobs_s - 24.0, abs=0.1)
     assert 0 < calibration.runner_s < 30  # validation, probe, the warm kernel server's start, the report
     assert recorded_plan.runner_s == pytest.approx(calibration.runner_s + 24.0)
     again = tmp_path / "study"
