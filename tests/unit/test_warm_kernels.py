@@ -258,3 +258,40 @@ def test_a_server_whose_runner_died_removes_its_socket_folder(monkeypatch):
         assert not os.path.exists(folder)
     finally:
         warm.__exit__(None, None, None)
+
+
+def test_folders_of_servers_that_are_gone_are_swept_and_live_ones_kept(tmp_path):
+    """A whole process group killed at once (the runner and its server) leaves a folder no one removes:
+    the next server's start sweeps the folders whose socket refuses a connection (and those that never
+    had one, after a day); a listening server's folder and a young one without a socket stay."""
+    def folder(name: str) -> str:
+        path = tmp_path / f"{warm_kernels.FOLDER_PREFIX}{name}"
+        path.mkdir()
+        return str(path)
+
+    dead = folder("dead")
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    gone.bind(os.path.join(dead, "kernels.sock"))
+    gone.close()  # the file stays, nothing listens
+    long_ago = (time.time() - 120, time.time() - 120)
+    os.utime(os.path.join(dead, "kernels.sock"), long_ago)
+    just_bound = folder("just-bound")  # refuses too, but a server may be between bind() and listen()
+    fresh = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fresh.bind(os.path.join(just_bound, "kernels.sock"))
+    fresh.close()
+    live = folder("live")
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listening.bind(os.path.join(live, "kernels.sock"))
+    listening.listen(1)
+    os.utime(os.path.join(live, "kernels.sock"), long_ago)
+    young, old = folder("starting"), folder("never-bound")
+    os.utime(old, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    try:
+        removed = warm_kernels.remove_stale_folders(str(tmp_path))
+    finally:
+        listening.close()
+    assert sorted(removed) == sorted([dead, old])
+    assert os.path.isdir(live) and os.path.isdir(young) and os.path.isdir(just_bound) and other.is_dir()
+    assert not os.path.exists(dead) and not os.path.exists(old)

@@ -406,7 +406,8 @@ class WarmKernels:
             return self
         self._tried = True
         self._begun = time.perf_counter()
-        self.folder = tempfile.mkdtemp(prefix="llm-energy-kernels-")
+        remove_stale_folders()
+        self.folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
         self._path = os.path.join(self.folder, "kernels.sock")
         modules = self.modules() if callable(self.modules) else self.modules
         self.process = subprocess.Popen([sys.executable, "-m", __name__, self._path, *modules],
@@ -481,6 +482,46 @@ class WarmKernels:
             self.folder = None
 
 
+FOLDER_PREFIX = "llm-energy-kernels-"  # a server's folder in the temporary directory (its socket inside)
+STALE_UNBOUND_S = 86400.0  # a folder whose server never bound its socket is left alone for a day
+STALE_BOUND_S = 60.0  # a socket that refuses connections is a dead server's once it is this old
+
+
+def remove_stale_folders(parent: str | None = None) -> list[str]:
+    """Remove the folders of servers that are gone: a whole process group killed at once (``kill -9``
+    of the runner's group) leaves a folder no one removes. A folder is stale when its socket refuses a
+    connection (no server listens on it) and is over a minute old, or when it has no socket and is over a
+    day old; a live server's folder, or one whose server is still starting, is kept. Returns what was
+    removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(FOLDER_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        folder = os.path.join(parent, name)
+        path = os.path.join(folder, "kernels.sock")
+        try:
+            if os.path.exists(path):
+                if time.time() - os.stat(path).st_mtime < STALE_BOUND_S:
+                    continue  # bound just now: its server may be between bind() and listen()
+                with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+                    client.settimeout(1.0)
+                    try:
+                        client.connect(path)
+                        continue  # a server answers: in use
+                    except (ConnectionRefusedError, FileNotFoundError):
+                        pass
+            elif time.time() - os.stat(folder).st_mtime < STALE_UNBOUND_S:
+                continue
+        except OSError:  # another user's folder, or one that went away meanwhile: not ours to judge
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 def warm_socket() -> str | None:
     """The socket of a warm kernel server running on this host for this process's study, if any."""
     host, _, path = os.environ.get(WARM_ENV, "").partition(":")
@@ -517,7 +558,7 @@ def _remove_own_folder(path: str) -> None:
     removes them when it stops the server, but a runner that was killed cannot, and the server outlives
     it only until it reads the end of its input."""
     folder = os.path.dirname(path)
-    if os.path.basename(folder).startswith("llm-energy-kernels-"):
+    if os.path.basename(folder).startswith(FOLDER_PREFIX):
         shutil.rmtree(folder, ignore_errors=True)
 
 
