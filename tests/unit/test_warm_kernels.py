@@ -260,10 +260,18 @@ def test_a_server_whose_runner_died_removes_its_socket_folder(monkeypatch):
         warm.__exit__(None, None, None)
 
 
-def test_folders_of_servers_that_are_gone_are_swept_and_live_ones_kept(tmp_path):
+def test_folders_of_servers_that_are_gone_are_swept_and_live_ones_kept():
     """A whole process group killed at once (the runner and its server) leaves a folder no one removes:
     the next server's start sweeps the folders whose socket refuses a connection (and those that never
     had one, after a day); a listening server's folder and a young one without a socket stay."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    # a short parent: a socket's path must fit AF_UNIX's ~107 bytes (pytest's tmp_path under the test
+    # runner's base folder does not)
+    tmp_path = Path(tempfile.mkdtemp(prefix="lek-"))
+
     def folder(name: str) -> str:
         path = tmp_path / f"{warm_kernels.FOLDER_PREFIX}{name}"
         path.mkdir()
@@ -295,3 +303,4 @@ def test_folders_of_servers_that_are_gone_are_swept_and_live_ones_kept(tmp_path)
     assert sorted(removed) == sorted([dead, old])
     assert os.path.isdir(live) and os.path.isdir(young) and os.path.isdir(just_bound) and other.is_dir()
     assert not os.path.exists(dead) and not os.path.exists(old)
+    shutil.rmtree(tmp_path)
