@@ -131,20 +131,11 @@ def main() -> None:
     if limits.empty:
         print("limit_share: not recorded (energy_repeats.csv has no gflop_per_s: a study from before "
               "issue 29)")
-    throughput = json.loads(prov.read_text()).get("throughput", {}) if prov.exists() else {}
-    basis = ("the probe read under sustained load" if throughput.get("sustained")
-             else "the probe read before the first job")
-    start = {p: r.get("gflop_per_s") for p, r in (throughput.get("precisions") or {}).items()}
     for row in limits.itertuples():
-        first = start.get(row.precision)
-        other = (f"; against the probe read before the sustained burn ({first:.1f}): "
-                 f"{row.gflop_per_s / first:.3f}, scoring "
-                 f"{row.scoring_limit_share * row.probe_gflop_per_s / first:.3f}"
-                 if throughput.get("sustained") and first else "")
         print(f"limit_share[{row.precision}]={row.limit_share:.3f} (median of {row.windows} inference "
-              f"windows: {row.gflop_per_s:.1f} GFLOP/s against {basis}, {row.probe_gflop_per_s:.1f}; "
+              f"windows: {row.gflop_per_s:.1f} GFLOP/s against the probe's {row.probe_gflop_per_s:.1f}; "
               f"scoring "
-              f"{row.scoring_limit_share:.3f}, generation {row.generation_limit_share:.3f}{other})")
+              f"{row.scoring_limit_share:.3f}, generation {row.generation_limit_share:.3f})")
     inference = jobs[jobs["phase"] == "inference"]
     if not inference.empty:
         worst = inference.loc[inference["outside_measured_s"].idxmax()]

@@ -292,8 +292,7 @@ def test_the_study_provenance_holds_the_hardware(root, tmp_path):
     json.dumps(prov)
 
 
-def _provenance(study, flags: dict[str, bool] | None, skipped: dict[str, str], device: str = "cpu",
-                sustained: dict | None = None) -> None:
+def _provenance(study, flags: dict[str, bool] | None, skipped: dict[str, str], device: str = "cpu") -> None:
     from llm_energy.layout import StudyLayout
 
     hardware = {"cpu": "AMD EPYC 7763 64-Core Processor", "cpu_count": 2, "host": "node1",
@@ -305,8 +304,7 @@ def _provenance(study, flags: dict[str, bool] | None, skipped: dict[str, str], d
         "precisions": {"fp32": {"gflop_per_s": 30.0}, "bf16": {"gflop_per_s": 1.2},
                        "w8a8": {"gflop_per_s": 60.0},
                        "nf4": {"gflop_per_s": None, "reason": "bitsandbytes not importable: x"}},
-        "skipped_as_slow": skipped,
-        **({"sustained": {"after_burn_s": 24.0, "precisions": sustained}} if sustained else {})}}))
+        "skipped_as_slow": skipped}}))
 
 
 def test_the_report_puts_the_probe_beside_the_flags(tmp_path):
@@ -327,12 +325,6 @@ def test_the_report_puts_the_probe_beside_the_flags(tmp_path):
     assert ("**Hardware.** The runner's machine (node1), where the throughput probe ran: AMD EPYC 7763 "
             "64-Core Processor, 2 logical cores; speed-deciding flags: avx2 (absent: ") in text
     assert text.index("**Hardware.**") < text.index("**Precisions on this device.**")
-    assert "Read again under sustained load" not in lines[0]
-    _provenance(study, hw.isa_flags(ZEN3), {"bf16": "x"},
-                sustained={"fp32": {"gflop_per_s": 25.0}, "w8a8": {"gflop_per_s": 40.0}})
-    assert ("Read again under sustained load (after the runner's 24-s burn, the clock the study's windows "
-            "run at; a boost clock makes the first reading higher): fp32 25, w8a8 40; each window's "
-            "limit_share is set beside these.") in rk.device_lines(study)[0]
     _provenance(study, None, {"bf16": "x"})  # a provenance written before the flags: no flag named
     assert "- bf16 skipped: 25x slower than fp32 on this CPU." in rk.device_lines(study)
     _provenance(study, hw.isa_flags(ZEN3), {}, device="cuda:0")

@@ -163,29 +163,6 @@ def test_a_job_reads_the_study_probe_and_probes_itself_only_without_one(tmp_path
     assert study_probe_rate(probe, "nf4", "cpu") is None and study_probe_rate(probe, "fp32", "cuda") is None
 
 
-def test_the_probe_read_under_sustained_load_is_the_windows_limit():
-    from llm_energy.measure.throughput import SUSTAINED_BASIS
-
-    probe = {"device": "cpu", "precisions": {"fp32": {"gflop_per_s": 180.0}, "w8a8": {"gflop_per_s": 630.0},
-                                             "bf16": {"gflop_per_s": 420.0}},
-             "sustained": {"after_burn_s": 24.0, "precisions": {"fp32": {"gflop_per_s": 155.0},
-                                                                "w8a8": {"gflop_per_s": 390.0},
-                                                                "bf16": {"gflop_per_s": None}}}}
-    assert study_probe_rate(probe, "w8a8", "cpu") == ProbeRate(390.0, SUSTAINED_BASIS)
-    assert study_probe_rate(probe, "fp32", "cpu") == ProbeRate(155.0, SUSTAINED_BASIS)
-    # not measured again under load: the start probe, said so
-    assert study_probe_rate(probe, "bf16", "cpu") == ProbeRate(420.0, "study probe")
-    assert study_probe_rate(probe, "w8a8", "cuda") is None
-    # what the runner writes after its burn reads back
-    from llm_energy.measure.throughput import PrecisionThroughput, sustained_record
-
-    again = {"fp32": PrecisionThroughput("fp32", "cpu", 150.0, 10, 0.1, "torch linear")}
-    written = {"device": "cpu", "precisions": {}, **sustained_record(again, 24.0)}
-    assert json.loads(json.dumps(written))["sustained"]["after_burn_s"] == 24.0
-    assert study_probe_rate(written, "fp32", "cpu") == ProbeRate(150.0, SUSTAINED_BASIS)
-    assert sustained_record({}, 24.0) == {}
-
-
 def _windows_study(tmp_path):
     """Two configs: fp32 (scoring windows at 0.4-0.6 of its probe, one generation window at 0.1) and a
     bf16 adapter whose fine-tuning windows are not inference."""

@@ -191,9 +191,7 @@ class ProbeRate:
     from; gflop_per_s is None when there is none (``source`` says why)."""
 
     gflop_per_s: float | None
-    # "study probe under sustained load" | "study probe" | "probed in this job (no study probe)" |
-    # "not probed: <why>"
-    source: str
+    source: str  # "study probe" | "probed in this job (no study probe)" | "not probed: <why>"
 
     def share(self, achieved_gflop_per_s: float | None) -> float | None:
         """Achieved over probed: how near the workload ran to this device's matmul rate."""
@@ -202,35 +200,11 @@ class ProbeRate:
         return achieved_gflop_per_s / self.gflop_per_s
 
 
-SUSTAINED_BASIS = "study probe under sustained load"
-
-
-def sustained_record(probe: Mapping[str, PrecisionThroughput], after_burn_s: float) -> dict[str, Any]:
-    """provenance.json's throughput["sustained"]: a probe read right after ``after_burn_s`` seconds of
-    sustained load (see :func:`study_probe_rate`); empty without one."""
-    if not probe:
-        return {}
-    return {"sustained": {"after_burn_s": after_burn_s,
-                          "precisions": {p: r.as_dict() for p, r in probe.items()}}}
-
-
 def study_probe_rate(probe: Mapping[str, Any], precision: str, device: str) -> ProbeRate | None:
     """A precision's rate in a study's stored probe (provenance.json "throughput"), or None when the
-    probe is missing, measured another device or did not measure that precision.
-
-    The probe read under sustained load (``probe["sustained"]``: measured right after the runner's
-    sustained burn, the state the study's windows run in) is preferred to the one read before it. A
-    machine with a boost clock runs the first seconds of load faster than it keeps up: on the 2-core
-    AMD EPYC VM the probe read fp32 160-185, bf16 402-432, w8a8 621-641 GFLOP/s from idle and 151-159,
-    391-393, 379-397 after 24 s of load (back to the first after 12 s idle), so a window set beside the
-    start probe was measured against a rate no window of the study could keep (w8a8's 1.6x most of all;
-    benchmarks/results/2026-12-06-cpu-precision_limits.md, seventh session)."""
+    probe is missing, measured another device or did not measure that precision."""
     if str(probe.get("device", "")) != device:
         return None
-    again = (probe.get("sustained") or {}).get("precisions") or {}
-    sustained = (again.get(precision) or {}).get("gflop_per_s")
-    if sustained:
-        return ProbeRate(float(sustained), SUSTAINED_BASIS)
     rate = ((probe.get("precisions") or {}).get(precision) or {}).get("gflop_per_s")
     return ProbeRate(float(rate), "study probe") if rate else None
 

@@ -304,7 +304,6 @@ def device_lines(study_dir: str | Path) -> list[str]:
     parts = []
     ordered = sorted(precisions.items(), key=lambda kv: (kv[0] not in PRECISIONS, PRECISIONS.index(kv[0])
                                                          if kv[0] in PRECISIONS else 0, kv[0]))
-    ordered_names = [p for p, _ in ordered]
     for precision, result in ordered:
         rate = result.get("gflop_per_s")
         parts.append(f"{precision} {rate:.3g}" if rate
@@ -313,17 +312,8 @@ def device_lines(study_dir: str | Path) -> list[str]:
     skips = (f"A precision more than {limit:g}x slower than fp32 is skipped unless device_limits.always_run "
              "lists it." if limit else "device_limits.max_slowdown: null, so no precision was skipped for "
              "speed.")
-    sustained = probe.get("sustained") or {}
-    again = [f"{p} {r['gflop_per_s']:.3g}" for p, r in sorted(
-        (sustained.get("precisions") or {}).items(), key=lambda kv: ordered_names.index(kv[0])
-        if kv[0] in ordered_names else len(ordered_names)) if r.get("gflop_per_s")]
-    burn_s = sustained.get("after_burn_s", 0)
-    under_load = (f" Read again under sustained load (after the runner's {burn_s:g}-s burn, the clock the "
-                  "study's windows run at; a boost clock makes the first reading higher): "
-                  + ", ".join(again) + "; each window's limit_share is set beside these."
-                  if again else "")
     lines = [f"Matmul throughput measured before the first job on {probe.get('device', '?')} (GFLOP/s): "
-             + ", ".join(parts) + "." + under_load + " " + skips + achieved_sentence(study_dir)]
+             + ", ".join(parts) + ". " + skips + achieved_sentence(study_dir)]
     skipped = probe.get("skipped_as_slow") or {}
     flags = (prov.get("hardware") or {}).get("isa_flags")  # the runner's machine: where the probe ran
     on_cpu = not str(probe.get("device", "cpu")).startswith("cuda")

@@ -502,7 +502,6 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
         prov = _write_parameters_and_provenance(study, layout, device, params_path)
         probe, slow = slow_precisions(study, device)  # before any job: each precision's speed on this device
         training_probe, slow_training = slow_training_precisions(study, device)
-        sustained_probe: dict[str, throughput.PrecisionThroughput] = {}
         if study.energy.detect_disturbance:  # the machine-speed canary every window is compared with
             import socket
 
@@ -527,16 +526,12 @@ def run_study(params_path: str | Path, out: str | Path | None = None, resume: bo
                 importing.join()
                 # the study's start canary (canary_vs_study) is the fp32 one under sustained load too
                 write_study_canary(layout.root, sustained["fp32"], sustained)
-                # the probe again, at the clock the windows run at (~1 s): what their limit_share is set
-                # beside (throughput.study_probe_rate)
-                sustained_probe = throughput.probe_device(probed_precisions(study), device)
             else:
                 write_study_canary(layout.root, make_canary(device)(REFERENCE_ROUNDS))
             # the runner (and its Dask scheduler) is the study's own harness: no window counts it as a
             # co-tenant
             os.environ[RUNNER_ENV] = f"{socket.gethostname()}:{os.getpid()}"
         prov["throughput"] = {"device": device, "precisions": {p: r.as_dict() for p, r in probe.items()},
-                              **throughput.sustained_record(sustained_probe, study.energy.sustained_burn_s),
                               "device_limits": study.device_limits.model_dump(mode="json"),
                               "skipped_as_slow": slow,
                               "training": {"precisions": {p: r.as_dict() for p, r in training_probe.items()},
